@@ -728,7 +728,7 @@ impl Daemon {
         if let Some(diff) = first_difference(&copy, &d.path) {
             panic!(
                 "replay invariant broken for {disk}: initial image + journal replay != image: {diff}\n\
-                 (kept in {}; set CDP_KEEP_TMP=1 to keep it after the test)",
+                 (test directory {}; set CDP_KEEP_TMP=1 to keep it after the test)",
                 self.root.display()
             );
         }
