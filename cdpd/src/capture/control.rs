@@ -1,0 +1,181 @@
+//! The control socket `<run-dir>/<vm-uuid>/control.sock`: one JSON request
+//! per line, one JSON reply per line.
+//!
+//! ```text
+//! {"cmd":"status"}             → {"ok":true,"status":{…}}
+//! {"cmd":"mark","label":"L"}   → {"ok":true,"seq":N,"ts_ns":T}
+//! anything else                → {"ok":false,"error":"…"}
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Vm;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskStatus {
+    pub disk: String,
+    pub path: String,
+    pub size: u64,
+    pub bytes_written: u64,
+    pub write_requests: u64,
+    pub bytes_read: u64,
+    pub read_requests: u64,
+    pub flushes: u64,
+    pub last_seq: u64,
+    pub open_segment: Option<String>,
+    pub open_segment_records: u64,
+    pub segments_waiting_seal: u64,
+    pub in_flight: u64,
+    pub journal_bytes: u64,
+    pub journal_segments: u64,
+    pub connections: u64,
+    pub errors: u64,
+    pub protocol_errors: u64,
+    pub seal_errors: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub pid: u32,
+    pub last_seq: u64,
+    pub segment_size: u64,
+    pub segment_age_ms: u64,
+    pub disks: Vec<DiskStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+enum Request {
+    Status,
+    Mark { label: String },
+}
+
+fn journal_usage(dir: &Path) -> (u64, u64) {
+    let Ok(segs) = crate::journal::list_segments(dir) else {
+        return (0, 0);
+    };
+    let bytes = segs
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    (bytes, segs.len() as u64)
+}
+
+impl Vm {
+    pub fn status(&self) -> Status {
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let (open, open_records, waiting, last_seq) = {
+                    let st = d.lock_journal();
+                    (
+                        st.open
+                            .as_ref()
+                            .and_then(|s| s.path.file_name())
+                            .map(|n| n.to_string_lossy().into_owned()),
+                        st.open.as_ref().map_or(0, |s| s.records() as u64),
+                        st.to_seal.len() as u64,
+                        st.last_seq,
+                    )
+                };
+                let (journal_bytes, journal_segments) = journal_usage(&d.journal_dir);
+                let s = &d.stats;
+                let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                DiskStatus {
+                    disk: d.name.clone(),
+                    path: d.path.display().to_string(),
+                    size: d.size,
+                    bytes_written: l(&s.bytes_written),
+                    write_requests: l(&s.write_requests),
+                    bytes_read: l(&s.bytes_read),
+                    read_requests: l(&s.read_requests),
+                    flushes: l(&s.flushes),
+                    last_seq,
+                    open_segment: open,
+                    open_segment_records: open_records,
+                    segments_waiting_seal: waiting,
+                    in_flight: l(&s.in_flight),
+                    journal_bytes,
+                    journal_segments,
+                    connections: l(&s.connections),
+                    errors: l(&s.errors),
+                    protocol_errors: l(&s.protocol_errors),
+                    seal_errors: l(&s.seal_errors),
+                }
+            })
+            .collect();
+        Status {
+            vm_uuid: self.uuid_str.clone(),
+            vm_name: self.name.clone(),
+            pid: self.pid,
+            last_seq: self.last_seq(),
+            segment_size: self.settings.segment_size,
+            segment_age_ms: self.settings.segment_age.as_millis() as u64,
+            disks,
+        }
+    }
+
+    fn handle_control(&self, line: &str) -> serde_json::Value {
+        match serde_json::from_str::<Request>(line) {
+            Ok(Request::Status) => serde_json::json!({ "ok": true, "status": self.status() }),
+            Ok(Request::Mark { label }) => match self.mark(&label) {
+                Ok((seq, ts)) => serde_json::json!({ "ok": true, "seq": seq, "ts_ns": ts }),
+                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+            },
+            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+        }
+    }
+
+    /// Serve the control socket until the listener is shut down.
+    pub fn control_loop(&self, listener: UnixListener) {
+        for stream in listener.incoming() {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut rd = BufReader::new(match stream.try_clone() {
+                Ok(s) => s,
+                Err(_) => continue,
+            });
+            let mut wr = stream;
+            let mut line = String::new();
+            // Bounded: a control request is small.
+            while std::io::Read::take(&mut rd, 64 * 1024)
+                .read_line(&mut line)
+                .unwrap_or(0)
+                > 0
+            {
+                let mut reply = self.handle_control(line.trim()).to_string();
+                reply.push('\n');
+                if wr.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        }
+    }
+}
+
+/// Client side: send one request, read one reply.
+pub fn request(sock: &Path, req: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut rd = BufReader::new(s);
+    let mut reply = String::new();
+    rd.read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(std::io::Error::other)
+}

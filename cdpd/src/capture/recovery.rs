@@ -1,0 +1,250 @@
+//! Start-up recovery of a disk's journal.
+//!
+//! Sealed segments are checked by their header and trailer (cheap). Every
+//! unsealed segment (the one that was open when the last run ended) is
+//! scanned: a torn tail is cut off, its records are re-applied to the image
+//! (redo: the journal is written ahead of the image, so the image may lack
+//! the last records, never the reverse), and it is sealed. Redo is
+//! idempotent: records are applied in order over an image that already has
+//! some of them.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::journal::format::{
+    self, Kind, SegmentHeader, Tail, Trailer, SEGMENT_HEADER_LEN, TRAILER_LEN,
+};
+use crate::journal::writer::{OpenSegment, SealedSegment};
+use crate::journal::{self, JournalError, LoadedSegment};
+
+#[derive(Debug, Error)]
+pub enum RecoveryError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{path}: belongs to VM {found}, not {expected}: move it away")]
+    WrongVm {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("recovering {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What recovery found in one disk's journal.
+#[derive(Debug, Default, Clone)]
+pub struct Recovered {
+    pub last_seq: u64,
+    pub last_ts_ns: u64,
+    /// Record base of the next segment.
+    pub next_base: u64,
+    /// Did the journal end with SESSION_END (or hold no records)?
+    pub ended_clean: bool,
+    pub had_records: bool,
+    /// Bytes cut off a torn tail.
+    pub torn_bytes: u64,
+    /// Records re-applied to the image.
+    pub redone: u64,
+    /// Segments sealed by recovery (for the catalog).
+    pub sealed: Vec<SealedSegment>,
+    /// Empty unsealed segments removed.
+    pub removed: Vec<u64>,
+    /// Breaks in the chain of record bases (a segment missing in the middle).
+    pub chain_breaks: Vec<String>,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> RecoveryError + '_ {
+    move |source| RecoveryError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Read a sealed segment's header and trailer without reading its records.
+fn read_sealed_bounds(path: &Path) -> Result<Option<(SegmentHeader, Trailer, u64)>, RecoveryError> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len < (SEGMENT_HEADER_LEN + TRAILER_LEN) as u64 {
+        return Ok(None);
+    }
+    let mut hb = [0u8; SEGMENT_HEADER_LEN];
+    f.read_exact_at(&mut hb, 0).map_err(io_err(path))?;
+    let Ok(h) = SegmentHeader::decode(&hb) else {
+        return Ok(None);
+    };
+    // Trailer::find wants the whole tail in a slice that is at least a
+    // minimal segment long; give it header + trailer bytes.
+    let mut tail = vec![0u8; SEGMENT_HEADER_LEN + format::RECORD_HEADER_LEN + TRAILER_LEN];
+    let off = len.saturating_sub(tail.len() as u64);
+    let n = (len - off) as usize;
+    let at = tail.len() - n;
+    f.read_exact_at(&mut tail[at..], off)
+        .map_err(io_err(path))?;
+    Ok(Trailer::find(&tail).map(|t| (h, t, len)))
+}
+
+/// Read the last record of a sealed segment from its index (for the clock).
+fn last_record(path: &Path) -> Result<Option<format::IndexEntry>, RecoveryError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let idx = format::read_index(&bytes).map_err(|source| JournalError::Format {
+        path: path.to_path_buf(),
+        pos: 0,
+        source,
+    })?;
+    Ok(idx.and_then(|v| v.last().copied()))
+}
+
+/// Recover one disk's journal onto its image.
+pub fn recover_disk(
+    dir: &Path,
+    vm_uuid: &uuid::Uuid,
+    image: &File,
+    image_path: &Path,
+) -> Result<Recovered, RecoveryError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let segs = journal::list_segments(dir)?;
+    let mut r = Recovered {
+        ended_clean: true,
+        ..Default::default()
+    };
+    let mut expected_base: Option<u64> = None;
+    let mut last_kind: Option<Kind> = None;
+    // A sealed segment whose last record we have not read yet.
+    let mut last_sealed: Option<PathBuf> = None;
+    let n = segs.len();
+    for (i, (_, path)) in segs.iter().enumerate() {
+        if let Some((h, t, len)) = read_sealed_bounds(path)? {
+            check_vm(path, &h, vm_uuid)?;
+            chain(
+                &mut r,
+                &mut expected_base,
+                path,
+                h.record_base,
+                t.records as u64,
+            );
+            if t.records > 0 {
+                r.had_records = true;
+                r.last_seq = r.last_seq.max(t.last_seq);
+                last_sealed = Some(path.clone());
+                last_kind = None;
+            }
+            let _ = len;
+            continue;
+        }
+        // Unsealed: scan it, cut a torn tail, redo, seal.
+        let seg = match LoadedSegment::load(path) {
+            Ok(s) => s,
+            Err(JournalError::Format { .. }) if i + 1 == n => {
+                // The newest segment's header itself is torn (a crash right
+                // after creating it): it holds no record.
+                std::fs::remove_file(path).map_err(io_err(path))?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        check_vm(path, &seg.scan.header, vm_uuid)?;
+        let valid_len = match &seg.scan.tail {
+            Tail::Torn { valid_len, .. } => *valid_len,
+            _ => seg.bytes.len() as u64,
+        };
+        r.torn_bytes += seg.bytes.len() as u64 - valid_len;
+        if seg.scan.records.is_empty() {
+            std::fs::remove_file(path).map_err(io_err(path))?;
+            r.removed.push(seg.scan.header.first_seq);
+            continue;
+        }
+        chain(
+            &mut r,
+            &mut expected_base,
+            path,
+            seg.scan.header.record_base,
+            seg.scan.records.len() as u64,
+        );
+        for rec in &seg.scan.records {
+            let h = &rec.header;
+            if h.kind.changes_data() {
+                journal::apply_record(image, h, rec.payload(&seg.bytes)).map_err(|source| {
+                    JournalError::Apply {
+                        path: image_path.to_path_buf(),
+                        seq: h.seq,
+                        kind: h.kind.name(),
+                        offset: h.offset,
+                        length: h.length,
+                        source,
+                    }
+                })?;
+                r.redone += 1;
+            }
+            r.last_seq = r.last_seq.max(h.seq);
+            r.last_ts_ns = r.last_ts_ns.max(h.ts_ns);
+            last_kind = Some(h.kind);
+        }
+        last_sealed = None;
+        r.had_records = true;
+        // Seal it where the valid records end.
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_len(valid_len).map_err(io_err(path))?;
+        let open = OpenSegment {
+            file: std::sync::Arc::new(f),
+            path: path.clone(),
+            first_seq: seg.scan.header.first_seq,
+            record_base: seg.scan.header.record_base,
+            pos: valid_len,
+            index: seg.scan.records.iter().map(|f| f.index_entry()).collect(),
+            first_ts_ns: seg.scan.records[0].header.ts_ns,
+            last_ts_ns: seg.scan.records.last().unwrap().header.ts_ns,
+            last_seq: seg.scan.records.last().unwrap().header.seq,
+            opened: std::time::Instant::now(),
+        };
+        r.sealed
+            .push(open.seal(crate::time::now_ns()).map_err(io_err(path))?);
+    }
+    if let Some(p) = last_sealed {
+        if let Some(e) = last_record(&p)? {
+            r.last_ts_ns = r.last_ts_ns.max(e.ts_ns);
+            last_kind = Some(e.kind);
+        }
+    }
+    image.sync_data().map_err(io_err(image_path))?;
+    r.next_base = expected_base.unwrap_or(0);
+    r.ended_clean = !r.had_records || last_kind == Some(Kind::SessionEnd);
+    Ok(r)
+}
+
+fn check_vm(path: &Path, h: &SegmentHeader, vm: &uuid::Uuid) -> Result<(), RecoveryError> {
+    if h.vm_uuid != *vm.as_bytes() {
+        return Err(RecoveryError::WrongVm {
+            path: path.to_path_buf(),
+            expected: vm.to_string(),
+            found: uuid::Uuid::from_bytes(h.vm_uuid).to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn chain(r: &mut Recovered, expected: &mut Option<u64>, path: &Path, base: u64, records: u64) {
+    if let Some(e) = *expected {
+        if e != base {
+            r.chain_breaks.push(format!(
+                "{}: record base {base}, expected {e} (segments missing before it)",
+                path.display()
+            ));
+        }
+    }
+    *expected = Some(base + records);
+}

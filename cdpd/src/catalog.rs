@@ -1,0 +1,440 @@
+//! The catalog: `<state-dir>/catalog.sqlite` (SQLite, WAL mode).
+//!
+//! What the host knows about its protected VMs: VMs, disks, journal segments
+//! (sequence and time ranges, size, sealed), capture sessions (how each one
+//! started and ended), marks and gaps. cdpd writes it off the data path (at
+//! start, when a segment is sealed, at stop); the shipper and cdpctl read it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+
+use crate::journal::writer::SealedSegment;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS vms(
+    uuid TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_ts_ns INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS disks(
+    vm_uuid TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY(vm_uuid, disk)
+);
+CREATE TABLE IF NOT EXISTS segments(
+    vm_uuid TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    first_ts_ns INTEGER NOT NULL,
+    last_ts_ns INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    record_base INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    sealed INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY(vm_uuid, disk, first_seq)
+);
+CREATE TABLE IF NOT EXISTS sessions(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_uuid TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_ns INTEGER NOT NULL,
+    start_seq INTEGER NOT NULL,
+    previous_end TEXT NOT NULL,
+    ended_ns INTEGER,
+    end_kind TEXT
+);
+CREATE TABLE IF NOT EXISTS marks(
+    vm_uuid TEXT NOT NULL,
+    label TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ns INTEGER NOT NULL,
+    PRIMARY KEY(vm_uuid, label)
+);
+CREATE TABLE IF NOT EXISTS gaps(
+    vm_uuid TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ns INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+";
+
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("catalog {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("catalog {path} has schema version {found}, this build knows version {SCHEMA_VERSION}; upgrade cdpd")]
+    Version { path: PathBuf, found: i64 },
+    #[error("creating {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, CatalogError>;
+
+/// The last capture session of a VM, as the catalog remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub id: i64,
+    pub boot_id: String,
+    pub pid: i64,
+    pub started_ns: i64,
+    pub end_kind: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentRow {
+    pub disk: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    pub records: u64,
+    pub record_base: u64,
+    pub size_bytes: u64,
+    pub sealed: bool,
+    pub path: String,
+}
+
+pub struct Catalog {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Catalog {
+    /// Open (creating if needed) `<state-dir>/catalog.sqlite`.
+    pub fn open(state_dir: &Path) -> Result<Catalog> {
+        std::fs::create_dir_all(state_dir).map_err(|source| CatalogError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join("catalog.sqlite");
+        let conn = Connection::open(&path).map_err(|source| CatalogError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let mut c = Catalog { conn, path };
+        c.init()?;
+        Ok(c)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> CatalogError + '_ {
+        move |source| CatalogError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn init(&mut self) -> Result<()> {
+        self.conn
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(self.err())?;
+        self.conn
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(self.err())?;
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(self.err())?;
+        let v: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(self.err())?;
+        if v > SCHEMA_VERSION {
+            return Err(CatalogError::Version {
+                path: self.path.clone(),
+                found: v,
+            });
+        }
+        self.conn.execute_batch(SCHEMA).map_err(self.err())?;
+        self.conn
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn upsert_vm(&self, uuid: &str, name: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO vms(uuid, name) VALUES(?1, ?2)
+                 ON CONFLICT(uuid) DO UPDATE SET name = excluded.name",
+                params![uuid, name],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn upsert_disk(&self, vm: &str, disk: &str, path: &Path, size: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO disks(vm_uuid, disk, path, size) VALUES(?1, ?2, ?3, ?4)
+                 ON CONFLICT(vm_uuid, disk) DO UPDATE SET path = excluded.path, size = excluded.size",
+                params![vm, disk, path.to_string_lossy(), size as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Resolve a VM given by name or UUID to its UUID.
+    pub fn resolve_vm(&self, name_or_uuid: &str) -> Result<Option<(String, String)>> {
+        self.conn
+            .query_row(
+                "SELECT uuid, name FROM vms WHERE uuid = ?1 OR name = ?1 ORDER BY uuid = ?1 DESC LIMIT 1",
+                params![name_or_uuid],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn last_seq(&self, vm: &str) -> Result<(u64, u64)> {
+        let r: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT last_seq, last_ts_ns FROM vms WHERE uuid = ?1",
+                params![vm],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())?;
+        let (s, t) = r.unwrap_or((0, 0));
+        Ok((s as u64, t as u64))
+    }
+
+    pub fn set_last_seq(&self, vm: &str, seq: u64, ts_ns: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE vms SET last_seq = max(last_seq, ?2), last_ts_ns = max(last_ts_ns, ?3) WHERE uuid = ?1",
+                params![vm, seq as i64, ts_ns as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn last_session(&self, vm: &str) -> Result<Option<SessionRow>> {
+        self.conn
+            .query_row(
+                "SELECT id, boot_id, pid, started_ns, end_kind FROM sessions
+                 WHERE vm_uuid = ?1 ORDER BY id DESC LIMIT 1",
+                params![vm],
+                |r| {
+                    Ok(SessionRow {
+                        id: r.get(0)?,
+                        boot_id: r.get(1)?,
+                        pid: r.get(2)?,
+                        started_ns: r.get(3)?,
+                        end_kind: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Record how an earlier session ended, as found by recovery.
+    pub fn end_session(&self, id: i64, ended_ns: u64, kind: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE sessions SET ended_ns = ?2, end_kind = ?3 WHERE id = ?1",
+                params![id, ended_ns as i64, kind],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn start_session(
+        &self,
+        vm: &str,
+        boot_id: &str,
+        pid: u32,
+        started_ns: u64,
+        start_seq: u64,
+        previous_end: &str,
+    ) -> Result<i64> {
+        self.conn
+            .execute(
+                "INSERT INTO sessions(vm_uuid, boot_id, pid, started_ns, start_seq, previous_end)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    vm,
+                    boot_id,
+                    pid as i64,
+                    started_ns as i64,
+                    start_seq as i64,
+                    previous_end
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Insert or update a segment (open or sealed).
+    pub fn put_segment(&self, vm: &str, disk: &str, s: &SealedSegment, sealed: bool) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO segments(vm_uuid, disk, first_seq, last_seq, first_ts_ns, last_ts_ns,
+                                      records, record_base, size_bytes, sealed, path)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(vm_uuid, disk, first_seq) DO UPDATE SET
+                    last_seq = excluded.last_seq, first_ts_ns = excluded.first_ts_ns,
+                    last_ts_ns = excluded.last_ts_ns, records = excluded.records,
+                    record_base = excluded.record_base, size_bytes = excluded.size_bytes,
+                    sealed = excluded.sealed, path = excluded.path",
+                params![
+                    vm,
+                    disk,
+                    s.first_seq as i64,
+                    s.last_seq as i64,
+                    s.first_ts_ns as i64,
+                    s.last_ts_ns as i64,
+                    s.records as i64,
+                    s.record_base as i64,
+                    s.size_bytes as i64,
+                    sealed as i64,
+                    s.path.to_string_lossy()
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn delete_segment(&self, vm: &str, disk: &str, first_seq: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM segments WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq = ?3",
+                params![vm, disk, first_seq as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn segments(&self, vm: &str) -> Result<Vec<SegmentRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
+                        size_bytes, sealed, path
+                 FROM segments WHERE vm_uuid = ?1 ORDER BY disk, first_seq",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                Ok(SegmentRow {
+                    disk: r.get(0)?,
+                    first_seq: r.get::<_, i64>(1)? as u64,
+                    last_seq: r.get::<_, i64>(2)? as u64,
+                    first_ts_ns: r.get::<_, i64>(3)? as u64,
+                    last_ts_ns: r.get::<_, i64>(4)? as u64,
+                    records: r.get::<_, i64>(5)? as u64,
+                    record_base: r.get::<_, i64>(6)? as u64,
+                    size_bytes: r.get::<_, i64>(7)? as u64,
+                    sealed: r.get::<_, i64>(8)? != 0,
+                    path: r.get(9)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    pub fn add_mark(&self, vm: &str, label: &str, seq: u64, ts_ns: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO marks(vm_uuid, label, seq, ts_ns) VALUES(?1, ?2, ?3, ?4)",
+                params![vm, label, seq as i64, ts_ns as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn mark_exists(&self, vm: &str, label: &str) -> Result<bool> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM marks WHERE vm_uuid = ?1 AND label = ?2",
+                params![vm, label],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        Ok(n > 0)
+    }
+
+    pub fn add_gap(&self, vm: &str, disk: &str, seq: u64, ts_ns: u64, reason: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO gaps(vm_uuid, disk, seq, ts_ns, reason) VALUES(?1, ?2, ?3, ?4, ?5)",
+                params![vm, disk, seq as i64, ts_ns as i64, reason],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        c.upsert_vm("u1", "web").unwrap();
+        c.upsert_vm("u1", "web2").unwrap();
+        assert_eq!(
+            c.resolve_vm("web2").unwrap(),
+            Some(("u1".into(), "web2".into()))
+        );
+        assert_eq!(c.resolve_vm("u1").unwrap().unwrap().0, "u1");
+        assert!(c.last_session("u1").unwrap().is_none());
+        let id = c.start_session("u1", "boot", 1, 2, 3, "first").unwrap();
+        assert_eq!(c.last_session("u1").unwrap().unwrap().end_kind, None);
+        c.end_session(id, 5, "clean").unwrap();
+        assert_eq!(
+            c.last_session("u1").unwrap().unwrap().end_kind.as_deref(),
+            Some("clean")
+        );
+        let s = SealedSegment {
+            path: "/x".into(),
+            first_seq: 1,
+            last_seq: 9,
+            first_ts_ns: 1,
+            last_ts_ns: 2,
+            records: 3,
+            record_base: 0,
+            size_bytes: 100,
+        };
+        c.put_segment("u1", "vda", &s, false).unwrap();
+        c.put_segment("u1", "vda", &s, true).unwrap();
+        let segs = c.segments("u1").unwrap();
+        assert_eq!(segs.len(), 1);
+        assert!(segs[0].sealed);
+        c.set_last_seq("u1", 9, 2).unwrap();
+        c.set_last_seq("u1", 4, 1).unwrap();
+        assert_eq!(c.last_seq("u1").unwrap(), (9, 2));
+        // Reopening keeps everything.
+        drop(c);
+        let c = Catalog::open(dir.path()).unwrap();
+        assert_eq!(c.segments("u1").unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,280 @@
+//! `/etc/cdp/cdp.toml`: paths, targets and policies (DESIGN.md §7).
+//!
+//! Unknown keys are errors everywhere. A missing file at the default path
+//! means built-in defaults; a missing file named with `--config` is an error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub const DEFAULT_CONFIG: &str = "/etc/cdp/cdp.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cdp";
+pub const DEFAULT_RUN_DIR: &str = "/run/cdp";
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Paths {
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub url: String,
+    /// A copy that deliberately lags, e.g. "1h".
+    pub delay: Option<String>,
+    /// File holding S3 credentials (never on the command line).
+    pub credentials_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Target names; the first is the primary.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Seal a journal segment at this size, e.g. "64MiB".
+    pub segment_size: Option<String>,
+    /// Seal a journal segment at this age, e.g. "1s" (bounds the RPO).
+    pub segment_age: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub paths: Paths,
+    #[serde(default)]
+    pub target: BTreeMap<String, Target>,
+    #[serde(default)]
+    pub policy: BTreeMap<String, Policy>,
+    /// Where this config came from (not a key).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// Journal settings resolved from a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalSettings {
+    pub segment_size: u64,
+    pub segment_age: Duration,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        JournalSettings {
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            segment_age: DEFAULT_SEGMENT_AGE,
+        }
+    }
+}
+
+impl Config {
+    /// Load `explicit`, or the default path if it exists, or built-in defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        match explicit {
+            Some(p) => Self::load_file(p),
+            None if Path::new(DEFAULT_CONFIG).exists() => {
+                Self::load_file(Path::new(DEFAULT_CONFIG))
+            }
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut c = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        c.source = Some(path.to_path_buf());
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone().unwrap_or_else(|| "<built-in>".into()),
+            message,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (name, t) in &self.target {
+            if !(t.url.starts_with("file://") || t.url.starts_with("s3://")) {
+                return Err(self.invalid(format!(
+                    "target.{name}.url = {:?}: use file:///path or s3://bucket/prefix?endpoint=…",
+                    t.url
+                )));
+            }
+            if let Some(d) = &t.delay {
+                parse_duration(d).map_err(|e| self.invalid(format!("target.{name}.delay: {e}")))?;
+            }
+        }
+        for (name, p) in &self.policy {
+            for t in &p.targets {
+                if !self.target.contains_key(t) {
+                    return Err(self.invalid(format!(
+                        "policy.{name}.targets names {t:?}, which has no [target.{t}] section"
+                    )));
+                }
+            }
+            self.journal_settings(name)?;
+        }
+        Ok(())
+    }
+
+    pub fn state_dir(&self, cli: Option<&Path>) -> PathBuf {
+        cli.map(Path::to_path_buf)
+            .or_else(|| self.paths.state_dir.clone())
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+    }
+
+    pub fn run_dir(&self, cli: Option<&Path>) -> PathBuf {
+        cli.map(Path::to_path_buf)
+            .or_else(|| self.paths.run_dir.clone())
+            .unwrap_or_else(|| DEFAULT_RUN_DIR.into())
+    }
+
+    /// Journal settings of a policy. The policy "default" may be absent (then
+    /// built-in defaults apply); any other must exist.
+    pub fn journal_settings(&self, policy: &str) -> Result<JournalSettings, ConfigError> {
+        let mut s = JournalSettings::default();
+        let Some(p) = self.policy.get(policy) else {
+            if policy == "default" {
+                return Ok(s);
+            }
+            return Err(self.invalid(format!(
+                "unknown policy {policy:?}: add a [policy.{policy}] section or use one of {:?}",
+                self.policy.keys().collect::<Vec<_>>()
+            )));
+        };
+        if let Some(v) = &p.segment_size {
+            s.segment_size = parse_size(v)
+                .map_err(|e| self.invalid(format!("policy.{policy}.segment_size: {e}")))?;
+        }
+        if let Some(v) = &p.segment_age {
+            s.segment_age = parse_duration(v)
+                .map_err(|e| self.invalid(format!("policy.{policy}.segment_age: {e}")))?;
+        }
+        Ok(s)
+    }
+}
+
+/// Parse "64MiB", "1G", "4096".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64MiB, 1GiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parse "1s", "200ms", "1h".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}; examples: 500ms, 1s, 1h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_parses() {
+        let c = Config::parse(
+            r#"
+[paths]
+state_dir = "/var/lib/cdp"
+run_dir = "/run/cdp"
+[target.primary]
+url = "file:///srv/cdp"
+[target.offsite]
+url = "s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1"
+delay = "1h"
+[policy.default]
+targets = ["primary", "offsite"]
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.policy["default"].targets, vec!["primary", "offsite"]);
+        assert_eq!(
+            c.journal_settings("default").unwrap(),
+            JournalSettings::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = Config::parse("[paths]\nstate_dri = \"/x\"\n").unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(Config::parse("[nope]\n").is_err());
+        assert!(Config::parse("[policy.a]\nsegmnet_size = \"1M\"\n").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let c = Config::parse("[policy.default]\ntargets = [\"x\"]\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("[target.x]"));
+        let c = Config::parse("[policy.default]\nsegment_size = \"12 parsecs\"\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::parse("[target.t]\nurl = \"ftp://x\"\n").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::default().journal_settings("gold").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1 GiB").unwrap(), 1 << 30);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+}

@@ -1,0 +1,487 @@
+//! `cdpd run`: start-up (recovery, session bookkeeping, sockets), serving,
+//! and the clean stop.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+use crate::capture::{self, image, recovery, DiskSetup, Vm};
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::JournalSettings;
+use crate::journal::{self, Kind};
+use crate::names;
+use crate::time::now_ns;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Name(#[from] names::NameError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Recovery(#[from] recovery::RecoveryError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk {0} is given twice")]
+    DuplicateDisk(String),
+    #[error("no disk given: add --disk NAME=PATH")]
+    NoDisk,
+    #[error("socket {0} is served by a running cdpd already: stop that one first")]
+    AlreadyServed(PathBuf),
+    #[error("reading the boot id from {path}: {source}")]
+    BootId {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What `cdpd run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub disks: Vec<(String, PathBuf)>,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub settings: JournalSettings,
+    pub boot_id_file: PathBuf,
+}
+
+/// How the previous capture session of this VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreviousEnd {
+    First,
+    Clean,
+    /// The process died on this host boot: the page cache kept every write.
+    Crash,
+    /// The host rebooted after an unclean end: writes may have been lost.
+    PowerLoss,
+}
+
+impl PreviousEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreviousEnd::First => "first",
+            PreviousEnd::Clean => "clean",
+            PreviousEnd::Crash => "crash",
+            PreviousEnd::PowerLoss => "power-loss",
+        }
+    }
+}
+
+/// Decide how the last session ended from the catalog and the journals.
+pub fn previous_end(
+    last: Option<&crate::catalog::SessionRow>,
+    journal_clean: bool,
+    had_records: bool,
+    boot_id: &str,
+) -> PreviousEnd {
+    match last {
+        None if !had_records => PreviousEnd::First,
+        // Journals but no catalog row: the catalog was lost. Without a boot
+        // id to compare, assume the worst.
+        None if journal_clean => PreviousEnd::Clean,
+        None => PreviousEnd::PowerLoss,
+        Some(s) if s.end_kind.as_deref() == Some("clean") || (journal_clean && had_records) => {
+            PreviousEnd::Clean
+        }
+        Some(s) if s.boot_id == boot_id => PreviousEnd::Crash,
+        Some(_) => PreviousEnd::PowerLoss,
+    }
+}
+
+pub struct Daemon {
+    pub vm: Arc<Vm>,
+    pub previous_end: PreviousEnd,
+    pub redone: u64,
+    listeners: Vec<PathBuf>,
+    acceptors: Vec<JoinHandle<()>>,
+    control: Option<JoinHandle<()>>,
+    control_path: PathBuf,
+    sealer: Option<JoinHandle<()>>,
+    syncers: Vec<JoinHandle<()>>,
+    conns: Arc<Conns>,
+}
+
+#[derive(Default)]
+struct Conns {
+    next_id: Mutex<u64>,
+    open: Mutex<HashMap<u64, UnixStream>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Daemon {
+    /// Recover, record the session, listen. When this returns Ok, every
+    /// socket listens and the caller may report READY.
+    pub fn start(opts: &RunOptions) -> Result<Daemon, DaemonError> {
+        let uuid = names::check_uuid(&opts.vm_uuid)?;
+        let uuid_str = uuid.hyphenated().to_string();
+        names::check_vm_name(&opts.vm_name)?;
+        if opts.disks.is_empty() {
+            return Err(DaemonError::NoDisk);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (d, _) in &opts.disks {
+            names::check_disk(d)?;
+            if !seen.insert(d.clone()) {
+                return Err(DaemonError::DuplicateDisk(d.clone()));
+            }
+        }
+        let boot_id =
+            crate::time::boot_id(&opts.boot_id_file).map_err(|source| DaemonError::BootId {
+                path: opts.boot_id_file.clone(),
+                source,
+            })?;
+        // Sockets and journal files: owner only.
+        unsafe { libc::umask(0o077) };
+
+        let catalog = Catalog::open(&opts.state_dir)?;
+        catalog.upsert_vm(&uuid_str, &opts.vm_name)?;
+
+        let mut setups = Vec::new();
+        let mut recs = Vec::new();
+        for (name, path) in &opts.disks {
+            let img = image::open(path)?;
+            catalog.upsert_disk(&uuid_str, name, path, img.size)?;
+            let dir = journal::journal_dir(&opts.state_dir, &uuid_str, name);
+            let rec = recovery::recover_disk(&dir, &uuid, &img.file, path)?;
+            for s in &rec.sealed {
+                catalog.put_segment(&uuid_str, name, s, true)?;
+            }
+            for first in &rec.removed {
+                catalog.delete_segment(&uuid_str, name, *first)?;
+            }
+            setups.push(DiskSetup {
+                name: name.clone(),
+                path: path.clone(),
+                image: img,
+                journal_dir: dir,
+                next_base: rec.next_base,
+                last_seq: rec.last_seq,
+            });
+            recs.push(rec);
+        }
+        let (cat_seq, cat_ts) = catalog.last_seq(&uuid_str)?;
+        let last_seq = recs
+            .iter()
+            .map(|r| r.last_seq)
+            .max()
+            .unwrap_or(0)
+            .max(cat_seq);
+        let last_ts = recs
+            .iter()
+            .map(|r| r.last_ts_ns)
+            .max()
+            .unwrap_or(0)
+            .max(cat_ts);
+        let had_records = recs.iter().any(|r| r.had_records);
+        let journal_clean = recs.iter().all(|r| r.ended_clean);
+        let last = catalog.last_session(&uuid_str)?;
+        let prev = previous_end(last.as_ref(), journal_clean, had_records, &boot_id);
+        if let Some(s) = &last {
+            if s.end_kind.is_none() {
+                catalog.end_session(s.id, now_ns(), prev.as_str())?;
+            }
+        }
+        let redone = recs.iter().map(|r| r.redone).sum();
+        let torn: u64 = recs.iter().map(|r| r.torn_bytes).sum();
+        let breaks: Vec<String> = recs.iter().flat_map(|r| r.chain_breaks.clone()).collect();
+
+        let (vm, rxs) = Vm::new(
+            uuid,
+            opts.vm_name.clone(),
+            setups,
+            opts.settings,
+            catalog,
+            opts.state_dir.clone(),
+            opts.run_dir.clone(),
+            last_seq,
+            last_ts,
+        );
+        let jerr = |e| io_err("writing the journal under", &opts.state_dir)(e);
+        let (start_seq, _) = vm
+            .append_to_all(
+                Kind::SessionStart,
+                &serde_json::json!({
+                    "boot_id": boot_id,
+                    "pid": vm.pid,
+                    "previous_end": prev.as_str(),
+                    "redone_records": redone,
+                    "torn_bytes": torn,
+                    "version": env!("CARGO_PKG_VERSION"),
+                }),
+            )
+            .map_err(jerr)?;
+        let mut gap_reasons = Vec::new();
+        if prev == PreviousEnd::PowerLoss {
+            gap_reasons.push(format!(
+                "the host rebooted (boot id now {boot_id}) after capture ended uncleanly: \
+                 writes acknowledged before the reboot may be missing from the journal or the image; \
+                 a new baseline is needed"
+            ));
+        }
+        for b in breaks {
+            gap_reasons.push(format!("journal chain broken: {b}"));
+        }
+        for reason in gap_reasons {
+            let (seq, ts) = vm
+                .append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
+                .map_err(jerr)?;
+            let cat = vm.catalog.lock().unwrap();
+            for d in &vm.disks {
+                cat.add_gap(&uuid_str, &d.name, seq, ts, &reason)?;
+            }
+        }
+        vm.sync_open_segments().map_err(jerr)?;
+        {
+            let cat = vm.catalog.lock().unwrap();
+            let id = cat.start_session(
+                &uuid_str,
+                &boot_id,
+                vm.pid,
+                now_ns(),
+                start_seq,
+                prev.as_str(),
+            )?;
+            *vm.session_id.lock().unwrap() = id;
+        }
+
+        // Threads that do not need the sockets.
+        let mut syncers = Vec::new();
+        for (d, rx) in vm.disks.iter().zip(rxs) {
+            let d = d.clone();
+            syncers.push(
+                std::thread::Builder::new()
+                    .name(format!("sync-{}", d.name))
+                    .spawn(move || Vm::sync_loop(&d, rx))
+                    .expect("spawn"),
+            );
+        }
+        let sealer = {
+            let vm = vm.clone();
+            std::thread::Builder::new()
+                .name("sealer".into())
+                .spawn(move || vm.sealer_loop())
+                .expect("spawn")
+        };
+
+        // Sockets.
+        let dir = capture::vm_run_dir(&opts.run_dir, &uuid_str);
+        std::fs::create_dir_all(&dir).map_err(io_err("creating run directory", &dir))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting permissions of", &dir))?;
+        let conns = Arc::new(Conns::default());
+        let mut listeners = Vec::new();
+        let mut acceptors = Vec::new();
+        for d in &vm.disks {
+            let path = vm.socket_path(&d.name);
+            let l = bind(&path)?;
+            listeners.push(path);
+            let (vm, d, conns) = (vm.clone(), d.clone(), conns.clone());
+            acceptors.push(
+                std::thread::Builder::new()
+                    .name(format!("accept-{}", d.name))
+                    .spawn(move || accept_loop(&vm, d, l, conns))
+                    .expect("spawn"),
+            );
+        }
+        let control_path = capture::control_path(&opts.run_dir, &uuid_str);
+        let cl = bind(&control_path)?;
+        let control = {
+            let vm = vm.clone();
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || vm.control_loop(cl))
+                .expect("spawn")
+        };
+        Ok(Daemon {
+            vm,
+            previous_end: prev,
+            redone,
+            listeners,
+            acceptors,
+            control: Some(control),
+            control_path,
+            sealer: Some(sealer),
+            syncers,
+            conns,
+        })
+    }
+
+    /// Stop cleanly: finish what is in flight, seal, record SESSION_END.
+    pub fn stop(mut self, reason: &str) -> Result<(), DaemonError> {
+        let vm = self.vm.clone();
+        vm.stopping.store(true, Ordering::Release);
+        // Wake the accept loops and the control loop; they see `stopping`.
+        for p in self
+            .listeners
+            .iter()
+            .chain(std::iter::once(&self.control_path))
+        {
+            let _ = UnixStream::connect(p);
+        }
+        for h in self.acceptors.drain(..) {
+            let _ = h.join();
+        }
+        if let Some(h) = self.control.take() {
+            let _ = h.join();
+        }
+        // No more requests: connections end after what they have read.
+        for s in self.conns.open.lock().unwrap().values() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+        let handles = std::mem::take(&mut *self.conns.handles.lock().unwrap());
+        for h in handles {
+            let _ = h.join();
+        }
+        vm.close_sync();
+        for h in self.syncers.drain(..) {
+            let _ = h.join();
+        }
+        vm.wake_sealer();
+        if let Some(h) = self.sealer.take() {
+            let _ = h.join();
+        }
+        let jerr = io_err("writing the journal under", &vm.state_dir);
+        let (seq, ts) = vm
+            .append_to_all(Kind::SessionEnd, &serde_json::json!({ "reason": reason }))
+            .map_err(&jerr)?;
+        vm.seal_pass(true);
+        {
+            let cat = vm.catalog.lock().unwrap();
+            cat.set_last_seq(&vm.uuid_str, seq, ts)?;
+            cat.end_session(*vm.session_id.lock().unwrap(), now_ns(), "clean")?;
+        }
+        for p in self
+            .listeners
+            .iter()
+            .chain(std::iter::once(&self.control_path))
+        {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir(capture::vm_run_dir(&vm.run_dir, &vm.uuid_str));
+        Ok(())
+    }
+}
+
+/// Bind a socket, replacing a stale one but never a live one.
+fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyServed(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_err("removing stale socket", path))?;
+    }
+    let l = UnixListener::bind(path).map_err(io_err("binding socket", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("setting permissions of", path))?;
+    Ok(l)
+}
+
+fn accept_loop(vm: &Arc<Vm>, disk: Arc<capture::Disk>, l: UnixListener, conns: Arc<Conns>) {
+    for stream in l.incoming() {
+        if vm.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let id = {
+            let mut n = conns.next_id.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        if let Ok(c) = stream.try_clone() {
+            conns.open.lock().unwrap().insert(id, c);
+        }
+        let (vm2, d2, conns2) = (vm.clone(), disk.clone(), conns.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("nbd-{}-{id}", disk.name))
+            .spawn(move || {
+                d2.stats.connections.fetch_add(1, Ordering::Relaxed);
+                // A misbehaving client ends its own connection, nothing else.
+                let _ = capture::conn::serve(&vm2, &d2, stream);
+                d2.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                conns2.open.lock().unwrap().remove(&id);
+            });
+        match h {
+            Ok(h) => {
+                let mut hs = conns.handles.lock().unwrap();
+                hs.retain(|h| !h.is_finished());
+                hs.push(h);
+            }
+            Err(_) => {
+                conns.open.lock().unwrap().remove(&id);
+            }
+        }
+    }
+}
+
+/// Tell the parent we are ready (or why not) on the `--ready-fd` pipe.
+pub fn notify_ready(fd: RawFd, msg: &str) {
+    let line = format!("{msg}\n");
+    unsafe {
+        libc::write(fd, line.as_ptr() as *const libc::c_void, line.len());
+        libc::close(fd);
+    }
+}
+
+/// Run until SIGTERM or SIGINT, then stop cleanly.
+pub fn run(opts: &RunOptions, ready_fd: Option<RawFd>) -> Result<(), DaemonError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(io_err("installing signal handlers", Path::new("-")))?;
+    let daemon = match Daemon::start(opts) {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(fd) = ready_fd {
+                notify_ready(fd, &format!("ERROR {e}"));
+            }
+            return Err(e);
+        }
+    };
+    if let Some(fd) = ready_fd {
+        notify_ready(fd, "READY");
+    }
+    eprintln!(
+        "cdpd: serving VM {} ({}) disks [{}] under {}; previous run: {}; {} records redone",
+        daemon.vm.name,
+        daemon.vm.uuid_str,
+        daemon
+            .vm
+            .disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        capture::vm_run_dir(&opts.run_dir, &daemon.vm.uuid_str).display(),
+        daemon.previous_end.as_str(),
+        daemon.redone,
+    );
+    let sig = signals.forever().next().unwrap_or(SIGTERM);
+    let reason = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+    daemon.stop(reason)?;
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! cdpctl: the admin command line. Each subcommand is a module; `main` only
+//! parses arguments and calls [`run`].
+
+pub mod journal_cmd;
+pub mod status;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cdpctl",
+    version,
+    about = "cdpd admin command line: status, journal inspection and replay"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Config file (default /etc/cdp/cdp.toml when it exists).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// State directory; overrides the config's [paths].
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Run directory; overrides the config's [paths].
+    #[arg(long, global = true)]
+    pub run_dir: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Show what the capture daemons are doing (all running VMs, or one).
+    Status(status::StatusArgs),
+    /// Write a MARK into every disk of a running VM at one sequence number.
+    Mark(status::MarkArgs),
+    /// Inspect or replay a VM's local journal.
+    #[command(subcommand)]
+    Journal(journal_cmd::JournalCmd),
+}
+
+/// Resolved paths and config.
+pub struct Ctx {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub json: bool,
+}
+
+impl Ctx {
+    pub fn new(g: &Global) -> Result<Ctx> {
+        let config = cdpd::config::Config::load(g.config.as_deref())?;
+        Ok(Ctx {
+            state_dir: config.state_dir(g.state_dir.as_deref()),
+            run_dir: config.run_dir(g.run_dir.as_deref()),
+            json: g.json,
+        })
+    }
+
+    /// Resolve a VM given by name or UUID to its UUID, using the catalog when
+    /// it is not a UUID.
+    pub fn resolve_vm(&self, vm: &str) -> Result<String> {
+        if let Ok(u) = cdpd::names::check_uuid(vm) {
+            return Ok(u.hyphenated().to_string());
+        }
+        let cat_path = self.state_dir.join("catalog.sqlite");
+        if !cat_path.exists() {
+            bail!(
+                "no catalog at {}: give the VM's UUID, or the right --state-dir",
+                cat_path.display()
+            );
+        }
+        let cat = cdpd::catalog::Catalog::open(&self.state_dir)?;
+        match cat.resolve_vm(vm)? {
+            Some((uuid, _)) => Ok(uuid),
+            None => bail!(
+                "no VM named {vm:?} in {}: check the name, or give its UUID",
+                cat_path.display()
+            ),
+        }
+    }
+}
+
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx::new(&cli.global)?;
+    match cli.cmd {
+        Cmd::Status(a) => status::status(&ctx, &a),
+        Cmd::Mark(a) => status::mark(&ctx, &a),
+        Cmd::Journal(c) => journal_cmd::run(&ctx, c),
+    }
+}
+
+pub fn must_exist(p: &Path, what: &str) -> Result<()> {
+    std::fs::metadata(p).with_context(|| format!("{what} {}", p.display()))?;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! `cdpctl status` and `cdpctl mark`: talk to running daemons over their
+//! control sockets.
+
+use anyhow::{bail, Context, Result};
+use cdpd::capture::control::{self, Status};
+
+use crate::Ctx;
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// VM name or UUID; all running VMs when omitted.
+    pub vm: Option<String>,
+    /// The VM's UUID (same as giving it as VM).
+    #[arg(long)]
+    pub vm_uuid: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct MarkArgs {
+    /// VM name or UUID.
+    pub vm: String,
+    /// The label of the mark (restore with --at mark:LABEL).
+    pub label: String,
+}
+
+fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
+    let sock = cdpd::capture::control_path(&ctx.run_dir, uuid);
+    let reply = control::request(&sock, &serde_json::json!({"cmd": "status"})).with_context(|| {
+        format!(
+            "VM {uuid} has no running cdpd (control socket {}): is the VM running and protected? (--run-dir)",
+            sock.display()
+        )
+    })?;
+    if reply["ok"] != true {
+        bail!("cdpd answered: {}", reply["error"]);
+    }
+    Ok(serde_json::from_value(reply["status"].clone())?)
+}
+
+/// UUIDs of VMs with a control socket under the run dir.
+fn running(ctx: &Ctx) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(&ctx.run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("control.sock").exists())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
+    let uuids = match a.vm_uuid.as_ref().or(a.vm.as_ref()) {
+        Some(vm) => vec![ctx.resolve_vm(vm)?],
+        None => running(ctx),
+    };
+    let mut all = Vec::new();
+    for u in &uuids {
+        all.push(query(ctx, u)?);
+    }
+    if ctx.json {
+        if a.vm.is_some() || a.vm_uuid.is_some() {
+            return crate::print_json(&all[0]);
+        }
+        return crate::print_json(&serde_json::json!({ "vms": all }));
+    }
+    if all.is_empty() {
+        println!(
+            "no protected VM is running (run dir {})",
+            ctx.run_dir.display()
+        );
+    }
+    for s in &all {
+        println!(
+            "VM {} ({})  cdpd pid {}  last seq {}",
+            s.vm_name, s.vm_uuid, s.pid, s.last_seq
+        );
+        println!(
+            "  {:<6} {:>10} {:>10} {:>12} {:>8} {:>6} {:>5} {:>12} {:>5} open segment",
+            "DISK", "WRITES", "WRITTEN", "READ", "FLUSHES", "INFL", "CONN", "JOURNAL", "ERR"
+        );
+        for d in &s.disks {
+            println!(
+                "  {:<6} {:>10} {:>10} {:>12} {:>8} {:>6} {:>5} {:>12} {:>5} {}",
+                d.disk,
+                d.write_requests,
+                human(d.bytes_written),
+                human(d.bytes_read),
+                d.flushes,
+                d.in_flight,
+                d.connections,
+                human(d.journal_bytes),
+                d.errors + d.protocol_errors + d.seal_errors,
+                d.open_segment.as_deref().unwrap_or("-"),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
+    let uuid = ctx.resolve_vm(&a.vm)?;
+    let sock = cdpd::capture::control_path(&ctx.run_dir, &uuid);
+    let reply = control::request(&sock, &serde_json::json!({"cmd": "mark", "label": a.label}))
+        .with_context(|| {
+            format!(
+                "VM {uuid} has no running cdpd (control socket {})",
+                sock.display()
+            )
+        })?;
+    if reply["ok"] != true {
+        bail!("mark refused: {}", reply["error"].as_str().unwrap_or("?"));
+    }
+    if ctx.json {
+        return crate::print_json(&reply);
+    }
+    println!(
+        "mark {:?} at seq {} ({})",
+        a.label,
+        reply["seq"],
+        cdpd::time::fmt_ns(reply["ts_ns"].as_u64().unwrap_or(0))
+    );
+    Ok(())
+}
+
+pub fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
