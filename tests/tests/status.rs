@@ -1,0 +1,185 @@
+//! `cdpctl status` (the control socket) and the run directory: counters per disk,
+//! socket permissions, and the catalog.
+
+use std::os::unix::fs::PermissionsExt;
+
+use cdp_tests::nbd::*;
+use cdp_tests::*;
+use serde_json::Value;
+
+fn disk_status<'a>(status: &'a Value, disk: &str) -> &'a Value {
+    status["disks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has no disks array: {status:#}"))
+        .iter()
+        .find(|d| d["disk"] == disk)
+        .unwrap_or_else(|| panic!("status has no disk {disk}: {status:#}"))
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status field {key} missing or not a number: {v:#}"))
+}
+
+#[test]
+fn status_counts_requests_per_disk() {
+    let mut d = Daemon::builder()
+        .vm_name("status-vm")
+        .disk("vda", 16 << 20)
+        .disk("vdb", 8 << 20)
+        .start();
+    let s0 = d.status_json();
+    assert_eq!(s0["vm_uuid"], d.vm_uuid.as_str(), "{s0:#}");
+    assert_eq!(s0["vm_name"], "status-vm", "{s0:#}");
+    assert_eq!(s0["pid"], d.pid(), "{s0:#}");
+    let a0 = disk_status(&s0, "vda").clone();
+    assert_eq!(a0["path"], d.image("vda").to_str().unwrap(), "{s0:#}");
+    assert_eq!(u(&a0, "size"), 16 << 20);
+    assert_eq!(u(disk_status(&s0, "vdb"), "size"), 8 << 20);
+    for key in [
+        "bytes_written",
+        "write_requests",
+        "bytes_read",
+        "read_requests",
+        "last_seq",
+        "in_flight",
+        "journal_bytes",
+        "connections",
+    ] {
+        u(&a0, key);
+    }
+    assert!(a0.get("open_segment").is_some(), "no open_segment: {a0:#}");
+
+    // 10 writes of 4 KiB and 3 reads of 8 KiB on vda; nothing on vdb.
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    for i in 0..10u64 {
+        assert_eq!(c.write(i * 4096, &[i as u8; 4096], 0).unwrap(), 0);
+    }
+    for i in 0..3u64 {
+        c.read(i * 8192, 8192).unwrap().unwrap();
+    }
+    let s1 = d.status_json();
+    let a1 = disk_status(&s1, "vda");
+    let b1 = disk_status(&s1, "vdb");
+    assert_eq!(
+        u(a1, "bytes_written") - u(&a0, "bytes_written"),
+        40960,
+        "{s1:#}"
+    );
+    assert_eq!(
+        u(a1, "write_requests") - u(&a0, "write_requests"),
+        10,
+        "{s1:#}"
+    );
+    assert_eq!(u(a1, "bytes_read") - u(&a0, "bytes_read"), 24576, "{s1:#}");
+    assert_eq!(
+        u(a1, "read_requests") - u(&a0, "read_requests"),
+        3,
+        "{s1:#}"
+    );
+    assert!(u(a1, "last_seq") >= u(&a0, "last_seq") + 10, "{s1:#}");
+    assert!(
+        u(a1, "journal_bytes") >= u(&a0, "journal_bytes") + 40960,
+        "journal_bytes should grow by at least the payload: {s1:#}"
+    );
+    assert_eq!(
+        u(a1, "in_flight"),
+        0,
+        "idle, yet requests in flight: {s1:#}"
+    );
+    assert_eq!(
+        u(a1, "connections"),
+        1,
+        "one client is connected to vda: {s1:#}"
+    );
+    assert_eq!(u(b1, "write_requests"), 0, "{s1:#}");
+    assert_eq!(u(b1, "connections"), 0, "{s1:#}");
+    c.disconnect();
+
+    // The journal agrees with the status: the last WRITE on vda has seq <= last_seq.
+    d.term();
+    let records = d.journal_records();
+    let writes: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["disk"] == "vda" && r["kind"] == "WRITE")
+        .collect();
+    assert_eq!(writes.len(), 10, "{writes:#?}");
+    let max_write_seq = writes
+        .iter()
+        .filter_map(|r| r["seq"].as_u64())
+        .max()
+        .unwrap();
+    assert!(max_write_seq <= u(a1, "last_seq"));
+}
+
+#[test]
+fn run_directory_layout_and_socket_modes() {
+    let d = Daemon::builder()
+        .disk("vda", 1 << 20)
+        .disk("vdb", 1 << 20)
+        .start();
+    let vm_dir = d.run_dir.join(&d.vm_uuid);
+    for name in ["vda.sock", "vdb.sock", "control.sock"] {
+        let p = vm_dir.join(name);
+        let meta = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        use std::os::unix::fs::FileTypeExt;
+        assert!(
+            meta.file_type().is_socket(),
+            "{} is not a socket",
+            p.display()
+        );
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{} has mode {:o}, want 0600",
+            p.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    assert!(
+        d.state_dir.join("catalog.sqlite").exists(),
+        "no catalog.sqlite in the state directory"
+    );
+    let journal_dir = d
+        .state_dir
+        .join("vms")
+        .join(&d.vm_uuid)
+        .join("vda")
+        .join("journal");
+    assert!(
+        journal_dir.is_dir(),
+        "no journal directory {}",
+        journal_dir.display()
+    );
+}
+
+#[test]
+fn replay_upto_a_sequence_number() {
+    let mut d = Daemon::builder().disk_random("vda", 4 << 20, 41).start();
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    assert_eq!(c.write(0, &[0xa1; 4096], 0).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    assert_eq!(c.write(0, &[0xb2; 4096], 0).unwrap(), 0);
+    assert_eq!(c.write(8192, &[0xc3; 4096], 0).unwrap(), 0);
+    c.disconnect();
+    d.term();
+    let records = d.journal_records();
+    let flush_seq = records_of_kind(&records, "FLUSH")[0]["seq"]
+        .as_u64()
+        .unwrap();
+    let point = d.work_dir().join("point.img");
+    copy_sparse(&d.disk("vda").initial, &point);
+    d.replay("vda", &point, Some(&format!("seq:{flush_seq}")));
+    assert_eq!(
+        read_at(&point, 0, 4096),
+        vec![0xa1; 4096],
+        "first write missing at the point"
+    );
+    assert_eq!(
+        read_at(&point, 8192, 4096),
+        read_at(&d.disk("vda").initial, 8192, 4096),
+        "a write after the point was replayed"
+    );
+    d.check_replay_invariant("vda");
+}
