@@ -34,7 +34,9 @@ const SCRIPT: &[&str] = &[
 
 fn qemu_io(target: &OsStr) {
     let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", "-d", "unmap"]).arg(target);
+    // writeback: FUA only where the script asks for it (writethrough adds it everywhere).
+    cmd.args(["-f", "raw", "-t", "writeback", "-d", "unmap"])
+        .arg(target);
     for c in SCRIPT {
         cmd.arg("-c").arg(c);
     }
@@ -103,6 +105,13 @@ fn qemu_io_script_matches_reference_file() {
             .as_array()
             .is_some_and(|f| f.iter().any(|x| x == "FUA")),
         "write -f (FUA) journaled without the FUA flag: {fua}"
+    );
+    let plain = find(&vda, "WRITE", 0, 65536).unwrap();
+    assert!(
+        !plain["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "FUA")),
+        "a write without FUA was journaled with FUA: {plain}"
     );
     // Sequence numbers are strictly increasing in the listing of one disk.
     let seqs: Vec<u64> = vda.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
