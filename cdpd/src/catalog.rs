@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS segments(
     size_bytes INTEGER NOT NULL,
     sealed INTEGER NOT NULL,
     path TEXT NOT NULL,
+    -- 0 once the shipper trimmed the local file (every target has it).
+    local INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY(vm_uuid, disk, first_seq)
 );
 CREATE TABLE IF NOT EXISTS sessions(
@@ -60,6 +62,44 @@ CREATE TABLE IF NOT EXISTS marks(
     seq INTEGER NOT NULL,
     ts_ns INTEGER NOT NULL,
     PRIMARY KEY(vm_uuid, label)
+);
+CREATE TABLE IF NOT EXISTS shipments(
+    vm_uuid TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    key TEXT NOT NULL,
+    shipped_ns INTEGER NOT NULL,
+    object_bytes INTEGER NOT NULL,
+    PRIMARY KEY(vm_uuid, disk, first_seq, target)
+);
+CREATE TABLE IF NOT EXISTS targets(
+    vm_uuid TEXT NOT NULL,
+    target TEXT NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    last_error TEXT,
+    updated_ns INTEGER NOT NULL,
+    PRIMARY KEY(vm_uuid, target)
+);
+CREATE TABLE IF NOT EXISTS baselines(
+    vm_uuid TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    target TEXT NOT NULL,
+    s0 INTEGER NOT NULL,
+    s1 INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    chunks_total INTEGER NOT NULL,
+    chunks_uploaded INTEGER NOT NULL,
+    PRIMARY KEY(vm_uuid, disk, target, s1)
+);
+CREATE TABLE IF NOT EXISTS configs(
+    vm_uuid TEXT NOT NULL,
+    target TEXT NOT NULL,
+    ts_ns INTEGER NOT NULL,
+    blake3 TEXT NOT NULL,
+    PRIMARY KEY(vm_uuid, target, ts_ns)
 );
 CREATE TABLE IF NOT EXISTS gaps(
     vm_uuid TEXT NOT NULL,
@@ -385,6 +425,310 @@ impl Catalog {
             .execute(
                 "INSERT INTO gaps(vm_uuid, disk, seq, ts_ns, reason) VALUES(?1, ?2, ?3, ?4, ?5)",
                 params![vm, disk, seq as i64, ts_ns as i64, reason],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+}
+
+/// A target's state, as the shipper last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TargetRow {
+    pub target: String,
+    pub url: String,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub updated_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BaselineRow {
+    pub disk: String,
+    pub target: String,
+    pub s0: u64,
+    pub s1: u64,
+    pub key: String,
+    pub created_ns: u64,
+    pub chunks_total: u64,
+    pub chunks_uploaded: u64,
+}
+
+impl Catalog {
+    /// Sealed segments still on this host that `target` has not received.
+    pub fn unshipped(&self, vm: &str, target: &str) -> Result<Vec<SegmentRow>> {
+        self.segment_query(
+            "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
+                    size_bytes, sealed, path FROM segments s
+             WHERE vm_uuid = ?1 AND sealed = 1 AND local = 1 AND NOT EXISTS (
+                 SELECT 1 FROM shipments h WHERE h.vm_uuid = s.vm_uuid AND h.disk = s.disk
+                 AND h.first_seq = s.first_seq AND h.target = ?2)
+             ORDER BY first_seq",
+            params![vm, target],
+        )
+    }
+
+    /// Local segments (sealed or not) not yet trimmed.
+    pub fn local_segments(&self, vm: &str) -> Result<Vec<SegmentRow>> {
+        self.segment_query(
+            "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
+                    size_bytes, sealed, path FROM segments
+             WHERE vm_uuid = ?1 AND local = 1 ORDER BY disk, first_seq",
+            params![vm],
+        )
+    }
+
+    fn segment_query(&self, sql: &str, p: impl rusqlite::Params) -> Result<Vec<SegmentRow>> {
+        let mut st = self.conn.prepare_cached(sql).map_err(self.err())?;
+        let rows = st
+            .query_map(p, |r| {
+                Ok(SegmentRow {
+                    disk: r.get(0)?,
+                    first_seq: r.get::<_, i64>(1)? as u64,
+                    last_seq: r.get::<_, i64>(2)? as u64,
+                    first_ts_ns: r.get::<_, i64>(3)? as u64,
+                    last_ts_ns: r.get::<_, i64>(4)? as u64,
+                    records: r.get::<_, i64>(5)? as u64,
+                    record_base: r.get::<_, i64>(6)? as u64,
+                    size_bytes: r.get::<_, i64>(7)? as u64,
+                    sealed: r.get::<_, i64>(8)? != 0,
+                    path: r.get(9)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    pub fn record_shipment(
+        &self,
+        vm: &str,
+        disk: &str,
+        first_seq: u64,
+        target: &str,
+        key: &str,
+        object_bytes: u64,
+        now_ns: u64,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO shipments(vm_uuid, disk, first_seq, target, key, shipped_ns, object_bytes)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![vm, disk, first_seq as i64, target, key, now_ns as i64, object_bytes as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Segments every one of `targets` has, still present locally.
+    pub fn fully_shipped(&self, vm: &str, targets: &[String]) -> Result<Vec<SegmentRow>> {
+        let all = self.segment_query(
+            "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
+                    size_bytes, sealed, path FROM segments
+             WHERE vm_uuid = ?1 AND sealed = 1 AND local = 1 ORDER BY disk, first_seq",
+            params![vm],
+        )?;
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM shipments WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq = ?3 AND target = ?4",
+            )
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        'seg: for s in all {
+            for t in targets {
+                let n: i64 = st
+                    .query_row(params![vm, s.disk, s.first_seq as i64, t], |r| r.get(0))
+                    .map_err(self.err())?;
+                if n == 0 {
+                    continue 'seg;
+                }
+            }
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    pub fn set_trimmed(&self, vm: &str, disk: &str, first_seq: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE segments SET local = 0 WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq = ?3",
+                params![vm, disk, first_seq as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// How many segments and bytes `target` still lacks; and the first
+    /// timestamp among them (for the RPO).
+    pub fn backlog(&self, vm: &str, disk: &str, target: &str) -> Result<(u64, u64, Option<u64>)> {
+        self.conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(size_bytes), 0), min(first_ts_ns) FROM segments s
+                 WHERE vm_uuid = ?1 AND disk = ?2 AND sealed = 1 AND local = 1 AND NOT EXISTS (
+                     SELECT 1 FROM shipments h WHERE h.vm_uuid = s.vm_uuid AND h.disk = s.disk
+                     AND h.first_seq = s.first_seq AND h.target = ?3)",
+                params![vm, disk, target],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    ))
+                },
+            )
+            .map_err(self.err())
+    }
+
+    pub fn set_target_state(
+        &self,
+        vm: &str,
+        target: &str,
+        url: &str,
+        state: &str,
+        last_error: Option<&str>,
+        now_ns: u64,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO targets(vm_uuid, target, url, state, last_error, updated_ns)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(vm_uuid, target) DO UPDATE SET url = excluded.url, state = excluded.state,
+                    last_error = coalesce(excluded.last_error, targets.last_error),
+                    updated_ns = excluded.updated_ns",
+                params![vm, target, url, state, last_error, now_ns as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn targets(&self, vm: &str) -> Result<Vec<TargetRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT target, url, state, last_error, updated_ns FROM targets WHERE vm_uuid = ?1 ORDER BY target",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                Ok(TargetRow {
+                    target: r.get(0)?,
+                    url: r.get(1)?,
+                    state: r.get(2)?,
+                    last_error: r.get(3)?,
+                    updated_ns: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_baseline(
+        &self,
+        vm: &str,
+        disk: &str,
+        target: &str,
+        s0: u64,
+        s1: u64,
+        key: &str,
+        created_ns: u64,
+        chunks_total: u64,
+        chunks_uploaded: u64,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO baselines(vm_uuid, disk, target, s0, s1, key, created_ns, chunks_total, chunks_uploaded)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    vm,
+                    disk,
+                    target,
+                    s0 as i64,
+                    s1 as i64,
+                    key,
+                    created_ns as i64,
+                    chunks_total as i64,
+                    chunks_uploaded as i64
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    pub fn baselines(&self, vm: &str) -> Result<Vec<BaselineRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT disk, target, s0, s1, key, created_ns, chunks_total, chunks_uploaded
+                 FROM baselines WHERE vm_uuid = ?1 ORDER BY disk, s1",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                Ok(BaselineRow {
+                    disk: r.get(0)?,
+                    target: r.get(1)?,
+                    s0: r.get::<_, i64>(2)? as u64,
+                    s1: r.get::<_, i64>(3)? as u64,
+                    key: r.get(4)?,
+                    created_ns: r.get::<_, i64>(5)? as u64,
+                    chunks_total: r.get::<_, i64>(6)? as u64,
+                    chunks_uploaded: r.get::<_, i64>(7)? as u64,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    /// Newest GAP per disk (a baseline older than it cannot be used).
+    pub fn last_gap_seq(&self, vm: &str, disk: &str) -> Result<Option<u64>> {
+        self.conn
+            .query_row(
+                "SELECT max(seq) FROM gaps WHERE vm_uuid = ?1 AND disk = ?2",
+                params![vm, disk],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(|x| x as u64))
+            .map_err(self.err())
+    }
+
+    pub fn disks(&self, vm: &str) -> Result<Vec<(String, String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT disk, path, size FROM disks WHERE vm_uuid = ?1 ORDER BY disk")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    pub fn vm_name(&self, vm: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT name FROM vms WHERE uuid = ?1", params![vm], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn last_config(&self, vm: &str, target: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT blake3 FROM configs WHERE vm_uuid = ?1 AND target = ?2 ORDER BY ts_ns DESC LIMIT 1",
+                params![vm, target],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn add_config(&self, vm: &str, target: &str, ts_ns: u64, hash: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO configs(vm_uuid, target, ts_ns, blake3) VALUES(?1, ?2, ?3, ?4)",
+                params![vm, target, ts_ns as i64, hash],
             )
             .map_err(self.err())?;
         Ok(())
