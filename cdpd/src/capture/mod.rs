@@ -387,6 +387,7 @@ impl Vm {
                 }
                 std::mem::take(&mut st.to_seal)
             };
+            let mut failed = Vec::new();
             for seg in to_seal {
                 match seg.seal(now_ns()) {
                     Ok(sealed) => {
@@ -396,12 +397,21 @@ impl Vm {
                             .retain(|f| !Arc::ptr_eq(f, &seg.file));
                     }
                     Err(e) => {
-                        // Left unsealed on disk: the next start's recovery
-                        // seals it. Flushes keep syncing its file.
-                        disk.stats.seal_errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("cdpd: sealing {}: {e}", seg.path.display());
+                        // Cut the partial seal off and try again soon (a
+                        // full disk may get room). Flushes keep syncing it.
+                        let _ = seg.file.set_len(seg.pos);
+                        if disk.stats.seal_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("cdpd: sealing {}: {e} (will retry)", seg.path.display());
+                        }
+                        failed.push(seg);
                     }
                 }
+            }
+            if !failed.is_empty() {
+                next = next.min(Duration::from_millis(100));
+                let mut st = disk.lock_journal();
+                failed.append(&mut st.to_seal);
+                st.to_seal = failed;
             }
         }
         next

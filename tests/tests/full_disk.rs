@@ -1,0 +1,85 @@
+//! A full journal disk: writes fail with ENOSPC, nothing is lost or half
+//! journaled, cdpd keeps serving, and once there is room again it carries on.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use cdp_tests::{require_tool, run, run_ok, Daemon};
+
+/// A small tmpfs mounted over a directory; lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let out = run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "cdp-test"])
+            .arg(at));
+        if !out.status.success() {
+            // Not root, or no mount namespace rights: say so loudly in CI.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("skipping: cannot mount tmpfs");
+            return None;
+        }
+        Some(Tmpfs(at.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0),
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn qemu_io(d: &Daemon, cmd: &str) -> String {
+    let out = run(Command::new(require_tool("qemu-io"))
+        .args(["-f", "raw", "-t", "writeback", "-c", cmd])
+        .arg(d.uri("vda")));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn full_journal_fails_writes_cleanly_and_recovers() {
+    let mut d = Daemon::builder().disk_random("vda", 32 << 20, 5).prepare();
+    let Some(fs) = Tmpfs::mount(&d.state_dir, "3M") else {
+        return;
+    };
+    d.start();
+    let ok = qemu_io(&d, "write -P 0x11 0 512k");
+    assert!(ok.contains("wrote 524288/524288"), "{ok}");
+    // Larger than the room left: refused as a whole.
+    let full = qemu_io(&d, "write -P 0x22 4M 4M");
+    assert!(
+        full.contains("No space left on device"),
+        "expected ENOSPC, got: {full}"
+    );
+    d.assert_alive("after ENOSPC");
+    let st = d.status_json();
+    assert!(st["disks"][0]["errors"].as_u64().unwrap() > 0, "{st}");
+    // The refused write did not reach the image.
+    let back = qemu_io(&d, "read -P 0x22 4M 4k");
+    assert!(back.contains("Pattern verification failed"), "{back}");
+    // Room again: the same write goes through, and the journal is whole.
+    fs.resize("128M");
+    let again = qemu_io(&d, "write -P 0x22 4M 4M");
+    assert!(again.contains("wrote 4194304/4194304"), "{again}");
+    let back = qemu_io(&d, "read -P 0x22 4M 4M");
+    assert!(back.contains("read 4194304/4194304"), "{back}");
+    d.term();
+    d.check_replay_invariant("vda");
+}
