@@ -499,6 +499,7 @@ impl Catalog {
             .map_err(self.err())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn record_shipment(
         &self,
         vm: &str,
@@ -700,7 +701,9 @@ impl Catalog {
             .prepare_cached("SELECT disk, path, size FROM disks WHERE vm_uuid = ?1 ORDER BY disk")
             .map_err(self.err())?;
         let rows = st
-            .query_map(params![vm], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))
+            .query_map(params![vm], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })
             .map_err(self.err())?;
         rows.collect::<std::result::Result<Vec<_>, _>>()
             .map_err(self.err())
@@ -708,7 +711,9 @@ impl Catalog {
 
     pub fn vm_name(&self, vm: &str) -> Result<Option<String>> {
         self.conn
-            .query_row("SELECT name FROM vms WHERE uuid = ?1", params![vm], |r| r.get(0))
+            .query_row("SELECT name FROM vms WHERE uuid = ?1", params![vm], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.err())
     }
