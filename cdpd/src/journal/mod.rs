@@ -5,6 +5,7 @@
 //! sealing it, and applying records to an image (used by recovery's redo and
 //! by `cdpctl journal replay`). See `docs/JOURNAL_FORMAT.md`.
 
+pub mod extents;
 pub mod format;
 pub mod writer;
 
