@@ -69,6 +69,8 @@ pub struct RunOptions {
     pub run_dir: PathBuf,
     pub settings: JournalSettings,
     pub boot_id_file: PathBuf,
+    /// SIGTERM ourselves when the parent (QEMU, after cdp-qemu's exec) exits.
+    pub die_with_parent: bool,
 }
 
 /// How the previous capture session of this VM ended.
@@ -439,6 +441,28 @@ fn accept_loop(vm: &Arc<Vm>, disk: Arc<capture::Disk>, l: UnixListener, conns: A
     }
 }
 
+/// Ask the kernel for SIGTERM when the parent exits (PR_SET_PDEATHSIG). If
+/// the parent is already gone, signal ourselves now.
+pub fn die_with_parent() -> io::Result<()> {
+    let parent = unsafe { libc::getppid() };
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if parent == 1 || unsafe { libc::getppid() } != parent {
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    }
+    Ok(())
+}
+
 /// Tell the parent we are ready (or why not) on the `--ready-fd` pipe.
 pub fn notify_ready(fd: RawFd, msg: &str) {
     let line = format!("{msg}\n");
@@ -453,6 +477,9 @@ pub fn run(opts: &RunOptions, ready_fd: Option<RawFd>) -> Result<(), DaemonError
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
         .map_err(io_err("installing signal handlers", Path::new("-")))?;
+    if opts.die_with_parent {
+        die_with_parent().map_err(io_err("setting the parent-death signal", Path::new("-")))?;
+    }
     let daemon = match Daemon::start(opts) {
         Ok(d) => d,
         Err(e) => {

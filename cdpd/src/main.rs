@@ -55,6 +55,10 @@ struct RunArgs {
     /// Seal journal segments at this age (overrides the policy), e.g. 1s.
     #[arg(long)]
     segment_age: Option<String>,
+    /// Stop cleanly (as on SIGTERM) when the parent process exits: cdp-qemu
+    /// forks cdpd and then becomes QEMU, so this ends capture when QEMU ends.
+    #[arg(long)]
+    die_with_parent: bool,
     /// Where the host's boot id is read (tests use it to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     boot_id_file: PathBuf,
@@ -103,6 +107,7 @@ fn run(a: RunArgs) -> Result<()> {
         run_dir: config.run_dir(a.run_dir.as_deref()),
         settings,
         boot_id_file: a.boot_id_file,
+        die_with_parent: a.die_with_parent,
     };
     cdpd::daemon::run(&opts, a.ready_fd)?;
     Ok(())
