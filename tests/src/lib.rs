@@ -21,12 +21,14 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 /// How long `cdpd run` may take to report READY.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an external command (qemu-io, fio, cdpctl, …) may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a stopping daemon may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -114,10 +116,55 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 }
 
 /// Runs a command with stdin closed and returns its output.
+///
+/// A command still running after [`COMMAND_TIMEOUT`] is killed and the test fails, so a
+/// hung daemon cannot hang the test run.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    }
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let status = match wait_child(child, COMMAND_TIMEOUT) {
+        Some(st) => st,
+        None => panic!(
+            "{cmd:?} did not finish within {COMMAND_TIMEOUT:?}; killed\n--- stderr ---\n{}",
+            String::from_utf8_lossy(&err.join().unwrap_or_default())
+        ),
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Waits for a child to exit, at most `timeout`; on timeout kills it (SIGKILL), reaps it
+/// and returns None.
+pub fn wait_child(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(st) => Some(st.expect("wait")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = rx.recv();
+            None
+        }
+    }
 }
 
 /// Parses JSON that may be preceded by warning lines (fio): from the first `{`.
@@ -554,21 +601,9 @@ impl Daemon {
         )
     }
 
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match child.try_wait() {
-                Ok(Some(st)) => {
-                    self.child = None;
-                    return Some(st);
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => return None,
-            }
-        }
+    /// Waits for the daemon to exit (at most `timeout`, then SIGKILL and None).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_child(self.child.take()?, timeout)
     }
 
     /// True while the daemon process has not exited.
