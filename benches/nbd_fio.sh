@@ -137,3 +137,12 @@ for wl in $WORKLOADS; do
 done
 
 python3 "$ROOT/benches/fio_table.py" "$OUT" "$SERVERS" "$WORKLOADS"
+
+# The facts BENCHMARKS.md records with the numbers.
+echo
+echo "date:     $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "commit:   $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+echo "machine:  nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), kernel $(uname -r)"
+echo "disk:     $(findmnt -no SOURCE,FSTYPE -T "$BENCH_DIR" | tr '\n' ' ')"
+echo "load avg: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "command:  RUNTIME=$RUNTIME RAMP=$RAMP SIZE_MIB=$SIZE_MIB bash benches/nbd_fio.sh"
