@@ -200,7 +200,8 @@ struct Transmission<'a> {
     start: usize,
     end: usize,
     batch: Vec<Pending>,
-    ops: Vec<(usize, Kind, u8)>,
+    /// Kind and journal flags of each journaled op of the batch.
+    ops: Vec<(Kind, u8)>,
     /// For each request of the batch, the index of its journaled op, if any.
     op_of: Vec<Option<usize>>,
     results: OpResults,
@@ -329,7 +330,7 @@ impl Transmission<'_> {
                 if p.req.flags & proto::CMD_FLAG_NO_HOLE != 0 {
                     flags |= FLAG_NO_HOLE;
                 }
-                self.ops.push((self.ops.len(), kind, flags));
+                self.ops.push((kind, flags));
                 self.ops.len() - 1
             }));
         }
@@ -341,7 +342,7 @@ impl Transmission<'_> {
                 .zip(&self.op_of)
                 .filter_map(|(p, o)| {
                     o.map(|i| {
-                        let (_, kind, flags) = self.ops[i];
+                        let (kind, flags) = self.ops[i];
                         let payload = if kind == Kind::Write {
                             &buf[p.payload_at..p.payload_at + p.req.len as usize]
                         } else {
