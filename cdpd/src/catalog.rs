@@ -580,6 +580,27 @@ impl Catalog {
             .map_err(self.err())
     }
 
+    /// Sealed local segments that no target has yet: what a lost host
+    /// would lose. Count, bytes, oldest first timestamp.
+    pub fn unprotected(&self, vm: &str, disk: &str) -> Result<(u64, u64, Option<u64>)> {
+        self.conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(size_bytes), 0), min(first_ts_ns) FROM segments s
+                 WHERE vm_uuid = ?1 AND disk = ?2 AND sealed = 1 AND local = 1 AND NOT EXISTS (
+                     SELECT 1 FROM shipments h WHERE h.vm_uuid = s.vm_uuid AND h.disk = s.disk
+                     AND h.first_seq = s.first_seq)",
+                params![vm, disk],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    ))
+                },
+            )
+            .map_err(self.err())
+    }
+
     pub fn set_target_state(
         &self,
         vm: &str,

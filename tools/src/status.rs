@@ -77,12 +77,22 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
             s.vm_name, s.vm_uuid, s.pid, s.last_seq
         );
         println!(
-            "  {:<6} {:>10} {:>10} {:>12} {:>8} {:>6} {:>5} {:>12} {:>5} open segment",
-            "DISK", "WRITES", "WRITTEN", "READ", "FLUSHES", "INFL", "CONN", "JOURNAL", "ERR"
+            "  {:<6} {:>10} {:>10} {:>12} {:>8} {:>6} {:>5} {:>12} {:>5} {:>9} {:>10} open segment",
+            "DISK",
+            "WRITES",
+            "WRITTEN",
+            "READ",
+            "FLUSHES",
+            "INFL",
+            "CONN",
+            "JOURNAL",
+            "ERR",
+            "RPO",
+            "UNSHIPPED"
         );
         for d in &s.disks {
             println!(
-                "  {:<6} {:>10} {:>10} {:>12} {:>8} {:>6} {:>5} {:>12} {:>5} {}",
+                "  {:<6} {:>10} {:>10} {:>12} {:>8} {:>6} {:>5} {:>12} {:>5} {:>9} {:>10} {}",
                 d.disk,
                 d.write_requests,
                 human(d.bytes_written),
@@ -92,8 +102,25 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
                 d.connections,
                 human(d.journal_bytes),
                 d.errors + d.protocol_errors + d.seal_errors,
+                format!("{:.1}s", d.rpo_ms as f64 / 1000.0),
+                human(d.backlog_bytes),
                 d.open_segment.as_deref().unwrap_or("-"),
             );
+            for t in &d.targets {
+                println!(
+                    "         target {:<10} {:<8} lag {:>7.1}s  {} segments ({}) behind{}",
+                    t.target,
+                    t.state,
+                    t.lag_ms as f64 / 1000.0,
+                    t.backlog_segments,
+                    human(t.backlog_bytes),
+                    t.last_error
+                        .as_deref()
+                        .filter(|_| t.state != "up")
+                        .map(|e| format!("  last error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
         }
     }
     Ok(())

@@ -38,6 +38,26 @@ pub struct DiskStatus {
     pub errors: u64,
     pub protocol_errors: u64,
     pub seal_errors: u64,
+    /// Age of the oldest record no target has yet (0 when all is shipped).
+    pub rpo_ms: u64,
+    /// Sealed segments no target has yet.
+    pub backlog_segments: u64,
+    pub backlog_bytes: u64,
+    /// Each target the shipper has reported on.
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TargetStatus {
+    pub target: String,
+    pub url: String,
+    /// "up" or "failing", as the shipper last saw it.
+    pub state: String,
+    pub last_error: Option<String>,
+    pub backlog_segments: u64,
+    pub backlog_bytes: u64,
+    /// Age of the oldest record this target does not have yet.
+    pub lag_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -76,8 +96,15 @@ impl Vm {
             .disks
             .iter()
             .map(|d| {
-                let (open, open_records, waiting, last_seq) = {
+                let (open, open_records, waiting, last_seq, unsealed_ts) = {
                     let st = d.lock_journal();
+                    let unsealed_ts = st
+                        .open
+                        .iter()
+                        .chain(st.to_seal.iter())
+                        .filter(|s| s.records() > 0)
+                        .map(|s| s.first_ts_ns)
+                        .min();
                     (
                         st.open
                             .as_ref()
@@ -86,8 +113,10 @@ impl Vm {
                         st.open.as_ref().map_or(0, |s| s.records() as u64),
                         st.to_seal.len() as u64,
                         st.last_seq,
+                        unsealed_ts,
                     )
                 };
+                let ship = self.shipping_status(&d.name, unsealed_ts);
                 let (journal_bytes, journal_segments) = journal_usage(&d.journal_dir);
                 let s = &d.stats;
                 let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -111,6 +140,10 @@ impl Vm {
                     errors: l(&s.errors),
                     protocol_errors: l(&s.protocol_errors),
                     seal_errors: l(&s.seal_errors),
+                    rpo_ms: ship.0,
+                    backlog_segments: ship.1,
+                    backlog_bytes: ship.2,
+                    targets: ship.3,
                 }
             })
             .collect();
@@ -123,6 +156,45 @@ impl Vm {
             segment_age_ms: self.settings.segment_age.as_millis() as u64,
             disks,
         }
+    }
+
+    /// RPO, backlog and per-target lag of a disk, from the catalog (the
+    /// shipper records what each target has).
+    fn shipping_status(
+        &self,
+        disk: &str,
+        unsealed_ts: Option<u64>,
+    ) -> (u64, u64, u64, Vec<TargetStatus>) {
+        let now = crate::time::now_ns();
+        let age = |ts: Option<u64>| ts.map_or(0, |t| now.saturating_sub(t) / 1_000_000);
+        let oldest = |a: Option<u64>| match (a, unsealed_ts) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        let cat = self.catalog.lock().unwrap();
+        let (n, bytes, ts) = cat
+            .unprotected(&self.uuid_str, disk)
+            .unwrap_or((0, 0, None));
+        let targets = cat
+            .targets(&self.uuid_str)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| {
+                let (tn, tb, tts) = cat
+                    .backlog(&self.uuid_str, disk, &t.target)
+                    .unwrap_or((0, 0, None));
+                TargetStatus {
+                    target: t.target,
+                    url: t.url,
+                    state: t.state,
+                    last_error: t.last_error,
+                    backlog_segments: tn,
+                    backlog_bytes: tb,
+                    lag_ms: age(oldest(tts)),
+                }
+            })
+            .collect();
+        (age(oldest(ts)), n, bytes, targets)
     }
 
     fn handle_control(&self, line: &str) -> serde_json::Value {
