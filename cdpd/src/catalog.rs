@@ -580,6 +580,20 @@ impl Catalog {
             .map_err(self.err())
     }
 
+    /// Record base for a disk's next segment, from every segment the catalog
+    /// knows (trimmed ones too): the chain continues after local segments
+    /// were shipped and removed.
+    pub fn next_record_base(&self, vm: &str, disk: &str) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT coalesce(max(record_base + records), 0) FROM segments WHERE vm_uuid = ?1 AND disk = ?2",
+                params![vm, disk],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v as u64)
+            .map_err(self.err())
+    }
+
     /// Sealed local segments that no target has yet: what a lost host
     /// would lose. Count, bytes, oldest first timestamp.
     pub fn unprotected(&self, vm: &str, disk: &str) -> Result<(u64, u64, Option<u64>)> {

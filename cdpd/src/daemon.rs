@@ -177,12 +177,15 @@ impl Daemon {
             for first in &rec.removed {
                 catalog.delete_segment(&uuid_str, name, *first)?;
             }
+            let next_base = rec
+                .next_base
+                .max(catalog.next_record_base(&uuid_str, name)?);
             setups.push(DiskSetup {
                 name: name.clone(),
                 path: path.clone(),
                 image: img,
                 journal_dir: dir,
-                next_base: rec.next_base,
+                next_base,
                 last_seq: rec.last_seq,
             });
             recs.push(rec);
