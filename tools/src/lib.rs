@@ -1,6 +1,7 @@
 //! cdpctl: the admin command line. Each subcommand is a module; `main` only
 //! parses arguments and calls [`run`].
 
+pub mod baseline_cmd;
 pub mod journal_cmd;
 pub mod status;
 
@@ -44,6 +45,8 @@ pub enum Cmd {
     Status(status::StatusArgs),
     /// Write a MARK into every disk of a running VM at one sequence number.
     Mark(status::MarkArgs),
+    /// Take a full baseline of a VM's disks into the policy's targets.
+    Baseline(baseline_cmd::BaselineArgs),
     /// Inspect or replay a VM's local journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCmd),
@@ -101,6 +104,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Status(a) => status::status(&ctx, &a),
         Cmd::Mark(a) => status::mark(&ctx, &a),
         Cmd::Journal(c) => journal_cmd::run(&ctx, c),
+        Cmd::Baseline(a) => baseline_cmd::run(&ctx, &cli.global, &a),
     }
 }
 

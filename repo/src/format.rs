@@ -1,0 +1,467 @@
+//! Repository object names and encodings (`cdp/v1/`), pure code.
+//!
+//! ```text
+//! cdp/v1/FORMAT                                        {"format":"cdp","version":1}
+//! cdp/v1/chunks/<hh>/<blake3-hex>                      zstd(chunk), named by the BLAKE3 of the plain chunk
+//! cdp/v1/vms/<vm>/vm.json                              name, uuid, disks, sizes
+//! cdp/v1/vms/<vm>/config/<ts_ns:020>.xml               each version of the VM definition
+//! cdp/v1/vms/<vm>/<disk>/baselines/<s1:020>-<s0:020>.json  chunk list; exact for points >= s1 given the journal after s0
+//! cdp/v1/vms/<vm>/<disk>/journal/<first:020>-<last:020>.seg.zst   the sealed segment, as zstd frames
+//! cdp/v1/vms/<vm>/<disk>/journal/<first:020>-<last:020>.idx       its index (small)
+//! ```
+//!
+//! Every name lists in replay order. Objects are immutable: a name is written
+//! once (vm.json is the one exception: rewritten when the disk set changes).
+//! The `.idx` object is uploaded after its `.seg.zst`, so an index always has
+//! its segment; restore plans from LIST + the `.idx` objects alone.
+//!
+//! Segment object: the raw segment file cut into pieces of [`FRAME_RAW`]
+//! bytes, each compressed as an independent zstd frame (with zstd's content
+//! checksum), concatenated. The index lists where each frame starts, so a
+//! record's payload can be fetched with one ranged GET.
+//!
+//! Index object (`.idx`), little-endian:
+//! ```text
+//!   0 [8]  magic "CDPIDX01"
+//!   8 u32  length J of the JSON metadata
+//!  12 [J]  JSON: IndexMeta
+//!     ...  frame table: per frame, raw offset u64 | object offset u64
+//!     ...  record entries: 48 bytes each (journal::format::IndexEntry)
+//!  end-4   u32 CRC32 of everything before
+//! ```
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use cdpd::journal::format::{IndexEntry, INDEX_ENTRY_LEN};
+
+pub const ROOT: &str = "cdp/v1";
+pub const FORMAT_KEY: &str = "cdp/v1/FORMAT";
+pub const FORMAT_VERSION: u32 = 1;
+/// Raw bytes of a segment per zstd frame.
+pub const FRAME_RAW: usize = 1 << 20;
+pub const IDX_MAGIC: [u8; 8] = *b"CDPIDX01";
+/// Baseline chunk size (fixed, aligned to disk offsets).
+pub const CHUNK_SIZE: u64 = 1 << 20;
+pub const ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, Error)]
+pub enum RepoFormatError {
+    #[error("{key}: {what}")]
+    Corrupt { key: String, what: String },
+    #[error("{key}: repository format {found:?}, this build reads cdp version {FORMAT_VERSION}: use a matching cdpd")]
+    Version { key: String, found: String },
+}
+
+fn corrupt(key: &str, what: impl Into<String>) -> RepoFormatError {
+    RepoFormatError::Corrupt {
+        key: key.to_string(),
+        what: what.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FormatMarker {
+    pub format: String,
+    pub version: u32,
+}
+
+pub fn format_marker() -> Vec<u8> {
+    serde_json::to_vec(&FormatMarker {
+        format: "cdp".into(),
+        version: FORMAT_VERSION,
+    })
+    .unwrap()
+}
+
+pub fn check_format_marker(bytes: &[u8]) -> Result<(), RepoFormatError> {
+    match serde_json::from_slice::<FormatMarker>(bytes) {
+        Ok(m) if m.format == "cdp" && m.version == FORMAT_VERSION => Ok(()),
+        Ok(m) => Err(RepoFormatError::Version {
+            key: FORMAT_KEY.into(),
+            found: format!("{} {}", m.format, m.version),
+        }),
+        Err(_) => Err(RepoFormatError::Version {
+            key: FORMAT_KEY.into(),
+            found: String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned(),
+        }),
+    }
+}
+
+pub fn vm_prefix(vm: &str) -> String {
+    format!("{ROOT}/vms/{vm}/")
+}
+
+pub fn vm_json_key(vm: &str) -> String {
+    format!("{ROOT}/vms/{vm}/vm.json")
+}
+
+pub fn config_key(vm: &str, ts_ns: u64) -> String {
+    format!("{ROOT}/vms/{vm}/config/{ts_ns:020}.xml")
+}
+
+pub fn config_prefix(vm: &str) -> String {
+    format!("{ROOT}/vms/{vm}/config/")
+}
+
+pub fn journal_prefix(vm: &str, disk: &str) -> String {
+    format!("{ROOT}/vms/{vm}/{disk}/journal/")
+}
+
+pub fn segment_key(vm: &str, disk: &str, first: u64, last: u64) -> String {
+    format!("{}{first:020}-{last:020}.seg.zst", journal_prefix(vm, disk))
+}
+
+pub fn index_key(vm: &str, disk: &str, first: u64, last: u64) -> String {
+    format!("{}{first:020}-{last:020}.idx", journal_prefix(vm, disk))
+}
+
+/// Parse `<first>-<last>.idx` or `.seg.zst` (the last path component).
+pub fn parse_journal_name(name: &str) -> Option<(u64, u64, bool)> {
+    let (stem, is_idx) = if let Some(s) = name.strip_suffix(".idx") {
+        (s, true)
+    } else {
+        (name.strip_suffix(".seg.zst")?, false)
+    };
+    let (a, b) = stem.split_once('-')?;
+    if a.len() != 20 || b.len() != 20 {
+        return None;
+    }
+    Some((a.parse().ok()?, b.parse().ok()?, is_idx))
+}
+
+pub fn baseline_prefix(vm: &str, disk: &str) -> String {
+    format!("{ROOT}/vms/{vm}/{disk}/baselines/")
+}
+
+pub fn baseline_key(vm: &str, disk: &str, s1: u64, s0: u64) -> String {
+    format!("{}{s1:020}-{s0:020}.json", baseline_prefix(vm, disk))
+}
+
+pub fn parse_baseline_name(name: &str) -> Option<(u64, u64)> {
+    let (a, b) = name.strip_suffix(".json")?.split_once('-')?;
+    if a.len() != 20 || b.len() != 20 {
+        return None;
+    }
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+pub fn chunk_key(hash_hex: &str) -> String {
+    format!("{ROOT}/chunks/{}/{hash_hex}", &hash_hex[..2])
+}
+
+pub const CHUNKS_PREFIX: &str = "cdp/v1/chunks/";
+
+/// What `vm.json` says.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmJson {
+    pub uuid: String,
+    pub name: String,
+    pub disks: Vec<VmDisk>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmDisk {
+    pub name: String,
+    pub size: u64,
+    pub source_path: String,
+}
+
+/// A baseline: the disk's content as chunks, and the seq range it is
+/// consistent from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Baseline {
+    pub vm_uuid: String,
+    pub disk: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// Every record with seq > s0 must be replayed on top.
+    pub s0: u64,
+    /// The baseline is exact for any point at or after s1.
+    pub s1: u64,
+    pub started_ns: u64,
+    pub finished_ns: u64,
+    /// BLAKE3 hex of each chunk; None for a chunk that reads as zeros.
+    pub chunks: Vec<Option<String>>,
+}
+
+/// The JSON part of an index object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IndexMeta {
+    pub vm_uuid: String,
+    pub disk: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub record_base: u64,
+    pub records: u64,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+    /// Size of the raw segment file.
+    pub raw_size: u64,
+    /// Size of the `.seg.zst` object.
+    pub object_size: u64,
+    /// BLAKE3 hex of the `.seg.zst` object.
+    pub object_blake3: String,
+}
+
+/// A frame of a segment object: where its raw bytes begin, and where its
+/// compressed bytes begin in the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub raw_offset: u64,
+    pub object_offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentIndex {
+    pub meta: IndexMeta,
+    pub frames: Vec<Frame>,
+    pub entries: Vec<IndexEntry>,
+}
+
+impl SegmentIndex {
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(&self.meta).unwrap();
+        let mut out = Vec::with_capacity(
+            16 + json.len() + self.frames.len() * 16 + self.entries.len() * INDEX_ENTRY_LEN,
+        );
+        out.extend_from_slice(&IDX_MAGIC);
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&(self.frames.len() as u32).to_le_bytes());
+        for f in &self.frames {
+            out.extend_from_slice(&f.raw_offset.to_le_bytes());
+            out.extend_from_slice(&f.object_offset.to_le_bytes());
+        }
+        for e in &self.entries {
+            e.encode_into(&mut out);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(key: &str, b: &[u8]) -> Result<SegmentIndex, RepoFormatError> {
+        if b.len() < 20 || b[..8] != IDX_MAGIC {
+            return Err(corrupt(key, "not an index object (bad magic)"));
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
+            return Err(corrupt(key, "index checksum mismatch"));
+        }
+        let jlen = u32::from_le_bytes(body[8..12].try_into().unwrap()) as usize;
+        let rest = body
+            .get(12..)
+            .filter(|r| r.len() >= jlen + 4)
+            .ok_or_else(|| corrupt(key, "index truncated"))?;
+        let meta: IndexMeta = serde_json::from_slice(&rest[..jlen])
+            .map_err(|e| corrupt(key, format!("index metadata: {e}")))?;
+        let rest = &rest[jlen..];
+        let nframes = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let rest = &rest[4..];
+        let flen = nframes
+            .checked_mul(16)
+            .filter(|n| *n <= rest.len())
+            .ok_or_else(|| corrupt(key, "frame table truncated"))?;
+        let frames = rest[..flen]
+            .chunks_exact(16)
+            .map(|c| Frame {
+                raw_offset: u64::from_le_bytes(c[..8].try_into().unwrap()),
+                object_offset: u64::from_le_bytes(c[8..].try_into().unwrap()),
+            })
+            .collect();
+        let rest = &rest[flen..];
+        if rest.len() % INDEX_ENTRY_LEN != 0
+            || (rest.len() / INDEX_ENTRY_LEN) as u64 != meta.records
+        {
+            return Err(corrupt(key, "record entries do not match the record count"));
+        }
+        let entries = rest
+            .chunks_exact(INDEX_ENTRY_LEN)
+            .map(IndexEntry::decode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(key, e.to_string()))?;
+        Ok(SegmentIndex {
+            meta,
+            frames,
+            entries,
+        })
+    }
+}
+
+/// Compress a raw segment into independent frames. Returns the object bytes
+/// and the frame table.
+pub fn compress_segment(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<Frame>)> {
+    let mut out = Vec::with_capacity(raw.len() / 2);
+    let mut frames = Vec::with_capacity(raw.len() / FRAME_RAW + 1);
+    for (i, piece) in raw.chunks(FRAME_RAW).enumerate() {
+        frames.push(Frame {
+            raw_offset: (i * FRAME_RAW) as u64,
+            object_offset: out.len() as u64,
+        });
+        let mut enc = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL)?;
+        enc.include_checksum(true)?;
+        std::io::Write::write_all(&mut enc, piece)?;
+        enc.finish()?;
+    }
+    Ok((out, frames))
+}
+
+/// Decompress a whole segment object (all frames) back to the raw segment.
+pub fn decompress_segment(key: &str, obj: &[u8]) -> Result<Vec<u8>, RepoFormatError> {
+    let mut out = Vec::with_capacity(obj.len() * 2);
+    let mut dec = zstd::stream::Decoder::new(obj).map_err(|e| corrupt(key, e.to_string()))?;
+    std::io::Read::read_to_end(&mut dec, &mut out)
+        .map_err(|e| corrupt(key, format!("decompressing: {e}")))?;
+    Ok(out)
+}
+
+pub fn compress_chunk(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len() / 2);
+    let mut enc = zstd::stream::Encoder::new(&mut out, ZSTD_LEVEL)?;
+    enc.include_checksum(true)?;
+    std::io::Write::write_all(&mut enc, data)?;
+    enc.finish()?;
+    Ok(out)
+}
+
+/// Decompress a chunk and check it against its name (the BLAKE3 of the
+/// plain data).
+pub fn decompress_chunk(
+    hash_hex: &str,
+    obj: &[u8],
+    expect_len: usize,
+) -> Result<Vec<u8>, RepoFormatError> {
+    let key = chunk_key(hash_hex);
+    let mut out = Vec::with_capacity(expect_len);
+    let mut dec = zstd::stream::Decoder::new(obj).map_err(|e| corrupt(&key, e.to_string()))?;
+    std::io::Read::read_to_end(&mut dec, &mut out)
+        .map_err(|e| corrupt(&key, format!("decompressing: {e}")))?;
+    if blake3::hash(&out).to_hex().as_str() != hash_hex {
+        return Err(corrupt(&key, "content does not match its hash"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdpd::journal::format::Kind;
+    use proptest::prelude::*;
+
+    fn sample_index(n: usize) -> SegmentIndex {
+        SegmentIndex {
+            meta: IndexMeta {
+                vm_uuid: "u".into(),
+                disk: "vda".into(),
+                first_seq: 1,
+                last_seq: n as u64,
+                record_base: 0,
+                records: n as u64,
+                first_ts_ns: 1,
+                last_ts_ns: 2,
+                raw_size: 100,
+                object_size: 50,
+                object_blake3: "ab".into(),
+            },
+            frames: vec![Frame {
+                raw_offset: 0,
+                object_offset: 0,
+            }],
+            entries: (0..n)
+                .map(|i| IndexEntry {
+                    seq: i as u64 + 1,
+                    ts_ns: 5,
+                    offset: 4096 * i as u64,
+                    length: 4096,
+                    payload_pos: 112,
+                    kind: Kind::Write,
+                    flags: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn index_roundtrip_and_corruption() {
+        let idx = sample_index(10);
+        let b = idx.encode();
+        assert_eq!(SegmentIndex::decode("k", &b).unwrap(), idx);
+        for i in [0, 9, 20, b.len() - 1] {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(SegmentIndex::decode("k", &c).is_err(), "flip at {i}");
+        }
+        assert!(SegmentIndex::decode("k", &b[..b.len() - 10]).is_err());
+    }
+
+    #[test]
+    fn names_sort_in_replay_order() {
+        let a = segment_key("u", "vda", 9, 12);
+        let b = segment_key("u", "vda", 13, 100);
+        assert!(a < b);
+        assert_eq!(
+            parse_journal_name(a.rsplit('/').next().unwrap()),
+            Some((9, 12, false))
+        );
+        assert_eq!(
+            parse_journal_name("00000000000000000009-00000000000000000012.idx"),
+            Some((9, 12, true))
+        );
+        assert_eq!(parse_journal_name("9-12.idx"), None);
+        assert_eq!(
+            parse_baseline_name(baseline_key("u", "vda", 5, 3).rsplit('/').next().unwrap()),
+            Some((5, 3))
+        );
+    }
+
+    #[test]
+    fn marker() {
+        check_format_marker(&format_marker()).unwrap();
+        assert!(check_format_marker(br#"{"format":"cdp","version":2}"#).is_err());
+        assert!(check_format_marker(b"garbage").is_err());
+    }
+
+    #[test]
+    fn chunk_roundtrip() {
+        let data = vec![7u8; 100_000];
+        let h = blake3::hash(&data).to_hex().to_string();
+        let c = compress_chunk(&data).unwrap();
+        assert_eq!(decompress_chunk(&h, &c, data.len()).unwrap(), data);
+        let mut bad = c.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 1;
+        assert!(decompress_chunk(&h, &bad, data.len()).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+        #[test]
+        fn segment_frames_roundtrip(len in 0usize..(3 * FRAME_RAW), seed: u8) {
+            let raw: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed) ^ (i >> 12) as u8).collect();
+            let (obj, frames) = compress_segment(&raw).unwrap();
+            prop_assert_eq!(frames.len(), len.div_ceil(FRAME_RAW));
+            prop_assert_eq!(decompress_segment("k", &obj).unwrap(), raw.clone());
+            // Each frame decompresses alone to its piece.
+            for (i, f) in frames.iter().enumerate() {
+                let end = frames.get(i + 1).map_or(obj.len(), |n| n.object_offset as usize);
+                let piece = decompress_segment("k", &obj[f.object_offset as usize..end]).unwrap();
+                let r0 = f.raw_offset as usize;
+                prop_assert_eq!(&piece[..], &raw[r0..(r0 + FRAME_RAW).min(len)]);
+            }
+        }
+
+        #[test]
+        fn index_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = SegmentIndex::decode("k", &bytes);
+            let mut b = IDX_MAGIC.to_vec();
+            b.extend_from_slice(&bytes);
+            let _ = SegmentIndex::decode("k", &b);
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The remote repository `cdp/v1/` (DESIGN.md §4): where journal segments,
+//! baselines and VM definitions live off the host.
+//!
+//! - [`store`]: the storage backends behind one small interface (S3-compatible
+//!   through object_store, and `file://`), plus retry with backoff above them.
+
+pub mod format;
+pub mod read;
+pub mod store;

@@ -1,0 +1,367 @@
+//! cdp-shipper: moves a VM's sealed journal segments, its baselines and its
+//! definition to the policy's targets, and trims local segments once every
+//! target has them.
+//!
+//! Policy lives here, never in a storage backend: which segments go where
+//! (delays), how many uploads run at once (scaled to the backlog), retry and
+//! backoff per target, when a baseline is due, what may be trimmed.
+
+pub mod baseline;
+pub mod ship;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cdp_repo::format as rf;
+use cdp_repo::store::{RetryPolicy, Store, StoreError};
+use cdpd::catalog::Catalog;
+use cdpd::config::Config;
+use cdpd::time::now_ns;
+use futures::StreamExt;
+
+/// One target of the policy, opened.
+pub struct Target {
+    pub name: String,
+    pub url: String,
+    pub delay: Duration,
+    pub store: Store,
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+pub struct Options {
+    pub vm_uuid: String,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub policy: String,
+    pub max_parallel: usize,
+    pub vm_config: Option<PathBuf>,
+    pub poll: Duration,
+    /// Take a baseline by itself when a disk has none (or after a GAP).
+    pub auto_baseline: bool,
+}
+
+pub struct Shipper {
+    pub opts: Options,
+    pub targets: Vec<Target>,
+    pub catalog: Arc<Mutex<Catalog>>,
+    pub retry: RetryPolicy,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PassStats {
+    pub shipped: u64,
+    pub shipped_bytes: u64,
+    pub trimmed: u64,
+    pub failed_targets: u64,
+    pub baselines: u64,
+    /// Segments still waiting (a failing target, or a delay not yet over).
+    pub waiting: u64,
+}
+
+/// Open every target of a policy, check that it is reachable and holds a
+/// repository of our format (creating the marker in an empty one).
+pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
+    let Some(p) = config.policy.get(policy) else {
+        bail!(
+            "policy {policy:?} is not in the config{}: add [policy.{policy}] with targets = [...]",
+            config
+                .source
+                .as_ref()
+                .map(|s| format!(" {}", s.display()))
+                .unwrap_or_default()
+        );
+    };
+    if p.targets.is_empty() {
+        bail!("policy {policy:?} has no targets: add targets = [\"primary\", …] and [target.primary] url = …");
+    }
+    let mut out = Vec::new();
+    for name in &p.targets {
+        let t = &config.target[name];
+        let delay = match &t.delay {
+            Some(d) => cdpd::config::parse_duration(d).map_err(anyhow::Error::msg)?,
+            None => Duration::ZERO,
+        };
+        let store = Store::open(&t.url, t.credentials_file.as_deref())
+            .with_context(|| format!("target {name} ({})", t.url))?;
+        store
+            .check()
+            .await
+            .with_context(|| format!("target {name} ({}) is not usable", t.url))?;
+        ensure_format(&store)
+            .await
+            .with_context(|| format!("target {name} ({})", t.url))?;
+        out.push(Target {
+            name: name.clone(),
+            url: t.url.clone(),
+            delay,
+            store,
+            failures: 0,
+            next_try: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Create `cdp/v1/FORMAT` in an empty repository; refuse one of another
+/// format or version.
+pub async fn ensure_format(store: &Store) -> Result<()> {
+    match store.get(rf::FORMAT_KEY).await {
+        Ok(b) => rf::check_format_marker(&b)?,
+        Err(StoreError::NotFound { .. }) => {
+            store
+                .put(rf::FORMAT_KEY, bytes::Bytes::from(rf::format_marker()))
+                .await?
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+impl Shipper {
+    pub async fn new(opts: Options, config: &Config) -> Result<Shipper> {
+        cdpd::names::check_uuid(&opts.vm_uuid)?;
+        let catalog = Catalog::open(&opts.state_dir)?;
+        let targets = open_targets(config, &opts.policy).await?;
+        Ok(Shipper {
+            opts,
+            targets,
+            catalog: Arc::new(Mutex::new(catalog)),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    fn cat(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap()
+    }
+
+    /// One pass: ship what is due to every target, trim, baseline, config.
+    pub async fn pass(&mut self) -> Result<PassStats> {
+        let mut stats = PassStats::default();
+        let vm = self.opts.vm_uuid.clone();
+        self.publish_vm_json().await?;
+        for i in 0..self.targets.len() {
+            if let Some(t) = self.targets[i].next_try {
+                if Instant::now() < t {
+                    stats.failed_targets += 1;
+                    continue;
+                }
+            }
+            match self.ship_target(i, &mut stats).await {
+                Ok(()) => {
+                    let t = &mut self.targets[i];
+                    t.failures = 0;
+                    t.next_try = None;
+                    let (name, url) = (t.name.clone(), t.url.clone());
+                    self.cat()
+                        .set_target_state(&vm, &name, &url, "up", None, now_ns())?;
+                }
+                Err(e) => {
+                    stats.failed_targets += 1;
+                    let t = &mut self.targets[i];
+                    t.failures += 1;
+                    let backoff = Duration::from_millis(200)
+                        .saturating_mul(1 << t.failures.min(6))
+                        .min(Duration::from_secs(10));
+                    t.next_try = Some(Instant::now() + backoff);
+                    let msg = format!("{e:#}");
+                    eprintln!(
+                        "cdp-shipper: target {}: {msg} (retrying in {backoff:?})",
+                        t.name
+                    );
+                    let (name, url) = (t.name.clone(), t.url.clone());
+                    self.cat().set_target_state(
+                        &vm,
+                        &name,
+                        &url,
+                        "failing",
+                        Some(&msg),
+                        now_ns(),
+                    )?;
+                }
+            }
+        }
+        stats.trimmed = self.trim()?;
+        if self.opts.auto_baseline {
+            stats.baselines = self.baselines_due().await?;
+        }
+        self.publish_config().await?;
+        Ok(stats)
+    }
+
+    async fn ship_target(&mut self, i: usize, stats: &mut PassStats) -> Result<()> {
+        let vm = self.opts.vm_uuid.clone();
+        let t = &self.targets[i];
+        let rows = self.cat().unshipped(&vm, &t.name)?;
+        let cutoff = now_ns().saturating_sub(t.delay.as_nanos() as u64);
+        let (due, waiting): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|r| r.last_ts_ns <= cutoff);
+        stats.waiting += waiting.len() as u64;
+        if due.is_empty() {
+            return Ok(());
+        }
+        // More uploads in flight when behind, one when caught up.
+        let parallel = due
+            .len()
+            .div_ceil(2)
+            .clamp(1, self.opts.max_parallel.max(1));
+        let store = t.store.clone();
+        let retry = self.retry.clone();
+        let mut results = futures::stream::iter(due.into_iter().map(|row| {
+            let (store, retry, vm) = (store.clone(), retry.clone(), vm.clone());
+            async move {
+                let r = ship::ship_segment(&store, &retry, &vm, &row).await;
+                (row, r)
+            }
+        }))
+        .buffered(parallel);
+        let name = t.name.clone();
+        while let Some((row, r)) = results.next().await {
+            let shipped = r.with_context(|| format!("shipping {}", row.path))?;
+            self.cat().record_shipment(
+                &vm,
+                &row.disk,
+                row.first_seq,
+                &name,
+                &shipped.key,
+                shipped.object_bytes,
+                now_ns(),
+            )?;
+            stats.shipped += 1;
+            stats.shipped_bytes += shipped.object_bytes;
+        }
+        Ok(())
+    }
+
+    /// Remove local segments that every target has.
+    fn trim(&self) -> Result<u64> {
+        let names: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
+        let cat = self.cat();
+        let done = cat.fully_shipped(&self.opts.vm_uuid, &names)?;
+        for s in &done {
+            match std::fs::remove_file(&s.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("trimming {}", s.path)),
+            }
+            cat.set_trimmed(&self.opts.vm_uuid, &s.disk, s.first_seq)?;
+        }
+        Ok(done.len() as u64)
+    }
+
+    /// Take a baseline of each disk that has none newer than its last GAP,
+    /// on every target, the target with the most free space first.
+    async fn baselines_due(&mut self) -> Result<u64> {
+        let vm = self.opts.vm_uuid.clone();
+        let disks = self.cat().disks(&vm)?;
+        let mut order: Vec<usize> = (0..self.targets.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.targets[i].store.free_space().unwrap_or(0)));
+        let mut n = 0;
+        for (disk, path, _) in disks {
+            let gap = self.cat().last_gap_seq(&vm, &disk)?;
+            for &i in &order {
+                if self.targets[i].next_try.is_some() {
+                    continue;
+                }
+                let t = &self.targets[i];
+                let have =
+                    self.cat().baselines(&vm)?.into_iter().any(|b| {
+                        b.disk == disk && b.target == t.name && gap.is_none_or(|g| b.s0 >= g)
+                    });
+                if have {
+                    continue;
+                }
+                let r = baseline::take(
+                    &t.store,
+                    &self.retry,
+                    &self.catalog,
+                    &t.name,
+                    &vm,
+                    &disk,
+                    std::path::Path::new(&path),
+                    &self.opts.run_dir,
+                )
+                .await;
+                match r {
+                    Ok(_) => n += 1,
+                    Err(e) => eprintln!("cdp-shipper: baseline of {disk} to {}: {e:#}", t.name),
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn publish_vm_json(&self) -> Result<()> {
+        let vm = &self.opts.vm_uuid;
+        let (name, disks) = {
+            let cat = self.cat();
+            (cat.vm_name(vm)?.unwrap_or_default(), cat.disks(vm)?)
+        };
+        if disks.is_empty() {
+            return Ok(());
+        }
+        let j = rf::VmJson {
+            uuid: vm.clone(),
+            name,
+            disks: disks
+                .into_iter()
+                .map(|(name, path, size)| rf::VmDisk {
+                    name,
+                    size,
+                    source_path: path,
+                })
+                .collect(),
+        };
+        let body = serde_json::to_vec_pretty(&j)?;
+        for t in &self.targets {
+            if t.next_try.is_some() {
+                continue;
+            }
+            let key = rf::vm_json_key(vm);
+            let same = matches!(t.store.get(&key).await, Ok(b) if b[..] == body[..]);
+            if !same {
+                let _ = t.store.put(&key, bytes::Bytes::from(body.clone())).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store the VM definition whenever it changed since the last upload.
+    async fn publish_config(&self) -> Result<()> {
+        let Some(path) = &self.opts.vm_config else {
+            return Ok(());
+        };
+        let Ok(xml) = std::fs::read(path) else {
+            return Ok(());
+        };
+        let hash = blake3::hash(&xml).to_hex().to_string();
+        let vm = &self.opts.vm_uuid;
+        for t in &self.targets {
+            if t.next_try.is_some() {
+                continue;
+            }
+            if self.cat().last_config(vm, &t.name)?.as_deref() == Some(hash.as_str()) {
+                continue;
+            }
+            let ts = now_ns();
+            t.store
+                .put(&rf::config_key(vm, ts), bytes::Bytes::from(xml.clone()))
+                .await?;
+            self.cat().add_config(vm, &t.name, ts, &hash)?;
+        }
+        Ok(())
+    }
+
+    /// Is there anything left to ship to a target that is up?
+    pub fn backlog(&self) -> Result<u64> {
+        let cat = self.cat();
+        let mut n = 0;
+        for t in &self.targets {
+            n += cat.unshipped(&self.opts.vm_uuid, &t.name)?.len() as u64;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,117 @@
+//! `cdp-shipper`: argument parsing only; see the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cdp-shipper",
+    version,
+    about = "Ships a VM's sealed journal segments, baselines and definition to remote storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Ship until SIGTERM (or, with --once, ship what is sealed now and exit).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(long)]
+    vm_uuid: String,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Config file (default /etc/cdp/cdp.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Policy whose targets receive the data.
+    #[arg(long, default_value = "default")]
+    policy: String,
+    /// Most uploads in flight per target (scaled down when caught up).
+    #[arg(long, default_value_t = 8)]
+    max_parallel: usize,
+    /// The VM definition (domain XML) to store whenever it changes.
+    #[arg(long)]
+    vm_config: Option<PathBuf>,
+    /// One pass, then exit: non-zero if a target failed.
+    #[arg(long)]
+    once: bool,
+    /// Do not take baselines by itself.
+    #[arg(long)]
+    no_auto_baseline: bool,
+    /// How often to look for new sealed segments.
+    #[arg(long, default_value = "100ms")]
+    poll: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let r = match cli.cmd {
+        Cmd::Run(a) => rt.block_on(run(a)),
+    };
+    if let Err(e) = r {
+        eprintln!("cdp-shipper: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let config = cdpd::config::Config::load(a.config.as_deref())?;
+    let opts = cdp_shipper::Options {
+        vm_uuid: a.vm_uuid,
+        state_dir: config.state_dir(a.state_dir.as_deref()),
+        run_dir: config.run_dir(a.run_dir.as_deref()),
+        policy: a.policy,
+        max_parallel: a.max_parallel,
+        vm_config: a.vm_config,
+        poll: cdpd::config::parse_duration(&a.poll).map_err(anyhow::Error::msg)?,
+        auto_baseline: !a.no_auto_baseline,
+    };
+    let mut s = cdp_shipper::Shipper::new(opts, &config).await?;
+    if a.once {
+        let st = s.pass().await?;
+        println!("{}", serde_json::to_string(&st)?);
+        if st.failed_targets > 0 {
+            anyhow::bail!(
+                "{} target(s) failed; see the messages above",
+                st.failed_targets
+            );
+        }
+        return Ok(());
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let poll: Duration = s.opts.poll;
+    loop {
+        let st = s.pass().await?;
+        if st.shipped > 0 {
+            continue;
+        }
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    // Drain what is sealed before leaving.
+    let st = s.pass().await?;
+    eprintln!(
+        "cdp-shipper: stopping; last pass shipped {} segments, {} waiting",
+        st.shipped, st.waiting
+    );
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! The shipper against file:// targets, with a real cdpd and real qemu-io.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cdp_repo::read;
+use cdp_repo::store::Store;
+use cdp_tests::{bin, require_tool, run, run_ok, Daemon};
+
+const MIB: u64 = 1 << 20;
+
+fn config(dir: &Path, targets: &[(&str, &Path, Option<&str>)]) -> PathBuf {
+    let mut s = String::new();
+    for (name, root, delay) in targets {
+        s.push_str(&format!(
+            "[target.{name}]\nurl = \"file://{}\"\n",
+            root.display()
+        ));
+        if let Some(d) = delay {
+            s.push_str(&format!("delay = \"{d}\"\n"));
+        }
+    }
+    let names: Vec<String> = targets.iter().map(|t| format!("{:?}", t.0)).collect();
+    s.push_str(&format!(
+        "[policy.default]\ntargets = [{}]\n",
+        names.join(", ")
+    ));
+    let p = dir.join("cdp.toml");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn shipper_once(d: &Daemon, cfg: &Path) -> Output {
+    run(Command::new(bin("cdp-shipper"))
+        .args(["run", "--once", "--vm-uuid", &d.vm_uuid])
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .arg("--run-dir")
+        .arg(&d.run_dir)
+        .arg("--config")
+        .arg(cfg))
+}
+
+fn shipper_ok(d: &Daemon, cfg: &Path) -> serde_json::Value {
+    let out = shipper_once(d, cfg);
+    assert!(
+        out.status.success(),
+        "cdp-shipper failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("shipper prints its pass as JSON")
+}
+
+fn qemu_io(d: &Daemon, cmds: &[String]) {
+    let mut c = Command::new(require_tool("qemu-io"));
+    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri("vda"));
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    run_ok(&mut c);
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// Data records (seq) of the local journal of a disk, in order.
+fn local_seqs(d: &Daemon, disk: &str) -> Vec<u64> {
+    d.journal_records()
+        .iter()
+        .filter(|r| r["disk"] == disk)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect()
+}
+
+fn repo_seqs(root: &Path, vm: &str, disk: &str) -> (Vec<u64>, Vec<read::ChainProblem>, u64) {
+    let store = Store::open(&format!("file://{}", root.display()), None).unwrap();
+    let chain = rt().block_on(read::load_chain(&store, vm, disk)).unwrap();
+    assert!(chain.orphans.is_empty(), "orphans: {:?}", chain.orphans);
+    let first_base = chain.segments.first().map_or(0, |s| s.meta.record_base);
+    let seqs = chain
+        .segments
+        .iter()
+        .flat_map(|s| s.entries.iter().map(|e| e.seq))
+        .collect();
+    (seqs, chain.problems(), first_base)
+}
+
+fn writes(n: usize, seed: u64) -> Vec<String> {
+    (0..n)
+        .flat_map(|i| {
+            let off = ((seed * 7919 + i as u64 * 104_729) % 60) * 64 * 1024;
+            [
+                format!("write -P {} {off} 64k", (i + 1) % 250),
+                "flush".to_string(),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn ships_every_record_once_in_order_trims_and_baselines() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 4 * MIB, 3)
+        .args(["--segment-age", "20ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d.work_dir(), &[("primary", &repo, None)]);
+    qemu_io(&d, &writes(30, 1));
+    // Ship while cdpd runs (an online baseline), then more writes, then stop.
+    let first = shipper_ok(&d, &cfg);
+    assert!(first["shipped"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(first["baselines"], 1, "{first}");
+    qemu_io(&d, &writes(20, 2));
+    d.term();
+    let all_local = local_seqs(&d, "vda");
+    shipper_ok(&d, &cfg);
+
+    let (seqs, problems, base) = repo_seqs(&repo, &d.vm_uuid, "vda");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(base, 0);
+    // Everything the first ship trimmed plus what was local at the end: every record once, in order.
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "not in order: {seqs:?}"
+    );
+    let tail: Vec<u64> = seqs
+        .iter()
+        .copied()
+        .filter(|s| *s >= all_local[0])
+        .collect();
+    assert_eq!(tail, all_local);
+
+    // Local segments were trimmed once the (only) target had them.
+    let jdir = d.state_dir.join("vms").join(&d.vm_uuid).join("vda/journal");
+    let left = std::fs::read_dir(&jdir).unwrap().count();
+    assert_eq!(left, 0, "segments left in {}", jdir.display());
+
+    // cdpd restarts on a trimmed journal, and the chain continues.
+    d.start();
+    qemu_io(&d, &writes(5, 3));
+    d.term();
+    shipper_ok(&d, &cfg);
+    let (seqs2, problems, _) = repo_seqs(&repo, &d.vm_uuid, "vda");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(seqs2.len() > seqs.len());
+    assert!(seqs2.windows(2).all(|w| w[0] < w[1]));
+
+    let store = Store::open(&format!("file://{}", repo.display()), None).unwrap();
+    let bl = rt()
+        .block_on(read::load_baselines(&store, &d.vm_uuid, "vda"))
+        .unwrap();
+    assert_eq!(bl.len(), 1);
+    assert_eq!(bl[0].1.size, 4 * MIB);
+    assert!(
+        bl[0].1.chunks.iter().all(|c| c.is_some()),
+        "random disk: every chunk has data"
+    );
+}
+
+#[test]
+fn delayed_target_lags_and_blocks_trimming() {
+    let mut d = Daemon::builder()
+        .disk("vda", 4 * MIB)
+        .args(["--segment-age", "20ms"])
+        .start();
+    let (a, b) = (d.work_dir().join("a"), d.work_dir().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let cfg = config(&d.work_dir(), &[("a", &a, None), ("b", &b, Some("3s"))]);
+    qemu_io(&d, &writes(10, 4));
+    d.term();
+    let stopped = std::time::Instant::now();
+    let local = local_seqs(&d, "vda");
+    let pass = shipper_ok(&d, &cfg);
+    assert!(pass["waiting"].as_u64().unwrap() > 0, "{pass}");
+    assert_eq!(repo_seqs(&a, &d.vm_uuid, "vda").0, local);
+    assert!(
+        repo_seqs(&b, &d.vm_uuid, "vda").0.is_empty() || stopped.elapsed().as_secs() >= 3,
+        "the delayed target got segments younger than its delay"
+    );
+    assert!(
+        std::fs::read_dir(d.state_dir.join("vms").join(&d.vm_uuid).join("vda/journal"))
+            .unwrap()
+            .count()
+            > 0,
+        "segments were trimmed before the delayed target had them"
+    );
+    // After the delay both have everything.
+    let wait = std::time::Duration::from_millis(3100).saturating_sub(stopped.elapsed());
+    std::thread::sleep(wait);
+    shipper_ok(&d, &cfg);
+    assert_eq!(repo_seqs(&b, &d.vm_uuid, "vda").0, local);
+}
+
+#[test]
+fn bad_inputs_fail_clearly() {
+    let mut d = Daemon::with_disk(MIB);
+    d.term();
+    let w = d.work_dir();
+    let repo = w.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+
+    let bad = w.join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "[target.p]\nurl = \"file://{}\"\nsped = 1\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let out = shipper_once(&d, &bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown field") && err.contains("sped"),
+        "{err}"
+    );
+
+    let gone = config(&w, &[("p", Path::new("/nonexistent/cdp-repo"), None)]);
+    let out = shipper_once(&d, &gone);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/cdp-repo"), "{err}");
+
+    let cfg = config(&w, &[("p", &repo, None)]);
+    std::fs::create_dir_all(repo.join("cdp/v1")).unwrap();
+    std::fs::write(
+        repo.join("cdp/v1/FORMAT"),
+        br#"{"format":"cdp","version":2}"#,
+    )
+    .unwrap();
+    let out = shipper_once(&d, &cfg);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("version"), "{err}");
+    // Nothing was written next to the foreign repository.
+    assert!(!repo.join("cdp/v1/vms").exists());
+}
+
+#[test]
+fn rebaseline_uploads_only_changed_chunks() {
+    let mut d = Daemon::builder().disk_random("vda", 128 * MIB, 9).start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d.work_dir(), &[("primary", &repo, None)]);
+    let base = |d: &Daemon| -> serde_json::Value {
+        let out = d.cdpctl_ok([
+            "baseline".as_ref(),
+            d.vm_uuid.as_ref(),
+            "--state-dir".as_ref(),
+            d.state_dir.as_os_str(),
+            "--run-dir".as_ref(),
+            d.run_dir.as_os_str(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--json".as_ref(),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["baseline"].clone()
+    };
+    let b1 = base(&d);
+    assert_eq!(b1["chunks_total"], 128);
+    assert_eq!(b1["chunks_uploaded"], 128);
+    let b2 = base(&d);
+    assert_eq!(b2["chunks_uploaded"], 0, "unchanged disk: {b2}");
+    // Change 1% of the disk (1.28 MiB, from a chunk boundary).
+    qemu_io(&d, &["write -P 0x5c 10M 1310720".to_string()]);
+    let b3 = base(&d);
+    let up = b3["chunks_uploaded"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&up),
+        "1% changed, {up} of 128 chunks uploaded: {b3}"
+    );
+    assert!(b3["s1"].as_u64().unwrap() > b2["s1"].as_u64().unwrap());
+    d.term();
+}
