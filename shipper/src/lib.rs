@@ -130,7 +130,13 @@ impl Shipper {
             opts,
             targets,
             catalog: Arc::new(Mutex::new(catalog)),
-            retry: RetryPolicy::default(),
+            // Short: a pass gives up on a target quickly and the per-target
+            // backoff of the loop takes over, so the others keep moving.
+            retry: RetryPolicy {
+                max_attempts: 3,
+                deadline: Duration::from_secs(3),
+                ..RetryPolicy::default()
+            },
         })
     }
 
@@ -143,46 +149,54 @@ impl Shipper {
         let mut stats = PassStats::default();
         let vm = self.opts.vm_uuid.clone();
         self.publish_vm_json().await?;
-        for i in 0..self.targets.len() {
-            if let Some(t) = self.targets[i].next_try {
-                if Instant::now() < t {
-                    stats.failed_targets += 1;
-                    continue;
-                }
-            }
-            match self.ship_target(i, &mut stats).await {
+        // Targets are served at once, so a slow or dead one never holds
+        // back the others.
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.targets.len())
+            .filter(|&i| self.targets[i].next_try.is_none_or(|t| now >= t))
+            .collect();
+        stats.failed_targets += (self.targets.len() - due.len()) as u64;
+        let results = futures::future::join_all(due.iter().map(|&i| {
+            ship_target(
+                &self.targets[i],
+                &self.catalog,
+                &vm,
+                self.opts.max_parallel,
+                &self.retry,
+            )
+        }))
+        .await;
+        for (&i, (r, st)) in due.iter().zip(results) {
+            stats.shipped += st.shipped;
+            stats.shipped_bytes += st.shipped_bytes;
+            stats.waiting += st.waiting;
+            let t = &mut self.targets[i];
+            let (state, msg) = match r {
                 Ok(()) => {
-                    let t = &mut self.targets[i];
                     t.failures = 0;
                     t.next_try = None;
-                    let (name, url) = (t.name.clone(), t.url.clone());
-                    self.cat()
-                        .set_target_state(&vm, &name, &url, "up", None, now_ns())?;
+                    ("up", None)
                 }
                 Err(e) => {
                     stats.failed_targets += 1;
-                    let t = &mut self.targets[i];
                     t.failures += 1;
                     let backoff = Duration::from_millis(200)
                         .saturating_mul(1 << t.failures.min(6))
                         .min(Duration::from_secs(10));
                     t.next_try = Some(Instant::now() + backoff);
                     let msg = format!("{e:#}");
-                    eprintln!(
-                        "cdp-shipper: target {}: {msg} (retrying in {backoff:?})",
-                        t.name
-                    );
-                    let (name, url) = (t.name.clone(), t.url.clone());
-                    self.cat().set_target_state(
-                        &vm,
-                        &name,
-                        &url,
-                        "failing",
-                        Some(&msg),
-                        now_ns(),
-                    )?;
+                    if t.failures == 1 || t.failures.is_multiple_of(20) {
+                        eprintln!(
+                            "cdp-shipper: target {}: {msg} (failure {}, retrying in {backoff:?})",
+                            t.name, t.failures
+                        );
+                    }
+                    ("failing", Some(msg))
                 }
-            }
+            };
+            let (name, url) = (t.name.clone(), t.url.clone());
+            self.cat()
+                .set_target_state(&vm, &name, &url, state, msg.as_deref(), now_ns())?;
         }
         stats.trimmed = self.trim()?;
         if self.opts.auto_baseline {
@@ -190,50 +204,6 @@ impl Shipper {
         }
         self.publish_config().await?;
         Ok(stats)
-    }
-
-    async fn ship_target(&mut self, i: usize, stats: &mut PassStats) -> Result<()> {
-        let vm = self.opts.vm_uuid.clone();
-        let t = &self.targets[i];
-        let rows = self.cat().unshipped(&vm, &t.name)?;
-        let cutoff = now_ns().saturating_sub(t.delay.as_nanos() as u64);
-        let (due, waiting): (Vec<_>, Vec<_>) =
-            rows.into_iter().partition(|r| r.last_ts_ns <= cutoff);
-        stats.waiting += waiting.len() as u64;
-        if due.is_empty() {
-            return Ok(());
-        }
-        // More uploads in flight when behind, one when caught up.
-        let parallel = due
-            .len()
-            .div_ceil(2)
-            .clamp(1, self.opts.max_parallel.max(1));
-        let store = t.store.clone();
-        let retry = self.retry.clone();
-        let mut results = futures::stream::iter(due.into_iter().map(|row| {
-            let (store, retry, vm) = (store.clone(), retry.clone(), vm.clone());
-            async move {
-                let r = ship::ship_segment(&store, &retry, &vm, &row).await;
-                (row, r)
-            }
-        }))
-        .buffered(parallel);
-        let name = t.name.clone();
-        while let Some((row, r)) = results.next().await {
-            let shipped = r.with_context(|| format!("shipping {}", row.path))?;
-            self.cat().record_shipment(
-                &vm,
-                &row.disk,
-                row.first_seq,
-                &name,
-                &shipped.key,
-                shipped.object_bytes,
-                now_ns(),
-            )?;
-            stats.shipped += 1;
-            stats.shipped_bytes += shipped.object_bytes;
-        }
-        Ok(())
     }
 
     /// Remove local segments that every target has.
@@ -364,4 +334,46 @@ impl Shipper {
         }
         Ok(n)
     }
+}
+
+/// Ship to one target what is due to it. Returns how it went and what it did.
+async fn ship_target(
+    t: &Target,
+    catalog: &Mutex<Catalog>,
+    vm: &str,
+    max_parallel: usize,
+    retry: &RetryPolicy,
+) -> (Result<()>, PassStats) {
+    let mut stats = PassStats::default();
+    let r = async {
+        let rows = catalog.lock().unwrap().unshipped(vm, &t.name)?;
+        let cutoff = now_ns().saturating_sub(t.delay.as_nanos() as u64);
+        let (due, waiting): (Vec<_>, Vec<_>) =
+            rows.into_iter().partition(|r| r.last_ts_ns <= cutoff);
+        stats.waiting = waiting.len() as u64;
+        // More uploads in flight when behind, one when caught up.
+        let parallel = due.len().div_ceil(2).clamp(1, max_parallel.max(1));
+        let mut results = futures::stream::iter(due.into_iter().map(|row| async move {
+            let r = ship::ship_segment(&t.store, retry, vm, &row).await;
+            (row, r)
+        }))
+        .buffered(parallel);
+        while let Some((row, r)) = results.next().await {
+            let shipped = r.with_context(|| format!("shipping {}", row.path))?;
+            catalog.lock().unwrap().record_shipment(
+                vm,
+                &row.disk,
+                row.first_seq,
+                &t.name,
+                &shipped.key,
+                shipped.object_bytes,
+                now_ns(),
+            )?;
+            stats.shipped += 1;
+            stats.shipped_bytes += shipped.object_bytes;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    (r, stats)
 }

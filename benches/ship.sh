@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Benchmark: the shipper.
+#
+#   bash benches/ship.sh            # defaults below; RUNTIME=20 RATE=50m GB=2 …
+#
+# 1. Throughput: fio writes GB of 1 MiB blocks through cdpd (shipper stopped), then
+#    `cdp-shipper run --once` ships the sealed segments to a file:// target and to a
+#    real S3 server on loopback (moto); compared with `cp -r` of the same journal
+#    directory (the plain file copy peer).
+# 2. RPO under load: fio writes RATE of 64 KiB random writes for RUNTIME seconds
+#    while the shipper runs; `cdpctl status --json` is sampled every 100 ms for the
+#    disk's rpo_ms (age of the oldest record no target has). Prints p50/p99/max.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUNTIME="${RUNTIME:-20}"
+RATE="${RATE:-50m}"
+GB="${GB:-2}"
+BENCH_DIR="${BENCH_DIR:-/var/tmp/cdpd-ship-bench}"
+
+[ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bins
+BIN="$ROOT/target/release"
+MOTO="$(bash scripts/s3-server install)"
+
+rm -rf "$BENCH_DIR"
+mkdir -p "$BENCH_DIR"
+W=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+U=8a3c1f0e-2b4d-4c6e-9f80-1a2b3c4d5e6f
+IMG="$W/disk.raw"
+truncate -s 4G "$IMG"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$MOTO" -H 127.0.0.1 -p "$port" >"$W/moto.log" 2>&1 &
+PIDS+=($!)
+until curl -s -o /dev/null "http://127.0.0.1:$port/"; do sleep 0.1; done
+curl -s -X PUT "http://127.0.0.1:$port/bench" >/dev/null
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
+
+cat >"$W/file.toml" <<EOF
+[target.primary]
+url = "file://$W/repo-file"
+[policy.default]
+targets = ["primary"]
+EOF
+cat >"$W/s3.toml" <<EOF
+[target.primary]
+url = "s3://bench/cdp?endpoint=http://127.0.0.1:$port&region=us-east-1"
+[policy.default]
+targets = ["primary"]
+EOF
+mkdir -p "$W/repo-file"
+
+start_cdpd() { # state-dir
+    mkfifo "$W/ready"
+    "$BIN/cdpd" run --vm-uuid $U --vm-name bench --disk "vda=$IMG" --state-dir "$1" \
+        --run-dir "$W/run" --ready-fd 3 3>"$W/ready" 2>>"$W/cdpd.log" &
+    CDPD=$!
+    read -r line <"$W/ready"
+    rm -f "$W/ready"
+    [ "$line" = READY ] || { cat "$W/cdpd.log"; exit 1; }
+}
+URI="nbd+unix:///vda?socket=$W/run/$U/vda.sock"
+
+echo "== 1. throughput: ${GB} GiB of journal" >&2
+start_cdpd "$W/state"
+fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 \
+    --size="${GB}g" --output-format=terse >/dev/null 2>&1
+kill -TERM $CDPD; wait $CDPD
+raw=$(du -sb "$W/state/vms" | cut -f1)
+sync
+cp_s=$( { /usr/bin/time -f %e cp -r "$W/state/vms" "$W/cp-copy" >/dev/null; } 2>&1 )
+cp -a "$W/state" "$W/state-s3"
+file_s=$( { /usr/bin/time -f %e "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+    --state-dir "$W/state" --run-dir "$W/run" --config "$W/file.toml" >/dev/null; } 2>&1 | tail -1)
+s3_s=$( { /usr/bin/time -f %e "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+    --state-dir "$W/state-s3" --run-dir "$W/run" --config "$W/s3.toml" >/dev/null; } 2>&1 | tail -1)
+python3 - "$raw" "$cp_s" "$file_s" "$s3_s" <<'EOF'
+import sys
+raw, cp, f, s3 = int(sys.argv[1]), *map(float, sys.argv[2:])
+mb = raw / 1e6
+print(f"| journal bytes | cp -r | ship to file:// | ship to S3 (moto) | file:// / cp |")
+print(f"|---|---|---|---|---|")
+print(f"| {mb:.0f} MB | {mb/cp:.0f} MB/s ({cp:.1f} s) | {mb/f:.0f} MB/s ({f:.1f} s) | {mb/s3:.0f} MB/s ({s3:.1f} s) | {cp/f:.2f}× |")
+EOF
+rm -rf "$W/cp-copy" "$W/state-s3" "$W/state" "$W/repo-file"/*
+
+echo "== 2. RPO at $RATE of guest writes for ${RUNTIME}s (shipper to file:// and S3)" >&2
+cat >"$W/both.toml" <<EOF
+[target.primary]
+url = "file://$W/repo-file"
+[target.offsite]
+url = "s3://bench/rpo?endpoint=http://127.0.0.1:$port&region=us-east-1"
+[policy.default]
+targets = ["primary", "offsite"]
+EOF
+start_cdpd "$W/state"
+"$BIN/cdp-shipper" run --vm-uuid $U --state-dir "$W/state" --run-dir "$W/run" \
+    --config "$W/both.toml" --no-auto-baseline 2>>"$W/shipper.log" &
+SHIP=$!
+PIDS+=($SHIP)
+fio --name=rpo --ioengine=nbd --uri="$URI" --rw=randwrite --bs=64k --iodepth=4 \
+    --rate="$RATE" --size=4g --time_based --runtime="$RUNTIME" --output-format=terse >/dev/null 2>&1 &
+FIO=$!
+: >"$W/rpo.txt"
+while kill -0 $FIO 2>/dev/null; do
+    "$BIN/cdpctl" status --vm-uuid $U --run-dir "$W/run" --state-dir "$W/state" --json \
+        | python3 -c 'import json,sys; d=json.load(sys.stdin)["disks"][0]; print(d["rpo_ms"], max([t["lag_ms"] for t in d["targets"]] or [0]))' \
+        >>"$W/rpo.txt" || true
+    sleep 0.1
+done
+kill -TERM $SHIP; wait $SHIP || true
+kill -TERM $CDPD; wait $CDPD
+python3 - "$W/rpo.txt" "$RATE" "$RUNTIME" <<'EOF'
+import sys
+rows = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
+def pct(v, p):
+    v = sorted(v); return v[min(len(v) - 1, int(len(v) * p))]
+rpo = [r[0] for r in rows]; lag = [r[1] for r in rows]
+print(f"| guest writes | samples | RPO p50 | RPO p99 | RPO max | slowest target lag p99 |")
+print(f"|---|---|---|---|---|---|")
+print(f"| {sys.argv[2]}B/s for {sys.argv[3]} s | {len(rows)} | {pct(rpo,.5)} ms | {pct(rpo,.99)} ms | {max(rpo)} ms | {pct(lag,.99)} ms |")
+EOF
