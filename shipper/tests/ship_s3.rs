@@ -2,7 +2,6 @@
 //! target at once: outages, a killed shipper, bad credentials.
 
 #[path = "../../repo/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::net::{TcpListener, TcpStream};
