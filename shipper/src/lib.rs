@@ -351,8 +351,7 @@ async fn ship_target(
         let (due, waiting): (Vec<_>, Vec<_>) =
             rows.into_iter().partition(|r| r.last_ts_ns <= cutoff);
         stats.waiting = waiting.len() as u64;
-        // More uploads in flight when behind, one when caught up.
-        let parallel = due.len().div_ceil(2).clamp(1, max_parallel.max(1));
+        let parallel = upload_parallelism(due.len(), max_parallel);
         let mut results = futures::stream::iter(due.into_iter().map(|row| async move {
             let r = ship::ship_segment(&t.store, retry, vm, &row).await;
             (row, r)
@@ -376,4 +375,25 @@ async fn ship_target(
     }
     .await;
     (r, stats)
+}
+
+/// Uploads in flight for a backlog of `backlog` segments: one when caught up,
+/// more when behind (one per two segments waiting), never over `max`.
+pub fn upload_parallelism(backlog: usize, max: usize) -> usize {
+    backlog.div_ceil(2).clamp(1, max.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upload_parallelism;
+
+    #[test]
+    fn parallelism_scales_with_backlog() {
+        assert_eq!(upload_parallelism(0, 8), 1);
+        assert_eq!(upload_parallelism(1, 8), 1);
+        assert_eq!(upload_parallelism(2, 8), 1);
+        assert_eq!(upload_parallelism(5, 8), 3);
+        assert_eq!(upload_parallelism(100, 8), 8);
+        assert_eq!(upload_parallelism(100, 0), 1);
+    }
 }

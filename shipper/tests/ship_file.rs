@@ -277,3 +277,58 @@ fn rebaseline_uploads_only_changed_chunks() {
     assert!(b3["s1"].as_u64().unwrap() > b2["s1"].as_u64().unwrap());
     d.term();
 }
+
+#[test]
+fn vm_definition_is_stored_when_it_changes() {
+    let mut d = Daemon::with_disk(MIB);
+    d.term();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d.work_dir(), &[("primary", &repo, None)]);
+    let xml = d.work_dir().join("domain.xml");
+    let ship = |d: &Daemon| {
+        let out = run(Command::new(bin("cdp-shipper"))
+            .args(["run", "--once", "--vm-uuid", &d.vm_uuid])
+            .arg("--state-dir")
+            .arg(&d.state_dir)
+            .arg("--run-dir")
+            .arg(&d.run_dir)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--vm-config")
+            .arg(&xml));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let configs = || -> Vec<String> {
+        let dir = repo.join("cdp/v1/vms").join(&d.vm_uuid).join("config");
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    std::fs::write(&xml, "<domain><name>a</name></domain>").unwrap();
+    ship(&d);
+    ship(&d);
+    assert_eq!(configs().len(), 1, "unchanged definition stored once");
+    std::fs::write(&xml, "<domain><name>b</name></domain>").unwrap();
+    ship(&d);
+    assert_eq!(
+        configs(),
+        vec![
+            "<domain><name>a</name></domain>".to_string(),
+            "<domain><name>b</name></domain>".to_string()
+        ]
+    );
+    let vm_json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo.join("cdp/v1/vms").join(&d.vm_uuid).join("vm.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(vm_json["disks"][0]["name"], "vda");
+    assert_eq!(vm_json["disks"][0]["size"], MIB);
+}
