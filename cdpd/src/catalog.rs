@@ -718,6 +718,22 @@ impl Catalog {
             .map_err(self.err())
     }
 
+    /// Gaps recorded after `seq` (by a tool while the VM was stopped, e.g.
+    /// an in-place restore): (disk, reason).
+    pub fn gaps_after(&self, vm: &str, seq: u64) -> Result<Vec<(String, String)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT disk, reason FROM gaps WHERE vm_uuid = ?1 AND seq > ?2 ORDER BY seq",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm, seq as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
     /// Newest GAP per disk (a baseline older than it cannot be used).
     pub fn last_gap_seq(&self, vm: &str, disk: &str) -> Result<Option<u64>> {
         self.conn

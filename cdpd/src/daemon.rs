@@ -252,6 +252,16 @@ impl Daemon {
         for b in breaks {
             gap_reasons.push(format!("journal chain broken: {b}"));
         }
+        // Gaps a tool recorded while the VM was stopped (in-place restore):
+        // already in the catalog, journaled now.
+        let pending: Vec<String> = vm
+            .catalog
+            .lock()
+            .unwrap()
+            .gaps_after(&uuid_str, last_seq)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
         for reason in gap_reasons {
             let (seq, ts) = vm
                 .append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
@@ -260,6 +270,10 @@ impl Daemon {
             for d in &vm.disks {
                 cat.add_gap(&uuid_str, &d.name, seq, ts, &reason)?;
             }
+        }
+        for reason in pending {
+            vm.append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
+                .map_err(jerr)?;
         }
         vm.sync_open_segments().map_err(jerr)?;
         {

@@ -6,4 +6,5 @@
 
 pub mod format;
 pub mod read;
+pub mod restore;
 pub mod store;

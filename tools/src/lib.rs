@@ -3,6 +3,7 @@
 
 pub mod baseline_cmd;
 pub mod journal_cmd;
+pub mod restore_cmd;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,10 @@ pub enum Cmd {
     Mark(status::MarkArgs),
     /// Take a full baseline of a VM's disks into the policy's targets.
     Baseline(baseline_cmd::BaselineArgs),
+    /// Restore a disk as it was at a point: to a file, or in place.
+    Restore(restore_cmd::RestoreArgs),
+    /// Show each disk's timeline: restorable ranges, baselines, marks, gaps, flushes.
+    Points(restore_cmd::PointsArgs),
     /// Inspect or replay a VM's local journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCmd),
@@ -105,6 +110,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Mark(a) => status::mark(&ctx, &a),
         Cmd::Journal(c) => journal_cmd::run(&ctx, c),
         Cmd::Baseline(a) => baseline_cmd::run(&ctx, &cli.global, &a),
+        Cmd::Restore(a) => restore_cmd::restore(&ctx, &cli.global, &a),
+        Cmd::Points(a) => restore_cmd::points(&ctx, &cli.global, &a),
     }
 }
 

@@ -65,6 +65,36 @@ impl ExtentMap {
         self.map.iter().map(|(&s, &(e, src))| (s, e, src))
     }
 
+    /// The extents overlapping [start, end), clipped to it, in order.
+    pub fn overlapping(&self, start: u64, end: u64) -> Vec<(u64, u64, Source)> {
+        let mut out = Vec::new();
+        if let Some((&s, &(e, src))) = self.map.range(..start).next_back() {
+            if e > start {
+                out.push((start, e.min(end), shift(src, start - s)));
+            }
+        }
+        for (&s, &(e, src)) in self.map.range(start..end) {
+            out.push((s, e.min(end), src));
+        }
+        out
+    }
+
+    /// The parts of [start, end) no extent covers, in order.
+    pub fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        for (s, e, _) in self.overlapping(start, end) {
+            if s > at {
+                out.push((at, s));
+            }
+            at = e;
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+
     /// Total bytes covered.
     pub fn covered(&self) -> u64 {
         self.map.iter().map(|(s, (e, _))| e - s).sum()
@@ -129,6 +159,37 @@ mod tests {
             }
         }
         assert_eq!(naive, rebuilt);
+    }
+
+    #[test]
+    fn overlapping_and_uncovered() {
+        let mut m = ExtentMap::new();
+        m.set(
+            10,
+            20,
+            Source::Journal {
+                segment: 0,
+                pos: 100,
+            },
+        );
+        m.set(30, 40, Source::Zero);
+        assert_eq!(
+            m.overlapping(15, 35),
+            vec![
+                (
+                    15,
+                    20,
+                    Source::Journal {
+                        segment: 0,
+                        pos: 105
+                    }
+                ),
+                (30, 35, Source::Zero)
+            ]
+        );
+        assert_eq!(m.uncovered(0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(m.uncovered(12, 18), vec![]);
+        assert_eq!(m.uncovered(20, 30), vec![(20, 30)]);
     }
 
     #[test]

@@ -1,0 +1,469 @@
+//! `cdpctl restore` and `cdpctl points`: a disk at any point, from the
+//! repository (plus the host's local segments when it still has them).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cdp_repo::format as rf;
+use cdp_repo::restore::{self, History, Point};
+use cdp_repo::store::Store;
+use cdpd::time::{fmt_ns, now_ns};
+
+use crate::{Ctx, Global};
+
+#[derive(clap::Args, Clone)]
+pub struct RepoArgs {
+    /// Repository URL (file:///… or s3://…); default: the policy's primary target.
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// Policy whose primary target is the default repository.
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    /// Ignore this host's local journal (repository only).
+    #[arg(long)]
+    pub no_local: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// VM name or UUID.
+    pub vm: String,
+    /// The disk (target name, e.g. vda).
+    #[arg(long)]
+    pub disk: String,
+    /// The point: RFC 3339 time, "10 minutes ago", seq:N, mark:LABEL or latest.
+    #[arg(long)]
+    pub at: String,
+    /// Output file (created; never overwritten).
+    #[arg(long, required_unless_present_any = ["in_place", "dry_run"])]
+    pub output: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+    pub format: String,
+    /// Write the point back onto the VM's own disk (only ranges that differ). The VM must be stopped.
+    #[arg(long, conflicts_with = "output")]
+    pub in_place: bool,
+    /// Show the plan only.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+#[derive(clap::Args)]
+pub struct PointsArgs {
+    /// VM name or UUID.
+    pub vm: String,
+    /// Only this disk.
+    #[arg(long)]
+    pub disk: Option<String>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+/// The repository a command reads: `--repo`, or the policy's primary target.
+pub fn open_repo(g: &Global, a: &RepoArgs) -> Result<Store> {
+    if let Some(url) = &a.repo {
+        return Store::open(url, None).with_context(|| format!("repository {url}"));
+    }
+    let config = cdpd::config::Config::load(g.config.as_deref())?;
+    let Some(p) = config.policy.get(&a.policy) else {
+        bail!(
+            "no --repo given and no [policy.{}] in the config: give --repo file:///… or s3://…",
+            a.policy
+        );
+    };
+    let Some(name) = p.targets.first() else {
+        bail!("policy {} has no targets: give --repo", a.policy);
+    };
+    let t = &config.target[name];
+    Store::open(&t.url, t.credentials_file.as_deref())
+        .with_context(|| format!("target {name} ({})", t.url))
+}
+
+/// Resolve a VM by UUID, by the host catalog, or by the repository's vm.json files.
+pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
+    if let Ok(u) = cdpd::names::check_uuid(vm) {
+        return Ok(u.hyphenated().to_string());
+    }
+    if ctx.state_dir.join("catalog.sqlite").exists() {
+        if let Ok(u) = ctx.resolve_vm(vm) {
+            return Ok(u);
+        }
+    }
+    let list = store.list(&format!("{}/vms/", rf::ROOT)).await?;
+    for o in list.iter().filter(|o| o.key.ends_with("/vm.json")) {
+        let b = store.get(&o.key).await?;
+        if let Ok(j) = serde_json::from_slice::<rf::VmJson>(&b) {
+            if j.name == vm {
+                return Ok(j.uuid);
+            }
+        }
+    }
+    bail!(
+        "no VM named {vm:?} on this host or in {}: give its UUID",
+        store.url()
+    )
+}
+
+fn local_dir<'a>(ctx: &'a Ctx, a: &RepoArgs, vm: &str, disk: &str) -> Option<&'a Path> {
+    (!a.no_local && cdpd::journal::journal_dir(&ctx.state_dir, vm, disk).is_dir())
+        .then_some(ctx.state_dir.as_path())
+}
+
+fn describe_seq(h: &History, seq: u64) -> String {
+    h.entries()
+        .map(|(_, e)| e)
+        .filter(|e| e.seq <= seq)
+        .last()
+        .map(|e| format!("seq {seq} ({})", fmt_ns(e.ts_ns)))
+        .unwrap_or_else(|| format!("seq {seq}"))
+}
+
+pub fn restore(ctx: &Ctx, g: &Global, a: &RestoreArgs) -> Result<()> {
+    cdpd::names::check_disk(&a.disk)?;
+    let point = Point::parse(&a.at, now_ns())?;
+    let store = open_repo(g, &a.repo)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let vm = resolve_vm(ctx, &store, &a.vm).await?;
+        let local = local_dir(ctx, &a.repo, &vm, &a.disk);
+        let h = restore::load_history(Some(&store), local, &vm, &a.disk).await?;
+        if h.segments.is_empty() && h.baselines.is_empty() {
+            bail!("VM {vm} has no disk {} in {} (nor on this host)", a.disk, store.url());
+        }
+        let seq = restore::resolve(&h, Some(&store), &point).await?;
+        let plan = restore::plan(&h, seq, &point)?;
+        let summary = serde_json::json!({
+            "vm_uuid": vm,
+            "disk": a.disk,
+            "point": point.to_string(),
+            "seq": seq,
+            "at": describe_seq(&h, seq),
+            "baseline": plan.baseline_key,
+            "journal_records": plan.records,
+            "extents": plan.extents.len(),
+            "journal_bytes": plan.extents.covered(),
+            "size": plan.size,
+        });
+        if a.dry_run {
+            if ctx.json {
+                return crate::print_json(&summary);
+            }
+            println!(
+                "would restore {} of VM {vm} at {}: baseline {}, then {} journal records ({} extents, {})",
+                a.disk,
+                describe_seq(&h, seq),
+                plan.baseline_key,
+                plan.records,
+                plan.extents.len(),
+                crate::status::human(plan.extents.covered())
+            );
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let stats = if a.in_place {
+            in_place(ctx, &store, &vm, &a.disk, &plan, &point).await?
+        } else {
+            to_file(&store, &plan, a.output.as_deref().unwrap(), &a.format).await?
+        };
+        let secs = started.elapsed().as_secs_f64();
+        if ctx.json {
+            let mut v = summary;
+            v["stats"] = serde_json::to_value(stats)?;
+            v["seconds"] = secs.into();
+            return crate::print_json(&v);
+        }
+        println!(
+            "restored {} of VM {vm} at {} to {} in {secs:.2} s ({} from {} journal records, {} chunks)",
+            a.disk,
+            describe_seq(&h, seq),
+            if a.in_place {
+                "its own disk".to_string()
+            } else {
+                a.output.as_ref().unwrap().display().to_string()
+            },
+            crate::status::human(stats.bytes),
+            stats.journal_records,
+            stats.chunks_fetched,
+        );
+        Ok(())
+    })
+}
+
+fn progress(total: u64) -> Option<(restore::Progress, indicatif::ProgressBar)> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap(),
+    );
+    let b = bar.clone();
+    Some((Arc::new(move |n| b.inc(n)), bar))
+}
+
+async fn to_file(
+    store: &Store,
+    plan: &restore::Plan,
+    out: &Path,
+    format: &str,
+) -> Result<restore::RestoreStats> {
+    if out.exists() {
+        bail!(
+            "{} exists: restore never overwrites a file; remove it or choose another --output",
+            out.display()
+        );
+    }
+    // Written under a temporary name and renamed at the end, so a failed
+    // restore leaves nothing that could be taken for a good image.
+    let partial = out.with_extension("partial");
+    let raw_path = if format == "qcow2" {
+        out.with_extension("partial.raw")
+    } else {
+        partial.clone()
+    };
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&raw_path)
+        .with_context(|| format!("creating {}", raw_path.display()))?;
+    f.set_len(plan.size)?;
+    let bar = progress(plan.size);
+    let r = restore::execute(
+        plan,
+        Some(store),
+        Arc::new(restore::FreshFile(f.try_clone()?)),
+        bar.as_ref().map(|b| b.0.clone()),
+    )
+    .await;
+    if let Some((_, b)) = bar {
+        b.finish_and_clear();
+    }
+    let stats = match r.and_then(|s| {
+        f.sync_all()
+            .map(|_| s)
+            .map_err(|e| restore::RestoreError::Io {
+                path: raw_path.clone(),
+                source: e,
+            })
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&raw_path);
+            return Err(e.into());
+        }
+    };
+    if format == "qcow2" {
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw_path)
+            .arg(&partial)
+            .status()
+            .context("running qemu-img convert (install qemu-utils)")?;
+        let _ = std::fs::remove_file(&raw_path);
+        if !st.success() {
+            let _ = std::fs::remove_file(&partial);
+            bail!("qemu-img convert to qcow2 failed ({st})");
+        }
+    }
+    std::fs::rename(&partial, out)?;
+    Ok(stats)
+}
+
+async fn in_place(
+    ctx: &Ctx,
+    store: &Store,
+    vm: &str,
+    disk: &str,
+    plan: &restore::Plan,
+    point: &Point,
+) -> Result<restore::RestoreStats> {
+    let ctl = cdpd::capture::control_path(&ctx.run_dir, vm);
+    if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
+        bail!(
+            "VM {vm} is running (cdpd answers on {}): stop the VM before restoring in place",
+            ctl.display()
+        );
+    }
+    let path = disk_path(ctx, store, vm, disk).await?;
+    // Locked like QEMU and cdpd lock it: fails if anything has it open.
+    let img = cdpd::capture::image::open(&path)?;
+    if img.size != plan.size {
+        bail!(
+            "{} is {} bytes but the point is {} bytes: resize it first (qemu-img resize)",
+            path.display(),
+            img.size,
+            plan.size
+        );
+    }
+    let sink = Arc::new(restore::InPlace {
+        file: img.file,
+        changed: Default::default(),
+    });
+    let bar = progress(plan.size);
+    let stats = restore::execute(
+        plan,
+        Some(store),
+        sink.clone(),
+        bar.as_ref().map(|b| b.0.clone()),
+    )
+    .await?;
+    if let Some((_, b)) = bar {
+        b.finish_and_clear();
+    }
+    sink.file.sync_all()?;
+    // The disk no longer equals baseline + journal: the next capture
+    // session records a GAP and the shipper takes a new baseline.
+    if ctx.state_dir.join("catalog.sqlite").exists() {
+        let cat = cdpd::catalog::Catalog::open(&ctx.state_dir)?;
+        let (last, _) = cat.last_seq(vm)?;
+        cat.add_gap(
+            vm,
+            disk,
+            last + 1,
+            now_ns(),
+            &format!("disk restored in place to {point}: a new baseline is needed"),
+        )?;
+    }
+    eprintln!(
+        "{} bytes differed and were rewritten",
+        sink.changed.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(stats)
+}
+
+/// The disk's path: from the host catalog, else the repository's vm.json.
+async fn disk_path(ctx: &Ctx, store: &Store, vm: &str, disk: &str) -> Result<PathBuf> {
+    if ctx.state_dir.join("catalog.sqlite").exists() {
+        let cat = cdpd::catalog::Catalog::open(&ctx.state_dir)?;
+        if let Some((_, p, _)) = cat.disks(vm)?.into_iter().find(|(d, _, _)| d == disk) {
+            return Ok(p.into());
+        }
+    }
+    let b = store.get(&rf::vm_json_key(vm)).await?;
+    let j: rf::VmJson = serde_json::from_slice(&b)?;
+    j.disks
+        .into_iter()
+        .find(|d| d.name == disk)
+        .map(|d| PathBuf::from(d.source_path))
+        .with_context(|| format!("VM {vm} has no disk {disk}"))
+}
+
+pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
+    let store = open_repo(g, &a.repo)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let vm = resolve_vm(ctx, &store, &a.vm).await?;
+        let disks = match &a.disk {
+            Some(d) => vec![d.clone()],
+            None => {
+                let mut d = cdp_repo::read::list_disks(&store, &vm).await?;
+                if !a.repo.no_local {
+                    d.extend(cdpd::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default());
+                }
+                d.sort();
+                d.dedup();
+                d
+            }
+        };
+        if disks.is_empty() {
+            bail!("VM {vm} has nothing in {} nor on this host", store.url());
+        }
+        let mut out = Vec::new();
+        for disk in &disks {
+            let local = local_dir(ctx, &a.repo, &vm, disk);
+            let h = restore::load_history(Some(&store), local, &vm, disk).await?;
+            let ts_of = |seq: u64| {
+                h.entries()
+                    .map(|(_, e)| e)
+                    .filter(|e| e.seq <= seq)
+                    .last()
+                    .map_or(0, |e| e.ts_ns)
+            };
+            let ranges: Vec<_> = restore::restorable_ranges(&h)
+                .into_iter()
+                .map(|(a, b)| {
+                    serde_json::json!({"from_seq": a, "from": fmt_ns(ts_of(a)), "to_seq": b, "to": fmt_ns(ts_of(b))})
+                })
+                .collect();
+            let flushes: Vec<_> = h
+                .entries()
+                .map(|(_, e)| e)
+                .filter(|e| e.kind == cdpd::journal::Kind::Flush)
+                .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns)}))
+                .collect();
+            let marks: Vec<_> = restore::marks(&h, Some(&store))
+                .await?
+                .into_iter()
+                .map(|(s, t, l)| serde_json::json!({"seq": s, "time": fmt_ns(t), "label": l}))
+                .collect();
+            let gaps: Vec<_> = restore::gaps(&h, Some(&store))
+                .await?
+                .into_iter()
+                .map(|(s, t, r)| serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r}))
+                .collect();
+            let baselines: Vec<_> = h
+                .baselines
+                .iter()
+                .map(|(k, b)| serde_json::json!({"key": k, "s0": b.s0, "s1": b.s1, "time": fmt_ns(b.finished_ns)}))
+                .collect();
+            let shipped_to = h
+                .segments
+                .iter()
+                .rev()
+                .find(|s| matches!(s.loc, restore::SegLoc::Repo { .. }))
+                .map(|s| s.last_seq);
+            out.push(serde_json::json!({
+                "disk": disk,
+                "restorable": ranges,
+                "newest_shipped_seq": shipped_to,
+                "baselines": baselines,
+                "flushes": flushes,
+                "marks": marks,
+                "gaps": gaps,
+            }));
+        }
+        if ctx.json {
+            return crate::print_json(&serde_json::json!({"vm_uuid": vm, "disks": out}));
+        }
+        println!("VM {vm} (repository {})", store.url());
+        for d in &out {
+            println!("disk {}", d["disk"].as_str().unwrap());
+            let r = d["restorable"].as_array().unwrap();
+            if r.is_empty() {
+                println!("  no restorable point (no usable baseline: take one with `cdpctl baseline`)");
+            }
+            for x in r {
+                println!(
+                    "  restorable  seq {:>8} {}  →  seq {:>8} {}",
+                    x["from_seq"], x["from"].as_str().unwrap(), x["to_seq"], x["to"].as_str().unwrap()
+                );
+            }
+            if let Some(s) = d["newest_shipped_seq"].as_u64() {
+                println!("  shipped up to seq {s}; newer records are on this host only");
+            }
+            for b in d["baselines"].as_array().unwrap() {
+                println!("  baseline   consistent from seq {:>8}  ({})", b["s1"], b["time"].as_str().unwrap());
+            }
+            for m in d["marks"].as_array().unwrap() {
+                println!("  mark       seq {:>8} {}  {}", m["seq"], m["time"].as_str().unwrap(), m["label"].as_str().unwrap());
+            }
+            for x in d["gaps"].as_array().unwrap() {
+                println!("  GAP        seq {:>8} {}  {}", x["seq"], x["time"].as_str().unwrap(), x["reason"].as_str().unwrap());
+            }
+            let f = d["flushes"].as_array().unwrap();
+            println!("  {} flush points{}", f.len(), if f.is_empty() { "" } else { ", newest:" });
+            for x in f.iter().rev().take(5) {
+                println!("  flush      seq {:>8} {}", x["seq"], x["time"].as_str().unwrap());
+            }
+        }
+        Ok(())
+    })
+}

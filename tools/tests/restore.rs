@@ -1,0 +1,333 @@
+//! Restores from the repository alone are byte-identical to copies of the
+//! image taken at the same points (by seq, by time, by mark), and the two
+//! disks of a VM restore to the same cut.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cdp_tests::{bin, qemu_img_compare, require_tool, run, run_ok, Daemon};
+
+const MIB: u64 = 1 << 20;
+
+fn config(d: &Daemon, repo: &Path) -> PathBuf {
+    let p = d.work_dir().join("cdp.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[target.primary]\nurl = \"file://{}\"\n[policy.default]\ntargets = [\"primary\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn qemu_io(d: &Daemon, disk: &str, cmds: &[String]) {
+    let mut c = Command::new(require_tool("qemu-io"));
+    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri(disk));
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    run_ok(&mut c);
+}
+
+fn cdpctl(d: &Daemon, cfg: &Path, args: &[&str]) -> String {
+    let mut c = Command::new(bin("cdpctl"));
+    c.args(args)
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .arg("--run-dir")
+        .arg(&d.run_dir)
+        .arg("--config")
+        .arg(cfg);
+    let out = run(&mut c);
+    assert!(
+        out.status.success(),
+        "cdpctl {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn ship(d: &Daemon, cfg: &Path) {
+    run_ok(
+        Command::new(bin("cdp-shipper"))
+            .args(["run", "--once", "--vm-uuid", &d.vm_uuid])
+            .arg("--state-dir")
+            .arg(&d.state_dir)
+            .arg("--run-dir")
+            .arg(&d.run_dir)
+            .arg("--config")
+            .arg(cfg),
+    );
+}
+
+/// A phase of writes: overlapping, with zeroes and discards, then a flush.
+fn phase(i: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    for k in 0..12u64 {
+        let off = ((i * 13 + k * 7) % 120) * 64 * 1024;
+        v.push(format!(
+            "write -P {} {off} {}",
+            (i * 16 + k) % 255 + 1,
+            4096 * (1 + (k % 5))
+        ));
+    }
+    v.push(format!("write -z {} 64k", ((i * 5) % 100) * 64 * 1024));
+    v.push(format!("discard {} 128k", ((i * 11) % 90) * 64 * 1024));
+    v.push("flush".into());
+    v
+}
+
+struct Snapshot {
+    copy: PathBuf,
+    seq: u64,
+    time: String,
+    mark: String,
+}
+
+fn snapshot(d: &Daemon, cfg: &Path, disk: &str, i: u64) -> Snapshot {
+    let mark = format!("phase-{i}");
+    cdpctl(d, cfg, &["mark", &d.vm_uuid, &mark]);
+    let seq = d.status_json()["last_seq"].as_u64().unwrap();
+    let copy = d.work_dir().join(format!("{disk}-ref-{i}.img"));
+    std::fs::copy(d.image(disk), &copy).unwrap();
+    let time = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+    Snapshot {
+        copy,
+        seq,
+        time,
+        mark,
+    }
+}
+
+#[test]
+fn restores_by_seq_time_and_mark_equal_reference_copies_with_the_host_gone() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 21)
+        .args(["--segment-age", "30ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    // An online baseline first, then phases of writes with a reference copy each.
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    let mut snaps = Vec::new();
+    for i in 0..4 {
+        qemu_io(&d, "vda", &phase(i));
+        snaps.push(snapshot(&d, &cfg, "vda", i));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    d.term();
+    ship(&d, &cfg);
+    // The host's state is gone: only the repository is left.
+    std::fs::remove_dir_all(&d.state_dir).unwrap();
+    std::fs::create_dir_all(&d.state_dir).unwrap();
+    let url = format!("file://{}", repo.display());
+    for (i, s) in snaps.iter().enumerate() {
+        for (how, at) in [
+            ("seq", format!("seq:{}", s.seq)),
+            ("time", s.time.clone()),
+            ("mark", format!("mark:{}", s.mark)),
+        ] {
+            let out = d.work_dir().join(format!("restored-{i}-{how}.img"));
+            cdpctl(
+                &d,
+                &cfg,
+                &[
+                    "restore",
+                    &d.vm_uuid,
+                    "--disk",
+                    "vda",
+                    "--at",
+                    &at,
+                    "--output",
+                    out.to_str().unwrap(),
+                    "--repo",
+                    &url,
+                ],
+            );
+            qemu_img_compare(out.as_os_str(), s.copy.as_os_str());
+        }
+    }
+    // qcow2 output.
+    let q = d.work_dir().join("restored.qcow2");
+    cdpctl(
+        &d,
+        &cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            &format!("mark:{}", snaps[1].mark),
+            "--output",
+            q.to_str().unwrap(),
+            "--format",
+            "qcow2",
+            "--repo",
+            &url,
+        ],
+    );
+    let info = run_ok(Command::new("qemu-img").arg("info").arg(&q));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("qcow2"));
+    let cmp = run(Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "qcow2", "-F", "raw"])
+        .arg(&q)
+        .arg(&snaps[1].copy));
+    assert!(cmp.status.success(), "{cmp:?}");
+    // A point before the baseline, or a mark that does not exist, is refused.
+    let out = run(Command::new(bin("cdpctl")).args([
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        "vda",
+        "--at",
+        "mark:nope",
+        "--output",
+        "/tmp/never",
+        "--repo",
+        &url,
+    ]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mark \"nope\""));
+    assert!(!Path::new("/tmp/never").exists());
+}
+
+#[test]
+fn unshipped_local_records_are_used_and_two_disks_restore_to_one_cut() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 1)
+        .disk_random("vdb", 8 * MIB, 2)
+        .args(["--segment-age", "30ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    qemu_io(&d, "vda", &phase(1));
+    qemu_io(&d, "vdb", &phase(2));
+    ship(&d, &cfg);
+    // One cut across both disks.
+    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "cut"]);
+    let a = d.work_dir().join("vda-cut.img");
+    let b = d.work_dir().join("vdb-cut.img");
+    std::fs::copy(d.image("vda"), &a).unwrap();
+    std::fs::copy(d.image("vdb"), &b).unwrap();
+    qemu_io(&d, "vda", &phase(3));
+    qemu_io(&d, "vdb", &phase(4));
+    d.term();
+    // Not shipped: the newest records are only on this host.
+    for (disk, reference) in [("vda", &a), ("vdb", &b)] {
+        let out = d.work_dir().join(format!("{disk}-restored.img"));
+        cdpctl(
+            &d,
+            &cfg,
+            &[
+                "restore",
+                &d.vm_uuid,
+                "--disk",
+                disk,
+                "--at",
+                "mark:cut",
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        );
+        qemu_img_compare(out.as_os_str(), reference.as_os_str());
+        let latest = d.work_dir().join(format!("{disk}-latest.img"));
+        cdpctl(
+            &d,
+            &cfg,
+            &[
+                "restore",
+                &d.vm_uuid,
+                "--disk",
+                disk,
+                "--at",
+                "latest",
+                "--output",
+                latest.to_str().unwrap(),
+            ],
+        );
+        qemu_img_compare(latest.as_os_str(), d.image(disk).as_os_str());
+    }
+    let pts: serde_json::Value =
+        serde_json::from_str(&cdpctl(&d, &cfg, &["points", &d.vm_uuid, "--json"])).unwrap();
+    let disks = pts["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    for x in disks {
+        assert_eq!(x["marks"][0]["label"], "cut", "{x}");
+        assert!(!x["restorable"].as_array().unwrap().is_empty(), "{x}");
+        assert!(!x["flushes"].as_array().unwrap().is_empty(), "{x}");
+    }
+    assert_eq!(disks[0]["marks"][0]["seq"], disks[1]["marks"][0]["seq"]);
+}
+
+#[test]
+fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 5)
+        .args(["--segment-age", "30ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    qemu_io(&d, "vda", &phase(1));
+    let s = snapshot(&d, &cfg, "vda", 1);
+    qemu_io(&d, "vda", &phase(2));
+    let mut c = Command::new(bin("cdpctl"));
+    c.args([
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        "vda",
+        "--at",
+        &format!("mark:{}", s.mark),
+        "--in-place",
+    ])
+    .arg("--state-dir")
+    .arg(&d.state_dir)
+    .arg("--run-dir")
+    .arg(&d.run_dir)
+    .arg("--config")
+    .arg(&cfg);
+    let out = run(&mut c);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("running"),
+        "{out:?}"
+    );
+    d.term();
+    ship(&d, &cfg);
+    cdpctl(
+        &d,
+        &cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            &format!("mark:{}", s.mark),
+            "--in-place",
+        ],
+    );
+    qemu_img_compare(d.image("vda").as_os_str(), s.copy.as_os_str());
+    // The next capture session records that the disk left the journal's line.
+    d.start();
+    d.term();
+    let gaps: Vec<_> = d
+        .journal_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "GAP")
+        .collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert!(gaps[0]["info"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("in place"));
+}
