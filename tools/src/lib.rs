@@ -2,9 +2,11 @@
 //! parses arguments and calls [`run`].
 
 pub mod baseline_cmd;
+pub mod export_cmd;
 pub mod journal_cmd;
 pub mod restore_cmd;
 pub mod status;
+pub mod verify_cmd;
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +54,12 @@ pub enum Cmd {
     Restore(restore_cmd::RestoreArgs),
     /// Show each disk's timeline: restorable ranges, baselines, marks, gaps, flushes.
     Points(restore_cmd::PointsArgs),
+    /// Serve a point as a read-only NBD export, at once, without copying it.
+    Export(export_cmd::ExportArgs),
+    /// Check that every point can be rebuilt and (--deep) every object is intact.
+    Verify(verify_cmd::VerifyArgs),
+    /// The VM definition as it was at a point, with storage paths remapped.
+    RestoreConfig(verify_cmd::RestoreConfigArgs),
     /// Inspect or replay a VM's local journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCmd),
@@ -112,6 +120,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Baseline(a) => baseline_cmd::run(&ctx, &cli.global, &a),
         Cmd::Restore(a) => restore_cmd::restore(&ctx, &cli.global, &a),
         Cmd::Points(a) => restore_cmd::points(&ctx, &cli.global, &a),
+        Cmd::Export(a) => export_cmd::run(&ctx, &cli.global, &a),
+        Cmd::Verify(a) => verify_cmd::verify(&ctx, &cli.global, &a),
+        Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &cli.global, &a),
     }
 }
 
