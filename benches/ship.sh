@@ -71,23 +71,35 @@ start_cdpd() { # state-dir
 URI="nbd+unix:///vda?socket=$W/run/$U/vda.sock"
 
 echo "== 1. throughput: ${GB} GiB of journal" >&2
-start_cdpd "$W/state"
-fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 \
-    --size="${GB}g" --output-format=terse >/dev/null 2>&1
-kill -TERM $CDPD; wait $CDPD
+fill() { # state-dir
+    start_cdpd "$1"
+    fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 \
+        --size="${GB}g" --output-format=terse >/dev/null 2>&1
+    kill -TERM $CDPD
+    wait $CDPD
+}
+secs() { # command… → elapsed seconds
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" >/dev/null
+    t1=$(date +%s.%N)
+    python3 -c "print(round($t1 - $t0, 3))"
+}
+fill "$W/state"
 raw=$(du -sb "$W/state/vms" | cut -f1)
 sync
-cp_s=$( { /usr/bin/time -f %e cp -r "$W/state/vms" "$W/cp-copy" >/dev/null; } 2>&1 )
-cp -a "$W/state" "$W/state-s3"
-file_s=$( { /usr/bin/time -f %e "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
-    --state-dir "$W/state" --run-dir "$W/run" --config "$W/file.toml" >/dev/null; } 2>&1 | tail -1)
-s3_s=$( { /usr/bin/time -f %e "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
-    --state-dir "$W/state-s3" --run-dir "$W/run" --config "$W/s3.toml" >/dev/null; } 2>&1 | tail -1)
+cp_s=$(secs bash -c "cp -r '$W/state/vms' '$W/cp-copy' && sync")
+file_s=$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+    --state-dir "$W/state" --run-dir "$W/run" --config "$W/file.toml")
+fill "$W/state-s3"
+sync
+s3_s=$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+    --state-dir "$W/state-s3" --run-dir "$W/run" --config "$W/s3.toml")
 python3 - "$raw" "$cp_s" "$file_s" "$s3_s" <<'EOF'
 import sys
 raw, cp, f, s3 = int(sys.argv[1]), *map(float, sys.argv[2:])
 mb = raw / 1e6
-print(f"| journal bytes | cp -r | ship to file:// | ship to S3 (moto) | file:// / cp |")
+print(f"| journal bytes | cp -r + sync | ship to file:// | ship to S3 (moto) | file:// / cp |")
 print(f"|---|---|---|---|---|")
 print(f"| {mb:.0f} MB | {mb/cp:.0f} MB/s ({cp:.1f} s) | {mb/f:.0f} MB/s ({f:.1f} s) | {mb/s3:.0f} MB/s ({s3:.1f} s) | {cp/f:.2f}× |")
 EOF

@@ -29,6 +29,8 @@ pub struct Target {
     pub store: Store,
     failures: u32,
     next_try: Option<Instant>,
+    /// The vm.json this target is known to hold (no GET per pass).
+    vm_json: Option<Vec<u8>>,
 }
 
 pub struct Options {
@@ -101,6 +103,7 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
             store,
             failures: 0,
             next_try: None,
+            vm_json: None,
         });
     }
     Ok(out)
@@ -264,7 +267,7 @@ impl Shipper {
         Ok(n)
     }
 
-    async fn publish_vm_json(&self) -> Result<()> {
+    async fn publish_vm_json(&mut self) -> Result<()> {
         let vm = &self.opts.vm_uuid;
         let (name, disks) = {
             let cat = self.cat();
@@ -286,14 +289,19 @@ impl Shipper {
                 .collect(),
         };
         let body = serde_json::to_vec_pretty(&j)?;
-        for t in &self.targets {
-            if t.next_try.is_some() {
+        for t in &mut self.targets {
+            if t.next_try.is_some() || t.vm_json.as_deref() == Some(&body[..]) {
                 continue;
             }
             let key = rf::vm_json_key(vm);
             let same = matches!(t.store.get(&key).await, Ok(b) if b[..] == body[..]);
-            if !same {
-                let _ = t.store.put(&key, bytes::Bytes::from(body.clone())).await;
+            if same
+                || t.store
+                    .put(&key, bytes::Bytes::from(body.clone()))
+                    .await
+                    .is_ok()
+            {
+                t.vm_json = Some(body.clone());
             }
         }
         Ok(())
