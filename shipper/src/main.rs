@@ -49,6 +49,10 @@ struct RunArgs {
     /// Do not take baselines by itself.
     #[arg(long)]
     no_auto_baseline: bool,
+    /// Follow this process (the VM's cdpd): when it has exited, ship what is
+    /// left and exit.
+    #[arg(long)]
+    follow_pid: Option<i32>,
     /// How often to look for new sealed segments.
     #[arg(long, default_value = "100ms")]
     poll: String,
@@ -96,7 +100,15 @@ async fn run(a: RunArgs) -> Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let poll: Duration = s.opts.poll;
+    let gone = |pid: i32| unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
     loop {
+        if a.follow_pid.is_some_and(gone) {
+            eprintln!(
+                "cdp-shipper: cdpd (pid {}) has exited",
+                a.follow_pid.unwrap()
+            );
+            break;
+        }
         let st = s.pass().await?;
         if st.shipped > 0 {
             continue;

@@ -1,0 +1,12 @@
+//! cdp-qemu, the QEMU launch wrapper (DESIGN.md §1): used as a VM's
+//! emulator, it reads the VM's CDP keys, starts the capture daemon and the
+//! shipper, waits until every disk socket listens, rewrites the tagged disks
+//! to NBD and becomes QEMU (same PID).
+//!
+//! - [`domain`]: the libvirt domain XML and its CDP metadata keys (pure).
+//! - [`argv`]: recognising probes and rewriting QEMU's disk arguments (pure).
+//! - [`launch`]: the processes.
+
+pub mod argv;
+pub mod domain;
+pub mod launch;
