@@ -73,10 +73,10 @@ pub fn is_probe(args: &[String]) -> bool {
                     }
                 }
             }
-            Some("cpu" | "device" | "accel") => {
-                if it.next().is_some_and(|v| v == "help" || v == "?") {
-                    return true;
-                }
+            Some("cpu" | "device" | "accel")
+                if it.next().is_some_and(|v| v == "help" || v == "?") =>
+            {
+                return true;
             }
             Some("name") => has_name = true,
             _ => {}
