@@ -8,3 +8,4 @@ pub mod format;
 pub mod read;
 pub mod restore;
 pub mod store;
+pub mod verify;

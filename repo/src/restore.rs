@@ -26,7 +26,7 @@ use futures::StreamExt;
 use thiserror::Error;
 
 use crate::format::{self as rf, Baseline, Frame};
-use crate::read::{self, ReadError};
+use crate::read::ReadError;
 use crate::store::{with_retry, RetryPolicy, Store};
 
 #[derive(Debug, Error)]
@@ -134,7 +134,9 @@ pub struct History {
     pub segments: Vec<SegRef>,
     /// Index of the first segment after each break in the record chain.
     pub breaks: Vec<usize>,
-    /// Objects listed without their partner (reported by verify).
+    /// Repository objects that cannot be used: a segment without its index
+    /// or an index without its segment, an index or baseline that does not
+    /// decode (`cdpctl verify` says which and why).
     pub orphans: Vec<String>,
 }
 
@@ -203,10 +205,8 @@ pub async fn load_history(
     let mut baselines = Vec::new();
     let mut orphans = Vec::new();
     if let Some(store) = store {
-        let chain = read::load_chain(store, vm, disk).await?;
-        orphans.extend(chain.orphans);
-        orphans.extend(chain.missing_segments);
-        for s in chain.segments {
+        let chain = load_repo_chain(store, vm, disk, &mut orphans).await?;
+        for s in chain {
             by_first.insert(
                 s.meta.first_seq,
                 SegRef {
@@ -221,7 +221,23 @@ pub async fn load_history(
                 },
             );
         }
-        baselines = read::load_baselines(store, vm, disk).await?;
+        // A baseline that does not decode is left out: restore uses the
+        // others, and says so when none is left.
+        let list = store
+            .list(&rf::baseline_prefix(vm, disk))
+            .await
+            .map_err(ReadError::from)?;
+        for o in list {
+            if rf::parse_baseline_name(o.key.rsplit('/').next().unwrap_or("")).is_none() {
+                continue;
+            }
+            let b = store.get(&o.key).await.map_err(ReadError::from)?;
+            match serde_json::from_slice::<Baseline>(&b) {
+                Ok(bl) => baselines.push((o.key, bl)),
+                Err(_) => orphans.push(o.key),
+            }
+        }
+        baselines.sort_by_key(|(_, b): &(String, Baseline)| (b.s1, b.s0));
     }
     if let Some(dir) = state_dir {
         for s in local_segments(dir, vm, disk)? {
@@ -244,6 +260,105 @@ pub async fn load_history(
         breaks,
         orphans,
     })
+}
+
+/// A disk's journal in the repository, in replay order. Objects that cannot
+/// be used (a segment without its index or the reverse, an index that does
+/// not decode) go to `unusable`: the record chain breaks there, so no point
+/// that needs them is planned.
+async fn load_repo_chain(
+    store: &Store,
+    vm: &str,
+    disk: &str,
+    unusable: &mut Vec<String>,
+) -> Result<Vec<rf::SegmentIndex>, RestoreError> {
+    let mut pairs: BTreeMap<(u64, u64), (Option<String>, Option<String>)> = BTreeMap::new();
+    for o in store
+        .list(&rf::journal_prefix(vm, disk))
+        .await
+        .map_err(ReadError::from)?
+    {
+        if let Some((a, b, is_idx)) = rf::parse_journal_name(o.key.rsplit('/').next().unwrap_or(""))
+        {
+            let e = pairs.entry((a, b)).or_default();
+            *(if is_idx { &mut e.1 } else { &mut e.0 }) = Some(o.key);
+        }
+    }
+    let mut out = Vec::new();
+    for (_, pair) in pairs {
+        match pair {
+            (Some(_), Some(idx)) => {
+                let b = store.get(&idx).await.map_err(ReadError::from)?;
+                match rf::SegmentIndex::decode(&idx, &b) {
+                    Ok(i) => out.push(i),
+                    Err(_) => unusable.push(idx),
+                }
+            }
+            (Some(k), None) | (None, Some(k)) => unusable.push(k),
+            (None, None) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Unusable repository objects of the journal whose seq range meets
+/// `lo..=hi` and that no loaded segment stands in for.
+fn damaged_in(h: &History, lo: u64, hi: u64) -> Vec<&str> {
+    h.orphans
+        .iter()
+        .filter(|k| {
+            let Some((a, b, _)) = rf::parse_journal_name(k.rsplit('/').next().unwrap_or("")) else {
+                return false;
+            };
+            a <= hi
+                && b >= lo
+                && !h
+                    .segments
+                    .iter()
+                    .any(|s| s.first_seq <= a && s.last_seq >= b)
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+fn with_damage(h: &History, lo: u64, hi: u64) -> String {
+    let d = damaged_in(h, lo, hi);
+    if d.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (unusable in the repository: {}; run `cdpctl verify`)",
+            d.join(", ")
+        )
+    }
+}
+
+/// Are records known to be missing right after record `p` (before the next
+/// record the history has)? Then no point between `p` and that next record
+/// can be rebuilt exactly: its records may be among the missing ones.
+fn missing_after(h: &History, p: u64) -> Option<String> {
+    let i = h.segments.partition_point(|s| s.first_seq <= p);
+    if i == 0 || p < h.segments[i - 1].last_seq {
+        return None;
+    }
+    let last = h.segments[i - 1].last_seq;
+    match h.segments.get(i) {
+        Some(next) if h.breaks.contains(&i) => Some(format!(
+            "the journal records between seq {last} and seq {} are missing{}",
+            next.first_seq,
+            with_damage(h, last + 1, next.first_seq - 1)
+        )),
+        Some(_) => None,
+        None => {
+            let d = damaged_in(h, last + 1, u64::MAX);
+            (!d.is_empty()).then(|| {
+                format!(
+                    "the journal after seq {last} is damaged ({}; run `cdpctl verify`)",
+                    d.join(", ")
+                )
+            })
+        }
+    }
 }
 
 /// Read raw bytes of a segment: a file range, or the frames of the object
@@ -302,7 +417,7 @@ pub async fn read_raw(
 }
 
 /// Read a whole record (header + payload) and check its CRC.
-async fn read_record(
+pub async fn read_record(
     store: Option<&Store>,
     vm: &str,
     disk: &str,
@@ -351,30 +466,84 @@ pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u6
     let last = h
         .last_entry()
         .ok_or_else(|| impossible("the disk has no journal records".into()))?;
+    // A time or "latest" names the newest record up to then: if records
+    // after the one found are missing, that may not be the right one.
+    let unambiguous = |seq: u64| match missing_after(h, seq) {
+        Some(why) => Err(impossible(format!(
+            "{why}, so the state at this point is unknown; seq:{seq} can be restored"
+        ))),
+        None => Ok(seq),
+    };
     match p {
         Point::Seq(n) => Ok(*n),
-        Point::Latest => Ok(last.seq),
+        Point::Latest => unambiguous(last.seq),
         Point::TimeNs(t) => h
             .entries()
             .filter(|(_, e)| e.ts_ns <= *t)
             .map(|(_, e)| e.seq)
             .max()
-            .ok_or_else(|| impossible("it is before the first record of the journal".into())),
+            .ok_or_else(|| impossible("it is before the first record of the journal".into()))
+            .and_then(unambiguous),
         Point::Mark(label) => {
             let marks: Vec<(usize, IndexEntry)> = h
                 .entries()
                 .filter(|(_, e)| e.kind == Kind::Mark)
                 .map(|(i, e)| (i, *e))
                 .collect();
+            // Newest first. A mark record that cannot be read, or records
+            // lost after the mark found, may hide a newer mark of the same
+            // label: then the point is not certain, and is refused.
+            let mut unreadable: Vec<String> = Vec::new();
             for (i, e) in marks.into_iter().rev() {
-                let (_, payload) =
-                    read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await?;
+                let payload =
+                    match read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await {
+                        Ok((_, p)) => p,
+                        Err(err) => {
+                            unreadable.push(format!(
+                                "the mark record at seq {} cannot be read ({err})",
+                                e.seq
+                            ));
+                            continue;
+                        }
+                    };
                 let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
                 if v["label"] == label.as_str() {
-                    return Ok(e.seq);
+                    let mut why = unreadable;
+                    if h.breaks
+                        .iter()
+                        .any(|&b| h.segments[b - 1].last_seq >= e.seq)
+                    {
+                        why.push("journal records after it are missing".into());
+                    }
+                    let d = damaged_in(h, e.seq + 1, u64::MAX);
+                    if !d.is_empty() {
+                        why.push(format!("{} cannot be used", d.join(", ")));
+                    }
+                    if why.is_empty() {
+                        return Ok(e.seq);
+                    }
+                    return Err(impossible(format!(
+                        "mark {label:?} is at seq {}, but {}, where a newer mark {label:?} may be lost (run `cdpctl verify`); if seq {} is the one, restore at seq:{}",
+                        e.seq,
+                        why.join("; "),
+                        e.seq,
+                        e.seq
+                    )));
                 }
             }
-            Err(impossible(format!("no mark {label:?} in the journal")))
+            unreadable.extend(
+                Some(with_damage(h, 0, u64::MAX))
+                    .filter(|d| !d.is_empty())
+                    .map(|d| d.trim_start().to_string()),
+            );
+            Err(impossible(format!(
+                "no mark {label:?} in the journal{}",
+                if unreadable.is_empty() {
+                    String::new()
+                } else {
+                    format!(" that can be read: {}", unreadable.join("; "))
+                }
+            )))
         }
     }
 }
@@ -403,16 +572,37 @@ pub fn plan(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError> 
     let last = h.last_entry().map_or(0, |e| e.seq);
     if seq > last {
         return Err(impossible(format!(
-            "it is after the newest record of this disk (seq {last}{})",
+            "it is after the newest record of this disk (seq {last}{}){}",
             h.last_entry()
                 .map(|e| format!(", {}", cdpd::time::fmt_ns(e.ts_ns)))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            with_damage(h, last + 1, u64::MAX)
         )));
     }
+    // The newest record at or before the point: are records missing between
+    // it and the point?
+    if let Some(p) = h.entries().map(|(_, e)| e.seq).filter(|&s| s <= seq).max() {
+        if p < seq {
+            if let Some(why) = missing_after(h, p) {
+                return Err(impossible(why));
+            }
+        }
+    }
     if h.baselines.is_empty() {
-        return Err(impossible(
-            "the repository has no baseline of this disk: take one with `cdpctl baseline`".into(),
-        ));
+        let unreadable: Vec<&str> = h
+            .orphans
+            .iter()
+            .filter(|k| k.contains("/baselines/"))
+            .map(String::as_str)
+            .collect();
+        return Err(impossible(if unreadable.is_empty() {
+            "the repository has no baseline of this disk: take one with `cdpctl baseline`".into()
+        } else {
+            format!(
+                "no usable baseline of this disk: {} cannot be read (run `cdpctl verify`)",
+                unreadable.join(", ")
+            )
+        }));
     }
     let mut why_not = Vec::new();
     for (key, b) in h.baselines.iter().rev() {
@@ -444,16 +634,17 @@ fn covered(h: &History, s0: u64, seq: u64) -> Result<(), String> {
     };
     if !start_ok {
         return Err(format!(
-            "journal records between seq {s0} and seq {} are missing",
-            h.segments[k].first_seq
+            "journal records between seq {s0} and seq {} are missing{}",
+            h.segments[k].first_seq,
+            with_damage(h, s0 + 1, h.segments[k].first_seq - 1)
         ));
     }
     for &b in &h.breaks {
-        if b > k && h.segments[b].first_seq <= seq {
+        if b > k && h.segments[b - 1].last_seq < seq {
+            let (lo, hi) = (h.segments[b - 1].last_seq, h.segments[b].first_seq);
             return Err(format!(
-                "journal records between seq {} and seq {} are missing",
-                h.segments[b - 1].last_seq,
-                h.segments[b].first_seq
+                "journal records between seq {lo} and seq {hi} are missing{}",
+                with_damage(h, lo + 1, hi - 1)
             ));
         }
     }
@@ -732,7 +923,7 @@ pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
                 continue;
             }
             if let Some(&br) = h.breaks.iter().find(|&&br| br > k) {
-                end = end.min(h.segments[br].first_seq.saturating_sub(1));
+                end = end.min(h.segments[br - 1].last_seq);
             }
             if let Some(g) = h.segments[k..]
                 .iter()

@@ -208,6 +208,72 @@ fn progress(total: u64) -> Option<(restore::Progress, indicatif::ProgressBar)> {
     Some((Arc::new(move |n| b.inc(n)), bar))
 }
 
+/// Removes a file when dropped unless [`Scratch::keep`] was called: whatever
+/// way a restore fails (an error, `?`, a panic), it leaves nothing behind.
+struct Scratch(Option<PathBuf>);
+
+impl Scratch {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `<out>.<suffix>`, next to `out`.
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    out.with_file_name(name)
+}
+
+fn create_scratch(p: &Path) -> Result<(std::fs::File, Scratch)> {
+    match std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(p)
+    {
+        Ok(f) => Ok((f, Scratch(Some(p.to_path_buf())))),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{} exists (left by an interrupted restore?): remove it and run the restore again",
+            p.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("creating {}", p.display())),
+    }
+}
+
+/// Give `from` the name `to`, never replacing an existing `to`.
+fn publish(from: &Path, to: &Path) -> Result<()> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from)?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{} appeared while restoring: restore never overwrites a file; choose another --output",
+            to.display()
+        ),
+        // A filesystem without hard links.
+        Err(_) => {
+            if to.exists() {
+                bail!(
+                    "{} appeared while restoring: choose another --output",
+                    to.display()
+                );
+            }
+            std::fs::rename(from, to)?;
+        }
+    }
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
 async fn to_file(
     store: &Store,
     plan: &restore::Plan,
@@ -221,20 +287,17 @@ async fn to_file(
         );
     }
     // Written under a temporary name and renamed at the end, so a failed
-    // restore leaves nothing that could be taken for a good image.
-    let partial = out.with_extension("partial");
+    // restore leaves nothing that could be taken for a good image: the
+    // scratch files are removed on every error path.
+    let partial = sibling(out, ".partial");
     let raw_path = if format == "qcow2" {
-        out.with_extension("partial.raw")
+        sibling(out, ".partial.raw")
     } else {
         partial.clone()
     };
-    let f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&raw_path)
-        .with_context(|| format!("creating {}", raw_path.display()))?;
-    f.set_len(plan.size)?;
+    let (f, raw_scratch) = create_scratch(&raw_path)?;
+    f.set_len(plan.size)
+        .with_context(|| format!("sizing {}", raw_path.display()))?;
     let bar = progress(plan.size);
     let r = restore::execute(
         plan,
@@ -246,34 +309,38 @@ async fn to_file(
     if let Some((_, b)) = bar {
         b.finish_and_clear();
     }
-    let stats = match r.and_then(|s| {
-        f.sync_all()
-            .map(|_| s)
-            .map_err(|e| restore::RestoreError::Io {
-                path: raw_path.clone(),
-                source: e,
-            })
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&raw_path);
-            return Err(e.into());
-        }
-    };
+    let stats = r.with_context(|| {
+        format!(
+            "restore of {} at seq {} failed, {} was not written (`cdpctl verify --deep` checks the repository)",
+            plan.disk,
+            plan.point_seq,
+            out.display()
+        )
+    })?;
+    f.sync_all()
+        .with_context(|| format!("writing {}", raw_path.display()))?;
+    drop(f);
     if format == "qcow2" {
+        let (_, q_scratch) = create_scratch(&partial)?;
         let st = std::process::Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "qcow2"])
             .arg(&raw_path)
             .arg(&partial)
             .status()
             .context("running qemu-img convert (install qemu-utils)")?;
-        let _ = std::fs::remove_file(&raw_path);
         if !st.success() {
-            let _ = std::fs::remove_file(&partial);
             bail!("qemu-img convert to qcow2 failed ({st})");
         }
+        drop(raw_scratch);
+        std::fs::File::open(&partial)
+            .and_then(|q| q.sync_all())
+            .with_context(|| format!("writing {}", partial.display()))?;
+        publish(&partial, out)?;
+        q_scratch.keep();
+    } else {
+        publish(&partial, out)?;
+        raw_scratch.keep();
     }
-    std::fs::rename(&partial, out)?;
     Ok(stats)
 }
 
