@@ -121,6 +121,8 @@ pub struct Daemon {
     pub previous_end: PreviousEnd,
     pub redone: u64,
     listeners: Vec<PathBuf>,
+    /// The listening sockets, to shut down at stop (their paths may be gone).
+    listen_fds: Vec<UnixListener>,
     acceptors: Vec<JoinHandle<()>>,
     control: Option<JoinHandle<()>>,
     control_path: PathBuf,
@@ -315,10 +317,12 @@ impl Daemon {
             .map_err(io_err("setting permissions of", &dir))?;
         let conns = Arc::new(Conns::default());
         let mut listeners = Vec::new();
+        let mut listen_fds = Vec::new();
         let mut acceptors = Vec::new();
         for d in &vm.disks {
             let path = vm.socket_path(&d.name);
             let l = bind(&path)?;
+            listen_fds.push(l.try_clone().map_err(io_err("cloning socket", &path))?);
             listeners.push(path);
             let (vm, d, conns) = (vm.clone(), d.clone(), conns.clone());
             acceptors.push(
@@ -330,6 +334,10 @@ impl Daemon {
         }
         let control_path = capture::control_path(&opts.run_dir, &uuid_str);
         let cl = bind(&control_path)?;
+        listen_fds.push(
+            cl.try_clone()
+                .map_err(io_err("cloning socket", &control_path))?,
+        );
         let control = {
             let vm = vm.clone();
             std::thread::Builder::new()
@@ -342,6 +350,7 @@ impl Daemon {
             previous_end: prev,
             redone,
             listeners,
+            listen_fds,
             acceptors,
             control: Some(control),
             control_path,
@@ -356,6 +365,11 @@ impl Daemon {
         let vm = self.vm.clone();
         vm.stopping.store(true, Ordering::Release);
         // Wake the accept loops and the control loop; they see `stopping`.
+        // Shutting a listener down fails its accept() (its path may be gone
+        // already); connecting covers a kernel where it would not.
+        for l in &self.listen_fds {
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
+        }
         for p in self
             .listeners
             .iter()
@@ -426,7 +440,12 @@ fn accept_loop(vm: &Arc<Vm>, disk: Arc<capture::Disk>, l: UnixListener, conns: A
         if vm.stopping.load(Ordering::Acquire) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            if vm.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            continue;
+        };
         let id = {
             let mut n = conns.next_id.lock().unwrap();
             *n += 1;

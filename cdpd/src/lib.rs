@@ -14,4 +14,5 @@ pub mod daemon;
 pub mod journal;
 pub mod names;
 pub mod nbd;
+pub mod proc;
 pub mod time;

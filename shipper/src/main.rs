@@ -100,9 +100,8 @@ async fn run(a: RunArgs) -> Result<()> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let poll: Duration = s.opts.poll;
-    let gone = |pid: i32| unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
     loop {
-        if a.follow_pid.is_some_and(gone) {
+        if a.follow_pid.is_some_and(cdpd::proc::is_gone) {
             eprintln!(
                 "cdp-shipper: cdpd (pid {}) has exited",
                 a.follow_pid.unwrap()

@@ -127,13 +127,25 @@ fn shipper(d: &Daemon, cfg: &Path, once: bool) -> Command {
     c
 }
 
-fn spawn_shipper(d: &Daemon, cfg: &Path) -> Child {
+/// A shipper killed when dropped, so a failing test leaves none behind.
+struct Shipper(Child);
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_shipper(d: &Daemon, cfg: &Path) -> Shipper {
     let log = std::fs::File::create(d.work_dir().join("shipper.log")).unwrap();
-    shipper(d, cfg, false)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    Shipper(
+        shipper(d, cfg, false)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn qemu_io(d: &Daemon, cmds: &[String]) {
@@ -293,11 +305,11 @@ fn s3_outage_grows_backlog_while_file_target_keeps_up_and_loses_nothing() {
     );
     d.term();
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sh.id() as i32),
+        nix::unistd::Pid::from_raw(sh.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(sh.wait().unwrap().success(), "shipper exit after SIGTERM");
+    assert!(sh.0.wait().unwrap().success(), "shipper exit after SIGTERM");
 
     let a = seqs(&file_store, &d.vm_uuid);
     let b = seqs(&s3_store, &d.vm_uuid);
@@ -345,8 +357,8 @@ fn killed_shipper_resumes_without_loss_or_duplicates() {
             target(disk, "offsite").is_some()
         });
         std::thread::sleep(Duration::from_millis(300));
-        sh.kill().unwrap();
-        sh.wait().unwrap();
+        sh.0.kill().unwrap();
+        sh.0.wait().unwrap();
     }
     assert!(load.wait().unwrap().success());
     d.term();

@@ -83,3 +83,13 @@ fn stops_cleanly_when_its_parent_dies() {
     assert_eq!(last["kind"], "SESSION_END", "{last}\n{}", d.log());
     assert!(!ctl.exists(), "control socket left behind");
 }
+
+#[test]
+fn stops_even_when_its_sockets_were_removed() {
+    let mut d = Daemon::with_disk(1 << 20);
+    // Someone cleaned the run directory under it (a test's tempdir, a tmpfiles rule).
+    std::fs::remove_dir_all(d.run_dir.join(&d.vm_uuid)).unwrap();
+    d.term();
+    let recs = d.journal_records();
+    assert_eq!(recs.last().unwrap()["kind"], "SESSION_END");
+}

@@ -214,7 +214,12 @@ impl Vm {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let Ok(stream) = stream else { continue };
+            let Ok(stream) = stream else {
+                if self.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            };
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
             let mut rd = BufReader::new(match stream.try_clone() {
                 Ok(s) => s,
