@@ -491,6 +491,7 @@ pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
                 "disk": disk,
                 "restorable": ranges,
                 "newest_shipped_seq": shipped_to,
+                "newest_seq": h.last_entry().map(|e| e.seq),
                 "baselines": baselines,
                 "flushes": flushes,
                 "marks": marks,
@@ -513,8 +514,12 @@ pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
                     x["from_seq"], x["from"].as_str().unwrap(), x["to_seq"], x["to"].as_str().unwrap()
                 );
             }
-            if let Some(s) = d["newest_shipped_seq"].as_u64() {
-                println!("  shipped up to seq {s}; newer records are on this host only");
+            match (d["newest_shipped_seq"].as_u64(), d["newest_seq"].as_u64()) {
+                (Some(s), Some(n)) if n > s => {
+                    println!("  shipped up to seq {s}; seq {s}..{n} are on this host only")
+                }
+                (None, Some(n)) => println!("  nothing shipped yet; records up to seq {n} are on this host only"),
+                _ => {}
             }
             for b in d["baselines"].as_array().unwrap() {
                 println!("  baseline   consistent from seq {:>8}  ({})", b["s1"], b["time"].as_str().unwrap());
