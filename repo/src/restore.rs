@@ -442,7 +442,9 @@ pub async fn read_record(
     check_record(disk, e, &raw).map(|h| (h, raw[RECORD_HEADER_LEN..].to_vec()))
 }
 
-fn check_record(disk: &str, e: &IndexEntry, raw: &[u8]) -> Result<RecordHeader, RestoreError> {
+/// Check a whole record (header + payload, `raw`) against its CRC and its
+/// index entry.
+pub fn check_record(disk: &str, e: &IndexEntry, raw: &[u8]) -> Result<RecordHeader, RestoreError> {
     let corrupt = |why: String| RestoreError::Corrupt {
         what: format!("{disk} record seq {}", e.seq),
         why,

@@ -17,6 +17,7 @@ use thiserror::Error;
 use super::{Disk, JOp, OpResults, SyncJob, Vm};
 use crate::journal::format::{Kind, FLAG_FUA, FLAG_NO_HOLE};
 use crate::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
+use crate::nbd::server;
 
 /// Room for the largest request (header + 32 MiB payload) plus slack.
 const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;
@@ -27,8 +28,8 @@ pub enum ConnError {
     Io(#[from] io::Error),
     #[error("protocol: {0}")]
     Proto(#[from] proto::ProtoError),
-    #[error("client asked for export {0:?}, which this socket does not serve")]
-    UnknownExport(String),
+    #[error(transparent)]
+    Handshake(#[from] server::HandshakeError),
 }
 
 /// The writing half of a connection, shared with the sync thread.
@@ -90,97 +91,11 @@ pub fn serve(vm: &Vm, disk: &Disk, mut stream: UnixStream) -> Result<(), ConnErr
 
 /// Negotiate options. Returns true when the client entered transmission.
 fn handshake(disk: &Disk, s: &mut UnixStream) -> Result<bool, ConnError> {
-    s.write_all(&proto::greeting())?;
-    let mut f = [0u8; 4];
-    s.read_exact(&mut f)?;
-    let no_zeroes = proto::parse_client_flags(u32::from_be_bytes(f))?;
     let info = ExportInfo {
         size: disk.size,
         flags: export_flags(),
     };
-    let mut out = Vec::with_capacity(256);
-    let mut data = Vec::new();
-    loop {
-        let mut hb = [0u8; 16];
-        s.read_exact(&mut hb)?;
-        let h = proto::parse_option_header(&hb)?;
-        data.resize(h.len as usize, 0);
-        s.read_exact(&mut data)?;
-        out.clear();
-        let name_ok = |n: &[u8]| n.is_empty() || n == disk.name.as_bytes();
-        match h.option {
-            proto::OPT_EXPORT_NAME => {
-                if !name_ok(&data) {
-                    return Err(ConnError::UnknownExport(
-                        String::from_utf8_lossy(&data).into_owned(),
-                    ));
-                }
-                proto::put_export_name_reply(&mut out, &info, no_zeroes);
-                s.write_all(&out)?;
-                return Ok(true);
-            }
-            proto::OPT_ABORT => {
-                proto::put_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
-                let _ = s.write_all(&out);
-                return Ok(false);
-            }
-            proto::OPT_LIST => {
-                if data.is_empty() {
-                    proto::put_list_entry(&mut out, &disk.name);
-                    proto::put_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
-                } else {
-                    proto::put_option_reply(&mut out, h.option, proto::REP_ERR_INVALID, &[]);
-                }
-            }
-            proto::OPT_INFO | proto::OPT_GO => match proto::parse_info_request(&data) {
-                None => {
-                    proto::put_option_reply(
-                        &mut out,
-                        h.option,
-                        proto::REP_ERR_INVALID,
-                        b"malformed NBD_OPT_INFO/GO payload",
-                    );
-                }
-                Some(req) if !name_ok(req.name) => {
-                    let msg = format!("unknown export; this socket serves {:?}", disk.name);
-                    proto::put_option_reply(
-                        &mut out,
-                        h.option,
-                        proto::REP_ERR_UNKNOWN,
-                        msg.as_bytes(),
-                    );
-                }
-                Some(req) => {
-                    proto::put_option_reply(
-                        &mut out,
-                        h.option,
-                        proto::REP_INFO,
-                        &proto::info_export(&info),
-                    );
-                    proto::put_option_reply(
-                        &mut out,
-                        h.option,
-                        proto::REP_INFO,
-                        &proto::info_block_size(1, proto::PREFERRED_BLOCK, proto::MAX_PAYLOAD),
-                    );
-                    if req.requests.contains(&proto::INFO_NAME) {
-                        let mut d = proto::INFO_NAME.to_be_bytes().to_vec();
-                        d.extend_from_slice(disk.name.as_bytes());
-                        proto::put_option_reply(&mut out, h.option, proto::REP_INFO, &d);
-                    }
-                    proto::put_option_reply(&mut out, h.option, proto::REP_ACK, &[]);
-                    if h.option == proto::OPT_GO {
-                        s.write_all(&out)?;
-                        return Ok(true);
-                    }
-                }
-            },
-            _ => {
-                proto::put_option_reply(&mut out, h.option, proto::REP_ERR_UNSUP, &[]);
-            }
-        }
-        s.write_all(&out)?;
-    }
+    Ok(server::handshake(s, &disk.name, &info)?)
 }
 
 #[derive(Clone, Copy)]

@@ -1,0 +1,1068 @@
+//! Instant recovery: a restore [`Plan`] served as a read-only NBD export,
+//! without materialising the image first (DESIGN.md §5).
+//!
+//! Every read is answered from the plan's extent map on demand:
+//! - journal extents from the records they come from, each record's CRC
+//!   checked before any of its bytes is served;
+//! - ranges no record covers from the baseline's chunk (checked against its
+//!   BLAKE3 name), or zeros for a chunk recorded as zeros;
+//! - ZERO/TRIM extents as zeros, without I/O.
+//!
+//! Decompressed chunks, decompressed segment frames and whole records are
+//! kept in one bounded LRU cache, so that neighbouring reads do not fetch
+//! again; concurrent reads of one object fetch it once. A read whose data
+//! cannot be checked fails with EIO: the export never serves wrong bytes.
+//! Local segment files (records not shipped yet) are opened once, at the
+//! start, so a shipper trimming them meanwhile takes nothing away.
+//!
+//! Threads: one per connection reads requests; a few workers per
+//! connection answer READs (replies may go out of order, as NBD allows);
+//! fetches run on a tokio runtime through its handle.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::hash::Hash;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use cdpd::journal::extents::Source;
+use cdpd::journal::format::{IndexEntry, Kind, RECORD_HEADER_LEN};
+use cdpd::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
+use cdpd::nbd::server;
+use thiserror::Error;
+
+use crate::format as rf;
+use crate::read::ReadError;
+use crate::restore::{self, Plan, RestoreError, SegLoc, SegRef};
+use crate::store::{with_retry, RetryPolicy, Store};
+
+/// Default bound of the cache of decompressed chunks, frames and records.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+/// Workers answering READs, per connection.
+const WORKERS_PER_CONN: usize = 4;
+/// Requests queued per connection before its reader waits.
+const QUEUE_PER_CONN: usize = 32;
+/// Connections served at once; more are closed at once.
+const MAX_CONNS: usize = 64;
+/// A client must finish its handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client that takes its replies slower than this is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+/// READ reply bytes being built at once, all connections together (a READ
+/// is at most 32 MiB).
+const READ_BUDGET: u64 = 128 << 20;
+/// Distinct reasons of read errors said on stderr (the rest are counted).
+const MAX_REPORTED: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn corrupt(what: impl Into<String>, why: impl Into<String>) -> RestoreError {
+    RestoreError::Corrupt {
+        what: what.into(),
+        why: why.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cache
+
+/// A bounded LRU cache of loaded objects with single-flight loading: when
+/// several threads want one missing key, one loads it and the others wait
+/// for that result. Errors are not cached (the next read tries again).
+pub struct Cache<K, V> {
+    inner: Mutex<Lru<K, V>>,
+}
+
+type Cell<V> = Arc<OnceLock<Result<V, String>>>;
+
+struct Lru<K, V> {
+    cap: u64,
+    used: u64,
+    tick: u64,
+    map: HashMap<K, Slot<V>>,
+    order: BTreeMap<u64, K>,
+    hits: u64,
+    misses: u64,
+}
+
+struct Slot<V> {
+    cell: Cell<V>,
+    size: u64,
+    tick: u64,
+}
+
+/// Something the cache can weigh.
+pub trait Weight {
+    fn weight(&self) -> u64;
+}
+
+impl Weight for Arc<Vec<u8>> {
+    fn weight(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone + Weight> Cache<K, V> {
+    pub fn new(cap: u64) -> Self {
+        Cache {
+            inner: Mutex::new(Lru {
+                cap,
+                used: 0,
+                tick: 0,
+                map: HashMap::new(),
+                order: BTreeMap::new(),
+                hits: 0,
+                misses: 0,
+            }),
+        }
+    }
+
+    /// The value of `key`, loaded with `load` if no other thread has it or
+    /// is loading it. An error is returned as its message.
+    pub fn get(&self, key: &K, load: impl FnOnce() -> Result<V, String>) -> Result<V, String> {
+        let cell = {
+            let mut l = lock(&self.inner);
+            l.tick += 1;
+            let tick = l.tick;
+            match l.map.get_mut(key) {
+                Some(slot) => {
+                    let old = std::mem::replace(&mut slot.tick, tick);
+                    let cell = slot.cell.clone();
+                    l.order.remove(&old);
+                    l.order.insert(tick, key.clone());
+                    l.hits += 1;
+                    cell
+                }
+                None => {
+                    let cell: Cell<V> = Arc::new(OnceLock::new());
+                    l.map.insert(
+                        key.clone(),
+                        Slot {
+                            cell: cell.clone(),
+                            size: 0,
+                            tick,
+                        },
+                    );
+                    l.order.insert(tick, key.clone());
+                    l.misses += 1;
+                    cell
+                }
+            }
+        };
+        let mut loaded = false;
+        let r = cell
+            .get_or_init(|| {
+                loaded = true;
+                load()
+            })
+            .clone();
+        if loaded {
+            let mut l = lock(&self.inner);
+            let ours = l.map.get(key).is_some_and(|s| Arc::ptr_eq(&s.cell, &cell));
+            if ours {
+                match &r {
+                    Ok(v) => {
+                        let size = v.weight();
+                        l.map.get_mut(key).unwrap().size = size;
+                        l.used += size;
+                        l.evict(key);
+                    }
+                    Err(_) => {
+                        let slot = l.map.remove(key).unwrap();
+                        l.order.remove(&slot.tick);
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    /// (bytes held, hits, misses).
+    pub fn stats(&self) -> (u64, u64, u64) {
+        let l = lock(&self.inner);
+        (l.used, l.hits, l.misses)
+    }
+}
+
+impl<K: Hash + Eq + Clone, V> Lru<K, V> {
+    /// Drop the least recently used entries until the cache fits, keeping
+    /// `keep` (the entry just loaded) even if it alone is over the bound.
+    fn evict(&mut self, keep: &K) {
+        while self.used > self.cap {
+            // Entries still loading weigh nothing yet: never evicted.
+            let loaded = |k: &K| self.map.get(k).is_some_and(|s| s.size > 0);
+            let Some((&t, k)) = self.order.iter().find(|(_, k)| *k != keep && loaded(k)) else {
+                return;
+            };
+            let k = k.clone();
+            self.order.remove(&t);
+            if let Some(s) = self.map.remove(&k) {
+                self.used -= s.size;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading a plan
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// A baseline chunk, by the first chunk index with its hash.
+    Chunk(u32),
+    /// A decompressed frame of a repository segment: (segment, frame).
+    Frame(u32, u32),
+    /// A whole checked record (header + payload): (segment, payload pos).
+    Record(u32, u64),
+}
+
+/// A decompressed frame, and which of the records wholly inside it were
+/// checked (by payload position): checked once, served many times.
+struct FrameBuf {
+    data: Vec<u8>,
+    checked: Mutex<HashSet<u64>>,
+}
+
+#[derive(Clone)]
+enum Val {
+    Bytes(Arc<Vec<u8>>),
+    Frame(Arc<FrameBuf>),
+}
+
+impl Weight for Val {
+    fn weight(&self) -> u64 {
+        match self {
+            Val::Bytes(b) => b.len() as u64,
+            Val::Frame(f) => f.data.len() as u64,
+        }
+    }
+}
+
+impl Val {
+    fn bytes(self) -> Arc<Vec<u8>> {
+        match self {
+            Val::Bytes(b) => b,
+            Val::Frame(_) => unreachable!("frames are read through Exporter::frame"),
+        }
+    }
+    fn frame(self) -> Arc<FrameBuf> {
+        match self {
+            Val::Frame(f) => f,
+            Val::Bytes(_) => unreachable!("bytes are not frames"),
+        }
+    }
+}
+
+/// Counters of an export.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub reads: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub rejected: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// A plan, readable at any byte range.
+pub struct Exporter {
+    plan: Plan,
+    store: Option<Store>,
+    rt: tokio::runtime::Handle,
+    cache: Cache<Key, Val>,
+    /// For each baseline chunk, the first chunk index with the same hash.
+    chunk_ids: Vec<u32>,
+    /// The local segment files the plan reads, opened once: a shipper that
+    /// trims them while the export runs does not take their bytes away.
+    local: HashMap<u32, File>,
+    reported: Mutex<HashSet<String>>,
+    pub stats: ExportStats,
+}
+
+impl Exporter {
+    /// Serve `plan`. `store` is the repository its baseline chunks and
+    /// shipped segments are in; `rt` runs the fetches; `cache_bytes` bounds
+    /// the cache. Opens the local segment files the plan reads.
+    pub fn new(
+        plan: Plan,
+        store: Option<Store>,
+        rt: tokio::runtime::Handle,
+        cache_bytes: u64,
+    ) -> Result<Exporter, RestoreError> {
+        let mut first: HashMap<&str, u32> = HashMap::new();
+        let chunk_ids = plan
+            .baseline
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match c {
+                Some(h) => *first.entry(h.as_str()).or_insert(i as u32),
+                None => i as u32,
+            })
+            .collect();
+        let mut local = HashMap::new();
+        for (_, _, src) in plan.extents.iter() {
+            let Source::Journal { segment, .. } = src else {
+                continue;
+            };
+            if local.contains_key(&segment) {
+                continue;
+            }
+            if let Some(SegLoc::Local(path)) = plan.segments.get(segment as usize).map(|s| &s.loc) {
+                let f = File::open(path).map_err(|e| RestoreError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+                local.insert(segment, f);
+            }
+        }
+        Ok(Exporter {
+            plan,
+            store,
+            rt,
+            cache: Cache::new(cache_bytes),
+            chunk_ids,
+            local,
+            reported: Mutex::new(HashSet::new()),
+            stats: ExportStats::default(),
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn size(&self) -> u64 {
+        self.plan.size
+    }
+
+    /// Bytes of the disk that come from journal records at this point.
+    pub fn journal_bytes(&self) -> u64 {
+        self.plan
+            .extents
+            .iter()
+            .filter(|(_, _, src)| matches!(src, Source::Journal { .. }))
+            .map(|(s, e, _)| e - s)
+            .sum()
+    }
+
+    /// The cache's bound.
+    pub fn cache_bytes(&self) -> u64 {
+        lock(&self.cache.inner).cap
+    }
+
+    /// (bytes cached, hits, misses).
+    pub fn cache_stats(&self) -> (u64, u64, u64) {
+        self.cache.stats()
+    }
+
+    /// Fill `buf` with the disk's bytes at `offset`, as they were at the
+    /// plan's point. Fails (and `buf` must be discarded) if any byte of it
+    /// cannot be fetched or checked.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), RestoreError> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.plan.size)
+            .ok_or_else(|| {
+                corrupt(
+                    &self.plan.disk,
+                    format!("read of {} bytes at {offset} is beyond the disk", buf.len()),
+                )
+            })?;
+        let mut at = offset;
+        for (s, e, src) in self.plan.extents.overlapping(offset, end) {
+            if s > at {
+                self.read_base(at, &mut buf[(at - offset) as usize..(s - offset) as usize])?;
+            }
+            let out = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match src {
+                Source::Zero => out.fill(0),
+                Source::Journal { segment, pos } => self.read_journal(segment, pos, out)?,
+            }
+            at = e;
+        }
+        if at < end {
+            self.read_base(at, &mut buf[(at - offset) as usize..])?;
+        }
+        Ok(())
+    }
+
+    /// Bytes no record covers: from the baseline.
+    fn read_base(&self, start: u64, out: &mut [u8]) -> Result<(), RestoreError> {
+        let b = &self.plan.baseline;
+        let cs = b.chunk_size;
+        if cs == 0 {
+            return Err(corrupt(&self.plan.baseline_key, "chunk size 0"));
+        }
+        let end = start + out.len() as u64;
+        let mut at = start;
+        while at < end {
+            let i = at / cs;
+            let c_start = i * cs;
+            let c_end = (c_start + cs).min(b.size);
+            let part_end = end.min(c_end);
+            let dst = &mut out[(at - start) as usize..(part_end - start) as usize];
+            match b.chunks.get(i as usize) {
+                None => {
+                    return Err(corrupt(
+                        &self.plan.baseline_key,
+                        format!("no chunk {i}: the baseline lists {}", b.chunks.len()),
+                    ))
+                }
+                Some(None) => dst.fill(0),
+                Some(Some(hash)) => {
+                    let len = (c_end - c_start) as usize;
+                    let data = self
+                        .cache
+                        .get(&Key::Chunk(self.chunk_ids[i as usize]), || {
+                            self.fetch_chunk(hash, len).map(Val::Bytes)
+                        })
+                        .map_err(|why| corrupt(format!("{} at {at}", self.plan.disk), why))?
+                        .bytes();
+                    let a = (at - c_start) as usize;
+                    dst.copy_from_slice(&data[a..a + dst.len()]);
+                }
+            }
+            at = part_end;
+        }
+        Ok(())
+    }
+
+    fn fetch_chunk(&self, hash: &str, len: usize) -> Result<Arc<Vec<u8>>, String> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            format!(
+                "{}: baseline chunks are in the repository, and no repository was given",
+                rf::chunk_key(hash)
+            )
+        })?;
+        let data = self
+            .rt
+            .block_on(restore::fetch_chunk(store, hash, len))
+            .map_err(|e| e.to_string())?;
+        if data.len() != len {
+            return Err(format!(
+                "{}: chunk is {} bytes, expected {len}",
+                rf::chunk_key(hash),
+                data.len()
+            ));
+        }
+        Ok(Arc::new(data))
+    }
+
+    /// Bytes of a journal extent: `pos` is the payload position of its
+    /// first byte in segment `segment`.
+    fn read_journal(&self, segment: u32, pos: u64, out: &mut [u8]) -> Result<(), RestoreError> {
+        let disk = &self.plan.disk;
+        let seg = self
+            .plan
+            .segments
+            .get(segment as usize)
+            .ok_or_else(|| corrupt(disk, format!("extent map names segment {segment}")))?;
+        let idx = seg.entries.partition_point(|x| x.payload_pos <= pos);
+        let r = idx
+            .checked_sub(1)
+            .map(|i| &seg.entries[i])
+            .filter(|r| r.kind == Kind::Write && pos + out.len() as u64 <= r.payload_pos + r.length)
+            .ok_or_else(|| {
+                corrupt(
+                    format!("{disk} segment {}-{}", seg.first_seq, seg.last_seq),
+                    format!("no WRITE record holds payload position {pos}"),
+                )
+            })?;
+        let off = (pos - r.payload_pos) as usize;
+        let hpos = r.payload_pos - RECORD_HEADER_LEN as u64;
+        let pend = r.payload_pos + r.length;
+        if let SegLoc::Repo { frames, .. } = &seg.loc {
+            let f0 = frame_of(frames, hpos);
+            let f1 = frame_of(frames, pend - 1);
+            if let (Some(f0), true) = (f0, f0 == f1) {
+                // The whole record is in one frame: served from the frame.
+                let fr = self.frame(segment, seg, f0)?;
+                let base = frames[f0].raw_offset;
+                let (a, b) = ((hpos - base) as usize, (pend - base) as usize);
+                if b > fr.data.len() {
+                    return Err(corrupt(
+                        rf::segment_key(&self.plan.vm, disk, seg.first_seq, seg.last_seq),
+                        "frame shorter than the index says",
+                    ));
+                }
+                if !lock(&fr.checked).contains(&r.payload_pos) {
+                    restore::check_record(disk, r, &fr.data[a..b])?;
+                    lock(&fr.checked).insert(r.payload_pos);
+                }
+                let p = a + RECORD_HEADER_LEN + off;
+                out.copy_from_slice(&fr.data[p..p + out.len()]);
+                return Ok(());
+            }
+        }
+        // A local segment, or a record across frames: the record, whole.
+        let rec = self
+            .cache
+            .get(&Key::Record(segment, r.payload_pos), || {
+                self.fetch_record(segment, seg, r).map(Val::Bytes)
+            })
+            .map_err(|why| corrupt(format!("{disk} at payload {pos}"), why))?
+            .bytes();
+        let p = RECORD_HEADER_LEN + off;
+        out.copy_from_slice(&rec[p..p + out.len()]);
+        Ok(())
+    }
+
+    fn fetch_record(
+        &self,
+        segment: u32,
+        seg: &SegRef,
+        r: &IndexEntry,
+    ) -> Result<Arc<Vec<u8>>, String> {
+        let hpos = r.payload_pos - RECORD_HEADER_LEN as u64;
+        let range = hpos..r.payload_pos + r.length;
+        let raw = match self.local.get(&segment) {
+            Some(f) => {
+                let mut b = vec![0u8; (range.end - range.start) as usize];
+                f.read_exact_at(&mut b, range.start).map_err(|e| {
+                    let path = match &seg.loc {
+                        SegLoc::Local(p) => p.display().to_string(),
+                        SegLoc::Repo { .. } => String::new(),
+                    };
+                    format!("{path}: {e}")
+                })?;
+                b
+            }
+            None => self
+                .rt
+                .block_on(restore::read_raw(
+                    self.store.as_ref(),
+                    &self.plan.vm,
+                    &self.plan.disk,
+                    seg,
+                    range,
+                ))
+                .map_err(|e| e.to_string())?,
+        };
+        restore::check_record(&self.plan.disk, r, &raw).map_err(|e| e.to_string())?;
+        Ok(Arc::new(raw))
+    }
+
+    /// Frame `f` of a repository segment, decompressed.
+    fn frame(&self, segment: u32, seg: &SegRef, f: usize) -> Result<Arc<FrameBuf>, RestoreError> {
+        let key = rf::segment_key(&self.plan.vm, &self.plan.disk, seg.first_seq, seg.last_seq);
+        let v = self
+            .cache
+            .get(&Key::Frame(segment, f as u32), || {
+                let SegLoc::Repo {
+                    frames,
+                    object_size,
+                } = &seg.loc
+                else {
+                    return Err(format!("{key}: not a repository segment"));
+                };
+                let store = self.store.as_ref().ok_or_else(|| {
+                    format!("{key}: segment is only in the repository, and no repository was given")
+                })?;
+                let start = frames[f].object_offset;
+                let end = frames.get(f + 1).map_or(*object_size, |n| n.object_offset);
+                if end < start {
+                    return Err(format!("{key}: frame table out of order"));
+                }
+                let retry = RetryPolicy::default();
+                let obj = self
+                    .rt
+                    .block_on(with_retry(&key, &retry, || {
+                        store.get_range(&key, start..end)
+                    }))
+                    .map_err(|e| ReadError::from(e).to_string())?;
+                let data = rf::decompress_segment(&key, &obj).map_err(|e| e.to_string())?;
+                if let Some(n) = frames.get(f + 1) {
+                    if data.len() as u64 != n.raw_offset - frames[f].raw_offset {
+                        return Err(format!(
+                            "{key}: frame {f} is {} bytes, the index says {}",
+                            data.len(),
+                            n.raw_offset - frames[f].raw_offset
+                        ));
+                    }
+                }
+                Ok(Val::Frame(Arc::new(FrameBuf {
+                    data,
+                    checked: Mutex::new(HashSet::new()),
+                })))
+            })
+            .map_err(|why| corrupt(format!("{} segment frame", self.plan.disk), why))?;
+        Ok(v.frame())
+    }
+
+    /// Count a failed read; say why on stderr the first time a given
+    /// reason (a corrupt object, …) comes up: never once per request.
+    fn note_error(&self, e: &RestoreError) {
+        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+        let (what, why) = match e {
+            RestoreError::Corrupt { what, why } => (what.clone(), why.clone()),
+            e => (self.plan.disk.clone(), e.to_string()),
+        };
+        let mut r = lock(&self.reported);
+        if r.len() < MAX_REPORTED && r.insert(why.clone()) {
+            eprintln!("cdp export: reads failing with EIO ({what}): {why}");
+        }
+    }
+}
+
+/// The frame holding raw position `x`.
+fn frame_of(frames: &[rf::Frame], x: u64) -> Option<usize> {
+    frames.partition_point(|f| f.raw_offset <= x).checked_sub(1)
+}
+
+// ---------------------------------------------------------------------------
+// Server
+
+#[derive(Debug, Error)]
+pub enum ExportError {
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is already served by another process (it answers): stop that one or choose another --socket")]
+    AlreadyServed(PathBuf),
+    #[error("{0} exists and is not a socket: remove it or choose another --socket")]
+    NotASocket(PathBuf),
+}
+
+/// The export's NBD flags: read-only, FLUSH accepted (a no-op), and any
+/// number of connections see the same bytes.
+pub fn export_flags() -> u16 {
+    proto::TFLAG_HAS_FLAGS
+        | proto::TFLAG_READ_ONLY
+        | proto::TFLAG_SEND_FLUSH
+        | proto::TFLAG_CAN_MULTI_CONN
+}
+
+/// An export listening on a unix socket.
+pub struct ExportServer {
+    exporter: Arc<Exporter>,
+    listener: Arc<UnixListener>,
+    path: PathBuf,
+    stopping: Arc<AtomicBool>,
+    active: Arc<AtomicUsize>,
+    budget: Arc<Budget>,
+}
+
+/// Stops an [`ExportServer`] from another thread.
+#[derive(Clone)]
+pub struct Stopper {
+    listener: Arc<UnixListener>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Stopper {
+    /// Stop accepting: [`ExportServer::serve`] returns and removes the socket.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        // Wakes the blocked accept() (EINVAL) without needing the path.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+impl ExportServer {
+    /// Listen on `path` (mode 0600), replacing a stale socket but never a
+    /// live one or a file that is not a socket.
+    pub fn bind(path: &Path, exporter: Arc<Exporter>) -> Result<ExportServer, ExportError> {
+        let err = |what| {
+            move |source| ExportError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(ExportError::NotASocket(path.to_path_buf()))
+            }
+            Ok(_) => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ExportError::AlreadyServed(path.to_path_buf()));
+                }
+                std::fs::remove_file(path).map_err(err("removing the stale socket"))?;
+            }
+            Err(_) => {}
+        }
+        // Owner only from the start: no window where others could connect.
+        let old = unsafe { libc::umask(0o177) };
+        let l = UnixListener::bind(path);
+        unsafe { libc::umask(old) };
+        let listener = l.map_err(err("binding the socket"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(err("setting the socket's mode"))?;
+        Ok(ExportServer {
+            exporter,
+            listener: Arc::new(listener),
+            path: path.to_path_buf(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            active: Arc::new(AtomicUsize::new(0)),
+            budget: Arc::new(Budget::new(READ_BUDGET)),
+        })
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            listener: self.listener.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    pub fn exporter(&self) -> &Arc<Exporter> {
+        &self.exporter
+    }
+
+    /// Accept clients until stopped, each on its own threads; then remove
+    /// the socket. Connections still open are left to end with the process.
+    pub fn serve(self) {
+        loop {
+            let accepted = self.listener.accept();
+            if self.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            let Ok((stream, _)) = accepted else {
+                // Out of descriptors or memory: do not spin.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            if self.active.load(Ordering::Relaxed) >= MAX_CONNS {
+                continue; // dropped: closed at once
+            }
+            self.active.fetch_add(1, Ordering::Relaxed);
+            let (ex, active, budget) = (
+                self.exporter.clone(),
+                self.active.clone(),
+                self.budget.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name("export-conn".into())
+                .spawn(move || {
+                    ex.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    // A misbehaving client ends its own connection, nothing else.
+                    let _ = serve_conn(&ex, &budget, stream);
+                    active.fetch_sub(1, Ordering::Relaxed);
+                });
+            if spawned.is_err() {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bytes of READ replies being built at once, across all connections: the
+/// memory a crowd of clients asking for 32 MiB each can take.
+struct Budget {
+    avail: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Budget {
+    fn new(n: u64) -> Budget {
+        Budget {
+            avail: Mutex::new(n),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self, n: u64) {
+        let mut a = lock(&self.avail);
+        while *a < n {
+            a = self.cv.wait(a).unwrap_or_else(|e| e.into_inner());
+        }
+        *a -= n;
+    }
+
+    fn release(&self, n: u64) {
+        *lock(&self.avail) += n;
+        self.cv.notify_all();
+    }
+}
+
+#[derive(Debug, Error)]
+enum ConnError {
+    #[error(transparent)]
+    Handshake(#[from] server::HandshakeError),
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The writing half of a connection, shared by its reader and workers.
+struct Replier {
+    stream: Mutex<UnixStream>,
+    dead: AtomicBool,
+}
+
+impl Replier {
+    fn send(&self, bytes: &[u8]) {
+        if self.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut s = lock(&self.stream);
+        if s.write_all(bytes).is_err() {
+            // Gone, or not taking its replies: end the connection (this
+            // also wakes the reader).
+            self.dead.store(true, Ordering::Relaxed);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn error(&self, err: u32, cookie: u64) {
+        let mut b = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
+        proto::put_simple_reply(&mut b, err, cookie);
+        self.send(&b);
+    }
+}
+
+fn serve_conn(
+    ex: &Arc<Exporter>,
+    budget: &Arc<Budget>,
+    mut stream: UnixStream,
+) -> Result<(), ConnError> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let info = ExportInfo {
+        size: ex.size(),
+        flags: export_flags(),
+    };
+    if !server::handshake(&mut stream, &ex.plan.disk, &info)? {
+        return Ok(());
+    }
+    stream.set_read_timeout(None)?;
+    let replier = Arc::new(Replier {
+        stream: Mutex::new(stream.try_clone()?),
+        dead: AtomicBool::new(false),
+    });
+    let (tx, rx) = sync_channel::<Request>(QUEUE_PER_CONN);
+    let rx = Arc::new(Mutex::new(rx));
+    let workers: Vec<_> = (0..WORKERS_PER_CONN)
+        .filter_map(|_| {
+            let (ex, rx, rp, b) = (ex.clone(), rx.clone(), replier.clone(), budget.clone());
+            std::thread::Builder::new()
+                .name("export-read".into())
+                .spawn(move || worker(&ex, &rx, &rp, &b))
+                .ok()
+        })
+        .collect();
+    let r = if workers.is_empty() {
+        Err(io::Error::other("cannot start a worker thread").into())
+    } else {
+        transmission(
+            ex,
+            BufReader::with_capacity(64 * 1024, stream),
+            &replier,
+            |req| tx.send(req).is_ok(),
+        )
+    };
+    // Reads already queued are answered before the connection closes.
+    drop(tx);
+    for w in workers {
+        let _ = w.join();
+    }
+    r
+}
+
+/// Read requests until the client disconnects or errs; READs go to
+/// `dispatch`, the rest are answered here.
+fn transmission(
+    ex: &Exporter,
+    mut rd: impl Read,
+    replier: &Replier,
+    mut dispatch: impl FnMut(Request) -> bool,
+) -> Result<(), ConnError> {
+    let mut hdr = [0u8; proto::REQUEST_LEN];
+    let mut sink = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = rd.read_exact(&mut hdr) {
+            return match e.kind() {
+                io::ErrorKind::UnexpectedEof => Ok(()),
+                _ => Err(e.into()),
+            };
+        }
+        let Ok(req) = proto::parse_request(&hdr) else {
+            // Out of step: nothing after this can be trusted.
+            return Ok(());
+        };
+        match proto::validate(&req, ex.size(), true) {
+            Verdict::Disconnect => return Ok(()),
+            Verdict::RejectAndClose(e) => {
+                ex.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                replier.error(e, req.cookie);
+                return Ok(());
+            }
+            Verdict::Reject(e) => {
+                // Its payload (a refused WRITE's) is read and dropped.
+                let mut left = req.payload_len();
+                while left > 0 {
+                    let n = left.min(sink.len());
+                    rd.read_exact(&mut sink[..n])?;
+                    left -= n;
+                }
+                ex.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                replier.error(e, req.cookie);
+            }
+            Verdict::Ok => match req.kind {
+                proto::CMD_READ => {
+                    if !dispatch(req) {
+                        return Ok(());
+                    }
+                }
+                // Nothing is ever written: a FLUSH has nothing to do.
+                proto::CMD_FLUSH => replier.error(0, req.cookie),
+                // validate() refuses every write on a read-only export.
+                _ => replier.error(errno::EPERM, req.cookie),
+            },
+        }
+        if replier.dead.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+    }
+}
+
+fn worker(ex: &Exporter, rx: &Mutex<Receiver<Request>>, replier: &Replier, budget: &Budget) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let req = match lock(rx).recv() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        if replier.dead.load(Ordering::Relaxed) {
+            continue;
+        }
+        let len = req.len as usize;
+        budget.acquire(len as u64);
+        buf.clear();
+        proto::put_simple_reply(&mut buf, 0, req.cookie);
+        buf.resize(proto::SIMPLE_REPLY_LEN + len, 0);
+        match ex.read(req.offset, &mut buf[proto::SIMPLE_REPLY_LEN..]) {
+            Ok(()) => {
+                ex.stats.reads.fetch_add(1, Ordering::Relaxed);
+                ex.stats.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                replier.send(&buf);
+            }
+            Err(e) => {
+                ex.note_error(&e);
+                replier.error(errno::EIO, req.cookie);
+            }
+        }
+        if buf.capacity() > 8 << 20 {
+            buf = Vec::new();
+        }
+        budget.release(len as u64);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Signals
+
+/// SIGTERM and SIGINT, blocked so that [`StopSignals::wait`] receives them.
+/// Block them before any thread (a tokio runtime) is started: threads
+/// inherit the mask, and a signal delivered to an unblocked thread would
+/// kill the process without cleaning up.
+pub struct StopSignals {
+    set: libc::sigset_t,
+}
+
+impl StopSignals {
+    pub fn block() -> io::Result<StopSignals> {
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            Ok(StopSignals { set })
+        }
+    }
+
+    /// Wait for SIGTERM or SIGINT; returns its name.
+    pub fn wait(&self) -> &'static str {
+        loop {
+            let mut sig = 0;
+            if unsafe { libc::sigwait(&self.set, &mut sig) } == 0 {
+                return if sig == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(n: usize) -> Result<Arc<Vec<u8>>, String> {
+        Ok(Arc::new(vec![0u8; n]))
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used_within_its_bound() {
+        let c: Cache<u32, Arc<Vec<u8>>> = Cache::new(300);
+        for k in 0..3 {
+            c.get(&k, || bytes(100)).unwrap();
+        }
+        // Touch 0: 1 becomes the oldest.
+        c.get(&0, || panic!("0 is cached")).unwrap();
+        c.get(&3, || bytes(100)).unwrap();
+        assert_eq!(c.stats().0, 300);
+        let mut reloaded = false;
+        c.get(&1, || {
+            reloaded = true;
+            bytes(100)
+        })
+        .unwrap();
+        assert!(reloaded, "1 was the least recently used");
+        c.get(&0, || panic!("0 was used recently")).unwrap();
+        // An entry larger than the whole bound is kept alone.
+        c.get(&9, || bytes(1000)).unwrap();
+        assert_eq!(c.stats().0, 1000);
+        c.get(&9, || panic!("9 is cached")).unwrap();
+    }
+
+    #[test]
+    fn errors_are_not_cached() {
+        let c: Cache<u32, Arc<Vec<u8>>> = Cache::new(300);
+        assert!(c.get(&1, || Err("down".into())).is_err());
+        assert_eq!(c.get(&1, || bytes(5)).unwrap().len(), 5);
+        assert_eq!(c.stats().0, 5);
+    }
+
+    #[test]
+    fn concurrent_misses_load_once() {
+        let c: Arc<Cache<u32, Arc<Vec<u8>>>> = Arc::new(Cache::new(1 << 20));
+        let loads = Arc::new(AtomicU64::new(0));
+        let ts: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, loads) = (c.clone(), loads.clone());
+                std::thread::spawn(move || {
+                    c.get(&7, || {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(50));
+                        bytes(10)
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        for t in ts {
+            assert_eq!(t.join().unwrap().len(), 10);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+    }
+}
