@@ -204,3 +204,87 @@ fn a_cdpd_that_cannot_start_fails_the_vm_start() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The children keep nothing libvirt passed; QEMU keeps everything.
+#[test]
+fn children_do_not_inherit_qemus_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("vda.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let dom = domain(dir.path(), &disk, KEYS, "raw");
+    // A "QEMU" that lists its descriptors, then waits so cdpd stays up.
+    let listing = dir.path().join("qemu-fds");
+    let fake = dir.path().join("fake-qemu");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nls /proc/$$/fd > '{}'\nexec sleep 30\n",
+            listing.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Descriptor 9, as libvirt passes -add-fd descriptors (not close-on-exec).
+    let passed = std::fs::File::create(dir.path().join("passed")).unwrap();
+    let pfd = std::os::fd::AsRawFd::as_raw_fd(&passed);
+    let mut cmd = Command::new(bin("cdp-qemu"));
+    cmd.arg("--vm-config")
+        .arg(&dom)
+        .arg("--qemu")
+        .arg(&fake)
+        .arg("--config")
+        .arg(config(dir.path()))
+        .args(["--", "-name", "guest=wrapped", "-blockdev"])
+        .arg(format!(
+            r#"{{"driver":"file","filename":"{}","node-name":"n"}}"#,
+            disk.display()
+        ));
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(pfd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut qemu = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !listing.exists() || std::fs::read_to_string(&listing).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fake QEMU never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let qemu_fds: Vec<String> = std::fs::read_to_string(&listing)
+        .unwrap()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        qemu_fds.contains(&"9".to_string()),
+        "QEMU lost fd 9: {qemu_fds:?}"
+    );
+    // cdpd: find it among QEMU's children.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", qemu.id())).unwrap();
+    let cdpd: Vec<&str> = children.split_whitespace().collect();
+    assert!(!cdpd.is_empty(), "no child under QEMU");
+    for pid in cdpd {
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/9")).ok();
+        assert!(
+            target.as_deref() != Some(dir.path().join("passed").as_path()),
+            "child {pid} inherited QEMU's fd 9: {fds:?}"
+        );
+    }
+    qemu.kill().unwrap();
+    qemu.wait().unwrap();
+}
