@@ -99,9 +99,6 @@ impl Vm {
     fn state(&self) -> PathBuf {
         self.dir.path().join("state")
     }
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
 
     /// Boot through cdp-qemu; returns the QEMU child (serial on stdout).
     fn boot(&self, append: &str) -> Child {
@@ -377,7 +374,6 @@ fn a_killed_cdpd_pauses_guest_io_and_loses_nothing() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let sock = vm.run_dir().join(uuid).join("vda.sock");
     // Start it again by hand, as an operator (or cdp-agent) would.
     let mut args = Vec::new();
     let mut it = cmdline[1..].iter();
@@ -393,7 +389,9 @@ fn a_killed_cdpd_pauses_guest_io_and_loses_nothing() {
     // Gone for real: a process whose memory is released but whose descriptors
     // (and so its image lock) are not yet has no cmdline; wait for the zombie.
     let killed = cdpd[0];
-    wait_until("the killed cdpd to be gone", 10, || cdpd::proc::is_gone(killed));
+    wait_until("the killed cdpd to be gone", 10, || {
+        cdpd::proc::is_gone(killed)
+    });
     let again_log = vm.dir.path().join("cdpd-again.log");
     let mut again = Guard(
         Command::new(&cmdline[0])
