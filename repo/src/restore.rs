@@ -714,7 +714,21 @@ pub struct FreshFile(pub File);
 
 impl Sink for FreshFile {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0.write_all_at(data, offset)
+        self.0.write_all_at(data, offset)?;
+        if data.len() >= 1 << 18 {
+            // Start writing large pieces back now, so the disk works while
+            // the rest is fetched and the final sync has little left to do.
+            use std::os::fd::AsRawFd;
+            unsafe {
+                libc::sync_file_range(
+                    self.0.as_raw_fd(),
+                    offset as libc::off64_t,
+                    data.len() as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+        }
+        Ok(())
     }
     fn zero(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
         Ok(())
@@ -806,53 +820,87 @@ pub async fn execute(
     let seg_jobs = by_seg.into_iter().map(|(i, extents)| {
         let seg = &plan.segments[i as usize];
         let sink = sink.clone();
-        let tick = &tick;
+        let progress = progress.clone();
         async move {
             // The records these extents come from, whole.
-            let mut recs: Vec<&IndexEntry> = Vec::new();
+            let mut recs: Vec<IndexEntry> = Vec::new();
             for &(s, e, pos) in &extents {
                 let idx = seg.entries.partition_point(|x| x.payload_pos <= pos) - 1;
                 let r = &seg.entries[idx];
                 debug_assert!(pos + (e - s) <= r.payload_pos + r.length);
                 if recs.last().is_none_or(|l| l.payload_pos != r.payload_pos) {
-                    recs.push(r);
+                    recs.push(*r);
                 }
             }
             recs.sort_by_key(|r| r.payload_pos);
             recs.dedup_by_key(|r| r.payload_pos);
-            let lo = recs[0].payload_pos - RECORD_HEADER_LEN as u64;
-            let hi = recs.iter().map(|r| r.payload_pos + r.length).max().unwrap();
-            let raw = read_raw(store, &plan.vm, &plan.disk, seg, lo..hi).await?;
+            // Runs of records close together, each read with one ranged
+            // GET of the frames that hold it: a segment with a few surviving
+            // records costs those records' frames, not the whole segment.
+            const SPLIT: u64 = 2 * rf::FRAME_RAW as u64;
+            let mut bounds: Vec<(u64, u64)> = Vec::new();
             for r in &recs {
-                let a = (r.payload_pos - RECORD_HEADER_LEN as u64 - lo) as usize;
-                let b = (r.payload_pos + r.length - lo) as usize;
-                check_record(&plan.disk, r, &raw[a..b])?;
+                let (a, b) = (
+                    r.payload_pos - RECORD_HEADER_LEN as u64,
+                    r.payload_pos + r.length,
+                );
+                match bounds.last_mut() {
+                    Some(l) if a < l.1 + SPLIT => l.1 = l.1.max(b),
+                    _ => bounds.push((a, b)),
+                }
             }
-            let mut bytes = 0;
-            for &(s, e, pos) in &extents {
-                let a = (pos - lo) as usize;
-                sink.write(s, &raw[a..a + (e - s) as usize])
-                    .map_err(io_err(Path::new(&plan.disk)))?;
-                bytes += e - s;
-                tick(e - s);
-            }
-            Ok::<_, RestoreError>((recs.len() as u64, bytes))
+            let runs: Vec<(u64, Vec<u8>)> =
+                futures::stream::iter(bounds.into_iter().map(|(lo, hi)| async move {
+                    let raw = read_raw(store, &plan.vm, &plan.disk, seg, lo..hi).await?;
+                    Ok::<_, RestoreError>((lo, raw))
+                }))
+                .buffered(4)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+            // Checking and writing run on the blocking pool, beside the
+            // chunks.
+            let disk = plan.disk.clone();
+            tokio::task::spawn_blocking(move || {
+                // The run holding raw position `pos`: its start and bytes.
+                let at = |pos: u64| {
+                    let (lo, raw) = &runs[runs.partition_point(|r| r.0 <= pos) - 1];
+                    (*lo, raw)
+                };
+                for r in &recs {
+                    let (lo, raw) = at(r.payload_pos - RECORD_HEADER_LEN as u64);
+                    let a = (r.payload_pos - RECORD_HEADER_LEN as u64 - lo) as usize;
+                    let b = (r.payload_pos + r.length - lo) as usize;
+                    check_record(&disk, r, &raw[a..b])?;
+                }
+                let mut bytes = 0;
+                for &(s, e, pos) in &extents {
+                    let (lo, raw) = at(pos);
+                    let a = (pos - lo) as usize;
+                    sink.write(s, &raw[a..a + (e - s) as usize])
+                        .map_err(io_err(Path::new(&disk)))?;
+                    bytes += e - s;
+                    if let Some(p) = &progress {
+                        p(e - s)
+                    }
+                }
+                Ok::<_, RestoreError>((recs.len() as u64, bytes))
+            })
+            .await
+            .expect("restore worker panicked")
         }
     });
-    let results: Vec<_> = futures::stream::iter(seg_jobs)
+    let journal = futures::stream::iter(seg_jobs)
         .buffer_unordered(4)
-        .collect()
-        .await;
-    for r in results {
-        let (n, b) = r?;
-        stats.journal_records += n;
-        stats.journal_bytes += b;
-    }
-    // 2. The rest from the baseline's chunks.
+        .collect::<Vec<_>>();
+    // 2. The rest from the baseline's chunks, at the same time (the
+    //    ranges are disjoint).
     let b = &plan.baseline;
     let chunk_jobs = (0..b.chunks.len()).map(|i| {
         let sink = sink.clone();
         let tick = &tick;
+        let progress = progress.clone();
         async move {
             let start = i as u64 * b.chunk_size;
             let end = (start + b.chunk_size).min(b.size);
@@ -874,28 +922,49 @@ pub async fn execute(
                         why: "baseline chunks are in the repository, and no repository was given"
                             .into(),
                     })?;
-                    let data = fetch_chunk(store, hash, (end - start) as usize).await?;
-                    if data.len() as u64 != end - start {
-                        return Err(RestoreError::Corrupt {
-                            what: rf::chunk_key(hash),
-                            why: format!("chunk is {} bytes, expected {}", data.len(), end - start),
-                        });
-                    }
-                    for (s, e) in gaps {
-                        sink.write(s, &data[(s - start) as usize..(e - start) as usize])
-                            .map_err(io_err(Path::new(&plan.disk)))?;
-                        tick(e - s);
-                    }
-                    Ok((1, end - start))
+                    let key = rf::chunk_key(hash);
+                    let retry = RetryPolicy::default();
+                    let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
+                        .await
+                        .map_err(ReadError::from)?;
+                    // Decompressing, hashing and writing run on the blocking
+                    // pool: in parallel, off the thread that fetches.
+                    let (hash, disk) = (hash.clone(), plan.disk.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let len = (end - start) as usize;
+                        let data =
+                            rf::decompress_chunk(&hash, &obj, len).map_err(ReadError::from)?;
+                        if data.len() != len {
+                            return Err(RestoreError::Corrupt {
+                                what: key,
+                                why: format!("chunk is {} bytes, expected {len}", data.len()),
+                            });
+                        }
+                        for (s, e) in gaps {
+                            sink.write(s, &data[(s - start) as usize..(e - start) as usize])
+                                .map_err(io_err(Path::new(&disk)))?;
+                            if let Some(p) = &progress {
+                                p(e - s)
+                            }
+                        }
+                        Ok((1, end - start))
+                    })
+                    .await
+                    .expect("restore worker panicked")
                 }
             }
         }
     });
-    let results: Vec<_> = futures::stream::iter(chunk_jobs)
+    let chunks = futures::stream::iter(chunk_jobs)
         .buffered(8)
-        .collect()
-        .await;
-    for r in results {
+        .collect::<Vec<_>>();
+    let (journal, chunks) = futures::join!(journal, chunks);
+    for r in journal {
+        let (n, b) = r?;
+        stats.journal_records += n;
+        stats.journal_bytes += b;
+    }
+    for r in chunks {
         let (n, bytes) = r?;
         stats.chunks_fetched += n;
         stats.chunk_bytes += bytes;
