@@ -370,32 +370,12 @@ impl Catalog {
     }
 
     pub fn segments(&self, vm: &str) -> Result<Vec<SegmentRow>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
-                        size_bytes, sealed, path
-                 FROM segments WHERE vm_uuid = ?1 ORDER BY disk, first_seq",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map(params![vm], |r| {
-                Ok(SegmentRow {
-                    disk: r.get(0)?,
-                    first_seq: r.get::<_, i64>(1)? as u64,
-                    last_seq: r.get::<_, i64>(2)? as u64,
-                    first_ts_ns: r.get::<_, i64>(3)? as u64,
-                    last_ts_ns: r.get::<_, i64>(4)? as u64,
-                    records: r.get::<_, i64>(5)? as u64,
-                    record_base: r.get::<_, i64>(6)? as u64,
-                    size_bytes: r.get::<_, i64>(7)? as u64,
-                    sealed: r.get::<_, i64>(8)? != 0,
-                    path: r.get(9)?,
-                })
-            })
-            .map_err(self.err())?;
-        rows.collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(self.err())
+        self.segment_query(
+            "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
+                    size_bytes, sealed, path
+             FROM segments WHERE vm_uuid = ?1 ORDER BY disk, first_seq",
+            params![vm],
+        )
     }
 
     pub fn add_mark(&self, vm: &str, label: &str, seq: u64, ts_ns: u64) -> Result<()> {
