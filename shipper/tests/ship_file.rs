@@ -5,7 +5,8 @@ use std::process::{Command, Output};
 
 use cdp_repo::read;
 use cdp_repo::store::Store;
-use cdp_tests::{bin, require_tool, run, run_ok, Daemon};
+use cdp_tests::fixture::qemu_io;
+use cdp_tests::{bin, run, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -50,15 +51,6 @@ fn shipper_ok(d: &Daemon, cfg: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("shipper prints its pass as JSON")
-}
-
-fn qemu_io(d: &Daemon, cmds: &[String]) {
-    let mut c = Command::new(require_tool("qemu-io"));
-    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri("vda"));
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    run_ok(&mut c);
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -108,12 +100,12 @@ fn ships_every_record_once_in_order_trims_and_baselines() {
     let repo = d.work_dir().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     let cfg = config(&d.work_dir(), &[("primary", &repo, None)]);
-    qemu_io(&d, &writes(30, 1));
+    qemu_io(&d, "vda", &writes(30, 1));
     // Ship while cdpd runs (an online baseline), then more writes, then stop.
     let first = shipper_ok(&d, &cfg);
     assert!(first["shipped"].as_u64().unwrap() > 0, "{first}");
     assert_eq!(first["baselines"], 1, "{first}");
-    qemu_io(&d, &writes(20, 2));
+    qemu_io(&d, "vda", &writes(20, 2));
     d.term();
     let all_local = local_seqs(&d, "vda");
     shipper_ok(&d, &cfg);
@@ -140,7 +132,7 @@ fn ships_every_record_once_in_order_trims_and_baselines() {
 
     // cdpd restarts on a trimmed journal, and the chain continues.
     d.start();
-    qemu_io(&d, &writes(5, 3));
+    qemu_io(&d, "vda", &writes(5, 3));
     d.term();
     shipper_ok(&d, &cfg);
     let (seqs2, problems, _) = repo_seqs(&repo, &d.vm_uuid, "vda");
@@ -170,7 +162,7 @@ fn delayed_target_lags_and_blocks_trimming() {
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
     let cfg = config(&d.work_dir(), &[("a", &a, None), ("b", &b, Some("3s"))]);
-    qemu_io(&d, &writes(10, 4));
+    qemu_io(&d, "vda", &writes(10, 4));
     d.term();
     let stopped = std::time::Instant::now();
     let local = local_seqs(&d, "vda");
@@ -267,7 +259,7 @@ fn rebaseline_uploads_only_changed_chunks() {
     let b2 = base(&d);
     assert_eq!(b2["chunks_uploaded"], 0, "unchanged disk: {b2}");
     // Change 1% of the disk (1.28 MiB, from a chunk boundary).
-    qemu_io(&d, &["write -P 0x5c 10M 1310720".to_string()]);
+    qemu_io(&d, "vda", &["write -P 0x5c 10M 1310720".to_string()]);
     let b3 = base(&d);
     let up = b3["chunks_uploaded"].as_u64().unwrap();
     assert!(

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use cdp_repo::read;
 use cdp_repo::store::Store;
-use cdp_tests::{bin, require_tool, run, run_ok, Daemon};
+use cdp_tests::fixture::qemu_io;
+use cdp_tests::{bin, require_tool, run, Daemon};
 use common::S3Server;
 
 /// A TCP proxy in front of the S3 server that can be cut, as a network
@@ -148,15 +149,6 @@ fn spawn_shipper(d: &Daemon, cfg: &Path) -> Shipper {
     )
 }
 
-fn qemu_io(d: &Daemon, cmds: &[String]) {
-    let mut c = Command::new(require_tool("qemu-io"));
-    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri("vda"));
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    run_ok(&mut c);
-}
-
 fn writes(n: usize, seed: u64) -> Vec<String> {
     (0..n)
         .flat_map(|i| {
@@ -251,7 +243,7 @@ fn s3_outage_grows_backlog_while_file_target_keeps_up_and_loses_nothing() {
         s3_store,
     } = setup();
     let mut sh = spawn_shipper(&d, &cfg);
-    qemu_io(&d, &writes(10, 1));
+    qemu_io(&d, "vda", &writes(10, 1));
     wait_for(
         &d,
         "both targets caught up",
@@ -264,7 +256,7 @@ fn s3_outage_grows_backlog_while_file_target_keeps_up_and_loses_nothing() {
     );
 
     proxy.cut();
-    qemu_io(&d, &writes(10, 2));
+    qemu_io(&d, "vda", &writes(10, 2));
     wait_for(
         &d,
         "offsite failing with a backlog",

@@ -10,6 +10,7 @@
 //!
 //! Set `CDP_KEEP_TMP=1` to keep every test's temporary directory for inspection.
 
+pub mod fixture;
 pub mod nbd;
 
 use std::ffi::{OsStr, OsString};

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use cdp_tests::fixture::{cdpctl, config, qemu_io};
 use cdp_tests::nbd::{self, Client};
 use cdp_tests::{
     bin, qemu_img_compare, read_at, require_tool, run, run_ok, wait_child, Daemon, STOP_TIMEOUT,
@@ -16,19 +17,6 @@ use cdp_tests::{
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 16 * MIB;
-
-fn config(d: &Daemon, repo: &Path) -> PathBuf {
-    let p = d.work_dir().join("cdp.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "[target.primary]\nurl = \"file://{}\"\n[policy.default]\ntargets = [\"primary\"]\n",
-            repo.display()
-        ),
-    )
-    .unwrap();
-    p
-}
 
 fn global(c: &mut Command, d: &Daemon, cfg: &Path) {
     c.arg("--state-dir")
@@ -39,46 +27,11 @@ fn global(c: &mut Command, d: &Daemon, cfg: &Path) {
         .arg(cfg);
 }
 
-fn cdpctl(d: &Daemon, cfg: &Path, args: &[&str]) -> String {
-    let mut c = Command::new(bin("cdpctl"));
-    c.args(args);
-    global(&mut c, d, cfg);
-    let out = run(&mut c);
-    assert!(
-        out.status.success(),
-        "cdpctl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn qemu_io(d: &Daemon, disk: &str, cmds: &[String]) {
-    let mut c = Command::new(require_tool("qemu-io"));
-    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri(disk));
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    run_ok(&mut c);
-}
-
-/// A phase of writes: overlapping, with zeroes and discards, then a flush.
-/// Everything lands in the first 8 MiB of the disk.
+/// The common phase of writes, plus one write across several segment
+/// frames' worth of data. Everything lands in the first 8 MiB of the disk.
 fn phase(i: u64) -> Vec<String> {
-    let mut v = Vec::new();
-    for k in 0..12u64 {
-        let off = ((i * 13 + k * 7) % 120) * 64 * 1024;
-        v.push(format!(
-            "write -P {} {off} {}",
-            (i * 16 + k) % 255 + 1,
-            4096 * (1 + (k % 5))
-        ));
-    }
-    // One write across several segment frames' worth of data.
-    v.push(format!("write -P {} {} 1536k", 200 + i, (i % 3) * MIB));
-    v.push(format!("write -z {} 64k", ((i * 5) % 100) * 64 * 1024));
-    v.push(format!("discard {} 128k", ((i * 11) % 90) * 64 * 1024));
-    v.push("flush".into());
+    let mut v = cdp_tests::fixture::phase(i);
+    v.insert(12, format!("write -P {} {} 1536k", 200 + i, (i % 3) * MIB));
     v
 }
 

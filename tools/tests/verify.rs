@@ -7,56 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use cdp_tests::{bin, qemu_img_compare, require_tool, run, run_ok, Daemon};
+use cdp_tests::fixture::{cdpctl, cdpctl_out, config, phase, qemu_io};
+use cdp_tests::{bin, qemu_img_compare, run_ok, Daemon};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-fn config(d: &Daemon, repo: &Path) -> PathBuf {
-    let p = d.work_dir().join("cdp.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "[target.primary]\nurl = \"file://{}\"\n[policy.default]\ntargets = [\"primary\"]\n",
-            repo.display()
-        ),
-    )
-    .unwrap();
-    p
-}
-
-fn qemu_io(d: &Daemon, disk: &str, cmds: &[String]) {
-    let mut c = Command::new(require_tool("qemu-io"));
-    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri(disk));
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    run_ok(&mut c);
-}
-
-/// cdpctl with this daemon's directories; the output, whatever the status.
-fn cdpctl_out(d: &Daemon, cfg: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(bin("cdpctl"));
-    c.args(args)
-        .arg("--state-dir")
-        .arg(&d.state_dir)
-        .arg("--run-dir")
-        .arg(&d.run_dir)
-        .arg("--config")
-        .arg(cfg);
-    run(&mut c)
-}
-
-fn cdpctl(d: &Daemon, cfg: &Path, args: &[&str]) -> String {
-    let out = cdpctl_out(d, cfg, args);
-    assert!(
-        out.status.success(),
-        "cdpctl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn ship(d: &Daemon, cfg: &Path, vm_config: Option<&Path>) {
     let mut c = Command::new(bin("cdp-shipper"));
@@ -77,23 +32,6 @@ fn ship(d: &Daemon, cfg: &Path, vm_config: Option<&Path>) {
         c.arg("--vm-config").arg(x);
     }
     run_ok(&mut c);
-}
-
-/// A phase of writes: overlapping, with zeroes and discards, then a flush.
-fn phase(i: u64) -> Vec<String> {
-    let mut v = Vec::new();
-    for k in 0..12u64 {
-        let off = ((i * 13 + k * 7) % 120) * 64 * 1024;
-        v.push(format!(
-            "write -P {} {off} {}",
-            (i * 16 + k) % 255 + 1,
-            4096 * (1 + (k % 5))
-        ));
-    }
-    v.push(format!("write -z {} 64k", ((i * 5) % 100) * 64 * 1024));
-    v.push(format!("discard {} 128k", ((i * 11) % 90) * 64 * 1024));
-    v.push("flush".into());
-    v
 }
 
 /// A point with the image as it was there.

@@ -1,0 +1,74 @@
+//! Helpers for tests that build a real repository: a daemon, a file://
+//! target, qemu-io phases of writes, cdpctl with the daemon's directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::{bin, require_tool, run, run_ok, Daemon};
+
+/// A config with one file:// target `primary` at `repo`, used by policy `default`.
+pub fn config(d: &Daemon, repo: &Path) -> PathBuf {
+    let p = d.work_dir().join("cdp.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[target.primary]\nurl = \"file://{}\"\n[policy.default]\ntargets = [\"primary\"]\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Run qemu-io commands against a disk's export (writeback: FUA only where asked).
+pub fn qemu_io(d: &Daemon, disk: &str, cmds: &[String]) {
+    let mut c = Command::new(require_tool("qemu-io"));
+    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri(disk));
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    run_ok(&mut c);
+}
+
+/// cdpctl with this daemon's directories and `cfg`; the output, whatever the status.
+pub fn cdpctl_out(d: &Daemon, cfg: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new(bin("cdpctl"));
+    c.args(args)
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .arg("--run-dir")
+        .arg(&d.run_dir)
+        .arg("--config")
+        .arg(cfg);
+    run(&mut c)
+}
+
+/// [`cdpctl_out`] that must succeed; its stdout.
+pub fn cdpctl(d: &Daemon, cfg: &Path, args: &[&str]) -> String {
+    let out = cdpctl_out(d, cfg, args);
+    assert!(
+        out.status.success(),
+        "cdpctl {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A phase of writes in the first 8 MiB: overlapping, with zeroes and
+/// discards, then a flush.
+pub fn phase(i: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    for k in 0..12u64 {
+        let off = ((i * 13 + k * 7) % 120) * 64 * 1024;
+        v.push(format!(
+            "write -P {} {off} {}",
+            (i * 16 + k) % 255 + 1,
+            4096 * (1 + (k % 5))
+        ));
+    }
+    v.push(format!("write -z {} 64k", ((i * 5) % 100) * 64 * 1024));
+    v.push(format!("discard {} 128k", ((i * 11) % 90) * 64 * 1024));
+    v.push("flush".into());
+    v
+}
