@@ -173,7 +173,39 @@ impl Catalog {
         })?;
         let mut c = Catalog { conn, path };
         c.init()?;
+        c.give_to_dir_owner(state_dir)?;
         Ok(c)
+    }
+
+    /// The catalog is shared by processes of different users: cdpd and the
+    /// shipper run as the QEMU user, cdpctl and cdp-agent as root. Root
+    /// hands the database and its WAL files to the owner of the state
+    /// directory (the libvirt hook makes that the QEMU user), so a file root
+    /// created never locks the QEMU user out.
+    fn give_to_dir_owner(&self, state_dir: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(());
+        }
+        let dir = std::fs::metadata(state_dir).map_err(|source| CatalogError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        if dir.uid() == 0 {
+            return Ok(());
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.path.clone().into_os_string();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.uid() == dir.uid() && m.gid() == dir.gid() => {}
+                Ok(_) => std::os::unix::fs::chown(&p, Some(dir.uid()), Some(dir.gid()))
+                    .map_err(|source| CatalogError::Io { path: p, source })?,
+                Err(_) => {}
+            }
+        }
+        Ok(())
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> CatalogError + '_ {

@@ -57,7 +57,66 @@ pub struct Policy {
     pub segment_size: Option<String>,
     /// Seal a journal segment at this age, e.g. "1s" (bounds the RPO).
     pub segment_age: Option<String>,
+    /// What the repository keeps (absent: everything, forever).
+    pub retention: Option<RetentionConfig>,
 }
+
+/// `[policy.P.retention]`: every point within `any_point`, then one point
+/// per `every` for as long as `keep` (measured from now), tier by tier.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Every write restorable for this long, e.g. "24h".
+    pub any_point: String,
+    /// Thinned tiers, e.g. `[{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]`.
+    #[serde(default)]
+    pub thin: Vec<ThinConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ThinConfig {
+    /// One point per this interval ("1h": the state at each full hour).
+    pub every: String,
+    /// Kept for this long, counted from now (must exceed `any_point`).
+    pub keep: String,
+}
+
+/// Retention resolved from a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub any_point: Duration,
+    /// (every, keep), in the order given.
+    pub thin: Vec<(Duration, Duration)>,
+}
+
+/// `[agent]`: the host-wide cdp-agent.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Prometheus metrics on this address, e.g. "127.0.0.1:9650"; "" turns them off.
+    pub metrics_listen: Option<String>,
+    /// How often to look for journals nobody ships, e.g. "10s".
+    pub scan_interval: Option<String>,
+    /// How often to apply retention, e.g. "1h".
+    pub retention_interval: Option<String>,
+}
+
+/// `[libvirt]`: what the libvirt hook needs.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// The user QEMU runs as (libvirt's qemu.conf `user`), owner of the run
+    /// and state directories. Default "libvirt-qemu".
+    pub qemu_user: Option<String>,
+    /// Its group. Default: the user's primary group.
+    pub qemu_group: Option<String>,
+}
+
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9650";
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+pub const DEFAULT_QEMU_USER: &str = "libvirt-qemu";
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +127,10 @@ pub struct Config {
     pub target: BTreeMap<String, Target>,
     #[serde(default)]
     pub policy: BTreeMap<String, Policy>,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
     /// Where this config came from (not a key).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -147,8 +210,83 @@ impl Config {
                 }
             }
             self.journal_settings(name)?;
+            self.retention(name)?;
+        }
+        if let Some(a) = &self.agent.metrics_listen {
+            if !a.is_empty() && a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.invalid(format!(
+                    "agent.metrics_listen = {a:?}: use an address and port such as \"127.0.0.1:9650\", or \"\" for none"
+                )));
+            }
+        }
+        for (key, v) in [
+            ("scan_interval", &self.agent.scan_interval),
+            ("retention_interval", &self.agent.retention_interval),
+        ] {
+            if let Some(v) = v {
+                parse_duration(v).map_err(|e| self.invalid(format!("agent.{key}: {e}")))?;
+            }
         }
         Ok(())
+    }
+
+    /// Retention of a policy; `None` keeps everything.
+    pub fn retention(&self, policy: &str) -> Result<Option<Retention>, ConfigError> {
+        let Some(r) = self.policy.get(policy).and_then(|p| p.retention.as_ref()) else {
+            return Ok(None);
+        };
+        let key = |k: &str| format!("policy.{policy}.retention.{k}");
+        let any_point = parse_duration(&r.any_point)
+            .map_err(|e| self.invalid(format!("{}: {e}", key("any_point"))))?;
+        let mut thin = Vec::new();
+        let mut reach = any_point;
+        for (i, t) in r.thin.iter().enumerate() {
+            let every = parse_duration(&t.every)
+                .map_err(|e| self.invalid(format!("{}: {e}", key(&format!("thin[{i}].every")))))?;
+            let keep = parse_duration(&t.keep)
+                .map_err(|e| self.invalid(format!("{}: {e}", key(&format!("thin[{i}].keep")))))?;
+            if every.is_zero() {
+                return Err(self.invalid(format!(
+                    "{}: must be more than 0",
+                    key(&format!("thin[{i}].every"))
+                )));
+            }
+            if keep <= reach {
+                return Err(self.invalid(format!(
+                    "{}: {:?} keeps nothing: it must be longer than the tier before it ({})",
+                    key(&format!("thin[{i}].keep")),
+                    t.keep,
+                    humantime::format_duration(reach)
+                )));
+            }
+            reach = keep;
+            thin.push((every, keep));
+        }
+        Ok(Some(Retention { any_point, thin }))
+    }
+
+    pub fn metrics_listen(&self) -> Option<std::net::SocketAddr> {
+        match self.agent.metrics_listen.as_deref() {
+            Some("") => None,
+            Some(a) => a.parse().ok(),
+            None => DEFAULT_METRICS_LISTEN.parse().ok(),
+        }
+    }
+
+    pub fn scan_interval(&self) -> Duration {
+        self.agent
+            .scan_interval
+            .as_deref()
+            .and_then(|v| parse_duration(v).ok())
+            .unwrap_or(DEFAULT_SCAN_INTERVAL)
+    }
+
+    pub fn retention_interval(&self) -> Duration {
+        self.agent
+            .retention_interval
+            .as_deref()
+            .and_then(|v| parse_duration(v).ok())
+            .unwrap_or(DEFAULT_RETENTION_INTERVAL)
     }
 
     pub fn state_dir(&self, cli: Option<&Path>) -> PathBuf {
@@ -267,6 +405,46 @@ targets = ["primary", "offsite"]
         let c = Config::parse("[target.t]\nurl = \"ftp://x\"\n").unwrap();
         assert!(c.validate().is_err());
         assert!(Config::default().journal_settings("gold").is_err());
+    }
+
+    #[test]
+    fn retention_and_agent() {
+        let c = Config::parse(
+            r#"
+[agent]
+metrics_listen = "127.0.0.1:9999"
+scan_interval = "2s"
+[libvirt]
+qemu_user = "qemu"
+[policy.default.retention]
+any_point = "24h"
+thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let r = c.retention("default").unwrap().unwrap();
+        assert_eq!(r.any_point, Duration::from_secs(86400));
+        assert_eq!(
+            r.thin[1],
+            (Duration::from_secs(86400), Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(c.scan_interval(), Duration::from_secs(2));
+        assert_eq!(c.metrics_listen().unwrap().port(), 9999);
+        assert!(Config::default().retention("default").unwrap().is_none());
+        let c = Config::parse("[policy.default.retention]\nany_point = \"2d\"\nthin = [{ every = \"1h\", keep = \"1d\" }]\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("keeps nothing"));
+        let c = Config::parse("[agent]\nmetrics_listen = \"localhost\"\n").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::parse("[agent]\nmetrics = \"x\"\n").is_err());
+        assert!(
+            Config::parse("[policy.default.retention]\nany_point = \"1h\"\nhourly = \"1d\"\n")
+                .is_err()
+        );
     }
 
     #[test]
