@@ -456,3 +456,7 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
         assert!(parse_size("99999999999999T").is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "config_sample_tests.rs"]
+mod sample_tests;
