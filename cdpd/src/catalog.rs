@@ -13,14 +13,17 @@ use thiserror::Error;
 
 use crate::journal::writer::SealedSegment;
 
-const SCHEMA_VERSION: i64 = 1;
+/// 1: first version. 2: `vms.policy` (the policy cdpd ran with, for cdp-agent).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS vms(
     uuid TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     last_seq INTEGER NOT NULL DEFAULT 0,
-    last_ts_ns INTEGER NOT NULL DEFAULT 0
+    last_ts_ns INTEGER NOT NULL DEFAULT 0,
+    -- The policy cdpd last ran with (NULL: written by a version before 2).
+    policy TEXT
 );
 CREATE TABLE IF NOT EXISTS disks(
     vm_uuid TEXT NOT NULL,
@@ -130,6 +133,18 @@ pub enum CatalogError {
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
+/// A protected VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VmRow {
+    pub uuid: String,
+    pub name: String,
+    /// The policy its cdpd last ran with; `None` in catalogs from before
+    /// schema version 2 (treat as "default").
+    pub policy: Option<String>,
+    pub last_seq: u64,
+    pub last_ts_ns: u64,
+}
+
 /// The last capture session of a VM, as the catalog remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRow {
@@ -236,14 +251,65 @@ impl Catalog {
             });
         }
         self.conn.execute_batch(SCHEMA).map_err(self.err())?;
+        self.migrate()?;
         self.conn
             .pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(self.err())?;
         Ok(())
     }
 
+    /// Bring a catalog of an older version up to this one. `CREATE TABLE IF
+    /// NOT EXISTS` leaves existing tables alone, so new columns come here.
+    fn migrate(&mut self) -> Result<()> {
+        let has_policy = self
+            .conn
+            .prepare("SELECT 1 FROM pragma_table_info('vms') WHERE name = 'policy'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(self.err())?;
+        if !has_policy {
+            self.conn
+                .execute_batch("ALTER TABLE vms ADD COLUMN policy TEXT")
+                .map_err(self.err())?;
+        }
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Remember the policy a VM's cdpd runs with (cdp-agent ships to its targets).
+    pub fn set_vm_policy(&self, uuid: &str, policy: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE vms SET policy = ?2 WHERE uuid = ?1",
+                params![uuid, policy],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Every VM the catalog knows, by UUID.
+    pub fn vms(&self) -> Result<Vec<VmRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT uuid, name, policy, last_seq, last_ts_ns FROM vms ORDER BY uuid",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(VmRow {
+                    uuid: r.get(0)?,
+                    name: r.get(1)?,
+                    policy: r.get(2)?,
+                    last_seq: r.get::<_, i64>(3)? as u64,
+                    last_ts_ns: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
     }
 
     pub fn upsert_vm(&self, uuid: &str, name: &str) -> Result<()> {
@@ -848,5 +914,38 @@ mod tests {
         drop(c);
         let c = Catalog::open(dir.path()).unwrap();
         assert_eq!(c.segments("u1").unwrap().len(), 1);
+        assert_eq!(c.vms().unwrap()[0].policy, None);
+        c.set_vm_policy("u1", "gold").unwrap();
+        assert_eq!(c.vms().unwrap()[0].policy.as_deref(), Some("gold"));
+    }
+
+    #[test]
+    fn version_1_catalog_gains_the_policy_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("catalog.sqlite")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE vms(uuid TEXT PRIMARY KEY, name TEXT NOT NULL,
+                    last_seq INTEGER NOT NULL DEFAULT 0, last_ts_ns INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO vms(uuid, name, last_seq) VALUES('u1', 'web', 7);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let c = Catalog::open(dir.path()).unwrap();
+        let vms = c.vms().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!((vms[0].name.as_str(), vms[0].last_seq), ("web", 7));
+        assert_eq!(vms[0].policy, None);
+        c.set_vm_policy("u1", "default").unwrap();
+        drop(c);
+        // Opening again (already version 2) changes nothing.
+        let c = Catalog::open(dir.path()).unwrap();
+        assert_eq!(c.vms().unwrap()[0].policy.as_deref(), Some("default"));
+        let v: i64 = c
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
     }
 }

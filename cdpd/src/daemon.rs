@@ -68,6 +68,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub settings: JournalSettings,
+    /// The policy (`--policy`), recorded in the catalog for cdp-agent.
+    pub policy: String,
     pub boot_id_file: PathBuf,
     /// SIGTERM ourselves when the parent (QEMU, after cdp-qemu's exec) exits.
     pub die_with_parent: bool,
@@ -165,6 +167,7 @@ impl Daemon {
 
         let catalog = Catalog::open(&opts.state_dir)?;
         catalog.upsert_vm(&uuid_str, &opts.vm_name)?;
+        catalog.set_vm_policy(&uuid_str, &opts.policy)?;
 
         let mut setups = Vec::new();
         let mut recs = Vec::new();

@@ -14,5 +14,6 @@ pub mod daemon;
 pub mod journal;
 pub mod names;
 pub mod nbd;
+pub mod notify;
 pub mod proc;
 pub mod time;

@@ -106,6 +106,7 @@ fn run(a: RunArgs) -> Result<()> {
         state_dir: config.state_dir(a.state_dir.as_deref()),
         run_dir: config.run_dir(a.run_dir.as_deref()),
         settings,
+        policy: a.policy,
         boot_id_file: a.boot_id_file,
         die_with_parent: a.die_with_parent,
     };

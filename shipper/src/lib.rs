@@ -7,6 +7,7 @@
 //! backoff per target, when a baseline is due, what may be trimmed.
 
 pub mod baseline;
+pub mod lock;
 pub mod ship;
 
 use std::path::PathBuf;

@@ -87,6 +87,36 @@ async fn run(a: RunArgs) -> Result<()> {
         auto_baseline: !a.no_auto_baseline,
     };
     let mut s = cdp_shipper::Shipper::new(opts, &config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let poll: Duration = s.opts.poll;
+    // One shipper per VM (cdp_shipper::lock): while cdp-agent holds the
+    // lock for an adoption pass, wait for it.
+    let mut said_waiting = false;
+    let follow_gone = || a.follow_pid.is_some_and(cdpd::proc::is_gone);
+    let lock = loop {
+        if let Some(l) = cdp_shipper::lock::try_lock(&s.opts.state_dir, &s.opts.vm_uuid)? {
+            break l;
+        }
+        if !a.once && follow_gone() {
+            // cdpd has exited and someone else (the agent) ships: its job now.
+            eprintln!(
+                "cdp-shipper: cdpd has exited; the journal is being shipped by another process"
+            );
+            return Ok(());
+        }
+        if !said_waiting {
+            eprintln!(
+                "cdp-shipper: another process ships this VM ({} is locked); waiting",
+                cdp_shipper::lock::lock_path(&s.opts.state_dir, &s.opts.vm_uuid).display()
+            );
+            said_waiting = true;
+        }
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(poll) => {}
+        }
+    };
     if a.once {
         let st = s.pass().await?;
         println!("{}", serde_json::to_string(&st)?);
@@ -98,10 +128,8 @@ async fn run(a: RunArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let poll: Duration = s.opts.poll;
     loop {
-        if a.follow_pid.is_some_and(cdpd::proc::is_gone) {
+        if follow_gone() {
             eprintln!(
                 "cdp-shipper: cdpd (pid {}) has exited",
                 a.follow_pid.unwrap()
@@ -124,5 +152,6 @@ async fn run(a: RunArgs) -> Result<()> {
         "cdp-shipper: stopping; last pass shipped {} segments, {} waiting",
         st.shipped, st.waiting
     );
+    drop(lock);
     Ok(())
 }

@@ -1,0 +1,112 @@
+//! Who ships a VM: one process at a time.
+//!
+//! Contract: the process shipping a VM's journal holds an exclusive `flock`
+//! on `<state-dir>/vms/<vm-uuid>/shipper.lock`. The VM's own cdp-shipper
+//! holds it for its lifetime (waiting, retrying each poll, while someone
+//! else has it); cdp-agent takes it without waiting, one VM at a time, only
+//! for the passes of an adoption, and skips a VM whose lock is held. The
+//! lock goes with the process (a killed holder releases it).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[error("shipper lock {path}: {source}")]
+pub struct LockError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// `<state-dir>/vms/<vm-uuid>/shipper.lock`.
+pub fn lock_path(state_dir: &Path, vm_uuid: &str) -> PathBuf {
+    state_dir.join("vms").join(vm_uuid).join("shipper.lock")
+}
+
+/// The held lock; released when dropped (or when the process ends).
+#[derive(Debug)]
+pub struct ShipperLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl ShipperLock {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Take the lock if nobody holds it: `Ok(None)` when somebody does.
+pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, LockError> {
+    let path = lock_path(state_dir, vm_uuid);
+    let err = |source| LockError {
+        path: path.clone(),
+        source,
+    };
+    let dir = path.parent().expect("lock path has a parent");
+    std::fs::create_dir_all(dir).map_err(err)?;
+    // The shipper runs as the QEMU user, the agent as root: whoever creates
+    // the file, the other must be able to open it. flock needs no write
+    // access, so a read-only descriptor is enough.
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => File::open(&path).map_err(err)?,
+        Err(e) => return Err(err(e)),
+    };
+    give_to_dir_owner(&file, dir).map_err(err)?;
+    loop {
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(Some(ShipperLock { _file: file, path }));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(None),
+            _ => return Err(err(e)),
+        }
+    }
+}
+
+/// Root (the agent) hands a lock file it created to the owner of the VM's
+/// state directory (the QEMU user), as the catalog does.
+fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let d = std::fs::metadata(dir)?;
+    let f = file.metadata()?;
+    if d.uid() != 0 && (f.uid(), f.gid()) != (d.uid(), d.gid()) {
+        std::os::unix::fs::fchown(file, Some(d.uid()), Some(d.gid()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        let a = try_lock(dir.path(), u).unwrap().expect("free");
+        assert_eq!(a.path(), lock_path(dir.path(), u));
+        assert!(try_lock(dir.path(), u).unwrap().is_none());
+        drop(a);
+        assert!(try_lock(dir.path(), u).unwrap().is_some());
+    }
+}
