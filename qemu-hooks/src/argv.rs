@@ -99,6 +99,12 @@ pub fn vm_name(args: &[String]) -> Option<String> {
         })
 }
 
+/// The VM's UUID (`-uuid U`, which libvirt always passes).
+pub fn vm_uuid(args: &[String]) -> Option<String> {
+    let i = args.iter().position(|a| opt_name(a) == Some("uuid"))?;
+    args.get(i + 1).cloned()
+}
+
 /// Split QEMU's `k=v,k2=v2` syntax (`,,` is a literal comma). A bare word
 /// is returned as (word, "").
 pub fn split_opts(s: &str) -> Vec<(String, String)> {

@@ -59,6 +59,9 @@ pub struct DomDisk {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Protection {
     pub policy: String,
+    /// The emulator the domain had before `cdpctl protect` made it cdp-qemu
+    /// (attribute `emulator`); cdp-qemu execs it, `cdpctl unprotect` puts it back.
+    pub emulator: Option<String>,
     /// (target, per-disk policy override)
     pub disks: Vec<(String, Option<String>)>,
 }
@@ -67,6 +70,8 @@ pub struct Protection {
 pub struct Domain {
     pub name: String,
     pub uuid: String,
+    /// `<devices><emulator>`.
+    pub emulator: Option<String>,
     pub disks: Vec<DomDisk>,
     pub protection: Option<Protection>,
     /// The `<domain>` element's text (without a `<domstatus>` wrapper).
@@ -136,10 +141,17 @@ pub fn parse(text: &str) -> Result<Domain, DomainError> {
         None => None,
         Some(p) => Some(parse_protection(p)?),
     };
+    let emulator = dom
+        .children()
+        .find(|n| n.has_tag_name("devices"))
+        .and_then(|d| d.children().find(|n| n.has_tag_name("emulator")))
+        .and_then(|e| e.text())
+        .map(|t| t.trim().to_string());
     let r = dom.range();
     Ok(Domain {
         name,
         uuid,
+        emulator,
         disks,
         protection,
         xml: text[r].to_string(),
@@ -155,9 +167,9 @@ fn parse_protection(p: roxmltree::Node) -> Result<Protection, DomainError> {
         )));
     }
     for a in p.attributes() {
-        if a.name() != "policy" {
+        if a.name() != "policy" && a.name() != "emulator" {
             return Err(key(format!(
-                "<cdp:protection> has an unknown attribute {:?} (known: policy)",
+                "<cdp:protection> has an unknown attribute {:?} (known: policy, emulator)",
                 a.name()
             )));
         }
@@ -193,7 +205,11 @@ fn parse_protection(p: roxmltree::Node) -> Result<Protection, DomainError> {
             "<cdp:protection> names no disk: add <cdp:disk target='vda'/>".into(),
         ));
     }
-    Ok(Protection { policy, disks })
+    Ok(Protection {
+        policy,
+        emulator: p.attribute("emulator").map(str::to_string),
+        disks,
+    })
 }
 
 impl Domain {

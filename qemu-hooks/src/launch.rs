@@ -58,10 +58,14 @@ pub fn split_args(args: &[String]) -> Result<(Own, Vec<String>)> {
     bail!("cdp-qemu: missing `--` before QEMU's arguments")
 }
 
-fn real_qemu(own: &Own) -> PathBuf {
+/// The real QEMU: `--qemu`, else `$CDP_QEMU_BINARY`, else the emulator the
+/// domain had before `cdpctl protect` (its CDP keys remember it), else the
+/// distribution's.
+fn real_qemu(own: &Own, remembered: Option<&str>) -> PathBuf {
     own.qemu
         .clone()
         .or_else(|| std::env::var_os("CDP_QEMU_BINARY").map(PathBuf::from))
+        .or_else(|| remembered.map(PathBuf::from))
         .unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into())
 }
 
@@ -83,10 +87,40 @@ fn exec_qemu(qemu: &Path, args: &[String]) -> anyhow::Error {
 }
 
 /// libvirt's live definition: `/run/libvirt/qemu/NAME.xml` (a `<domstatus>`).
-fn libvirt_xml(name: &str) -> Option<PathBuf> {
+/// Only root can read it; QEMU's user gets the copy the hook leaves.
+fn libvirt_xml(name: &str) -> PathBuf {
     let dir = std::env::var_os("CDP_LIBVIRT_RUN_DIR").unwrap_or_else(|| "/run/libvirt/qemu".into());
-    let p = Path::new(&dir).join(format!("{name}.xml"));
-    p.exists().then_some(p)
+    Path::new(&dir).join(format!("{name}.xml"))
+}
+
+/// Where the VM definition is: `--vm-config`; else the copy the libvirt hook
+/// left in `<run-dir>/<uuid>/domain.xml`; else libvirt's live file. `None`:
+/// not started by libvirt and no definition given, so nothing to protect.
+fn find_definition(own: &Own, qargs: &[String], run_dir: &Path) -> Result<Option<PathBuf>> {
+    if let Some(p) = &own.vm_config {
+        return Ok(Some(p.clone()));
+    }
+    if let Some(u) = argv::vm_uuid(qargs) {
+        if cdpd::names::check_uuid(&u).is_ok() {
+            let p = crate::hook::definition_path(run_dir, &u);
+            if p.exists() {
+                return Ok(Some(p));
+            }
+        }
+    }
+    let Some(name) = argv::vm_name(qargs) else {
+        return Ok(None);
+    };
+    let live = libvirt_xml(&name);
+    match std::fs::File::open(&live) {
+        Ok(_) => Ok(Some(live)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => bail!(
+            "VM {name} runs cdp-qemu as its emulator, but its definition is not readable here ({}: {e}) and the libvirt hook left none in {}: install the hook (`cdpctl install --libvirt`) and restart libvirtd",
+            live.display(),
+            run_dir.display()
+        ),
+    }
 }
 
 /// In a child before exec: mark every descriptor but `keep` close-on-exec,
@@ -175,25 +209,24 @@ pub fn run(args: &[String]) -> anyhow::Error {
 
 fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
     let (own, qargs) = split_args(args)?;
-    let qemu = real_qemu(&own);
     if argv::is_probe(&qargs) {
-        return Ok((qemu, qargs));
+        return Ok((real_qemu(&own, None), qargs));
     }
-    let xml_path = match own.vm_config.clone() {
-        Some(p) => Some(p),
-        None => argv::vm_name(&qargs).and_then(|n| libvirt_xml(&n)),
-    };
-    let Some(xml_path) = xml_path else {
-        return Ok((qemu, qargs));
+    let config = cdpd::config::Config::load(own.config.as_deref())?;
+    let Some(xml_path) = find_definition(&own, &qargs, &config.run_dir(None))? else {
+        return Ok((real_qemu(&own, None), qargs));
     };
     let text = std::fs::read_to_string(&xml_path)
         .with_context(|| format!("reading the VM definition {}", xml_path.display()))?;
     let dom =
         domain::parse(&text).with_context(|| format!("VM definition {}", xml_path.display()))?;
+    let qemu = real_qemu(
+        &own,
+        dom.protection.as_ref().and_then(|p| p.emulator.as_deref()),
+    );
     if dom.protection.is_none() {
         return Ok((qemu, qargs));
     }
-    let config = cdpd::config::Config::load(own.config.as_deref())?;
     let tagged = dom
         .tagged(&config)
         .with_context(|| format!("VM {} is not started", dom.name))?;

@@ -9,4 +9,6 @@
 
 pub mod argv;
 pub mod domain;
+pub mod hook;
 pub mod launch;
+pub mod protect;

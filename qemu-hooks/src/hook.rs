@@ -1,0 +1,322 @@
+//! The libvirt hook `/etc/libvirt/hooks/qemu.d/cdp` (runs as root; libvirt
+//! passes `DOMAIN OPERATION SUB-OPERATION EXTRA` and the domain XML on stdin).
+//!
+//! - `prepare begin` and `start begin`: validate the CDP keys against the
+//!   config (a bad key fails the start here, with the reason, before any
+//!   resource is touched); create the state and run directories owned by
+//!   the user QEMU runs as; leave the definition where cdp-qemu (which runs
+//!   as that user and cannot read libvirt's own status files) finds it:
+//!   `<run-dir>/<uuid>/domain.xml`.
+//! - `release end`: hand the VM's leftover journal to cdp-agent (a datagram;
+//!   the agent also finds it on its own scan) and remove the definition.
+//!
+//! A VM without CDP keys is never blocked: the hook returns as soon as it
+//! sees there are none, before reading the config, and any error about a
+//! VM that is not protected is swallowed.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::domain::{self, DomainError, NS};
+
+#[derive(Debug, Error)]
+pub enum HookError {
+    #[error("VM {vm}: {source}")]
+    Domain {
+        vm: String,
+        #[source]
+        source: DomainError,
+    },
+    #[error(transparent)]
+    Config(#[from] cdpd::config::ConfigError),
+    #[error("the QEMU user {user:?} ([libvirt] qemu_user in the config) does not exist: set qemu_user to the user of libvirt's qemu.conf")]
+    NoUser { user: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> HookError + '_ {
+    move |source| HookError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What one invocation did (printed by `cdpctl libvirt-hook` for the log).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not an operation we act on, or a VM without CDP keys.
+    Ignored,
+    Prepared {
+        uuid: String,
+        owner: (u32, u32),
+    },
+    Released {
+        uuid: String,
+        agent_notified: bool,
+    },
+}
+
+/// The definition cdp-qemu reads: `<run-dir>/<uuid>/domain.xml`.
+pub fn definition_path(run_dir: &Path, uuid: &str) -> PathBuf {
+    run_dir.join(uuid).join("domain.xml")
+}
+
+/// Owner from the domain's DAC label (`<seclabel model='dac'><label>+UID:+GID`),
+/// known from `start begin` on.
+fn dac_label(xml: &str) -> Option<(u32, u32)> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let label = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("seclabel") && n.attribute("model") == Some("dac"))
+        .find_map(|s| s.children().find(|c| c.has_tag_name("label")))?
+        .text()?;
+    let (u, g) = label.trim().split_once(':')?;
+    let num = |s: &str| s.strip_prefix('+').and_then(|n| n.parse::<u32>().ok());
+    Some((num(u)?, num(g)?))
+}
+
+fn configured_owner(c: &cdpd::config::Config) -> Result<(u32, u32), HookError> {
+    let user = c
+        .libvirt
+        .qemu_user
+        .clone()
+        .unwrap_or_else(|| cdpd::config::DEFAULT_QEMU_USER.into());
+    let pw = nix::unistd::User::from_name(&user)
+        .ok()
+        .flatten()
+        .ok_or_else(|| HookError::NoUser { user: user.clone() })?;
+    let gid = match &c.libvirt.qemu_group {
+        Some(g) => nix::unistd::Group::from_name(g)
+            .ok()
+            .flatten()
+            .ok_or_else(|| HookError::NoUser {
+                user: format!("{user}:{g}"),
+            })?
+            .gid
+            .as_raw(),
+        None => pw.gid.as_raw(),
+    };
+    Ok((pw.uid.as_raw(), gid))
+}
+
+fn own(path: &Path, (uid, gid): (u32, u32)) -> Result<(), HookError> {
+    let m = std::fs::symlink_metadata(path).map_err(io(path))?;
+    if m.uid() != uid || m.gid() != gid {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(path))?;
+    }
+    Ok(())
+}
+
+fn dir(path: &Path, owner: (u32, u32), mode: u32) -> Result<(), HookError> {
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    own(path, owner)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
+}
+
+/// chown -R, not following links.
+fn own_tree(path: &Path, owner: (u32, u32)) -> Result<(), HookError> {
+    own(path, owner)?;
+    if std::fs::symlink_metadata(path).map_err(io(path))?.is_dir() {
+        for e in std::fs::read_dir(path).map_err(io(path))? {
+            own_tree(&e.map_err(io(path))?.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
+/// Run the hook. `args` are libvirt's (`DOMAIN OP SUBOP EXTRA`), `xml` is stdin.
+pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome, HookError> {
+    let op = (
+        args.get(1).map(String::as_str).unwrap_or(""),
+        args.get(2).map(String::as_str).unwrap_or(""),
+    );
+    let phase = match op {
+        ("prepare", "begin") | ("start", "begin") => Phase::Prepare,
+        ("release", "end") => Phase::Release,
+        _ => return Ok(Outcome::Ignored),
+    };
+    // Cheap first: no CDP namespace, nothing to do (never parse the config).
+    if !xml.contains(NS) {
+        return Ok(Outcome::Ignored);
+    }
+    let vm = args.first().cloned().unwrap_or_default();
+    let dom = domain::parse(xml).map_err(|source| HookError::Domain {
+        vm: vm.clone(),
+        source,
+    })?;
+    if dom.protection.is_none() {
+        return Ok(Outcome::Ignored);
+    }
+    let uuid = cdpd::names::check_uuid(&dom.uuid)
+        .map_err(|e| HookError::Domain {
+            vm: vm.clone(),
+            source: DomainError::Key(e.to_string()),
+        })?
+        .hyphenated()
+        .to_string();
+    let c = cdpd::config::Config::load(config)?;
+    let state_dir = c.state_dir(None);
+    let run_dir = c.run_dir(None);
+    match phase {
+        Phase::Prepare => {
+            dom.tagged(&c)
+                .map_err(|source| HookError::Domain { vm, source })?;
+            let owner = match dac_label(xml) {
+                Some(o) => o,
+                None => configured_owner(&c)?,
+            };
+            dir(&state_dir, owner, 0o750)?;
+            let vm_state = state_dir.join("vms").join(&uuid);
+            std::fs::create_dir_all(&vm_state).map_err(io(&vm_state))?;
+            own(&state_dir.join("vms"), owner)?;
+            own_tree(&vm_state, owner)?;
+            for f in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
+                let p = state_dir.join(f);
+                if p.exists() {
+                    own(&p, owner)?;
+                }
+            }
+            dir(&run_dir, owner, 0o755)?;
+            let vm_run = run_dir.join(&uuid);
+            dir(&vm_run, owner, 0o750)?;
+            let def = definition_path(&run_dir, &uuid);
+            let tmp = def.with_extension("xml.tmp");
+            std::fs::write(&tmp, &dom.xml).map_err(io(&tmp))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&tmp))?;
+            own(&tmp, owner)?;
+            std::fs::rename(&tmp, &def).map_err(io(&def))?;
+            Ok(Outcome::Prepared { uuid, owner })
+        }
+        Phase::Release => {
+            let agent_notified = cdpd::notify::notify_agent(&run_dir, &uuid).is_ok();
+            let def = definition_path(&run_dir, &uuid);
+            match std::fs::remove_file(&def) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&def)(e)),
+            }
+            Ok(Outcome::Released {
+                uuid,
+                agent_notified,
+            })
+        }
+    }
+}
+
+enum Phase {
+    Prepare,
+    Release,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOM: &str = r#"<domain type='kvm' id='3'>
+  <name>web</name>
+  <uuid>6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b</uuid>
+  <metadata>
+    <cdp:protection xmlns:cdp="urn:cdpd:protection:1"><cdp:disk target="vda"/></cdp:protection>
+  </metadata>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/images/web.raw'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+  <seclabel type='dynamic' model='dac' relabel='yes'>
+    <label>+0:+0</label>
+  </seclabel>
+</domain>"#;
+
+    fn args(op: &str, sub: &str) -> Vec<String> {
+        ["web", op, sub, "-"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn label() {
+        assert_eq!(dac_label(DOM), Some((0, 0)));
+        assert_eq!(
+            dac_label(&DOM.replace("+0:+0", "+64055:+107")),
+            Some((64055, 107))
+        );
+        assert_eq!(dac_label("<domain/>"), None);
+    }
+
+    #[test]
+    fn unprotected_and_other_ops_are_ignored_without_config() {
+        let missing = Path::new("/nonexistent/cdp.toml");
+        let plain = "<domain><name>a</name><uuid>x</uuid></domain>";
+        assert_eq!(
+            run(&args("prepare", "begin"), plain, Some(missing)).unwrap(),
+            Outcome::Ignored
+        );
+        // Not even XML: still not ours.
+        assert_eq!(
+            run(&args("prepare", "begin"), "garbage", Some(missing)).unwrap(),
+            Outcome::Ignored
+        );
+        assert_eq!(
+            run(&args("started", "begin"), DOM, Some(missing)).unwrap(),
+            Outcome::Ignored
+        );
+        assert!(run(&args("prepare", "begin"), DOM, Some(missing)).is_err());
+    }
+
+    #[test]
+    fn prepare_and_release() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = d.path().join("cdp.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[paths]\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n",
+                d.path().display()
+            ),
+        )
+        .unwrap();
+        let uuid = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+        let me = (unsafe { libc::geteuid() }, unsafe { libc::getegid() });
+        let xml = DOM.replace("+0:+0", &format!("+{}:+{}", me.0, me.1));
+        let out = run(&args("prepare", "begin"), &xml, Some(&cfg)).unwrap();
+        assert_eq!(
+            out,
+            Outcome::Prepared {
+                uuid: uuid.into(),
+                owner: me
+            }
+        );
+        let def = definition_path(&d.path().join("run"), uuid);
+        assert!(std::fs::read_to_string(&def)
+            .unwrap()
+            .starts_with("<domain"));
+        assert!(d.path().join("state/vms").join(uuid).is_dir());
+        // Twice is fine (prepare, then start).
+        run(&args("start", "begin"), &xml, Some(&cfg)).unwrap();
+        let out = run(&args("release", "end"), &xml, Some(&cfg)).unwrap();
+        assert_eq!(
+            out,
+            Outcome::Released {
+                uuid: uuid.into(),
+                agent_notified: false
+            }
+        );
+        assert!(!def.exists());
+        // A bad key fails the start with the reason.
+        let bad = xml.replace("target=\"vda\"/>", "target=\"vdz\"/>");
+        let e = run(&args("prepare", "begin"), &bad, Some(&cfg)).unwrap_err();
+        assert!(e.to_string().contains("vdz"), "{e}");
+    }
+}
