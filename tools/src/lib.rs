@@ -3,7 +3,9 @@
 
 pub mod baseline_cmd;
 pub mod export_cmd;
+pub mod install_cmd;
 pub mod journal_cmd;
+pub mod protect_cmd;
 pub mod restore_cmd;
 pub mod status;
 pub mod verify_cmd;
@@ -63,6 +65,17 @@ pub enum Cmd {
     /// Inspect or replay a VM's local journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCmd),
+    /// Install cdpd's programs, config, libvirt hook and systemd unit (idempotent).
+    Install(install_cmd::InstallArgs),
+    /// Remove what `install` wrote (config and state kept unless --purge).
+    Uninstall(install_cmd::UninstallArgs),
+    /// Protect a libvirt VM's disks: CDP keys in its definition, cdp-qemu as emulator.
+    Protect(protect_cmd::ProtectArgs),
+    /// Undo `protect`: the definition as it was before.
+    Unprotect(protect_cmd::UnprotectArgs),
+    /// The libvirt hook (run by /etc/libvirt/hooks/qemu.d/cdp; domain XML on stdin).
+    #[command(hide = true)]
+    LibvirtHook(protect_cmd::HookArgs),
 }
 
 /// Resolved paths and config.
@@ -112,6 +125,16 @@ pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // Before the config is read: install writes it, uninstall works with a broken one.
+    match &cli.cmd {
+        Cmd::Install(a) => return install_cmd::install(&cli.global, a),
+        Cmd::Uninstall(a) => return install_cmd::uninstall(&cli.global, a),
+        _ => {}
+    }
+    // Before the config is read: the hook must not fail a VM without CDP keys.
+    if let Cmd::LibvirtHook(a) = &cli.cmd {
+        return protect_cmd::hook(&cli.global, a);
+    }
     let ctx = Ctx::new(&cli.global)?;
     match cli.cmd {
         Cmd::Status(a) => status::status(&ctx, &a),
@@ -123,6 +146,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Export(a) => export_cmd::run(&ctx, &cli.global, &a),
         Cmd::Verify(a) => verify_cmd::verify(&ctx, &cli.global, &a),
         Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &cli.global, &a),
+        Cmd::Install(_) | Cmd::Uninstall(_) => unreachable!("handled before the config is read"),
+        Cmd::Protect(a) => protect_cmd::protect(&ctx, &cli.global, &a),
+        Cmd::Unprotect(a) => protect_cmd::unprotect(&ctx, &a),
+        Cmd::LibvirtHook(_) => unreachable!("handled above"),
     }
 }
 

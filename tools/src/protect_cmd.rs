@@ -1,0 +1,342 @@
+//! `cdpctl protect DOMAIN --disk vda [--policy P]`, `cdpctl unprotect DOMAIN`
+//! and `cdpctl libvirt-hook` (what `/etc/libvirt/hooks/qemu.d/cdp` runs).
+//!
+//! The definition is edited through libvirt (`virsh dumpxml --inactive
+//! --security-info` then `virsh define`), never in libvirt's files, so a
+//! running VM keeps running and the change applies at its next start. The
+//! edit itself is `cdp_hooks::protect` (pure, byte-preserving).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use cdp_hooks::{domain, protect};
+
+use crate::{Ctx, Global};
+
+/// Where `cdpctl install --libvirt` puts the hook.
+pub const HOOK_PATH: &str = "/etc/libvirt/hooks/qemu.d/cdp";
+
+#[derive(clap::Args)]
+pub struct ProtectArgs {
+    /// libvirt domain (name or UUID).
+    pub domain: String,
+    /// Disk target to protect, as in <target dev='vda'/>; repeat for more.
+    #[arg(long = "disk", required = true)]
+    pub disks: Vec<String>,
+    /// Policy of /etc/cdp/cdp.toml (targets, segment limits, retention).
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    /// libvirt connection URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// The wrapper to set as emulator (default: cdp-qemu next to cdpctl).
+    #[arg(long)]
+    pub wrapper: Option<PathBuf>,
+    /// Print the new definition; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args)]
+pub struct UnprotectArgs {
+    /// libvirt domain (name or UUID).
+    pub domain: String,
+    /// libvirt connection URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Print the new definition; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args)]
+pub struct HookArgs {
+    /// What libvirt passes: DOMAIN OPERATION SUB-OPERATION EXTRA.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+fn virsh(connect: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(connect)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running virsh (install libvirt-clients)")?;
+    if !out.status.success() {
+        bail!(
+            "virsh {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The persistent definition, secrets included (so redefining loses none).
+fn definition(connect: &str, dom: &str) -> Result<String> {
+    virsh(connect, &["dumpxml", "--inactive", "--security-info", dom])
+        .with_context(|| format!("reading the definition of {dom}"))
+}
+
+fn define(connect: &str, xml: &str) -> Result<()> {
+    let mut f = tempfile::NamedTempFile::new()?;
+    f.write_all(xml.as_bytes())?;
+    f.flush()?;
+    virsh(connect, &["define", &f.path().display().to_string()])?;
+    Ok(())
+}
+
+fn is_running(connect: &str, dom: &str) -> bool {
+    virsh(connect, &["domstate", dom])
+        .map(|s| s.trim() == "running" || s.trim() == "paused")
+        .unwrap_or(false)
+}
+
+fn default_wrapper() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("cdp-qemu")))
+        .unwrap_or_else(|| "/usr/bin/cdp-qemu".into())
+}
+
+/// A raw disk must hold raw data: refuse a file that is really qcow2.
+fn check_raw_file(target: &str, path: &str) -> Result<u64> {
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("disk {target}: cannot open {path}: create it or fix <source>"))?;
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic).unwrap_or(0);
+    if n == 4 && &magic == b"QFI\xfb" {
+        bail!(
+            "disk {target} ({path}) holds a qcow2 image although the domain says raw: convert it with `qemu-img convert -O raw {path} {path}.raw` and point the disk at the raw file"
+        );
+    }
+    let m = f.metadata()?;
+    Ok(if m.file_type().is_file() {
+        m.len()
+    } else {
+        // Block device: its size by seeking.
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+    })
+}
+
+#[derive(serde::Serialize)]
+struct DiskReport {
+    disk: String,
+    path: String,
+    size: u64,
+    /// Targets that already hold a baseline of it.
+    baseline_in: Vec<String>,
+    /// Targets where the next start takes a full baseline.
+    baseline_due_in: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct ProtectReport {
+    domain: String,
+    uuid: String,
+    policy: String,
+    emulator: String,
+    real_emulator: String,
+    running: bool,
+    disks: Vec<DiskReport>,
+    gap_recorded: bool,
+}
+
+pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
+    let config = cdpd::config::Config::load(g.config.as_deref())?;
+    let before = definition(&a.connect, &a.domain)?;
+    let wrapper = a.wrapper.clone().unwrap_or_else(default_wrapper);
+    for b in ["cdp-qemu", "cdpd", "cdp-shipper"] {
+        let p = wrapper.with_file_name(b);
+        if !p.is_file() {
+            bail!(
+                "{} is missing: install cdpd's binaries (`cdpctl install`, or the package), then protect",
+                p.display()
+            );
+        }
+    }
+    let new = protect::protect(
+        &before,
+        &protect::Request {
+            disks: a.disks.clone(),
+            policy: a.policy.clone(),
+            wrapper: wrapper.display().to_string(),
+        },
+    )
+    .with_context(|| format!("protecting {}", a.domain))?;
+    let dom = domain::parse(&new)?;
+    let tagged = dom
+        .tagged(&config)
+        .with_context(|| format!("{} cannot be protected", a.domain))?;
+    if a.dry_run {
+        print!("{new}");
+        return Ok(());
+    }
+    if !Path::new(HOOK_PATH).exists() {
+        bail!(
+            "the libvirt hook {HOOK_PATH} is not installed, so a protected VM could not start: run `cdpctl install --libvirt`, restart libvirtd, then protect"
+        );
+    }
+    let uuid = cdpd::names::check_uuid(&dom.uuid)?.hyphenated().to_string();
+    let mut disks = Vec::new();
+    for t in &tagged {
+        let size = check_raw_file(&t.target, &t.path)?;
+        disks.push(DiskReport {
+            disk: t.target.clone(),
+            path: t.path.clone(),
+            size,
+            baseline_in: Vec::new(),
+            baseline_due_in: Vec::new(),
+        });
+    }
+    // Baselines: the shipper takes one at start where a target has none.
+    let targets = config
+        .policy
+        .get(&a.policy)
+        .map(|p| p.targets.clone())
+        .unwrap_or_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    for t in &targets {
+        let tc = &config.target[t];
+        let store = cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref())
+            .with_context(|| format!("target {t}"))?;
+        for d in disks.iter_mut() {
+            let have = rt
+                .block_on(store.list(&cdp_repo::format::baseline_prefix(&uuid, &d.disk)))
+                .map(|l| !l.is_empty())
+                .unwrap_or(false);
+            if have {
+                d.baseline_in.push(t.clone());
+            } else {
+                d.baseline_due_in.push(t.clone());
+            }
+        }
+    }
+    // Writes made while the VM was not protected are in no journal: if it
+    // was protected before, the next session starts with a GAP (and so a
+    // fresh baseline), never a silent hole.
+    let mut gap_recorded = false;
+    if ctx.state_dir.join("catalog.sqlite").exists() {
+        let cat = cdpd::catalog::Catalog::open(&ctx.state_dir)?;
+        let known = cat.disks(&uuid)?;
+        for d in &disks {
+            if known.iter().any(|(k, _, _)| k == &d.disk) {
+                let (seq, ts) = cat.last_seq(&uuid)?;
+                cat.add_gap(&uuid, &d.disk, seq, ts, "unprotected")?;
+                gap_recorded = true;
+            }
+        }
+    }
+    define(&a.connect, &new)?;
+    let running = is_running(&a.connect, &a.domain);
+    let report = ProtectReport {
+        domain: dom.name.clone(),
+        uuid,
+        policy: a.policy.clone(),
+        emulator: wrapper.display().to_string(),
+        real_emulator: dom
+            .protection
+            .as_ref()
+            .and_then(|p| p.emulator.clone())
+            .unwrap_or_default(),
+        running,
+        disks,
+        gap_recorded,
+    };
+    if ctx.json {
+        return crate::print_json(&report);
+    }
+    println!(
+        "{} is protected with policy {:?} (emulator {} → {}).",
+        report.domain, report.policy, report.emulator, report.real_emulator
+    );
+    if running {
+        println!("It is running: protection starts at its next start (shut it down, then start it; a reboot inside the guest is not enough).");
+    } else {
+        println!("Protection starts when it next starts: every write from the first I/O of boot is journaled.");
+    }
+    for d in &report.disks {
+        if !d.baseline_due_in.is_empty() {
+            println!(
+                "  {}: {} ({}): no baseline in {}: the shipper takes a full baseline at the next start (reads the whole disk; unchanged chunks are not uploaded twice).",
+                d.disk,
+                d.path,
+                crate::status::human(d.size),
+                d.baseline_due_in.join(", ")
+            );
+        }
+        if !d.baseline_in.is_empty() {
+            println!(
+                "  {}: {}: a baseline exists in {}{}.",
+                d.disk,
+                d.path,
+                d.baseline_in.join(", "),
+                if report.gap_recorded {
+                    "; the time it ran unprotected is recorded as a gap, and a new baseline follows it"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if targets.is_empty() {
+        println!("  warning: policy {:?} has no targets: the journal stays on this host until you add one.", a.policy);
+    }
+    Ok(())
+}
+
+pub fn unprotect(ctx: &Ctx, a: &UnprotectArgs) -> Result<()> {
+    let before = definition(&a.connect, &a.domain)?;
+    let new = protect::unprotect(&before).with_context(|| format!("unprotecting {}", a.domain))?;
+    if a.dry_run {
+        print!("{new}");
+        return Ok(());
+    }
+    define(&a.connect, &new)?;
+    let running = is_running(&a.connect, &a.domain);
+    if ctx.json {
+        return crate::print_json(&serde_json::json!({
+            "domain": a.domain, "running": running, "unprotected": true
+        }));
+    }
+    println!(
+        "{} is no longer protected: its definition is as it was before `cdpctl protect`.",
+        a.domain
+    );
+    if running {
+        println!(
+            "It is running and still protected until it stops; cdp-agent then ships what is left."
+        );
+    }
+    println!("Its journal and repository stay: `cdpctl points` and `cdpctl restore` still work.");
+    Ok(())
+}
+
+/// The libvirt hook. Exit status matters: non-zero on `prepare begin` fails
+/// the VM start (libvirt shows our message), so it happens only for a VM with
+/// CDP keys whose protection cannot work.
+pub fn hook(g: &Global, a: &HookArgs) -> Result<()> {
+    let mut xml = String::new();
+    // libvirt always writes the XML; a closed stdin reads as empty.
+    let _ = std::io::stdin().read_to_string(&mut xml);
+    match cdp_hooks::hook::run(&a.args, &xml, g.config.as_deref()) {
+        Ok(cdp_hooks::hook::Outcome::Ignored) => Ok(()),
+        Ok(o) => {
+            eprintln!(
+                "cdp hook: {}: {o:?}",
+                a.args.first().map(String::as_str).unwrap_or("?")
+            );
+            Ok(())
+        }
+        Err(e) if a.args.get(1).map(String::as_str) == Some("release") => {
+            eprintln!("cdp hook: warning: {e}");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
