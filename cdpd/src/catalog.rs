@@ -627,6 +627,22 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Bytes of segment objects each target received, per target.
+    pub fn shipped_bytes(&self, vm: &str) -> Result<Vec<(String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT target, coalesce(sum(object_bytes), 0) FROM shipments
+                 WHERE vm_uuid = ?1 GROUP BY target ORDER BY target",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
     pub fn set_trimmed(&self, vm: &str, disk: &str, first_seq: u64) -> Result<()> {
         self.conn
             .execute(

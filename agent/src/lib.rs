@@ -1,0 +1,435 @@
+//! cdp-agent: the host-wide service (DESIGN.md §1).
+//!
+//! - **Adoption** ([`adopt`]): ships the journals nobody ships, those of VMs
+//!   that stopped or whose shipper died. One VM at a time, under the VM's
+//!   shipper lock (`<state>/vms/<uuid>/shipper.lock`, see
+//!   [`cdp_shipper::lock`]), never waiting for it: a VM whose own shipper
+//!   runs is left alone. A journal a killed cdpd left open is sealed first,
+//!   exactly as the next cdpd start would (its images locked meanwhile).
+//!   The agent looks every `[agent] scan_interval`, and at once when told
+//!   (`adopt <uuid>` datagrams on `<run-dir>/agent.sock`,
+//!   [`cdpd::notify::notify_agent`]).
+//! - **Retention** every `[agent] retention_interval`, per VM and target of
+//!   its policy ([`Agent::retention_pass`]).
+//! - **Metrics** ([`metrics`]) on `[agent] metrics_listen`.
+//! - **systemd** ([`sdnotify`]): Type=notify (READY=1 once the catalog is
+//!   open and the sockets listen), WATCHDOG=1, STATUS=…, STOPPING=1.
+
+pub mod adopt;
+pub mod error;
+pub mod metrics;
+pub mod sdnotify;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cdpd::catalog::{Catalog, VmRow};
+use cdpd::config::Config;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub use adopt::{Adoption, Dirs};
+pub use error::{AdoptError, AgentError};
+use metrics::Counters;
+use sdnotify::Notifier;
+
+/// What `cdp-agent run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: Config,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// One scan (and retention pass), then exit.
+    pub once: bool,
+    pub boot_id_file: PathBuf,
+}
+
+/// A VM that could not be adopted in a scan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmFailure {
+    pub vm_uuid: String,
+    pub vm: String,
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// What one scan did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ScanReport {
+    pub vms: usize,
+    /// VMs it did something for (recovery, shipping, baselines).
+    pub adopted: Vec<Adoption>,
+    /// VMs whose own shipper holds the lock.
+    pub busy: Vec<String>,
+    pub failed: Vec<VmFailure>,
+}
+
+pub struct Agent {
+    config: Config,
+    dirs: Dirs,
+    catalog: Arc<Mutex<Catalog>>,
+    counters: Arc<Counters>,
+    stop: watch::Receiver<bool>,
+    /// The last error printed per VM (each is printed when it changes).
+    last_error: HashMap<String, String>,
+}
+
+impl Agent {
+    /// Open the catalog (creating it if the host has none yet).
+    pub fn new(opts: &Options, stop: watch::Receiver<bool>) -> Result<Agent, AgentError> {
+        let catalog = Catalog::open(&opts.state_dir)?;
+        Ok(Agent {
+            config: opts.config.clone(),
+            dirs: Dirs {
+                state_dir: opts.state_dir.clone(),
+                run_dir: opts.run_dir.clone(),
+                boot_id_file: opts.boot_id_file.clone(),
+            },
+            catalog: Arc::new(Mutex::new(catalog)),
+            counters: Arc::new(Counters::default()),
+            stop,
+            last_error: HashMap::new(),
+        })
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    fn vms(&self) -> Result<Vec<VmRow>, cdpd::catalog::CatalogError> {
+        tokio::task::block_in_place(|| self.catalog.lock().unwrap().vms())
+    }
+
+    /// Adopt every VM that needs it (or only `only`), one at a time.
+    pub async fn scan(&mut self, only: Option<&str>) -> ScanReport {
+        let mut report = ScanReport::default();
+        let vms = match self.vms() {
+            Ok(v) => v,
+            Err(e) => {
+                self.counters.error("catalog");
+                self.log_error("catalog", &e.to_string());
+                report.failed.push(VmFailure {
+                    vm_uuid: String::new(),
+                    vm: String::new(),
+                    kind: "catalog",
+                    message: e.to_string(),
+                });
+                return report;
+            }
+        };
+        self.last_error.remove("catalog");
+        for vm in vms {
+            if only.is_some_and(|u| u != vm.uuid) {
+                continue;
+            }
+            if *self.stop.borrow() {
+                break;
+            }
+            report.vms += 1;
+            let mut stop = self.stop.clone();
+            match adopt::adopt(&self.catalog, &self.config, &self.dirs, &vm, &mut stop).await {
+                Ok(a) if a.busy => report.busy.push(vm.uuid.clone()),
+                Ok(a) => {
+                    if self.last_error.remove(&vm.uuid).is_some() {
+                        eprintln!("cdp-agent: VM {} ({}): working again", vm.name, vm.uuid);
+                    }
+                    if a.did_work() {
+                        self.counters.adoption();
+                        eprintln!("cdp-agent: VM {} ({}): {}", vm.name, vm.uuid, describe(&a));
+                        report.adopted.push(a);
+                    }
+                }
+                Err(e) => {
+                    self.counters.error(e.kind());
+                    let msg = e.to_string();
+                    self.log_error(&vm.uuid, &format!("VM {} ({}): {msg}", vm.name, vm.uuid));
+                    report.failed.push(VmFailure {
+                        vm_uuid: vm.uuid.clone(),
+                        vm: vm.name.clone(),
+                        kind: e.kind(),
+                        message: msg,
+                    });
+                }
+            }
+        }
+        report
+    }
+
+    /// Print an error once per change (a dead target is not a log line per scan).
+    fn log_error(&mut self, key: &str, msg: &str) {
+        if self.last_error.get(key).map(String::as_str) != Some(msg) {
+            eprintln!("cdp-agent: {msg}");
+            self.last_error.insert(key.to_string(), msg.to_string());
+        }
+    }
+
+    /// Retention: every VM, every target of its policy, when the policy has
+    /// a `[policy.P.retention]`.
+    pub async fn retention_pass(&mut self) {
+        let vms = match self.vms() {
+            Ok(v) => v,
+            Err(e) => {
+                self.counters.error("catalog");
+                self.log_error("catalog", &e.to_string());
+                return;
+            }
+        };
+        for vm in vms {
+            if *self.stop.borrow() {
+                return;
+            }
+            let policy = adopt::policy_of(&vm);
+            let retention = match self.config.retention(policy) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue, // keep everything
+                Err(e) => {
+                    self.counters.error("config");
+                    self.log_error(&format!("retention {}", vm.uuid), &e.to_string());
+                    continue;
+                }
+            };
+            let targets = self
+                .config
+                .policy
+                .get(policy)
+                .map(|p| p.targets.clone())
+                .unwrap_or_default();
+            for t in targets {
+                let Some(tc) = self.config.target.get(&t) else {
+                    continue;
+                };
+                let store =
+                    match cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref()) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            self.counters.error("retention");
+                            self.log_error(&format!("retention {} {t}", vm.uuid), &e.to_string());
+                            continue;
+                        }
+                    };
+                // ===== RETENTION CALL SITE =====
+                // To be wired to the retention engine once it lands as
+                // `cdp_repo::retention` (repo/src/retention.rs):
+                //     cdp_repo::retention::apply(&store, &vm.uuid, &retention,
+                //                                cdpd::time::now_ns(), false).await
+                // counting an Err as `self.counters.error("retention")`.
+                // Until then nothing is deleted: every target keeps every point.
+                let _ = (&store, &retention);
+            }
+        }
+    }
+}
+
+/// One line about an adoption, for the log.
+fn describe(a: &Adoption) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = &a.recovered {
+        parts.push(format!(
+            "sealed the journal its cdpd left open ({} segment(s), {} record(s) redone, {} torn byte(s) cut; session ended: {})",
+            r.sealed_segments, r.redone_records, r.torn_bytes, r.previous_end
+        ));
+    }
+    if a.shipped_segments > 0 {
+        parts.push(format!(
+            "shipped {} segment(s), {} byte(s)",
+            a.shipped_segments, a.shipped_bytes
+        ));
+    }
+    if a.baselines > 0 {
+        parts.push(format!("took {} baseline(s)", a.baselines));
+    }
+    if a.waiting > 0 {
+        parts.push(format!(
+            "{} segment(s) wait for a delayed target",
+            a.waiting
+        ));
+    }
+    parts.join("; ")
+}
+
+/// `cdp-agent run --once`: one scan and one retention pass.
+pub async fn run_once(opts: &Options) -> Result<ScanReport, AgentError> {
+    let (_tx, rx) = watch::channel(false);
+    let mut agent = Agent::new(opts, rx)?;
+    let report = agent.scan(None).await;
+    agent.retention_pass().await;
+    Ok(report)
+}
+
+/// Bind `<run-dir>/agent.sock` (mode 0600), replacing a stale one, never a live one.
+pub fn bind_agent_socket(run_dir: &Path) -> Result<tokio::net::UnixDatagram, AgentError> {
+    let io = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(run_dir).map_err(io("creating", run_dir))?;
+    let path = cdpd::notify::agent_socket(run_dir);
+    if std::fs::symlink_metadata(&path).is_ok() {
+        let probe = std::os::unix::net::UnixDatagram::unbound().map_err(io("probing", &path))?;
+        if probe.connect(&path).is_ok() {
+            return Err(AgentError::AlreadyRunning(path));
+        }
+        std::fs::remove_file(&path).map_err(io("removing stale socket", &path))?;
+    }
+    let s = std::os::unix::net::UnixDatagram::bind(&path).map_err(io("binding", &path))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("setting permissions of", &path))?;
+    s.set_nonblocking(true).map_err(io("configuring", &path))?;
+    tokio::net::UnixDatagram::from_std(s).map_err(io("registering", &path))
+}
+
+/// How often to retry a notified VM whose lock is held (its shipper is
+/// draining), and for how long.
+const NOTIFIED_RETRY: Duration = Duration::from_secs(1);
+const NOTIFIED_TRIES: u32 = 60;
+
+/// `cdp-agent run`: until SIGTERM or SIGINT.
+pub async fn run(opts: &Options) -> Result<(), AgentError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig_err = |source| AgentError::Io {
+        what: "installing signal handlers",
+        path: PathBuf::from("-"),
+        source,
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
+    let notifier = Notifier::from_env().map(Arc::new);
+    let say = |n: &Option<Arc<Notifier>>, s: &str| {
+        if let Some(n) = n {
+            let _ = n.notify(s);
+        }
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let n = notifier.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if let Some(n) = n {
+                let _ = n.notify("STOPPING=1\nSTATUS=stopping");
+            }
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    let mut agent = Agent::new(opts, stop_rx.clone())?;
+    let metrics_task = match opts.config.metrics_listen() {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            let src = Arc::new(metrics::Source {
+                catalog: agent.catalog.clone(),
+                config: opts.config.clone(),
+                run_dir: opts.run_dir.clone(),
+                counters: agent.counters(),
+            });
+            Some(tokio::spawn(metrics::serve(l, src)))
+        }
+        None => None,
+    };
+    let sock = bind_agent_socket(&opts.run_dir)?;
+    say(
+        &notifier,
+        &format!(
+            "READY=1\nSTATUS=watching {}; metrics on {}",
+            opts.state_dir.display(),
+            opts.config
+                .metrics_listen()
+                .map_or("nothing".to_string(), |a| a.to_string())
+        ),
+    );
+    eprintln!(
+        "cdp-agent: watching {} (scan every {:?}, retention every {:?}), notifications on {}, metrics on {}",
+        opts.state_dir.display(),
+        opts.config.scan_interval(),
+        opts.config.retention_interval(),
+        cdpd::notify::agent_socket(&opts.run_dir).display(),
+        opts.config
+            .metrics_listen()
+            .map_or("nothing".to_string(), |a| a.to_string())
+    );
+    let watchdog = match (notifier.clone(), sdnotify::watchdog_interval()) {
+        (Some(n), Some(every)) => Some(tokio::spawn(async move {
+            loop {
+                let _ = n.notify("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        })),
+        _ => None,
+    };
+
+    let scan_every = opts.config.scan_interval();
+    let retention_every = opts.config.retention_interval();
+    let mut next_scan = Instant::now();
+    let mut next_retention = Instant::now();
+    let mut notified: HashMap<String, u32> = HashMap::new();
+    let mut stop = stop_rx;
+    let mut buf = [0u8; 256];
+    while !*stop.borrow() {
+        let now = Instant::now();
+        if now >= next_scan {
+            let r = agent.scan(None).await;
+            next_scan = Instant::now() + scan_every;
+            say(&notifier, &format!("STATUS={}", summary(&r)));
+            for a in &r.adopted {
+                notified.remove(&a.vm_uuid);
+            }
+        }
+        if !notified.is_empty() {
+            let uuids: Vec<String> = notified.keys().cloned().collect();
+            for u in uuids {
+                let r = agent.scan(Some(&u)).await;
+                let tries = notified.get_mut(&u).expect("present");
+                *tries += 1;
+                if r.busy.is_empty() || *tries >= NOTIFIED_TRIES {
+                    notified.remove(&u);
+                }
+            }
+        }
+        if Instant::now() >= next_retention {
+            agent.retention_pass().await;
+            next_retention = Instant::now() + retention_every;
+        }
+        let mut wake = next_scan.min(next_retention);
+        if !notified.is_empty() {
+            wake = wake.min(Instant::now() + NOTIFIED_RETRY);
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            r = sock.recv(&mut buf) => match r {
+                Ok(n) => match cdpd::notify::parse_message(&buf[..n]) {
+                    Some(u) => { notified.insert(u.to_string(), 0); }
+                    None => agent.counters.error("notify"),
+                },
+                Err(_) => agent.counters.error("notify"),
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    say(&notifier, "STOPPING=1\nSTATUS=stopping");
+    if let Some(t) = watchdog {
+        t.abort();
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(cdpd::notify::agent_socket(&opts.run_dir));
+    eprintln!("cdp-agent: stopped");
+    Ok(())
+}
+
+fn summary(r: &ScanReport) -> String {
+    format!(
+        "{} VM(s) looked at; {} adopted, {} shipped by their own shipper, {} failing",
+        r.vms,
+        r.adopted.len(),
+        r.busy.len(),
+        r.failed.len()
+    )
+}

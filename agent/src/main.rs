@@ -1,0 +1,80 @@
+//! `cdp-agent`: argument parsing only; see the library.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cdp-agent",
+    version,
+    about = "Host-wide CDP service: ships journals nobody ships, applies retention, exports metrics"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run until SIGTERM (systemd Type=notify), or with --once scan once and exit.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Config file (default /etc/cdp/cdp.toml when it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// State directory (catalog, journals); overrides the config's [paths].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Run directory (sockets); overrides the config's [paths].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Adopt what needs it and apply retention once, print what was done as
+    /// JSON, and exit (non-zero if a VM could not be adopted).
+    #[arg(long)]
+    once: bool,
+    /// Where the host's boot id is read (tests use it to simulate a reboot).
+    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
+    boot_id_file: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let r = match cli.cmd {
+        Cmd::Run(a) => rt.block_on(run(a)),
+    };
+    if let Err(e) = r {
+        eprintln!("cdp-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let config = cdpd::config::Config::load(a.config.as_deref())?;
+    let opts = cdp_agent::Options {
+        state_dir: config.state_dir(a.state_dir.as_deref()),
+        run_dir: config.run_dir(a.run_dir.as_deref()),
+        config,
+        once: a.once,
+        boot_id_file: a.boot_id_file,
+    };
+    if opts.once {
+        let report = cdp_agent::run_once(&opts).await?;
+        println!("{}", serde_json::to_string(&report)?);
+        if !report.failed.is_empty() {
+            return Err(cdp_agent::AgentError::Incomplete(report.failed.len()).into());
+        }
+        return Ok(());
+    }
+    cdp_agent::run(&opts).await?;
+    Ok(())
+}
