@@ -11,6 +11,7 @@
 //! Set `CDP_KEEP_TMP=1` to keep every test's temporary directory for inspection.
 
 pub mod fixture;
+pub mod guest;
 pub mod nbd;
 
 use std::ffi::{OsStr, OsString};

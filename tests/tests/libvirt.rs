@@ -1,0 +1,430 @@
+//! Installed like a product, driven through a real libvirtd that the test
+//! starts: `cdpctl install --libvirt` (binaries + hook), `virsh define`,
+//! `cdpctl protect`, `virsh start` (the hook prepares, cdp-qemu runs as
+//! libvirt-qemu), the guest writes, `virsh destroy`, cdp-agent finishes the
+//! shipping, restore at the guest's markers from the repository alone, and
+//! `cdpctl unprotect` gives back the definition byte for byte. Also: a VM
+//! without CDP keys starts untouched through the same hook even with a broken
+//! cdp.toml, and a protected one is then refused with the reason.
+//!
+//! These tests own host-wide things (/etc/cdp/cdp.toml, libvirtd), so nextest
+//! runs them one at a time (.config/nextest.toml, group `libvirt`). They need
+//! root and the packages `scripts/install-deps` installs.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use cdp_tests::guest::{follow_markers, wait_until};
+use cdp_tests::{bin, require_tool, run, run_ok};
+
+const MIB: usize = 1 << 20;
+const CONFIG: &str = "/etc/cdp/cdp.toml";
+const BIN_DIR: &str = "/usr/local/bin";
+
+fn sh(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
+}
+
+fn virsh(args: &[&str]) -> String {
+    sh(Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args))
+}
+
+fn virsh_try(args: &[&str]) -> std::process::Output {
+    run(Command::new("virsh")
+        .arg("-c")
+        .arg("qemu:///system")
+        .args(args))
+}
+
+fn pid_of(pidfile: &str) -> Option<i32> {
+    let p: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    (!cdpd::proc::is_gone(p)).then_some(p)
+}
+
+/// libvirtd started by the test (after the hook is installed: libvirt scans
+/// hooks only when it starts), stopped when dropped. /etc/cdp/cdp.toml is
+/// the test's while it lives and restored after.
+struct Libvirt {
+    saved_config: Option<Vec<u8>>,
+    agent: Option<Child>,
+}
+
+impl Libvirt {
+    fn start(dir: &Path, config: &str) -> Libvirt {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the libvirt tests need root (libvirtd, /etc/libvirt/hooks, chown to libvirt-qemu)"
+        );
+        require_tool("virsh");
+        assert!(
+            Path::new("/usr/sbin/libvirtd").exists(),
+            "libvirtd is not installed: run `bash scripts/install-deps`"
+        );
+        // Otherwise libvirt re-probes QEMU on every call (TESTING.md).
+        if Path::new("/dev/kvm").exists() {
+            let _ = run(Command::new("chgrp").args(["kvm", "/dev/kvm"]));
+            let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660));
+        }
+        let saved_config = std::fs::read(CONFIG).ok();
+        // The product as an operator installs it: programs and the hook
+        // (with a config of the test's own paths: CONFIG may be broken below).
+        let install_cfg = dir.join("install.toml");
+        std::fs::write(&install_cfg, config_for(dir, 0)).unwrap();
+        let out = sh(Command::new(bin("cdpctl"))
+            .args(["install", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
+            .arg(&install_cfg));
+        std::fs::create_dir_all("/etc/cdp").unwrap();
+        std::fs::write(CONFIG, config).unwrap();
+        eprintln!("cdpctl install --libvirt:\n{out}");
+        assert!(Path::new("/etc/libvirt/hooks/qemu.d/cdp").exists());
+        Self::stop_libvirtd();
+        if pid_of("/run/virtlogd.pid").is_none() {
+            run_ok(Command::new("virtlogd").arg("-d"));
+        }
+        run_ok(Command::new("libvirtd").arg("-d"));
+        wait_until("libvirtd's socket", 30, || {
+            virsh_try(&["version"]).status.success()
+        });
+        Libvirt {
+            saved_config,
+            agent: None,
+        }
+    }
+
+    fn stop_libvirtd() {
+        if let Some(p) = pid_of("/run/libvirtd.pid") {
+            unsafe { libc::kill(p, libc::SIGTERM) };
+            wait_until("libvirtd to stop", 30, || cdpd::proc::is_gone(p));
+        }
+    }
+
+    /// cdp-agent, as its systemd unit would run it (minus systemd).
+    fn start_agent(&mut self, log: &Path) {
+        let child = Command::new(Path::new(BIN_DIR).join("cdp-agent"))
+            .args(["run", "--config", CONFIG])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        for name in virsh_try(&["list", "--name"])
+            .stdout
+            .split(|b| *b == b'\n')
+            .map(|l| String::from_utf8_lossy(l).trim().to_string())
+            .filter(|l| l.starts_with("cdp-t-"))
+        {
+            let _ = virsh_try(&["destroy", &name]);
+        }
+        Self::stop_libvirtd();
+        match &self.saved_config {
+            Some(c) => std::fs::write(CONFIG, c).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(CONFIG);
+            }
+        }
+    }
+}
+
+/// A directory libvirt-qemu can traverse (tempdirs are 0700).
+fn shared_tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("cdp-libvirt-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn chown_qemu(p: &Path) {
+    run_ok(Command::new("chown").arg("-R").arg("libvirt-qemu:").arg(p));
+}
+
+fn config_for(dir: &Path, metrics_port: u16) -> String {
+    format!(
+        r#"[paths]
+state_dir = "{0}/state"
+run_dir = "{0}/run"
+[target.primary]
+url = "file://{0}/repo"
+[policy.default]
+targets = ["primary"]
+segment_age = "200ms"
+[agent]
+metrics_listen = "127.0.0.1:{metrics_port}"
+scan_interval = "1s"
+"#,
+        dir.display()
+    )
+}
+
+/// A domain booting the tiny guest with direct kernel boot, one raw disk.
+fn domain_xml(name: &str, uuid: &str, dir: &Path, cmdline: &str) -> String {
+    let (kernel, initrd) = cdp_tests::guest::build();
+    for f in [&kernel, &initrd] {
+        std::fs::copy(f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let qemu = require_tool("qemu-system-x86_64");
+    format!(
+        r#"<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{d}/vmlinuz</kernel>
+    <initrd>{d}/initramfs.gz</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 {cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <emulator>{qemu}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'><source path='{d}/serial.log'/></serial>
+    <console type='file'><source path='{d}/serial.log'/><target type='serial'/></console>
+  </devices>
+</domain>
+"#,
+        d = dir.display(),
+        qemu = qemu.display(),
+        disk = disk.display()
+    )
+}
+
+fn define(dir: &Path, xml: &str) {
+    let f = dir.join("domain.xml");
+    std::fs::write(&f, xml).unwrap();
+    virsh(&["define", f.to_str().unwrap()]);
+}
+
+/// `cdp.wait` guest: iteration k writes 1 MiB at (k mod 8) MiB filled with
+/// (k mod 250) + 1, flushes, prints marker k.
+fn expected_wait(k: u64) -> Vec<u8> {
+    let mut v = vec![0u8; 64 * MIB];
+    for j in 1..=k {
+        let o = (j % 8) as usize * MIB;
+        v[o..o + MIB].fill((j % 250) as u8 + 1);
+    }
+    v
+}
+
+fn metrics(port: u16) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// The sum of a metric's samples whose labels contain `label`.
+fn metric_sum(text: &str, name: &str, label: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) || !rest.contains(label) {
+            continue;
+        }
+        let v: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        *found.get_or_insert(0.0) += v;
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn protect_start_destroy_ship_restore_unprotect() {
+    let dir = shared_tempdir();
+    let d = dir.path();
+    let port = free_port();
+    let mut lv = Libvirt::start(d, &config_for(d, port));
+    std::fs::create_dir_all(d.join("repo")).unwrap();
+    chown_qemu(&d.join("repo"));
+    let name = "cdp-t-protected";
+    let uuid = "3f6c1d2e-9a8b-4c7d-8e6f-5a4b3c2d1e0f";
+    let _ = virsh_try(&["destroy", name]);
+    let _ = virsh_try(&["undefine", name]);
+    define(d, &domain_xml(name, uuid, d, "cdp.wait"));
+    let before = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+
+    // protect: says what happens next, and that a baseline is due.
+    let out =
+        sh(Command::new(Path::new(BIN_DIR).join("cdpctl"))
+            .args(["protect", name, "--disk", "vda"]));
+    assert!(out.contains("next start"), "{out}");
+    assert!(out.contains("full baseline"), "{out}");
+    let protected = virsh(&["dumpxml", "--inactive", name]);
+    assert!(
+        protected.contains("<emulator>/usr/local/bin/cdp-qemu</emulator>"),
+        "{protected}"
+    );
+    assert!(protected.contains("urn:cdpd:protection:1"), "{protected}");
+    // A qcow2 disk, an unknown disk: refused with the fix, definition untouched.
+    let bad =
+        run(Command::new(Path::new(BIN_DIR).join("cdpctl"))
+            .args(["protect", name, "--disk", "vdq"]));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("vdq"));
+
+    lv.start_agent(&d.join("agent.log"));
+    virsh(&["start", name]);
+    let serial = d.join("serial.log");
+    let mut markers = Vec::new();
+    follow_markers(&serial, "CDP-MARKER 4", 120, &mut markers);
+    // QEMU runs as libvirt-qemu, through cdp-qemu, its disk on cdpd's socket.
+    let sock = d.join("run").join(uuid).join("vda.sock");
+    assert!(sock.exists(), "no NBD socket at {}", sock.display());
+    let qlog = std::fs::read_to_string(format!("/var/log/libvirt/qemu/{name}.log")).unwrap();
+    assert!(!qlog.contains("cdp-qemu: error"), "{qlog}");
+    // The agent's RPO gauge for the running VM.
+    let mut text = String::new();
+    wait_until("cdp_rpo_seconds for the running VM", 30, || {
+        text = metrics(port).unwrap_or_default();
+        metric_sum(&text, "cdp_rpo_seconds", uuid).is_some()
+    });
+
+    virsh(&["destroy", name]);
+    let last_marker = markers.iter().map(|m| m.0).max().unwrap();
+    // cdp-agent finishes what the VM's shipper left: nothing waits for any target.
+    wait_until("an empty backlog after destroy", 90, || {
+        text = metrics(port).unwrap_or_default();
+        metric_sum(&text, "cdp_backlog_segments", uuid) == Some(0.0)
+            && metric_sum(&text, "cdp_vm_running", uuid) == Some(0.0)
+    });
+
+    // Restore from the repository alone (state gone) at each marker seen, and the latest.
+    let image_now = std::fs::read(d.join("disk.raw")).unwrap();
+    std::fs::remove_dir_all(d.join("state")).unwrap();
+    let url = format!("file://{}/repo", d.display());
+    let cdpctl = |args: &[&str]| {
+        sh(Command::new(Path::new(BIN_DIR).join("cdpctl"))
+            .args(args)
+            .args(["--state-dir", d.join("empty-state").to_str().unwrap()]))
+    };
+    for (k, t) in markers.iter().filter(|m| m.0 >= 2) {
+        let out = d.join(format!("at-{k}.raw"));
+        cdpctl(&[
+            "restore",
+            uuid,
+            "--disk",
+            "vda",
+            "--at",
+            t,
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &url,
+        ]);
+        assert!(
+            std::fs::read(&out).unwrap() == expected_wait(*k),
+            "restore at marker {k} ({t}) differs from what the guest wrote"
+        );
+    }
+    let latest = d.join("latest.raw");
+    cdpctl(&[
+        "restore",
+        uuid,
+        "--disk",
+        "vda",
+        "--at",
+        "latest",
+        "--output",
+        latest.to_str().unwrap(),
+        "--repo",
+        &url,
+    ]);
+    assert!(
+        std::fs::read(&latest).unwrap() == image_now,
+        "the latest point differs from the disk after destroy"
+    );
+    assert!(last_marker >= 4);
+
+    // unprotect: the definition is the one from before protect, byte for byte.
+    let out = sh(Command::new(Path::new(BIN_DIR).join("cdpctl")).args(["unprotect", name]));
+    assert!(out.contains("no longer protected"), "{out}");
+    let after = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+    assert_eq!(before, after, "unprotect did not restore the definition");
+    virsh(&["undefine", name]);
+}
+
+#[test]
+fn unprotected_vm_starts_untouched_through_the_hook() {
+    let dir = shared_tempdir();
+    let d = dir.path();
+    // A broken config: the hook must not even read it for a VM without keys.
+    let lv = Libvirt::start(d, "[paths]\nstate_dri = \"/nowhere\"\n");
+    let name = "cdp-t-plain";
+    let uuid = "8b7a6c5d-4e3f-4a1b-9c8d-7e6f5a4b3c2d";
+    let _ = virsh_try(&["destroy", name]);
+    let _ = virsh_try(&["undefine", name]);
+    define(d, &domain_xml(name, uuid, d, "cdp.phases=1"));
+    virsh(&["start", name]);
+    let mut markers = Vec::new();
+    follow_markers(&d.join("serial.log"), "CDP-DONE", 120, &mut markers);
+    wait_until("the plain VM to power off", 60, || {
+        virsh(&["domstate", name]).trim() == "shut off"
+    });
+    // The guest wrote its phase straight to the file: no cdpd, no run dir.
+    let img = std::fs::read(d.join("disk.raw")).unwrap();
+    assert!(img[MIB..2 * MIB].iter().all(|b| *b == 1));
+    assert!(!Path::new("/run/cdp").join(uuid).exists());
+
+    // The same broken config refuses a protected VM's start, saying why.
+    let xml = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+    let keyed = xml.replacen(
+        &format!("<uuid>{uuid}</uuid>"),
+        &format!("<uuid>{uuid}</uuid>\n  <metadata><cdp:protection xmlns:cdp=\"urn:cdpd:protection:1\"><cdp:disk target=\"vda\"/></cdp:protection></metadata>"),
+        1,
+    );
+    define(d, &keyed);
+    let r = virsh_try(&["start", name]);
+    assert!(
+        !r.status.success(),
+        "a protected VM started with a broken config"
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("state_dri") || err.contains(CONFIG), "{err}");
+    virsh(&["undefine", name]);
+    drop(lv);
+}
