@@ -253,8 +253,19 @@ fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
     std::fs::create_dir_all(&vm_state)
         .with_context(|| format!("creating {}", vm_state.display()))?;
     let saved_xml = vm_state.join("domain.xml");
-    std::fs::write(&saved_xml, &dom.xml)
-        .with_context(|| format!("writing {}", saved_xml.display()))?;
+    // 0600: a definition can hold secrets (VNC passwords, …).
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&saved_xml);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&saved_xml)
+            .and_then(|mut f| f.write_all(dom.xml.as_bytes()))
+            .with_context(|| format!("writing {}", saved_xml.display()))?;
+    }
 
     let (rd, wr) = pipe()?;
     let mut cdpd = Command::new(sibling("cdpd"));
