@@ -71,7 +71,11 @@ impl Libvirt {
             let _ = run(Command::new("chgrp").args(["kvm", "/dev/kvm"]));
             let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660));
         }
-        let saved_config = std::fs::read(CONFIG).ok();
+        // From here on, Drop puts CONFIG back and stops libvirtd, even if a step fails.
+        let lv = Libvirt {
+            saved_config: std::fs::read(CONFIG).ok(),
+            agent: None,
+        };
         // The product as an operator installs it: programs and the hook
         // (with a config of the test's own paths: CONFIG may be broken below).
         let install_cfg = dir.join("install.toml");
@@ -79,10 +83,10 @@ impl Libvirt {
         let out = sh(Command::new(bin("cdpctl"))
             .args(["install", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
             .arg(&install_cfg));
-        std::fs::create_dir_all("/etc/cdp").unwrap();
-        std::fs::write(CONFIG, config).unwrap();
         eprintln!("cdpctl install --libvirt:\n{out}");
         assert!(Path::new("/etc/libvirt/hooks/qemu.d/cdp").exists());
+        std::fs::create_dir_all("/etc/cdp").unwrap();
+        std::fs::write(CONFIG, config).unwrap();
         Self::stop_libvirtd();
         if pid_of("/run/virtlogd.pid").is_none() {
             run_ok(Command::new("virtlogd").arg("-d"));
@@ -91,10 +95,7 @@ impl Libvirt {
         wait_until("libvirtd's socket", 30, || {
             virsh_try(&["version"]).status.success()
         });
-        Libvirt {
-            saved_config,
-            agent: None,
-        }
+        lv
     }
 
     fn stop_libvirtd() {
