@@ -153,6 +153,98 @@ pub fn chunk_key(hash_hex: &str) -> String {
 
 pub const CHUNKS_PREFIX: &str = "cdp/v1/chunks/";
 
+pub fn retention_prefix(vm: &str) -> String {
+    format!("{ROOT}/vms/{vm}/retention/")
+}
+
+/// A retention manifest, named by the time the prune that wrote it began.
+pub fn retention_key(vm: &str, written_ns: u64) -> String {
+    format!("{}{written_ns:020}.json", retention_prefix(vm))
+}
+
+pub fn lease_prefix(vm: &str) -> String {
+    format!("{ROOT}/vms/{vm}/leases/")
+}
+
+pub fn lease_key(vm: &str, id: &str) -> String {
+    format!("{}{id}.json", lease_prefix(vm))
+}
+
+/// A lease (`vms/<vm>/leases/<id>.json`): a reader (restore, export, a
+/// baseline being taken) that needs the VM's objects to stay. Retention
+/// defers every deletion for the VM (and of chunks, repository-wide) while
+/// an unexpired lease exists. Rewritten to extend it; deleted at the end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lease {
+    /// What holds it: "cdpctl restore", "cdpctl export", "baseline".
+    pub holder: String,
+    pub host: String,
+    pub pid: u32,
+    pub created_ns: u64,
+    /// Ignored after this time (a holder that died without removing it).
+    pub expires_ns: u64,
+    /// What it reads, for people ("vda at seq:42").
+    #[serde(default)]
+    pub what: String,
+}
+
+/// A point retention keeps, older than the any-point window: the VM's state
+/// right after record `seq`, which lasted from `ts_ns` until `until_ns`
+/// (the time of the next record of the VM; absent when unknown).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeptPoint {
+    pub seq: u64,
+    pub ts_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ns: Option<u64>,
+    /// Labels of the marks at this seq.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub marks: Vec<String>,
+    /// Why it is kept: "window", "every 1h", "mark".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub why: Vec<String>,
+}
+
+/// What retention did to one disk's journal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskRetention {
+    pub disk: String,
+    /// Every record of this disk after this seq is kept (an exact baseline
+    /// holds the state at it); records up to it may be deleted.
+    pub journal_from_seq: u64,
+    /// The time of the record at `journal_from_seq`: every time from it on
+    /// can be restored.
+    pub from_ts_ns: u64,
+    /// The record base of the first segment kept after `journal_from_seq`
+    /// (a first segment with a larger base means records were lost).
+    pub record_base: u64,
+}
+
+/// A retention manifest (`vms/<vm>/retention/<ts:020>.json`): what the
+/// newest prune kept. Readers use the newest one that decodes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetentionManifest {
+    pub vm_uuid: String,
+    /// When the prune began, and the time it applied the policy at.
+    pub written_ns: u64,
+    pub now_ns: u64,
+    /// The policy: any-point window, and (every, keep) tiers, in ns.
+    pub any_point_ns: u64,
+    pub thin: Vec<(u64, u64)>,
+    /// The first point of the any-point window: every point from it on is
+    /// restorable.
+    pub window: KeptPoint,
+    /// The discrete points kept before the window, oldest first.
+    pub points: Vec<KeptPoint>,
+    pub disks: Vec<DiskRetention>,
+}
+
+impl RetentionManifest {
+    pub fn disk(&self, disk: &str) -> Option<&DiskRetention> {
+        self.disks.iter().find(|d| d.disk == disk)
+    }
+}
+
 /// What `vm.json` says.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

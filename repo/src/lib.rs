@@ -6,7 +6,9 @@
 
 pub mod export;
 pub mod format;
+pub mod lease;
 pub mod read;
 pub mod restore;
+pub mod retention;
 pub mod store;
 pub mod verify;

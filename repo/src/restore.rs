@@ -138,9 +138,87 @@ pub struct History {
     /// or an index without its segment, an index or baseline that does not
     /// decode (`cdpctl verify` says which and why).
     pub orphans: Vec<String>,
+    /// The newest retention manifest of the VM: what a prune kept (points
+    /// older than the any-point window exist only as exact baselines).
+    pub retention: Option<rf::RetentionManifest>,
 }
 
 impl History {
+    /// What retention did to this disk, if it thinned it.
+    pub fn retained(&self) -> Option<(&rf::RetentionManifest, &rf::DiskRetention)> {
+        let m = self.retention.as_ref()?;
+        Some((m, m.disk(&self.disk)?))
+    }
+
+    /// Is every record of this disk after `s0` in the history as far as
+    /// retention is concerned: it deleted records only up to its
+    /// `journal_from_seq`, and the first segment left follows on from what
+    /// it kept?
+    pub fn retained_after(&self, s0: u64) -> bool {
+        match (self.retained(), self.segments.first()) {
+            (Some((_, d)), Some(f)) => s0 >= d.journal_from_seq && f.record_base <= d.record_base,
+            (Some((_, d)), None) => s0 >= d.journal_from_seq,
+            _ => false,
+        }
+    }
+
+    /// An exact baseline (s0 = s1 = seq: no record needed) at `seq`.
+    pub fn exact_baseline(&self, seq: u64) -> Option<&(String, Baseline)> {
+        self.baselines
+            .iter()
+            .rev()
+            .find(|(_, b)| b.s0 == seq && b.s1 == seq)
+    }
+
+    /// The points retention kept, oldest first, with the first point of the
+    /// any-point window last.
+    pub fn kept_points(&self) -> Vec<&rf::KeptPoint> {
+        match &self.retention {
+            Some(m) => m.points.iter().chain(std::iter::once(&m.window)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Why a point retention thinned away cannot be restored, naming the
+    /// nearest points kept. `key` orders points: by seq or by time.
+    pub fn thinned_why(
+        &self,
+        below: Option<&rf::KeptPoint>,
+        above: Option<&rf::KeptPoint>,
+    ) -> String {
+        let m = self.retention.as_ref();
+        let show = |p: &rf::KeptPoint| format!("seq:{} ({})", p.seq, cdpd::time::fmt_ns(p.ts_ns));
+        let mut near = Vec::new();
+        if let Some(p) = below {
+            near.push(format!("before it {}", show(p)));
+        }
+        if let Some(p) = above {
+            near.push(format!("after it {}", show(p)));
+        }
+        format!(
+            "retention thinned this point away (prune of {}): the nearest kept points are {}; every point from {} on can be restored (`cdpctl points` lists them)",
+            m.map_or("?".into(), |m| cdpd::time::fmt_ns(m.written_ns)),
+            if near.is_empty() { "none".to_string() } else { near.join(", ") },
+            m.map_or("?".into(), |m| show(&m.window)),
+        )
+    }
+
+    /// [`History::thinned_why`] for a seq.
+    pub fn thinned_seq(&self, seq: u64) -> String {
+        let k = self.kept_points();
+        let below = k.iter().rev().find(|p| p.seq < seq).copied();
+        let above = k.iter().find(|p| p.seq > seq).copied();
+        self.thinned_why(below, above)
+    }
+
+    /// [`History::thinned_why`] for a time.
+    pub fn thinned_time(&self, ts: u64) -> String {
+        let k = self.kept_points();
+        let below = k.iter().rev().find(|p| p.ts_ns <= ts).copied();
+        let above = k.iter().find(|p| p.ts_ns > ts).copied();
+        self.thinned_why(below, above)
+    }
+
     pub fn last_entry(&self) -> Option<&IndexEntry> {
         self.segments.iter().rev().find_map(|s| s.entries.last())
     }
@@ -204,6 +282,7 @@ pub async fn load_history(
     let mut by_first: BTreeMap<u64, SegRef> = BTreeMap::new();
     let mut baselines = Vec::new();
     let mut orphans = Vec::new();
+    let mut retention = None;
     if let Some(store) = store {
         let chain = load_repo_chain(store, vm, disk, &mut orphans).await?;
         for s in chain {
@@ -238,6 +317,7 @@ pub async fn load_history(
             }
         }
         baselines.sort_by_key(|(_, b): &(String, Baseline)| (b.s1, b.s0));
+        retention = load_retention(store, vm).await?;
     }
     if let Some(dir) = state_dir {
         for s in local_segments(dir, vm, disk)? {
@@ -259,7 +339,34 @@ pub async fn load_history(
         segments,
         breaks,
         orphans,
+        retention,
     })
+}
+
+/// The newest retention manifest of a VM that decodes (older ones are
+/// left by a prune that was interrupted before removing them).
+pub async fn load_retention(
+    store: &Store,
+    vm: &str,
+) -> Result<Option<rf::RetentionManifest>, RestoreError> {
+    let mut list = store
+        .list(&rf::retention_prefix(vm))
+        .await
+        .map_err(ReadError::from)?;
+    list.sort();
+    for o in list.iter().rev().filter(|o| o.key.ends_with(".json")) {
+        let b = match store.get(&o.key).await {
+            Ok(b) => b,
+            Err(crate::store::StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(ReadError::from(e).into()),
+        };
+        if let Ok(m) = serde_json::from_slice::<rf::RetentionManifest>(&b) {
+            if m.vm_uuid == vm {
+                return Ok(Some(m));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// A disk's journal in the repository, in replay order. Objects that cannot
@@ -479,13 +586,40 @@ pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u6
     match p {
         Point::Seq(n) => Ok(*n),
         Point::Latest => unambiguous(last.seq),
-        Point::TimeNs(t) => h
-            .entries()
-            .filter(|(_, e)| e.ts_ns <= *t)
-            .map(|(_, e)| e.seq)
-            .max()
-            .ok_or_else(|| impossible("it is before the first record of the journal".into()))
-            .and_then(unambiguous),
+        Point::TimeNs(t) => {
+            let j = h
+                .entries()
+                .filter(|(_, e)| e.ts_ns <= *t)
+                .map(|(_, e)| e.seq)
+                .max();
+            let Some((m, d)) = h.retained() else {
+                return j
+                    .ok_or_else(|| {
+                        impossible("it is before the first record of the journal".into())
+                    })
+                    .and_then(unambiguous);
+            };
+            if *t >= d.from_ts_ns {
+                // Every record of the disk after journal_from_seq is here.
+                return match j {
+                    Some(j) if j > d.journal_from_seq => unambiguous(j),
+                    _ => Ok(d.journal_from_seq),
+                };
+            }
+            // Older than what retention keeps whole: a kept point whose
+            // state lasted until after `t`, or a record still here.
+            let kept = m
+                .points
+                .iter()
+                .chain(std::iter::once(&m.window))
+                .filter(|p| p.ts_ns <= *t && p.until_ns.is_some_and(|u| *t < u))
+                .map(|p| p.seq)
+                .max();
+            match j.max(kept) {
+                Some(s) => Ok(s),
+                None => Err(impossible(h.thinned_time(*t))),
+            }
+        }
         Point::Mark(label) => {
             let marks: Vec<(usize, IndexEntry)> = h
                 .entries()
@@ -533,6 +667,14 @@ pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u6
                     )));
                 }
             }
+            // Older than the journal kept: a point retention kept for it.
+            if let Some(p) = h
+                .retention
+                .as_ref()
+                .and_then(|m| m.points.iter().rev().find(|p| p.marks.contains(label)))
+            {
+                return Ok(p.seq);
+            }
             unreadable.extend(
                 Some(with_damage(h, 0, u64::MAX))
                     .filter(|d| !d.is_empty())
@@ -566,6 +708,24 @@ pub struct Plan {
 
 /// Choose the baseline and build the extent map for `seq`.
 pub fn plan(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError> {
+    // A point retention kept has a baseline exactly at it.
+    if let Some((key, b)) = h.exact_baseline(seq) {
+        return Ok(build(h, key, b, seq));
+    }
+    let r = plan_inner(h, seq, point);
+    match (&r, h.retained()) {
+        (Err(RestoreError::Impossible { .. }), Some((_, d))) if seq < d.journal_from_seq => {
+            Err(RestoreError::Impossible {
+                disk: h.disk.clone(),
+                point: point.to_string(),
+                why: h.thinned_seq(seq),
+            })
+        }
+        _ => r,
+    }
+}
+
+fn plan_inner(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError> {
     let impossible = |why: String| RestoreError::Impossible {
         disk: h.disk.clone(),
         point: point.to_string(),
@@ -630,7 +790,7 @@ fn covered(h: &History, s0: u64, seq: u64) -> Result<(), String> {
         return Ok(()); // nothing written after the baseline's scan began
     };
     let start_ok = if k == 0 {
-        h.segments[0].record_base == 0 || h.segments[0].first_seq <= s0 + 1
+        h.segments[0].record_base == 0 || h.segments[0].first_seq <= s0 + 1 || h.retained_after(s0)
     } else {
         !h.breaks.contains(&k)
     };
@@ -982,11 +1142,17 @@ pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
     };
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (_, b) in &h.baselines {
+        // An exact baseline needs no record for its own point.
+        if b.s0 == b.s1 && b.s1 >= 1 {
+            ranges.push((b.s1, b.s1));
+        }
         let k = h.segments.iter().position(|s| s.last_seq > b.s0);
         let mut end = last;
         if let Some(k) = k {
             let start_ok = if k == 0 {
-                h.segments[0].record_base == 0 || h.segments[0].first_seq <= b.s0 + 1
+                h.segments[0].record_base == 0
+                    || h.segments[0].first_seq <= b.s0 + 1
+                    || h.retained_after(b.s0)
             } else {
                 !h.breaks.contains(&k)
             };

@@ -244,9 +244,15 @@ pub async fn verify(store: &Store, vm: &str, deep: bool) -> Result<Report, Verif
     // Every disk's journal and baselines first, then one LIST of the chunks
     // (a baseline is written after its chunks, so every chunk of a baseline
     // listed before is in the later listing).
+    // What retention kept (a thinned journal is not damage).
+    let retention = match restore::load_retention(store, vm).await {
+        Ok(m) => m,
+        Err(restore::RestoreError::Read(crate::read::ReadError::Store(e))) => return Err(e.into()),
+        Err(_) => None,
+    };
     let mut scans = Vec::new();
     for disk in &disks {
-        scans.push(scan_disk(store, vm, disk, deep, &mut checked).await?);
+        scans.push(scan_disk(store, vm, disk, deep, &mut checked, retention.as_ref()).await?);
     }
     let mut referenced: BTreeMap<String, (usize, Vec<(usize, usize)>)> = BTreeMap::new();
     for (d, s) in scans.iter().enumerate() {
@@ -557,8 +563,12 @@ async fn scan_disk(
     disk: &str,
     deep: bool,
     checked: &mut Checked,
+    retention: Option<&rf::RetentionManifest>,
 ) -> Result<DiskScan, VerifyError> {
     let d = Some(disk);
+    let thinned_to = retention
+        .and_then(|m| m.disk(disk))
+        .map(|r| (r.journal_from_seq, r.record_base));
     let mut problems = Vec::new();
     let mut bad_records = Vec::new();
     let mut last_named: Option<u64> = None;
@@ -580,6 +590,11 @@ async fn scan_disk(
     }
     let mut segments: Vec<(SegmentIndex, u64)> = Vec::new();
     for (&(a, b), (seg, idx)) in &pairs {
+        // Half of a segment a prune was deleting when it stopped: below
+        // what retention keeps, nothing needs it (the next prune removes it).
+        if (seg.is_none() || idx.is_none()) && thinned_to.is_some_and(|(f, _)| b <= f) {
+            continue;
+        }
         let seg_key = rf::segment_key(vm, disk, a, b);
         let idx_key = rf::index_key(vm, disk, a, b);
         let mut idx_bytes = None;
@@ -815,7 +830,13 @@ async fn scan_disk(
         }
     }
     if let Some(s) = segs.first() {
-        if s.record_base != 0 && baselines.iter().any(|(_, b)| b.s0 < s.first_seq - 1) {
+        let missing = match thinned_to {
+            // Retention removed the records up to journal_from_seq; the
+            // first segment left must follow on from what it kept.
+            Some((_, base)) => s.record_base > base,
+            None => s.record_base != 0 && baselines.iter().any(|(_, b)| b.s0 < s.first_seq - 1),
+        };
+        if missing {
             let mut p = problem(
                 d,
                 None,
@@ -837,6 +858,7 @@ async fn scan_disk(
             segments: segs,
             breaks,
             orphans: Vec::new(),
+            retention: retention.cloned(),
         },
         problems,
         bad_baselines: BTreeSet::new(),
@@ -944,7 +966,22 @@ async fn finish_disk(store: &Store, mut s: DiskScan) -> (DiskReport, Vec<Problem
                 }
             }
         }
-        normalize(r)
+        let r = normalize(r);
+        // Retention keeps only its points and every point from
+        // journal_from_seq on.
+        match h.retained() {
+            Some((m, dr)) => {
+                let keep = normalize(
+                    m.points
+                        .iter()
+                        .map(|p| (p.seq, p.seq))
+                        .chain([(dr.journal_from_seq, u64::MAX)])
+                        .collect(),
+                );
+                subtract(&r, &subtract(&r, &keep))
+            }
+            None => r,
+        }
     };
     let lost = subtract(&ideal, &actual);
     // Times and marks, for the report.
