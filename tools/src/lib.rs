@@ -6,6 +6,7 @@ pub mod export_cmd;
 pub mod install_cmd;
 pub mod journal_cmd;
 pub mod protect_cmd;
+pub mod prune_cmd;
 pub mod restore_cmd;
 pub mod status;
 pub mod verify_cmd;
@@ -65,6 +66,8 @@ pub enum Cmd {
     /// Inspect or replay a VM's local journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCmd),
+    /// Apply the VM's retention policy to its targets: thin old points, compact, delete.
+    Prune(prune_cmd::PruneArgs),
     /// Install cdpd's programs, config, libvirt hook and systemd unit (idempotent).
     Install(install_cmd::InstallArgs),
     /// Remove what `install` wrote (config and state kept unless --purge).
@@ -145,6 +148,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Points(a) => restore_cmd::points(&ctx, &cli.global, &a),
         Cmd::Export(a) => export_cmd::run(&ctx, &cli.global, &a),
         Cmd::Verify(a) => verify_cmd::verify(&ctx, &cli.global, &a),
+        Cmd::Prune(a) => prune_cmd::run(&ctx, &cli.global, &a),
         Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &cli.global, &a),
         Cmd::Install(_) | Cmd::Uninstall(_) => unreachable!("handled before the config is read"),
         Cmd::Protect(a) => protect_cmd::protect(&ctx, &cli.global, &a),
