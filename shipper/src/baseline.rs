@@ -82,6 +82,16 @@ pub async fn take(
     run_dir: &Path,
 ) -> Result<BaselineResult> {
     let started = now_ns();
+    // Retention deletes no chunk while this baseline counts on the ones it
+    // finds (on an error path the lease expires by itself).
+    let lease = cdp_repo::lease::acquire(
+        store,
+        vm,
+        "baseline",
+        &format!("{disk} baseline"),
+        cdp_repo::lease::DEFAULT_TTL,
+    )
+    .await?;
     let s0 = settled_seq(run_dir, catalog, vm, disk)?;
     let have = existing_chunks(store, retry).await?;
     let f = File::open(image).with_context(|| format!("opening {}", image.display()))?;
@@ -182,6 +192,7 @@ pub async fn take(
         .lock()
         .unwrap()
         .add_baseline(vm, disk, target, s0, s1, &key, now_ns(), n, up)?;
+    lease.release().await;
     Ok(BaselineResult {
         key,
         s0,

@@ -50,12 +50,41 @@ fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result
     let point = Point::parse(&a.at, now_ns())?;
     let store = open_repo(g, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (plan, at) = rt.block_on(async {
+    let (vm, lease) = rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
+        // Retention deletes nothing of the VM while the export serves
+        // (refreshed in the background, removed when it stops).
+        let lease = cdp_repo::lease::acquire(
+            &store,
+            &vm,
+            "cdpctl export",
+            &format!("{} at {point}", a.disk),
+            cdp_repo::lease::DEFAULT_TTL,
+        )
+        .await?;
+        Ok::<_, anyhow::Error>((vm, lease))
+    })?;
+    let r = serve_leased(ctx, a, signals, &rt, store, &vm, &point);
+    rt.block_on(lease.release());
+    // Connections still open end with the process; do not wait for them.
+    rt.shutdown_background();
+    r
+}
+
+fn serve_leased(
+    ctx: &Ctx,
+    a: &ExportArgs,
+    signals: &StopSignals,
+    rt: &tokio::runtime::Runtime,
+    store: cdp_repo::store::Store,
+    vm: &str,
+    point: &Point,
+) -> Result<()> {
+    let (plan, at) = rt.block_on(async {
         let local = (!a.repo.no_local
-            && cdpd::journal::journal_dir(&ctx.state_dir, &vm, &a.disk).is_dir())
+            && cdpd::journal::journal_dir(&ctx.state_dir, vm, &a.disk).is_dir())
         .then_some(ctx.state_dir.as_path());
-        let h = restore::load_history(Some(&store), local, &vm, &a.disk).await?;
+        let h = restore::load_history(Some(&store), local, vm, &a.disk).await?;
         if h.segments.is_empty() && h.baselines.is_empty() {
             bail!(
                 "VM {vm} has no disk {} in {} (nor on this host)",
@@ -63,9 +92,9 @@ fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result
                 store.url()
             );
         }
-        let seq = restore::resolve(&h, Some(&store), &point).await?;
+        let seq = restore::resolve(&h, Some(&store), point).await?;
         // Refuses a point that cannot be rebuilt exactly, saying why.
-        let plan = restore::plan(&h, seq, &point)?;
+        let plan = restore::plan(&h, seq, point)?;
         let at = h
             .entries()
             .map(|(_, e)| e)
@@ -73,7 +102,7 @@ fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result
             .last()
             .map(|e| format!("seq {seq}, {}", fmt_ns(e.ts_ns)))
             .unwrap_or_else(|| format!("seq {seq}"));
-        Ok((plan, at))
+        Ok::<_, anyhow::Error>((plan, at))
     })?;
     let socket = std::path::absolute(&a.socket)
         .with_context(|| format!("socket path {}", a.socket.display()))?;
@@ -127,7 +156,5 @@ fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result
         st.rejected.load(Relaxed),
         crate::status::human(cached),
     );
-    // Connections still open end with the process; do not wait for them.
-    rt.shutdown_background();
     Ok(())
 }

@@ -141,10 +141,38 @@ pub fn restore(ctx: &Ctx, g: &Global, a: &RestoreArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
+        // Retention deletes nothing of the VM while the restore reads.
+        let lease = cdp_repo::lease::acquire(
+            &store,
+            &vm,
+            "cdpctl restore",
+            &format!("{} at {point}", a.disk),
+            cdp_repo::lease::DEFAULT_TTL,
+        )
+        .await?;
+        let r = restore_leased(ctx, a, &store, &vm, &point).await;
+        lease.release().await;
+        r
+    })
+}
+
+async fn restore_leased(
+    ctx: &Ctx,
+    a: &RestoreArgs,
+    store: &Store,
+    vm: &str,
+    point: &Point,
+) -> Result<()> {
+    let (store, vm, point) = (store.clone(), vm.to_string(), point.clone());
+    {
         let local = local_dir(ctx, &a.repo, &vm, &a.disk);
         let h = restore::load_history(Some(&store), local, &vm, &a.disk).await?;
         if h.segments.is_empty() && h.baselines.is_empty() {
-            bail!("VM {vm} has no disk {} in {} (nor on this host)", a.disk, store.url());
+            bail!(
+                "VM {vm} has no disk {} in {} (nor on this host)",
+                a.disk,
+                store.url()
+            );
         }
         let seq = restore::resolve(&h, Some(&store), &point).await?;
         let plan = restore::plan(&h, seq, &point)?;
@@ -202,7 +230,7 @@ pub fn restore(ctx: &Ctx, g: &Global, a: &RestoreArgs) -> Result<()> {
             stats.chunks_fetched,
         );
         Ok(())
-    })
+    }
 }
 
 fn progress(total: u64) -> Option<(restore::Progress, indicatif::ProgressBar)> {
@@ -500,8 +528,22 @@ pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
                 .rev()
                 .find(|s| matches!(s.loc, restore::SegLoc::Repo { .. }))
                 .map(|s| s.last_seq);
+            let retention = h.retention.as_ref().map(|m| {
+                let kept: Vec<_> = m
+                    .points
+                    .iter()
+                    .map(|p| serde_json::json!({"seq": p.seq, "time": fmt_ns(p.ts_ns), "marks": p.marks, "why": p.why}))
+                    .collect();
+                serde_json::json!({
+                    "pruned": fmt_ns(m.written_ns),
+                    "any_point_from_seq": h.retained().map_or(m.window.seq, |(_, d)| d.journal_from_seq),
+                    "any_point_from": fmt_ns(h.retained().map_or(m.window.ts_ns, |(_, d)| d.from_ts_ns)),
+                    "kept_points": kept,
+                })
+            });
             out.push(serde_json::json!({
                 "disk": disk,
+                "retention": retention,
                 "restorable": ranges,
                 "newest_shipped_seq": shipped_to,
                 "newest_seq": h.last_entry().map(|e| e.seq),
@@ -533,6 +575,24 @@ pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
                 }
                 (None, Some(n)) => println!("  nothing shipped yet; records up to seq {n} are on this host only"),
                 _ => {}
+            }
+            if let Some(r) = d["retention"].as_object() {
+                println!(
+                    "  retention (pruned {}): any point from seq {} ({}) on; {} earlier points kept:",
+                    r["pruned"].as_str().unwrap_or("?"),
+                    r["any_point_from_seq"],
+                    r["any_point_from"].as_str().unwrap_or("?"),
+                    r["kept_points"].as_array().map_or(0, |k| k.len())
+                );
+                for p in r["kept_points"].as_array().into_iter().flatten() {
+                    let marks: Vec<&str> = p["marks"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect();
+                    println!(
+                        "  kept point seq {:>8} {}{}",
+                        p["seq"],
+                        p["time"].as_str().unwrap_or("?"),
+                        if marks.is_empty() { String::new() } else { format!("  mark {}", marks.join(", ")) }
+                    );
+                }
             }
             for b in d["baselines"].as_array().unwrap() {
                 println!("  baseline   consistent from seq {:>8}  ({})", b["s1"], b["time"].as_str().unwrap());
