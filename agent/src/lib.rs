@@ -10,7 +10,7 @@
 //!   (`adopt <uuid>` datagrams on `<run-dir>/agent.sock`,
 //!   [`cdpd::notify::notify_agent`]).
 //! - **Retention** every `[agent] retention_interval`, per VM and target of
-//!   its policy ([`Agent::retention_pass`]).
+//!   its policy ([`Agent::retention_pass`], `cdp_repo::retention::apply`).
 //! - **Metrics** ([`metrics`]) on `[agent] metrics_listen`.
 //! - **systemd** ([`sdnotify`]): Type=notify (READY=1 once the catalog is
 //!   open and the sockets listen), WATCHDOG=1, STATUS=…, STOPPING=1.
@@ -65,6 +65,8 @@ pub struct ScanReport {
     /// VMs whose own shipper holds the lock.
     pub busy: Vec<String>,
     pub failed: Vec<VmFailure>,
+    /// Retention applied (`--once` only).
+    pub retention: Vec<RetentionRun>,
 }
 
 pub struct Agent {
@@ -167,20 +169,19 @@ impl Agent {
     }
 
     /// Retention: every VM, every target of its policy, when the policy has
-    /// a `[policy.P.retention]`.
-    pub async fn retention_pass(&mut self) {
+    /// a `[policy.P.retention]` (`cdp_repo::retention::apply`, as `cdpctl
+    /// prune` runs it). Crash-safe at every step, so SIGTERM abandons it.
+    pub async fn retention_pass(&mut self) -> Vec<RetentionRun> {
+        let mut runs = Vec::new();
         let vms = match self.vms() {
             Ok(v) => v,
             Err(e) => {
                 self.counters.error("catalog");
                 self.log_error("catalog", &e.to_string());
-                return;
+                return runs;
             }
         };
         for vm in vms {
-            if *self.stop.borrow() {
-                return;
-            }
             let policy = adopt::policy_of(&vm);
             let retention = match self.config.retention(policy) {
                 Ok(Some(r)) => r,
@@ -198,29 +199,80 @@ impl Agent {
                 .map(|p| p.targets.clone())
                 .unwrap_or_default();
             for t in targets {
+                if *self.stop.borrow() {
+                    return runs;
+                }
                 let Some(tc) = self.config.target.get(&t) else {
                     continue;
                 };
-                let store =
-                    match cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref()) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            self.counters.error("retention");
-                            self.log_error(&format!("retention {} {t}", vm.uuid), &e.to_string());
-                            continue;
+                let key = format!("retention {} {t}", vm.uuid);
+                let mut stop = self.stop.clone();
+                let r = match cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref())
+                {
+                    Ok(store) => tokio::select! {
+                        r = cdp_repo::retention::apply(
+                            &store, &vm.uuid, &retention, cdpd::time::now_ns(), false,
+                        ) => r.map_err(|e| e.to_string()),
+                        _ = stop.changed() => return runs,
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                match r {
+                    Ok(report) => {
+                        self.last_error.remove(&key);
+                        let deleted = report.segments_deleted
+                            + report.baselines_deleted
+                            + report.chunks_deleted
+                            + report.other_deleted;
+                        if deleted > 0 || report.synthetic_baselines > 0 {
+                            eprintln!(
+                                "cdp-agent: VM {} ({}) target {t}: retention kept {} point(s) before the window, wrote {} exact baseline(s), deleted {} segment(s), {} baseline(s), {} chunk(s), {} other object(s): {} byte(s) freed{}",
+                                vm.name,
+                                vm.uuid,
+                                report.kept_points,
+                                report.synthetic_baselines,
+                                report.segments_deleted,
+                                report.baselines_deleted,
+                                report.chunks_deleted,
+                                report.other_deleted,
+                                report.bytes_freed,
+                                if report.deferred_by_lease { "; deletions deferred by a lease" } else { "" }
+                            );
                         }
-                    };
-                // ===== RETENTION CALL SITE =====
-                // To be wired to the retention engine once it lands as
-                // `cdp_repo::retention` (repo/src/retention.rs):
-                //     cdp_repo::retention::apply(&store, &vm.uuid, &retention,
-                //                                cdpd::time::now_ns(), false).await
-                // counting an Err as `self.counters.error("retention")`.
-                // Until then nothing is deleted: every target keeps every point.
-                let _ = (&store, &retention);
+                        runs.push(RetentionRun {
+                            vm_uuid: vm.uuid.clone(),
+                            target: t.clone(),
+                            report: Some(report),
+                            error: None,
+                        });
+                    }
+                    Err(msg) => {
+                        self.counters.error("retention");
+                        self.log_error(
+                            &key,
+                            &format!("VM {} ({}) target {t}: retention: {msg}", vm.name, vm.uuid),
+                        );
+                        runs.push(RetentionRun {
+                            vm_uuid: vm.uuid.clone(),
+                            target: t.clone(),
+                            report: None,
+                            error: Some(msg),
+                        });
+                    }
+                }
             }
         }
+        runs
     }
+}
+
+/// One application of retention to one VM in one target.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetentionRun {
+    pub vm_uuid: String,
+    pub target: String,
+    pub report: Option<cdp_repo::retention::Report>,
+    pub error: Option<String>,
 }
 
 /// One line about an adoption, for the log.
@@ -254,8 +306,18 @@ fn describe(a: &Adoption) -> String {
 pub async fn run_once(opts: &Options) -> Result<ScanReport, AgentError> {
     let (_tx, rx) = watch::channel(false);
     let mut agent = Agent::new(opts, rx)?;
-    let report = agent.scan(None).await;
-    agent.retention_pass().await;
+    let mut report = agent.scan(None).await;
+    report.retention = agent.retention_pass().await;
+    for r in &report.retention {
+        if let Some(e) = &r.error {
+            report.failed.push(VmFailure {
+                vm_uuid: r.vm_uuid.clone(),
+                vm: String::new(),
+                kind: "retention",
+                message: format!("target {}: {e}", r.target),
+            });
+        }
+    }
     Ok(report)
 }
 

@@ -818,3 +818,45 @@ fn dead_target_is_reported_and_shipped_to_once_back() {
     );
     restore_equals_image(&d, &cfg, &repo, "vda");
 }
+
+#[test]
+fn retention_is_applied_per_vm_and_target() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 81)
+        .args(["--segment-age", "20ms"])
+        .start();
+    let repo = repo_dir(&d);
+    let cfg = config(&d, &repo, "metrics_listen = \"\"");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("[policy.default.retention]\nany_point = \"1s\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    for i in 0..3 {
+        qemu_io(&d, "vda", &phase(i));
+    }
+    d.term();
+    let stopped = Instant::now();
+    let report = agent_once_ok(&d, &cfg);
+    assert!(adopted(&report, &d.vm_uuid).is_some(), "{report}");
+    let r = &report["retention"][0];
+    assert_eq!(r["vm_uuid"], d.vm_uuid.as_str(), "{report}");
+    assert_eq!(r["target"], "primary", "{report}");
+    assert!(r["error"].is_null(), "{report}");
+    let shipped = repo_segments(&repo, &d.vm_uuid, "vda");
+    // Once every write is older than the any-point window, the history
+    // before it is compacted into an exact baseline.
+    wait_until("the writes to leave the 1 s window", WAIT, || {
+        stopped.elapsed() > Duration::from_millis(1500)
+    });
+    let report = agent_once_ok(&d, &cfg);
+    let r = &report["retention"][0]["report"];
+    assert!(
+        r["synthetic_baselines"].as_u64().unwrap() + r["segments_deleted"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        repo_segments(&repo, &d.vm_uuid, "vda").len() < shipped.len(),
+        "{report}"
+    );
+    restore_equals_image(&d, &cfg, &repo, "vda");
+}
