@@ -160,11 +160,25 @@ pub fn policy_of(vm: &VmRow) -> &str {
 }
 
 /// Is there anything for the policy's targets: a sealed segment one of them
-/// lacks, or a disk without a baseline on one of them (as the shipper
-/// decides it: none newer than the disk's last GAP)?
-pub fn needs_shipping(cat: &Catalog, vm: &str, targets: &[String]) -> Result<bool, AdoptError> {
+/// lacks and may have (past the target's delay), or a disk without a
+/// baseline on one of them (as the shipper decides it: none newer than the
+/// disk's last GAP)?
+pub fn needs_shipping(
+    cat: &Catalog,
+    config: &Config,
+    vm: &str,
+    targets: &[String],
+) -> Result<bool, AdoptError> {
+    let now = now_ns();
     for t in targets {
-        if !cat.unshipped(vm, t)?.is_empty() {
+        let delay = config
+            .target
+            .get(t)
+            .and_then(|t| t.delay.as_deref())
+            .and_then(|d| cdpd::config::parse_duration(d).ok())
+            .unwrap_or_default();
+        let cutoff = now.saturating_sub(delay.as_nanos() as u64);
+        if cat.unshipped(vm, t)?.iter().any(|s| s.last_ts_ns <= cutoff) {
             return Ok(true);
         }
     }
@@ -216,7 +230,7 @@ pub async fn adopt(
         if targets.is_empty() {
             return Ok(false);
         }
-        needs_shipping(&cat, &vm.uuid, &targets)
+        needs_shipping(&cat, config, &vm.uuid, &targets)
     })?;
     if targets.is_empty() {
         return Err(AdoptError::NoTargets { policy });
@@ -246,6 +260,11 @@ pub async fn adopt(
             });
         }
     };
+    // A running VM goes on writing: one pass (everything sealed by now),
+    // then the lock goes back, so that its own shipper, if it comes back,
+    // is not kept waiting behind an agent that never finishes. A stopped
+    // VM's backlog is finite: pass until it is gone.
+    let running = cdpd_answers(&dirs.run_dir, &vm.uuid).is_some();
     loop {
         if *stop.borrow() {
             break;
@@ -285,7 +304,7 @@ pub async fn adopt(
             .backlog()
             .map_err(|e| AdoptError::Ship(format!("{e:#}")))?;
         // Done, or only segments a delayed target may not have yet.
-        if left == 0 || st.shipped == 0 {
+        if left == 0 || st.shipped == 0 || running {
             break;
         }
     }
