@@ -669,9 +669,10 @@ pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u6
             }
             // Older than the journal kept: a point retention kept for it.
             if let Some(p) = h
-                .retention
-                .as_ref()
-                .and_then(|m| m.points.iter().rev().find(|p| p.marks.contains(label)))
+                .kept_points()
+                .into_iter()
+                .rev()
+                .find(|p| p.marks.contains(label))
             {
                 return Ok(p.seq);
             }

@@ -456,6 +456,8 @@ pub struct Report {
     /// Objects not deleted because of a lease.
     pub deferred_objects: u64,
     pub leases: Vec<Lease>,
+    /// Objects left for the next prune (`max_deletions` reached).
+    pub left_for_next_prune: u64,
     /// Kept points a disk cannot be rebuilt at: (disk, seq).
     pub unrestorable: Vec<(String, u64)>,
     /// The manifest written, if any.
@@ -604,6 +606,8 @@ struct Deleter<'a> {
     sizes: HashMap<String, u64>,
     since_check: u32,
     deferred: bool,
+    /// Deletions left (None: no limit).
+    budget: Option<u64>,
     report: &'a mut Report,
 }
 
@@ -635,6 +639,14 @@ impl Deleter<'_> {
             self.report.deferred_objects += 1;
             return Ok(false);
         }
+        match &mut self.budget {
+            Some(0) => {
+                self.report.left_for_next_prune += 1;
+                return Ok(false);
+            }
+            Some(n) => *n -= 1,
+            None => {}
+        }
         let retry = RetryPolicy::default();
         with_retry(key, &retry, || self.store.delete(key))
             .await
@@ -652,6 +664,34 @@ pub async fn apply(
     retention: &Retention,
     now_ns: u64,
     dry_run: bool,
+) -> Result<Report, RetentionError> {
+    apply_with(
+        store,
+        vm_uuid,
+        retention,
+        now_ns,
+        dry_run,
+        &Options::default(),
+    )
+    .await
+}
+
+/// Knobs of [`apply_with`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Delete at most this many objects, the rest at the next prune (a
+    /// prune stopped there leaves the repository as a crash there would).
+    pub max_deletions: Option<u64>,
+}
+
+/// [`apply`] with [`Options`].
+pub async fn apply_with(
+    store: &Store,
+    vm_uuid: &str,
+    retention: &Retention,
+    now_ns: u64,
+    dry_run: bool,
+    opts: &Options,
 ) -> Result<Report, RetentionError> {
     let started_ns = cdpd::time::now_ns();
     let vm = vm_uuid;
@@ -748,6 +788,7 @@ pub async fn apply(
         sizes,
         since_check: 0,
         deferred: false,
+        budget: opts.max_deletions,
         report: &mut report,
     };
     // 3. Journal segments, oldest first, each index before its segment

@@ -28,6 +28,9 @@ pub struct PruneArgs {
     /// instead of now: to preview a later prune.
     #[arg(long)]
     pub now: Option<String>,
+    /// Delete at most this many objects; the rest at the next prune.
+    #[arg(long)]
+    pub max_deletions: Option<u64>,
 }
 
 fn vm_policy(ctx: &Ctx, vm: &str) -> Option<String> {
@@ -81,7 +84,10 @@ pub fn run(ctx: &Ctx, g: &Global, a: &PruneArgs) -> Result<()> {
             .with_context(|| format!("target {name} ({})", t.url))?;
         let r = rt.block_on(async {
             let vm = crate::restore_cmd::resolve_vm(ctx, &store, &a.vm).await?;
-            retention::apply(&store, &vm, &ret, now, a.dry_run)
+            let opts = retention::Options {
+                max_deletions: a.max_deletions,
+            };
+            retention::apply_with(&store, &vm, &ret, now, a.dry_run, &opts)
                 .await
                 .with_context(|| format!("pruning VM {vm} in target {name} ({})", t.url))
         })?;
@@ -141,6 +147,12 @@ pub fn run(ctx: &Ctx, g: &Global, a: &PruneArgs) -> Result<()> {
             r.other_deleted,
             human(r.bytes_freed)
         );
+        if r.left_for_next_prune > 0 {
+            println!(
+                "  {} objects left for the next prune (--max-deletions)",
+                r.left_for_next_prune
+            );
+        }
         for (d, s) in &r.unrestorable {
             println!("  disk {d} cannot be rebuilt at seq {s} (nothing kept for it there)");
         }
