@@ -244,9 +244,10 @@ pub async fn adopt(
         run_dir: dirs.run_dir.clone(),
         policy: policy.clone(),
         max_parallel: 8,
-        // The agent does not know where the domain XML lives; the VM's own
-        // shipper stores the definitions.
-        vm_config: None,
+        // The definition cdp-qemu saved at the VM's start (stored when it
+        // changed and the VM's own shipper did not get to it).
+        vm_config: Some(dirs.state_dir.join("vms").join(&vm.uuid).join("domain.xml"))
+            .filter(|p| p.exists()),
         poll: Duration::from_millis(100),
         auto_baseline: true,
     };
