@@ -78,6 +78,8 @@ fn package_of(tool: &str) -> &'static str {
         "nbdsh" => "python3-libnbd",
         "fio" => "fio",
         "cmp" => "diffutils",
+        "apparmor_parser" => "apparmor",
+        "dpkg-deb" => "dpkg",
         _ => "?",
     }
 }
