@@ -80,6 +80,7 @@ fn package_of(tool: &str) -> &'static str {
         "cmp" => "diffutils",
         "apparmor_parser" => "apparmor",
         "dpkg-deb" => "dpkg",
+        "systemd-analyze" => "systemd",
         _ => "?",
     }
 }

@@ -725,3 +725,34 @@ fn debian_package_from_the_debug_build() {
     assert_eq!(item(&v, "/usr/bin/cdpd")["action"], "kept");
     assert!(tree_dir.join("usr/bin/cdpd").exists());
 }
+
+// ---------------------------------------------------------------- systemd
+
+#[test]
+fn installed_unit_verifies() {
+    let analyze = require_tool("systemd-analyze");
+    let s = setup();
+    // ExecStart must name a program that exists on this host: the built cdp-agent.
+    let bins = bin_dir();
+    s.json(&["install", "--systemd", "--bin-dir", bins.to_str().unwrap()]);
+    let unit = s.at("/etc/systemd/system/cdp-agent.service");
+    let text = fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains(&format!("ExecStart={}/cdp-agent run\n", bins.display())),
+        "{text}"
+    );
+    for key in [
+        "Type=notify",
+        "WatchdogSec=30s",
+        "Restart=on-failure",
+        "After=network-online.target libvirtd.service",
+    ] {
+        assert!(text.lines().any(|l| l == key), "{key} not in {text}");
+    }
+    let out = run(Command::new(analyze).arg("verify").arg(&unit));
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        stderr(&out)
+    );
+}
