@@ -166,7 +166,8 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
     let run_dir = c.run_dir(None);
     match phase {
         Phase::Prepare => {
-            dom.tagged(&c)
+            let tagged = dom
+                .tagged(&c)
                 .map_err(|source| HookError::Domain { vm, source })?;
             let owner = match dac_label(xml) {
                 Some(o) => o,
@@ -181,6 +182,20 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
                 let p = state_dir.join(f);
                 if p.exists() {
                     own(&p, owner)?;
+                }
+            }
+            // A file:// target the shipper (QEMU's user) writes: create it
+            // for that user when missing; an existing one is the operator's.
+            for t in tagged
+                .iter()
+                .filter_map(|t| c.policy.get(&t.policy))
+                .flat_map(|p| p.targets.iter())
+                .filter_map(|name| c.target.get(name))
+            {
+                if let Some(path) = t.url.strip_prefix("file://").map(Path::new) {
+                    if !path.exists() {
+                        dir(path, owner, 0o750)?;
+                    }
                 }
             }
             dir(&run_dir, owner, 0o755)?;
@@ -282,7 +297,7 @@ mod tests {
         std::fs::write(
             &cfg,
             format!(
-                "[paths]\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n",
+                "[paths]\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[target.t]\nurl = \"file://{0}/repo\"\n[policy.default]\ntargets = [\"t\"]\n",
                 d.path().display()
             ),
         )
@@ -303,6 +318,10 @@ mod tests {
             .unwrap()
             .starts_with("<domain"));
         assert!(d.path().join("state/vms").join(uuid).is_dir());
+        assert!(
+            d.path().join("repo").is_dir(),
+            "the file:// target is created"
+        );
         // Twice is fine (prepare, then start).
         run(&args("start", "begin"), &xml, Some(&cfg)).unwrap();
         let out = run(&args("release", "end"), &xml, Some(&cfg)).unwrap();

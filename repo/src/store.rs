@@ -1118,6 +1118,22 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// A repository directory is written by two users: the VM's shipper runs
+/// as QEMU's user, cdp-agent and cdpctl as root. A directory root creates
+/// is handed to the owner of the repository's root directory, so the QEMU
+/// user can always add objects beside root's.
+fn give_to_root_owner(root: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let owner = std::fs::metadata(root)?;
+    if owner.uid() == 0 && owner.gid() == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid()))
+}
+
 /// Create `dir` and its missing ancestors below `root`, fsyncing each parent
 /// whose entries changed, so the new directories survive a crash.
 fn create_dirs_durably(root: &Path, dir: &Path) -> std::io::Result<()> {
@@ -1144,6 +1160,7 @@ fn create_dirs_durably(root: &Path, dir: &Path) -> std::io::Result<()> {
     for d in missing.iter().rev() {
         match std::fs::create_dir(d) {
             Ok(()) => {
+                give_to_root_owner(root, d)?;
                 if let Some(p) = d.parent() {
                     fsync_dir(p)?;
                 }

@@ -151,10 +151,6 @@ fn shared_tempdir() -> tempfile::TempDir {
     d
 }
 
-fn chown_qemu(p: &Path) {
-    run_ok(Command::new("chown").arg("-R").arg("libvirt-qemu:").arg(p));
-}
-
 fn config_for(dir: &Path, metrics_port: u16) -> String {
     format!(
         r#"[paths]
@@ -280,8 +276,7 @@ fn protect_start_destroy_ship_restore_unprotect() {
     let d = dir.path();
     let port = free_port();
     let mut lv = Libvirt::start(d, &config_for(d, port));
-    std::fs::create_dir_all(d.join("repo")).unwrap();
-    chown_qemu(&d.join("repo"));
+    // No repository directory yet: the hook creates it for QEMU's user.
     let name = "cdp-t-protected";
     let uuid = "3f6c1d2e-9a8b-4c7d-8e6f-5a4b3c2d1e0f";
     let _ = virsh_try(&["destroy", name]);

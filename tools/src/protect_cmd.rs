@@ -203,8 +203,17 @@ pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     for t in &targets {
         let tc = &config.target[t];
-        let store = cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref())
-            .with_context(|| format!("target {t}"))?;
+        let store = match cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                // A missing file:// directory is created by the hook at start.
+                eprintln!("cdpctl: note: target {t}: {e}");
+                for d in disks.iter_mut() {
+                    d.baseline_due_in.push(t.clone());
+                }
+                continue;
+            }
+        };
         for d in disks.iter_mut() {
             let have = rt
                 .block_on(store.list(&cdp_repo::format::baseline_prefix(&uuid, &d.disk)))
