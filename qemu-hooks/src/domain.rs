@@ -86,16 +86,22 @@ pub struct Tagged {
     pub policy: String,
 }
 
+/// The `<domain>` element: the root, or inside libvirt's `<domstatus>`.
+pub fn domain_element<'a, 'i>(
+    doc: &'a roxmltree::Document<'i>,
+) -> Result<roxmltree::Node<'a, 'i>, DomainError> {
+    let root = doc.root_element();
+    if root.has_tag_name("domain") {
+        return Ok(root);
+    }
+    root.descendants()
+        .find(|n| n.has_tag_name("domain"))
+        .ok_or(DomainError::NoDomain)
+}
+
 pub fn parse(text: &str) -> Result<Domain, DomainError> {
     let doc = roxmltree::Document::parse(text).map_err(|e| DomainError::Xml(e.to_string()))?;
-    let root = doc.root_element();
-    let dom = if root.has_tag_name("domain") {
-        root
-    } else {
-        root.descendants()
-            .find(|n| n.has_tag_name("domain"))
-            .ok_or(DomainError::NoDomain)?
-    };
+    let dom = domain_element(&doc)?;
     let child_text = |name: &'static str| -> Result<String, DomainError> {
         dom.children()
             .find(|n| n.has_tag_name(name))

@@ -83,14 +83,7 @@ struct Located {
 }
 
 fn locate(doc: &roxmltree::Document) -> Result<Located, EditError> {
-    let root = doc.root_element();
-    let dom = if root.has_tag_name("domain") {
-        root
-    } else {
-        root.descendants()
-            .find(|n| n.has_tag_name("domain"))
-            .ok_or(DomainError::NoDomain)?
-    };
+    let dom = domain::domain_element(doc)?;
     let name = dom
         .children()
         .find(|n| n.has_tag_name("name"))
