@@ -30,8 +30,8 @@ pub fn qemu_io(d: &Daemon, disk: &str, cmds: &[String]) {
     run_ok(&mut c);
 }
 
-/// cdpctl with this daemon's directories and `cfg`; the output, whatever the status.
-pub fn cdpctl_out(d: &Daemon, cfg: &Path, args: &[&str]) -> Output {
+/// The command: cdpctl with this daemon's directories and `cfg`.
+pub fn cdpctl_cmd(d: &Daemon, cfg: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(bin("cdpctl"));
     c.args(args)
         .arg("--state-dir")
@@ -40,7 +40,12 @@ pub fn cdpctl_out(d: &Daemon, cfg: &Path, args: &[&str]) -> Output {
         .arg(&d.run_dir)
         .arg("--config")
         .arg(cfg);
-    run(&mut c)
+    c
+}
+
+/// cdpctl with this daemon's directories and `cfg`; the output, whatever the status.
+pub fn cdpctl_out(d: &Daemon, cfg: &Path, args: &[&str]) -> Output {
+    run(&mut cdpctl_cmd(d, cfg, args))
 }
 
 /// [`cdpctl_out`] that must succeed; its stdout.

@@ -5,7 +5,9 @@
 //! repository shrank, `cdpctl verify` is clean; a dry run changes nothing;
 //! a running export (its lease) holds every deletion back until it stops;
 //! a prune stopped mid-way leaves every kept point restorable; a second
-//! prune is a no-op.
+//! prune is a no-op. And a prune SIGKILLed at each of its steps (under
+//! ptrace, right before a chosen put or delete), run after run, leaves every
+//! kept point restorable and verify clean, and the next run completes it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cdp_tests::fixture::{cdpctl, cdpctl_out, phase, qemu_io};
+use cdp_tests::fixture::{cdpctl, cdpctl_cmd, cdpctl_out, phase, qemu_io};
 use cdp_tests::{bin, qemu_img_compare, run_ok, wait_child, Daemon, STOP_TIMEOUT};
 use serde_json::Value;
 
@@ -166,8 +168,17 @@ impl Drop for Export {
     }
 }
 
-#[test]
-fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
+/// A stopped daemon's VM with a long timeline shipped to a file://
+/// repository whose policy keeps every point of the last 2 s and one per
+/// second for 4 s.
+struct Timeline {
+    d: Daemon,
+    repo: PathBuf,
+    cfg: PathBuf,
+    phases: Vec<Phase>,
+}
+
+fn timeline() -> Timeline {
     let mut d = Daemon::builder()
         .disk("vda", 16 * MIB)
         .args(["--segment-age", "30ms"])
@@ -226,6 +237,45 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
             .arg("--config")
             .arg(&cfg),
     );
+    Timeline {
+        d,
+        repo,
+        cfg,
+        phases,
+    }
+}
+
+/// The phases a prune keeps, from its (dry run) report: those in the
+/// window and those that are kept points.
+fn kept_phases(report: &Value, phases: &[Phase]) -> Vec<u64> {
+    let window = report["window_from_seq"].as_u64().unwrap();
+    let points: Vec<u64> = report["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    phases
+        .iter()
+        .map(|p| p.seq)
+        .filter(|s| *s >= window || points.contains(s))
+        .collect()
+}
+
+fn verify_ok(d: &Daemon, cfg: &Path, tag: &str) {
+    let v: Value =
+        serde_json::from_str(&cdpctl(d, cfg, &["verify", &d.vm_uuid, "--json"])).unwrap();
+    assert_eq!(v["ok"], true, "verify {tag}: {v}");
+}
+
+#[test]
+fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
+    let Timeline {
+        d,
+        repo,
+        cfg,
+        phases,
+    } = timeline();
     // The policy applied half a second after the last phase.
     let now_ns = phases.last().unwrap().ts_ns + 500_000_000;
     let now = cdpd::time::fmt_ns(now_ns);
@@ -241,17 +291,8 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
     // What the policy keeps: marks within reach (4 s), one point per second
     // within 4 s, and everything in the last 2 s.
     let window = dry["window_from_seq"].as_u64().unwrap();
-    let points: Vec<u64> = dry["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["seq"].as_u64().unwrap())
-        .collect();
-    let kept: Vec<u64> = phases
-        .iter()
-        .map(|p| p.seq)
-        .filter(|s| *s >= window || points.contains(s))
-        .collect();
+    let points = dry["points"].as_array().unwrap();
+    let kept = kept_phases(&dry, &phases);
     let thinned: Vec<&Phase> = phases.iter().filter(|p| !kept.contains(&p.seq)).collect();
     assert!(
         !thinned.is_empty(),
@@ -295,9 +336,7 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
     let part = prune(&d, &cfg, &now, &["--max-deletions", "5"]);
     assert!(part["left_for_next_prune"].as_u64().unwrap() > 0, "{part}");
     check_kept(&d, &cfg, &phases, &kept, &held, "partial");
-    let v: Value =
-        serde_json::from_str(&cdpctl(&d, &cfg, &["verify", &d.vm_uuid, "--json"])).unwrap();
-    assert_eq!(v["ok"], true, "verify after a partial prune: {v}");
+    verify_ok(&d, &cfg, "after a partial prune");
 
     // The whole prune.
     let full = prune(&d, &cfg, &now, &[]);
@@ -345,9 +384,7 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
     }
 
     // verify is clean; points shows what is left.
-    let v: Value =
-        serde_json::from_str(&cdpctl(&d, &cfg, &["verify", &d.vm_uuid, "--json"])).unwrap();
-    assert_eq!(v["ok"], true, "verify after prune: {v}");
+    verify_ok(&d, &cfg, "after prune");
     let pts: Value = serde_json::from_str(&cdpctl(
         &d,
         &cfg,
@@ -382,5 +419,341 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
         "other_deleted",
     ] {
         assert_eq!(again[k], 0, "{k}: {again}");
+    }
+}
+
+/// A change a prune makes to the repository, seen at the entry of its
+/// system call: a put (the rename that publishes an object) or a delete.
+#[derive(Debug, Clone)]
+struct Change {
+    delete: bool,
+    key: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = if self.delete { "delete" } else { "put" };
+        write!(f, "{op} {}", self.key)
+    }
+}
+
+enum Traced {
+    /// SIGKILLed at the entry of `before`'s system call: it was not made,
+    /// every change in `done` was.
+    Killed { before: Change, done: Vec<Change> },
+    /// Ran to its end.
+    Exited {
+        status: std::process::ExitStatus,
+        done: Vec<Change>,
+    },
+}
+
+/// ptrace(2) with the pointer-sized arguments it takes.
+fn ptrace(req: libc::c_uint, tid: libc::pid_t, addr: usize, data: usize) -> libc::c_long {
+    unsafe {
+        libc::ptrace(
+            req,
+            tid,
+            addr as *mut libc::c_void,
+            data as *mut libc::c_void,
+        )
+    }
+}
+
+/// The NUL-terminated string at `addr` in `tid`'s memory.
+fn read_c_string(tid: libc::pid_t, addr: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{tid}/mem")).ok()?;
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() < 8192 {
+        // Never across a page: the next one may not be mapped.
+        let mut buf = vec![0u8; 4096 - (at % 4096) as usize];
+        let n = mem.read_at(&mut buf, at).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(z) = buf[..n].iter().position(|&b| b == 0) {
+            out.extend_from_slice(&buf[..z]);
+            return Some(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+        at += n as u64;
+    }
+    None
+}
+
+/// The repository change `tid`, stopped at a system call's entry, is about
+/// to make, if any.
+fn change_at(tid: libc::pid_t, repo: &Path) -> Option<Change> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut info: libc::ptrace_syscall_info = unsafe { std::mem::zeroed() };
+    let n = ptrace(
+        libc::PTRACE_GET_SYSCALL_INFO,
+        tid,
+        std::mem::size_of_val(&info),
+        &mut info as *mut _ as usize,
+    );
+    if n <= 0 || info.op != libc::PTRACE_SYSCALL_INFO_ENTRY {
+        return None;
+    }
+    let e = unsafe { info.u.entry };
+    // The path that disappears (unlink) or appears (rename's target).
+    let (delete, path) = match e.nr as libc::c_long {
+        libc::SYS_unlinkat => (true, e.args[1]),
+        libc::SYS_renameat2 => (false, e.args[3]),
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_unlink => (true, e.args[0]),
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_rename => (false, e.args[1]),
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_renameat => (false, e.args[3]),
+        _ => return None,
+    };
+    let path = read_c_string(tid, path)?;
+    let key = Path::new(std::ffi::OsStr::from_bytes(&path))
+        .strip_prefix(repo)
+        .ok()?
+        .to_str()?
+        .to_string();
+    // The staging directory is not the repository.
+    (!key.starts_with(".cdp-staging")).then_some(Change { delete, key })
+}
+
+/// Run `cmd` under ptrace, stopped at the entry and exit of each of its
+/// system calls; each change to `repo` it is about to make is passed to
+/// `kill_before` (with the number made before it) and, when that says so,
+/// the process is SIGKILLed there, its system call not made: exactly the
+/// repository a crash between two changes leaves.
+fn run_traced(
+    mut cmd: Command,
+    repo: &Path,
+    log: &Path,
+    mut kill_before: impl FnMut(usize, &Change) -> bool,
+) -> Traced {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    fn wait(pid: libc::pid_t) -> (libc::pid_t, libc::c_int) {
+        let mut st = 0;
+        loop {
+            let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+            if r > 0 {
+                return (r, st);
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "waitpid: {e}");
+        }
+    }
+    unsafe {
+        cmd.pre_exec(|| {
+            if ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // Its own process group: the waits below are for its threads only,
+    // never another test's children.
+    let child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    // Stopped at its exec.
+    let (_, st) = wait(pid);
+    assert!(
+        libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == libc::SIGTRAP,
+        "{cmd:?}: not stopped at exec under ptrace: status {st:#x}"
+    );
+    let opts = libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL;
+    assert_eq!(
+        ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts as usize),
+        0,
+        "PTRACE_SETOPTIONS: {}",
+        std::io::Error::last_os_error()
+    );
+    ptrace(libc::PTRACE_SYSCALL, pid, 0, 0);
+    let mut done = Vec::new();
+    let mut killed = None;
+    let status: std::process::ExitStatus = loop {
+        let (tid, st) = wait(-pid);
+        if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+            if tid == pid {
+                break std::process::ExitStatus::from_raw(st);
+            }
+            continue;
+        }
+        let sig = libc::WSTOPSIG(st);
+        let mut deliver = 0;
+        if sig == libc::SIGTRAP | 0x80 {
+            if killed.is_none() {
+                if let Some(c) = change_at(tid, repo) {
+                    if kill_before(done.len(), &c) {
+                        // Stopped at the entry: the call is never made.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        killed = Some(c);
+                        continue;
+                    }
+                    done.push(c);
+                }
+            }
+        } else if st >> 16 == 0 && sig != libc::SIGTRAP && sig != libc::SIGSTOP {
+            // A signal for the process (not a ptrace event, not a new
+            // thread's first stop): pass it on.
+            deliver = sig as usize;
+        }
+        // ESRCH once it is being killed: nothing to resume.
+        ptrace(libc::PTRACE_SYSCALL, tid, 0, deliver);
+    };
+    drop(child);
+    match killed {
+        Some(before) => {
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGKILL),
+                "killed before {before}"
+            );
+            Traced::Killed { before, done }
+        }
+        None => Traced::Exited { status, done },
+    }
+}
+
+/// The steps of a prune, in its order (README, REPOSITORY_FORMAT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// A chunk of an exact baseline.
+    Chunk,
+    /// An exact baseline's JSON.
+    Baseline,
+    /// The retention manifest.
+    Manifest,
+    /// A journal segment's index or segment.
+    Journal,
+    /// A baseline no kept point uses.
+    OldBaseline,
+    /// A chunk no baseline names.
+    Garbage,
+    /// An older manifest (or an expired lease).
+    OldManifest,
+}
+
+fn step(c: &Change) -> Step {
+    let k = c.key.as_str();
+    match (c.delete, k) {
+        (false, k) if k.contains("/chunks/") => Step::Chunk,
+        (false, k) if k.contains("/baselines/") => Step::Baseline,
+        (false, k) if k.contains("/retention/") => Step::Manifest,
+        (true, k) if k.contains("/journal/") => Step::Journal,
+        (true, k) if k.contains("/baselines/") => Step::OldBaseline,
+        (true, k) if k.contains("/chunks/") => Step::Garbage,
+        (true, k) if k.contains("/retention/") || k.contains("/leases/") => Step::OldManifest,
+        _ => panic!("a prune made a change it should not: {c}"),
+    }
+}
+
+/// Where each run of a prune is killed, one after the other: before the
+/// change `nth` (from 0) of its step in that run (or of any step, None),
+/// or at the first change of a later step when the run has no such one.
+/// Each run resumes what the killed ones left.
+const KILLS: &[(Option<Step>, usize)] = &[
+    (None, 3),                    // a few chunks of the first exact baseline
+    (Some(Step::Baseline), 0),    // an exact baseline's chunks, not its JSON
+    (Some(Step::Manifest), 0),    // every exact baseline, no manifest
+    (Some(Step::Journal), 1),     // an index deleted, its segment not
+    (Some(Step::Journal), 4),     // a few segments deleted
+    (Some(Step::OldBaseline), 0), // the journal below the window deleted
+    (Some(Step::Garbage), 1),     // a chunk deleted
+    (Some(Step::OldManifest), 0), // everything but the older manifests
+];
+
+#[test]
+fn prune_killed_at_any_moment_leaves_every_kept_point_restorable() {
+    let started = std::time::Instant::now();
+    let Timeline {
+        d,
+        repo,
+        cfg,
+        phases,
+    } = timeline();
+    let last = phases.last().unwrap().ts_ns;
+    let mut killed_at = BTreeMap::new();
+    // Half a second after the last phase (exact baselines, segments, the
+    // first baseline go), then 3 s later (the exact baselines of the first
+    // prune and their chunks go too).
+    for (tag, now_ns) in [
+        ("first", last + 500_000_000),
+        ("later", last + 3_500_000_000),
+    ] {
+        let now = cdpd::time::fmt_ns(now_ns);
+        let dry = prune(&d, &cfg, &now, &["--dry-run"]);
+        let kept = kept_phases(&dry, &phases);
+        assert!(!kept.is_empty(), "{dry}");
+        // Each kill of KILLS, then a run to its end.
+        for (round, kill) in KILLS.iter().map(Some).chain([None]).enumerate() {
+            let cmd = cdpctl_cmd(&d, &cfg, &["prune", &d.vm_uuid, "--json", "--now", &now]);
+            let log = d.work_dir().join(format!("prune-{tag}-{round}.log"));
+            let mut seen: BTreeMap<Step, usize> = BTreeMap::new();
+            let traced = run_traced(cmd, &repo, &log, |done, c| {
+                let s = step(c);
+                let n = *seen.entry(s).and_modify(|n| *n += 1).or_insert(0);
+                match kill {
+                    None => false,
+                    Some((None, nth)) => done == *nth,
+                    Some((Some(at), nth)) => s > *at || (s == *at && n == *nth),
+                }
+            });
+            let tag = format!("{tag}-prune-run{}", round + 1);
+            match traced {
+                Traced::Exited { status, done } => {
+                    assert!(
+                        status.success(),
+                        "{tag}: {status}\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    eprintln!("{tag}: completed, {} changes", done.len());
+                    check_kept(&d, &cfg, &phases, &kept, &dry, &tag);
+                    verify_ok(&d, &cfg, &tag);
+                    break;
+                }
+                Traced::Killed { before, done } => {
+                    eprintln!(
+                        "{tag}: killed after {} changes, before {before}",
+                        done.len()
+                    );
+                    *killed_at.entry(step(&before)).or_insert(0) += 1;
+                    check_kept(&d, &cfg, &phases, &kept, &dry, &tag);
+                    verify_ok(&d, &cfg, &tag);
+                }
+            }
+        }
+        // Another prune at the same time is a no-op.
+        let before = listing(&repo);
+        let again = prune(&d, &cfg, &now, &[]);
+        assert_eq!(
+            listing(&repo),
+            before,
+            "{tag}: second prune changed the repository: {again}"
+        );
+    }
+    eprintln!(
+        "killed before each step (times): {killed_at:?}, in {:?}",
+        started.elapsed()
+    );
+    for s in [
+        Step::Chunk,
+        Step::Baseline,
+        Step::Manifest,
+        Step::Journal,
+        Step::OldBaseline,
+        Step::Garbage,
+        Step::OldManifest,
+    ] {
+        assert!(
+            killed_at.contains_key(&s),
+            "never killed before a {s:?}: {killed_at:?}"
+        );
     }
 }
