@@ -180,12 +180,16 @@ impl RetentionPlan {
         })
     }
 
+    /// Does `new` say what `previous` says (its time of writing aside)?
+    pub fn same_manifest(previous: Option<&RetentionManifest>, new: &RetentionManifest) -> bool {
+        previous.is_some_and(|p| {
+            p.window == new.window && p.points == new.points && p.disks == new.disks
+        })
+    }
+
     /// Does it change the repository (beyond a manifest equal to `previous`)?
     pub fn changes(&self, previous: Option<&RetentionManifest>, new: &RetentionManifest) -> bool {
-        let same_manifest = previous.is_some_and(|p| {
-            p.window == new.window && p.points == new.points && p.disks == new.disks
-        });
-        !same_manifest
+        !Self::same_manifest(previous, new)
             || self.disks.iter().any(|d| {
                 !d.synthesize.is_empty()
                     || !d.delete_segments.is_empty()
@@ -772,7 +776,10 @@ pub async fn apply_with(
     // 2. The manifest, before anything is deleted.
     let changes = p.changes(previous.as_ref(), &manifest);
     let manifest_key = rf::retention_key(vm, written_ns);
-    if changes && !dry_run {
+    // An identical manifest is not written again: a prune resumed after a
+    // kill goes on deleting instead of only adding manifests.
+    let same = RetentionPlan::same_manifest(previous.as_ref(), &manifest);
+    if changes && !same && !dry_run {
         let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap());
         let retry = RetryPolicy::default();
         with_retry(&manifest_key, &retry, || {
