@@ -889,6 +889,26 @@ impl Catalog {
 mod tests {
     use super::*;
 
+    /// Root opening the catalog (cdpctl, cdp-agent) leaves the database and
+    /// its WAL files to the state dir's owner (QEMU's user runs cdpd).
+    #[test]
+    fn root_hands_the_catalog_to_the_state_dir_owner() {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (chown)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        c.upsert_vm("u1", "web").unwrap();
+        for f in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
+            let m = std::fs::metadata(dir.path().join(f)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+        }
+    }
+
     #[test]
     fn roundtrip() {
         let dir = tempfile::tempdir().unwrap();

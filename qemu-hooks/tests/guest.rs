@@ -5,31 +5,14 @@
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cdp_tests::guest::wait_until;
 use cdp_tests::{bin, require_tool, run, run_ok};
 
 const MIB: u64 = 1 << 20;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Build (or reuse) the tiny guest: vmlinuz + initramfs.gz.
-fn guest() -> (PathBuf, PathBuf) {
-    let out = repo_root().join("target/guest");
-    run_ok(
-        Command::new("bash")
-            .arg(repo_root().join("scripts/build-guest"))
-            .arg(&out),
-    );
-    (out.join("vmlinuz"), out.join("initramfs.gz"))
-}
 
 struct Vm {
     dir: tempfile::TempDir,
@@ -102,7 +85,7 @@ impl Vm {
 
     /// Boot through cdp-qemu; returns the QEMU child (serial on stdout).
     fn boot(&self, append: &str) -> Child {
-        let (kernel, initrd) = guest();
+        let (kernel, initrd) = cdp_tests::guest::build();
         Command::new(bin("cdp-qemu"))
             .arg("--vm-config")
             .arg(&self.dom)
@@ -238,14 +221,6 @@ fn pids_with(words: &[&str]) -> Vec<i32> {
         }
     }
     out
-}
-
-fn wait_until(what: &str, secs: u64, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The disk after phases 1..=k of the guest's default mode.

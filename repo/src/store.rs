@@ -1510,6 +1510,30 @@ mod tests {
         }
     }
 
+    /// Root writing into a repository QEMU's user owns (cdp-agent beside the
+    /// VM's shipper) hands every directory it creates to that user.
+    #[tokio::test]
+    async fn directories_root_creates_go_to_the_repository_owner() {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (chown)"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let owner = (65534, 65534);
+        std::os::unix::fs::chown(d.path(), Some(owner.0), Some(owner.1)).unwrap();
+        let store = Store::open(&format!("file://{}", d.path().display()), None).unwrap();
+        store
+            .put("cdp/v1/vms/u/vda/journal/x.idx", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        for dir in ["cdp", "cdp/v1/vms/u/vda/journal", STAGING_DIR] {
+            let m = std::fs::metadata(d.path().join(dir)).unwrap();
+            assert_eq!((m.uid(), m.gid()), owner, "{dir}");
+        }
+    }
+
     #[tokio::test]
     async fn retry_stops_on_permanent_and_retries_transient() {
         let policy = RetryPolicy {

@@ -333,43 +333,24 @@ fn protect_start_destroy_ship_restore_unprotect() {
     let image_now = std::fs::read(d.join("disk.raw")).unwrap();
     std::fs::remove_dir_all(d.join("state")).unwrap();
     let url = format!("file://{}/repo", d.display());
-    let cdpctl = |args: &[&str]| {
+    // restore POINT into OUT with cdpctl, from the repository alone.
+    let restore = |point: &str, out: &Path| {
         sh(Command::new(Path::new(BIN_DIR).join("cdpctl"))
-            .args(args)
-            .args(["--state-dir", d.join("empty-state").to_str().unwrap()]))
+            .args(["restore", uuid, "--disk", "vda", "--at", point, "--output"])
+            .arg(out)
+            .args(["--repo", &url, "--state-dir"])
+            .arg(d.join("empty-state")))
     };
     for (k, t) in markers.iter().filter(|m| m.0 >= 2) {
         let out = d.join(format!("at-{k}.raw"));
-        cdpctl(&[
-            "restore",
-            uuid,
-            "--disk",
-            "vda",
-            "--at",
-            t,
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ]);
+        restore(t, &out);
         assert!(
             std::fs::read(&out).unwrap() == expected_wait(*k),
             "restore at marker {k} ({t}) differs from what the guest wrote"
         );
     }
     let latest = d.join("latest.raw");
-    cdpctl(&[
-        "restore",
-        uuid,
-        "--disk",
-        "vda",
-        "--at",
-        "latest",
-        "--output",
-        latest.to_str().unwrap(),
-        "--repo",
-        &url,
-    ]);
+    restore("latest", &latest);
     assert!(
         std::fs::read(&latest).unwrap() == image_now,
         "the latest point differs from the disk after destroy"
