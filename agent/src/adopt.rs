@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cdp_core::catalog::{Catalog, VmRow};
+use cdp_core::config::Config;
+use cdp_core::control;
+use cdp_core::image;
+use cdp_core::layout::{RunDir, StateDir};
+use cdp_core::session::{self, DiskImage};
+use cdp_core::time::now_ns;
 use cdp_shipper::lock;
-use cdpd::capture::{self, image, recovery};
-use cdpd::catalog::{Catalog, VmRow};
-use cdpd::config::Config;
-use cdpd::daemon::{previous_end, PreviousEnd};
-use cdpd::time::now_ns;
 
 use crate::error::AdoptError;
 
@@ -57,20 +59,12 @@ impl Adoption {
 }
 
 /// Does the VM's cdpd answer on its control socket?
-pub fn cdpd_answers(run_dir: &Path, vm_uuid: &str) -> Option<capture::control::Status> {
-    use std::io::{BufRead, BufReader, Write};
-    let sock = capture::control_path(run_dir, vm_uuid);
-    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    if v["ok"] != true {
-        return None;
-    }
-    serde_json::from_value(v["status"].clone()).ok()
+pub fn cdpd_answers(run_dir: &Path, vm_uuid: &str) -> Option<control::Status> {
+    let sock = RunDir::new(run_dir).vm(vm_uuid).control_socket();
+    control::Client::new(sock)
+        .with_timeout(Duration::from_secs(2))
+        .status()
+        .ok()
 }
 
 /// If the VM's last capture session never ended and no cdpd holds its
@@ -94,7 +88,8 @@ pub fn recover_if_dead(
     if disks.is_empty() {
         return Ok(None);
     }
-    let uuid = cdpd::names::check_uuid(&vm.uuid).map_err(|e| AdoptError::Ship(e.to_string()))?;
+    let uuid =
+        cdp_core::names::check_uuid(&vm.uuid).map_err(|e| AdoptError::Ship(e.to_string()))?;
     // All images first: a live cdpd holds every one of them.
     let mut images = Vec::new();
     for (disk, path, _) in &disks {
@@ -112,43 +107,36 @@ pub fn recover_if_dead(
     if last.end_kind.is_some() {
         return Ok(None);
     }
-    let mut out = Recovered {
-        previous_end: PreviousEnd::Crash.as_str(),
-        sealed_segments: 0,
-        redone_records: 0,
-        torn_bytes: 0,
-    };
-    let (mut last_seq, mut last_ts) = (0u64, 0u64);
-    let (mut had_records, mut journal_clean) = (false, true);
-    for (disk, path, img) in &images {
-        let dir = cdpd::journal::journal_dir(&dirs.state_dir, &vm.uuid, disk);
-        let rec = recovery::recover_disk(&dir, &uuid, &img.file, path)?;
-        for s in &rec.sealed {
-            cat.put_segment(&vm.uuid, disk, s, true)?;
-        }
-        for first in &rec.removed {
-            cat.delete_segment(&vm.uuid, disk, *first)?;
-        }
-        out.sealed_segments += rec.sealed.len();
-        out.redone_records += rec.redone;
-        out.torn_bytes += rec.torn_bytes;
-        last_seq = last_seq.max(rec.last_seq);
-        last_ts = last_ts.max(rec.last_ts_ns);
-        had_records |= rec.had_records;
-        journal_clean &= rec.ended_clean;
-    }
-    let boot_id = cdpd::time::boot_id(&dirs.boot_id_file).map_err(|source| AdoptError::BootId {
-        path: dirs.boot_id_file.clone(),
-        source,
-    })?;
+    let disk_images: Vec<DiskImage> = images
+        .iter()
+        .map(|(disk, path, img)| DiskImage {
+            disk,
+            path,
+            file: &img.file,
+        })
+        .collect();
+    let state = StateDir::new(&dirs.state_dir);
+    let rec = session::recover_journals(cat, &state, &uuid, &disk_images)?;
+    let boot_id =
+        cdp_core::time::boot_id(&dirs.boot_id_file).map_err(|source| AdoptError::BootId {
+            path: dirs.boot_id_file.clone(),
+            source,
+        })?;
     // As cdpd's start: a crash on this boot lost nothing; after a reboot
     // the next cdpd start journals a GAP (it sees this same end kind).
-    let prev = previous_end(Some(&last), journal_clean, had_records, &boot_id);
-    cat.end_session(last.id, now_ns(), prev.as_str())?;
+    let prev = rec.previous_end(Some(&last), &boot_id);
+    session::end_open_session(cat, Some(&last), prev)?;
+    let (last_seq, last_ts) = (rec.last_seq(), rec.last_ts_ns());
+    let out = Recovered {
+        previous_end: prev.as_str(),
+        sealed_segments: rec.sealed_segments(),
+        redone_records: rec.redone(),
+        torn_bytes: rec.torn_bytes(),
+    };
     // What sealing records in a running cdpd (baselines read it as the
     // settled seq of a stopped VM).
     cat.set_last_seq(&vm.uuid, last_seq, last_ts)?;
-    out.previous_end = prev.as_str();
+    drop(disk_images);
     drop(images);
     Ok(Some(out))
 }
@@ -175,7 +163,7 @@ pub fn needs_shipping(
             .target
             .get(t)
             .and_then(|t| t.delay.as_deref())
-            .and_then(|d| cdpd::config::parse_duration(d).ok())
+            .and_then(|d| cdp_core::config::parse_duration(d).ok())
             .unwrap_or_default();
         let cutoff = now.saturating_sub(delay.as_nanos() as u64);
         if cat.unshipped(vm, t)?.iter().any(|s| s.last_ts_ns <= cutoff) {
@@ -246,7 +234,7 @@ pub async fn adopt(
         max_parallel: 8,
         // The definition cdp-qemu saved at the VM's start (stored when it
         // changed and the VM's own shipper did not get to it).
-        vm_config: Some(dirs.state_dir.join("vms").join(&vm.uuid).join("domain.xml"))
+        vm_config: Some(StateDir::new(&dirs.state_dir).vm(&vm.uuid).definition())
             .filter(|p| p.exists()),
         poll: Duration::from_millis(100),
         auto_baseline: true,

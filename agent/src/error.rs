@@ -8,7 +8,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Catalog(#[from] cdpd::catalog::CatalogError),
+    Catalog(#[from] cdp_core::catalog::CatalogError),
     #[error("metrics: cannot listen on {addr}: {source} (set [agent] metrics_listen to a free address, or \"\" for none)")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -34,11 +34,11 @@ pub enum AdoptError {
     #[error(transparent)]
     Lock(#[from] cdp_shipper::lock::LockError),
     #[error(transparent)]
-    Catalog(#[from] cdpd::catalog::CatalogError),
+    Catalog(#[from] cdp_core::catalog::CatalogError),
     #[error("recovering the journal of a stopped cdpd: {0}")]
-    Image(#[from] cdpd::capture::image::ImageError),
+    Image(#[from] cdp_core::image::ImageError),
     #[error("recovering the journal of a stopped cdpd: {0}")]
-    Recovery(#[from] cdpd::capture::recovery::RecoveryError),
+    Recovery(#[from] cdp_core::session::SessionError),
     #[error("reading the boot id from {path}: {source}")]
     BootId {
         path: PathBuf,

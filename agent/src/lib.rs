@@ -8,7 +8,7 @@
 //!   exactly as the next cdpd start would (its images locked meanwhile).
 //!   The agent looks every `[agent] scan_interval`, and at once when told
 //!   (`adopt <uuid>` datagrams on `<run-dir>/agent.sock`,
-//!   [`cdpd::notify::notify_agent`]).
+//!   [`cdp_core::notify::notify_agent`]).
 //! - **Retention** every `[agent] retention_interval`, per VM and target of
 //!   its policy ([`Agent::retention_pass`], `cdp_repo::retention::apply`).
 //! - **Metrics** ([`metrics`]) on `[agent] metrics_listen`.
@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cdpd::catalog::{Catalog, VmRow};
-use cdpd::config::Config;
+use cdp_core::catalog::{Catalog, VmRow};
+use cdp_core::config::Config;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -101,7 +101,7 @@ impl Agent {
         self.counters.clone()
     }
 
-    fn vms(&self) -> Result<Vec<VmRow>, cdpd::catalog::CatalogError> {
+    fn vms(&self) -> Result<Vec<VmRow>, cdp_core::catalog::CatalogError> {
         tokio::task::block_in_place(|| self.catalog.lock().unwrap().vms())
     }
 
@@ -211,7 +211,7 @@ impl Agent {
                 {
                     Ok(store) => tokio::select! {
                         r = cdp_repo::retention::apply(
-                            &store, &vm.uuid, &retention, cdpd::time::now_ns(), false,
+                            &store, &vm.uuid, &retention, cdp_core::time::now_ns(), false,
                         ) => r.map_err(|e| e.to_string()),
                         _ = stop.changed() => return runs,
                     },
@@ -328,7 +328,7 @@ pub fn bind_agent_socket(run_dir: &Path) -> Result<tokio::net::UnixDatagram, Age
         move |source| AgentError::Io { what, path, source }
     };
     std::fs::create_dir_all(run_dir).map_err(io("creating", run_dir))?;
-    let path = cdpd::notify::agent_socket(run_dir);
+    let path = cdp_core::notify::agent_socket(run_dir);
     if std::fs::symlink_metadata(&path).is_ok() {
         let probe = std::os::unix::net::UnixDatagram::unbound().map_err(io("probing", &path))?;
         if probe.connect(&path).is_ok() {
@@ -411,7 +411,7 @@ pub async fn run(opts: &Options) -> Result<(), AgentError> {
         opts.state_dir.display(),
         opts.config.scan_interval(),
         opts.config.retention_interval(),
-        cdpd::notify::agent_socket(&opts.run_dir).display(),
+        cdp_core::notify::agent_socket(&opts.run_dir).display(),
         opts.config
             .metrics_listen()
             .map_or("nothing".to_string(), |a| a.to_string())
@@ -465,7 +465,7 @@ pub async fn run(opts: &Options) -> Result<(), AgentError> {
         tokio::select! {
             _ = stop.changed() => {}
             r = sock.recv(&mut buf) => match r {
-                Ok(n) => match cdpd::notify::parse_message(&buf[..n]) {
+                Ok(n) => match cdp_core::notify::parse_message(&buf[..n]) {
                     Some(u) => { notified.insert(u.to_string(), 0); }
                     None => agent.counters.error("notify"),
                 },
@@ -481,7 +481,7 @@ pub async fn run(opts: &Options) -> Result<(), AgentError> {
     if let Some(t) = metrics_task {
         t.abort();
     }
-    let _ = std::fs::remove_file(cdpd::notify::agent_socket(&opts.run_dir));
+    let _ = std::fs::remove_file(cdp_core::notify::agent_socket(&opts.run_dir));
     eprintln!("cdp-agent: stopped");
     Ok(())
 }

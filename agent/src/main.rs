@@ -59,7 +59,7 @@ fn main() {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
-    let config = cdpd::config::Config::load(a.config.as_deref())?;
+    let config = cdp_core::config::Config::load(a.config.as_deref())?;
     let opts = cdp_agent::Options {
         state_dir: config.state_dir(a.state_dir.as_deref()),
         run_dir: config.run_dir(a.run_dir.as_deref()),

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cdpd::catalog::{Catalog, CatalogError};
-use cdpd::config::Config;
-use cdpd::time::now_ns;
+use cdp_core::catalog::{Catalog, CatalogError};
+use cdp_core::config::Config;
+use cdp_core::time::now_ns;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};

@@ -13,12 +13,17 @@ use std::thread::JoinHandle;
 
 use thiserror::Error;
 
-use crate::capture::{self, image, recovery, DiskSetup, Vm};
-use crate::catalog::{Catalog, CatalogError};
-use crate::config::JournalSettings;
-use crate::journal::{self, Kind};
-use crate::names;
-use crate::time::now_ns;
+use cdp_core::catalog::{Catalog, CatalogError};
+use cdp_core::config::JournalSettings;
+use cdp_core::image;
+use cdp_core::journal::Kind;
+use cdp_core::layout::{RunDir, StateDir};
+use cdp_core::names;
+use cdp_core::proc::{die_with_parent, notify_ready};
+use cdp_core::session::{self, DiskImage, PreviousEnd};
+use cdp_core::time::now_ns;
+
+use crate::capture::{self, DiskSetup, Vm};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -27,7 +32,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Image(#[from] image::ImageError),
     #[error(transparent)]
-    Recovery(#[from] recovery::RecoveryError),
+    Session(#[from] session::SessionError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error("{what} {path}: {source}")]
@@ -75,49 +80,6 @@ pub struct RunOptions {
     pub die_with_parent: bool,
 }
 
-/// How the previous capture session of this VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PreviousEnd {
-    First,
-    Clean,
-    /// The process died on this host boot: the page cache kept every write.
-    Crash,
-    /// The host rebooted after an unclean end: writes may have been lost.
-    PowerLoss,
-}
-
-impl PreviousEnd {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PreviousEnd::First => "first",
-            PreviousEnd::Clean => "clean",
-            PreviousEnd::Crash => "crash",
-            PreviousEnd::PowerLoss => "power-loss",
-        }
-    }
-}
-
-/// Decide how the last session ended from the catalog and the journals.
-pub fn previous_end(
-    last: Option<&crate::catalog::SessionRow>,
-    journal_clean: bool,
-    had_records: bool,
-    boot_id: &str,
-) -> PreviousEnd {
-    match last {
-        None if !had_records => PreviousEnd::First,
-        // Journals but no catalog row: the catalog was lost. Without a boot
-        // id to compare, assume the worst.
-        None if journal_clean => PreviousEnd::Clean,
-        None => PreviousEnd::PowerLoss,
-        Some(s) if s.end_kind.as_deref() == Some("clean") || (journal_clean && had_records) => {
-            PreviousEnd::Clean
-        }
-        Some(s) if s.boot_id == boot_id => PreviousEnd::Crash,
-        Some(_) => PreviousEnd::PowerLoss,
-    }
-}
-
 pub struct Daemon {
     pub vm: Arc<Vm>,
     pub previous_end: PreviousEnd,
@@ -158,7 +120,7 @@ impl Daemon {
             }
         }
         let boot_id =
-            crate::time::boot_id(&opts.boot_id_file).map_err(|source| DaemonError::BootId {
+            cdp_core::time::boot_id(&opts.boot_id_file).map_err(|source| DaemonError::BootId {
                 path: opts.boot_id_file.clone(),
                 source,
             })?;
@@ -169,19 +131,27 @@ impl Daemon {
         catalog.upsert_vm(&uuid_str, &opts.vm_name)?;
         catalog.set_vm_policy(&uuid_str, &opts.policy)?;
 
-        let mut setups = Vec::new();
-        let mut recs = Vec::new();
+        let state = StateDir::new(&opts.state_dir);
+        let mut images = Vec::new();
         for (name, path) in &opts.disks {
             let img = image::open(path)?;
             catalog.upsert_disk(&uuid_str, name, path, img.size)?;
-            let dir = journal::journal_dir(&opts.state_dir, &uuid_str, name);
-            let rec = recovery::recover_disk(&dir, &uuid, &img.file, path)?;
-            for s in &rec.sealed {
-                catalog.put_segment(&uuid_str, name, s, true)?;
-            }
-            for first in &rec.removed {
-                catalog.delete_segment(&uuid_str, name, *first)?;
-            }
+            images.push(img);
+        }
+        let disk_images: Vec<DiskImage> = opts
+            .disks
+            .iter()
+            .zip(&images)
+            .map(|((disk, path), img)| DiskImage {
+                disk,
+                path,
+                file: &img.file,
+            })
+            .collect();
+        let recovered = session::recover_journals(&catalog, &state, &uuid, &disk_images)?;
+        drop(disk_images);
+        let mut setups = Vec::new();
+        for (((name, path), img), rec) in opts.disks.iter().zip(images).zip(&recovered.disks) {
             let next_base = rec
                 .next_base
                 .max(catalog.next_record_base(&uuid_str, name)?);
@@ -189,37 +159,20 @@ impl Daemon {
                 name: name.clone(),
                 path: path.clone(),
                 image: img,
-                journal_dir: dir,
+                journal_dir: state.journal(&uuid_str, name),
                 next_base,
                 last_seq: rec.last_seq,
             });
-            recs.push(rec);
         }
         let (cat_seq, cat_ts) = catalog.last_seq(&uuid_str)?;
-        let last_seq = recs
-            .iter()
-            .map(|r| r.last_seq)
-            .max()
-            .unwrap_or(0)
-            .max(cat_seq);
-        let last_ts = recs
-            .iter()
-            .map(|r| r.last_ts_ns)
-            .max()
-            .unwrap_or(0)
-            .max(cat_ts);
-        let had_records = recs.iter().any(|r| r.had_records);
-        let journal_clean = recs.iter().all(|r| r.ended_clean);
+        let last_seq = recovered.last_seq().max(cat_seq);
+        let last_ts = recovered.last_ts_ns().max(cat_ts);
         let last = catalog.last_session(&uuid_str)?;
-        let prev = previous_end(last.as_ref(), journal_clean, had_records, &boot_id);
-        if let Some(s) = &last {
-            if s.end_kind.is_none() {
-                catalog.end_session(s.id, now_ns(), prev.as_str())?;
-            }
-        }
-        let redone = recs.iter().map(|r| r.redone).sum();
-        let torn: u64 = recs.iter().map(|r| r.torn_bytes).sum();
-        let breaks: Vec<String> = recs.iter().flat_map(|r| r.chain_breaks.clone()).collect();
+        let prev = recovered.previous_end(last.as_ref(), &boot_id);
+        session::end_open_session(&catalog, last.as_ref(), prev)?;
+        let redone = recovered.redone();
+        let torn = recovered.torn_bytes();
+        let breaks = recovered.chain_breaks();
 
         let (vm, rxs) = Vm::new(
             uuid,
@@ -314,7 +267,10 @@ impl Daemon {
         };
 
         // Sockets.
-        let dir = capture::vm_run_dir(&opts.run_dir, &uuid_str);
+        let dir = RunDir::new(&opts.run_dir)
+            .vm(&uuid_str)
+            .path()
+            .to_path_buf();
         std::fs::create_dir_all(&dir).map_err(io_err("creating run directory", &dir))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(io_err("setting permissions of", &dir))?;
@@ -335,7 +291,7 @@ impl Daemon {
                     .expect("spawn"),
             );
         }
-        let control_path = capture::control_path(&opts.run_dir, &uuid_str);
+        let control_path = RunDir::new(&opts.run_dir).vm(&uuid_str).control_socket();
         let cl = bind(&control_path)?;
         listen_fds.push(
             cl.try_clone()
@@ -419,7 +375,7 @@ impl Daemon {
         {
             let _ = std::fs::remove_file(p);
         }
-        let _ = std::fs::remove_dir(capture::vm_run_dir(&vm.run_dir, &vm.uuid_str));
+        let _ = std::fs::remove_dir(RunDir::new(&vm.run_dir).vm(&vm.uuid_str).path());
         Ok(())
     }
 }
@@ -480,37 +436,6 @@ fn accept_loop(vm: &Arc<Vm>, disk: Arc<capture::Disk>, l: UnixListener, conns: A
     }
 }
 
-/// Ask the kernel for SIGTERM when the parent exits (PR_SET_PDEATHSIG). If
-/// the parent is already gone, signal ourselves now.
-pub fn die_with_parent() -> io::Result<()> {
-    let parent = unsafe { libc::getppid() };
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGTERM as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if parent == 1 || unsafe { libc::getppid() } != parent {
-        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
-    }
-    Ok(())
-}
-
-/// Tell the parent we are ready (or why not) on the `--ready-fd` pipe.
-pub fn notify_ready(fd: RawFd, msg: &str) {
-    let line = format!("{msg}\n");
-    unsafe {
-        libc::write(fd, line.as_ptr() as *const libc::c_void, line.len());
-        libc::close(fd);
-    }
-}
-
 /// Run until SIGTERM or SIGINT, then stop cleanly.
 pub fn run(opts: &RunOptions, ready_fd: Option<RawFd>) -> Result<(), DaemonError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -542,7 +467,10 @@ pub fn run(opts: &RunOptions, ready_fd: Option<RawFd>) -> Result<(), DaemonError
             .map(|d| d.name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
-        capture::vm_run_dir(&opts.run_dir, &daemon.vm.uuid_str).display(),
+        RunDir::new(&opts.run_dir)
+            .vm(&daemon.vm.uuid_str)
+            .path()
+            .display(),
         daemon.previous_end.as_str(),
         daemon.redone,
     );

@@ -1,19 +1,11 @@
-//! cdpd: continuous data protection for QEMU/KVM disks.
+//! cdpd, the capture process: serves each protected disk to QEMU over NBD
+//! and journals every write before acknowledging it (docs/DESIGN.md,
+//! "cdpd"). Formats and host contracts are [`cdp_core`]; nothing else in
+//! the workspace depends on this crate.
 //!
-//! Layers, bottom up:
-//! - [`nbd::proto`] and [`journal::format`]: the wire protocol and the
-//!   journal's byte layout, pure code (no sockets, no files).
-//! - [`journal`]: segment files, replay; [`catalog`]: the SQLite catalog.
-//! - [`capture`]: the NBD server, data path, recovery, control socket.
-//! - [`daemon`]: `cdpd run` start-up and clean stop.
+//! - `capture`: the data path (connections, batching, journal-then-apply,
+//!   the sync and sealer threads) and the control socket's server.
+//! - [`daemon`]: `cdpd run` start-up (recovery, session), listening, clean stop.
 
-pub mod capture;
-pub mod catalog;
-pub mod config;
+pub(crate) mod capture;
 pub mod daemon;
-pub mod journal;
-pub mod names;
-pub mod nbd;
-pub mod notify;
-pub mod proc;
-pub mod time;

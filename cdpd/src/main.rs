@@ -76,15 +76,15 @@ fn main() {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let config = cdpd::config::Config::load(a.config.as_deref())?;
+    let config = cdp_core::config::Config::load(a.config.as_deref())?;
     let mut settings = config.journal_settings(&a.policy)?;
     if let Some(s) = &a.segment_size {
-        settings.segment_size = cdpd::config::parse_size(s)
+        settings.segment_size = cdp_core::config::parse_size(s)
             .map_err(anyhow::Error::msg)
             .context("--segment-size")?;
     }
     if let Some(s) = &a.segment_age {
-        settings.segment_age = cdpd::config::parse_duration(s)
+        settings.segment_age = cdp_core::config::parse_duration(s)
             .map_err(anyhow::Error::msg)
             .context("--segment-age")?;
     }

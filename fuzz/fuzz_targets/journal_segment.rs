@@ -1,7 +1,7 @@
 #![no_main]
 //! Journal segments: scanning arbitrary bytes never panics, and every record
 //! it accepts lies inside the segment with a matching checksum.
-use cdpd::journal::format::{self, SegmentHeader};
+use cdp_core::journal::format::{self, SegmentHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

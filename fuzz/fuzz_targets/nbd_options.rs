@@ -1,6 +1,6 @@
 #![no_main]
 //! Handshake option headers and NBD_OPT_INFO/GO payloads.
-use cdpd::nbd::proto;
+use cdp_core::nbd::proto;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

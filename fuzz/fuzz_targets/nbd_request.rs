@@ -1,6 +1,6 @@
 #![no_main]
 //! Request headers: parse, validate; a valid request never reaches outside the export.
-use cdpd::nbd::proto::{self, Verdict};
+use cdp_core::nbd::proto::{self, Verdict};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -200,7 +200,7 @@ fn parse_protection(p: roxmltree::Node) -> Result<Protection, DomainError> {
         let target = c.attribute("target").ok_or_else(|| {
             key("<cdp:disk> without target='…' (the disk's target dev, e.g. vda)".into())
         })?;
-        cdpd::names::check_disk(target).map_err(|e| key(e.to_string()))?;
+        cdp_core::names::check_disk(target).map_err(|e| key(e.to_string()))?;
         disks.push((
             target.to_string(),
             c.attribute("policy").map(str::to_string),
@@ -220,7 +220,7 @@ fn parse_protection(p: roxmltree::Node) -> Result<Protection, DomainError> {
 
 impl Domain {
     /// Check the CDP keys against the domain's disks and the config.
-    pub fn tagged(&self, config: &cdpd::config::Config) -> Result<Vec<Tagged>, DomainError> {
+    pub fn tagged(&self, config: &cdp_core::config::Config) -> Result<Vec<Tagged>, DomainError> {
         let Some(p) = &self.protection else {
             return Ok(Vec::new());
         };
@@ -258,7 +258,7 @@ impl Domain {
                         .source
                         .as_ref()
                         .map(|s| s.display().to_string())
-                        .unwrap_or_else(|| cdpd::config::DEFAULT_CONFIG.into()),
+                        .unwrap_or_else(|| cdp_core::config::DEFAULT_CONFIG.into()),
                     known: config.policy.keys().cloned().collect(),
                 });
             }

@@ -30,7 +30,7 @@ pub enum HookError {
         source: DomainError,
     },
     #[error(transparent)]
-    Config(#[from] cdpd::config::ConfigError),
+    Config(#[from] cdp_core::config::ConfigError),
     #[error("the QEMU user {user:?} ([libvirt] qemu_user in the config) does not exist: set qemu_user to the user of libvirt's qemu.conf")]
     NoUser { user: String },
     #[error("{path}: {source}")]
@@ -82,12 +82,12 @@ fn dac_label(xml: &str) -> Option<(u32, u32)> {
     Some((num(u)?, num(g)?))
 }
 
-fn configured_owner(c: &cdpd::config::Config) -> Result<(u32, u32), HookError> {
+fn configured_owner(c: &cdp_core::config::Config) -> Result<(u32, u32), HookError> {
     let user = c
         .libvirt
         .qemu_user
         .clone()
-        .unwrap_or_else(|| cdpd::config::DEFAULT_QEMU_USER.into());
+        .unwrap_or_else(|| cdp_core::config::DEFAULT_QEMU_USER.into());
     let pw = nix::unistd::User::from_name(&user)
         .ok()
         .flatten()
@@ -154,14 +154,14 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
     if dom.protection.is_none() {
         return Ok(Outcome::Ignored);
     }
-    let uuid = cdpd::names::check_uuid(&dom.uuid)
+    let uuid = cdp_core::names::check_uuid(&dom.uuid)
         .map_err(|e| HookError::Domain {
             vm: vm.clone(),
             source: DomainError::Key(e.to_string()),
         })?
         .hyphenated()
         .to_string();
-    let c = cdpd::config::Config::load(config)?;
+    let c = cdp_core::config::Config::load(config)?;
     let state_dir = c.state_dir(None);
     let run_dir = c.run_dir(None);
     match phase {
@@ -211,7 +211,7 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
             Ok(Outcome::Prepared { uuid, owner })
         }
         Phase::Release => {
-            let agent_notified = cdpd::notify::notify_agent(&run_dir, &uuid).is_ok();
+            let agent_notified = cdp_core::notify::notify_agent(&run_dir, &uuid).is_ok();
             let def = definition_path(&run_dir, &uuid);
             match std::fs::remove_file(&def) {
                 Ok(()) => {}

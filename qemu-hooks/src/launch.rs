@@ -101,7 +101,7 @@ fn find_definition(own: &Own, qargs: &[String], run_dir: &Path) -> Result<Option
         return Ok(Some(p.clone()));
     }
     if let Some(u) = argv::vm_uuid(qargs) {
-        if cdpd::names::check_uuid(&u).is_ok() {
+        if cdp_core::names::check_uuid(&u).is_ok() {
             let p = crate::hook::definition_path(run_dir, &u);
             if p.exists() {
                 return Ok(Some(p));
@@ -212,7 +212,7 @@ fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
     if argv::is_probe(&qargs) {
         return Ok((real_qemu(&own, None), qargs));
     }
-    let config = cdpd::config::Config::load(own.config.as_deref())?;
+    let config = cdp_core::config::Config::load(own.config.as_deref())?;
     let Some(xml_path) = find_definition(&own, &qargs, &config.run_dir(None))? else {
         return Ok((real_qemu(&own, None), qargs));
     };
@@ -230,7 +230,9 @@ fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
     let tagged = dom
         .tagged(&config)
         .with_context(|| format!("VM {} is not started", dom.name))?;
-    let uuid = cdpd::names::check_uuid(&dom.uuid)?.hyphenated().to_string();
+    let uuid = cdp_core::names::check_uuid(&dom.uuid)?
+        .hyphenated()
+        .to_string();
     let state_dir = config.state_dir(None);
     let run_dir = config.run_dir(None);
     let policy = dom.protection.as_ref().unwrap().policy.clone();
@@ -239,7 +241,9 @@ fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
         .map(|t| Redirect {
             target: t.target.clone(),
             path: t.path.clone(),
-            socket: cdpd::capture::socket_path(&run_dir, &uuid, &t.target)
+            socket: cdp_core::layout::RunDir::new(&run_dir)
+                .vm(&uuid)
+                .disk_socket(&t.target)
                 .display()
                 .to_string(),
         })

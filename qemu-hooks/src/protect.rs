@@ -138,7 +138,7 @@ pub fn protect(text: &str, req: &Request) -> Result<String, EditError> {
         None => current,
     };
     for d in &req.disks {
-        cdpd::names::check_disk(d).map_err(|e| DomainError::Key(e.to_string()))?;
+        cdp_core::names::check_disk(d).map_err(|e| DomainError::Key(e.to_string()))?;
     }
     let mut keys = format!(
         "<cdp:protection xmlns:cdp=\"{NS}\" policy=\"{}\" emulator=\"{}\">",

@@ -202,7 +202,7 @@ impl Drop for Guard {
 }
 
 fn pid_gone(pid: i32) -> bool {
-    cdpd::proc::is_gone(pid)
+    cdp_core::proc::is_gone(pid)
 }
 
 /// Processes whose command line contains all of `words`.
@@ -284,21 +284,21 @@ fn boots_protected_from_the_first_write_and_restores_at_each_marker() {
     let starts: Vec<usize> = entries
         .iter()
         .enumerate()
-        .filter(|(_, e)| e.kind == cdpd::journal::Kind::SessionStart)
+        .filter(|(_, e)| e.kind == cdp_core::journal::Kind::SessionStart)
         .map(|(i, _)| i)
         .collect();
     assert_eq!(starts.len(), 2, "priming run + the boot");
     let first_write = entries[starts[1]..]
         .iter()
-        .find(|e| e.kind == cdpd::journal::Kind::Write)
+        .find(|e| e.kind == cdp_core::journal::Kind::Write)
         .expect("a WRITE after the boot's SESSION_START");
-    let m1 = cdpd::time::parse_time(&markers[0].1, 0).unwrap();
+    let m1 = cdp_core::time::parse_time(&markers[0].1, 0).unwrap();
     assert!(
         first_write.ts_ns < m1,
         "first write at {} is not before marker 1",
         first_write.ts_ns
     );
-    assert!(entries.last().unwrap().kind == cdpd::journal::Kind::SessionEnd);
+    assert!(entries.last().unwrap().kind == cdp_core::journal::Kind::SessionEnd);
     // The VM definition is in the repository.
     let configs = rt
         .block_on(store.list(&format!("cdp/v1/vms/{uuid}/config/")))
@@ -365,7 +365,7 @@ fn a_killed_cdpd_pauses_guest_io_and_loses_nothing() {
     // (and so its image lock) are not yet has no cmdline; wait for the zombie.
     let killed = cdpd[0];
     wait_until("the killed cdpd to be gone", 10, || {
-        cdpd::proc::is_gone(killed)
+        cdp_core::proc::is_gone(killed)
     });
     let again_log = vm.dir.path().join("cdpd-again.log");
     let mut again = Guard(

@@ -32,10 +32,10 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use cdpd::journal::extents::Source;
-use cdpd::journal::format::{IndexEntry, Kind, RECORD_HEADER_LEN};
-use cdpd::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
-use cdpd::nbd::server;
+use cdp_core::journal::extents::Source;
+use cdp_core::journal::format::{IndexEntry, Kind, RECORD_HEADER_LEN};
+use cdp_core::nbd::handshake as server;
+use cdp_core::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
 use thiserror::Error;
 
 use crate::format as rf;

@@ -33,7 +33,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use cdpd::journal::format::{IndexEntry, INDEX_ENTRY_LEN};
+use cdp_core::journal::format::{IndexEntry, INDEX_ENTRY_LEN};
 
 pub const ROOT: &str = "cdp/v1";
 pub const FORMAT_KEY: &str = "cdp/v1/FORMAT";
@@ -443,7 +443,7 @@ pub fn decompress_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cdpd::journal::format::Kind;
+    use cdp_core::journal::format::Kind;
     use proptest::prelude::*;
 
     fn sample_index(n: usize) -> SegmentIndex {

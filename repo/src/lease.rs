@@ -87,7 +87,7 @@ impl Drop for Held {
 }
 
 fn body(holder: &str, what: &str, created_ns: u64, ttl: Duration) -> Bytes {
-    let now = cdpd::time::now_ns();
+    let now = cdp_core::time::now_ns();
     Bytes::from(
         serde_json::to_vec(&Lease {
             holder: holder.into(),
@@ -111,7 +111,7 @@ pub async fn acquire(
     what: &str,
     ttl: Duration,
 ) -> Result<Held, LeaseError> {
-    let created = cdpd::time::now_ns();
+    let created = cdp_core::time::now_ns();
     let id = format!("{}-{}-{created}", hostname(), std::process::id());
     let key = rf::lease_key(vm, &id);
     let retry = RetryPolicy::default();

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cdpd::journal::extents::{ExtentMap, Source};
-use cdpd::journal::format::{self as jf, IndexEntry, Kind, RecordHeader, RECORD_HEADER_LEN};
+use cdp_core::journal::extents::{ExtentMap, Source};
+use cdp_core::journal::format::{self as jf, IndexEntry, Kind, RecordHeader, RECORD_HEADER_LEN};
 use futures::StreamExt;
 use thiserror::Error;
 
@@ -86,7 +86,7 @@ impl Point {
         if t == "latest" || t == "now" {
             return Ok(Point::Latest);
         }
-        cdpd::time::parse_time(t, now_ns)
+        cdp_core::time::parse_time(t, now_ns)
             .map(Point::TimeNs)
             .map_err(|_| RestoreError::BadPoint(s.into()))
     }
@@ -96,7 +96,7 @@ impl std::fmt::Display for Point {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Point::Seq(n) => write!(f, "seq:{n}"),
-            Point::TimeNs(t) => write!(f, "{}", cdpd::time::fmt_ns(*t)),
+            Point::TimeNs(t) => write!(f, "{}", cdp_core::time::fmt_ns(*t)),
             Point::Mark(l) => write!(f, "mark:{l}"),
             Point::Latest => write!(f, "latest"),
         }
@@ -187,7 +187,8 @@ impl History {
         above: Option<&rf::KeptPoint>,
     ) -> String {
         let m = self.retention.as_ref();
-        let show = |p: &rf::KeptPoint| format!("seq:{} ({})", p.seq, cdpd::time::fmt_ns(p.ts_ns));
+        let show =
+            |p: &rf::KeptPoint| format!("seq:{} ({})", p.seq, cdp_core::time::fmt_ns(p.ts_ns));
         let mut near = Vec::new();
         if let Some(p) = below {
             near.push(format!("before it {}", show(p)));
@@ -197,7 +198,7 @@ impl History {
         }
         format!(
             "retention thinned this point away (prune of {}): the nearest kept points are {}; every point from {} on can be restored (`cdpctl points` lists them)",
-            m.map_or("?".into(), |m| cdpd::time::fmt_ns(m.written_ns)),
+            m.map_or("?".into(), |m| cdp_core::time::fmt_ns(m.written_ns)),
             if near.is_empty() { "none".to_string() } else { near.join(", ") },
             m.map_or("?".into(), |m| show(&m.window)),
         )
@@ -234,9 +235,9 @@ impl History {
 /// Local segments of a disk: sealed ones by their index, the open one by a
 /// scan (its torn tail, if any, ignored).
 fn local_segments(state_dir: &Path, vm: &str, disk: &str) -> Result<Vec<SegRef>, RestoreError> {
-    let dir = cdpd::journal::journal_dir(state_dir, vm, disk);
+    let dir = cdp_core::journal::journal_dir(state_dir, vm, disk);
     let mut out = Vec::new();
-    for (_, path) in cdpd::journal::list_segments(&dir).map_err(|e| RestoreError::Corrupt {
+    for (_, path) in cdp_core::journal::list_segments(&dir).map_err(|e| RestoreError::Corrupt {
         what: dir.display().to_string(),
         why: e.to_string(),
     })? {
@@ -737,7 +738,7 @@ fn plan_inner(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError
         return Err(impossible(format!(
             "it is after the newest record of this disk (seq {last}{}){}",
             h.last_entry()
-                .map(|e| format!(", {}", cdpd::time::fmt_ns(e.ts_ns)))
+                .map(|e| format!(", {}", cdp_core::time::fmt_ns(e.ts_ns)))
                 .unwrap_or_default(),
             with_damage(h, last + 1, u64::MAX)
         )));
@@ -920,7 +921,7 @@ impl Sink for InPlace {
             let n = (len - done).min(cur.len() as u64) as usize;
             self.file.read_exact_at(&mut cur[..n], offset + done)?;
             if cur[..n].iter().any(|&b| b != 0) {
-                cdpd::journal::zero_range(&self.file, offset + done, n as u64, false)?;
+                cdp_core::journal::zero_range(&self.file, offset + done, n as u64, false)?;
                 self.changed
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }

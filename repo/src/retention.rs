@@ -39,11 +39,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cdpd::journal::format::Kind;
+use cdp_core::journal::format::Kind;
 use serde::Serialize;
 use thiserror::Error;
 
-pub use cdpd::config::Retention;
+pub use cdp_core::config::Retention;
 
 use crate::format::{self as rf, Baseline, DiskRetention, KeptPoint, Lease, RetentionManifest};
 use crate::lease::{self, LeaseError};
@@ -621,7 +621,7 @@ impl Deleter<'_> {
             return Ok(true);
         }
         if self.since_check == 0 {
-            let leases = lease::active(self.store, self.vm, cdpd::time::now_ns()).await?;
+            let leases = lease::active(self.store, self.vm, cdp_core::time::now_ns()).await?;
             if !leases.is_empty() {
                 self.deferred = true;
                 self.report.deferred_by_lease = true;
@@ -697,12 +697,12 @@ pub async fn apply_with(
     dry_run: bool,
     opts: &Options,
 ) -> Result<Report, RetentionError> {
-    let started_ns = cdpd::time::now_ns();
+    let started_ns = cdp_core::time::now_ns();
     let vm = vm_uuid;
     let mut report = Report {
         vm_uuid: vm.to_string(),
         dry_run,
-        now: cdpd::time::fmt_ns(now_ns),
+        now: cdp_core::time::fmt_ns(now_ns),
         ..Default::default()
     };
     let disks =
@@ -734,7 +734,7 @@ pub async fn apply_with(
         now_ns,
     });
     report.window_from_seq = p.window.as_ref().map(|w| w.seq);
-    report.window_from = p.window.as_ref().map(|w| cdpd::time::fmt_ns(w.ts_ns));
+    report.window_from = p.window.as_ref().map(|w| cdp_core::time::fmt_ns(w.ts_ns));
     report.kept_points = p.points.len() as u64;
     report.points = p.points.clone();
     for d in &p.disks {
@@ -827,7 +827,7 @@ pub async fn apply_with(
     gc_chunks(&mut del, &p).await?;
     // 6. Older manifests, expired leases.
     if !dry_run && !del.deferred {
-        let now = cdpd::time::now_ns();
+        let now = cdp_core::time::now_ns();
         let mut ms: Vec<String> = list(store, &rf::retention_prefix(vm))
             .await?
             .into_iter()
@@ -858,7 +858,7 @@ async fn gc_chunks(del: &mut Deleter<'_>, p: &RetentionPlan) -> Result<(), Reten
         .flat_map(|d| d.delete_baselines.iter().map(String::as_str))
         .collect();
     let mut referenced: HashSet<String> = HashSet::new();
-    let now = cdpd::time::now_ns();
+    let now = cdp_core::time::now_ns();
     let mut other_leases: Vec<Lease> = Vec::new();
     for o in &all {
         let name = o.key.rsplit('/').next().unwrap_or("");

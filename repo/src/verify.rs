@@ -26,8 +26,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use cdpd::journal::format::{self as jf, IndexEntry, Kind as RecKind, RECORD_HEADER_LEN};
-use cdpd::time::fmt_ns;
+use cdp_core::journal::format::{self as jf, IndexEntry, Kind as RecKind, RECORD_HEADER_LEN};
+use cdp_core::time::fmt_ns;
 use futures::StreamExt;
 use serde::Serialize;
 

@@ -15,10 +15,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use cdp_core::catalog::Catalog;
+use cdp_core::time::now_ns;
 use cdp_repo::format::{self as rf, Baseline, CHUNK_SIZE};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
-use cdpd::catalog::Catalog;
-use cdpd::time::now_ns;
 use futures::StreamExt;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,16 +35,13 @@ pub struct BaselineResult {
 /// The newest seq of a disk whose image write is complete: from the running
 /// cdpd (under its disk lock), else from the catalog (VM stopped).
 pub fn settled_seq(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &str) -> Result<u64> {
-    let sock = cdpd::capture::control_path(run_dir, vm);
+    let sock = cdp_core::layout::RunDir::new(run_dir)
+        .vm(vm)
+        .control_socket();
     if sock.exists() {
-        if let Ok(reply) =
-            cdpd::capture::control::request(&sock, &serde_json::json!({"cmd": "status"}))
-        {
-            if let Some(d) = reply["status"]["disks"]
-                .as_array()
-                .and_then(|a| a.iter().find(|d| d["disk"] == disk))
-            {
-                return Ok(d["last_seq"].as_u64().unwrap_or(0));
+        if let Ok(status) = cdp_core::control::Client::new(&sock).status() {
+            if let Some(d) = status.disks.iter().find(|d| d.disk == disk) {
+                return Ok(d.last_seq);
             }
         }
     }

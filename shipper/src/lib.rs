@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cdp_core::catalog::Catalog;
+use cdp_core::config::Config;
+use cdp_core::time::now_ns;
 use cdp_repo::format as rf;
 use cdp_repo::store::{RetryPolicy, Store, StoreError};
-use cdpd::catalog::Catalog;
-use cdpd::config::Config;
-use cdpd::time::now_ns;
 use futures::StreamExt;
 
 /// One target of the policy, opened.
@@ -85,7 +85,7 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
     for name in &p.targets {
         let t = &config.target[name];
         let delay = match &t.delay {
-            Some(d) => cdpd::config::parse_duration(d).map_err(anyhow::Error::msg)?,
+            Some(d) => cdp_core::config::parse_duration(d).map_err(anyhow::Error::msg)?,
             None => Duration::ZERO,
         };
         let store = Store::open(&t.url, t.credentials_file.as_deref())
@@ -127,7 +127,7 @@ pub async fn ensure_format(store: &Store) -> Result<()> {
 
 impl Shipper {
     pub async fn new(opts: Options, config: &Config) -> Result<Shipper> {
-        cdpd::names::check_uuid(&opts.vm_uuid)?;
+        cdp_core::names::check_uuid(&opts.vm_uuid)?;
         let catalog = Catalog::open(&opts.state_dir)?;
         let targets = open_targets(config, &opts.policy).await?;
         Ok(Shipper {

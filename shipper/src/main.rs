@@ -75,7 +75,7 @@ fn main() {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
-    let config = cdpd::config::Config::load(a.config.as_deref())?;
+    let config = cdp_core::config::Config::load(a.config.as_deref())?;
     let opts = cdp_shipper::Options {
         vm_uuid: a.vm_uuid,
         state_dir: config.state_dir(a.state_dir.as_deref()),
@@ -83,7 +83,7 @@ async fn run(a: RunArgs) -> Result<()> {
         policy: a.policy,
         max_parallel: a.max_parallel,
         vm_config: a.vm_config,
-        poll: cdpd::config::parse_duration(&a.poll).map_err(anyhow::Error::msg)?,
+        poll: cdp_core::config::parse_duration(&a.poll).map_err(anyhow::Error::msg)?,
         auto_baseline: !a.no_auto_baseline,
     };
     let mut s = cdp_shipper::Shipper::new(opts, &config).await?;
@@ -92,7 +92,7 @@ async fn run(a: RunArgs) -> Result<()> {
     // One shipper per VM (cdp_shipper::lock): while cdp-agent holds the
     // lock for an adoption pass, wait for it.
     let mut said_waiting = false;
-    let follow_gone = || a.follow_pid.is_some_and(cdpd::proc::is_gone);
+    let follow_gone = || a.follow_pid.is_some_and(cdp_core::proc::is_gone);
     let lock = loop {
         if let Some(l) = cdp_shipper::lock::try_lock(&s.opts.state_dir, &s.opts.vm_uuid)? {
             break l;

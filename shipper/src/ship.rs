@@ -5,10 +5,10 @@
 //! nothing.
 
 use anyhow::{bail, Context, Result};
+use cdp_core::catalog::SegmentRow;
+use cdp_core::journal::format::{read_index, SegmentHeader};
 use cdp_repo::format::{self as rf, IndexMeta, SegmentIndex};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
-use cdpd::catalog::SegmentRow;
-use cdpd::journal::format::{read_index, SegmentHeader};
 
 pub struct Shipped {
     pub key: String,

@@ -709,7 +709,7 @@ fn metrics_and_notification_wake_the_agent() {
     let adoptions = metric(&m, "cdp_agent_adoptions_total", &[]).unwrap();
 
     // The hook's notification wakes it long before the next scan.
-    cdpd::notify::notify_agent(&d.run_dir, &d.vm_uuid).unwrap();
+    cdp_core::notify::notify_agent(&d.run_dir, &d.vm_uuid).unwrap();
     wait_until(
         "the backlog to go to 0 and the adoption counted",
         WAIT,

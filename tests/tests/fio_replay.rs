@@ -12,8 +12,11 @@ const SIZE: u64 = 16 << 20;
 /// `--name=`. Returns the parsed JSON report after checking that every job succeeded.
 fn fio(uri: &str, global: &[&str], jobs: &[&[&str]]) -> Value {
     require_tool("fio");
+    // fio writes its verify state files into its working directory: never the source tree.
+    let cwd = tempfile::tempdir().expect("temp dir for fio");
     let mut cmd = Command::new("fio");
-    cmd.arg("--output-format=json")
+    cmd.current_dir(cwd.path())
+        .arg("--output-format=json")
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
         .args(global);

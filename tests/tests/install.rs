@@ -168,7 +168,7 @@ fn install_twice_changes_nothing_the_second_time() {
         fs::read_to_string(s.at("/etc/cdp/cdp.toml")).unwrap(),
         fs::read_to_string(workspace().join("packaging/cdp.toml")).unwrap()
     );
-    cdpd::config::Config::load_file(&s.at("/etc/cdp/cdp.toml")).unwrap();
+    cdp_core::config::Config::load_file(&s.at("/etc/cdp/cdp.toml")).unwrap();
 
     let second = s.json(&["install", "--libvirt", "--systemd"]);
     let changed: Vec<_> = items(&second)

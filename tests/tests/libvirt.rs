@@ -43,7 +43,7 @@ fn virsh_try(args: &[&str]) -> std::process::Output {
 
 fn pid_of(pidfile: &str) -> Option<i32> {
     let p: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
-    (!cdpd::proc::is_gone(p)).then_some(p)
+    (!cdp_core::proc::is_gone(p)).then_some(p)
 }
 
 /// libvirtd started by the test (after the hook is installed: libvirt scans
@@ -101,7 +101,7 @@ impl Libvirt {
     fn stop_libvirtd() {
         if let Some(p) = pid_of("/run/libvirtd.pid") {
             unsafe { libc::kill(p, libc::SIGTERM) };
-            wait_until("libvirtd to stop", 30, || cdpd::proc::is_gone(p));
+            wait_until("libvirtd to stop", 30, || cdp_core::proc::is_gone(p));
         }
     }
 

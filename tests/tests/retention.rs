@@ -90,7 +90,7 @@ fn check_kept(d: &Daemon, cfg: &Path, phases: &[Phase], kept: &[u64], report: &V
         for (how, at) in [
             ("mark", format!("mark:{}", p.mark)),
             ("seq", format!("seq:{}", p.seq)),
-            ("time", cdpd::time::fmt_ns(p.ts_ns + 1_000_000)),
+            ("time", cdp_core::time::fmt_ns(p.ts_ns + 1_000_000)),
         ] {
             let out = d.work_dir().join(format!("r-{tag}-{i}-{how}.img"));
             let o = restore(d, cfg, &at, &out);
@@ -278,7 +278,7 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
     } = timeline();
     // The policy applied half a second after the last phase.
     let now_ns = phases.last().unwrap().ts_ns + 500_000_000;
-    let now = cdpd::time::fmt_ns(now_ns);
+    let now = cdp_core::time::fmt_ns(now_ns);
     let before = listing(&repo);
     let size_before: u64 = before.values().sum();
 
@@ -364,7 +364,7 @@ fn prune_thins_a_long_timeline_and_every_kept_point_restores() {
         for at in [
             format!("mark:{}", p.mark),
             format!("seq:{}", p.seq),
-            cdpd::time::fmt_ns(p.ts_ns + 1_000_000),
+            cdp_core::time::fmt_ns(p.ts_ns + 1_000_000),
         ] {
             let out = d.work_dir().join("never.img");
             let o = restore(&d, &cfg, &at, &out);
@@ -687,7 +687,7 @@ fn prune_killed_at_any_moment_leaves_every_kept_point_restorable() {
         ("first", last + 500_000_000),
         ("later", last + 3_500_000_000),
     ] {
-        let now = cdpd::time::fmt_ns(now_ns);
+        let now = cdp_core::time::fmt_ns(now_ns);
         let dry = prune(&d, &cfg, &now, &["--dry-run"]);
         let kept = kept_phases(&dry, &phases);
         assert!(!kept.is_empty(), "{dry}");

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
-use cdpd::catalog::Catalog;
+use cdp_core::catalog::Catalog;
 
 use crate::{Ctx, Global};
 
@@ -22,7 +22,7 @@ pub struct BaselineArgs {
 }
 
 pub fn run(ctx: &Ctx, g: &Global, a: &BaselineArgs) -> Result<()> {
-    let config = cdpd::config::Config::load(g.config.as_deref())?;
+    let config = cdp_core::config::Config::load(g.config.as_deref())?;
     let vm = ctx.resolve_vm(&a.vm)?;
     let catalog = Arc::new(Mutex::new(Catalog::open(&ctx.state_dir)?));
     let disks = catalog.lock().unwrap().disks(&vm)?;

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use cdp_core::time::{fmt_ns, now_ns};
 use cdp_repo::export::{ExportServer, Exporter, StopSignals};
 use cdp_repo::restore::{self, Point};
-use cdpd::time::{fmt_ns, now_ns};
 
 use crate::restore_cmd::{open_repo, resolve_vm, RepoArgs};
 use crate::{Ctx, Global};
@@ -40,13 +40,13 @@ pub fn run(ctx: &Ctx, g: &Global, a: &ExportArgs) -> Result<()> {
     let signals = StopSignals::block().context("blocking SIGTERM/SIGINT")?;
     let r = serve(ctx, g, a, &signals);
     if let (Err(e), Some(fd)) = (&r, a.ready_fd) {
-        cdpd::daemon::notify_ready(fd, &format!("ERROR {e:#}"));
+        cdp_core::proc::notify_ready(fd, &format!("ERROR {e:#}"));
     }
     r
 }
 
 fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result<()> {
-    cdpd::names::check_disk(&a.disk)?;
+    cdp_core::names::check_disk(&a.disk)?;
     let point = Point::parse(&a.at, now_ns())?;
     let store = open_repo(g, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -82,7 +82,7 @@ fn serve_leased(
 ) -> Result<()> {
     let (plan, at) = rt.block_on(async {
         let local = (!a.repo.no_local
-            && cdpd::journal::journal_dir(&ctx.state_dir, vm, &a.disk).is_dir())
+            && cdp_core::journal::journal_dir(&ctx.state_dir, vm, &a.disk).is_dir())
         .then_some(ctx.state_dir.as_path());
         let h = restore::load_history(Some(&store), local, vm, &a.disk).await?;
         if h.segments.is_empty() && h.baselines.is_empty() {
@@ -118,7 +118,7 @@ fn serve_leased(
         .name("export-accept".into())
         .spawn(move || server.serve())?;
     if let Some(fd) = a.ready_fd {
-        cdpd::daemon::notify_ready(fd, "READY");
+        cdp_core::proc::notify_ready(fd, "READY");
     }
     eprintln!(
         "serving {} at {point} ({at}) on nbd+unix:///{}?socket={} (read-only; SIGTERM or ^C stops)",

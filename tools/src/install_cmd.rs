@@ -103,7 +103,7 @@ pub enum InstallError {
     )]
     MissingBinaries { dir: PathBuf, missing: String },
     #[error("{0}")]
-    Config(#[from] cdpd::config::ConfigError),
+    Config(#[from] cdp_core::config::ConfigError),
     #[error(
         "{} left as it is: {}. Compare it with what cdpctl installs, keep your changes \
          elsewhere (a systemd drop-in, another hook file), then run again with --force to replace it",
@@ -320,7 +320,7 @@ pub fn apparmor_block(
     bin_dir: &Path,
     state_dir: &Path,
     run_dir: &Path,
-    config: &cdpd::config::Config,
+    config: &cdp_core::config::Config,
 ) -> String {
     let mut extra = Vec::new();
     let q = |p: &Path| format!("\"{}\"", p.display());
@@ -330,10 +330,10 @@ pub fn apparmor_block(
         }
     }
     let mut dirs = Vec::new();
-    if state_dir != Path::new(cdpd::config::DEFAULT_STATE_DIR) {
+    if state_dir != Path::new(cdp_core::config::DEFAULT_STATE_DIR) {
         dirs.push(state_dir.to_path_buf());
     }
-    if run_dir != Path::new(cdpd::config::DEFAULT_RUN_DIR) {
+    if run_dir != Path::new(cdp_core::config::DEFAULT_RUN_DIR) {
         dirs.push(run_dir.to_path_buf());
     }
     for t in config.target.values() {
@@ -535,15 +535,15 @@ fn systemctl_is(query: &str, want: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn load_config(g: &Global, t: &Target) -> Result<cdpd::config::Config> {
+fn load_config(g: &Global, t: &Target) -> Result<cdp_core::config::Config> {
     let path = g
         .config
         .clone()
         .unwrap_or_else(|| t.at(Path::new(CONFIG_PATH)));
     if path.exists() || g.config.is_some() {
-        Ok(cdpd::config::Config::load_file(&path)?)
+        Ok(cdp_core::config::Config::load_file(&path)?)
     } else {
-        Ok(cdpd::config::Config::default())
+        Ok(cdp_core::config::Config::default())
     }
 }
 
@@ -998,7 +998,7 @@ mod tests {
 
     #[test]
     fn block_in_and_out() {
-        let c = cdpd::config::Config::default();
+        let c = cdp_core::config::Config::default();
         let b = apparmor_block(
             Path::new("/usr/local/bin"),
             Path::new("/var/lib/cdp"),
@@ -1010,7 +1010,7 @@ mod tests {
         assert!(had);
         assert_eq!(rest, "# mine\n/x r,\n# after\n");
         assert_eq!(without_block(&rest), (rest.clone(), false));
-        let c = cdpd::config::Config::parse(
+        let c = cdp_core::config::Config::parse(
             "[paths]\nstate_dir = \"/srv/cdp state\"\n[target.t]\nurl = \"file:///mnt/repo\"\n",
         )
         .unwrap();

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use cdpd::journal::{self, Kind, LoadedSegment, Upto};
+use cdp_core::journal::{self, Kind, LoadedSegment, Upto};
 use serde::Serialize;
 
 use crate::Ctx;
@@ -89,7 +89,7 @@ pub fn parse_upto(s: &str) -> Result<Upto> {
                 .with_context(|| format!("--upto {s:?}: seq:N needs a number"))?,
         ));
     }
-    cdpd::time::parse_time(s, cdpd::time::now_ns())
+    cdp_core::time::parse_time(s, cdp_core::time::now_ns())
         .map(Upto::TimeNs)
         .map_err(anyhow::Error::msg)
 }
@@ -112,7 +112,7 @@ pub fn inspect(ctx: &Ctx, vm: &str, only: Option<&str>) -> Result<InspectOut> {
         records: Vec::new(),
     };
     for disk in disks {
-        cdpd::names::check_disk(&disk)?;
+        cdp_core::names::check_disk(&disk)?;
         let dir = journal::journal_dir(&ctx.state_dir, &uuid, &disk);
         if !dir.is_dir() {
             bail!(
@@ -199,7 +199,7 @@ pub fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
                     "{:<5} {:>8} {:<30} {:<13} {:<8} {:>14} {:>10}  {}",
                     r.disk,
                     r.seq,
-                    cdpd::time::fmt_ns(r.ts_ns),
+                    cdp_core::time::fmt_ns(r.ts_ns),
                     r.kind,
                     r.flags.join(","),
                     r.offset,
@@ -216,7 +216,7 @@ pub fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
             upto,
         } => {
             let uuid = ctx.resolve_vm(&vm_uuid)?;
-            cdpd::names::check_disk(&disk)?;
+            cdp_core::names::check_disk(&disk)?;
             let upto = match upto {
                 Some(u) => parse_upto(&u)?,
                 None => Upto::All,

@@ -90,7 +90,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(g: &Global) -> Result<Ctx> {
-        let config = cdpd::config::Config::load(g.config.as_deref())?;
+        let config = cdp_core::config::Config::load(g.config.as_deref())?;
         Ok(Ctx {
             state_dir: config.state_dir(g.state_dir.as_deref()),
             run_dir: config.run_dir(g.run_dir.as_deref()),
@@ -101,7 +101,7 @@ impl Ctx {
     /// Resolve a VM given by name or UUID to its UUID, using the catalog when
     /// it is not a UUID.
     pub fn resolve_vm(&self, vm: &str) -> Result<String> {
-        if let Ok(u) = cdpd::names::check_uuid(vm) {
+        if let Ok(u) = cdp_core::names::check_uuid(vm) {
             return Ok(u.hyphenated().to_string());
         }
         let cat_path = self.state_dir.join("catalog.sqlite");
@@ -111,7 +111,7 @@ impl Ctx {
                 cat_path.display()
             );
         }
-        let cat = cdpd::catalog::Catalog::open(&self.state_dir)?;
+        let cat = cdp_core::catalog::Catalog::open(&self.state_dir)?;
         match cat.resolve_vm(vm)? {
             Some((uuid, _)) => Ok(uuid),
             None => bail!(

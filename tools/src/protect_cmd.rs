@@ -148,7 +148,7 @@ struct ProtectReport {
 }
 
 pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
-    let config = cdpd::config::Config::load(g.config.as_deref())?;
+    let config = cdp_core::config::Config::load(g.config.as_deref())?;
     let before = definition(&a.connect, &a.domain)?;
     let wrapper = a.wrapper.clone().unwrap_or_else(default_wrapper);
     for b in ["cdp-qemu", "cdpd", "cdp-shipper"] {
@@ -182,7 +182,9 @@ pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
             "the libvirt hook {HOOK_PATH} is not installed, so a protected VM could not start: run `cdpctl install --libvirt`, restart libvirtd, then protect"
         );
     }
-    let uuid = cdpd::names::check_uuid(&dom.uuid)?.hyphenated().to_string();
+    let uuid = cdp_core::names::check_uuid(&dom.uuid)?
+        .hyphenated()
+        .to_string();
     let mut disks = Vec::new();
     for t in &tagged {
         let size = check_raw_file(&t.target, &t.path)?;
@@ -231,7 +233,7 @@ pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
     // fresh baseline), never a silent hole.
     let mut gap_recorded = false;
     if ctx.state_dir.join("catalog.sqlite").exists() {
-        let cat = cdpd::catalog::Catalog::open(&ctx.state_dir)?;
+        let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
         let known = cat.disks(&uuid)?;
         for d in &disks {
             if known.iter().any(|(k, _, _)| k == &d.disk) {

@@ -3,9 +3,9 @@
 //! what was kept, written, deleted and deferred.
 
 use anyhow::{bail, Context, Result};
+use cdp_core::time::{fmt_ns, now_ns};
 use cdp_repo::retention;
 use cdp_repo::store::Store;
-use cdpd::time::{fmt_ns, now_ns};
 
 use crate::status::human;
 use crate::{Ctx, Global};
@@ -37,7 +37,7 @@ fn vm_policy(ctx: &Ctx, vm: &str) -> Option<String> {
     if !ctx.state_dir.join("catalog.sqlite").exists() {
         return None;
     }
-    let cat = cdpd::catalog::Catalog::open(&ctx.state_dir).ok()?;
+    let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir).ok()?;
     let uuid = ctx.resolve_vm(vm).ok()?;
     cat.vms()
         .ok()?
@@ -47,7 +47,7 @@ fn vm_policy(ctx: &Ctx, vm: &str) -> Option<String> {
 }
 
 pub fn run(ctx: &Ctx, g: &Global, a: &PruneArgs) -> Result<()> {
-    let config = cdpd::config::Config::load(g.config.as_deref())?;
+    let config = cdp_core::config::Config::load(g.config.as_deref())?;
     let policy = a
         .policy
         .clone()
@@ -73,7 +73,7 @@ pub fn run(ctx: &Ctx, g: &Global, a: &PruneArgs) -> Result<()> {
         bail!("policy {policy} has no targets");
     }
     let now = match &a.now {
-        Some(t) => cdpd::time::parse_time(t, now_ns()).map_err(anyhow::Error::msg)?,
+        Some(t) => cdp_core::time::parse_time(t, now_ns()).map_err(anyhow::Error::msg)?,
         None => now_ns(),
     };
     let rt = tokio::runtime::Runtime::new()?;

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use cdp_core::time::{fmt_ns, now_ns};
 use cdp_repo::format as rf;
 use cdp_repo::restore::{self, History, Point};
 use cdp_repo::store::Store;
-use cdpd::time::{fmt_ns, now_ns};
 
 use crate::{Ctx, Global};
 
@@ -67,7 +67,7 @@ pub fn open_repo(g: &Global, a: &RepoArgs) -> Result<Store> {
     if let Some(url) = &a.repo {
         return Store::open(url, None).with_context(|| format!("repository {url}"));
     }
-    let config = cdpd::config::Config::load(g.config.as_deref())?;
+    let config = cdp_core::config::Config::load(g.config.as_deref())?;
     let Some(p) = config.policy.get(&a.policy) else {
         bail!(
             "no --repo given and no [policy.{}] in the config: give --repo file:///… or s3://…",
@@ -84,7 +84,7 @@ pub fn open_repo(g: &Global, a: &RepoArgs) -> Result<Store> {
 
 /// Resolve a VM by UUID, by the host catalog, or by the repository's vm.json files.
 pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
-    if let Ok(u) = cdpd::names::check_uuid(vm) {
+    if let Ok(u) = cdp_core::names::check_uuid(vm) {
         return Ok(u.hyphenated().to_string());
     }
     if ctx.state_dir.join("catalog.sqlite").exists() {
@@ -108,7 +108,7 @@ pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
 }
 
 fn local_dir<'a>(ctx: &'a Ctx, a: &RepoArgs, vm: &str, disk: &str) -> Option<&'a Path> {
-    (!a.no_local && cdpd::journal::journal_dir(&ctx.state_dir, vm, disk).is_dir())
+    (!a.no_local && cdp_core::journal::journal_dir(&ctx.state_dir, vm, disk).is_dir())
         .then_some(ctx.state_dir.as_path())
 }
 
@@ -134,7 +134,7 @@ fn keep_large_buffers() {
 }
 
 pub fn restore(ctx: &Ctx, g: &Global, a: &RestoreArgs) -> Result<()> {
-    cdpd::names::check_disk(&a.disk)?;
+    cdp_core::names::check_disk(&a.disk)?;
     keep_large_buffers();
     let point = Point::parse(&a.at, now_ns())?;
     let store = open_repo(g, &a.repo)?;
@@ -393,7 +393,9 @@ async fn in_place(
     plan: &restore::Plan,
     point: &Point,
 ) -> Result<restore::RestoreStats> {
-    let ctl = cdpd::capture::control_path(&ctx.run_dir, vm);
+    let ctl = cdp_core::layout::RunDir::new(&ctx.run_dir)
+        .vm(vm)
+        .control_socket();
     if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
         bail!(
             "VM {vm} is running (cdpd answers on {}): stop the VM before restoring in place",
@@ -402,7 +404,7 @@ async fn in_place(
     }
     let path = disk_path(ctx, store, vm, disk).await?;
     // Locked like QEMU and cdpd lock it: fails if anything has it open.
-    let img = cdpd::capture::image::open(&path)?;
+    let img = cdp_core::image::open(&path)?;
     if img.size != plan.size {
         bail!(
             "{} is {} bytes but the point is {} bytes: resize it first (qemu-img resize)",
@@ -430,7 +432,7 @@ async fn in_place(
     // The disk no longer equals baseline + journal: the next capture
     // session records a GAP and the shipper takes a new baseline.
     if ctx.state_dir.join("catalog.sqlite").exists() {
-        let cat = cdpd::catalog::Catalog::open(&ctx.state_dir)?;
+        let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
         let (last, _) = cat.last_seq(vm)?;
         cat.add_gap(
             vm,
@@ -450,7 +452,7 @@ async fn in_place(
 /// The disk's path: from the host catalog, else the repository's vm.json.
 async fn disk_path(ctx: &Ctx, store: &Store, vm: &str, disk: &str) -> Result<PathBuf> {
     if ctx.state_dir.join("catalog.sqlite").exists() {
-        let cat = cdpd::catalog::Catalog::open(&ctx.state_dir)?;
+        let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
         if let Some((_, p, _)) = cat.disks(vm)?.into_iter().find(|(d, _, _)| d == disk) {
             return Ok(p.into());
         }
@@ -474,7 +476,7 @@ pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
             None => {
                 let mut d = cdp_repo::read::list_disks(&store, &vm).await?;
                 if !a.repo.no_local {
-                    d.extend(cdpd::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default());
+                    d.extend(cdp_core::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default());
                 }
                 d.sort();
                 d.dedup();
@@ -504,7 +506,7 @@ pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
             let flushes: Vec<_> = h
                 .entries()
                 .map(|(_, e)| e)
-                .filter(|e| e.kind == cdpd::journal::Kind::Flush)
+                .filter(|e| e.kind == cdp_core::journal::Kind::Flush)
                 .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns)}))
                 .collect();
             let marks: Vec<_> = restore::marks(&h, Some(&store))

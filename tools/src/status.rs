@@ -2,7 +2,7 @@
 //! control sockets.
 
 use anyhow::{bail, Context, Result};
-use cdpd::capture::control::{self, Status};
+use cdp_core::control::{self, Status};
 
 use crate::Ctx;
 
@@ -24,17 +24,15 @@ pub struct MarkArgs {
 }
 
 fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
-    let sock = cdpd::capture::control_path(&ctx.run_dir, uuid);
-    let reply = control::request(&sock, &serde_json::json!({"cmd": "status"})).with_context(|| {
+    let sock = cdp_core::layout::RunDir::new(&ctx.run_dir)
+        .vm(uuid)
+        .control_socket();
+    control::Client::new(&sock).status().with_context(|| {
         format!(
             "VM {uuid} has no running cdpd (control socket {}): is the VM running and protected? (--run-dir)",
             sock.display()
         )
-    })?;
-    if reply["ok"] != true {
-        bail!("cdpd answered: {}", reply["error"]);
-    }
-    Ok(serde_json::from_value(reply["status"].clone())?)
+    })
 }
 
 /// UUIDs of VMs with a control socket under the run dir.
@@ -128,25 +126,29 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
 
 pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
     let uuid = ctx.resolve_vm(&a.vm)?;
-    let sock = cdpd::capture::control_path(&ctx.run_dir, &uuid);
-    let reply = control::request(&sock, &serde_json::json!({"cmd": "mark", "label": a.label}))
-        .with_context(|| {
-            format!(
-                "VM {uuid} has no running cdpd (control socket {})",
-                sock.display()
-            )
-        })?;
-    if reply["ok"] != true {
-        bail!("mark refused: {}", reply["error"].as_str().unwrap_or("?"));
-    }
+    let sock = cdp_core::layout::RunDir::new(&ctx.run_dir)
+        .vm(&uuid)
+        .control_socket();
+    let marked = match control::Client::new(&sock).mark(&a.label) {
+        Ok(m) => m,
+        Err(e @ control::ControlError::Refused { .. }) => bail!("mark refused: {e}"),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "VM {uuid} has no running cdpd (control socket {})",
+                    sock.display()
+                )
+            })
+        }
+    };
     if ctx.json {
-        return crate::print_json(&reply);
+        return crate::print_json(&control::Reply::marked(marked));
     }
     println!(
         "mark {:?} at seq {} ({})",
         a.label,
-        reply["seq"],
-        cdpd::time::fmt_ns(reply["ts_ns"].as_u64().unwrap_or(0))
+        marked.seq,
+        cdp_core::time::fmt_ns(marked.ts_ns)
     );
     Ok(())
 }

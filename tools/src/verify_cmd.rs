@@ -5,11 +5,11 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use cdp_core::time::{fmt_ns, now_ns};
 use cdp_repo::format as rf;
 use cdp_repo::restore::{self, Point};
 use cdp_repo::store::Store;
 use cdp_repo::verify::{Report, SeqRange};
-use cdpd::time::{fmt_ns, now_ns};
 
 use crate::restore_cmd::{open_repo, resolve_vm, RepoArgs};
 use crate::{Ctx, Global};
@@ -288,7 +288,7 @@ async fn point_time(
     }
     let mut disks = cdp_repo::read::list_disks(store, vm).await?;
     if !a.no_local {
-        disks.extend(cdpd::journal::list_disks(&ctx.state_dir, vm).unwrap_or_default());
+        disks.extend(cdp_core::journal::list_disks(&ctx.state_dir, vm).unwrap_or_default());
     }
     disks.sort();
     disks.dedup();
@@ -301,8 +301,9 @@ async fn point_time(
     let mut newest_before: Option<(u64, u64)> = None;
     let mut errors = Vec::new();
     for disk in &disks {
-        let local = (!a.no_local && cdpd::journal::journal_dir(&ctx.state_dir, vm, disk).is_dir())
-            .then_some(ctx.state_dir.as_path());
+        let local = (!a.no_local
+            && cdp_core::journal::journal_dir(&ctx.state_dir, vm, disk).is_dir())
+        .then_some(ctx.state_dir.as_path());
         let h = restore::load_history(Some(store), local, vm, disk).await?;
         let seq = match point {
             Point::Seq(n) => *n,

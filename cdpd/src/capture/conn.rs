@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use super::{Disk, JOp, OpResults, SyncJob, Vm};
-use crate::journal::format::{Kind, FLAG_FUA, FLAG_NO_HOLE};
-use crate::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
-use crate::nbd::server;
+use cdp_core::journal::format::{Kind, FLAG_FUA, FLAG_NO_HOLE};
+use cdp_core::nbd::handshake as server;
+use cdp_core::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
 
 /// Room for the largest request (header + 32 MiB payload) plus slack.
 const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;

@@ -1,85 +1,20 @@
-//! The control socket `<run-dir>/<vm-uuid>/control.sock`: one JSON request
-//! per line, one JSON reply per line.
-//!
-//! ```text
-//! {"cmd":"status"}             → {"ok":true,"status":{…}}
-//! {"cmd":"mark","label":"L"}   → {"ok":true,"seq":N,"ts_ns":T}
-//! anything else                → {"ok":false,"error":"…"}
-//! ```
+//! Serving the control socket `<run-dir>/<vm-uuid>/control.sock`; the
+//! protocol and its client are [`cdp_core::control`].
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use cdp_core::control::{
+    parse_request, DiskStatus, Marked, Reply, Request, Status, TargetStatus, MAX_REQUEST,
+};
 
 use super::Vm;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DiskStatus {
-    pub disk: String,
-    pub path: String,
-    pub size: u64,
-    pub bytes_written: u64,
-    pub write_requests: u64,
-    pub bytes_read: u64,
-    pub read_requests: u64,
-    pub flushes: u64,
-    pub last_seq: u64,
-    pub open_segment: Option<String>,
-    pub open_segment_records: u64,
-    pub segments_waiting_seal: u64,
-    pub in_flight: u64,
-    pub journal_bytes: u64,
-    pub journal_segments: u64,
-    pub connections: u64,
-    pub errors: u64,
-    pub protocol_errors: u64,
-    pub seal_errors: u64,
-    /// Age of the oldest record no target has yet (0 when all is shipped).
-    pub rpo_ms: u64,
-    /// Sealed segments no target has yet.
-    pub backlog_segments: u64,
-    pub backlog_bytes: u64,
-    /// Each target the shipper has reported on.
-    pub targets: Vec<TargetStatus>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TargetStatus {
-    pub target: String,
-    pub url: String,
-    /// "up" or "failing", as the shipper last saw it.
-    pub state: String,
-    pub last_error: Option<String>,
-    pub backlog_segments: u64,
-    pub backlog_bytes: u64,
-    /// Age of the oldest record this target does not have yet.
-    pub lag_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Status {
-    pub vm_uuid: String,
-    pub vm_name: String,
-    pub pid: u32,
-    pub last_seq: u64,
-    pub segment_size: u64,
-    pub segment_age_ms: u64,
-    pub disks: Vec<DiskStatus>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-enum Request {
-    Status,
-    Mark { label: String },
-}
-
 fn journal_usage(dir: &Path) -> (u64, u64) {
-    let Ok(segs) = crate::journal::list_segments(dir) else {
+    let Ok(segs) = cdp_core::journal::list_segments(dir) else {
         return (0, 0);
     };
     let bytes = segs
@@ -165,7 +100,7 @@ impl Vm {
         disk: &str,
         unsealed_ts: Option<u64>,
     ) -> (u64, u64, u64, Vec<TargetStatus>) {
-        let now = crate::time::now_ns();
+        let now = cdp_core::time::now_ns();
         let age = |ts: Option<u64>| ts.map_or(0, |t| now.saturating_sub(t) / 1_000_000);
         let oldest = |a: Option<u64>| match (a, unsealed_ts) {
             (Some(x), Some(y)) => Some(x.min(y)),
@@ -197,14 +132,14 @@ impl Vm {
         (age(oldest(ts)), n, bytes, targets)
     }
 
-    fn handle_control(&self, line: &str) -> serde_json::Value {
-        match serde_json::from_str::<Request>(line) {
-            Ok(Request::Status) => serde_json::json!({ "ok": true, "status": self.status() }),
+    fn handle_control(&self, line: &str) -> Reply {
+        match parse_request(line) {
+            Ok(Request::Status) => Reply::status(self.status()),
             Ok(Request::Mark { label }) => match self.mark(&label) {
-                Ok((seq, ts)) => serde_json::json!({ "ok": true, "seq": seq, "ts_ns": ts }),
-                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                Ok((seq, ts_ns)) => Reply::marked(Marked { seq, ts_ns }),
+                Err(e) => Reply::error(e),
             },
-            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+            Err(e) => Reply::error(e),
         }
     }
 
@@ -228,13 +163,12 @@ impl Vm {
             let mut wr = stream;
             let mut line = String::new();
             // Bounded: a control request is small.
-            while std::io::Read::take(&mut rd, 64 * 1024)
+            while std::io::Read::take(&mut rd, MAX_REQUEST)
                 .read_line(&mut line)
                 .unwrap_or(0)
                 > 0
             {
-                let mut reply = self.handle_control(line.trim()).to_string();
-                reply.push('\n');
+                let reply = self.handle_control(line.trim()).to_line();
                 if wr.write_all(reply.as_bytes()).is_err() {
                     break;
                 }
@@ -242,17 +176,4 @@ impl Vm {
             }
         }
     }
-}
-
-/// Client side: send one request, read one reply.
-pub fn request(sock: &Path, req: &serde_json::Value) -> std::io::Result<serde_json::Value> {
-    let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = req.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
-    let mut rd = BufReader::new(s);
-    let mut reply = String::new();
-    rd.read_line(&mut reply)?;
-    serde_json::from_str(&reply).map_err(std::io::Error::other)
 }

@@ -1,6 +1,6 @@
 //! The capture daemon: one VM, its disks, their journals.
 //!
-//! Data path of a guest write (DESIGN.md §2): the connection thread parses a
+//! Data path of a guest write (docs/DESIGN.md, "Write path"): the connection thread parses a
 //! batch of requests, takes the disk's journal lock once for the batch,
 //! reserves sequence numbers, appends every record with one `pwritev`
 //! (write-ahead), applies the writes to the image in sequence order, and
@@ -12,26 +12,26 @@
 //! replayed in order. Holding the disk lock from seq reservation to the last
 //! image write of a batch makes the image's write order the sequence order.
 
-pub mod conn;
-pub mod control;
-pub mod image;
-pub mod recovery;
+pub(crate) mod conn;
+pub(crate) mod control;
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::catalog::Catalog;
-use crate::config::JournalSettings;
-use crate::journal::format::{Kind, RecordHeader, RECORD_HEADER_LEN};
-use crate::journal::writer::{OpenSegment, SealedSegment};
-use crate::nbd::proto::{self, nbd_errno};
-use crate::time::now_ns;
+use cdp_core::catalog::Catalog;
+use cdp_core::config::JournalSettings;
+use cdp_core::image;
+use cdp_core::journal::format::{Kind, RecordHeader, RECORD_HEADER_LEN};
+use cdp_core::journal::writer::{OpenSegment, SealedSegment};
+use cdp_core::layout::RunDir;
+use cdp_core::nbd::proto::{self, nbd_errno};
+use cdp_core::time::now_ns;
 
 /// Counters of one disk, updated once per batch, never logged per request.
 #[derive(Default)]
@@ -220,11 +220,11 @@ impl Vm {
         for (i, op) in ops.iter().enumerate() {
             let r = match op.kind {
                 Kind::Write => disk.image.write_all_at(op.payload, op.offset),
-                Kind::Zero | Kind::Trim => crate::journal::zero_range(
+                Kind::Zero | Kind::Trim => cdp_core::journal::zero_range(
                     &disk.image,
                     op.offset,
                     op.length,
-                    crate::journal::may_punch(op.kind, op.flags),
+                    cdp_core::journal::may_punch(op.kind, op.flags),
                 ),
                 _ => Ok(()),
             };
@@ -340,7 +340,7 @@ impl Vm {
 
     /// `cdpctl mark`: a MARK in every disk at one sequence number.
     pub fn mark(&self, label: &str) -> Result<(u64, u64), String> {
-        crate::names::check_label(label).map_err(|e| e.to_string())?;
+        cdp_core::names::check_label(label).map_err(|e| e.to_string())?;
         {
             let cat = self.catalog.lock().unwrap();
             if cat
@@ -490,20 +490,10 @@ impl Vm {
 
     /// Socket path of a disk.
     pub fn socket_path(&self, disk: &str) -> PathBuf {
-        socket_path(&self.run_dir, &self.uuid_str, disk)
+        RunDir::new(&self.run_dir)
+            .vm(&self.uuid_str)
+            .disk_socket(disk)
     }
-}
-
-pub fn vm_run_dir(run_dir: &Path, vm_uuid: &str) -> PathBuf {
-    run_dir.join(vm_uuid)
-}
-
-pub fn socket_path(run_dir: &Path, vm_uuid: &str, disk: &str) -> PathBuf {
-    vm_run_dir(run_dir, vm_uuid).join(format!("{disk}.sock"))
-}
-
-pub fn control_path(run_dir: &Path, vm_uuid: &str) -> PathBuf {
-    vm_run_dir(run_dir, vm_uuid).join("control.sock")
 }
 
 /// Everything `Vm::new` needs, after recovery.

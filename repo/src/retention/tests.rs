@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use cdpd::journal::extents::Source;
-use cdpd::journal::format::{IndexEntry, Kind};
+use cdp_core::journal::extents::Source;
+use cdp_core::journal::format::{IndexEntry, Kind};
 use proptest::prelude::*;
 
 use super::*;

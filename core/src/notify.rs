@@ -11,12 +11,9 @@ use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
-/// File name of the agent's socket inside the run directory.
-pub const AGENT_SOCKET: &str = "agent.sock";
-
-/// `<run-dir>/agent.sock`.
+/// `<run-dir>/agent.sock` (see [`crate::layout`]).
 pub fn agent_socket(run_dir: &Path) -> PathBuf {
-    run_dir.join(AGENT_SOCKET)
+    crate::layout::RunDir::new(run_dir).agent_socket()
 }
 
 /// The datagram that asks the agent to adopt `vm_uuid`.

@@ -7,6 +7,7 @@
 
 pub mod extents;
 pub mod format;
+pub mod recovery;
 pub mod writer;
 
 use std::fs::File;
@@ -84,13 +85,9 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// `<state-dir>/vms/<vm-uuid>/<disk>/journal`
+/// `<state-dir>/vms/<vm-uuid>/<disk>/journal` (see [`crate::layout`]).
 pub fn journal_dir(state_dir: &Path, vm_uuid: &str, disk: &str) -> PathBuf {
-    state_dir
-        .join("vms")
-        .join(vm_uuid)
-        .join(disk)
-        .join("journal")
+    crate::layout::StateDir::new(state_dir).journal(vm_uuid, disk)
 }
 
 /// The segments of one disk's journal, in replay order.
@@ -113,23 +110,9 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 
 /// The disks that have a journal directory under a VM's state.
 pub fn list_disks(state_dir: &Path, vm_uuid: &str) -> Result<Vec<String>, JournalError> {
-    let dir = state_dir.join("vms").join(vm_uuid);
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(JournalError::io(&dir, e)),
-    };
-    let mut out = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|e| JournalError::io(&dir, e))?;
-        if ent.path().join("journal").is_dir() {
-            if let Some(n) = ent.file_name().to_str() {
-                out.push(n.to_string());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+    let vm = crate::layout::StateDir::new(state_dir).vm(vm_uuid);
+    vm.journal_disks()
+        .map_err(|e| JournalError::io(vm.path(), e))
 }
 
 /// A segment read into memory and scanned.

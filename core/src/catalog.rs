@@ -181,7 +181,7 @@ impl Catalog {
             path: state_dir.to_path_buf(),
             source,
         })?;
-        let path = state_dir.join("catalog.sqlite");
+        let path = crate::layout::StateDir::new(state_dir).catalog();
         let conn = Connection::open(&path).map_err(|source| CatalogError::Sqlite {
             path: path.clone(),
             source,

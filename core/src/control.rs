@@ -1,0 +1,322 @@
+//! The control protocol of cdpd's socket `<run>/<uuid>/control.sock`
+//! (docs/DESIGN.md, "Control socket"): one JSON request per line, one JSON
+//! reply per line. The types and the client live here; cdpd serves it.
+//!
+//! ```text
+//! {"cmd":"status"}             → {"ok":true,"status":{…}}
+//! {"cmd":"mark","label":"L"}   → {"ok":true,"seq":N,"ts_ns":T}
+//! anything else                → {"ok":false,"error":"…"}
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The longest request line a server reads.
+pub const MAX_REQUEST: u64 = 64 * 1024;
+/// The longest reply line a client reads (a status of many disks and targets).
+pub const MAX_REPLY: u64 = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskStatus {
+    pub disk: String,
+    pub path: String,
+    pub size: u64,
+    pub bytes_written: u64,
+    pub write_requests: u64,
+    pub bytes_read: u64,
+    pub read_requests: u64,
+    pub flushes: u64,
+    pub last_seq: u64,
+    pub open_segment: Option<String>,
+    pub open_segment_records: u64,
+    pub segments_waiting_seal: u64,
+    pub in_flight: u64,
+    pub journal_bytes: u64,
+    pub journal_segments: u64,
+    pub connections: u64,
+    pub errors: u64,
+    pub protocol_errors: u64,
+    pub seal_errors: u64,
+    /// Age of the oldest record no target has yet (0 when all is shipped).
+    pub rpo_ms: u64,
+    /// Sealed segments no target has yet.
+    pub backlog_segments: u64,
+    pub backlog_bytes: u64,
+    /// Each target the shipper has reported on.
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TargetStatus {
+    pub target: String,
+    pub url: String,
+    /// "up" or "failing", as the shipper last saw it.
+    pub state: String,
+    pub last_error: Option<String>,
+    pub backlog_segments: u64,
+    pub backlog_bytes: u64,
+    /// Age of the oldest record this target does not have yet.
+    pub lag_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub pid: u32,
+    pub last_seq: u64,
+    pub segment_size: u64,
+    pub segment_age_ms: u64,
+    pub disks: Vec<DiskStatus>,
+}
+
+/// A request, as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Mark { label: String },
+}
+
+/// What a MARK recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marked {
+    pub seq: u64,
+    pub ts_ns: u64,
+}
+
+/// A reply, as sent on the wire (`ok` plus the fields of one variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status { ok: bool, status: Box<Status> },
+    Marked { ok: bool, seq: u64, ts_ns: u64 },
+    Error { ok: bool, error: String },
+}
+
+impl Reply {
+    pub fn status(s: Status) -> Reply {
+        Reply::Status {
+            ok: true,
+            status: Box::new(s),
+        }
+    }
+
+    pub fn marked(m: Marked) -> Reply {
+        Reply::Marked {
+            ok: true,
+            seq: m.seq,
+            ts_ns: m.ts_ns,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply::Error {
+            ok: false,
+            error: message.into(),
+        }
+    }
+
+    /// The reply as one line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self)
+            .unwrap_or_else(|_| r#"{"ok":false,"error":"reply could not be encoded"}"#.to_string());
+        s.push('\n');
+        s
+    }
+}
+
+/// Parse one request line (server side).
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad request: {e}"))
+}
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// Nothing listens: cdpd is not running for this VM.
+    #[error(
+        "cdpd's control socket {path} does not answer ({source}): is the VM running with CDP?"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: unreadable reply: {message}")]
+    BadReply { path: PathBuf, message: String },
+    /// cdpd understood and said no.
+    #[error("cdpd refused: {message}")]
+    Refused { path: PathBuf, message: String },
+}
+
+impl ControlError {
+    /// May the same request succeed later (cdpd starting or busy)?
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ControlError::Connect { .. } | ControlError::Io { .. })
+    }
+}
+
+/// A client of one VM's control socket. Each call is one connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client with a 30 s timeout on every read and write.
+    pub fn new(sock: impl Into<PathBuf>) -> Client {
+        Client {
+            path: sock.into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn status(&self) -> Result<Status, ControlError> {
+        match self.call(&Request::Status)? {
+            Reply::Status { status, .. } => Ok(*status),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub fn mark(&self, label: &str) -> Result<Marked, ControlError> {
+        let req = Request::Mark {
+            label: label.to_string(),
+        };
+        match self.call(&req)? {
+            Reply::Marked { seq, ts_ns, .. } => Ok(Marked { seq, ts_ns }),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn unexpected(&self, r: &Reply) -> ControlError {
+        ControlError::BadReply {
+            path: self.path.clone(),
+            message: format!("a reply of the wrong kind: {r:?}"),
+        }
+    }
+
+    /// Send one request, read one reply; an `ok: false` reply is `Refused`.
+    pub fn call(&self, req: &Request) -> Result<Reply, ControlError> {
+        let io = |source| ControlError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut s = UnixStream::connect(&self.path).map_err(|source| ControlError::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let mut line = serde_json::to_string(req).map_err(|e| ControlError::BadReply {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        line.push('\n');
+        s.write_all(line.as_bytes()).map_err(io)?;
+        let mut reply = String::new();
+        BufReader::new(s.take(MAX_REPLY))
+            .read_line(&mut reply)
+            .map_err(io)?;
+        let r: Reply = serde_json::from_str(&reply).map_err(|e| ControlError::BadReply {
+            path: self.path.clone(),
+            message: format!("{e} in {:?}", truncate(&reply)),
+        })?;
+        match r {
+            Reply::Error { error, .. } => Err(ControlError::Refused {
+                path: self.path.clone(),
+                message: error,
+            }),
+            r => Ok(r),
+        }
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_keep_their_wire_form() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"mark","label":"x"}"#).unwrap(),
+            Request::Mark { label: "x".into() }
+        );
+        assert!(parse_request(r#"{"cmd":"mark"}"#).is_err());
+        assert_eq!(
+            Reply::marked(Marked { seq: 3, ts_ns: 4 }).to_line(),
+            "{\"ok\":true,\"seq\":3,\"ts_ns\":4}\n"
+        );
+        assert_eq!(
+            Reply::error("no").to_line(),
+            "{\"ok\":false,\"error\":\"no\"}\n"
+        );
+        let r: Reply = serde_json::from_str(r#"{"ok":false,"error":"e"}"#).unwrap();
+        assert_eq!(r, Reply::error("e"));
+    }
+
+    #[test]
+    fn client_against_a_one_shot_server() {
+        use std::os::unix::net::UnixListener;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("control.sock");
+        let l = UnixListener::bind(&p).unwrap();
+        let h = std::thread::spawn(move || {
+            for reply in [
+                Reply::marked(Marked { seq: 7, ts_ns: 9 }),
+                Reply::error("bad label"),
+            ] {
+                let (s, _) = l.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&s).read_line(&mut line).unwrap();
+                assert_eq!(
+                    parse_request(&line).unwrap(),
+                    Request::Mark { label: "m".into() }
+                );
+                (&s).write_all(reply.to_line().as_bytes()).unwrap();
+            }
+        });
+        let c = Client::new(&p);
+        assert_eq!(c.mark("m").unwrap(), Marked { seq: 7, ts_ns: 9 });
+        let e = c.mark("m").unwrap_err();
+        assert!(matches!(e, ControlError::Refused { ref message, .. } if message == "bad label"));
+        assert!(!e.is_transient());
+        h.join().unwrap();
+        let gone = Client::new(d.path().join("none.sock"))
+            .status()
+            .unwrap_err();
+        assert!(gone.is_transient(), "{gone}");
+    }
+}

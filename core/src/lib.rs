@@ -1,0 +1,30 @@
+//! cdp-core: the formats and host contracts every cdp process shares
+//! (docs/DESIGN.md). No threads, no servers, no signal handling: those
+//! belong to the processes (`cdpd`, `cdp-shipper`, `cdp-agent`, `cdpctl`,
+//! `cdp-qemu`).
+//!
+//! - [`nbd`]: the NBD codec and the newstyle handshake (pure code over
+//!   `Read + Write`).
+//! - [`journal`]: the journal's byte layout, segment files, replay and
+//!   start-up [`journal::recovery`].
+//! - [`session`]: recovery of a VM's journals and how its last capture
+//!   session ended (cdpd's start and cdp-agent's adoption).
+//! - [`layout`]: every path under the state and run directories.
+//! - [`config`]: `/etc/cdp/cdp.toml`, parsed once into typed values.
+//! - [`catalog`]: the SQLite catalog.
+//! - [`control`]: cdpd's control protocol and its client.
+//! - [`image`]: opening and OFD-locking a raw image.
+//! - [`names`], [`time`], [`proc`], [`notify`]: small shared contracts.
+
+pub mod catalog;
+pub mod config;
+pub mod control;
+pub mod image;
+pub mod journal;
+pub mod layout;
+pub mod names;
+pub mod nbd;
+pub mod notify;
+pub mod proc;
+pub mod session;
+pub mod time;
