@@ -315,7 +315,7 @@ async fn mark_failing_targets(
         let Some(t) = config.target.get(name) else {
             continue;
         };
-        let r = match cdp_repo::store::Store::open(&t.url, t.credentials_file.as_deref()) {
+        let r = match cdp_repo::store::Store::for_target(t) {
             Ok(s) => s.check().await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };

@@ -207,8 +207,7 @@ impl Agent {
                 };
                 let key = format!("retention {} {t}", vm.uuid);
                 let mut stop = self.stop.clone();
-                let r = match cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref())
-                {
+                let r = match cdp_repo::store::Store::for_target(tc) {
                     Ok(store) => tokio::select! {
                         r = cdp_repo::retention::apply(
                             &store, &vm.uuid, &retention, cdp_core::time::now_ns(), false,

@@ -11,6 +11,8 @@ use serde::Deserialize;
 use thiserror::Error;
 
 pub const DEFAULT_CONFIG: &str = "/etc/cdp/cdp.toml";
+/// The environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "CDP_CONFIG";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cdp";
 pub const DEFAULT_RUN_DIR: &str = "/run/cdp";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
@@ -153,10 +155,15 @@ impl Default for JournalSettings {
 }
 
 impl Config {
-    /// Load `explicit`, or the default path if it exists, or built-in defaults.
+    /// Load `explicit` (`--config`), else the file named by `$CDP_CONFIG`
+    /// (which must exist), else the default path if it exists, else
+    /// built-in defaults. `CDP_CONFIG` lets a test harness (or a second
+    /// installation) keep every program away from `/etc/cdp/cdp.toml`.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty());
         match explicit {
             Some(p) => Self::load_file(p),
+            None if from_env.is_some() => Self::load_file(Path::new(&from_env.unwrap_or_default())),
             None if Path::new(DEFAULT_CONFIG).exists() => {
                 Self::load_file(Path::new(DEFAULT_CONFIG))
             }

@@ -199,6 +199,11 @@ impl Store {
     /// never from the URL. Unknown query keys are an error. Opening does no
     /// I/O on S3 (see [`Store::check`]); a `file://` root must be an existing
     /// directory.
+    /// Open a configured target (`[target.NAME]`: its URL and credentials file).
+    pub fn for_target(t: &cdp_core::config::Target) -> Result<Store, StoreError> {
+        Store::open(&t.url, t.credentials_file.as_deref())
+    }
+
     pub fn open(url: &str, credentials_file: Option<&Path>) -> Result<Store, StoreError> {
         let config = |message: String| StoreError::Config {
             url: url.to_string(),

@@ -88,8 +88,7 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
             Some(d) => cdp_core::config::parse_duration(d).map_err(anyhow::Error::msg)?,
             None => Duration::ZERO,
         };
-        let store = Store::open(&t.url, t.credentials_file.as_deref())
-            .with_context(|| format!("target {name} ({})", t.url))?;
+        let store = Store::for_target(t).with_context(|| format!("target {name} ({})", t.url))?;
         store
             .check()
             .await

@@ -205,7 +205,7 @@ pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     for t in &targets {
         let tc = &config.target[t];
-        let store = match cdp_repo::store::Store::open(&tc.url, tc.credentials_file.as_deref()) {
+        let store = match cdp_repo::store::Store::for_target(tc) {
             Ok(s) => s,
             Err(e) => {
                 // A missing file:// directory is created by the hook at start.

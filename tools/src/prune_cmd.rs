@@ -80,8 +80,7 @@ pub fn run(ctx: &Ctx, g: &Global, a: &PruneArgs) -> Result<()> {
     let mut reports = Vec::new();
     for name in &targets {
         let t = &config.target[name];
-        let store = Store::open(&t.url, t.credentials_file.as_deref())
-            .with_context(|| format!("target {name} ({})", t.url))?;
+        let store = Store::for_target(t).with_context(|| format!("target {name} ({})", t.url))?;
         let r = rt.block_on(async {
             let vm = crate::restore_cmd::resolve_vm(ctx, &store, &a.vm).await?;
             let opts = retention::Options {

@@ -78,8 +78,7 @@ pub fn open_repo(g: &Global, a: &RepoArgs) -> Result<Store> {
         bail!("policy {} has no targets: give --repo", a.policy);
     };
     let t = &config.target[name];
-    Store::open(&t.url, t.credentials_file.as_deref())
-        .with_context(|| format!("target {name} ({})", t.url))
+    Store::for_target(t).with_context(|| format!("target {name} ({})", t.url))
 }
 
 /// Resolve a VM by UUID, by the host catalog, or by the repository's vm.json files.
