@@ -1,4 +1,4 @@
-//! cdp-agent: the host-wide service (DESIGN.md §1).
+//! cdp-agent: the host-wide service (docs/DESIGN.md, "Processes").
 //!
 //! - **Adoption** ([`adopt`]): ships the journals nobody ships, those of VMs
 //!   that stopped or whose shipper died. One VM at a time, under the VM's

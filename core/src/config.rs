@@ -1,4 +1,4 @@
-//! `/etc/cdp/cdp.toml`: paths, targets and policies (DESIGN.md §7).
+//! `/etc/cdp/cdp.toml`: paths, targets and policies (docs/DESIGN.md, "Configuration").
 //!
 //! Unknown keys are errors everywhere. A missing file at the default path
 //! means built-in defaults; a missing file named with `--config` is an error.

@@ -1,4 +1,4 @@
-//! The libvirt domain XML: name, UUID, disks, and the CDP keys (DESIGN.md §7).
+//! The libvirt domain XML: name, UUID, disks, and the CDP keys (docs/DESIGN.md, "VM config keys").
 //!
 //! ```xml
 //! <metadata>

@@ -1,4 +1,4 @@
-//! cdp-qemu, the QEMU launch wrapper (DESIGN.md §1): used as a VM's
+//! cdp-qemu, the QEMU launch wrapper (docs/DESIGN.md, "Processes"): used as a VM's
 //! emulator, it reads the VM's CDP keys, starts the capture daemon and the
 //! shipper, waits until every disk socket listens, rewrites the tagged disks
 //! to NBD and becomes QEMU (same PID).

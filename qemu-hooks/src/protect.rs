@@ -2,7 +2,7 @@
 //! (pure: text in, text out).
 //!
 //! Protecting a VM is two changes to its definition: the CDP metadata keys
-//! (DESIGN.md §7) and the emulator, which becomes cdp-qemu. The emulator
+//! (docs/DESIGN.md, "VM config keys") and the emulator, which becomes cdp-qemu. The emulator
 //! the domain had is remembered in the keys (`emulator="…"`), so cdp-qemu
 //! knows what to exec and `unprotect` can put it back.
 //!

@@ -1,5 +1,5 @@
 //! Instant recovery: a restore [`Plan`] served as a read-only NBD export,
-//! without materialising the image first (DESIGN.md §5).
+//! without materialising the image first (docs/DESIGN.md, "Restore").
 //!
 //! Every read is answered from the plan's extent map on demand:
 //! - journal extents from the records they come from, each record's CRC

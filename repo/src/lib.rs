@@ -1,4 +1,4 @@
-//! The remote repository `cdp/v1/` (DESIGN.md §4): where journal segments,
+//! The remote repository `cdp/v1/` (docs/DESIGN.md, "Repository"): where journal segments,
 //! baselines and VM definitions live off the host.
 //!
 //! - [`store`]: the storage backends behind one small interface (S3-compatible

@@ -1,6 +1,6 @@
 //! Baselines: the whole disk as content-addressed chunks.
 //!
-//! Taken online without pausing the guest ("fuzzy", DESIGN.md §4): the scan
+//! Taken online without pausing the guest ("fuzzy", docs/DESIGN.md, "Baselines"): the scan
 //! starts after seq s0 and ends at s1. Every byte the guest changes during
 //! the scan has a journal record with seq > s0, so the baseline replayed with
 //! the journal after s0 is exact for every point at or after s1. Holes are
