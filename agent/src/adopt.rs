@@ -162,8 +162,7 @@ pub fn needs_shipping(
         let delay = config
             .target
             .get(t)
-            .and_then(|t| t.delay.as_deref())
-            .and_then(|d| cdp_core::config::parse_duration(d).ok())
+            .and_then(|t| t.delay)
             .unwrap_or_default();
         let cutoff = now.saturating_sub(delay.as_nanos() as u64);
         if cat.unshipped(vm, t)?.iter().any(|s| s.last_ts_ns <= cutoff) {

@@ -26,8 +26,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// Bad TOML, an unknown key, or a value of the wrong form (the message
+    /// names the line and the key).
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -44,7 +50,8 @@ pub struct Paths {
 pub struct Target {
     pub url: String,
     /// A copy that deliberately lags, e.g. "1h".
-    pub delay: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub delay: Option<Duration>,
     /// File holding S3 credentials (never on the command line).
     pub credentials_file: Option<PathBuf>,
 }
@@ -56,9 +63,11 @@ pub struct Policy {
     #[serde(default)]
     pub targets: Vec<String>,
     /// Seal a journal segment at this size, e.g. "64MiB".
-    pub segment_size: Option<String>,
+    #[serde(default, deserialize_with = "opt_size")]
+    pub segment_size: Option<u64>,
     /// Seal a journal segment at this age, e.g. "1s" (bounds the RPO).
-    pub segment_age: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub segment_age: Option<Duration>,
     /// What the repository keeps (absent: everything, forever).
     pub retention: Option<RetentionConfig>,
 }
@@ -69,7 +78,8 @@ pub struct Policy {
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Every write restorable for this long, e.g. "24h".
-    pub any_point: String,
+    #[serde(deserialize_with = "duration")]
+    pub any_point: Duration,
     /// Thinned tiers, e.g. `[{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]`.
     #[serde(default)]
     pub thin: Vec<ThinConfig>,
@@ -79,9 +89,11 @@ pub struct RetentionConfig {
 #[serde(deny_unknown_fields)]
 pub struct ThinConfig {
     /// One point per this interval ("1h": the state at each full hour).
-    pub every: String,
+    #[serde(deserialize_with = "duration")]
+    pub every: Duration,
     /// Kept for this long, counted from now (must exceed `any_point`).
-    pub keep: String,
+    #[serde(deserialize_with = "duration")]
+    pub keep: Duration,
 }
 
 /// Retention resolved from a policy.
@@ -99,9 +111,11 @@ pub struct AgentConfig {
     /// Prometheus metrics on this address, e.g. "127.0.0.1:9650"; "" turns them off.
     pub metrics_listen: Option<String>,
     /// How often to look for journals nobody ships, e.g. "10s".
-    pub scan_interval: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub scan_interval: Option<Duration>,
     /// How often to apply retention, e.g. "1h".
-    pub retention_interval: Option<String>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub retention_interval: Option<Duration>,
 }
 
 /// `[libvirt]`: what the libvirt hook needs.
@@ -176,17 +190,19 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut c = Self::parse(&text).map_err(|message| ConfigError::Parse {
+        let mut c = Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            message,
+            source,
         })?;
         c.source = Some(path.to_path_buf());
         c.validate()?;
         Ok(c)
     }
 
-    pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    /// Parse TOML text: syntax, unknown keys and every duration and size are
+    /// checked here; cross-references are checked by [`Config::validate`].
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
     }
 
     fn invalid(&self, message: String) -> ConfigError {
@@ -203,9 +219,6 @@ impl Config {
                     "target.{name}.url = {:?}: use file:///path or s3://bucket/prefix?endpoint=…",
                     t.url
                 )));
-            }
-            if let Some(d) = &t.delay {
-                parse_duration(d).map_err(|e| self.invalid(format!("target.{name}.delay: {e}")))?;
             }
         }
         for (name, p) in &self.policy {
@@ -226,14 +239,6 @@ impl Config {
                 )));
             }
         }
-        for (key, v) in [
-            ("scan_interval", &self.agent.scan_interval),
-            ("retention_interval", &self.agent.retention_interval),
-        ] {
-            if let Some(v) = v {
-                parse_duration(v).map_err(|e| self.invalid(format!("agent.{key}: {e}")))?;
-            }
-        }
         Ok(())
     }
 
@@ -243,15 +248,11 @@ impl Config {
             return Ok(None);
         };
         let key = |k: &str| format!("policy.{policy}.retention.{k}");
-        let any_point = parse_duration(&r.any_point)
-            .map_err(|e| self.invalid(format!("{}: {e}", key("any_point"))))?;
+        let any_point = r.any_point;
         let mut thin = Vec::new();
         let mut reach = any_point;
         for (i, t) in r.thin.iter().enumerate() {
-            let every = parse_duration(&t.every)
-                .map_err(|e| self.invalid(format!("{}: {e}", key(&format!("thin[{i}].every")))))?;
-            let keep = parse_duration(&t.keep)
-                .map_err(|e| self.invalid(format!("{}: {e}", key(&format!("thin[{i}].keep")))))?;
+            let (every, keep) = (t.every, t.keep);
             if every.is_zero() {
                 return Err(self.invalid(format!(
                     "{}: must be more than 0",
@@ -260,9 +261,9 @@ impl Config {
             }
             if keep <= reach {
                 return Err(self.invalid(format!(
-                    "{}: {:?} keeps nothing: it must be longer than the tier before it ({})",
+                    "{}: {} keeps nothing: it must be longer than the tier before it ({})",
                     key(&format!("thin[{i}].keep")),
-                    t.keep,
+                    humantime::format_duration(keep),
                     humantime::format_duration(reach)
                 )));
             }
@@ -281,18 +282,12 @@ impl Config {
     }
 
     pub fn scan_interval(&self) -> Duration {
-        self.agent
-            .scan_interval
-            .as_deref()
-            .and_then(|v| parse_duration(v).ok())
-            .unwrap_or(DEFAULT_SCAN_INTERVAL)
+        self.agent.scan_interval.unwrap_or(DEFAULT_SCAN_INTERVAL)
     }
 
     pub fn retention_interval(&self) -> Duration {
         self.agent
             .retention_interval
-            .as_deref()
-            .and_then(|v| parse_duration(v).ok())
             .unwrap_or(DEFAULT_RETENTION_INTERVAL)
     }
 
@@ -321,26 +316,35 @@ impl Config {
                 self.policy.keys().collect::<Vec<_>>()
             )));
         };
-        if let Some(v) = &p.segment_size {
-            s.segment_size = parse_size(v)
-                .map_err(|e| self.invalid(format!("policy.{policy}.segment_size: {e}")))?;
-        }
-        if let Some(v) = &p.segment_age {
-            s.segment_age = parse_duration(v)
-                .map_err(|e| self.invalid(format!("policy.{policy}.segment_age: {e}")))?;
-        }
+        s.segment_size = p.segment_size.unwrap_or(s.segment_size);
+        s.segment_age = p.segment_age.unwrap_or(s.segment_age);
         Ok(s)
     }
 }
 
+/// A size or duration that does not parse.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ValueError {
+    #[error("{0:?} is not a size (examples: 4096, 64MiB, 1GiB)")]
+    NotASize(String),
+    #[error("unknown size unit {unit:?} in {value:?} (use KiB, MiB, GiB)")]
+    SizeUnit { value: String, unit: String },
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+    #[error("{value:?} is not a duration ({source}; examples: 500ms, 1s, 1h)")]
+    NotADuration {
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+}
+
 /// Parse "64MiB", "1G", "4096".
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 64MiB, 1GiB)"))?;
+    let n: u64 = num.parse().map_err(|_| ValueError::NotASize(s.into()))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "k" => 1 << 10,
@@ -351,19 +355,37 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB)"
-            ))
+            return Err(ValueError::SizeUnit {
+                value: s.into(),
+                unit: other.into(),
+            })
         }
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+        .ok_or_else(|| ValueError::TooLarge(s.into()))
 }
 
 /// Parse "1s", "200ms", "1h".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}; examples: 500ms, 1s, 1h)"))
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+    humantime::parse_duration(s.trim()).map_err(|source| ValueError::NotADuration {
+        value: s.into(),
+        source,
+    })
+}
+
+/// `deserialize_with` for a duration key: the TOML error then names the key and line.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_size(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -398,7 +420,7 @@ targets = ["primary", "offsite"]
     #[test]
     fn unknown_keys_are_errors() {
         let e = Config::parse("[paths]\nstate_dri = \"/x\"\n").unwrap_err();
-        assert!(e.contains("unknown field"), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
         assert!(Config::parse("[nope]\n").is_err());
         assert!(Config::parse("[policy.a]\nsegmnet_size = \"1M\"\n").is_err());
     }
@@ -407,8 +429,6 @@ targets = ["primary", "offsite"]
     fn bad_values_are_errors() {
         let c = Config::parse("[policy.default]\ntargets = [\"x\"]\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("[target.x]"));
-        let c = Config::parse("[policy.default]\nsegment_size = \"12 parsecs\"\n").unwrap();
-        assert!(c.validate().is_err());
         let c = Config::parse("[target.t]\nurl = \"ftp://x\"\n").unwrap();
         assert!(c.validate().is_err());
         assert!(Config::default().journal_settings("gold").is_err());
@@ -452,6 +472,91 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
             Config::parse("[policy.default.retention]\nany_point = \"1h\"\nhourly = \"1d\"\n")
                 .is_err()
         );
+    }
+
+    /// A bad duration or size fails at parse, naming the key and the value.
+    #[test]
+    fn bad_durations_and_sizes_fail_at_parse_naming_the_key() {
+        for (text, key, value) in [
+            ("[policy.default]\nsegment_size = \"12 parsecs\"\n", "segment_size", "12 parsecs"),
+            ("[policy.default]\nsegment_age = \"soon\"\n", "segment_age", "soon"),
+            ("[target.t]\nurl = \"file:///r\"\ndelay = \"1 fortnight\"\n", "delay", "1 fortnight"),
+            ("[agent]\nscan_interval = \"often\"\n", "scan_interval", "often"),
+            ("[agent]\nretention_interval = \"-1h\"\n", "retention_interval", "-1h"),
+            ("[policy.p.retention]\nany_point = \"a day\"\n", "any_point", "a day"),
+            (
+                "[policy.p.retention]\nany_point = \"1h\"\nthin = [{ every = \"x\", keep = \"1d\" }]\n",
+                "every",
+                "x",
+            ),
+        ] {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(value), "{text}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cdp.toml");
+        std::fs::write(&p, "[agent]\nscan_interval = \"often\"\n").unwrap();
+        let e = Config::load_file(&p).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("cdp.toml"), "{e}");
+    }
+
+    #[test]
+    fn typed_values_and_defaults() {
+        let c = Config::parse(
+            "[target.t]\nurl = \"file:///r\"\ndelay = \"90s\"\n[policy.default]\nsegment_size = \"1MiB\"\nsegment_age = \"250ms\"\n[agent]\nretention_interval = \"2h\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.target["t"].delay, Some(Duration::from_secs(90)));
+        assert_eq!(
+            c.journal_settings("default").unwrap(),
+            JournalSettings {
+                segment_size: 1 << 20,
+                segment_age: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(c.retention_interval(), Duration::from_secs(7200));
+        assert_eq!(c.scan_interval(), DEFAULT_SCAN_INTERVAL);
+        let d = Config::default();
+        assert_eq!(d.retention_interval(), DEFAULT_RETENTION_INTERVAL);
+        assert_eq!(d.metrics_listen(), DEFAULT_METRICS_LISTEN.parse().ok());
+        let off = Config::parse("[agent]\nmetrics_listen = \"\"\n").unwrap();
+        assert_eq!(off.metrics_listen(), None);
+    }
+
+    #[test]
+    fn zero_thinning_interval_is_refused() {
+        let c = Config::parse(
+            "[policy.default.retention]\nany_point = \"1h\"\nthin = [{ every = \"0s\", keep = \"1d\" }]\n",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("thin[0].every") && e.contains("more than 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn value_errors() {
+        assert!(matches!(parse_size("x"), Err(ValueError::NotASize(_))));
+        assert!(
+            matches!(parse_size("3 parsecs"), Err(ValueError::SizeUnit { unit, .. }) if unit == "parsecs")
+        );
+        assert!(matches!(
+            parse_size("99999999999999T"),
+            Err(ValueError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_duration("soon"),
+            Err(ValueError::NotADuration { .. })
+        ));
+        assert_eq!(
+            parse_duration(" 200ms ").unwrap(),
+            Duration::from_millis(200)
+        );
+        assert_eq!(parse_size("2kB").unwrap(), 2000);
     }
 
     #[test]
