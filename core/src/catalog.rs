@@ -199,7 +199,7 @@ impl Catalog {
     /// created never locks the QEMU user out.
     fn give_to_dir_owner(&self, state_dir: &Path) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             return Ok(());
         }
         let dir = std::fs::metadata(state_dir).map_err(|source| CatalogError::Io {
@@ -519,6 +519,18 @@ pub struct TargetRow {
     pub updated_ns: u64,
 }
 
+/// One segment received by one target: a `shipments` row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shipment<'a> {
+    pub disk: &'a str,
+    pub first_seq: u64,
+    pub target: &'a str,
+    /// The object's key in the target's repository.
+    pub key: &'a str,
+    pub object_bytes: u64,
+    pub shipped_ns: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BaselineRow {
     pub disk: String,
@@ -577,22 +589,22 @@ impl Catalog {
             .map_err(self.err())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_shipment(
-        &self,
-        vm: &str,
-        disk: &str,
-        first_seq: u64,
-        target: &str,
-        key: &str,
-        object_bytes: u64,
-        now_ns: u64,
-    ) -> Result<()> {
+    /// Record that `s.target` holds segment `s.first_seq` of `s.disk` (a
+    /// second record of the same shipment is ignored).
+    pub fn record_shipment(&self, vm: &str, s: &Shipment<'_>) -> Result<()> {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO shipments(vm_uuid, disk, first_seq, target, key, shipped_ns, object_bytes)
                  VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![vm, disk, first_seq as i64, target, key, now_ns as i64, object_bytes as i64],
+                params![
+                    vm,
+                    s.disk,
+                    s.first_seq as i64,
+                    s.target,
+                    s.key,
+                    s.shipped_ns as i64,
+                    s.object_bytes as i64
+                ],
             )
             .map_err(self.err())?;
         Ok(())
@@ -753,33 +765,22 @@ impl Catalog {
             .map_err(self.err())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_baseline(
-        &self,
-        vm: &str,
-        disk: &str,
-        target: &str,
-        s0: u64,
-        s1: u64,
-        key: &str,
-        created_ns: u64,
-        chunks_total: u64,
-        chunks_uploaded: u64,
-    ) -> Result<()> {
+    /// Record (or replace) a baseline of `b.disk` on `b.target`.
+    pub fn add_baseline(&self, vm: &str, b: &BaselineRow) -> Result<()> {
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO baselines(vm_uuid, disk, target, s0, s1, key, created_ns, chunks_total, chunks_uploaded)
                  VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     vm,
-                    disk,
-                    target,
-                    s0 as i64,
-                    s1 as i64,
-                    key,
-                    created_ns as i64,
-                    chunks_total as i64,
-                    chunks_uploaded as i64
+                    b.disk,
+                    b.target,
+                    b.s0 as i64,
+                    b.s1 as i64,
+                    b.key,
+                    b.created_ns as i64,
+                    b.chunks_total as i64,
+                    b.chunks_uploaded as i64
                 ],
             )
             .map_err(self.err())?;
@@ -894,9 +895,8 @@ mod tests {
     #[test]
     fn root_hands_the_catalog_to_the_state_dir_owner() {
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+        assert!(
+            nix::unistd::geteuid().is_root(),
             "this test needs root (chown)"
         );
         let dir = tempfile::tempdir().unwrap();
@@ -983,5 +983,91 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    fn sealed(first_seq: u64, last_ts_ns: u64) -> SealedSegment {
+        SealedSegment {
+            path: format!("/j/{first_seq}").into(),
+            first_seq,
+            last_seq: first_seq + 9,
+            first_ts_ns: last_ts_ns - 1,
+            last_ts_ns,
+            records: 10,
+            record_base: first_seq,
+            size_bytes: 1000,
+        }
+    }
+
+    /// Shipments decide what is unshipped, fully shipped, in the backlog and
+    /// unprotected; a repeated shipment record is ignored; trimmed segments
+    /// leave every local list.
+    #[test]
+    fn shipments_drive_unshipped_and_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        c.upsert_vm("u1", "web").unwrap();
+        c.put_segment("u1", "vda", &sealed(1, 100), true).unwrap();
+        c.put_segment("u1", "vda", &sealed(11, 200), true).unwrap();
+        c.put_segment("u1", "vda", &sealed(21, 300), false).unwrap();
+        let firsts = |v: Vec<SegmentRow>| v.iter().map(|s| s.first_seq).collect::<Vec<_>>();
+        assert_eq!(firsts(c.unshipped("u1", "a").unwrap()), [1, 11]);
+        assert_eq!(c.backlog("u1", "vda", "a").unwrap(), (2, 2000, Some(99)));
+        assert_eq!(c.unprotected("u1", "vda").unwrap(), (2, 2000, Some(99)));
+        let ship = |target, first_seq| Shipment {
+            disk: "vda",
+            first_seq,
+            target,
+            key: "k",
+            object_bytes: 500,
+            shipped_ns: 7,
+        };
+        c.record_shipment("u1", &ship("a", 1)).unwrap();
+        c.record_shipment("u1", &ship("a", 1)).unwrap();
+        c.record_shipment("u1", &ship("b", 11)).unwrap();
+        assert_eq!(firsts(c.unshipped("u1", "a").unwrap()), [11]);
+        assert_eq!(firsts(c.unshipped("u1", "b").unwrap()), [1]);
+        assert_eq!(c.backlog("u1", "vda", "a").unwrap(), (1, 1000, Some(199)));
+        assert_eq!(c.unprotected("u1", "vda").unwrap(), (0, 0, None));
+        let ab = ["a".to_string(), "b".to_string()];
+        assert!(c.fully_shipped("u1", &ab).unwrap().is_empty());
+        c.record_shipment("u1", &ship("b", 1)).unwrap();
+        assert_eq!(firsts(c.fully_shipped("u1", &ab).unwrap()), [1]);
+        assert_eq!(
+            c.shipped_bytes("u1").unwrap(),
+            [("a".to_string(), 500), ("b".to_string(), 1000)]
+        );
+        c.set_trimmed("u1", "vda", 1).unwrap();
+        assert!(c.fully_shipped("u1", &ab).unwrap().is_empty());
+        assert_eq!(firsts(c.local_segments("u1").unwrap()), [11, 21]);
+        // The chain continues after trimmed segments.
+        assert_eq!(c.next_record_base("u1", "vda").unwrap(), 31);
+    }
+
+    #[test]
+    fn baselines_are_replaced_by_key_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        c.upsert_vm("u1", "web").unwrap();
+        let mut b = BaselineRow {
+            disk: "vda".into(),
+            target: "a".into(),
+            s0: 0,
+            s1: 10,
+            key: "baselines/x".into(),
+            created_ns: 5,
+            chunks_total: 4,
+            chunks_uploaded: 1,
+        };
+        c.add_baseline("u1", &b).unwrap();
+        b.chunks_uploaded = 4;
+        c.add_baseline("u1", &b).unwrap();
+        assert_eq!(c.baselines("u1").unwrap(), [b.clone()]);
+        let later = BaselineRow {
+            s1: 20,
+            ..b.clone()
+        };
+        c.add_baseline("u1", &later).unwrap();
+        assert_eq!(c.baselines("u1").unwrap(), [b, later]);
+        assert!(c.baselines("u2").unwrap().is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! Opening a protected disk image: raw file or block device, locked.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -66,11 +66,10 @@ pub fn open(path: &Path) -> Result<Image, ImageError> {
         _ => io_err("lock", e),
     })?;
     let size = if block_device {
-        let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-        if r < 0 {
-            return Err(io_err("size", io::Error::last_os_error()));
-        }
-        r as u64
+        // A block device's size is where its end is (its metadata says 0).
+        (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| io_err("size", e))?
     } else {
         md.len()
     };
@@ -81,18 +80,19 @@ pub fn open(path: &Path) -> Result<Image, ImageError> {
     })
 }
 
+/// An exclusive OFD lock on the whole file (`l_len` 0: to the end, however
+/// it grows), refused at once if anyone holds a conflicting one.
 fn lock(file: &File) -> io::Result<()> {
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0;
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        // OFD locks require l_pid = 0.
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -113,5 +113,41 @@ mod tests {
             open(dir.path()),
             Err(ImageError::Open { .. }) | Err(ImageError::NotADisk { .. })
         ));
+    }
+
+    #[test]
+    fn missing_image_names_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.img");
+        let e = open(&p).err().expect("a missing image must not open");
+        assert!(matches!(e, ImageError::Open { .. }), "{e}");
+        assert!(e.to_string().contains("none.img"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_is_not_a_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Opened read-write, a FIFO does not block.
+        assert!(matches!(open(&p), Err(ImageError::NotADisk { .. })));
+    }
+
+    /// The lock is an OFD lock: a second descriptor in the same process
+    /// conflicts (a classic POSIX lock would not), which is what keeps two
+    /// exports in one process apart as well.
+    #[test]
+    fn lock_conflicts_within_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        File::create(&p).unwrap().set_len(4096).unwrap();
+        let a = File::options().read(true).write(true).open(&p).unwrap();
+        let b = File::options().read(true).write(true).open(&p).unwrap();
+        lock(&a).unwrap();
+        let e = lock(&b).unwrap_err();
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)),
+            "{e}"
+        );
     }
 }
