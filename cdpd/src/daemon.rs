@@ -3,13 +3,17 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use nix::sys::socket::{shutdown, Shutdown};
+use nix::sys::stat::{umask, Mode};
 
 use thiserror::Error;
 
@@ -23,7 +27,7 @@ use cdp_core::proc::{die_with_parent, notify_ready};
 use cdp_core::session::{self, DiskImage, PreviousEnd};
 use cdp_core::time::now_ns;
 
-use crate::capture::{self, DiskSetup, Vm};
+use crate::capture::{self, DiskSetup, SyncJob, Vm, VmSetup};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -102,220 +106,53 @@ struct Conns {
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// What recovery leaves for the session to start from.
+struct Recovery {
+    setup: VmSetup,
+    boot_id: String,
+    prev: PreviousEnd,
+    redone: u64,
+    torn: u64,
+    chain_breaks: Vec<String>,
+}
+
+/// Threads that do not need the sockets.
+struct Workers {
+    sealer: JoinHandle<()>,
+    syncers: Vec<JoinHandle<()>>,
+}
+
+/// The sockets and the threads serving them.
+struct Listening {
+    listeners: Vec<PathBuf>,
+    listen_fds: Vec<UnixListener>,
+    acceptors: Vec<JoinHandle<()>>,
+    control: JoinHandle<()>,
+    control_path: PathBuf,
+    conns: Arc<Conns>,
+}
+
 impl Daemon {
     /// Recover, record the session, listen. When this returns Ok, every
     /// socket listens and the caller may report READY.
     pub fn start(opts: &RunOptions) -> Result<Daemon, DaemonError> {
-        let uuid = names::check_uuid(&opts.vm_uuid)?;
-        let uuid_str = uuid.hyphenated().to_string();
-        names::check_vm_name(&opts.vm_name)?;
-        if opts.disks.is_empty() {
-            return Err(DaemonError::NoDisk);
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (d, _) in &opts.disks {
-            names::check_disk(d)?;
-            if !seen.insert(d.clone()) {
-                return Err(DaemonError::DuplicateDisk(d.clone()));
-            }
-        }
-        let boot_id =
-            cdp_core::time::boot_id(&opts.boot_id_file).map_err(|source| DaemonError::BootId {
-                path: opts.boot_id_file.clone(),
-                source,
-            })?;
-        // Sockets and journal files: owner only.
-        unsafe { libc::umask(0o077) };
-
-        let catalog = Catalog::open(&opts.state_dir)?;
-        catalog.upsert_vm(&uuid_str, &opts.vm_name)?;
-        catalog.set_vm_policy(&uuid_str, &opts.policy)?;
-
-        let state = StateDir::new(&opts.state_dir);
-        let mut images = Vec::new();
-        for (name, path) in &opts.disks {
-            let img = image::open(path)?;
-            catalog.upsert_disk(&uuid_str, name, path, img.size)?;
-            images.push(img);
-        }
-        let disk_images: Vec<DiskImage> = opts
-            .disks
-            .iter()
-            .zip(&images)
-            .map(|((disk, path), img)| DiskImage {
-                disk,
-                path,
-                file: &img.file,
-            })
-            .collect();
-        let recovered = session::recover_journals(&catalog, &state, &uuid, &disk_images)?;
-        drop(disk_images);
-        let mut setups = Vec::new();
-        for (((name, path), img), rec) in opts.disks.iter().zip(images).zip(&recovered.disks) {
-            let next_base = rec
-                .next_base
-                .max(catalog.next_record_base(&uuid_str, name)?);
-            setups.push(DiskSetup {
-                name: name.clone(),
-                path: path.clone(),
-                image: img,
-                journal_dir: state.journal(&uuid_str, name),
-                next_base,
-                last_seq: rec.last_seq,
-            });
-        }
-        let (cat_seq, cat_ts) = catalog.last_seq(&uuid_str)?;
-        let last_seq = recovered.last_seq().max(cat_seq);
-        let last_ts = recovered.last_ts_ns().max(cat_ts);
-        let last = catalog.last_session(&uuid_str)?;
-        let prev = recovered.previous_end(last.as_ref(), &boot_id);
-        session::end_open_session(&catalog, last.as_ref(), prev)?;
-        let redone = recovered.redone();
-        let torn = recovered.torn_bytes();
-        let breaks = recovered.chain_breaks();
-
-        let (vm, rxs) = Vm::new(
-            uuid,
-            opts.vm_name.clone(),
-            setups,
-            opts.settings,
-            catalog,
-            opts.state_dir.clone(),
-            opts.run_dir.clone(),
-            last_seq,
-            last_ts,
-        );
-        let jerr = |e| io_err("writing the journal under", &opts.state_dir)(e);
-        let (start_seq, _) = vm
-            .append_to_all(
-                Kind::SessionStart,
-                &serde_json::json!({
-                    "boot_id": boot_id,
-                    "pid": vm.pid,
-                    "previous_end": prev.as_str(),
-                    "redone_records": redone,
-                    "torn_bytes": torn,
-                    "version": env!("CARGO_PKG_VERSION"),
-                }),
-            )
-            .map_err(jerr)?;
-        let mut gap_reasons = Vec::new();
-        if prev == PreviousEnd::PowerLoss {
-            gap_reasons.push(format!(
-                "the host rebooted (boot id now {boot_id}) after capture ended uncleanly: \
-                 writes acknowledged before the reboot may be missing from the journal or the image; \
-                 a new baseline is needed"
-            ));
-        }
-        for b in breaks {
-            gap_reasons.push(format!("journal chain broken: {b}"));
-        }
-        // Gaps a tool recorded while the VM was stopped (in-place restore):
-        // already in the catalog, journaled now.
-        let pending: Vec<String> = vm
-            .catalog
-            .lock()
-            .unwrap()
-            .gaps_after(&uuid_str, last_seq)?
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
-        for reason in gap_reasons {
-            let (seq, ts) = vm
-                .append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
-                .map_err(jerr)?;
-            let cat = vm.catalog.lock().unwrap();
-            for d in &vm.disks {
-                cat.add_gap(&uuid_str, &d.name, seq, ts, &reason)?;
-            }
-        }
-        for reason in pending {
-            vm.append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
-                .map_err(jerr)?;
-        }
-        vm.sync_open_segments().map_err(jerr)?;
-        {
-            let cat = vm.catalog.lock().unwrap();
-            let id = cat.start_session(
-                &uuid_str,
-                &boot_id,
-                vm.pid,
-                now_ns(),
-                start_seq,
-                prev.as_str(),
-            )?;
-            *vm.session_id.lock().unwrap() = id;
-        }
-
-        // Threads that do not need the sockets.
-        let mut syncers = Vec::new();
-        for (d, rx) in vm.disks.iter().zip(rxs) {
-            let d = d.clone();
-            syncers.push(
-                std::thread::Builder::new()
-                    .name(format!("sync-{}", d.name))
-                    .spawn(move || Vm::sync_loop(&d, rx))
-                    .expect("spawn"),
-            );
-        }
-        let sealer = {
-            let vm = vm.clone();
-            std::thread::Builder::new()
-                .name("sealer".into())
-                .spawn(move || vm.sealer_loop())
-                .expect("spawn")
-        };
-
-        // Sockets.
-        let dir = RunDir::new(&opts.run_dir)
-            .vm(&uuid_str)
-            .path()
-            .to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(io_err("creating run directory", &dir))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err("setting permissions of", &dir))?;
-        let conns = Arc::new(Conns::default());
-        let mut listeners = Vec::new();
-        let mut listen_fds = Vec::new();
-        let mut acceptors = Vec::new();
-        for d in &vm.disks {
-            let path = vm.socket_path(&d.name);
-            let l = bind(&path)?;
-            listen_fds.push(l.try_clone().map_err(io_err("cloning socket", &path))?);
-            listeners.push(path);
-            let (vm, d, conns) = (vm.clone(), d.clone(), conns.clone());
-            acceptors.push(
-                std::thread::Builder::new()
-                    .name(format!("accept-{}", d.name))
-                    .spawn(move || accept_loop(&vm, d, l, conns))
-                    .expect("spawn"),
-            );
-        }
-        let control_path = RunDir::new(&opts.run_dir).vm(&uuid_str).control_socket();
-        let cl = bind(&control_path)?;
-        listen_fds.push(
-            cl.try_clone()
-                .map_err(io_err("cloning socket", &control_path))?,
-        );
-        let control = {
-            let vm = vm.clone();
-            std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || vm.control_loop(cl))
-                .expect("spawn")
-        };
+        let rec = recover(opts)?;
+        let (prev, redone) = (rec.prev, rec.redone);
+        let (vm, rxs) = record_session(opts, rec)?;
+        let workers = spawn_workers(&vm, rxs);
+        let l = listen(&vm, opts)?;
         Ok(Daemon {
             vm,
             previous_end: prev,
             redone,
-            listeners,
-            listen_fds,
-            acceptors,
-            control: Some(control),
-            control_path,
-            sealer: Some(sealer),
-            syncers,
-            conns,
+            listeners: l.listeners,
+            listen_fds: l.listen_fds,
+            acceptors: l.acceptors,
+            control: Some(l.control),
+            control_path: l.control_path,
+            sealer: Some(workers.sealer),
+            syncers: workers.syncers,
+            conns: l.conns,
         })
     }
 
@@ -327,7 +164,7 @@ impl Daemon {
         // Shutting a listener down fails its accept() (its path may be gone
         // already); connecting covers a kernel where it would not.
         for l in &self.listen_fds {
-            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(l), libc::SHUT_RDWR) };
+            let _ = shutdown(l.as_raw_fd(), Shutdown::Both);
         }
         for p in self
             .listeners
@@ -378,6 +215,237 @@ impl Daemon {
         let _ = std::fs::remove_dir(RunDir::new(&vm.run_dir).vm(&vm.uuid_str).path());
         Ok(())
     }
+}
+
+/// Check the options, open the catalog and the images, recover every
+/// disk's journal onto its image and end the previous session.
+fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
+    let uuid = names::check_uuid(&opts.vm_uuid)?;
+    let uuid_str = uuid.hyphenated().to_string();
+    names::check_vm_name(&opts.vm_name)?;
+    if opts.disks.is_empty() {
+        return Err(DaemonError::NoDisk);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (d, _) in &opts.disks {
+        names::check_disk(d)?;
+        if !seen.insert(d.clone()) {
+            return Err(DaemonError::DuplicateDisk(d.clone()));
+        }
+    }
+    let boot_id =
+        cdp_core::time::boot_id(&opts.boot_id_file).map_err(|source| DaemonError::BootId {
+            path: opts.boot_id_file.clone(),
+            source,
+        })?;
+    // Sockets and journal files: owner only.
+    umask(Mode::from_bits_truncate(0o077));
+
+    let catalog = Catalog::open(&opts.state_dir)?;
+    catalog.upsert_vm(&uuid_str, &opts.vm_name)?;
+    catalog.set_vm_policy(&uuid_str, &opts.policy)?;
+
+    let state = StateDir::new(&opts.state_dir);
+    let mut images = Vec::new();
+    for (name, path) in &opts.disks {
+        let img = image::open(path)?;
+        catalog.upsert_disk(&uuid_str, name, path, img.size)?;
+        images.push(img);
+    }
+    let disk_images: Vec<DiskImage> = opts
+        .disks
+        .iter()
+        .zip(&images)
+        .map(|((disk, path), img)| DiskImage {
+            disk,
+            path,
+            file: &img.file,
+        })
+        .collect();
+    let recovered = session::recover_journals(&catalog, &state, &uuid, &disk_images)?;
+    drop(disk_images);
+    let mut disks = Vec::new();
+    for (((name, path), img), rec) in opts.disks.iter().zip(images).zip(&recovered.disks) {
+        let next_base = rec
+            .next_base
+            .max(catalog.next_record_base(&uuid_str, name)?);
+        disks.push(DiskSetup {
+            name: name.clone(),
+            path: path.clone(),
+            image: img,
+            journal_dir: state.journal(&uuid_str, name),
+            next_base,
+            last_seq: rec.last_seq,
+        });
+    }
+    let (cat_seq, cat_ts) = catalog.last_seq(&uuid_str)?;
+    let last = catalog.last_session(&uuid_str)?;
+    let prev = recovered.previous_end(last.as_ref(), &boot_id);
+    session::end_open_session(&catalog, last.as_ref(), prev)?;
+    Ok(Recovery {
+        setup: VmSetup {
+            uuid,
+            name: opts.vm_name.clone(),
+            disks,
+            settings: opts.settings,
+            catalog,
+            state_dir: opts.state_dir.clone(),
+            run_dir: opts.run_dir.clone(),
+            last_seq: recovered.last_seq().max(cat_seq),
+            last_ts: recovered.last_ts_ns().max(cat_ts),
+        },
+        boot_id,
+        prev,
+        redone: recovered.redone(),
+        torn: recovered.torn_bytes(),
+        chain_breaks: recovered.chain_breaks(),
+    })
+}
+
+/// Start the session: SESSION_START in every journal, then a GAP for each
+/// reason the history is incomplete, made durable before the catalog
+/// records the session.
+fn record_session(
+    opts: &RunOptions,
+    rec: Recovery,
+) -> Result<(Arc<Vm>, Vec<Receiver<SyncJob>>), DaemonError> {
+    let last_seq = rec.setup.last_seq;
+    let (vm, rxs) = Vm::new(rec.setup);
+    let uuid_str = vm.uuid_str.clone();
+    let boot_id = rec.boot_id;
+    let jerr = |e| io_err("writing the journal under", &opts.state_dir)(e);
+    let (start_seq, _) = vm
+        .append_to_all(
+            Kind::SessionStart,
+            &serde_json::json!({
+                "boot_id": boot_id,
+                "pid": vm.pid,
+                "previous_end": rec.prev.as_str(),
+                "redone_records": rec.redone,
+                "torn_bytes": rec.torn,
+                "version": env!("CARGO_PKG_VERSION"),
+            }),
+        )
+        .map_err(jerr)?;
+    let mut gap_reasons = Vec::new();
+    if rec.prev == PreviousEnd::PowerLoss {
+        gap_reasons.push(format!(
+            "the host rebooted (boot id now {boot_id}) after capture ended uncleanly: \
+             writes acknowledged before the reboot may be missing from the journal or the image; \
+             a new baseline is needed"
+        ));
+    }
+    for b in rec.chain_breaks {
+        gap_reasons.push(format!("journal chain broken: {b}"));
+    }
+    // Gaps a tool recorded while the VM was stopped (in-place restore):
+    // already in the catalog, journaled now.
+    let pending: Vec<String> = vm
+        .catalog
+        .lock()
+        .unwrap()
+        .gaps_after(&uuid_str, last_seq)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    for reason in gap_reasons {
+        let (seq, ts) = vm
+            .append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
+            .map_err(jerr)?;
+        let cat = vm.catalog.lock().unwrap();
+        for d in &vm.disks {
+            cat.add_gap(&uuid_str, &d.name, seq, ts, &reason)?;
+        }
+    }
+    for reason in pending {
+        vm.append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
+            .map_err(jerr)?;
+    }
+    vm.sync_open_segments().map_err(jerr)?;
+    {
+        let cat = vm.catalog.lock().unwrap();
+        let id = cat.start_session(
+            &uuid_str,
+            &boot_id,
+            vm.pid,
+            now_ns(),
+            start_seq,
+            rec.prev.as_str(),
+        )?;
+        *vm.session_id.lock().unwrap() = id;
+    }
+    Ok((vm, rxs))
+}
+
+/// The sync thread of every disk and the sealer.
+fn spawn_workers(vm: &Arc<Vm>, rxs: Vec<Receiver<SyncJob>>) -> Workers {
+    let mut syncers = Vec::new();
+    for (d, rx) in vm.disks.iter().zip(rxs) {
+        let d = d.clone();
+        syncers.push(
+            std::thread::Builder::new()
+                .name(format!("sync-{}", d.name))
+                .spawn(move || Vm::sync_loop(&d, rx))
+                .expect("spawn"),
+        );
+    }
+    let sealer = {
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name("sealer".into())
+            .spawn(move || vm.sealer_loop())
+            .expect("spawn")
+    };
+    Workers { sealer, syncers }
+}
+
+/// Bind every disk's NBD socket and the control socket, each with its thread.
+fn listen(vm: &Arc<Vm>, opts: &RunOptions) -> Result<Listening, DaemonError> {
+    let dir = RunDir::new(&opts.run_dir)
+        .vm(&vm.uuid_str)
+        .path()
+        .to_path_buf();
+    std::fs::create_dir_all(&dir).map_err(io_err("creating run directory", &dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("setting permissions of", &dir))?;
+    let conns = Arc::new(Conns::default());
+    let mut listeners = Vec::new();
+    let mut listen_fds = Vec::new();
+    let mut acceptors = Vec::new();
+    for d in &vm.disks {
+        let path = vm.socket_path(&d.name);
+        let l = bind(&path)?;
+        listen_fds.push(l.try_clone().map_err(io_err("cloning socket", &path))?);
+        listeners.push(path);
+        let (vm, d, conns) = (vm.clone(), d.clone(), conns.clone());
+        acceptors.push(
+            std::thread::Builder::new()
+                .name(format!("accept-{}", d.name))
+                .spawn(move || accept_loop(&vm, d, l, conns))
+                .expect("spawn"),
+        );
+    }
+    let control_path = RunDir::new(&opts.run_dir).vm(&vm.uuid_str).control_socket();
+    let cl = bind(&control_path)?;
+    listen_fds.push(
+        cl.try_clone()
+            .map_err(io_err("cloning socket", &control_path))?,
+    );
+    let control = {
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || vm.control_loop(cl))
+            .expect("spawn")
+    };
+    Ok(Listening {
+        listeners,
+        listen_fds,
+        acceptors,
+        control,
+        control_path,
+        conns,
+    })
 }
 
 /// Bind a socket, replacing a stale one but never a live one.

@@ -4,6 +4,13 @@
 //! every complete request in it, validates each once, and executes them as a
 //! batch: one journal append, the image writes, the reads, one reply write.
 //! No allocation or lock per request; counters are updated per batch.
+//!
+//! FLUSH and FUA requests are answered when the disk's sync thread reports
+//! the group commit they joined: the connection's [`Replier`] is the
+//! [`SyncWaiter`] and writes those replies, after the batch's others.
+//!
+//! [`transmit`] is generic over the stream's two halves so that the whole
+//! pipeline runs in unit tests over a socket pair.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -14,10 +21,10 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use super::{Disk, JOp, OpResults, SyncJob, Vm};
-use cdp_core::journal::format::{Kind, FLAG_FUA, FLAG_NO_HOLE};
+use super::batch::{Batch, Op, Req};
+use super::{Disk, SyncJob, SyncWaiter, Vm};
 use cdp_core::nbd::handshake as server;
-use cdp_core::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
+use cdp_core::nbd::proto::{self, errno, ExportInfo, Verdict};
 
 /// Room for the largest request (header + 32 MiB payload) plus slack.
 const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;
@@ -33,11 +40,17 @@ pub enum ConnError {
 }
 
 /// The writing half of a connection, shared with the sync thread.
-pub struct Replier {
-    stream: Mutex<UnixStream>,
+pub struct Replier<W> {
+    stream: Mutex<W>,
 }
 
-impl Replier {
+impl<W: Write> Replier<W> {
+    pub fn new(stream: W) -> Self {
+        Replier {
+            stream: Mutex::new(stream),
+        }
+    }
+
     /// Send replies; a client that went away is not an error worth more
     /// than dropping the bytes.
     pub fn send(&self, bytes: &[u8]) {
@@ -46,6 +59,24 @@ impl Replier {
         }
         let mut s = self.stream.lock().unwrap();
         let _ = s.write_all(bytes);
+    }
+}
+
+impl<W: Write + Send> SyncWaiter for Replier<W> {
+    /// The replies of requests that waited for a group commit.
+    fn synced(&self, cookies: &[u64], result: Result<(), u32>) {
+        let err = result.err().unwrap_or(0);
+        // Formatted on the stack, 64 replies at a time: no allocation.
+        let mut out = [0u8; 64 * proto::SIMPLE_REPLY_LEN];
+        for chunk in cookies.chunks(64) {
+            for (c, b) in chunk
+                .iter()
+                .zip(out.chunks_exact_mut(proto::SIMPLE_REPLY_LEN))
+            {
+                b.copy_from_slice(&proto::simple_reply(err, *c));
+            }
+            self.send(&out[..chunk.len() * proto::SIMPLE_REPLY_LEN]);
+        }
     }
 }
 
@@ -63,26 +94,30 @@ pub fn serve(vm: &Vm, disk: &Disk, mut stream: UnixStream) -> Result<(), ConnErr
     if !handshake(disk, &mut stream)? {
         return Ok(());
     }
+    let wr = stream.try_clone()?;
+    transmit(vm, disk, stream, wr)
+}
+
+/// The transmission phase: read batches from `rd` and answer on `wr` until
+/// the client disconnects.
+pub fn transmit<R, W>(vm: &Vm, disk: &Disk, rd: R, wr: W) -> Result<(), ConnError>
+where
+    R: Read,
+    W: Write + Send + 'static,
+{
     let Some(sync) = disk.sync_sender() else {
         return Ok(());
     };
-    let replier = Arc::new(Replier {
-        stream: Mutex::new(stream.try_clone()?),
-    });
     let mut t = Transmission {
         vm,
         disk,
-        rd: stream,
-        replier,
+        rd,
+        replier: Arc::new(Replier::new(wr)),
         sync,
         buf: vec![0u8; BUF_CAP],
         start: 0,
         end: 0,
-        batch: Vec::with_capacity(256),
-        ops: Vec::with_capacity(256),
-        op_of: Vec::with_capacity(256),
-        results: Vec::with_capacity(256),
-        hdrs: Vec::with_capacity(256 * 48),
+        batch: Batch::with_capacity(256),
         reply: Vec::with_capacity(1 << 20),
         sync_cookies: Vec::new(),
     };
@@ -98,34 +133,23 @@ fn handshake(disk: &Disk, s: &mut UnixStream) -> Result<bool, ConnError> {
     Ok(server::handshake(s, &disk.name, &info)?)
 }
 
-#[derive(Clone, Copy)]
-struct Pending {
-    req: Request,
-    verdict: Verdict,
-    payload_at: usize,
-}
-
-struct Transmission<'a> {
+struct Transmission<'a, R, W> {
     vm: &'a Vm,
     disk: &'a Disk,
-    rd: UnixStream,
-    replier: Arc<Replier>,
+    rd: R,
+    replier: Arc<Replier<W>>,
     sync: Sender<SyncJob>,
+    /// What was read from the client; requests and payloads are parsed in place.
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    batch: Vec<Pending>,
-    /// Kind and journal flags of each journaled op of the batch.
-    ops: Vec<(Kind, u8)>,
-    /// For each request of the batch, the index of its journaled op, if any.
-    op_of: Vec<Option<usize>>,
-    results: OpResults,
-    hdrs: Vec<u8>,
+    batch: Batch,
     reply: Vec<u8>,
+    /// Handles of the batch's requests that wait for the sync thread.
     sync_cookies: Vec<u64>,
 }
 
-impl Transmission<'_> {
+impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
     fn run(&mut self) -> Result<(), ConnError> {
         loop {
             let close = self.parse_batch();
@@ -175,11 +199,9 @@ impl Transmission<'_> {
             if self.end - pos - proto::REQUEST_LEN < plen {
                 break;
             }
-            self.batch.push(Pending {
-                req,
-                verdict,
-                payload_at: pos + proto::REQUEST_LEN,
-            });
+            self.batch
+                .reqs
+                .push(Req::new(&req, verdict, pos + proto::REQUEST_LEN));
             pos += proto::REQUEST_LEN + plen;
             if !matches!(verdict, Verdict::Ok | Verdict::Reject(_)) {
                 if matches!(verdict, Verdict::RejectAndClose(_)) {
@@ -221,117 +243,58 @@ impl Transmission<'_> {
         }
     }
 
+    /// Journal and apply the batch, answer what can be answered now, and
+    /// hand FLUSH and FUA requests to the sync thread.
     fn execute(&mut self) {
+        let n = self.batch.reqs.len() as u64;
+        self.disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
+        self.vm
+            .journal_and_apply(self.disk, &mut self.batch, &self.buf);
+        let replied = self.answer();
+        self.replier.send(&self.reply);
+        self.disk
+            .stats
+            .in_flight
+            .fetch_sub(replied, Ordering::Relaxed);
+        self.defer_durable();
+    }
+
+    /// Replies in request order into `self.reply`, except for the requests
+    /// that wait for the sync thread (into `self.sync_cookies`). Returns how
+    /// many requests are done.
+    fn answer(&mut self) -> u64 {
         let disk = self.disk;
-        let n = self.batch.len() as u64;
-        disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
-
-        // 1. Journal and apply every change, in order, in one go.
-        self.ops.clear();
-        self.op_of.clear();
-        for p in &self.batch {
-            let op = match (p.verdict, p.req.kind) {
-                (Verdict::Ok, proto::CMD_WRITE) => Some(Kind::Write),
-                (Verdict::Ok, proto::CMD_WRITE_ZEROES) => Some(Kind::Zero),
-                (Verdict::Ok, proto::CMD_TRIM) => Some(Kind::Trim),
-                (Verdict::Ok, proto::CMD_FLUSH) => Some(Kind::Flush),
-                _ => None,
-            };
-            self.op_of.push(op.map(|kind| {
-                let mut flags = 0;
-                if p.req.flags & proto::CMD_FLAG_FUA != 0 {
-                    flags |= FLAG_FUA;
-                }
-                if p.req.flags & proto::CMD_FLAG_NO_HOLE != 0 {
-                    flags |= FLAG_NO_HOLE;
-                }
-                self.ops.push((kind, flags));
-                self.ops.len() - 1
-            }));
-        }
-        if !self.ops.is_empty() {
-            let buf = &self.buf;
-            let jops: Vec<JOp<'_>> = self
-                .batch
-                .iter()
-                .zip(&self.op_of)
-                .filter_map(|(p, o)| {
-                    o.map(|i| {
-                        let (kind, flags) = self.ops[i];
-                        let payload = if kind == Kind::Write {
-                            &buf[p.payload_at..p.payload_at + p.req.len as usize]
-                        } else {
-                            &[][..]
-                        };
-                        JOp {
-                            kind,
-                            flags,
-                            offset: if kind == Kind::Flush { 0 } else { p.req.offset },
-                            length: if kind == Kind::Flush {
-                                0
-                            } else {
-                                p.req.len as u64
-                            },
-                            payload,
-                        }
-                    })
-                })
-                .collect();
-            self.vm
-                .journal_and_apply(disk, &jops, &mut self.hdrs, &mut self.results);
-        }
-
-        // 2. Replies, in request order; FLUSH and FUA wait for the sync thread.
         self.reply.clear();
         self.sync_cookies.clear();
         let (mut wbytes, mut wreqs, mut rbytes, mut rreqs) = (0u64, 0u64, 0u64, 0u64);
         let mut replied = 0u64;
-        for (p, o) in self.batch.iter().zip(&self.op_of) {
-            let cookie = p.req.cookie;
-            match p.verdict {
-                Verdict::Reject(e) | Verdict::RejectAndClose(e) => {
-                    proto::put_simple_reply(&mut self.reply, e, cookie);
-                    replied += 1;
-                }
-                Verdict::Disconnect => replied += 1,
-                Verdict::Ok if p.req.kind == proto::CMD_READ => {
-                    let at = self.reply.len();
-                    proto::put_simple_reply(&mut self.reply, 0, cookie);
-                    let len = p.req.len as usize;
-                    let data_at = self.reply.len();
-                    self.reply.resize(data_at + len, 0);
-                    if let Err(e) = disk
-                        .image
-                        .read_exact_at(&mut self.reply[data_at..], p.req.offset)
-                    {
-                        self.reply.truncate(at);
-                        proto::put_simple_reply(&mut self.reply, proto::nbd_errno(&e), cookie);
+        for r in &self.batch.reqs {
+            match r.op {
+                Op::Disconnect => {}
+                Op::Reject => proto::put_simple_reply(&mut self.reply, r.result, r.cookie),
+                Op::Read => {
+                    if let Err(e) = read_reply(&disk.image, r, &mut self.reply) {
+                        proto::put_simple_reply(&mut self.reply, proto::nbd_errno(&e), r.cookie);
                         disk.stats.errors.fetch_add(1, Ordering::Relaxed);
                     }
-                    rbytes += len as u64;
+                    rbytes += r.length;
                     rreqs += 1;
-                    replied += 1;
                 }
-                Verdict::Ok => {
-                    let err = o.map(|i| self.results[i]).unwrap_or(errno::EINVAL);
-                    if p.req.kind == proto::CMD_WRITE {
-                        wbytes += p.req.len as u64;
+                Op::Journal(kind) => {
+                    if kind == cdp_core::journal::Kind::Write {
+                        wbytes += r.length;
                         wreqs += 1;
                     }
-                    let durable =
-                        p.req.kind == proto::CMD_FLUSH || p.req.flags & proto::CMD_FLAG_FUA != 0;
-                    if err == 0 && durable {
-                        self.sync_cookies.push(cookie);
-                    } else {
-                        proto::put_simple_reply(&mut self.reply, err, cookie);
-                        replied += 1;
+                    if r.result == 0 && r.durable() {
+                        self.sync_cookies.push(r.cookie);
+                        continue;
                     }
+                    proto::put_simple_reply(&mut self.reply, r.result, r.cookie);
                 }
             }
+            replied += 1;
         }
-        self.replier.send(&self.reply);
         let st = &disk.stats;
-        st.in_flight.fetch_sub(replied, Ordering::Relaxed);
         if wreqs > 0 {
             st.bytes_written.fetch_add(wbytes, Ordering::Relaxed);
             st.write_requests.fetch_add(wreqs, Ordering::Relaxed);
@@ -340,22 +303,42 @@ impl Transmission<'_> {
             st.bytes_read.fetch_add(rbytes, Ordering::Relaxed);
             st.read_requests.fetch_add(rreqs, Ordering::Relaxed);
         }
-        if !self.sync_cookies.is_empty() {
-            let job = SyncJob {
-                replier: self.replier.clone(),
-                cookies: std::mem::take(&mut self.sync_cookies),
-            };
-            if let Err(e) = self.sync.send(job) {
-                // The sync thread is gone (stopping): answer with an error
-                // rather than leave the client waiting.
-                let mut b = Vec::new();
-                for c in &e.0.cookies {
-                    proto::put_simple_reply(&mut b, errno::ESHUTDOWN, *c);
-                }
-                self.replier.send(&b);
-                st.in_flight
-                    .fetch_sub(e.0.cookies.len() as u64, Ordering::Relaxed);
-            }
+        replied
+    }
+
+    /// Hand the requests waiting for durability to the sync thread; its
+    /// result comes back to the [`Replier`].
+    fn defer_durable(&mut self) {
+        if self.sync_cookies.is_empty() {
+            return;
+        }
+        let job = SyncJob {
+            waiter: self.replier.clone(),
+            cookies: std::mem::take(&mut self.sync_cookies),
+        };
+        if let Err(e) = self.sync.send(job) {
+            // The sync thread is gone (stopping): answer with an error
+            // rather than leave the client waiting.
+            let job = e.0;
+            job.waiter.synced(&job.cookies, Err(errno::ESHUTDOWN));
+            self.disk
+                .stats
+                .in_flight
+                .fetch_sub(job.cookies.len() as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// Append the reply of a READ, with its data read from the image. On error
+/// nothing is appended.
+fn read_reply(image: &std::fs::File, r: &Req, out: &mut Vec<u8>) -> io::Result<()> {
+    let at = out.len();
+    proto::put_simple_reply(out, 0, r.cookie);
+    let data_at = out.len();
+    out.resize(data_at + r.length as usize, 0);
+    let read = image.read_exact_at(&mut out[data_at..], r.offset);
+    if read.is_err() {
+        out.truncate(at);
+    }
+    read
 }

@@ -137,7 +137,7 @@ impl Vm {
             Ok(Request::Status) => Reply::status(self.status()),
             Ok(Request::Mark { label }) => match self.mark(&label) {
                 Ok((seq, ts_ns)) => Reply::marked(Marked { seq, ts_ns }),
-                Err(e) => Reply::error(e),
+                Err(e) => Reply::error(e.to_string()),
             },
             Err(e) => Reply::error(e),
         }

@@ -4,14 +4,21 @@
 //! batch of requests, takes the disk's journal lock once for the batch,
 //! reserves sequence numbers, appends every record with one `pwritev`
 //! (write-ahead), applies the writes to the image in sequence order, and
-//! replies. FLUSH and FUA replies are deferred to the disk's sync thread,
-//! which makes journal and image durable for every waiting request at once
-//! (group commit) and then replies: replies may come out of order.
+//! replies. FLUSH and FUA replies wait for the disk's sync thread, which
+//! makes journal and image durable for every waiting request at once (group
+//! commit) and hands the result back to each connection, which replies:
+//! replies may come out of order.
+//!
+//! - [`batch`]: one batch of requests (handle, op, range, payload, result).
+//! - [`conn`]: one NBD connection: handshake, reading batches, replies.
+//! - this module: the VM, its disks, journaling and applying a batch, the
+//!   sync and sealer threads.
 //!
 //! Invariant: the image always equals the initial image plus the journal
 //! replayed in order. Holding the disk lock from seq reservation to the last
 //! image write of a batch makes the image's write order the sequence order.
 
+pub(crate) mod batch;
 pub(crate) mod conn;
 pub(crate) mod control;
 
@@ -24,14 +31,19 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use cdp_core::catalog::Catalog;
+use thiserror::Error;
+
+use cdp_core::catalog::{Catalog, CatalogError};
 use cdp_core::config::JournalSettings;
 use cdp_core::image;
-use cdp_core::journal::format::{Kind, RecordHeader, RECORD_HEADER_LEN};
-use cdp_core::journal::writer::{OpenSegment, SealedSegment};
+use cdp_core::journal::format::Kind;
+use cdp_core::journal::writer::{OpenSegment, Record, SealedSegment};
 use cdp_core::layout::RunDir;
-use cdp_core::nbd::proto::{self, nbd_errno};
+use cdp_core::names::NameError;
+use cdp_core::nbd::proto::nbd_errno;
 use cdp_core::time::now_ns;
+
+use batch::{Batch, Op};
 
 /// Counters of one disk, updated once per batch, never logged per request.
 #[derive(Default)]
@@ -61,21 +73,31 @@ pub struct JournalState {
     pub last_seq: u64,
 }
 
-/// A journaled operation of a batch.
-#[derive(Debug, Clone, Copy)]
-pub struct JOp<'a> {
-    pub kind: Kind,
-    pub flags: u8,
-    pub offset: u64,
-    pub length: u64,
-    pub payload: &'a [u8],
+/// Who waits for a group commit: told once journal and image are durable
+/// (`Ok`) or could not be made so (the NBD error), for the requests it
+/// named. A connection's reply writer is one; the sync thread formats
+/// nothing.
+pub trait SyncWaiter: Send + Sync {
+    fn synced(&self, cookies: &[u64], result: Result<(), u32>);
 }
 
-/// Requests waiting for the sync thread: their replies are sent once journal
-/// and image are durable.
+/// Requests waiting for the sync thread, by NBD handle.
 pub struct SyncJob {
-    pub replier: Arc<conn::Replier>,
+    pub waiter: Arc<dyn SyncWaiter>,
     pub cookies: Vec<u64>,
+}
+
+/// Why `cdpctl mark` failed.
+#[derive(Debug, Error)]
+pub enum MarkError {
+    #[error(transparent)]
+    Label(#[from] NameError),
+    #[error("a mark named {0:?} exists already: choose another label")]
+    Exists(String),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("writing the mark to the journal: {0}")]
+    Journal(#[source] io::Error),
 }
 
 pub struct Disk {
@@ -121,9 +143,6 @@ impl Disk {
         self.journal.lock().unwrap()
     }
 }
-
-/// How appending a batch went: per op, 0 or an NBD error.
-pub type OpResults = Vec<u32>;
 
 impl Vm {
     /// Reserve `n` sequence numbers and one timestamp for them. The clock
@@ -171,71 +190,31 @@ impl Vm {
         }
     }
 
-    /// Journal a batch of operations on one disk and apply them to its
-    /// image, in sequence order, under the disk lock. `hdrs` is a reusable
-    /// buffer. Returns the NBD error of each op (0 for success).
-    pub fn journal_and_apply(
-        &self,
-        disk: &Disk,
-        ops: &[JOp<'_>],
-        hdrs: &mut Vec<u8>,
-        results: &mut OpResults,
-    ) {
-        results.clear();
-        results.resize(ops.len(), 0);
-        if ops.is_empty() {
+    /// Journal the changes and FLUSHes of a batch on one disk and apply the
+    /// changes to its image, in sequence order, under the disk lock. Each
+    /// journaled request's result slot gets 0 or its NBD error. Payloads are
+    /// in `buf`.
+    pub(crate) fn journal_and_apply(&self, disk: &Disk, batch: &mut Batch, buf: &[u8]) {
+        let n = batch.journaled() as u64;
+        if n == 0 {
             return;
         }
         let mut guard = disk.lock_journal();
         let st = &mut *guard;
-        let (seq0, ts) = self.reserve(ops.len() as u64);
-        hdrs.clear();
-        let mut payloads: Vec<&[u8]> = Vec::with_capacity(ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            let h = RecordHeader {
-                kind: op.kind,
-                flags: op.flags,
-                seq: seq0 + i as u64,
-                ts_ns: ts,
-                offset: op.offset,
-                length: op.length,
-                payload_len: op.payload.len() as u32,
-                crc: 0,
-            };
-            hdrs.extend_from_slice(&h.encode(op.payload));
-            payloads.push(op.payload);
-        }
+        let (seq0, ts) = self.reserve(n);
         let appended = self
             .ensure_open(disk, st, seq0, ts)
-            .and_then(|seg| seg.append(hdrs, &payloads));
+            .and_then(|seg| seg.append(seq0, ts, batch.records(buf)));
         if let Err(e) = appended {
             // Nothing was journaled, so nothing may reach the image.
-            let errno = nbd_errno(&e);
-            results.iter_mut().for_each(|r| *r = errno);
+            batch.fail_journaled(nbd_errno(&e));
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        st.last_seq = seq0 + ops.len() as u64 - 1;
-        let mut failed = false;
-        for (i, op) in ops.iter().enumerate() {
-            let r = match op.kind {
-                Kind::Write => disk.image.write_all_at(op.payload, op.offset),
-                Kind::Zero | Kind::Trim => cdp_core::journal::zero_range(
-                    &disk.image,
-                    op.offset,
-                    op.length,
-                    cdp_core::journal::may_punch(op.kind, op.flags),
-                ),
-                _ => Ok(()),
-            };
-            if let Err(e) = r {
-                results[i] = nbd_errno(&e);
-                failed = true;
-            }
-        }
-        if failed {
+        st.last_seq = seq0 + n - 1;
+        if !apply(disk, batch, buf) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
-            self.resync_failed(disk, st, ops, results);
+            self.resync_failed(disk, st, batch);
         }
         if st
             .open
@@ -249,78 +228,53 @@ impl Vm {
     /// An image write failed after its record was journaled: the image may
     /// hold anything in that range now. Journal what the image really holds,
     /// so that the invariant stays true; if even that fails, journal a GAP.
-    fn resync_failed(&self, disk: &Disk, st: &mut JournalState, ops: &[JOp<'_>], results: &[u32]) {
-        for (op, r) in ops.iter().zip(results) {
-            if *r == 0 || !op.kind.changes_data() {
+    fn resync_failed(&self, disk: &Disk, st: &mut JournalState, batch: &Batch) {
+        for r in &batch.reqs {
+            let Op::Journal(kind) = r.op else { continue };
+            if r.result == 0 || !kind.changes_data() {
                 continue;
             }
-            let mut buf = vec![0u8; op.length as usize];
-            let (kind, payload, info) = match disk.image.read_exact_at(&mut buf, op.offset) {
-                Ok(()) => (Kind::Write, &buf[..], None),
-                Err(e) => (
-                    Kind::Gap,
-                    &[][..],
-                    Some(format!(
+            let mut buf = vec![0u8; r.length as usize];
+            let gap;
+            let rec = match disk.image.read_exact_at(&mut buf, r.offset) {
+                Ok(()) => Record {
+                    kind: Kind::Write,
+                    flags: 0,
+                    offset: r.offset,
+                    length: r.length,
+                    payload: &buf,
+                },
+                Err(e) => {
+                    let reason = format!(
                         "image write and re-read failed at offset {} ({} bytes): {e}; a new baseline is needed",
-                        op.offset, op.length
-                    )),
-                ),
-            };
-            let json;
-            let (payload, length) = match &info {
-                Some(reason) => {
-                    json = serde_json::to_vec(&serde_json::json!({ "reason": reason })).unwrap();
-                    (&json[..], op.length)
+                        r.offset, r.length
+                    );
+                    gap = serde_json::to_vec(&serde_json::json!({ "reason": reason })).unwrap();
+                    Record {
+                        kind: Kind::Gap,
+                        flags: 0,
+                        offset: r.offset,
+                        length: r.length,
+                        payload: &gap,
+                    }
                 }
-                None => (payload, op.length),
             };
-            let _ = self.append_record(disk, st, kind, 0, op.offset, length, payload);
+            let (seq, ts) = self.reserve(1);
+            let _ = self.append_at(disk, st, seq, ts, rec);
         }
     }
 
-    /// Append one record (metadata or a resync write) under a held disk lock.
-    #[allow(clippy::too_many_arguments)]
-    fn append_record(
-        &self,
-        disk: &Disk,
-        st: &mut JournalState,
-        kind: Kind,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-    ) -> io::Result<u64> {
-        let (seq, ts) = self.reserve(1);
-        self.append_at(disk, st, kind, flags, seq, ts, offset, length, payload)?;
-        Ok(seq)
-    }
-
-    #[allow(clippy::too_many_arguments)]
+    /// Append one record at `seq` under a held disk lock.
     fn append_at(
         &self,
         disk: &Disk,
         st: &mut JournalState,
-        kind: Kind,
-        flags: u8,
         seq: u64,
         ts: u64,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
+        rec: Record<'_>,
     ) -> io::Result<()> {
-        let h = RecordHeader {
-            kind,
-            flags,
-            seq,
-            ts_ns: ts,
-            offset,
-            length,
-            payload_len: payload.len() as u32,
-            crc: 0,
-        };
-        let hb: [u8; RECORD_HEADER_LEN] = h.encode(payload);
         self.ensure_open(disk, st, seq, ts)?
-            .append(&hb, &[payload])?;
+            .append(seq, ts, [rec])?;
         st.last_seq = seq;
         Ok(())
     }
@@ -333,33 +287,36 @@ impl Vm {
         let mut guards: Vec<_> = self.disks.iter().map(|d| d.lock_journal()).collect();
         let (seq, ts) = self.reserve(1);
         for (d, g) in self.disks.iter().zip(guards.iter_mut()) {
-            self.append_at(d, g, kind, 0, seq, ts, 0, 0, &payload)?;
+            let rec = Record {
+                kind,
+                flags: 0,
+                offset: 0,
+                length: 0,
+                payload: &payload,
+            };
+            self.append_at(d, g, seq, ts, rec)?;
         }
         Ok((seq, ts))
     }
 
     /// `cdpctl mark`: a MARK in every disk at one sequence number.
-    pub fn mark(&self, label: &str) -> Result<(u64, u64), String> {
-        cdp_core::names::check_label(label).map_err(|e| e.to_string())?;
+    pub fn mark(&self, label: &str) -> Result<(u64, u64), MarkError> {
+        cdp_core::names::check_label(label)?;
+        if self
+            .catalog
+            .lock()
+            .unwrap()
+            .mark_exists(&self.uuid_str, label)?
         {
-            let cat = self.catalog.lock().unwrap();
-            if cat
-                .mark_exists(&self.uuid_str, label)
-                .map_err(|e| e.to_string())?
-            {
-                return Err(format!(
-                    "a mark named {label:?} exists already: choose another label"
-                ));
-            }
+            return Err(MarkError::Exists(label.to_string()));
         }
         let (seq, ts) = self
             .append_to_all(Kind::Mark, &serde_json::json!({ "label": label }))
-            .map_err(|e| format!("writing the mark to the journal: {e}"))?;
+            .map_err(MarkError::Journal)?;
         self.catalog
             .lock()
             .unwrap()
-            .add_mark(&self.uuid_str, label, seq, ts)
-            .map_err(|e| e.to_string())?;
+            .add_mark(&self.uuid_str, label, seq, ts)?;
         Ok((seq, ts))
     }
 
@@ -445,42 +402,18 @@ impl Vm {
         }
     }
 
-    /// The sync thread of a disk: group commit for FLUSH and FUA.
+    /// The sync thread of a disk: group commit for FLUSH and FUA. Every job
+    /// waiting when a round starts gets that round's result.
     pub fn sync_loop(disk: &Disk, rx: Receiver<SyncJob>) {
         let mut jobs: Vec<SyncJob> = Vec::new();
-        let mut buf: Vec<u8> = Vec::new();
         while let Ok(job) = rx.recv() {
             jobs.push(job);
             while let Ok(j) = rx.try_recv() {
                 jobs.push(j);
             }
-            let files: Vec<Arc<File>> = {
-                let st = disk.lock_journal();
-                st.open
-                    .iter()
-                    .map(|s| s.file.clone())
-                    .chain(st.unsynced.iter().cloned())
-                    .collect()
-            };
-            let mut err = 0u32;
-            for f in &files {
-                if let Err(e) = f.sync_data() {
-                    err = nbd_errno(&e);
-                }
-            }
-            if let Err(e) = disk.image.sync_data() {
-                err = nbd_errno(&e);
-            }
-            if err != 0 {
-                disk.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            let result = make_durable(disk);
             for job in jobs.drain(..) {
-                buf.clear();
-                for c in &job.cookies {
-                    proto::put_simple_reply(&mut buf, err, *c);
-                }
-                job.replier.send(&buf);
+                job.waiter.synced(&job.cookies, result);
                 disk.stats
                     .in_flight
                     .fetch_sub(job.cookies.len() as u64, Ordering::Relaxed);
@@ -496,7 +429,7 @@ impl Vm {
     }
 }
 
-/// Everything `Vm::new` needs, after recovery.
+/// A disk as `Vm::new` needs it, after recovery.
 pub struct DiskSetup {
     pub name: String,
     pub path: PathBuf,
@@ -506,21 +439,26 @@ pub struct DiskSetup {
     pub last_seq: u64,
 }
 
+/// Everything `Vm::new` needs, after recovery.
+pub struct VmSetup {
+    pub uuid: uuid::Uuid,
+    pub name: String,
+    pub disks: Vec<DiskSetup>,
+    pub settings: JournalSettings,
+    pub catalog: Catalog,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// Where the VM's sequence and clock resume.
+    pub last_seq: u64,
+    pub last_ts: u64,
+}
+
 impl Vm {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        uuid: uuid::Uuid,
-        name: String,
-        disks: Vec<DiskSetup>,
-        settings: JournalSettings,
-        catalog: Catalog,
-        state_dir: PathBuf,
-        run_dir: PathBuf,
-        last_seq: u64,
-        last_ts: u64,
-    ) -> (Arc<Vm>, Vec<Receiver<SyncJob>>) {
+    /// The VM and, per disk, the receiving end of its sync thread's queue.
+    pub fn new(setup: VmSetup) -> (Arc<Vm>, Vec<Receiver<SyncJob>>) {
         let mut rxs = Vec::new();
-        let disks = disks
+        let disks = setup
+            .disks
             .into_iter()
             .enumerate()
             .map(|(index, d)| {
@@ -546,17 +484,20 @@ impl Vm {
             })
             .collect();
         let vm = Arc::new(Vm {
-            uuid_str: uuid.hyphenated().to_string(),
-            uuid,
-            name,
+            uuid_str: setup.uuid.hyphenated().to_string(),
+            uuid: setup.uuid,
+            name: setup.name,
             disks,
-            settings,
-            catalog: Mutex::new(catalog),
-            state_dir,
-            run_dir,
+            settings: setup.settings,
+            catalog: Mutex::new(setup.catalog),
+            state_dir: setup.state_dir,
+            run_dir: setup.run_dir,
             pid: std::process::id(),
             session_id: Mutex::new(0),
-            clock: Mutex::new(Clock { last_seq, last_ts }),
+            clock: Mutex::new(Clock {
+                last_seq: setup.last_seq,
+                last_ts: setup.last_ts,
+            }),
             stopping: AtomicBool::new(false),
             sealer_wake: (Mutex::new(false), Condvar::new()),
         });
@@ -581,4 +522,52 @@ impl Vm {
         }
         Ok(())
     }
+}
+
+/// Apply the journaled changes of a batch to the image, in order. A failed
+/// write sets its request's result. Returns false when one failed.
+fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
+    let mut ok = true;
+    for r in &mut batch.reqs {
+        let written = match r.op {
+            Op::Journal(Kind::Write) => disk.image.write_all_at(r.payload(buf), r.offset),
+            Op::Journal(kind @ (Kind::Zero | Kind::Trim)) => cdp_core::journal::zero_range(
+                &disk.image,
+                r.offset,
+                r.length,
+                cdp_core::journal::may_punch(kind, r.flags),
+            ),
+            _ => continue,
+        };
+        if let Err(e) = written {
+            r.result = nbd_errno(&e);
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// Make the journal and the image of a disk durable: every segment file
+/// not yet synced by the sealer, then the image. The NBD error of the first
+/// failure.
+fn make_durable(disk: &Disk) -> Result<(), u32> {
+    let files: Vec<Arc<File>> = {
+        let st = disk.lock_journal();
+        st.open
+            .iter()
+            .map(|s| s.file.clone())
+            .chain(st.unsynced.iter().cloned())
+            .collect()
+    };
+    let mut result = Ok(());
+    for f in files.iter().map(|f| &**f).chain([&disk.image]) {
+        if let Err(e) = f.sync_data() {
+            result = result.and(Err(nbd_errno(&e)));
+        }
+    }
+    disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
+    if result.is_err() {
+        disk.stats.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    result
 }

@@ -257,6 +257,19 @@ impl RecordHeader {
         Ok(h)
     }
 
+    /// The index entry of this record, whose payload is at `payload_pos`.
+    pub fn index_entry(&self, payload_pos: u64) -> IndexEntry {
+        IndexEntry {
+            seq: self.seq,
+            ts_ns: self.ts_ns,
+            offset: self.offset,
+            length: self.length,
+            payload_pos,
+            kind: self.kind,
+            flags: self.flags,
+        }
+    }
+
     /// Check the record's CRC against its header bytes and payload.
     pub fn verify(&self, header_bytes: &[u8], payload: &[u8]) -> Result<(), FormatError> {
         let mut h = crc32fast::Hasher::new();
@@ -406,15 +419,7 @@ impl Found {
     }
 
     pub fn index_entry(&self) -> IndexEntry {
-        IndexEntry {
-            seq: self.header.seq,
-            ts_ns: self.header.ts_ns,
-            offset: self.header.offset,
-            length: self.header.length,
-            payload_pos: self.payload_pos(),
-            kind: self.header.kind,
-            flags: self.header.flags,
-        }
+        self.header.index_entry(self.payload_pos())
     }
 }
 

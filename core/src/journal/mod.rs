@@ -179,35 +179,32 @@ pub fn may_punch(kind: Kind, flags: u8) -> bool {
 /// Make a range read as zeros: punch a hole where possible (or when `punch`
 /// is asked for TRIM), else zero it in place, else write zeros.
 pub fn zero_range(f: &File, offset: u64, len: u64, punch: bool) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags as F};
     use std::os::fd::AsRawFd;
     if len == 0 {
         return Ok(());
     }
-    let fd = f.as_raw_fd();
-    let try_fallocate = |mode: libc::c_int| -> io::Result<()> {
-        let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    let punch_mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    let zero_mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-    let modes: [libc::c_int; 2] = if punch {
+    let punch_mode = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
+    let zero_mode = F::FALLOC_FL_ZERO_RANGE | F::FALLOC_FL_KEEP_SIZE;
+    let modes = if punch {
         [punch_mode, zero_mode]
     } else {
         [zero_mode, punch_mode]
     };
     for mode in modes {
-        match try_fallocate(mode) {
+        match fallocate(
+            f.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        ) {
             Ok(()) => return Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL)
-                ) => {}
-            Err(e) => return Err(e),
+            Err(
+                nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::ENODEV
+                | nix::errno::Errno::EINVAL,
+            ) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     static ZEROS: [u8; 1 << 16] = [0; 1 << 16];

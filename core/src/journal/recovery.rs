@@ -248,3 +248,150 @@ fn chain(r: &mut Recovered, expected: &mut Option<u64>, path: &Path, base: u64, 
     }
     *expected = Some(base + records);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::writer::Record;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    const VM: [u8; 16] = [7; 16];
+
+    fn write(offset: u64, p: &[u8]) -> Record<'_> {
+        Record {
+            kind: Kind::Write,
+            flags: 0,
+            offset,
+            length: p.len() as u64,
+            payload: p,
+        }
+    }
+
+    fn meta(kind: Kind) -> Record<'static> {
+        Record {
+            kind,
+            flags: 0,
+            offset: 0,
+            length: 0,
+            payload: b"{}",
+        }
+    }
+
+    fn image(dir: &Path) -> (File, PathBuf) {
+        let path = dir.join("disk.raw");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(64 * 1024).unwrap();
+        (f, path)
+    }
+
+    fn read(f: &File, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, offset).unwrap();
+        b
+    }
+
+    #[test]
+    fn an_unsealed_segment_is_redone_its_torn_tail_cut_and_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        // Journaled, never applied (a crash between the journal write and
+        // the image write), then half a record (a crash inside the write).
+        let mut seg = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        seg.append(1, 100, [write(0, &[0xaa; 4096]), write(8192, &[0xbb; 512])])
+            .unwrap();
+        let torn = vec![0x43u8; 30];
+        File::options()
+            .append(true)
+            .open(&seg.path)
+            .unwrap()
+            .write_all(&torn)
+            .unwrap();
+        let uuid = uuid::Uuid::from_bytes(VM);
+
+        let r = recover_disk(&jdir, &uuid, &img, &img_path).unwrap();
+        assert_eq!(r.torn_bytes, torn.len() as u64);
+        assert_eq!(r.redone, 2);
+        assert_eq!((r.last_seq, r.last_ts_ns, r.next_base), (2, 100, 2));
+        assert!(r.had_records && !r.ended_clean, "no SESSION_END: not clean");
+        assert_eq!(r.sealed.len(), 1);
+        assert_eq!(r.sealed[0].records, 2);
+        assert_eq!(read(&img, 0, 4096), vec![0xaa; 4096]);
+        assert_eq!(read(&img, 8192, 512), vec![0xbb; 512]);
+        let loaded = LoadedSegment::load(&seg.path).unwrap();
+        assert!(matches!(loaded.scan.tail, Tail::Sealed(_)));
+
+        // A second recovery finds only sealed segments: nothing to redo.
+        let again = recover_disk(&jdir, &uuid, &img, &img_path).unwrap();
+        assert_eq!(
+            (again.redone, again.torn_bytes, again.sealed.len()),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            (again.last_seq, again.last_ts_ns, again.next_base),
+            (2, 100, 2)
+        );
+    }
+
+    #[test]
+    fn a_missing_segment_is_a_chain_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let mut a = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        a.append(1, 10, [write(0, &[1; 512]), write(512, &[2; 512])])
+            .unwrap();
+        a.seal(11).unwrap();
+        // Records 2..5 were in a segment that is gone.
+        let mut c = OpenSegment::create(&jdir, VM, 7, 5, 20).unwrap();
+        c.append(7, 20, [write(0, &[3; 512]), meta(Kind::SessionEnd)])
+            .unwrap();
+        c.seal(21).unwrap();
+
+        let r = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap();
+        assert_eq!(r.chain_breaks.len(), 1, "{:?}", r.chain_breaks);
+        assert!(r.chain_breaks[0].contains("record base 5, expected 2"));
+        assert_eq!((r.next_base, r.last_seq, r.last_ts_ns), (7, 8, 20));
+        assert!(r.ended_clean, "the journal ends with SESSION_END");
+        assert_eq!(r.redone, 0, "sealed segments are not redone");
+    }
+
+    #[test]
+    fn empty_and_headless_unsealed_segments_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let empty = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        // The newest segment's header was torn by a crash.
+        let headless = jdir.join(journal::segment_file_name(2));
+        std::fs::write(&headless, b"CDPJ").unwrap();
+
+        let r = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap();
+        assert_eq!(r.removed, [1]);
+        assert!(!empty.path.exists() && !headless.exists());
+        assert!(r.ended_clean && !r.had_records);
+        assert_eq!(r.next_base, 0);
+    }
+
+    #[test]
+    fn another_vms_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let mut seg = OpenSegment::create(&jdir, [9; 16], 1, 0, 1).unwrap();
+        seg.append(1, 10, [write(0, &[1; 512])]).unwrap();
+        let err = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap_err();
+        assert!(matches!(err, RecoveryError::WrongVm { .. }), "{err}");
+        assert_eq!(read(&img, 0, 512), vec![0; 512], "nothing applied");
+    }
+}

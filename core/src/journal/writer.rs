@@ -6,17 +6,30 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::format::{self, IndexEntry, SegmentHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use super::format::{
+    self, IndexEntry, Kind, RecordHeader, SegmentHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
 use super::segment_file_name;
 
 /// Records per `pwritev` call (two iovecs per record, under IOV_MAX = 1024).
 const MAX_IOV: usize = 1024;
+
+/// One record to append: what its header says, and its payload (the data
+/// of a WRITE, JSON for metadata records, empty otherwise). The sequence
+/// number and timestamp are given per batch by [`OpenSegment::append`].
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'p> {
+    pub kind: Kind,
+    pub flags: u8,
+    pub offset: u64,
+    pub length: u64,
+    pub payload: &'p [u8],
+}
 
 /// The segment records are being appended to.
 pub struct OpenSegment {
@@ -87,57 +100,93 @@ impl OpenSegment {
         self.index.len()
     }
 
-    /// Append records whose headers (with CRCs) are in `headers`, 48 bytes
-    /// each, with their payloads in `payloads` (empty for records without
-    /// one). On error the segment is cut back to its previous end.
-    pub fn append(&mut self, headers: &[u8], payloads: &[&[u8]]) -> io::Result<()> {
-        debug_assert_eq!(headers.len(), payloads.len() * RECORD_HEADER_LEN);
-        let start = self.pos;
-        let index_len = self.index.len();
-        let r = self.append_inner(headers, payloads);
+    /// Append `records` with sequence numbers `first_seq`, `first_seq + 1`, …,
+    /// all stamped `ts_ns`. Each record's header is encoded (CRC included)
+    /// and its index entry built in the same pass, then the records go out
+    /// with one `pwritev` per [`MAX_IOV`]/2 records. On error the segment is
+    /// cut back to its previous end and nothing of the batch stays, in the
+    /// file or in the index.
+    pub fn append<'p>(
+        &mut self,
+        first_seq: u64,
+        ts_ns: u64,
+        records: impl IntoIterator<Item = Record<'p>>,
+    ) -> io::Result<()> {
+        let before = (
+            self.pos,
+            self.index.len(),
+            self.first_ts_ns,
+            self.last_ts_ns,
+            self.last_seq,
+        );
+        let r = self.append_inner(first_seq, ts_ns, records.into_iter());
         if r.is_err() {
             // Best effort: a failed truncate leaves a torn tail that the next
             // recovery cuts off anyway.
-            let _ = self.file.set_len(start);
-            self.pos = start;
-            self.index.truncate(index_len);
+            let _ = self.file.set_len(before.0);
+            self.pos = before.0;
+            self.index.truncate(before.1);
+            (self.first_ts_ns, self.last_ts_ns, self.last_seq) = (before.2, before.3, before.4);
         }
         r
     }
 
-    fn append_inner(&mut self, headers: &[u8], payloads: &[&[u8]]) -> io::Result<()> {
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity((payloads.len() * 2).min(MAX_IOV));
+    fn append_inner<'p>(
+        &mut self,
+        first_seq: u64,
+        ts_ns: u64,
+        mut records: impl Iterator<Item = Record<'p>>,
+    ) -> io::Result<()> {
+        let mut seq = first_seq;
         let mut pos = self.pos;
-        for (i, chunk) in payloads.chunks(MAX_IOV / 2).enumerate() {
-            iov.clear();
-            let mut total = 0usize;
-            for (j, p) in chunk.iter().enumerate() {
-                let k = i * (MAX_IOV / 2) + j;
-                let hb = &headers[k * RECORD_HEADER_LEN..(k + 1) * RECORD_HEADER_LEN];
-                let h = format::RecordHeader::decode(hb).map_err(io::Error::other)?;
-                self.index.push(IndexEntry {
-                    seq: h.seq,
-                    ts_ns: h.ts_ns,
-                    offset: h.offset,
-                    length: h.length,
-                    payload_pos: pos + total as u64 + RECORD_HEADER_LEN as u64,
-                    kind: h.kind,
-                    flags: h.flags,
-                });
-                if self.first_ts_ns == 0 {
-                    self.first_ts_ns = h.ts_ns;
+        let mut more = true;
+        while more {
+            // Headers and iovecs of one pwritev, on the stack: no allocation.
+            let mut headers = [[0u8; RECORD_HEADER_LEN]; MAX_IOV / 2];
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n_iov = 0;
+            let mut total = 0u64;
+            more = false;
+            for hb in headers.iter_mut() {
+                let Some(rec) = records.next() else {
+                    break;
+                };
+                more = true;
+                let h = RecordHeader {
+                    kind: rec.kind,
+                    flags: rec.flags,
+                    seq,
+                    ts_ns,
+                    offset: rec.offset,
+                    length: rec.length,
+                    payload_len: rec.payload.len() as u32,
+                    crc: 0,
+                };
+                h.encode_unsealed(hb);
+                format::seal_crc(hb, rec.payload);
+                self.index
+                    .push(h.index_entry(pos + total + RECORD_HEADER_LEN as u64));
+                iov[n_iov] = IoSlice::new(&hb[..]);
+                n_iov += 1;
+                if !rec.payload.is_empty() {
+                    iov[n_iov] = IoSlice::new(rec.payload);
+                    n_iov += 1;
                 }
-                self.last_ts_ns = h.ts_ns;
-                self.last_seq = h.seq;
-                iov.push(IoSlice::new(hb));
-                total += RECORD_HEADER_LEN;
-                if !p.is_empty() {
-                    iov.push(IoSlice::new(p));
-                    total += p.len();
-                }
+                total += (RECORD_HEADER_LEN + rec.payload.len()) as u64;
+                seq += 1;
             }
-            pwritev_all(&self.file, &mut iov, pos)?;
-            pos += total as u64;
+            if n_iov == 0 {
+                break;
+            }
+            pwritev_all(&self.file, &mut iov[..n_iov], pos)?;
+            pos += total;
+        }
+        if seq > first_seq {
+            if self.first_ts_ns == 0 {
+                self.first_ts_ns = ts_ns;
+            }
+            self.last_ts_ns = ts_ns;
+            self.last_seq = seq - 1;
         }
         self.pos = pos;
         Ok(())
@@ -165,21 +214,11 @@ impl OpenSegment {
 fn pwritev_all(f: &File, iov: &mut [IoSlice<'_>], mut pos: u64) -> io::Result<()> {
     let mut iov: &mut [IoSlice<'_>] = iov;
     while !iov.is_empty() {
-        let n = unsafe {
-            libc::pwritev(
-                f.as_raw_fd(),
-                iov.as_ptr() as *const libc::iovec,
-                iov.len() as libc::c_int,
-                pos as libc::off_t,
-            )
+        let n = match nix::sys::uio::pwritev(f, iov, pos as libc::off_t) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -187,47 +226,98 @@ fn pwritev_all(f: &File, iov: &mut [IoSlice<'_>], mut pos: u64) -> io::Result<()
             ));
         }
         pos += n as u64;
-        IoSlice::advance_slices(&mut iov, n as usize);
+        IoSlice::advance_slices(&mut iov, n);
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::format::{Kind, RecordHeader};
     use super::*;
+
+    fn write(offset: u64, p: &[u8]) -> Record<'_> {
+        Record {
+            kind: Kind::Write,
+            flags: 0,
+            offset,
+            length: p.len() as u64,
+            payload: p,
+        }
+    }
 
     #[test]
     fn append_seal_scan() {
         let dir = tempfile::tempdir().unwrap();
         let mut seg = OpenSegment::create(dir.path(), [3; 16], 10, 0, 1).unwrap();
-        let mut headers = Vec::new();
         let payloads: Vec<Vec<u8>> = (0..1500).map(|i| vec![i as u8; 100 + i % 7]).collect();
-        let mut refs: Vec<&[u8]> = Vec::new();
-        for (i, p) in payloads.iter().enumerate() {
-            let h = RecordHeader {
-                kind: Kind::Write,
-                flags: 0,
-                seq: 10 + i as u64,
-                ts_ns: 1000 + i as u64,
-                offset: i as u64 * 512,
-                length: p.len() as u64,
-                payload_len: p.len() as u32,
-                crc: 0,
-            };
-            headers.extend_from_slice(&h.encode(p));
-            refs.push(p);
-        }
-        seg.append(&headers, &refs).unwrap();
+        // More records than one pwritev takes, then a batch with records
+        // without payload in between.
+        seg.append(
+            10,
+            1000,
+            payloads[..1200]
+                .iter()
+                .enumerate()
+                .map(|(i, p)| write(i as u64 * 512, p)),
+        )
+        .unwrap();
+        let zero = Record {
+            kind: Kind::Zero,
+            flags: format::FLAG_NO_HOLE,
+            offset: 4096,
+            length: 8192,
+            payload: &[],
+        };
+        let batch = payloads[1200..]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| [write((1200 + i) as u64 * 512, p), zero]);
+        seg.append(1210, 2000, batch).unwrap();
+        assert_eq!(seg.records(), 1800);
+        assert_eq!(seg.last_seq, 1809);
+        assert_eq!((seg.first_ts_ns, seg.last_ts_ns), (1000, 2000));
         let sealed = seg.seal(5000).unwrap();
-        assert_eq!(sealed.records, 1500);
-        assert_eq!(sealed.last_seq, 1509);
+        assert_eq!(sealed.records, 1800);
+        assert_eq!(sealed.last_seq, 1809);
         let bytes = std::fs::read(&seg.path).unwrap();
         let scan = format::scan_segment(&bytes).unwrap();
         assert!(matches!(scan.tail, format::Tail::Sealed(_)));
-        assert_eq!(scan.records.len(), 1500);
-        assert_eq!(scan.records[1499].payload(&bytes), &payloads[1499][..]);
+        assert_eq!(scan.records.len(), 1800);
+        assert_eq!(scan.records[1199].payload(&bytes), &payloads[1199][..]);
+        assert_eq!(scan.records[1799].header.kind, Kind::Zero);
+        assert_eq!(scan.records[1798].payload(&bytes), &payloads[1499][..]);
+        let scanned: Vec<IndexEntry> = scan.records.iter().map(|r| r.index_entry()).collect();
+        assert_eq!(
+            scanned, seg.index,
+            "index built while encoding = index of the bytes"
+        );
         let index = format::read_index(&bytes).unwrap().unwrap();
         assert_eq!(index, seg.index);
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = OpenSegment::create(dir.path(), [3; 16], 1, 0, 1).unwrap();
+        seg.append(1, 10, [write(0, &[1; 512])]).unwrap();
+        let (pos, records) = (seg.pos, seg.records());
+        // A descriptor that cannot write: pwritev fails with EBADF.
+        let writable = std::mem::replace(&mut seg.file, Arc::new(File::open(&seg.path).unwrap()));
+        let err = seg
+            .append(2, 20, [write(512, &[2; 512]), write(1024, &[3; 512])])
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        assert_eq!(
+            (seg.pos, seg.records(), seg.last_seq, seg.last_ts_ns),
+            (pos, records, 1, 10)
+        );
+        seg.file = writable;
+        seg.append(2, 30, [write(512, &[4; 512])]).unwrap();
+        seg.seal(40).unwrap();
+        let bytes = std::fs::read(&seg.path).unwrap();
+        let scan = format::scan_segment(&bytes).unwrap();
+        let seqs: Vec<u64> = scan.records.iter().map(|r| r.header.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(scan.records[1].payload(&bytes), &[4; 512][..]);
     }
 }

@@ -283,12 +283,20 @@ pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
     b
 }
 
+/// A simple reply header.
+#[inline]
+pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut b = [0u8; SIMPLE_REPLY_LEN];
+    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
 /// Append a simple reply header.
 #[inline]
 pub fn put_simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&simple_reply(error, cookie));
 }
 
 /// What the server should do with a request after validation.
