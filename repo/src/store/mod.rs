@@ -1,0 +1,424 @@
+//! Storage backends behind one small interface: put, get (whole or a byte
+//! range), list (a key prefix, sorted), delete.
+//!
+//! Two backends: S3-compatible stores through object_store's
+//! `AmazonS3` (`s3://bucket/prefix?endpoint=…&region=…`), and a local or NFS
+//! directory (`file:///path`). The backends make exactly one attempt per call
+//! (object_store's own retries are switched off); retry with backoff, and all
+//! other policy, lives above them in [`with_retry`].
+//!
+//! Keys are relative to the URL's prefix: for `s3://bucket/pre`, key
+//! `cdp/v1/x` is the object `pre/cdp/v1/x`; for `file:///srv/cdp`, it is the
+//! file `/srv/cdp/cdp/v1/x`. A key is one or more `/`-separated components of
+//! `[A-Za-z0-9._+=,:@-]`, none empty and none starting with `.`.
+//!
+//! An object appears atomically: the `file://` backend writes into
+//! `<root>/.cdp-staging/`, fsyncs, then renames into place (and fsyncs the
+//! directory); an S3 PUT is atomic by itself.
+//!
+//! Layers, one file each: this module is the facade ([`Store`], [`StoreError`],
+//! the [`Backend`] interface, key validation); [`retry`] runs a call again
+//! on transient errors; `s3` and `file` are the two backends; `credentials`
+//! reads S3 credentials from the environment or an AWS-style file.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use thiserror::Error;
+
+mod credentials;
+mod file;
+pub mod retry;
+mod s3;
+
+pub use retry::{with_retry, OnRetry, RetryPolicy};
+
+/// Any error, as the cause of a [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong, as a kind the caller can branch on. Each carries the
+/// target URL and the key (or operation) as context. `Display` is one clear
+/// line; the underlying error, where there is one, is the `source()`.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The object does not exist.
+    #[error("{url}: no object {key}")]
+    NotFound { url: String, key: String },
+
+    /// The storage could not be reached: connection refused or reset,
+    /// timeout, name resolution, NFS server gone. Retrying may help.
+    #[error("{url}: {op} {key}: cannot reach the storage ({detail}); {hint}")]
+    Unreachable {
+        url: String,
+        op: &'static str,
+        key: String,
+        detail: String,
+        /// What to look at ("is the S3 endpoint up…?").
+        hint: &'static str,
+        #[source]
+        source: BoxError,
+    },
+
+    /// The server answered with a server-side failure (HTTP 5xx, SlowDown).
+    /// Retrying may help.
+    #[error("{url}: {op} {key}: the storage server failed ({detail}); retrying may help")]
+    Server {
+        url: String,
+        op: &'static str,
+        key: String,
+        detail: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// The credentials were refused or lack a permission. Permanent.
+    #[error("{url}: {op} {key}: access denied ({detail}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the target's credentials file) and the bucket's policy")]
+    Auth {
+        url: String,
+        op: &'static str,
+        key: String,
+        detail: String,
+        #[source]
+        source: BoxError,
+    },
+
+    /// The target URL or the credentials configuration is wrong: unknown
+    /// scheme or query key, missing directory, unreadable credentials file,
+    /// a bucket that does not exist. Permanent.
+    #[error("{url}: {message}")]
+    Config { url: String, message: String },
+
+    /// A key that is not valid (`..`, a leading `/`, an empty component…).
+    #[error("{url}: invalid key {key:?}: {reason}")]
+    InvalidKey {
+        url: String,
+        key: String,
+        reason: &'static str,
+    },
+
+    /// Anything else (a full disk, a bad request, a range outside the
+    /// object). Permanent.
+    #[error("{url}: {op} {key}: {detail}")]
+    Other {
+        url: String,
+        op: &'static str,
+        key: String,
+        detail: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl StoreError {
+    /// True if retrying the same call may succeed (the storage is
+    /// unreachable or failed on its side); false for permanent errors.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unreachable { .. } | StoreError::Server { .. }
+        )
+    }
+
+    /// The target URL the error is about.
+    pub fn url(&self) -> &str {
+        match self {
+            StoreError::NotFound { url, .. }
+            | StoreError::Unreachable { url, .. }
+            | StoreError::Server { url, .. }
+            | StoreError::Auth { url, .. }
+            | StoreError::Config { url, .. }
+            | StoreError::InvalidKey { url, .. }
+            | StoreError::Other { url, .. } => url,
+        }
+    }
+}
+
+/// One object of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectMeta {
+    /// The key, relative to the target's prefix (as given to `put`).
+    pub key: String,
+    pub size: u64,
+}
+
+/// The one interface a storage backend implements. Each call is one attempt:
+/// backends never retry. [`Store`] validates keys before calling a backend,
+/// so a backend sees only valid keys and prefixes.
+pub(crate) trait Backend: Send + Sync + fmt::Debug {
+    /// Store `data` under `key`, atomically: readers see the whole object or
+    /// none. An existing object is replaced.
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The whole object, or `range` of it (which must lie inside the object).
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<Range<u64>>,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>>;
+    /// Every object whose key starts with `prefix`, in any order.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, StoreError>>;
+    /// Remove an object; removing a missing object succeeds.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Free bytes at the target, where the backend can tell.
+    fn free_space(&self) -> Option<u64>;
+    /// A cheap check that the target is reachable, exists and the
+    /// credentials work.
+    fn check(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+/// A storage target. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    url: Arc<str>,
+    backend: Arc<dyn Backend>,
+}
+
+/// How long `check()` may take before the target counts as unreachable.
+/// How long `check()` may take before the target counts as unreachable.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Store {
+    /// Open a configured target (`[target.NAME]`: its URL and credentials file).
+    pub fn for_target(t: &cdp_core::config::Target) -> Result<Store, StoreError> {
+        Store::open(&t.url, t.credentials_file.as_deref())
+    }
+
+    /// Open a target URL: `file:///abs/path` or
+    /// `s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1`.
+    ///
+    /// S3 credentials come from `credentials_file` if given (an AWS-style INI
+    /// file; the profile is `$AWS_PROFILE` or `default`), else from
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`;
+    /// never from the URL. Unknown query keys are an error. Opening does no
+    /// I/O on S3 (see [`Store::check`]); a `file://` root must be an existing
+    /// directory.
+    pub fn open(url: &str, credentials_file: Option<&Path>) -> Result<Store, StoreError> {
+        let config = |message: String| StoreError::Config {
+            url: url.to_string(),
+            message,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| config(format!("not a valid URL: {e}")))?;
+        let backend: Arc<dyn Backend> = match parsed.scheme() {
+            "file" => {
+                if credentials_file.is_some() {
+                    return Err(config("a file:// target takes no credentials file".into()));
+                }
+                Arc::new(file::FileBackend::open(url, &parsed)?)
+            }
+            "s3" => Arc::new(s3::S3Backend::open(url, &parsed, credentials_file)?),
+            other => {
+                return Err(config(format!(
+                    "unsupported scheme {other:?}: use file:///path or s3://bucket/prefix?endpoint=…&region=…"
+                )))
+            }
+        };
+        Ok(Store {
+            url: url.into(),
+            backend,
+        })
+    }
+
+    /// The target URL, as given to `open`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Store `data` under `key`, atomically. An existing object is replaced.
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.valid_key(key)?;
+        self.backend.put(key, data).await
+    }
+
+    /// The whole object.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.valid_key(key)?;
+        self.backend.get(key, None).await
+    }
+
+    /// Bytes `range` of the object; the range must lie inside the object.
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        self.valid_key(key)?;
+        if range.start > range.end {
+            return Err(StoreError::Other {
+                url: self.url.to_string(),
+                op: "get range",
+                key: key.to_string(),
+                detail: format!("reversed range {range:?}"),
+                source: None,
+            });
+        }
+        if range.start == range.end {
+            return Ok(Bytes::new());
+        }
+        self.backend.get(key, Some(range)).await
+    }
+
+    /// All objects whose key starts with `prefix`, sorted by key, with
+    /// sizes. Use a "directory" prefix ending in `/` (such as
+    /// `cdp/v1/vms/U/vda/journal/`): `a/b/` lists `a/b/c` but not `a/bc`.
+    /// The empty prefix lists everything.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.valid_prefix(prefix)?;
+        let mut out = self.backend.list(prefix).await?;
+        out.retain(|o| o.key.starts_with(prefix));
+        out.sort();
+        out.dedup_by(|a, b| a.key == b.key);
+        Ok(out)
+    }
+
+    /// Remove an object. Removing a missing object succeeds.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.valid_key(key)?;
+        self.backend.delete(key).await
+    }
+
+    /// Free bytes where the backend can tell (`file://`: statvfs of the
+    /// root), else None.
+    pub fn free_space(&self) -> Option<u64> {
+        self.backend.free_space()
+    }
+
+    /// A cheap check that the target is reachable and the credentials work:
+    /// for S3 one LIST of the prefix (which also proves the bucket exists),
+    /// for `file://` that the root is a writable directory. Bounded in time.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        match tokio::time::timeout(CHECK_TIMEOUT, self.backend.check()).await {
+            Ok(r) => r,
+            Err(elapsed) => Err(StoreError::Unreachable {
+                url: self.url.to_string(),
+                op: "check",
+                key: "target".into(),
+                detail: format!("no answer within {CHECK_TIMEOUT:?}"),
+                hint: if self.url.starts_with("s3:") {
+                    s3::HINT
+                } else {
+                    file::HINT
+                },
+                source: Box::new(elapsed),
+            }),
+        }
+    }
+
+    fn valid_key(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key, false).map_err(|reason| StoreError::InvalidKey {
+            url: self.url.to_string(),
+            key: key.to_string(),
+            reason,
+        })
+    }
+
+    fn valid_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        check_key(prefix, true).map_err(|reason| StoreError::InvalidKey {
+            url: self.url.to_string(),
+            key: prefix.to_string(),
+            reason,
+        })
+    }
+}
+
+/// Validate a key, or (with `prefix`) a list prefix: the empty string, or
+/// a key whose last component may be empty or partial.
+pub(crate) fn check_key(key: &str, prefix: bool) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return if prefix { Ok(()) } else { Err("empty key") };
+    }
+    if key.len() > 1024 {
+        return Err("longer than 1024 bytes");
+    }
+    if key.starts_with('/') {
+        return Err("leading '/'");
+    }
+    let parts: Vec<&str> = key.split('/').collect();
+    let n = parts.len();
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == n;
+        if part.is_empty() {
+            if prefix && last {
+                continue;
+            }
+            return Err(if last {
+                "trailing '/'"
+            } else {
+                "empty component ('//')"
+            });
+        }
+        if *part == ".." || *part == "." {
+            return Err("'.' or '..' component");
+        }
+        if part.starts_with('.') {
+            return Err("a component starts with '.'");
+        }
+        if !part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+=,:@-".contains(&b))
+        {
+            return Err("characters outside [A-Za-z0-9._+=,:@-]");
+        }
+    }
+    Ok(())
+}
+
+/// An I/O error kind that means the storage cannot be reached (a network
+/// connection failed, a file system server went away): retrying may help.
+pub(crate) fn io_kind_unreachable(k: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        k,
+        K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::NotConnected
+            | K::AddrNotAvailable
+            | K::BrokenPipe
+            | K::TimedOut
+            | K::UnexpectedEof
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::NetworkDown
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        for ok in [
+            "a",
+            "cdp/v1/FORMAT",
+            "cdp/v1/vms/u-1/vda/journal/0001-0002.seg.zst",
+            "a:b/c=d,e@f+g",
+        ] {
+            assert_eq!(check_key(ok, false), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "a/../b",
+            "..",
+            "./a",
+            "a/.hidden",
+            "a b",
+            "a\\b",
+            "a~b",
+            "é",
+        ] {
+            assert!(check_key(bad, false).is_err(), "{bad:?} accepted");
+        }
+        for ok in ["", "a/", "a/b/", "a/b", "a/b/c"] {
+            assert_eq!(check_key(ok, true), Ok(()), "{ok}");
+        }
+        for bad in ["/", "a//", "../", "a/../"] {
+            assert!(check_key(bad, true).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_key(&"a".repeat(1025), false).is_err());
+    }
+}
