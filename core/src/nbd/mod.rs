@@ -5,3 +5,4 @@
 
 pub mod handshake;
 pub mod proto;
+pub mod server;
