@@ -1,0 +1,248 @@
+//! Executing a [`Plan`]: every byte of the disk once, to a [`Sink`], the
+//! journal extents and the baseline's chunks fetched at the same time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cdp_core::journal::extents::Source;
+use cdp_core::journal::format::{IndexEntry, RECORD_HEADER_LEN};
+use futures::StreamExt;
+
+use super::history::SegRef;
+use super::plan::Plan;
+use super::read::{check_record, read_raw};
+use super::sink::Sink;
+use super::{io_err, RestoreError};
+use crate::format as rf;
+use crate::read::ReadError;
+use crate::store::{with_retry, RetryPolicy, Store};
+
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct RestoreStats {
+    pub bytes: u64,
+    pub journal_records: u64,
+    pub journal_bytes: u64,
+    pub chunks_fetched: u64,
+    pub chunk_bytes: u64,
+}
+
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+fn tick(progress: &Option<Progress>, n: u64) {
+    if let Some(p) = progress {
+        p(n)
+    }
+}
+
+/// Journal extents of one segment: (start, end, payload position).
+type SegExtents = Vec<(u64, u64, u64)>;
+
+/// Run a plan: every byte of the disk once, to `sink`.
+pub async fn execute(
+    plan: &Plan,
+    store: Option<&Store>,
+    sink: Arc<dyn Sink>,
+    progress: Option<Progress>,
+) -> Result<RestoreStats, RestoreError> {
+    let mut stats = RestoreStats::default();
+    // 1. Journal extents, grouped by segment; each referenced record is read
+    //    whole and its CRC checked.
+    let by_seg = journal_extents(plan, sink.as_ref(), &progress)?;
+    let seg_jobs = by_seg.into_iter().map(|(i, extents)| {
+        let seg = &plan.segments[i as usize];
+        restore_segment(plan, store, seg, extents, sink.clone(), progress.clone())
+    });
+    let journal = futures::stream::iter(seg_jobs)
+        .buffer_unordered(4)
+        .collect::<Vec<_>>();
+    // 2. The rest from the baseline's chunks, at the same time (the
+    //    ranges are disjoint).
+    let chunk_jobs = (0..plan.baseline.chunks.len())
+        .map(|i| restore_chunk(plan, store, i, sink.clone(), progress.clone()));
+    let chunks = futures::stream::iter(chunk_jobs)
+        .buffered(8)
+        .collect::<Vec<_>>();
+    let (journal, chunks) = futures::join!(journal, chunks);
+    for r in journal {
+        let (n, b) = r?;
+        stats.journal_records += n;
+        stats.journal_bytes += b;
+    }
+    for r in chunks {
+        let (n, bytes) = r?;
+        stats.chunks_fetched += n;
+        stats.chunk_bytes += bytes;
+    }
+    stats.bytes = plan.size;
+    Ok(stats)
+}
+
+/// The plan's journal extents grouped by segment; the zero extents are
+/// given to the sink right away.
+fn journal_extents(
+    plan: &Plan,
+    sink: &dyn Sink,
+    progress: &Option<Progress>,
+) -> Result<HashMap<u32, SegExtents>, RestoreError> {
+    let mut by_seg: HashMap<u32, SegExtents> = HashMap::new();
+    for (s, e, src) in plan.extents.iter() {
+        match src {
+            Source::Journal { segment, pos } => {
+                by_seg.entry(segment).or_default().push((s, e, pos))
+            }
+            Source::Zero => {
+                sink.zero(s, e - s).map_err(io_err(Path::new(&plan.disk)))?;
+                tick(progress, e - s);
+            }
+        }
+    }
+    Ok(by_seg)
+}
+
+/// One segment's extents: the records they come from, read and checked
+/// whole, then the extents written. Returns (records, bytes).
+async fn restore_segment(
+    plan: &Plan,
+    store: Option<&Store>,
+    seg: &SegRef,
+    extents: SegExtents,
+    sink: Arc<dyn Sink>,
+    progress: Option<Progress>,
+) -> Result<(u64, u64), RestoreError> {
+    let recs = records_of(seg, &extents);
+    let runs = read_runs(plan, store, seg, &recs).await?;
+    // Checking and writing run on the blocking pool, beside the chunks.
+    let disk = plan.disk.clone();
+    tokio::task::spawn_blocking(move || {
+        // The run holding raw position `pos`: its start and bytes.
+        let at = |pos: u64| {
+            let (lo, raw) = &runs[runs.partition_point(|r| r.0 <= pos) - 1];
+            (*lo, raw)
+        };
+        for r in &recs {
+            let (lo, raw) = at(r.payload_pos - RECORD_HEADER_LEN as u64);
+            let a = (r.payload_pos - RECORD_HEADER_LEN as u64 - lo) as usize;
+            let b = (r.payload_pos + r.length - lo) as usize;
+            check_record(&disk, r, &raw[a..b])?;
+        }
+        let mut bytes = 0;
+        for &(s, e, pos) in &extents {
+            let (lo, raw) = at(pos);
+            let a = (pos - lo) as usize;
+            sink.write(s, &raw[a..a + (e - s) as usize])
+                .map_err(io_err(Path::new(&disk)))?;
+            bytes += e - s;
+            tick(&progress, e - s);
+        }
+        Ok::<_, RestoreError>((recs.len() as u64, bytes))
+    })
+    .await
+    .expect("restore worker panicked")
+}
+
+/// The records a segment's extents come from, in segment order, once each.
+fn records_of(seg: &SegRef, extents: &SegExtents) -> Vec<IndexEntry> {
+    let mut recs: Vec<IndexEntry> = Vec::new();
+    for &(s, e, pos) in extents {
+        let idx = seg.entries.partition_point(|x| x.payload_pos <= pos) - 1;
+        let r = &seg.entries[idx];
+        debug_assert!(pos + (e - s) <= r.payload_pos + r.length);
+        if recs.last().is_none_or(|l| l.payload_pos != r.payload_pos) {
+            recs.push(*r);
+        }
+    }
+    recs.sort_by_key(|r| r.payload_pos);
+    recs.dedup_by_key(|r| r.payload_pos);
+    recs
+}
+
+/// Runs of records close together, each read with one ranged GET of the
+/// frames that hold it: a segment with a few surviving records costs those
+/// records' frames, not the whole segment. Returns (raw start, bytes) per
+/// run, in order.
+async fn read_runs(
+    plan: &Plan,
+    store: Option<&Store>,
+    seg: &SegRef,
+    recs: &[IndexEntry],
+) -> Result<Vec<(u64, Vec<u8>)>, RestoreError> {
+    const SPLIT: u64 = 2 * rf::FRAME_RAW as u64;
+    let mut bounds: Vec<(u64, u64)> = Vec::new();
+    for r in recs {
+        let (a, b) = (
+            r.payload_pos - RECORD_HEADER_LEN as u64,
+            r.payload_pos + r.length,
+        );
+        match bounds.last_mut() {
+            Some(l) if a < l.1 + SPLIT => l.1 = l.1.max(b),
+            _ => bounds.push((a, b)),
+        }
+    }
+    futures::stream::iter(bounds.into_iter().map(|(lo, hi)| async move {
+        let raw = read_raw(store, &plan.vm, &plan.disk, seg, lo..hi).await?;
+        Ok::<_, RestoreError>((lo, raw))
+    }))
+    .buffered(4)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// Chunk `i` of the baseline, for the ranges no journal extent covers: zeros
+/// for a chunk that is all zeros, else fetched, checked against its name and
+/// written. Returns (chunks fetched, bytes).
+async fn restore_chunk(
+    plan: &Plan,
+    store: Option<&Store>,
+    i: usize,
+    sink: Arc<dyn Sink>,
+    progress: Option<Progress>,
+) -> Result<(u64, u64), RestoreError> {
+    let b = &plan.baseline;
+    let start = i as u64 * b.chunk_size;
+    let end = (start + b.chunk_size).min(b.size);
+    let gaps = plan.extents.uncovered(start, end);
+    if gaps.is_empty() {
+        return Ok((0, 0));
+    }
+    let Some(hash) = &b.chunks[i] else {
+        for (s, e) in gaps {
+            sink.zero(s, e - s).map_err(io_err(Path::new(&plan.disk)))?;
+            tick(&progress, e - s);
+        }
+        return Ok((0, 0));
+    };
+    let store = store.ok_or_else(|| RestoreError::Corrupt {
+        what: rf::chunk_key(hash),
+        why: "baseline chunks are in the repository, and no repository was given".into(),
+    })?;
+    let key = rf::chunk_key(hash);
+    let retry = RetryPolicy::default();
+    let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
+        .await
+        .map_err(ReadError::from)?;
+    // Decompressing, hashing and writing run on the blocking pool: in
+    // parallel, off the thread that fetches.
+    let (hash, disk) = (hash.clone(), plan.disk.clone());
+    tokio::task::spawn_blocking(move || {
+        let len = (end - start) as usize;
+        let data = rf::decompress_chunk(&hash, &obj, len).map_err(ReadError::from)?;
+        if data.len() != len {
+            return Err(RestoreError::Corrupt {
+                what: key,
+                why: format!("chunk is {} bytes, expected {len}", data.len()),
+            });
+        }
+        for (s, e) in gaps {
+            sink.write(s, &data[(s - start) as usize..(e - start) as usize])
+                .map_err(io_err(Path::new(&disk)))?;
+            tick(&progress, e - s);
+        }
+        Ok((1, end - start))
+    })
+    .await
+    .expect("restore worker panicked")
+}

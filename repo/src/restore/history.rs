@@ -1,0 +1,427 @@
+//! The repository's history of one disk: its baselines, journal segments
+//! (repository and local merged, in replay order), the breaks in the record
+//! chain, unusable objects, and the retention manifest that says what a
+//! prune kept.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cdp_core::journal::format::{self as jf, IndexEntry, Kind};
+
+use super::read::read_record;
+use super::{io_err, RestoreError};
+use crate::format::{self as rf, Baseline, Frame};
+use crate::read::ReadError;
+use crate::store::Store;
+
+/// Where a segment's bytes are.
+#[derive(Debug, Clone)]
+pub enum SegLoc {
+    /// In the repository: `.seg.zst` with this frame table.
+    Repo {
+        frames: Vec<Frame>,
+        object_size: u64,
+    },
+    /// A segment file on this host.
+    Local(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct SegRef {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub record_base: u64,
+    pub entries: Vec<IndexEntry>,
+    pub loc: SegLoc,
+}
+
+/// Everything known about one disk's history.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub vm: String,
+    pub disk: String,
+    pub baselines: Vec<(String, Baseline)>,
+    /// In replay order, repository and local merged.
+    pub segments: Vec<SegRef>,
+    /// Index of the first segment after each break in the record chain.
+    pub breaks: Vec<usize>,
+    /// Repository objects that cannot be used: a segment without its index
+    /// or an index without its segment, an index or baseline that does not
+    /// decode (`cdpctl verify` says which and why).
+    pub orphans: Vec<String>,
+    /// The newest retention manifest of the VM: what a prune kept (points
+    /// older than the any-point window exist only as exact baselines).
+    pub retention: Option<rf::RetentionManifest>,
+}
+
+impl History {
+    /// What retention did to this disk, if it thinned it.
+    pub fn retained(&self) -> Option<(&rf::RetentionManifest, &rf::DiskRetention)> {
+        let m = self.retention.as_ref()?;
+        Some((m, m.disk(&self.disk)?))
+    }
+
+    /// Is every record of this disk after `s0` in the history as far as
+    /// retention is concerned: it deleted records only up to its
+    /// `journal_from_seq`, and the first segment left follows on from what
+    /// it kept?
+    pub fn retained_after(&self, s0: u64) -> bool {
+        match (self.retained(), self.segments.first()) {
+            (Some((_, d)), Some(f)) => s0 >= d.journal_from_seq && f.record_base <= d.record_base,
+            (Some((_, d)), None) => s0 >= d.journal_from_seq,
+            _ => false,
+        }
+    }
+
+    /// An exact baseline (s0 = s1 = seq: no record needed) at `seq`.
+    pub fn exact_baseline(&self, seq: u64) -> Option<&(String, Baseline)> {
+        self.baselines
+            .iter()
+            .rev()
+            .find(|(_, b)| b.s0 == seq && b.s1 == seq)
+    }
+
+    /// The points retention kept, oldest first, with the first point of the
+    /// any-point window last.
+    pub fn kept_points(&self) -> Vec<&rf::KeptPoint> {
+        match &self.retention {
+            Some(m) => m.points.iter().chain(std::iter::once(&m.window)).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Why a point retention thinned away cannot be restored, naming the
+    /// nearest points kept. `key` orders points: by seq or by time.
+    pub fn thinned_why(
+        &self,
+        below: Option<&rf::KeptPoint>,
+        above: Option<&rf::KeptPoint>,
+    ) -> String {
+        let m = self.retention.as_ref();
+        let show =
+            |p: &rf::KeptPoint| format!("seq:{} ({})", p.seq, cdp_core::time::fmt_ns(p.ts_ns));
+        let mut near = Vec::new();
+        if let Some(p) = below {
+            near.push(format!("before it {}", show(p)));
+        }
+        if let Some(p) = above {
+            near.push(format!("after it {}", show(p)));
+        }
+        format!(
+            "retention thinned this point away (prune of {}): the nearest kept points are {}; every point from {} on can be restored (`cdpctl points` lists them)",
+            m.map_or("?".into(), |m| cdp_core::time::fmt_ns(m.written_ns)),
+            if near.is_empty() { "none".to_string() } else { near.join(", ") },
+            m.map_or("?".into(), |m| show(&m.window)),
+        )
+    }
+
+    /// [`History::thinned_why`] for a seq.
+    pub fn thinned_seq(&self, seq: u64) -> String {
+        let k = self.kept_points();
+        let below = k.iter().rev().find(|p| p.seq < seq).copied();
+        let above = k.iter().find(|p| p.seq > seq).copied();
+        self.thinned_why(below, above)
+    }
+
+    /// [`History::thinned_why`] for a time.
+    pub fn thinned_time(&self, ts: u64) -> String {
+        let k = self.kept_points();
+        let below = k.iter().rev().find(|p| p.ts_ns <= ts).copied();
+        let above = k.iter().find(|p| p.ts_ns > ts).copied();
+        self.thinned_why(below, above)
+    }
+
+    pub fn last_entry(&self) -> Option<&IndexEntry> {
+        self.segments.iter().rev().find_map(|s| s.entries.last())
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (usize, &IndexEntry)> {
+        self.segments
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.entries.iter().map(move |e| (i, e)))
+    }
+}
+
+/// Local segments of a disk: sealed ones by their index, the open one by a
+/// scan (its torn tail, if any, ignored).
+fn local_segments(state_dir: &Path, vm: &str, disk: &str) -> Result<Vec<SegRef>, RestoreError> {
+    let dir = cdp_core::journal::journal_dir(state_dir, vm, disk);
+    let mut out = Vec::new();
+    for (_, path) in cdp_core::journal::list_segments(&dir).map_err(|e| RestoreError::Corrupt {
+        what: dir.display().to_string(),
+        why: e.to_string(),
+    })? {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            // Trimmed by the shipper meanwhile: the repository has it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let corrupt = |why: String| RestoreError::Corrupt {
+            what: path.display().to_string(),
+            why,
+        };
+        let header = jf::SegmentHeader::decode(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let entries = match jf::read_index(&bytes).map_err(|e| corrupt(e.to_string()))? {
+            Some(e) => e,
+            None => jf::scan_segment(&bytes)
+                .map_err(|e| corrupt(e.to_string()))?
+                .records
+                .iter()
+                .map(|r| r.index_entry())
+                .collect(),
+        };
+        let Some(last) = entries.last() else { continue };
+        out.push(SegRef {
+            first_seq: header.first_seq,
+            last_seq: last.seq,
+            record_base: header.record_base,
+            entries,
+            loc: SegLoc::Local(path),
+        });
+    }
+    Ok(out)
+}
+
+/// Load a disk's history from the repository and/or the host's state dir.
+pub async fn load_history(
+    store: Option<&Store>,
+    state_dir: Option<&Path>,
+    vm: &str,
+    disk: &str,
+) -> Result<History, RestoreError> {
+    let mut by_first: BTreeMap<u64, SegRef> = BTreeMap::new();
+    let mut baselines = Vec::new();
+    let mut orphans = Vec::new();
+    let mut retention = None;
+    if let Some(store) = store {
+        let chain = load_repo_chain(store, vm, disk, &mut orphans).await?;
+        for s in chain {
+            by_first.insert(
+                s.meta.first_seq,
+                SegRef {
+                    first_seq: s.meta.first_seq,
+                    last_seq: s.meta.last_seq,
+                    record_base: s.meta.record_base,
+                    loc: SegLoc::Repo {
+                        frames: s.frames,
+                        object_size: s.meta.object_size,
+                    },
+                    entries: s.entries,
+                },
+            );
+        }
+        // A baseline that does not decode is left out: restore uses the
+        // others, and says so when none is left.
+        let list = store
+            .list(&rf::baseline_prefix(vm, disk))
+            .await
+            .map_err(ReadError::from)?;
+        for o in list {
+            if rf::parse_baseline_name(o.key.rsplit('/').next().unwrap_or("")).is_none() {
+                continue;
+            }
+            let b = store.get(&o.key).await.map_err(ReadError::from)?;
+            match serde_json::from_slice::<Baseline>(&b) {
+                Ok(bl) => baselines.push((o.key, bl)),
+                Err(_) => orphans.push(o.key),
+            }
+        }
+        baselines.sort_by_key(|(_, b): &(String, Baseline)| (b.s1, b.s0));
+        retention = load_retention(store, vm).await?;
+    }
+    if let Some(dir) = state_dir {
+        for s in local_segments(dir, vm, disk)? {
+            // The same segment in both places: the local copy is cheaper.
+            by_first.insert(s.first_seq, s);
+        }
+    }
+    let segments: Vec<SegRef> = by_first.into_values().collect();
+    let mut breaks = Vec::new();
+    for (i, w) in segments.windows(2).enumerate() {
+        if w[1].record_base != w[0].record_base + w[0].entries.len() as u64 {
+            breaks.push(i + 1);
+        }
+    }
+    Ok(History {
+        vm: vm.to_string(),
+        disk: disk.to_string(),
+        baselines,
+        segments,
+        breaks,
+        orphans,
+        retention,
+    })
+}
+
+/// The newest retention manifest of a VM that decodes (older ones are
+/// left by a prune that was interrupted before removing them).
+pub async fn load_retention(
+    store: &Store,
+    vm: &str,
+) -> Result<Option<rf::RetentionManifest>, RestoreError> {
+    let mut list = store
+        .list(&rf::retention_prefix(vm))
+        .await
+        .map_err(ReadError::from)?;
+    list.sort();
+    for o in list.iter().rev().filter(|o| o.key.ends_with(".json")) {
+        let b = match store.get(&o.key).await {
+            Ok(b) => b,
+            Err(crate::store::StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(ReadError::from(e).into()),
+        };
+        if let Ok(m) = serde_json::from_slice::<rf::RetentionManifest>(&b) {
+            if m.vm_uuid == vm {
+                return Ok(Some(m));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A disk's journal in the repository, in replay order. Objects that cannot
+/// be used (a segment without its index or the reverse, an index that does
+/// not decode) go to `unusable`: the record chain breaks there, so no point
+/// that needs them is planned.
+async fn load_repo_chain(
+    store: &Store,
+    vm: &str,
+    disk: &str,
+    unusable: &mut Vec<String>,
+) -> Result<Vec<rf::SegmentIndex>, RestoreError> {
+    let mut pairs: BTreeMap<(u64, u64), (Option<String>, Option<String>)> = BTreeMap::new();
+    for o in store
+        .list(&rf::journal_prefix(vm, disk))
+        .await
+        .map_err(ReadError::from)?
+    {
+        if let Some((a, b, is_idx)) = rf::parse_journal_name(o.key.rsplit('/').next().unwrap_or(""))
+        {
+            let e = pairs.entry((a, b)).or_default();
+            *(if is_idx { &mut e.1 } else { &mut e.0 }) = Some(o.key);
+        }
+    }
+    let mut out = Vec::new();
+    for (_, pair) in pairs {
+        match pair {
+            (Some(_), Some(idx)) => {
+                let b = store.get(&idx).await.map_err(ReadError::from)?;
+                match rf::SegmentIndex::decode(&idx, &b) {
+                    Ok(i) => out.push(i),
+                    Err(_) => unusable.push(idx),
+                }
+            }
+            (Some(k), None) | (None, Some(k)) => unusable.push(k),
+            (None, None) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Unusable repository objects of the journal whose seq range meets
+/// `lo..=hi` and that no loaded segment stands in for.
+pub(crate) fn damaged_in(h: &History, lo: u64, hi: u64) -> Vec<&str> {
+    h.orphans
+        .iter()
+        .filter(|k| {
+            let Some((a, b, _)) = rf::parse_journal_name(k.rsplit('/').next().unwrap_or("")) else {
+                return false;
+            };
+            a <= hi
+                && b >= lo
+                && !h
+                    .segments
+                    .iter()
+                    .any(|s| s.first_seq <= a && s.last_seq >= b)
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+pub(crate) fn with_damage(h: &History, lo: u64, hi: u64) -> String {
+    let d = damaged_in(h, lo, hi);
+    if d.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (unusable in the repository: {}; run `cdpctl verify`)",
+            d.join(", ")
+        )
+    }
+}
+
+/// Are records known to be missing right after record `p` (before the next
+/// record the history has)? Then no point between `p` and that next record
+/// can be rebuilt exactly: its records may be among the missing ones.
+pub(crate) fn missing_after(h: &History, p: u64) -> Option<String> {
+    let i = h.segments.partition_point(|s| s.first_seq <= p);
+    if i == 0 || p < h.segments[i - 1].last_seq {
+        return None;
+    }
+    let last = h.segments[i - 1].last_seq;
+    match h.segments.get(i) {
+        Some(next) if h.breaks.contains(&i) => Some(format!(
+            "the journal records between seq {last} and seq {} are missing{}",
+            next.first_seq,
+            with_damage(h, last + 1, next.first_seq - 1)
+        )),
+        Some(_) => None,
+        None => {
+            let d = damaged_in(h, last + 1, u64::MAX);
+            (!d.is_empty()).then(|| {
+                format!(
+                    "the journal after seq {last} is damaged ({}; run `cdpctl verify`)",
+                    d.join(", ")
+                )
+            })
+        }
+    }
+}
+
+/// Labels of the MARK records of a disk: (seq, ts, label).
+pub async fn marks(
+    h: &History,
+    store: Option<&Store>,
+) -> Result<Vec<(u64, u64, String)>, RestoreError> {
+    let mut out = Vec::new();
+    let marks: Vec<(usize, IndexEntry)> = h
+        .entries()
+        .filter(|(_, e)| e.kind == Kind::Mark)
+        .map(|(i, e)| (i, *e))
+        .collect();
+    for (i, e) in marks {
+        let (_, payload) = read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await?;
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+        out.push((
+            e.seq,
+            e.ts_ns,
+            v["label"].as_str().unwrap_or("?").to_string(),
+        ));
+    }
+    Ok(out)
+}
+
+/// GAP records of a disk: (seq, ts, reason).
+pub async fn gaps(
+    h: &History,
+    store: Option<&Store>,
+) -> Result<Vec<(u64, u64, String)>, RestoreError> {
+    let mut out = Vec::new();
+    let gaps: Vec<(usize, IndexEntry)> = h
+        .entries()
+        .filter(|(_, e)| e.kind == Kind::Gap)
+        .map(|(i, e)| (i, *e))
+        .collect();
+    for (i, e) in gaps {
+        let (_, payload) = read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await?;
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+        out.push((
+            e.seq,
+            e.ts_ns,
+            v["reason"].as_str().unwrap_or("?").to_string(),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,235 @@
+//! The plan of a restore: which baseline, and the extent map of the last
+//! write to every byte range up to the point, from the segment indexes
+//! alone. Also which seq ranges of a disk can be planned at all.
+
+use cdp_core::journal::extents::{ExtentMap, Source};
+use cdp_core::journal::format::Kind;
+
+use super::history::{missing_after, with_damage, History, SegRef};
+use super::point::Point;
+use super::RestoreError;
+use crate::format::Baseline;
+
+/// What a restore will do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub vm: String,
+    pub disk: String,
+    pub size: u64,
+    pub point_seq: u64,
+    pub baseline_key: String,
+    pub baseline: Baseline,
+    pub extents: ExtentMap,
+    pub segments: Vec<SegRef>,
+    pub records: u64,
+}
+
+/// Choose the baseline and build the extent map for `seq`.
+pub fn plan(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError> {
+    // A point retention kept has a baseline exactly at it.
+    if let Some((key, b)) = h.exact_baseline(seq) {
+        return Ok(build(h, key, b, seq));
+    }
+    let r = plan_inner(h, seq, point);
+    match (&r, h.retained()) {
+        (Err(RestoreError::Impossible { .. }), Some((_, d))) if seq < d.journal_from_seq => {
+            Err(RestoreError::Impossible {
+                disk: h.disk.clone(),
+                point: point.to_string(),
+                why: h.thinned_seq(seq),
+            })
+        }
+        _ => r,
+    }
+}
+
+fn plan_inner(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError> {
+    let impossible = |why: String| RestoreError::Impossible {
+        disk: h.disk.clone(),
+        point: point.to_string(),
+        why,
+    };
+    let last = h.last_entry().map_or(0, |e| e.seq);
+    if seq > last {
+        return Err(impossible(format!(
+            "it is after the newest record of this disk (seq {last}{}){}",
+            h.last_entry()
+                .map(|e| format!(", {}", cdp_core::time::fmt_ns(e.ts_ns)))
+                .unwrap_or_default(),
+            with_damage(h, last + 1, u64::MAX)
+        )));
+    }
+    // The newest record at or before the point: are records missing between
+    // it and the point?
+    if let Some(p) = h.entries().map(|(_, e)| e.seq).filter(|&s| s <= seq).max() {
+        if p < seq {
+            if let Some(why) = missing_after(h, p) {
+                return Err(impossible(why));
+            }
+        }
+    }
+    if h.baselines.is_empty() {
+        let unreadable: Vec<&str> = h
+            .orphans
+            .iter()
+            .filter(|k| k.contains("/baselines/"))
+            .map(String::as_str)
+            .collect();
+        return Err(impossible(if unreadable.is_empty() {
+            "the repository has no baseline of this disk: take one with `cdpctl baseline`".into()
+        } else {
+            format!(
+                "no usable baseline of this disk: {} cannot be read (run `cdpctl verify`)",
+                unreadable.join(", ")
+            )
+        }));
+    }
+    let mut why_not = Vec::new();
+    for (key, b) in h.baselines.iter().rev() {
+        if b.s1 > seq {
+            why_not.push(format!(
+                "baseline {key} is consistent only from seq {}",
+                b.s1
+            ));
+            continue;
+        }
+        match covered(h, b.s0, seq) {
+            Ok(()) => return Ok(build(h, key, b, seq)),
+            Err(w) => why_not.push(format!("baseline {key}: {w}")),
+        }
+    }
+    Err(impossible(why_not.join("; ")))
+}
+
+/// Is every record of (s0, seq] present, with no GAP among them?
+fn covered(h: &History, s0: u64, seq: u64) -> Result<(), String> {
+    let k = h.segments.iter().position(|s| s.last_seq > s0);
+    let Some(k) = k else {
+        return Ok(()); // nothing written after the baseline's scan began
+    };
+    let start_ok = if k == 0 {
+        h.segments[0].record_base == 0 || h.segments[0].first_seq <= s0 + 1 || h.retained_after(s0)
+    } else {
+        !h.breaks.contains(&k)
+    };
+    if !start_ok {
+        return Err(format!(
+            "journal records between seq {s0} and seq {} are missing{}",
+            h.segments[k].first_seq,
+            with_damage(h, s0 + 1, h.segments[k].first_seq - 1)
+        ));
+    }
+    for &b in &h.breaks {
+        if b > k && h.segments[b - 1].last_seq < seq {
+            let (lo, hi) = (h.segments[b - 1].last_seq, h.segments[b].first_seq);
+            return Err(format!(
+                "journal records between seq {lo} and seq {hi} are missing{}",
+                with_damage(h, lo + 1, hi - 1)
+            ));
+        }
+    }
+    for s in &h.segments[k..] {
+        for e in &s.entries {
+            if e.seq > s0 && e.seq <= seq && e.kind == Kind::Gap {
+                return Err(format!(
+                    "seq {} is a GAP (capture was interrupted: the image may differ from the journal there); a baseline taken after it is needed",
+                    e.seq
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn build(h: &History, key: &str, b: &Baseline, seq: u64) -> Plan {
+    let mut m = ExtentMap::new();
+    let mut records = 0;
+    for (i, s) in h.segments.iter().enumerate() {
+        if s.last_seq <= b.s0 || s.first_seq > seq {
+            continue;
+        }
+        for e in &s.entries {
+            if e.seq <= b.s0 || e.seq > seq {
+                continue;
+            }
+            let end = (e.offset + e.length).min(b.size);
+            match e.kind {
+                Kind::Write => m.set(
+                    e.offset,
+                    end,
+                    Source::Journal {
+                        segment: i as u32,
+                        pos: e.payload_pos,
+                    },
+                ),
+                Kind::Zero | Kind::Trim => m.set(e.offset, end, Source::Zero),
+                _ => continue,
+            }
+            records += 1;
+        }
+    }
+    Plan {
+        vm: h.vm.clone(),
+        disk: h.disk.clone(),
+        size: b.size,
+        point_seq: seq,
+        baseline_key: key.to_string(),
+        baseline: b.clone(),
+        extents: m,
+        segments: h.segments.clone(),
+        records,
+    }
+}
+
+/// The seq ranges of a disk that can be restored exactly: for each baseline,
+/// from its s1 up to the record before the first GAP or missing stretch
+/// after its s0. Merged, in order.
+pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
+    let Some(last) = h.last_entry().map(|e| e.seq) else {
+        return Vec::new();
+    };
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (_, b) in &h.baselines {
+        // An exact baseline needs no record for its own point.
+        if b.s0 == b.s1 && b.s1 >= 1 {
+            ranges.push((b.s1, b.s1));
+        }
+        let k = h.segments.iter().position(|s| s.last_seq > b.s0);
+        let mut end = last;
+        if let Some(k) = k {
+            let start_ok = if k == 0 {
+                h.segments[0].record_base == 0
+                    || h.segments[0].first_seq <= b.s0 + 1
+                    || h.retained_after(b.s0)
+            } else {
+                !h.breaks.contains(&k)
+            };
+            if !start_ok {
+                continue;
+            }
+            if let Some(&br) = h.breaks.iter().find(|&&br| br > k) {
+                end = end.min(h.segments[br - 1].last_seq);
+            }
+            if let Some(g) = h.segments[k..]
+                .iter()
+                .flat_map(|s| s.entries.iter())
+                .find(|e| e.seq > b.s0 && e.kind == Kind::Gap)
+            {
+                end = end.min(g.seq.saturating_sub(1));
+            }
+        }
+        let start = b.s1.max(1);
+        if start <= end {
+            ranges.push((start, end));
+        }
+    }
+    ranges.sort();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for r in ranges {
+        match merged.last_mut() {
+            Some(m) if r.0 <= m.1 + 1 => m.1 = m.1.max(r.1),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}

@@ -1,0 +1,123 @@
+//! Reading what a plan names: raw segment bytes (a local file range, or the
+//! frames of a repository object that hold it), whole records with their
+//! CRC checked, and baseline chunks checked against their name.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use bytes::Bytes;
+use cdp_core::journal::format::{IndexEntry, RecordHeader, RECORD_HEADER_LEN};
+
+use super::history::{SegLoc, SegRef};
+use super::{io_err, RestoreError};
+use crate::format as rf;
+use crate::read::ReadError;
+use crate::store::{with_retry, RetryPolicy, Store};
+
+/// Read raw bytes of a segment: a file range, or the frames of the object
+/// that hold it (one ranged GET), decompressed.
+pub async fn read_raw(
+    store: Option<&Store>,
+    vm: &str,
+    disk: &str,
+    seg: &SegRef,
+    range: Range<u64>,
+) -> Result<Vec<u8>, RestoreError> {
+    match &seg.loc {
+        SegLoc::Local(path) => {
+            let f = File::open(path).map_err(io_err(path))?;
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            f.read_exact_at(&mut buf, range.start)
+                .map_err(io_err(path))?;
+            Ok(buf)
+        }
+        SegLoc::Repo {
+            frames,
+            object_size,
+        } => {
+            let key = rf::segment_key(vm, disk, seg.first_seq, seg.last_seq);
+            let store = store.ok_or_else(|| RestoreError::Corrupt {
+                what: key.clone(),
+                why: "segment is only in the repository, and no repository was given".into(),
+            })?;
+            let first = frames
+                .partition_point(|f| f.raw_offset <= range.start)
+                .saturating_sub(1);
+            let last = frames
+                .partition_point(|f| f.raw_offset < range.end)
+                .max(first + 1)
+                - 1;
+            let obj_start = frames[first].object_offset;
+            let obj_end = frames
+                .get(last + 1)
+                .map_or(*object_size, |f| f.object_offset);
+            let retry = RetryPolicy::default();
+            let obj = with_retry(&key, &retry, || store.get_range(&key, obj_start..obj_end))
+                .await
+                .map_err(ReadError::from)?;
+            let raw = rf::decompress_segment(&key, &obj).map_err(ReadError::from)?;
+            let base = frames[first].raw_offset;
+            let (a, b) = ((range.start - base) as usize, (range.end - base) as usize);
+            if b > raw.len() {
+                return Err(RestoreError::Corrupt {
+                    what: key,
+                    why: "frames shorter than the index says".into(),
+                });
+            }
+            Ok(raw[a..b].to_vec())
+        }
+    }
+}
+
+/// Read a whole record (header + payload) and check its CRC.
+pub async fn read_record(
+    store: Option<&Store>,
+    vm: &str,
+    disk: &str,
+    seg: &SegRef,
+    e: &IndexEntry,
+    payload_len: Option<u64>,
+) -> Result<(RecordHeader, Vec<u8>), RestoreError> {
+    let hpos = e.payload_pos - RECORD_HEADER_LEN as u64;
+    let len = match payload_len {
+        Some(n) => n,
+        None => {
+            let hb = read_raw(store, vm, disk, seg, hpos..e.payload_pos).await?;
+            RecordHeader::decode(&hb)
+                .map_err(|err| RestoreError::Corrupt {
+                    what: format!("{disk} seq {}", e.seq),
+                    why: err.to_string(),
+                })?
+                .payload_len as u64
+        }
+    };
+    let raw = read_raw(store, vm, disk, seg, hpos..e.payload_pos + len).await?;
+    check_record(disk, e, &raw).map(|h| (h, raw[RECORD_HEADER_LEN..].to_vec()))
+}
+
+/// Check a whole record (header + payload, `raw`) against its CRC and its
+/// index entry.
+pub fn check_record(disk: &str, e: &IndexEntry, raw: &[u8]) -> Result<RecordHeader, RestoreError> {
+    let corrupt = |why: String| RestoreError::Corrupt {
+        what: format!("{disk} record seq {}", e.seq),
+        why,
+    };
+    let h = RecordHeader::decode(&raw[..RECORD_HEADER_LEN]).map_err(|x| corrupt(x.to_string()))?;
+    h.verify(&raw[..RECORD_HEADER_LEN], &raw[RECORD_HEADER_LEN..])
+        .map_err(|x| corrupt(x.to_string()))?;
+    if h.seq != e.seq || h.offset != e.offset || h.kind != e.kind {
+        return Err(corrupt("record does not match its index entry".into()));
+    }
+    Ok(h)
+}
+
+/// Fetch a chunk and check it against its name.
+pub async fn fetch_chunk(store: &Store, hash: &str, len: usize) -> Result<Vec<u8>, RestoreError> {
+    let key = rf::chunk_key(hash);
+    let retry = RetryPolicy::default();
+    let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
+        .await
+        .map_err(ReadError::from)?;
+    Ok(rf::decompress_chunk(hash, &obj, len).map_err(ReadError::from)?)
+}
