@@ -88,8 +88,7 @@ pub fn recover_if_dead(
     if disks.is_empty() {
         return Ok(None);
     }
-    let uuid =
-        cdp_core::names::check_uuid(&vm.uuid).map_err(|e| AdoptError::Ship(e.to_string()))?;
+    let uuid = cdp_core::names::check_uuid(&vm.uuid)?;
     // All images first: a live cdpd holds every one of them.
     let mut images = Vec::new();
     for (disk, path, _) in &disks {
@@ -159,13 +158,12 @@ pub fn needs_shipping(
 ) -> Result<bool, AdoptError> {
     let now = now_ns();
     for t in targets {
-        let delay = config
-            .target
-            .get(t)
-            .and_then(|t| t.delay)
-            .unwrap_or_default();
-        let cutoff = now.saturating_sub(delay.as_nanos() as u64);
-        if cat.unshipped(vm, t)?.iter().any(|s| s.last_ts_ns <= cutoff) {
+        let delay = cdp_shipper::target_delay(config, t)?;
+        if cat
+            .unshipped(vm, t)?
+            .iter()
+            .any(|s| cdp_shipper::is_due(s, delay, now))
+        {
             return Ok(true);
         }
     }
@@ -240,12 +238,9 @@ pub async fn adopt(
     };
     let mut shipper = match cdp_shipper::Shipper::new(opts, config).await {
         Ok(s) => s,
-        Err(e) => {
+        Err(source) => {
             mark_failing_targets(catalog, config, &vm.uuid, &targets).await;
-            return Err(AdoptError::Targets {
-                policy,
-                message: format!("{e:#}"),
-            });
+            return Err(AdoptError::Targets { policy, source });
         }
     };
     // A running VM goes on writing: one pass (everything sealed by now),
@@ -258,7 +253,7 @@ pub async fn adopt(
             break;
         }
         let st = tokio::select! {
-            r = shipper.pass() => r.map_err(|e| AdoptError::Ship(format!("{e:#}")))?,
+            r = shipper.pass() => r?,
             _ = stop.changed() => break,
         };
         out.passes += 1;
@@ -267,30 +262,9 @@ pub async fn adopt(
         out.baselines += st.baselines;
         out.waiting = st.waiting;
         if st.failed_targets > 0 {
-            let failing: Vec<String> = tokio::task::block_in_place(|| {
-                catalog
-                    .lock()
-                    .unwrap()
-                    .targets(&vm.uuid)
-                    .map(|ts| {
-                        ts.into_iter()
-                            .filter(|t| t.state != "up" && targets.contains(&t.target))
-                            .map(|t| {
-                                format!(
-                                    "{} ({})",
-                                    t.target,
-                                    t.last_error.unwrap_or_else(|| "failing".into())
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            });
-            return Err(AdoptError::TargetFailing(failing.join("; ")));
+            return Err(AdoptError::TargetFailing(shipper.take_failures()));
         }
-        let left = shipper
-            .backlog()
-            .map_err(|e| AdoptError::Ship(format!("{e:#}")))?;
+        let left = shipper.backlog()?;
         // Done, or only segments a delayed target may not have yet.
         if left == 0 || st.shipped == 0 || running {
             break;
@@ -322,5 +296,199 @@ async fn mark_failing_targets(
             let cat = catalog.lock().unwrap();
             let _ = cat.set_target_state(vm, name, &t.url, "failing", Some(&msg), now_ns());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdp_core::catalog::{BaselineRow, Shipment};
+    use cdp_core::journal::writer::SealedSegment;
+
+    const VM: &str = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+    const HOUR: u64 = 3600 * 1_000_000_000;
+
+    fn config() -> Config {
+        let c = Config::parse(
+            r#"
+[target.now]
+url = "file:///srv/now"
+[target.later]
+url = "file:///srv/later"
+delay = "1h"
+[policy.default]
+targets = ["now", "later"]
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        c
+    }
+
+    /// A catalog with the VM and one disk whose image is `image`.
+    fn catalog(dir: &Path, image: &Path) -> Catalog {
+        let cat = Catalog::open(dir).unwrap();
+        cat.upsert_vm(VM, "web").unwrap();
+        cat.upsert_disk(VM, "vda", image, 1 << 20).unwrap();
+        cat
+    }
+
+    fn seal(cat: &Catalog, first_seq: u64, last_ts_ns: u64) {
+        let s = SealedSegment {
+            path: format!("/nonexistent/{first_seq}.seg").into(),
+            first_seq,
+            last_seq: first_seq + 9,
+            first_ts_ns: last_ts_ns - 1,
+            last_ts_ns,
+            records: 10,
+            record_base: first_seq,
+            size_bytes: 4096,
+        };
+        cat.put_segment(VM, "vda", &s, true).unwrap();
+    }
+
+    fn baseline(cat: &Catalog, target: &str, s0: u64) {
+        cat.add_baseline(
+            VM,
+            &BaselineRow {
+                disk: "vda".into(),
+                target: target.into(),
+                s0,
+                s1: s0 + 1,
+                key: format!("b/{target}/{s0}"),
+                created_ns: 1,
+                chunks_total: 1,
+                chunks_uploaded: 1,
+            },
+        )
+        .unwrap();
+    }
+
+    fn ship(cat: &Catalog, target: &str, first_seq: u64) {
+        cat.record_shipment(
+            VM,
+            &Shipment {
+                disk: "vda",
+                first_seq,
+                target,
+                key: "k",
+                object_bytes: 1,
+                shipped_ns: 1,
+            },
+        )
+        .unwrap();
+    }
+
+    fn targets(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_fresh_segment_is_due_to_an_undelayed_target_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // No image on this host: baselines are not a reason to ship.
+        let cat = catalog(dir.path(), &dir.path().join("gone.img"));
+        let c = config();
+        assert!(!needs_shipping(&cat, &c, VM, &targets(&["now", "later"])).unwrap());
+        seal(&cat, 1, now_ns());
+        assert!(needs_shipping(&cat, &c, VM, &targets(&["now"])).unwrap());
+        // Newer than the delay: not yet for the delayed target.
+        assert!(!needs_shipping(&cat, &c, VM, &targets(&["later"])).unwrap());
+        // Shipped where it may go: nothing left to do.
+        ship(&cat, "now", 1);
+        assert!(!needs_shipping(&cat, &c, VM, &targets(&["now", "later"])).unwrap());
+    }
+
+    #[test]
+    fn a_segment_older_than_the_delay_is_due_to_the_delayed_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog(dir.path(), &dir.path().join("gone.img"));
+        seal(&cat, 1, now_ns() - 2 * HOUR);
+        assert!(needs_shipping(&cat, &config(), VM, &targets(&["later"])).unwrap());
+    }
+
+    #[test]
+    fn a_disk_needs_a_baseline_newer_than_its_last_gap_on_every_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vda.img");
+        std::fs::write(&image, b"x").unwrap();
+        let cat = catalog(dir.path(), &image);
+        let c = config();
+        let both = targets(&["now", "later"]);
+        assert!(needs_shipping(&cat, &c, VM, &both).unwrap());
+        baseline(&cat, "now", 5);
+        assert!(
+            needs_shipping(&cat, &c, VM, &both).unwrap(),
+            "later has none"
+        );
+        baseline(&cat, "later", 5);
+        assert!(!needs_shipping(&cat, &c, VM, &both).unwrap());
+        // A GAP after the baselines' s0: they no longer count.
+        cat.add_gap(VM, "vda", 7, 1, "reboot").unwrap();
+        assert!(needs_shipping(&cat, &c, VM, &both).unwrap());
+        baseline(&cat, "now", 7);
+        baseline(&cat, "later", 8);
+        assert!(!needs_shipping(&cat, &c, VM, &both).unwrap());
+    }
+
+    #[test]
+    fn an_unknown_target_is_an_error_not_a_zero_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog(dir.path(), &dir.path().join("gone.img"));
+        seal(&cat, 1, now_ns());
+        let e = needs_shipping(&cat, &config(), VM, &targets(&["nowhere"])).unwrap_err();
+        assert_eq!(e.kind(), "config", "{e}");
+        assert!(e.to_string().contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn the_policy_defaults_for_old_catalogs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog(dir.path(), &dir.path().join("gone.img"));
+        let vm = cat.vms().unwrap().remove(0);
+        // Whatever the schema gives a VM cdpd never named a policy for,
+        // it ships by "default".
+        let mut old = vm.clone();
+        old.policy = None;
+        assert_eq!(policy_of(&old), "default");
+        cat.set_vm_policy(VM, "gold").unwrap();
+        let vm = cat.vms().unwrap().remove(0);
+        assert_eq!(policy_of(&vm), "gold");
+    }
+
+    #[test]
+    fn did_work_counts_recovery_shipping_and_baselines_only() {
+        let mut a = Adoption {
+            vm_uuid: VM.into(),
+            passes: 3,
+            waiting: 2,
+            ..Default::default()
+        };
+        assert!(!a.did_work());
+        a.baselines = 1;
+        assert!(a.did_work());
+        let b = Adoption {
+            recovered: Some(Recovered {
+                previous_end: "crash",
+                sealed_segments: 0,
+                redone_records: 0,
+                torn_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        assert!(b.did_work());
+    }
+
+    #[test]
+    fn a_vm_without_an_open_session_is_not_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog(dir.path(), &dir.path().join("gone.img"));
+        let vm = cat.vms().unwrap().remove(0);
+        let dirs = Dirs {
+            state_dir: dir.path().into(),
+            run_dir: dir.path().join("run"),
+            boot_id_file: dir.path().join("boot_id"),
+        };
+        assert_eq!(recover_if_dead(&cat, &dirs, &vm).unwrap(), None);
     }
 }

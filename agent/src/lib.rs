@@ -54,6 +54,8 @@ pub struct VmFailure {
     pub vm: String,
     pub kind: &'static str,
     pub message: String,
+    /// Trying again soon may succeed ([`AdoptError::is_transient`]).
+    pub transient: bool,
 }
 
 /// What one scan did.
@@ -118,6 +120,7 @@ impl Agent {
                     vm: String::new(),
                     kind: "catalog",
                     message: e.to_string(),
+                    transient: false,
                 });
                 return report;
             }
@@ -153,6 +156,7 @@ impl Agent {
                         vm: vm.name.clone(),
                         kind: e.kind(),
                         message: msg,
+                        transient: e.is_transient(),
                     });
                 }
             }
@@ -314,6 +318,7 @@ pub async fn run_once(opts: &Options) -> Result<ScanReport, AgentError> {
                 vm: String::new(),
                 kind: "retention",
                 message: format!("target {}: {e}", r.target),
+                transient: false,
             });
         }
     }
@@ -343,12 +348,29 @@ pub fn bind_agent_socket(run_dir: &Path) -> Result<tokio::net::UnixDatagram, Age
 }
 
 /// How often to retry a notified VM whose lock is held (its shipper is
-/// draining), and for how long.
+/// draining) or whose adoption failed in a way that may pass, and how many
+/// times.
 const NOTIFIED_RETRY: Duration = Duration::from_secs(1);
 const NOTIFIED_TRIES: u32 = 60;
 
-/// `cdp-agent run`: until SIGTERM or SIGINT.
-pub async fn run(opts: &Options) -> Result<(), AgentError> {
+/// Should a notified VM be tried again soon after this scan of it? While
+/// its own shipper holds the lock, or when its adoption failed only in ways
+/// that may pass by themselves (a target unreachable for a moment); a
+/// permanent failure waits for the next regular scan.
+pub fn retry_notified(r: &ScanReport) -> bool {
+    !r.busy.is_empty() || (!r.failed.is_empty() && r.failed.iter().all(|f| f.transient))
+}
+
+/// Tell systemd `state`, when started by it.
+fn say(n: &Option<Arc<Notifier>>, state: &str) {
+    if let Some(n) = n {
+        let _ = n.notify(state);
+    }
+}
+
+/// A receiver that turns true on SIGTERM or SIGINT (systemd is told
+/// STOPPING=1 at once).
+fn stop_on_signals(notifier: Option<Arc<Notifier>>) -> Result<watch::Receiver<bool>, AgentError> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig_err = |source| AgentError::Io {
         what: "installing signal handlers",
@@ -357,132 +379,140 @@ pub async fn run(opts: &Options) -> Result<(), AgentError> {
     };
     let mut term = signal(SignalKind::terminate()).map_err(sig_err)?;
     let mut int = signal(SignalKind::interrupt()).map_err(sig_err)?;
-    let notifier = Notifier::from_env().map(Arc::new);
-    let say = |n: &Option<Arc<Notifier>>, s: &str| {
-        if let Some(n) = n {
-            let _ = n.notify(s);
-        }
-    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    {
-        let n = notifier.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            if let Some(n) = n {
-                let _ = n.notify("STOPPING=1\nSTATUS=stopping");
-            }
-            let _ = stop_tx.send(true);
-        });
-    }
-
-    let mut agent = Agent::new(opts, stop_rx.clone())?;
-    let metrics_task = match opts.config.metrics_listen() {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| AgentError::MetricsListen { addr, source })?;
-            let src = Arc::new(metrics::Source {
-                catalog: agent.catalog.clone(),
-                config: opts.config.clone(),
-                run_dir: opts.run_dir.clone(),
-                counters: agent.counters(),
-            });
-            Some(tokio::spawn(metrics::serve(l, src)))
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        None => None,
+        say(&notifier, "STOPPING=1\nSTATUS=stopping");
+        let _ = stop_tx.send(true);
+    });
+    Ok(stop_rx)
+}
+
+/// Serve the metrics on `[agent] metrics_listen` (none when it is "").
+async fn start_metrics(
+    opts: &Options,
+    agent: &Agent,
+) -> Result<Option<tokio::task::JoinHandle<()>>, AgentError> {
+    let Some(addr) = opts.config.metrics_listen() else {
+        return Ok(None);
     };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::MetricsListen { addr, source })?;
+    let src = Arc::new(metrics::Source {
+        catalog: agent.catalog.clone(),
+        config: opts.config.clone(),
+        run_dir: opts.run_dir.clone(),
+        counters: agent.counters(),
+    });
+    Ok(Some(tokio::spawn(metrics::serve(l, src))))
+}
+
+/// Ping systemd's watchdog, when it watches us.
+fn start_watchdog(notifier: &Option<Arc<Notifier>>) -> Option<tokio::task::JoinHandle<()>> {
+    let (n, every) = (notifier.clone()?, sdnotify::watchdog_interval()?);
+    Some(tokio::spawn(async move {
+        loop {
+            let _ = n.notify("WATCHDOG=1");
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
+/// `cdp-agent run`: until SIGTERM or SIGINT.
+pub async fn run(opts: &Options) -> Result<(), AgentError> {
+    let notifier = Notifier::from_env().map(Arc::new);
+    let stop = stop_on_signals(notifier.clone())?;
+    let mut agent = Agent::new(opts, stop.clone())?;
+    let metrics_task = start_metrics(opts, &agent).await?;
     let sock = bind_agent_socket(&opts.run_dir)?;
+    let metrics_on = opts
+        .config
+        .metrics_listen()
+        .map_or("nothing".to_string(), |a| a.to_string());
     say(
         &notifier,
         &format!(
-            "READY=1\nSTATUS=watching {}; metrics on {}",
+            "READY=1\nSTATUS=watching {}; metrics on {metrics_on}",
             opts.state_dir.display(),
-            opts.config
-                .metrics_listen()
-                .map_or("nothing".to_string(), |a| a.to_string())
         ),
     );
     eprintln!(
-        "cdp-agent: watching {} (scan every {:?}, retention every {:?}), notifications on {}, metrics on {}",
+        "cdp-agent: watching {} (scan every {:?}, retention every {:?}), notifications on {}, metrics on {metrics_on}",
         opts.state_dir.display(),
         opts.config.scan_interval(),
         opts.config.retention_interval(),
         cdp_core::notify::agent_socket(&opts.run_dir).display(),
-        opts.config
-            .metrics_listen()
-            .map_or("nothing".to_string(), |a| a.to_string())
     );
-    let watchdog = match (notifier.clone(), sdnotify::watchdog_interval()) {
-        (Some(n), Some(every)) => Some(tokio::spawn(async move {
-            loop {
-                let _ = n.notify("WATCHDOG=1");
-                tokio::time::sleep(every).await;
-            }
-        })),
-        _ => None,
-    };
-
-    let scan_every = opts.config.scan_interval();
-    let retention_every = opts.config.retention_interval();
-    let mut next_scan = Instant::now();
-    let mut next_retention = Instant::now();
-    let mut notified: HashMap<String, u32> = HashMap::new();
-    let mut stop = stop_rx;
-    let mut buf = [0u8; 256];
-    while !*stop.borrow() {
-        let now = Instant::now();
-        if now >= next_scan {
-            let r = agent.scan(None).await;
-            next_scan = Instant::now() + scan_every;
-            say(&notifier, &format!("STATUS={}", summary(&r)));
-            for a in &r.adopted {
-                notified.remove(&a.vm_uuid);
-            }
-        }
-        if !notified.is_empty() {
-            let uuids: Vec<String> = notified.keys().cloned().collect();
-            for u in uuids {
-                let r = agent.scan(Some(&u)).await;
-                let tries = notified.get_mut(&u).expect("present");
-                *tries += 1;
-                if r.busy.is_empty() || *tries >= NOTIFIED_TRIES {
-                    notified.remove(&u);
-                }
-            }
-        }
-        if Instant::now() >= next_retention {
-            agent.retention_pass().await;
-            next_retention = Instant::now() + retention_every;
-        }
-        let mut wake = next_scan.min(next_retention);
-        if !notified.is_empty() {
-            wake = wake.min(Instant::now() + NOTIFIED_RETRY);
-        }
-        tokio::select! {
-            _ = stop.changed() => {}
-            r = sock.recv(&mut buf) => match r {
-                Ok(n) => match cdp_core::notify::parse_message(&buf[..n]) {
-                    Some(u) => { notified.insert(u.to_string(), 0); }
-                    None => agent.counters.error("notify"),
-                },
-                Err(_) => agent.counters.error("notify"),
-            },
-            _ = tokio::time::sleep_until(wake) => {}
-        }
-    }
+    let watchdog = start_watchdog(&notifier);
+    agent.serve(&sock, &notifier, stop).await;
     say(&notifier, "STOPPING=1\nSTATUS=stopping");
-    if let Some(t) = watchdog {
-        t.abort();
-    }
-    if let Some(t) = metrics_task {
+    for t in [watchdog, metrics_task].into_iter().flatten() {
         t.abort();
     }
     let _ = std::fs::remove_file(cdp_core::notify::agent_socket(&opts.run_dir));
     eprintln!("cdp-agent: stopped");
     Ok(())
+}
+
+impl Agent {
+    /// Scan every `scan_interval`, apply retention every
+    /// `retention_interval`, and adopt a VM at once when `sock` names it,
+    /// until `stop`.
+    async fn serve(
+        &mut self,
+        sock: &tokio::net::UnixDatagram,
+        notifier: &Option<Arc<Notifier>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let scan_every = self.config.scan_interval();
+        let retention_every = self.config.retention_interval();
+        let mut next_scan = Instant::now();
+        let mut next_retention = Instant::now();
+        let mut notified: HashMap<String, u32> = HashMap::new();
+        let mut buf = [0u8; 256];
+        while !*stop.borrow() {
+            if Instant::now() >= next_scan {
+                let r = self.scan(None).await;
+                next_scan = Instant::now() + scan_every;
+                say(notifier, &format!("STATUS={}", summary(&r)));
+                for a in &r.adopted {
+                    notified.remove(&a.vm_uuid);
+                }
+            }
+            let uuids: Vec<String> = notified.keys().cloned().collect();
+            for u in uuids {
+                let r = self.scan(Some(&u)).await;
+                let tries = notified.get_mut(&u).expect("present");
+                *tries += 1;
+                if !retry_notified(&r) || *tries >= NOTIFIED_TRIES {
+                    notified.remove(&u);
+                }
+            }
+            if Instant::now() >= next_retention {
+                self.retention_pass().await;
+                next_retention = Instant::now() + retention_every;
+            }
+            let mut wake = next_scan.min(next_retention);
+            if !notified.is_empty() {
+                wake = wake.min(Instant::now() + NOTIFIED_RETRY);
+            }
+            tokio::select! {
+                _ = stop.changed() => {}
+                r = sock.recv(&mut buf) => match r {
+                    Ok(n) => match cdp_core::notify::parse_message(&buf[..n]) {
+                        Some(u) => { notified.insert(u.to_string(), 0); }
+                        None => self.counters.error("notify"),
+                    },
+                    Err(_) => self.counters.error("notify"),
+                },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
 }
 
 fn summary(r: &ScanReport) -> String {
@@ -493,4 +523,96 @@ fn summary(r: &ScanReport) -> String {
         r.busy.len(),
         r.failed.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adopt::Recovered;
+
+    fn failure(transient: bool) -> VmFailure {
+        VmFailure {
+            vm_uuid: "u".into(),
+            vm: "web".into(),
+            kind: "target",
+            message: "target(s) failing".into(),
+            transient,
+        }
+    }
+
+    #[test]
+    fn a_notified_vm_is_retried_while_busy_or_failing_transiently() {
+        let mut r = ScanReport::default();
+        assert!(!retry_notified(&r), "adopted or nothing to do: done");
+        r.busy.push("u".into());
+        assert!(retry_notified(&r));
+        let mut r = ScanReport::default();
+        r.failed.push(failure(true));
+        assert!(retry_notified(&r));
+        r.failed.push(failure(false));
+        assert!(
+            !retry_notified(&r),
+            "a permanent failure waits for the scan"
+        );
+    }
+
+    #[test]
+    fn the_status_line_counts_each_outcome() {
+        let r = ScanReport {
+            vms: 4,
+            adopted: vec![Adoption::default()],
+            busy: vec!["a".into(), "b".into()],
+            failed: vec![failure(true)],
+            retention: vec![],
+        };
+        assert_eq!(
+            summary(&r),
+            "4 VM(s) looked at; 1 adopted, 2 shipped by their own shipper, 1 failing"
+        );
+    }
+
+    #[test]
+    fn an_adoption_is_described_by_what_it_did() {
+        let a = Adoption {
+            vm_uuid: "u".into(),
+            recovered: Some(Recovered {
+                previous_end: "crash",
+                sealed_segments: 2,
+                redone_records: 3,
+                torn_bytes: 512,
+            }),
+            shipped_segments: 5,
+            shipped_bytes: 4096,
+            baselines: 1,
+            waiting: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            describe(&a),
+            "sealed the journal its cdpd left open (2 segment(s), 3 record(s) redone, 512 torn byte(s) cut; session ended: crash); \
+             shipped 5 segment(s), 4096 byte(s); took 1 baseline(s); 2 segment(s) wait for a delayed target"
+        );
+        assert_eq!(describe(&Adoption::default()), "");
+    }
+
+    #[tokio::test]
+    async fn a_live_agent_socket_is_never_replaced_a_stale_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = bind_agent_socket(dir.path()).unwrap();
+        match bind_agent_socket(dir.path()) {
+            Err(AgentError::AlreadyRunning(p)) => {
+                assert_eq!(p, cdp_core::notify::agent_socket(dir.path()))
+            }
+            other => panic!("expected AlreadyRunning, got {other:?}"),
+        }
+        drop(s);
+        // The file stays behind; nobody listens on it any more.
+        assert!(cdp_core::notify::agent_socket(dir.path()).exists());
+        let s = bind_agent_socket(dir.path()).unwrap();
+        let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        tx.send_to(b"x", cdp_core::notify::agent_socket(dir.path()))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(s.recv(&mut buf).await.unwrap(), 1);
+    }
 }

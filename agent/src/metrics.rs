@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cdp_core::catalog::{Catalog, CatalogError};
+use cdp_core::catalog::{Catalog, CatalogError, VmRow};
 use cdp_core::config::Config;
 use cdp_core::time::now_ns;
 use http_body_util::Full;
@@ -109,87 +109,110 @@ fn counter(
     Ok(c)
 }
 
-/// Render every metric in the text format 0.0.4.
-pub fn render(src: &Source) -> Result<String, MetricsError> {
-    let r = Registry::new();
-    let rpo = gauge(
-        &r,
-        "cdp_rpo_seconds",
-        "Age of the oldest write no target has yet (running VMs: as cdpd reports it; stopped: oldest unshipped record), 0 when all is shipped",
-        &["vm", "vm_uuid", "disk"],
-    )?;
-    let running = int_gauge(
-        &r,
-        "cdp_vm_running",
-        "1 while the VM's cdpd answers on its control socket",
-        &["vm", "vm_uuid"],
-    )?;
-    let backlog_bytes = int_gauge(
-        &r,
-        "cdp_backlog_bytes",
-        "Bytes of sealed journal segments a target does not have yet",
-        &["vm", "vm_uuid", "disk", "target"],
-    )?;
-    let backlog_segments = int_gauge(
-        &r,
-        "cdp_backlog_segments",
-        "Sealed journal segments a target does not have yet",
-        &["vm", "vm_uuid", "disk", "target"],
-    )?;
-    let shipped = counter(
-        &r,
-        "cdp_shipped_bytes_total",
-        "Bytes of journal segment objects a target received (as the catalog records them)",
-        &["vm", "vm_uuid", "target"],
-    )?;
-    let target_up = int_gauge(
-        &r,
-        "cdp_target_up",
-        "1 when the target worked the last time a shipper used it, 0 when it was failing",
-        &["target"],
-    )?;
-    let errors = counter(
-        &r,
-        "cdp_errors_total",
-        "Errors the agent met, by kind",
-        &["kind"],
-    )?;
-    let adoptions = prometheus::IntCounter::new(
-        "cdp_agent_adoptions_total",
-        "Adoptions that recovered or shipped something",
-    )?;
-    r.register(Box::new(adoptions.clone()))?;
+/// The metric families of one scrape, registered in a fresh registry.
+struct Families {
+    registry: Registry,
+    rpo: GaugeVec,
+    running: IntGaugeVec,
+    backlog_bytes: IntGaugeVec,
+    backlog_segments: IntGaugeVec,
+    shipped: IntCounterVec,
+    target_up: IntGaugeVec,
+    errors: IntCounterVec,
+    adoptions: prometheus::IntCounter,
+}
 
-    {
-        let inner = src.counters.inner.lock().unwrap();
-        for k in ERROR_KINDS {
-            errors.with_label_values(&[k]).inc_by(0);
-        }
-        for (k, n) in &inner.errors {
-            errors.with_label_values(&[k]).inc_by(*n);
-        }
-        adoptions.inc_by(inner.adoptions);
+impl Families {
+    fn new() -> Result<Families, MetricsError> {
+        let r = Registry::new();
+        let disk_target = &["vm", "vm_uuid", "disk", "target"];
+        let f = Families {
+            rpo: gauge(
+                &r,
+                "cdp_rpo_seconds",
+                "Age of the oldest write no target has yet (running VMs: as cdpd reports it; stopped: oldest unshipped record), 0 when all is shipped",
+                &["vm", "vm_uuid", "disk"],
+            )?,
+            running: int_gauge(
+                &r,
+                "cdp_vm_running",
+                "1 while the VM's cdpd answers on its control socket",
+                &["vm", "vm_uuid"],
+            )?,
+            backlog_bytes: int_gauge(
+                &r,
+                "cdp_backlog_bytes",
+                "Bytes of sealed journal segments a target does not have yet",
+                disk_target,
+            )?,
+            backlog_segments: int_gauge(
+                &r,
+                "cdp_backlog_segments",
+                "Sealed journal segments a target does not have yet",
+                disk_target,
+            )?,
+            shipped: counter(
+                &r,
+                "cdp_shipped_bytes_total",
+                "Bytes of journal segment objects a target received (as the catalog records them)",
+                &["vm", "vm_uuid", "target"],
+            )?,
+            target_up: int_gauge(
+                &r,
+                "cdp_target_up",
+                "1 when the target worked the last time a shipper used it, 0 when it was failing",
+                &["target"],
+            )?,
+            errors: counter(
+                &r,
+                "cdp_errors_total",
+                "Errors the agent met, by kind",
+                &["kind"],
+            )?,
+            adoptions: prometheus::IntCounter::new(
+                "cdp_agent_adoptions_total",
+                "Adoptions that recovered or shipped something",
+            )?,
+            registry: r,
+        };
+        f.registry.register(Box::new(f.adoptions.clone()))?;
+        Ok(f)
     }
 
-    let vms = src.catalog.lock().unwrap().vms()?;
-    let now = now_ns();
-    // target → (updated_ns, up) of its freshest observation.
-    let mut targets_seen: BTreeMap<String, (u64, bool)> = BTreeMap::new();
-    for vm in &vms {
+    /// The agent's own counters; every error kind, 0 until it happens.
+    fn counters(&self, c: &Counters) {
+        let inner = c.inner.lock().unwrap();
+        for k in ERROR_KINDS {
+            self.errors.with_label_values(&[k]).inc_by(0);
+        }
+        for (k, n) in &inner.errors {
+            self.errors.with_label_values(&[k]).inc_by(*n);
+        }
+        self.adoptions.inc_by(inner.adoptions);
+    }
+
+    /// One VM: running, RPO and backlog per disk, bytes shipped per target.
+    /// Notes in `targets_seen` the freshest state of each target it used.
+    fn vm(
+        &self,
+        src: &Source,
+        vm: &VmRow,
+        now: u64,
+        targets_seen: &mut BTreeMap<String, (u64, bool)>,
+    ) -> Result<(), MetricsError> {
         // Outside the catalog lock: a cdpd may take up to its timeout.
         let status = cdpd_answers(&src.run_dir, &vm.uuid);
         let cat = src.catalog.lock().unwrap();
-        running
+        self.running
             .with_label_values(&[&vm.name, &vm.uuid])
             .set(status.is_some() as i64);
-        let rows = cat.targets(&vm.uuid)?;
         let mut target_names: Vec<String> = src
             .config
             .policy
             .get(policy_of(vm))
             .map(|p| p.targets.clone())
             .unwrap_or_default();
-        for t in &rows {
+        for t in &cat.targets(&vm.uuid)? {
             if !target_names.contains(&t.target) {
                 target_names.push(t.target.clone());
             }
@@ -209,32 +232,41 @@ pub fn render(src: &Source) -> Result<String, MetricsError> {
                     oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9)
                 }
             };
-            rpo.with_label_values(&[&vm.name, &vm.uuid, &disk])
+            self.rpo
+                .with_label_values(&[&vm.name, &vm.uuid, &disk])
                 .set(rpo_s);
             for t in &target_names {
                 let (n, bytes, _) = cat.backlog(&vm.uuid, &disk, t)?;
-                let l = [
-                    vm.name.as_str(),
-                    vm.uuid.as_str(),
-                    disk.as_str(),
-                    t.as_str(),
-                ];
-                backlog_bytes.with_label_values(&l).set(bytes as i64);
-                backlog_segments.with_label_values(&l).set(n as i64);
+                let l = [&vm.name, &vm.uuid, &disk, t.as_str()];
+                self.backlog_bytes.with_label_values(&l).set(bytes as i64);
+                self.backlog_segments.with_label_values(&l).set(n as i64);
             }
         }
         for (t, bytes) in cat.shipped_bytes(&vm.uuid)? {
-            shipped
+            self.shipped
                 .with_label_values(&[&vm.name, &vm.uuid, &t])
                 .inc_by(bytes);
         }
+        Ok(())
+    }
+}
+
+/// Render every metric in the text format 0.0.4.
+pub fn render(src: &Source) -> Result<String, MetricsError> {
+    let f = Families::new()?;
+    f.counters(&src.counters);
+    let vms = src.catalog.lock().unwrap().vms()?;
+    let now = now_ns();
+    // target → (updated_ns, up) of its freshest observation.
+    let mut targets_seen: BTreeMap<String, (u64, bool)> = BTreeMap::new();
+    for vm in &vms {
+        f.vm(src, vm, now, &mut targets_seen)?;
     }
     for (t, (_, up)) in targets_seen {
-        target_up.with_label_values(&[&t]).set(up as i64);
+        f.target_up.with_label_values(&[&t]).set(up as i64);
     }
-
     let mut buf = Vec::new();
-    TextEncoder::new().encode(&r.gather(), &mut buf)?;
+    TextEncoder::new().encode(&f.registry.gather(), &mut buf)?;
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
@@ -296,5 +328,144 @@ async fn handle(
             "text/plain",
             format!("{e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdp_core::catalog::Shipment;
+    use cdp_core::journal::writer::SealedSegment;
+    use std::path::Path;
+
+    const VM: &str = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+
+    /// A stopped VM with one disk and two sealed segments of 4096 bytes;
+    /// "primary" holds the first one.
+    fn source(dir: &Path) -> Source {
+        let cat = Catalog::open(dir).unwrap();
+        cat.upsert_vm(VM, "web").unwrap();
+        cat.upsert_disk(VM, "vda", &dir.join("vda.img"), 1 << 20)
+            .unwrap();
+        let old = now_ns() - 10_000_000_000;
+        for first_seq in [1, 11] {
+            let s = SealedSegment {
+                path: format!("/nonexistent/{first_seq}.seg").into(),
+                first_seq,
+                last_seq: first_seq + 9,
+                first_ts_ns: old,
+                last_ts_ns: old + first_seq,
+                records: 10,
+                record_base: first_seq,
+                size_bytes: 4096,
+            };
+            cat.put_segment(VM, "vda", &s, true).unwrap();
+        }
+        cat.record_shipment(
+            VM,
+            &Shipment {
+                disk: "vda",
+                first_seq: 1,
+                target: "primary",
+                key: "k",
+                object_bytes: 1000,
+                shipped_ns: 1,
+            },
+        )
+        .unwrap();
+        cat.set_target_state(VM, "primary", "file:///p", "up", None, 5)
+            .unwrap();
+        cat.set_target_state(VM, "offsite", "s3://o", "failing", Some("down"), 6)
+            .unwrap();
+        let config = Config::parse(
+            r#"
+[target.primary]
+url = "file:///p"
+[target.offsite]
+url = "s3://o"
+[policy.default]
+targets = ["primary", "offsite"]
+"#,
+        )
+        .unwrap();
+        Source {
+            catalog: Arc::new(Mutex::new(cat)),
+            config,
+            run_dir: dir.join("run"),
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// The value of the sample whose name and labels are exactly `series`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn renders_backlog_rpo_targets_and_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        src.counters.error("target");
+        src.counters.error("target");
+        src.counters.adoption();
+        let t = render(&src).unwrap();
+        let vm = format!("vm=\"web\",vm_uuid=\"{VM}\"");
+        assert_eq!(sample(&t, &format!("cdp_vm_running{{{vm}}}")), Some(0.0));
+        let backlog = |m: &str, target: &str| {
+            sample(&t, &format!("{m}{{disk=\"vda\",target=\"{target}\",{vm}}}"))
+        };
+        assert_eq!(backlog("cdp_backlog_segments", "primary"), Some(1.0), "{t}");
+        assert_eq!(backlog("cdp_backlog_segments", "offsite"), Some(2.0), "{t}");
+        assert_eq!(backlog("cdp_backlog_bytes", "offsite"), Some(8192.0), "{t}");
+        // Stopped VM: the age of its oldest record nobody has.
+        let rpo = sample(&t, &format!("cdp_rpo_seconds{{disk=\"vda\",{vm}}}")).unwrap();
+        assert!((9.0..3600.0).contains(&rpo), "{rpo}");
+        assert_eq!(
+            sample(
+                &t,
+                &format!("cdp_shipped_bytes_total{{target=\"primary\",{vm}}}")
+            ),
+            Some(1000.0)
+        );
+        assert_eq!(sample(&t, "cdp_target_up{target=\"primary\"}"), Some(1.0));
+        assert_eq!(sample(&t, "cdp_target_up{target=\"offsite\"}"), Some(0.0));
+        assert_eq!(sample(&t, "cdp_errors_total{kind=\"target\"}"), Some(2.0));
+        assert_eq!(sample(&t, "cdp_agent_adoptions_total"), Some(1.0));
+        // Every kind is there before it happens.
+        for k in ERROR_KINDS.iter().filter(|k| **k != "target") {
+            assert_eq!(
+                sample(&t, &format!("cdp_errors_total{{kind=\"{k}\"}}")),
+                Some(0.0),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vm_that_went_away_disappears() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Source {
+            catalog: Arc::new(Mutex::new(Catalog::open(dir.path()).unwrap())),
+            config: Config::parse("").unwrap(),
+            run_dir: dir.path().join("run"),
+            counters: Arc::new(Counters::default()),
+        };
+        let t = render(&src).unwrap();
+        assert!(!t.contains("cdp_vm_running{"), "{t}");
+        assert!(!t.contains("cdp_backlog_segments{"), "{t}");
+        assert_eq!(sample(&t, "cdp_errors_total{kind=\"ship\"}"), Some(0.0));
+    }
+
+    #[test]
+    fn counters_count_by_kind() {
+        let c = Counters::default();
+        c.error("ship");
+        c.error("ship");
+        c.error("lock");
+        assert_eq!(c.errors("ship"), 2);
+        assert_eq!(c.errors("lock"), 1);
+        assert_eq!(c.errors("notify"), 0);
     }
 }

@@ -9,17 +9,21 @@
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
-use cdp_core::catalog::Catalog;
+use cdp_core::catalog::{BaselineRow, Catalog};
 use cdp_core::time::now_ns;
 use cdp_repo::format::{self as rf, Baseline, CHUNK_SIZE};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
 use futures::StreamExt;
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
+
+use crate::error::{Result, ShipError};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BaselineResult {
@@ -30,6 +34,21 @@ pub struct BaselineResult {
     pub chunks_data: u64,
     pub chunks_uploaded: u64,
     pub bytes_uploaded: u64,
+}
+
+/// One baseline to take: a disk of a VM, to one target.
+pub struct BaselineJob<'a> {
+    pub store: &'a Store,
+    /// The target's name (catalog rows and errors).
+    pub target: &'a str,
+    pub retry: &'a RetryPolicy,
+    pub catalog: &'a Arc<Mutex<Catalog>>,
+    /// Where the VM's cdpd listens (its settled seq, while it runs).
+    pub run_dir: &'a Path,
+    pub vm: &'a str,
+    pub disk: &'a str,
+    /// The disk's image (a file or a block device).
+    pub image: &'a Path,
 }
 
 /// The newest seq of a disk whose image write is complete: from the running
@@ -50,97 +69,90 @@ pub fn settled_seq(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &st
 
 /// Is [off, off+len) entirely a hole?
 fn is_hole(f: &File, off: u64, len: u64) -> bool {
-    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if r < 0 {
+    match lseek(f.as_raw_fd(), off as nix::libc::off_t, Whence::SeekData) {
+        Ok(data) => data as u64 >= off + len,
         // ENXIO: no data after `off`. Other errors (no SEEK_DATA support): read it.
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        Err(e) => e == Errno::ENXIO,
     }
-    r as u64 >= off + len
 }
 
 /// All chunk hashes the repository holds.
-async fn existing_chunks(store: &Store, retry: &RetryPolicy) -> Result<HashSet<String>> {
-    let list = with_retry("list chunks", retry, || store.list(rf::CHUNKS_PREFIX)).await?;
+async fn existing_chunks(job: &BaselineJob<'_>) -> Result<HashSet<String>> {
+    let list = with_retry("list chunks", job.retry, || {
+        job.store.list(rf::CHUNKS_PREFIX)
+    })
+    .await
+    .map_err(ShipError::store(job.target))?;
     Ok(list
         .into_iter()
         .filter_map(|o| o.key.rsplit('/').next().map(str::to_string))
         .collect())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn take(
-    store: &Store,
-    retry: &RetryPolicy,
-    catalog: &Arc<Mutex<Catalog>>,
-    target: &str,
-    vm: &str,
-    disk: &str,
+/// What scanning the image found: one entry per chunk (its hash, `None` for
+/// a hole or zeros), and what was uploaded.
+struct Scan {
+    chunks: Vec<Option<String>>,
+    data: u64,
+    uploaded: u64,
+    bytes_uploaded: u64,
+}
+
+/// A chunk read and hashed: its hash and, when the repository lacks it and
+/// no other chunk of this scan uploads it, its compressed body.
+type Prepared = Option<(String, Option<Vec<u8>>)>;
+
+/// Read, hash and (when fresh) compress the chunk at `off` on a blocking thread.
+fn prepare_chunk(
+    f: &File,
+    off: u64,
+    len: u64,
+    have: &HashSet<String>,
+    uploaded: &Mutex<HashSet<String>>,
     image: &Path,
-    run_dir: &Path,
-) -> Result<BaselineResult> {
-    let started = now_ns();
-    // Retention deletes no chunk while this baseline counts on the ones it
-    // finds (on an error path the lease expires by itself).
-    let lease = cdp_repo::lease::acquire(
-        store,
-        vm,
-        "baseline",
-        &format!("{disk} baseline"),
-        cdp_repo::lease::DEFAULT_TTL,
-    )
-    .await?;
-    let s0 = settled_seq(run_dir, catalog, vm, disk)?;
-    let have = existing_chunks(store, retry).await?;
-    let f = File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let size = {
-        let r = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
-        anyhow::ensure!(
-            r >= 0,
-            "size of {}: {}",
-            image.display(),
-            std::io::Error::last_os_error()
-        );
-        r as u64
+) -> Result<Prepared> {
+    if is_hole(f, off, len) {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, off)
+        .map_err(ShipError::io("reading", image))?;
+    if buf.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    let h = blake3::hash(&buf).to_hex().to_string();
+    let fresh = !have.contains(&h) && uploaded.lock().unwrap().insert(h.clone());
+    let body = if fresh {
+        Some(rf::compress_chunk(&buf).map_err(ShipError::io("compressing a chunk of", image))?)
+    } else {
+        None
     };
+    Ok(Some((h, body)))
+}
+
+/// Read every chunk of the image and upload those the repository lacks,
+/// four at a time (read, hash and compress on blocking threads).
+async fn scan_image(job: &BaselineJob<'_>, f: File, size: u64) -> Result<Scan> {
     let n = size.div_ceil(CHUNK_SIZE);
     let f = Arc::new(f);
+    let have = Arc::new(existing_chunks(job).await?);
     let uploaded = Arc::new(Mutex::new(HashSet::<String>::new()));
-    let have = Arc::new(have);
-    // Read, hash and compress on blocking threads; upload a few at a time.
+    let image = Arc::new(job.image.to_path_buf());
     let results: Vec<Result<(Option<String>, u64)>> = futures::stream::iter(0..n)
         .map(|i| {
-            let (f, have, uploaded, store, retry) = (
-                f.clone(),
-                have.clone(),
-                uploaded.clone(),
-                store.clone(),
-                retry.clone(),
-            );
+            let (f, have, uploaded, image) =
+                (f.clone(), have.clone(), uploaded.clone(), image.clone());
             async move {
                 let off = i * CHUNK_SIZE;
                 let len = CHUNK_SIZE.min(size - off);
-                let prepared = tokio::task::spawn_blocking(
-                    move || -> Result<Option<(String, Option<Vec<u8>>)>> {
-                        if is_hole(&f, off, len) {
-                            return Ok(None);
-                        }
-                        let mut buf = vec![0u8; len as usize];
-                        f.read_exact_at(&mut buf, off)?;
-                        if buf.iter().all(|&b| b == 0) {
-                            return Ok(None);
-                        }
-                        let h = blake3::hash(&buf).to_hex().to_string();
-                        let fresh =
-                            !have.contains(&h) && uploaded.lock().unwrap().insert(h.clone());
-                        let body = if fresh {
-                            Some(rf::compress_chunk(&buf)?)
-                        } else {
-                            None
-                        };
-                        Ok(Some((h, body)))
-                    },
-                )
-                .await??;
+                let prepared = tokio::task::spawn_blocking(move || {
+                    prepare_chunk(&f, off, len, &have, &uploaded, &image)
+                })
+                .await
+                .map_err(|source| ShipError::Task {
+                    what: "reading a chunk",
+                    source,
+                })??;
                 match prepared {
                     None => Ok((None, 0)),
                     Some((h, None)) => Ok((Some(h), 0)),
@@ -148,7 +160,9 @@ pub async fn take(
                         let key = rf::chunk_key(&h);
                         let body = bytes::Bytes::from(body);
                         let nb = body.len() as u64;
-                        with_retry(&key, &retry, || store.put(&key, body.clone())).await?;
+                        with_retry(&key, job.retry, || job.store.put(&key, body.clone()))
+                            .await
+                            .map_err(ShipError::store(job.target))?;
                         Ok((Some(h), nb))
                     }
                 }
@@ -157,20 +171,53 @@ pub async fn take(
         .buffered(4)
         .collect()
         .await;
-    let mut chunks = Vec::with_capacity(n as usize);
-    let (mut up, mut bytes_up, mut data) = (0u64, 0u64, 0u64);
+    let mut scan = Scan {
+        chunks: Vec::with_capacity(n as usize),
+        data: 0,
+        uploaded: 0,
+        bytes_uploaded: 0,
+    };
     for r in results {
         let (h, nb) = r?;
         if h.is_some() {
-            data += 1;
+            scan.data += 1;
         }
         if nb > 0 {
-            up += 1;
-            bytes_up += nb;
+            scan.uploaded += 1;
+            scan.bytes_uploaded += nb;
         }
-        chunks.push(h);
+        scan.chunks.push(h);
     }
-    let s1 = settled_seq(run_dir, catalog, vm, disk)?.max(s0);
+    Ok(scan)
+}
+
+/// Take a baseline of `job.disk` to `job.store` and record it in the catalog.
+pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
+    let (vm, disk) = (job.vm, job.disk);
+    let started = now_ns();
+    // Retention deletes no chunk while this baseline counts on the ones it
+    // finds (on an error path the lease expires by itself).
+    let lease = cdp_repo::lease::acquire(
+        job.store,
+        vm,
+        "baseline",
+        &format!("{disk} baseline"),
+        cdp_repo::lease::DEFAULT_TTL,
+    )
+    .await
+    .map_err(|source| ShipError::Lease {
+        target: job.target.to_string(),
+        source: Box::new(source),
+    })?;
+    let s0 = settled_seq(job.run_dir, job.catalog, vm, disk)?;
+    let mut f = File::open(job.image).map_err(ShipError::io("opening", job.image))?;
+    // A block device has no length in its metadata: ask where its end is.
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(ShipError::io("finding the size of", job.image))?;
+    let scan = scan_image(job, f, size).await?;
+    let s1 = settled_seq(job.run_dir, job.catalog, vm, disk)?.max(s0);
+    let n = scan.chunks.len() as u64;
     let b = Baseline {
         vm_uuid: vm.to_string(),
         disk: disk.to_string(),
@@ -180,23 +227,34 @@ pub async fn take(
         s1,
         started_ns: started,
         finished_ns: now_ns(),
-        chunks,
+        chunks: scan.chunks,
     };
     let key = rf::baseline_key(vm, disk, s1, s0);
-    let body = bytes::Bytes::from(serde_json::to_vec(&b)?);
-    with_retry(&key, retry, || store.put(&key, body.clone())).await?;
-    catalog
-        .lock()
-        .unwrap()
-        .add_baseline(vm, disk, target, s0, s1, &key, now_ns(), n, up)?;
+    let body = bytes::Bytes::from(serde_json::to_vec(&b).expect("a baseline serializes"));
+    with_retry(&key, job.retry, || job.store.put(&key, body.clone()))
+        .await
+        .map_err(ShipError::store(job.target))?;
+    job.catalog.lock().unwrap().add_baseline(
+        vm,
+        &BaselineRow {
+            disk: disk.to_string(),
+            target: job.target.to_string(),
+            s0,
+            s1,
+            key: key.clone(),
+            created_ns: now_ns(),
+            chunks_total: n,
+            chunks_uploaded: scan.uploaded,
+        },
+    )?;
     lease.release().await;
     Ok(BaselineResult {
         key,
         s0,
         s1,
         chunks_total: n,
-        chunks_data: data,
-        chunks_uploaded: up,
-        bytes_uploaded: bytes_up,
+        chunks_data: scan.data,
+        chunks_uploaded: scan.uploaded,
+        bytes_uploaded: scan.bytes_uploaded,
     })
 }

@@ -7,6 +7,7 @@
 //! backoff per target, when a baseline is due, what may be trimmed.
 
 pub mod baseline;
+pub mod error;
 pub mod lock;
 pub mod ship;
 
@@ -14,13 +15,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use cdp_core::catalog::Catalog;
+use cdp_core::catalog::{Catalog, SegmentRow, Shipment};
 use cdp_core::config::Config;
 use cdp_core::time::now_ns;
 use cdp_repo::format as rf;
 use cdp_repo::store::{RetryPolicy, Store, StoreError};
 use futures::StreamExt;
+
+pub use error::{Kind, Result, ShipError};
 
 /// One target of the policy, opened.
 pub struct Target {
@@ -32,6 +34,34 @@ pub struct Target {
     next_try: Option<Instant>,
     /// The vm.json this target is known to hold (no GET per pass).
     vm_json: Option<Vec<u8>>,
+    /// Why the last pass failed on this target, until taken.
+    last_error: Option<ShipError>,
+}
+
+/// A target that failed in a pass, with why.
+#[derive(Debug)]
+pub struct TargetFailure {
+    pub target: String,
+    pub error: ShipError,
+}
+
+impl std::fmt::Display for TargetFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.target, self.error)
+    }
+}
+
+/// How long to leave a failing target alone after its `failures`-th failure
+/// in a row: doubling from 400ms while retrying may help, at once the most
+/// (10s) when it may not (credentials, format: an operator has to act).
+pub fn backoff(failures: u32, transient: bool) -> Duration {
+    const MAX: Duration = Duration::from_secs(10);
+    if !transient {
+        return MAX;
+    }
+    Duration::from_millis(200)
+        .saturating_mul(1 << failures.min(6))
+        .min(MAX)
 }
 
 pub struct Options {
@@ -65,37 +95,44 @@ pub struct PassStats {
     pub waiting: u64,
 }
 
+/// The delay of the target `name` (zero for a target without one): how
+/// long a segment waits after its last record before it may go there.
+pub fn target_delay(config: &Config, name: &str) -> Result<Duration> {
+    match config.target.get(name) {
+        Some(t) => Ok(t.delay.unwrap_or_default()),
+        None => Err(ShipError::UnknownTarget {
+            target: name.to_string(),
+        }),
+    }
+}
+
+/// May the sealed segment `row` go to a target of delay `delay` at `now_ns`:
+/// is its newest record at least `delay` old?
+pub fn is_due(row: &SegmentRow, delay: Duration, now_ns: u64) -> bool {
+    row.last_ts_ns <= now_ns.saturating_sub(delay.as_nanos() as u64)
+}
+
 /// Open every target of a policy, check that it is reachable and holds a
 /// repository of our format (creating the marker in an empty one).
 pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
     let Some(p) = config.policy.get(policy) else {
-        bail!(
-            "policy {policy:?} is not in the config{}: add [policy.{policy}] with targets = [...]",
-            config
-                .source
-                .as_ref()
-                .map(|s| format!(" {}", s.display()))
-                .unwrap_or_default()
-        );
+        return Err(ShipError::UnknownPolicy {
+            policy: policy.to_string(),
+            config: config.source.clone(),
+        });
     };
     if p.targets.is_empty() {
-        bail!("policy {policy:?} has no targets: add targets = [\"primary\", …] and [target.primary] url = …");
+        return Err(ShipError::NoTargets {
+            policy: policy.to_string(),
+        });
     }
     let mut out = Vec::new();
     for name in &p.targets {
+        let delay = target_delay(config, name)?;
         let t = &config.target[name];
-        let delay = match &t.delay {
-            Some(d) => cdp_core::config::parse_duration(d).map_err(anyhow::Error::msg)?,
-            None => Duration::ZERO,
-        };
-        let store = Store::for_target(t).with_context(|| format!("target {name} ({})", t.url))?;
-        store
-            .check()
-            .await
-            .with_context(|| format!("target {name} ({}) is not usable", t.url))?;
-        ensure_format(&store)
-            .await
-            .with_context(|| format!("target {name} ({})", t.url))?;
+        let store = Store::for_target(t).map_err(ShipError::store(name))?;
+        store.check().await.map_err(ShipError::store(name))?;
+        ensure_format(&store, name).await?;
         out.push(Target {
             name: name.clone(),
             url: t.url.clone(),
@@ -104,6 +141,7 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
             failures: 0,
             next_try: None,
             vm_json: None,
+            last_error: None,
         });
     }
     Ok(out)
@@ -111,17 +149,19 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
 
 /// Create `cdp/v1/FORMAT` in an empty repository; refuse one of another
 /// format or version.
-pub async fn ensure_format(store: &Store) -> Result<()> {
+/// `target` names it in errors.
+pub async fn ensure_format(store: &Store, target: &str) -> Result<()> {
     match store.get(rf::FORMAT_KEY).await {
-        Ok(b) => rf::check_format_marker(&b)?,
-        Err(StoreError::NotFound { .. }) => {
-            store
-                .put(rf::FORMAT_KEY, bytes::Bytes::from(rf::format_marker()))
-                .await?
-        }
-        Err(e) => return Err(e.into()),
+        Ok(b) => rf::check_format_marker(&b).map_err(|source| ShipError::Format {
+            target: target.to_string(),
+            source,
+        }),
+        Err(StoreError::NotFound { .. }) => store
+            .put(rf::FORMAT_KEY, bytes::Bytes::from(rf::format_marker()))
+            .await
+            .map_err(ShipError::store(target)),
+        Err(e) => Err(ShipError::store(target)(e)),
     }
-    Ok(())
 }
 
 impl Shipper {
@@ -178,22 +218,22 @@ impl Shipper {
                 Ok(()) => {
                     t.failures = 0;
                     t.next_try = None;
+                    t.last_error = None;
                     ("up", None)
                 }
                 Err(e) => {
                     stats.failed_targets += 1;
                     t.failures += 1;
-                    let backoff = Duration::from_millis(200)
-                        .saturating_mul(1 << t.failures.min(6))
-                        .min(Duration::from_secs(10));
+                    let backoff = backoff(t.failures, e.is_transient());
                     t.next_try = Some(Instant::now() + backoff);
-                    let msg = format!("{e:#}");
+                    let msg = e.to_string();
                     if t.failures == 1 || t.failures.is_multiple_of(20) {
                         eprintln!(
                             "cdp-shipper: target {}: {msg} (failure {}, retrying in {backoff:?})",
                             t.name, t.failures
                         );
                     }
+                    t.last_error = Some(e);
                     ("failing", Some(msg))
                 }
             };
@@ -218,7 +258,7 @@ impl Shipper {
             match std::fs::remove_file(&s.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("trimming {}", s.path)),
+                Err(e) => return Err(ShipError::io("trimming", &s.path)(e)),
             }
             cat.set_trimmed(&self.opts.vm_uuid, &s.disk, s.first_seq)?;
         }
@@ -247,20 +287,19 @@ impl Shipper {
                 if have {
                     continue;
                 }
-                let r = baseline::take(
-                    &t.store,
-                    &self.retry,
-                    &self.catalog,
-                    &t.name,
-                    &vm,
-                    &disk,
-                    std::path::Path::new(&path),
-                    &self.opts.run_dir,
-                )
-                .await;
-                match r {
+                let job = baseline::BaselineJob {
+                    store: &t.store,
+                    target: &t.name,
+                    retry: &self.retry,
+                    catalog: &self.catalog,
+                    run_dir: &self.opts.run_dir,
+                    vm: &vm,
+                    disk: &disk,
+                    image: std::path::Path::new(&path),
+                };
+                match baseline::take(&job).await {
                     Ok(_) => n += 1,
-                    Err(e) => eprintln!("cdp-shipper: baseline of {disk} to {}: {e:#}", t.name),
+                    Err(e) => eprintln!("cdp-shipper: baseline of {disk} to {}: {e}", t.name),
                 }
             }
         }
@@ -288,7 +327,7 @@ impl Shipper {
                 })
                 .collect(),
         };
-        let body = serde_json::to_vec_pretty(&j)?;
+        let body = serde_json::to_vec_pretty(&j).expect("vm.json serializes");
         for t in &mut self.targets {
             if t.next_try.is_some() || t.vm_json.as_deref() == Some(&body[..]) {
                 continue;
@@ -327,7 +366,8 @@ impl Shipper {
             let ts = now_ns();
             t.store
                 .put(&rf::config_key(vm, ts), bytes::Bytes::from(xml.clone()))
-                .await?;
+                .await
+                .map_err(ShipError::store(&t.name))?;
             self.cat().add_config(vm, &t.name, ts, &hash)?;
         }
         Ok(())
@@ -342,6 +382,20 @@ impl Shipper {
         }
         Ok(n)
     }
+
+    /// The targets that failed in the last pass, with why (each error is
+    /// handed out once; the target stays in its backoff).
+    pub fn take_failures(&mut self) -> Vec<TargetFailure> {
+        self.targets
+            .iter_mut()
+            .filter_map(|t| {
+                t.last_error.take().map(|error| TargetFailure {
+                    target: t.name.clone(),
+                    error,
+                })
+            })
+            .collect()
+    }
 }
 
 /// Ship to one target what is due to it. Returns how it went and what it did.
@@ -355,31 +409,33 @@ async fn ship_target(
     let mut stats = PassStats::default();
     let r = async {
         let rows = catalog.lock().unwrap().unshipped(vm, &t.name)?;
-        let cutoff = now_ns().saturating_sub(t.delay.as_nanos() as u64);
+        let now = now_ns();
         let (due, waiting): (Vec<_>, Vec<_>) =
-            rows.into_iter().partition(|r| r.last_ts_ns <= cutoff);
+            rows.into_iter().partition(|r| is_due(r, t.delay, now));
         stats.waiting = waiting.len() as u64;
         let parallel = upload_parallelism(due.len(), max_parallel);
         let mut results = futures::stream::iter(due.into_iter().map(|row| async move {
-            let r = ship::ship_segment(&t.store, retry, vm, &row).await;
+            let r = ship::ship_segment(&t.store, &t.name, retry, vm, &row).await;
             (row, r)
         }))
         .buffered(parallel);
         while let Some((row, r)) = results.next().await {
-            let shipped = r.with_context(|| format!("shipping {}", row.path))?;
+            let shipped = r?;
             catalog.lock().unwrap().record_shipment(
                 vm,
-                &row.disk,
-                row.first_seq,
-                &t.name,
-                &shipped.key,
-                shipped.object_bytes,
-                now_ns(),
+                &Shipment {
+                    disk: &row.disk,
+                    first_seq: row.first_seq,
+                    target: &t.name,
+                    key: &shipped.key,
+                    object_bytes: shipped.object_bytes,
+                    shipped_ns: now_ns(),
+                },
             )?;
             stats.shipped += 1;
             stats.shipped_bytes += shipped.object_bytes;
         }
-        anyhow::Ok(())
+        Ok::<_, ShipError>(())
     }
     .await;
     (r, stats)
@@ -393,7 +449,19 @@ pub fn upload_parallelism(backlog: usize, max: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::upload_parallelism;
+    use super::{backoff, upload_parallelism};
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_while_retrying_may_help() {
+        assert_eq!(backoff(1, true), Duration::from_millis(400));
+        assert_eq!(backoff(2, true), Duration::from_millis(800));
+        assert_eq!(backoff(5, true), Duration::from_millis(6400));
+        assert_eq!(backoff(6, true), Duration::from_secs(10));
+        assert_eq!(backoff(40, true), Duration::from_secs(10));
+        // A permanent error waits the most from the first failure.
+        assert_eq!(backoff(1, false), Duration::from_secs(10));
+    }
 
     #[test]
     fn parallelism_scales_with_backlog() {

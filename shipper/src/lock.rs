@@ -9,10 +9,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use cdp_core::layout::StateDir;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -23,15 +25,17 @@ pub struct LockError {
     pub source: io::Error,
 }
 
-/// `<state-dir>/vms/<vm-uuid>/shipper.lock`.
+/// `<state-dir>/vms/<vm-uuid>/shipper.lock` ([`VmStateDir::shipper_lock`]).
+///
+/// [`VmStateDir::shipper_lock`]: cdp_core::layout::VmStateDir::shipper_lock
 pub fn lock_path(state_dir: &Path, vm_uuid: &str) -> PathBuf {
-    state_dir.join("vms").join(vm_uuid).join("shipper.lock")
+    StateDir::new(state_dir).vm(vm_uuid).shipper_lock()
 }
 
 /// The held lock; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct ShipperLock {
-    _file: File,
+    _lock: Flock<File>,
     path: PathBuf,
 }
 
@@ -66,16 +70,13 @@ pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, 
         Err(e) => return Err(err(e)),
     };
     give_to_dir_owner(&file, dir).map_err(err)?;
+    let mut file = file;
     loop {
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            return Ok(Some(ShipperLock { _file: file, path }));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Ok(None),
-            _ => return Err(err(e)),
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(Some(ShipperLock { _lock: lock, path })),
+            Err((f, Errno::EINTR)) => file = f,
+            Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(err(e.into())),
         }
     }
 }
@@ -84,7 +85,7 @@ pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, 
 /// state directory (the QEMU user), as the catalog does.
 fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
     let d = std::fs::metadata(dir)?;

@@ -4,11 +4,12 @@
 //! upload writes the same bytes under the same names: a restart duplicates
 //! nothing.
 
-use anyhow::{bail, Context, Result};
 use cdp_core::catalog::SegmentRow;
 use cdp_core::journal::format::{read_index, SegmentHeader};
 use cdp_repo::format::{self as rf, IndexMeta, SegmentIndex};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
+
+use crate::error::{Result, ShipError};
 
 pub struct Shipped {
     pub key: String,
@@ -22,11 +23,15 @@ pub fn encode_segment(
     path: &str,
     raw: &[u8],
 ) -> Result<(Vec<u8>, SegmentIndex)> {
-    let header = SegmentHeader::decode(raw).with_context(|| format!("{path}: segment header"))?;
-    let Some(entries) = read_index(raw).with_context(|| format!("{path}: segment index"))? else {
-        bail!("{path}: segment is not sealed");
+    let bad = |source| ShipError::Segment {
+        path: path.into(),
+        source,
     };
-    let (obj, frames) = rf::compress_segment(raw)?;
+    let header = SegmentHeader::decode(raw).map_err(bad)?;
+    let Some(entries) = read_index(raw).map_err(bad)? else {
+        return Err(ShipError::NotSealed { path: path.into() });
+    };
+    let (obj, frames) = rf::compress_segment(raw).map_err(ShipError::io("compressing", path))?;
     let meta = IndexMeta {
         vm_uuid: vm.to_string(),
         disk: disk.to_string(),
@@ -50,26 +55,37 @@ pub fn encode_segment(
     ))
 }
 
+/// Upload one sealed segment and its index to `store` (the target named
+/// `target`).
 pub async fn ship_segment(
     store: &Store,
+    target: &str,
     retry: &RetryPolicy,
     vm: &str,
     row: &SegmentRow,
 ) -> Result<Shipped> {
     let raw = tokio::fs::read(&row.path)
         .await
-        .with_context(|| format!("reading {}", row.path))?;
+        .map_err(ShipError::io("reading", &row.path))?;
     let (vm2, disk, path) = (vm.to_string(), row.disk.clone(), row.path.clone());
-    let (obj, idx) =
-        tokio::task::spawn_blocking(move || encode_segment(&vm2, &disk, &path, &raw)).await??;
+    let (obj, idx) = tokio::task::spawn_blocking(move || encode_segment(&vm2, &disk, &path, &raw))
+        .await
+        .map_err(|source| ShipError::Task {
+            what: "encoding a segment",
+            source,
+        })??;
     let m = &idx.meta;
     let seg_key = rf::segment_key(vm, &row.disk, m.first_seq, m.last_seq);
     let idx_key = rf::index_key(vm, &row.disk, m.first_seq, m.last_seq);
     let obj = bytes::Bytes::from(obj);
     let object_bytes = obj.len() as u64;
-    with_retry(&seg_key, retry, || store.put(&seg_key, obj.clone())).await?;
+    with_retry(&seg_key, retry, || store.put(&seg_key, obj.clone()))
+        .await
+        .map_err(ShipError::store(target))?;
     let ib = bytes::Bytes::from(idx.encode());
-    with_retry(&idx_key, retry, || store.put(&idx_key, ib.clone())).await?;
+    with_retry(&idx_key, retry, || store.put(&idx_key, ib.clone()))
+        .await
+        .map_err(ShipError::store(target))?;
     Ok(Shipped {
         key: seg_key,
         object_bytes,

@@ -44,16 +44,16 @@ pub fn run(ctx: &Ctx, g: &Global, a: &BaselineArgs) -> Result<()> {
         let mut out = Vec::new();
         for (disk, path, _) in &disks {
             for t in &targets {
-                let r = cdp_shipper::baseline::take(
-                    &t.store,
-                    &retry,
-                    &catalog,
-                    &t.name,
-                    &vm,
+                let r = cdp_shipper::baseline::take(&cdp_shipper::baseline::BaselineJob {
+                    store: &t.store,
+                    target: &t.name,
+                    retry: &retry,
+                    catalog: &catalog,
+                    run_dir: &ctx.run_dir,
+                    vm: &vm,
                     disk,
-                    std::path::Path::new(path),
-                    &ctx.run_dir,
-                )
+                    image: std::path::Path::new(path),
+                })
                 .await?;
                 out.push((disk.clone(), t.name.clone(), r));
             }
