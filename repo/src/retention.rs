@@ -214,11 +214,61 @@ fn fmt_dur(ns: u64) -> String {
 
 /// Decide what to keep, write and delete. Pure.
 pub fn plan(input: &PlanInput) -> RetentionPlan {
+    let states = known_states(input);
+    let now = input.now_ns;
+    let cutoff = now.saturating_sub(input.retention.any_point.as_nanos() as u64);
+    let Some(w) = window_start(&states, cutoff) else {
+        return RetentionPlan {
+            window: None,
+            points: Vec::new(),
+            disks: input
+                .histories
+                .iter()
+                .map(|h| DiskPlan {
+                    disk: h.disk.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+    };
+    let point = |seq: u64, why: Vec<String>| {
+        let s = &states[&seq];
+        let mut marks = s.marks.clone();
+        marks.sort();
+        KeptPoint {
+            seq,
+            ts_ns: s.ts,
+            until_ns: s.until,
+            marks,
+            why,
+        }
+    };
+    let points: Vec<KeptPoint> = thinned_points(input, &states, w)
+        .into_iter()
+        .map(|(seq, mut why)| {
+            why.dedup();
+            point(seq, why)
+        })
+        .collect();
+    let window = point(w, vec!["window".into()]);
+    let disks = input
+        .histories
+        .iter()
+        .map(|h| plan_disk(input.vm, h, &window, &points))
+        .collect();
+    RetentionPlan {
+        window: Some(window),
+        points,
+        disks,
+    }
+}
+
+/// Known states: the journal's records (VM-wide; below the previous window
+/// start only the previous manifest's points are known, the records left
+/// there are not all of the VM's), then the previous manifest's points with
+/// the validity they were given; each with the marks made at it.
+fn known_states(input: &PlanInput) -> BTreeMap<u64, State> {
     let prev_w = input.previous.map(|m| m.window.seq);
-    // Known states: the journal's records (VM-wide; below the previous
-    // window start only the previous manifest's points are known, the
-    // records left there are not all of the VM's), then the previous
-    // manifest's points with the validity they were given.
     let mut states: BTreeMap<u64, State> = BTreeMap::new();
     for h in input.histories {
         for (_, e) in h.entries() {
@@ -263,45 +313,30 @@ pub fn plan(input: &PlanInput) -> RetentionPlan {
             }
         }
     }
+    states
+}
+
+/// The window's first point: the state at the cutoff.
+fn window_start(states: &BTreeMap<u64, State>, cutoff: u64) -> Option<u64> {
     let valid_at = |s: &State, t: u64| s.ts <= t && s.until.is_none_or(|u| t < u);
-    let now = input.now_ns;
-    let cutoff = now.saturating_sub(input.retention.any_point.as_nanos() as u64);
-    // The window's first point: the state at the cutoff.
-    let window = match states.range(..).rev().find(|(_, s)| s.ts <= cutoff) {
+    match states.range(..).rev().find(|(_, s)| s.ts <= cutoff) {
         None => None,
         Some((&seq, s)) if valid_at(s, cutoff) => Some(seq),
         // The state at the cutoff was thinned away before: the window
         // begins at the next state known.
         Some((&seq, _)) => states.range(seq + 1..).next().map(|(&q, _)| q),
-    };
-    let Some(w) = window else {
-        return RetentionPlan {
-            window: None,
-            points: Vec::new(),
-            disks: input
-                .histories
-                .iter()
-                .map(|h| DiskPlan {
-                    disk: h.disk.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-        };
-    };
-    let point = |seq: u64, why: Vec<String>| {
-        let s = &states[&seq];
-        let mut marks = s.marks.clone();
-        marks.sort();
-        KeptPoint {
-            seq,
-            ts_ns: s.ts,
-            until_ns: s.until,
-            marks,
-            why,
-        }
-    };
+    }
+}
+
+/// The points kept before the window (`w`) by the thinned tiers and the
+/// marks, each with why.
+fn thinned_points(
+    input: &PlanInput,
+    states: &BTreeMap<u64, State>,
+    w: u64,
+) -> BTreeMap<u64, Vec<String>> {
+    let now = input.now_ns;
     let wts = states[&w].ts;
-    // Thinned tiers and marks, before the window.
     let reach = input
         .retention
         .thin
@@ -332,24 +367,7 @@ pub fn plan(input: &PlanInput) -> RetentionPlan {
             kept.entry(seq).or_default().push("mark".into());
         }
     }
-    let points: Vec<KeptPoint> = kept
-        .into_iter()
-        .map(|(seq, mut why)| {
-            why.dedup();
-            point(seq, why)
-        })
-        .collect();
-    let window = point(w, vec!["window".into()]);
-    let disks = input
-        .histories
-        .iter()
-        .map(|h| plan_disk(input.vm, h, &window, &points))
-        .collect();
-    RetentionPlan {
-        window: Some(window),
-        points,
-        disks,
-    }
+    kept
 }
 
 fn plan_disk(vm: &str, h: &History, window: &KeptPoint, points: &[KeptPoint]) -> DiskPlan {
@@ -699,12 +717,68 @@ pub async fn apply_with(
 ) -> Result<Report, RetentionError> {
     let started_ns = cdp_core::time::now_ns();
     let vm = vm_uuid;
-    let mut report = Report {
-        vm_uuid: vm.to_string(),
-        dry_run,
-        now: cdp_core::time::fmt_ns(now_ns),
-        ..Default::default()
+    let mut hs = load_histories(store, vm).await?;
+    let previous = hs.first().and_then(|h| h.retention.clone());
+    let marks = read_marks(store, &hs).await;
+    let p = plan(&PlanInput {
+        vm,
+        histories: &hs,
+        marks: &marks,
+        previous: previous.as_ref(),
+        retention,
+        now_ns,
+    });
+    let mut report = Report::of_plan(vm, dry_run, now_ns, &p);
+    let written_ns = started_ns.max(previous.as_ref().map_or(0, |m| m.written_ns + 1));
+    let Some(manifest) = p.manifest(vm, written_ns, now_ns, retention, previous.as_ref()) else {
+        return Ok(report);
     };
+    // Sizes, for the bytes freed.
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    for o in list(store, &rf::vm_prefix(vm)).await? {
+        sizes.insert(o.key, o.size);
+    }
+    // 1. Synthetic baselines.
+    write_synthetic(store, &mut hs, &p, &mut report).await?;
+    // 2. The manifest, before anything is deleted.
+    // An identical manifest is not written again: a prune resumed after a
+    // kill goes on deleting instead of only adding manifests.
+    let changes = p.changes(previous.as_ref(), &manifest);
+    let same = RetentionPlan::same_manifest(previous.as_ref(), &manifest);
+    if changes && !same && !dry_run {
+        let manifest_key = rf::retention_key(vm, written_ns);
+        let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap());
+        let retry = RetryPolicy::default();
+        with_retry(&manifest_key, &retry, || {
+            store.put(&manifest_key, body.clone())
+        })
+        .await
+        .map_err(store_err("put", &manifest_key))?;
+        report.manifest = Some(manifest_key);
+    }
+    let mut del = Deleter {
+        store,
+        vm,
+        sizes,
+        since_check: 0,
+        deferred: false,
+        budget: opts.max_deletions,
+        report: &mut report,
+    };
+    // 3. Journal segments and 4. baselines no kept point uses.
+    delete_history(&mut del, &p).await?;
+    // 5. Chunks no baseline of any VM names (deferred while any VM has a
+    //    lease: a baseline being taken may count on a chunk it found).
+    gc_chunks(&mut del, &p).await?;
+    // 6. Older manifests, expired leases.
+    if !dry_run && !del.deferred {
+        delete_stale(&mut del).await?;
+    }
+    Ok(report)
+}
+
+/// The repository history of every disk of VM `vm`.
+async fn load_histories(store: &Store, vm: &str) -> Result<Vec<History>, RetentionError> {
     let disks =
         crate::read::list_disks(store, vm)
             .await
@@ -723,40 +797,43 @@ pub async fn apply_with(
             })?;
         hs.push(h);
     }
-    let previous = hs.first().and_then(|h| h.retention.clone());
-    let marks = read_marks(store, &hs).await;
-    let p = plan(&PlanInput {
-        vm,
-        histories: &hs,
-        marks: &marks,
-        previous: previous.as_ref(),
-        retention,
-        now_ns,
-    });
-    report.window_from_seq = p.window.as_ref().map(|w| w.seq);
-    report.window_from = p.window.as_ref().map(|w| cdp_core::time::fmt_ns(w.ts_ns));
-    report.kept_points = p.points.len() as u64;
-    report.points = p.points.clone();
-    for d in &p.disks {
+    Ok(hs)
+}
+
+impl Report {
+    /// What the plan keeps, before anything is done.
+    fn of_plan(vm: &str, dry_run: bool, now_ns: u64, p: &RetentionPlan) -> Report {
+        let mut report = Report {
+            vm_uuid: vm.to_string(),
+            dry_run,
+            now: cdp_core::time::fmt_ns(now_ns),
+            ..Default::default()
+        };
+        report.window_from_seq = p.window.as_ref().map(|w| w.seq);
+        report.window_from = p.window.as_ref().map(|w| cdp_core::time::fmt_ns(w.ts_ns));
+        report.kept_points = p.points.len() as u64;
+        report.points = p.points.clone();
+        for d in &p.disks {
+            report
+                .unrestorable
+                .extend(d.unrestorable.iter().map(|&s| (d.disk.clone(), s)));
+        }
         report
-            .unrestorable
-            .extend(d.unrestorable.iter().map(|&s| (d.disk.clone(), s)));
     }
-    let written_ns = started_ns.max(previous.as_ref().map_or(0, |m| m.written_ns + 1));
-    let Some(manifest) = p.manifest(vm, written_ns, now_ns, retention, previous.as_ref()) else {
-        return Ok(report);
-    };
-    // Sizes, for the bytes freed.
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    for o in list(store, &rf::vm_prefix(vm)).await? {
-        sizes.insert(o.key, o.size);
-    }
-    // 1. Synthetic baselines.
+}
+
+/// Step 1: the exact baselines the plan asks for (dry run: counted only).
+async fn write_synthetic(
+    store: &Store,
+    hs: &mut [History],
+    p: &RetentionPlan,
+    report: &mut Report,
+) -> Result<(), RetentionError> {
     let mut have: Option<HashSet<String>> = None;
     for (h, d) in hs.iter_mut().zip(&p.disks) {
         for &(seq, ts) in &d.synthesize {
             report.synthetic_baselines += 1;
-            if dry_run {
+            if report.dry_run {
                 continue;
             }
             if have.is_none() {
@@ -773,33 +850,15 @@ pub async fn apply_with(
             report.bytes_uploaded += b;
         }
     }
-    // 2. The manifest, before anything is deleted.
-    let changes = p.changes(previous.as_ref(), &manifest);
-    let manifest_key = rf::retention_key(vm, written_ns);
-    // An identical manifest is not written again: a prune resumed after a
-    // kill goes on deleting instead of only adding manifests.
-    let same = RetentionPlan::same_manifest(previous.as_ref(), &manifest);
-    if changes && !same && !dry_run {
-        let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap());
-        let retry = RetryPolicy::default();
-        with_retry(&manifest_key, &retry, || {
-            store.put(&manifest_key, body.clone())
-        })
-        .await
-        .map_err(store_err("put", &manifest_key))?;
-        report.manifest = Some(manifest_key.clone());
-    }
-    let mut del = Deleter {
-        store,
-        vm,
-        sizes,
-        since_check: 0,
-        deferred: false,
-        budget: opts.max_deletions,
-        report: &mut report,
-    };
-    // 3. Journal segments, oldest first, each index before its segment
-    //    (a segment without its index is ignored by readers).
+    Ok(())
+}
+
+/// Steps 3 and 4: journal segments, oldest first, each index before its
+/// segment (a segment without its index is ignored by readers), halves of
+/// segments left by an interrupted prune; then baselines no kept point
+/// uses.
+async fn delete_history(del: &mut Deleter<'_>, p: &RetentionPlan) -> Result<(), RetentionError> {
+    let vm = del.vm;
     for d in &p.disks {
         for &(a, b) in &d.delete_segments {
             let i = del.delete(&rf::index_key(vm, &d.disk, a, b)).await?;
@@ -814,7 +873,6 @@ pub async fn apply_with(
             }
         }
     }
-    // 4. Baselines no kept point uses.
     for d in &p.disks {
         for k in &d.delete_baselines {
             if del.delete(k).await? {
@@ -822,31 +880,31 @@ pub async fn apply_with(
             }
         }
     }
-    // 5. Chunks no baseline of any VM names (deferred while any VM has a
-    //    lease: a baseline being taken may count on a chunk it found).
-    gc_chunks(&mut del, &p).await?;
-    // 6. Older manifests, expired leases.
-    if !dry_run && !del.deferred {
-        let now = cdp_core::time::now_ns();
-        let mut ms: Vec<String> = list(store, &rf::retention_prefix(vm))
-            .await?
-            .into_iter()
-            .map(|o| o.key)
-            .collect();
-        ms.sort();
-        ms.pop(); // the newest stays
-        for k in ms {
-            if del.delete(&k).await? {
-                del.report.other_deleted += 1;
-            }
-        }
-        for (k, l) in lease::list(store, vm).await? {
-            if l.is_some_and(|l| l.expires_ns <= now) && del.delete(&k).await? {
-                del.report.other_deleted += 1;
-            }
+    Ok(())
+}
+
+/// Step 6: older manifests (the newest stays) and expired leases.
+async fn delete_stale(del: &mut Deleter<'_>) -> Result<(), RetentionError> {
+    let (store, vm) = (del.store, del.vm);
+    let now = cdp_core::time::now_ns();
+    let mut ms: Vec<String> = list(store, &rf::retention_prefix(vm))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    ms.sort();
+    ms.pop(); // the newest stays
+    for k in ms {
+        if del.delete(&k).await? {
+            del.report.other_deleted += 1;
         }
     }
-    Ok(report)
+    for (k, l) in lease::list(store, vm).await? {
+        if l.is_some_and(|l| l.expires_ns <= now) && del.delete(&k).await? {
+            del.report.other_deleted += 1;
+        }
+    }
+    Ok(())
 }
 
 async fn gc_chunks(del: &mut Deleter<'_>, p: &RetentionPlan) -> Result<(), RetentionError> {
