@@ -174,7 +174,15 @@ impl Config {
     /// built-in defaults. `CDP_CONFIG` lets a test harness (or a second
     /// installation) keep every program away from `/etc/cdp/cdp.toml`.
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
-        let from_env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty());
+        Self::load_with(explicit, std::env::var_os(CONFIG_ENV))
+    }
+
+    /// [`Config::load`] with the value of `CDP_CONFIG` given.
+    fn load_with(
+        explicit: Option<&Path>,
+        from_env: Option<std::ffi::OsString>,
+    ) -> Result<Config, ConfigError> {
+        let from_env = from_env.filter(|v| !v.is_empty());
         match explicit {
             Some(p) => Self::load_file(p),
             None if from_env.is_some() => Self::load_file(Path::new(&from_env.unwrap_or_default())),
@@ -536,6 +544,36 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
             e.contains("thin[0].every") && e.contains("more than 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn load_prefers_the_flag_then_cdp_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("flag.toml");
+        let env = dir.path().join("env.toml");
+        std::fs::write(&flag, "[agent]\nscan_interval = \"1s\"\n").unwrap();
+        std::fs::write(&env, "[agent]\nscan_interval = \"2s\"\n").unwrap();
+        let c = Config::load_with(Some(&flag), Some(env.clone().into())).unwrap();
+        assert_eq!(c.scan_interval(), Duration::from_secs(1));
+        assert_eq!(c.source.as_deref(), Some(flag.as_path()));
+        let c = Config::load_with(None, Some(env.clone().into())).unwrap();
+        assert_eq!(c.scan_interval(), Duration::from_secs(2));
+        // A file named by CDP_CONFIG must exist.
+        let gone = dir.path().join("gone.toml");
+        assert!(matches!(
+            Config::load_with(None, Some(gone.into())),
+            Err(ConfigError::Read { .. })
+        ));
+        // An empty file (the test harness's /dev/null) is the built-in defaults.
+        let c = Config::load_with(None, Some("/dev/null".into())).unwrap();
+        assert_eq!(c.scan_interval(), DEFAULT_SCAN_INTERVAL);
+        assert!(c.target.is_empty() && c.policy.is_empty());
+        // A bad value in it fails at load, naming the file.
+        std::fs::write(&env, "[policy.default]\nsegment_age = \"now\"\n").unwrap();
+        let e = Config::load_with(None, Some(env.into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("env.toml") && e.contains("segment_age"), "{e}");
     }
 
     #[test]
