@@ -251,11 +251,11 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
         self.vm
             .journal_and_apply(self.disk, &mut self.batch, &self.buf);
         let replied = self.answer();
-        self.replier.send(&self.reply);
         self.disk
             .stats
             .in_flight
             .fetch_sub(replied, Ordering::Relaxed);
+        self.replier.send(&self.reply);
         self.defer_durable();
     }
 
@@ -320,11 +320,11 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
             // The sync thread is gone (stopping): answer with an error
             // rather than leave the client waiting.
             let job = e.0;
-            job.waiter.synced(&job.cookies, Err(errno::ESHUTDOWN));
             self.disk
                 .stats
                 .in_flight
                 .fetch_sub(job.cookies.len() as u64, Ordering::Relaxed);
+            job.waiter.synced(&job.cookies, Err(errno::ESHUTDOWN));
         }
     }
 }

@@ -21,6 +21,8 @@
 pub(crate) mod batch;
 pub(crate) mod conn;
 pub(crate) mod control;
+#[cfg(test)]
+mod tests;
 
 use std::fs::File;
 use std::io;
@@ -413,10 +415,10 @@ impl Vm {
             }
             let result = make_durable(disk);
             for job in jobs.drain(..) {
-                job.waiter.synced(&job.cookies, result);
                 disk.stats
                     .in_flight
                     .fetch_sub(job.cookies.len() as u64, Ordering::Relaxed);
+                job.waiter.synced(&job.cookies, result);
             }
         }
     }

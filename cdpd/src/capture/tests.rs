@@ -1,0 +1,397 @@
+//! The capture pipeline in process: a [`Vm`] over a temporary state
+//! directory, a connection's transmission phase over a socket pair, raw NBD
+//! requests in, replies out, then the journal replayed onto a copy of the
+//! initial image must give the image (docs/DESIGN.md, "Write path").
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cdp_core::catalog::Catalog;
+use cdp_core::config::JournalSettings;
+use cdp_core::image::Image;
+use cdp_core::journal::{self, Kind, Upto};
+use cdp_core::layout::StateDir;
+use cdp_core::nbd::proto::{self, Request, CMD_FLAG_FUA};
+
+use super::{DiskSetup, SyncJob, Vm, VmSetup};
+
+const DISK_SIZE: u64 = 1 << 20;
+const UUID: &str = "6d0b3a5e-7c4e-4b8e-9d51-2f0c5b8a1e01";
+
+struct Rig {
+    dir: tempfile::TempDir,
+    vm: Arc<Vm>,
+    sync_rx: Option<Receiver<SyncJob>>,
+    sync: Option<JoinHandle<()>>,
+    initial: Vec<u8>,
+}
+
+impl Rig {
+    /// A VM with one disk `vda` of [`DISK_SIZE`] bytes (a pattern, so that
+    /// zeroing shows), opened read-only when `read_only_image`.
+    fn new(segment_size: u64, read_only_image: bool) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let initial: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
+        let img_path = dir.path().join("disk.raw");
+        std::fs::write(&img_path, &initial).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(!read_only_image)
+            .open(&img_path)
+            .unwrap();
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        let uuid = uuid::Uuid::parse_str(UUID).unwrap();
+        let journal_dir = StateDir::new(&state_dir).journal(UUID, "vda");
+        std::fs::create_dir_all(&journal_dir).unwrap();
+        let catalog = Catalog::open(&state_dir).unwrap();
+        catalog.upsert_vm(UUID, "test").unwrap();
+        catalog
+            .upsert_disk(UUID, "vda", &img_path, DISK_SIZE)
+            .unwrap();
+        let (vm, mut rxs) = Vm::new(VmSetup {
+            uuid,
+            name: "test".into(),
+            disks: vec![DiskSetup {
+                name: "vda".into(),
+                path: img_path,
+                image: Image {
+                    file,
+                    size: DISK_SIZE,
+                    block_device: false,
+                },
+                journal_dir,
+                next_base: 0,
+                last_seq: 0,
+            }],
+            settings: JournalSettings {
+                segment_size,
+                segment_age: Duration::from_secs(3600),
+            },
+            catalog,
+            state_dir: state_dir.clone(),
+            run_dir: dir.path().join("run"),
+            last_seq: 0,
+            last_ts: 0,
+        });
+        Rig {
+            dir,
+            vm,
+            sync_rx: rxs.pop(),
+            sync: None,
+            initial,
+        }
+    }
+
+    fn start_sync(&mut self) {
+        let rx = self.sync_rx.take().expect("sync thread started once");
+        let disk = self.vm.disks[0].clone();
+        self.sync = Some(std::thread::spawn(move || Vm::sync_loop(&disk, rx)));
+    }
+
+    /// Serve the transmission phase on one end of a socket pair, after the
+    /// client wrote `first` to the other end (so that it is all read in one
+    /// go, as one batch). Returns the client's end.
+    fn connect(&self, first: &[u8]) -> (UnixStream, JoinHandle<()>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        (&client).write_all(first).unwrap();
+        let vm = self.vm.clone();
+        let h = std::thread::spawn(move || {
+            let disk = vm.disks[0].clone();
+            let wr = server.try_clone().unwrap();
+            super::conn::transmit(&vm, &disk, server, wr).unwrap();
+        });
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        (client, h)
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn image(&self) -> Vec<u8> {
+        std::fs::read(&self.vm.disks[0].path).unwrap()
+    }
+
+    /// Seal everything, replay the journal onto the initial image, compare.
+    fn check_invariant(&self) -> journal::ReplayStats {
+        self.vm.seal_pass(true);
+        let copy = self.dir.path().join("replayed.raw");
+        std::fs::write(&copy, &self.initial).unwrap();
+        let f = File::options().read(true).write(true).open(&copy).unwrap();
+        let stats =
+            journal::replay_disk(&self.state_dir(), UUID, "vda", &f, &copy, Upto::All).unwrap();
+        assert!(
+            std::fs::read(&copy).unwrap() == self.image(),
+            "image != initial image + journal replayed in order"
+        );
+        stats
+    }
+
+    /// Every record of the journal, in order: (seq, ts, kind, offset, length).
+    fn records(&self) -> Vec<(u64, u64, Kind, u64, u64)> {
+        let dir = StateDir::new(&self.state_dir()).journal(UUID, "vda");
+        let mut out = Vec::new();
+        for (_, p) in journal::list_segments(&dir).unwrap() {
+            let seg = journal::LoadedSegment::load(&p).unwrap();
+            for r in &seg.scan.records {
+                let h = &r.header;
+                out.push((h.seq, h.ts_ns, h.kind, h.offset, h.length));
+            }
+        }
+        out
+    }
+}
+
+fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    proto::encode_request(&Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        len,
+    })
+    .to_vec()
+}
+
+fn write_req(cookie: u64, flags: u16, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut b = request(proto::CMD_WRITE, flags, cookie, offset, data.len() as u32);
+    b.extend_from_slice(data);
+    b
+}
+
+/// Read one simple reply: (error, cookie).
+fn reply(s: &mut UnixStream) -> (u32, u64) {
+    let mut b = [0u8; proto::SIMPLE_REPLY_LEN];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(b[0..4].try_into().unwrap()),
+        proto::SIMPLE_REPLY_MAGIC
+    );
+    (
+        u32::from_be_bytes(b[4..8].try_into().unwrap()),
+        u64::from_be_bytes(b[8..16].try_into().unwrap()),
+    )
+}
+
+fn read_data(s: &mut UnixStream, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    s.read_exact(&mut b).unwrap();
+    b
+}
+
+fn disconnect(mut s: UnixStream, h: JoinHandle<()>) {
+    s.write_all(&request(proto::CMD_DISC, 0, 0, 0, 0)).unwrap();
+    h.join().unwrap();
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn several_requests_in_one_read_are_one_batch_answered_in_order() {
+    let mut rig = Rig::new(64 << 20, false);
+    rig.start_sync();
+    let mut wire = Vec::new();
+    for i in 0..6u64 {
+        wire.extend(write_req(i, 0, i * 4096, &[i as u8 + 1; 4096]));
+    }
+    wire.extend(request(proto::CMD_WRITE_ZEROES, 0, 6, 8192, 4096));
+    wire.extend(request(proto::CMD_READ, 0, 7, 4096, 8192));
+    // Refused by validation, answered in its place, not journaled.
+    wire.extend(request(proto::CMD_READ, 0, 8, DISK_SIZE, 512));
+    let (mut c, h) = rig.connect(&wire);
+
+    for i in 0..7 {
+        assert_eq!(reply(&mut c), (0, i));
+    }
+    assert_eq!(reply(&mut c), (0, 7));
+    let data = read_data(&mut c, 8192);
+    assert!(
+        data[..4096] == [2; 4096],
+        "the read sees the batch's writes"
+    );
+    assert!(data[4096..] == [0; 4096], "and its zeroing, in order");
+    assert_eq!(reply(&mut c), (proto::errno::EINVAL, 8));
+    disconnect(c, h);
+
+    let recs = rig.records();
+    assert_eq!(recs.len(), 7, "{recs:?}");
+    // One batch: consecutive sequence numbers, one timestamp.
+    let (seq0, ts0) = (recs[0].0, recs[0].1);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!((r.0, r.1), (seq0 + i as u64, ts0), "{recs:?}");
+    }
+    assert_eq!((recs[6].2, recs[6].3, recs[6].4), (Kind::Zero, 8192, 4096));
+    let st = &rig.vm.disks[0].stats;
+    assert_eq!(
+        st.write_requests.load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
+    assert_eq!(st.in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
+    rig.check_invariant();
+}
+
+#[test]
+fn flush_and_fua_wait_for_the_sync_thread_and_may_be_answered_out_of_order() {
+    let mut rig = Rig::new(64 << 20, false);
+    let mut wire = write_req(1, CMD_FLAG_FUA, 0, &[7; 4096]);
+    wire.extend(request(proto::CMD_FLUSH, 0, 2, 0, 0));
+    wire.extend(request(proto::CMD_READ, 0, 3, 0, 512));
+    wire.extend(write_req(4, 0, 4096, &[8; 512]));
+    let (mut c, h) = rig.connect(&wire);
+
+    // What needs no durability is answered at once, ahead of the FUA write
+    // and the FLUSH that came before it.
+    assert_eq!(reply(&mut c), (0, 3));
+    assert!(read_data(&mut c, 512) == [7; 512]);
+    assert_eq!(reply(&mut c), (0, 4));
+    let disk = rig.vm.disks[0].clone();
+    let in_flight = || {
+        disk.stats
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    wait_until("two requests waiting for the sync thread", || {
+        in_flight() == 2
+    });
+    // Nothing else comes until the sync thread has run.
+    c.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let early = c.read(&mut b);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a reply came before the group commit: {early:?}"
+    );
+    c.set_nonblocking(false).unwrap();
+
+    rig.start_sync();
+    let mut late = [reply(&mut c), reply(&mut c)];
+    late.sort();
+    assert_eq!(late, [(0, 1), (0, 2)]);
+    assert_eq!(
+        disk.stats
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "both answered by one group commit"
+    );
+    assert_eq!(in_flight(), 0);
+    disconnect(c, h);
+    let kinds: Vec<Kind> = rig.records().iter().map(|r| r.2).collect();
+    assert_eq!(kinds, [Kind::Write, Kind::Flush, Kind::Write]);
+    rig.check_invariant();
+}
+
+#[test]
+fn a_failed_image_write_is_an_error_to_the_client_and_journaled_as_the_image_is() {
+    // The image cannot be written (opened read-only): the journal append
+    // succeeds, the image write fails.
+    let mut rig = Rig::new(64 << 20, true);
+    rig.start_sync();
+    let mut wire = write_req(1, 0, 0, &[9; 4096]);
+    wire.extend(write_req(2, CMD_FLAG_FUA, 8192, &[10; 512]));
+    wire.extend(request(proto::CMD_READ, 0, 3, 0, 4096));
+    let (mut c, h) = rig.connect(&wire);
+
+    let (err1, cookie1) = reply(&mut c);
+    assert_eq!(cookie1, 1);
+    assert_ne!(err1, 0, "the client is told the write failed");
+    let (err2, cookie2) = reply(&mut c);
+    assert_eq!(cookie2, 2);
+    assert_ne!(
+        err2, 0,
+        "a failed FUA write is answered at once, with its error"
+    );
+    assert_eq!(reply(&mut c), (0, 3));
+    assert!(read_data(&mut c, 4096) == rig.initial[..4096]);
+    disconnect(c, h);
+
+    // Each failed WRITE is followed by a WRITE of what the image holds.
+    let recs = rig.records();
+    let kinds: Vec<(Kind, u64)> = recs.iter().map(|r| (r.2, r.3)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (Kind::Write, 0),
+            (Kind::Write, 8192),
+            (Kind::Write, 0),
+            (Kind::Write, 8192)
+        ]
+    );
+    assert!(rig.image() == rig.initial);
+    let stats = rig.check_invariant();
+    assert_eq!(stats.records_applied, 4);
+    assert!(
+        rig.vm.disks[0]
+            .stats
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[test]
+fn a_batch_that_fills_the_segment_switches_to_the_next_one() {
+    // 64 KiB segments; one batch of three 32 KiB writes goes over the size
+    // in its middle: the batch stays in one segment, the next batch starts
+    // a new segment that continues the chain.
+    let mut rig = Rig::new(64 << 10, false);
+    rig.start_sync();
+    let mut wire = Vec::new();
+    for i in 0..3u64 {
+        wire.extend(write_req(i, 0, i * 32768, &[0x30 + i as u8; 32768]));
+    }
+    let (mut c, h) = rig.connect(&wire);
+    for i in 0..3 {
+        assert_eq!(reply(&mut c), (0, i));
+    }
+    {
+        let st = rig.vm.disks[0].lock_journal();
+        assert!(st.open.is_none(), "switched out after the batch");
+        assert_eq!(st.to_seal.len(), 1);
+        assert_eq!(st.to_seal[0].records(), 3);
+        assert_eq!(st.next_base, 3);
+    }
+    c.write_all(&write_req(3, CMD_FLAG_FUA, 4096, &[0x40; 4096]))
+        .unwrap();
+    assert_eq!(reply(&mut c), (0, 3));
+    {
+        let st = rig.vm.disks[0].lock_journal();
+        let open = st.open.as_ref().expect("a new open segment");
+        assert_eq!((open.record_base, open.first_seq), (3, 4));
+        assert_eq!(
+            st.unsynced.len(),
+            1,
+            "the switched-out segment waits for the sealer"
+        );
+    }
+    disconnect(c, h);
+    let stats = rig.check_invariant();
+    assert_eq!((stats.segments, stats.records_applied), (2, 4));
+    let sealed = rig.vm.catalog.lock().unwrap().segments(UUID).unwrap();
+    assert_eq!(sealed.len(), 2);
+}
+
+#[test]
+fn a_flush_after_the_sync_thread_is_gone_is_answered_with_an_error() {
+    let mut rig = Rig::new(64 << 20, false);
+    // Dropping the receiver ends the "sync thread" before anything is sent.
+    drop(rig.sync_rx.take());
+    let (mut c, h) = rig.connect(&request(proto::CMD_FLUSH, 0, 5, 0, 0));
+    assert_eq!(reply(&mut c), (proto::errno::ESHUTDOWN, 5));
+    disconnect(c, h);
+}
