@@ -1,5 +1,7 @@
-//! Instant recovery: a restore [`Plan`] served as a read-only NBD export,
-//! without materialising the image first (docs/DESIGN.md, "Restore").
+//! Instant recovery: a restore [`Plan`] read as a disk image at any byte
+//! range, without materialising the image first (docs/DESIGN.md,
+//! "Restore"). `cdpctl export` serves it over NBD through the generic
+//! [`cdp_core::nbd::server`]; this module holds no sockets.
 //!
 //! Every read is answered from the plan's extent map on demand:
 //! - journal extents from the records they come from, each record's CRC
@@ -11,32 +13,22 @@
 //! Decompressed chunks, decompressed segment frames and whole records are
 //! kept in one bounded LRU cache, so that neighbouring reads do not fetch
 //! again; concurrent reads of one object fetch it once. A read whose data
-//! cannot be checked fails with EIO: the export never serves wrong bytes.
+//! cannot be checked fails: the image never yields wrong bytes.
 //! Local segment files (records not shipped yet) are opened once, at the
 //! start, so a shipper trimming them meanwhile takes nothing away.
-//!
-//! Threads: one per connection reads requests; a few workers per
-//! connection answer READs (replies may go out of order, as NBD allows);
-//! fetches run on a tokio runtime through its handle.
+//! Fetches run on a tokio runtime through its handle, from the caller's
+//! (blocking) threads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::hash::Hash;
-use std::io::{self, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cdp_core::journal::extents::Source;
 use cdp_core::journal::format::{IndexEntry, Kind, RECORD_HEADER_LEN};
-use cdp_core::nbd::handshake as server;
-use cdp_core::nbd::proto::{self, errno, ExportInfo, Request, Verdict};
-use thiserror::Error;
+use cdp_core::nbd::server as nbd_server;
 
 use crate::format as rf;
 use crate::read::ReadError;
@@ -45,19 +37,6 @@ use crate::store::{with_retry, RetryPolicy, Store};
 
 /// Default bound of the cache of decompressed chunks, frames and records.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
-/// Workers answering READs, per connection.
-const WORKERS_PER_CONN: usize = 4;
-/// Requests queued per connection before its reader waits.
-const QUEUE_PER_CONN: usize = 32;
-/// Connections served at once; more are closed at once.
-const MAX_CONNS: usize = 64;
-/// A client must finish its handshake within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A client that takes its replies slower than this is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
-/// READ reply bytes being built at once, all connections together (a READ
-/// is at most 32 MiB).
-const READ_BUDGET: u64 = 128 << 20;
 /// Distinct reasons of read errors said on stderr (the rest are counted).
 const MAX_REPORTED: usize = 32;
 
@@ -251,7 +230,7 @@ impl Val {
     fn bytes(self) -> Arc<Vec<u8>> {
         match self {
             Val::Bytes(b) => b,
-            Val::Frame(_) => unreachable!("frames are read through Exporter::frame"),
+            Val::Frame(_) => unreachable!("frames are read through PointImage::frame"),
         }
     }
     fn frame(self) -> Arc<FrameBuf> {
@@ -262,18 +241,8 @@ impl Val {
     }
 }
 
-/// Counters of an export.
-#[derive(Debug, Default)]
-pub struct ExportStats {
-    pub reads: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub read_errors: AtomicU64,
-    pub rejected: AtomicU64,
-    pub connections: AtomicU64,
-}
-
 /// A plan, readable at any byte range.
-pub struct Exporter {
+pub struct PointImage {
     plan: Plan,
     store: Option<Store>,
     rt: tokio::runtime::Handle,
@@ -284,11 +253,10 @@ pub struct Exporter {
     /// trims them while the export runs does not take their bytes away.
     local: HashMap<u32, File>,
     reported: Mutex<HashSet<String>>,
-    pub stats: ExportStats,
 }
 
-impl Exporter {
-    /// Serve `plan`. `store` is the repository its baseline chunks and
+impl PointImage {
+    /// The image of `plan`. `store` is the repository its baseline chunks and
     /// shipped segments are in; `rt` runs the fetches; `cache_bytes` bounds
     /// the cache. Opens the local segment files the plan reads.
     pub fn new(
@@ -296,7 +264,7 @@ impl Exporter {
         store: Option<Store>,
         rt: tokio::runtime::Handle,
         cache_bytes: u64,
-    ) -> Result<Exporter, RestoreError> {
+    ) -> Result<PointImage, RestoreError> {
         let mut first: HashMap<&str, u32> = HashMap::new();
         let chunk_ids = plan
             .baseline
@@ -324,7 +292,7 @@ impl Exporter {
                 local.insert(segment, f);
             }
         }
-        Ok(Exporter {
+        Ok(PointImage {
             plan,
             store,
             rt,
@@ -332,7 +300,6 @@ impl Exporter {
             chunk_ids,
             local,
             reported: Mutex::new(HashSet::new()),
-            stats: ExportStats::default(),
         })
     }
 
@@ -598,10 +565,9 @@ impl Exporter {
         Ok(v.frame())
     }
 
-    /// Count a failed read; say why on stderr the first time a given
-    /// reason (a corrupt object, …) comes up: never once per request.
+    /// Say why a read failed on stderr the first time a given reason (a
+    /// corrupt object, …) comes up: never once per request.
     fn note_error(&self, e: &RestoreError) {
-        self.stats.read_errors.fetch_add(1, Ordering::Relaxed);
         let (what, why) = match e {
             RestoreError::Corrupt { what, why } => (what.clone(), why.clone()),
             e => (self.plan.disk.clone(), e.to_string()),
@@ -619,393 +585,33 @@ fn frame_of(frames: &[rf::Frame], x: u64) -> Option<usize> {
 }
 
 // ---------------------------------------------------------------------------
-// Server
+// As an NBD backend
 
-#[derive(Debug, Error)]
-pub enum ExportError {
-    #[error("{path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{0} is already served by another process (it answers): stop that one or choose another --socket")]
-    AlreadyServed(PathBuf),
-    #[error("{0} exists and is not a socket: remove it or choose another --socket")]
-    NotASocket(PathBuf),
-}
-
-/// The export's NBD flags: read-only, FLUSH accepted (a no-op), and any
-/// number of connections see the same bytes.
-pub fn export_flags() -> u16 {
-    proto::TFLAG_HAS_FLAGS
-        | proto::TFLAG_READ_ONLY
-        | proto::TFLAG_SEND_FLUSH
-        | proto::TFLAG_CAN_MULTI_CONN
-}
-
-/// An export listening on a unix socket.
-pub struct ExportServer {
-    exporter: Arc<Exporter>,
-    listener: Arc<UnixListener>,
-    path: PathBuf,
-    stopping: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
-    budget: Arc<Budget>,
-}
-
-/// Stops an [`ExportServer`] from another thread.
-#[derive(Clone)]
-pub struct Stopper {
-    listener: Arc<UnixListener>,
-    stopping: Arc<AtomicBool>,
-}
-
-impl Stopper {
-    /// Stop accepting: [`ExportServer::serve`] returns and removes the socket.
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
-        // Wakes the blocked accept() (EINVAL) without needing the path.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+/// A point image is a read-only NBD backend: served by
+/// [`cdp_core::nbd::server`]. A read that fails says why on stderr (once per
+/// reason) and reaches the client as EIO.
+impl nbd_server::Backend for PointImage {
+    fn size(&self) -> u64 {
+        self.plan.size
     }
-}
 
-impl ExportServer {
-    /// Listen on `path` (mode 0600), replacing a stale socket but never a
-    /// live one or a file that is not a socket.
-    pub fn bind(path: &Path, exporter: Arc<Exporter>) -> Result<ExportServer, ExportError> {
-        let err = |what| {
-            move |source| ExportError::Io {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if !m.file_type().is_socket() => {
-                return Err(ExportError::NotASocket(path.to_path_buf()))
-            }
-            Ok(_) => {
-                if UnixStream::connect(path).is_ok() {
-                    return Err(ExportError::AlreadyServed(path.to_path_buf()));
-                }
-                std::fs::remove_file(path).map_err(err("removing the stale socket"))?;
-            }
-            Err(_) => {}
-        }
-        // Owner only from the start: no window where others could connect.
-        let old = unsafe { libc::umask(0o177) };
-        let l = UnixListener::bind(path);
-        unsafe { libc::umask(old) };
-        let listener = l.map_err(err("binding the socket"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(err("setting the socket's mode"))?;
-        Ok(ExportServer {
-            exporter,
-            listener: Arc::new(listener),
-            path: path.to_path_buf(),
-            stopping: Arc::new(AtomicBool::new(false)),
-            active: Arc::new(AtomicUsize::new(0)),
-            budget: Arc::new(Budget::new(READ_BUDGET)),
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read(offset, buf).map_err(|e| {
+            self.note_error(&e);
+            io::Error::other(e)
         })
-    }
-
-    pub fn stopper(&self) -> Stopper {
-        Stopper {
-            listener: self.listener.clone(),
-            stopping: self.stopping.clone(),
-        }
-    }
-
-    pub fn exporter(&self) -> &Arc<Exporter> {
-        &self.exporter
-    }
-
-    /// Accept clients until stopped, each on its own threads; then remove
-    /// the socket. Connections still open are left to end with the process.
-    pub fn serve(self) {
-        loop {
-            let accepted = self.listener.accept();
-            if self.stopping.load(Ordering::Acquire) {
-                break;
-            }
-            let Ok((stream, _)) = accepted else {
-                // Out of descriptors or memory: do not spin.
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            };
-            if self.active.load(Ordering::Relaxed) >= MAX_CONNS {
-                continue; // dropped: closed at once
-            }
-            self.active.fetch_add(1, Ordering::Relaxed);
-            let (ex, active, budget) = (
-                self.exporter.clone(),
-                self.active.clone(),
-                self.budget.clone(),
-            );
-            let spawned = std::thread::Builder::new()
-                .name("export-conn".into())
-                .spawn(move || {
-                    ex.stats.connections.fetch_add(1, Ordering::Relaxed);
-                    // A misbehaving client ends its own connection, nothing else.
-                    let _ = serve_conn(&ex, &budget, stream);
-                    active.fetch_sub(1, Ordering::Relaxed);
-                });
-            if spawned.is_err() {
-                self.active.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Bytes of READ replies being built at once, across all connections: the
-/// memory a crowd of clients asking for 32 MiB each can take.
-struct Budget {
-    avail: Mutex<u64>,
-    cv: Condvar,
-}
-
-impl Budget {
-    fn new(n: u64) -> Budget {
-        Budget {
-            avail: Mutex::new(n),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn acquire(&self, n: u64) {
-        let mut a = lock(&self.avail);
-        while *a < n {
-            a = self.cv.wait(a).unwrap_or_else(|e| e.into_inner());
-        }
-        *a -= n;
-    }
-
-    fn release(&self, n: u64) {
-        *lock(&self.avail) += n;
-        self.cv.notify_all();
-    }
-}
-
-#[derive(Debug, Error)]
-enum ConnError {
-    #[error(transparent)]
-    Handshake(#[from] server::HandshakeError),
-    #[error("i/o: {0}")]
-    Io(#[from] io::Error),
-}
-
-/// The writing half of a connection, shared by its reader and workers.
-struct Replier {
-    stream: Mutex<UnixStream>,
-    dead: AtomicBool,
-}
-
-impl Replier {
-    fn send(&self, bytes: &[u8]) {
-        if self.dead.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut s = lock(&self.stream);
-        if s.write_all(bytes).is_err() {
-            // Gone, or not taking its replies: end the connection (this
-            // also wakes the reader).
-            self.dead.store(true, Ordering::Relaxed);
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn error(&self, err: u32, cookie: u64) {
-        let mut b = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
-        proto::put_simple_reply(&mut b, err, cookie);
-        self.send(&b);
-    }
-}
-
-fn serve_conn(
-    ex: &Arc<Exporter>,
-    budget: &Arc<Budget>,
-    mut stream: UnixStream,
-) -> Result<(), ConnError> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let info = ExportInfo {
-        size: ex.size(),
-        flags: export_flags(),
-    };
-    if !server::handshake(&mut stream, &ex.plan.disk, &info)? {
-        return Ok(());
-    }
-    stream.set_read_timeout(None)?;
-    let replier = Arc::new(Replier {
-        stream: Mutex::new(stream.try_clone()?),
-        dead: AtomicBool::new(false),
-    });
-    let (tx, rx) = sync_channel::<Request>(QUEUE_PER_CONN);
-    let rx = Arc::new(Mutex::new(rx));
-    let workers: Vec<_> = (0..WORKERS_PER_CONN)
-        .filter_map(|_| {
-            let (ex, rx, rp, b) = (ex.clone(), rx.clone(), replier.clone(), budget.clone());
-            std::thread::Builder::new()
-                .name("export-read".into())
-                .spawn(move || worker(&ex, &rx, &rp, &b))
-                .ok()
-        })
-        .collect();
-    let r = if workers.is_empty() {
-        Err(io::Error::other("cannot start a worker thread").into())
-    } else {
-        transmission(
-            ex,
-            BufReader::with_capacity(64 * 1024, stream),
-            &replier,
-            |req| tx.send(req).is_ok(),
-        )
-    };
-    // Reads already queued are answered before the connection closes.
-    drop(tx);
-    for w in workers {
-        let _ = w.join();
-    }
-    r
-}
-
-/// Read requests until the client disconnects or errs; READs go to
-/// `dispatch`, the rest are answered here.
-fn transmission(
-    ex: &Exporter,
-    mut rd: impl Read,
-    replier: &Replier,
-    mut dispatch: impl FnMut(Request) -> bool,
-) -> Result<(), ConnError> {
-    let mut hdr = [0u8; proto::REQUEST_LEN];
-    let mut sink = vec![0u8; 64 * 1024];
-    loop {
-        if let Err(e) = rd.read_exact(&mut hdr) {
-            return match e.kind() {
-                io::ErrorKind::UnexpectedEof => Ok(()),
-                _ => Err(e.into()),
-            };
-        }
-        let Ok(req) = proto::parse_request(&hdr) else {
-            // Out of step: nothing after this can be trusted.
-            return Ok(());
-        };
-        match proto::validate(&req, ex.size(), true) {
-            Verdict::Disconnect => return Ok(()),
-            Verdict::RejectAndClose(e) => {
-                ex.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                replier.error(e, req.cookie);
-                return Ok(());
-            }
-            Verdict::Reject(e) => {
-                // Its payload (a refused WRITE's) is read and dropped.
-                let mut left = req.payload_len();
-                while left > 0 {
-                    let n = left.min(sink.len());
-                    rd.read_exact(&mut sink[..n])?;
-                    left -= n;
-                }
-                ex.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                replier.error(e, req.cookie);
-            }
-            Verdict::Ok => match req.kind {
-                proto::CMD_READ => {
-                    if !dispatch(req) {
-                        return Ok(());
-                    }
-                }
-                // Nothing is ever written: a FLUSH has nothing to do.
-                proto::CMD_FLUSH => replier.error(0, req.cookie),
-                // validate() refuses every write on a read-only export.
-                _ => replier.error(errno::EPERM, req.cookie),
-            },
-        }
-        if replier.dead.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-    }
-}
-
-fn worker(ex: &Exporter, rx: &Mutex<Receiver<Request>>, replier: &Replier, budget: &Budget) {
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        let req = match lock(rx).recv() {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        if replier.dead.load(Ordering::Relaxed) {
-            continue;
-        }
-        let len = req.len as usize;
-        budget.acquire(len as u64);
-        buf.clear();
-        proto::put_simple_reply(&mut buf, 0, req.cookie);
-        buf.resize(proto::SIMPLE_REPLY_LEN + len, 0);
-        match ex.read(req.offset, &mut buf[proto::SIMPLE_REPLY_LEN..]) {
-            Ok(()) => {
-                ex.stats.reads.fetch_add(1, Ordering::Relaxed);
-                ex.stats.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                replier.send(&buf);
-            }
-            Err(e) => {
-                ex.note_error(&e);
-                replier.error(errno::EIO, req.cookie);
-            }
-        }
-        if buf.capacity() > 8 << 20 {
-            buf = Vec::new();
-        }
-        budget.release(len as u64);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Signals
-
-/// SIGTERM and SIGINT, blocked so that [`StopSignals::wait`] receives them.
-/// Block them before any thread (a tokio runtime) is started: threads
-/// inherit the mask, and a signal delivered to an unblocked thread would
-/// kill the process without cleaning up.
-pub struct StopSignals {
-    set: libc::sigset_t,
-}
-
-impl StopSignals {
-    pub fn block() -> io::Result<StopSignals> {
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if r != 0 {
-                return Err(io::Error::from_raw_os_error(r));
-            }
-            Ok(StopSignals { set })
-        }
-    }
-
-    /// Wait for SIGTERM or SIGINT; returns its name.
-    pub fn wait(&self) -> &'static str {
-        loop {
-            let mut sig = 0;
-            if unsafe { libc::sigwait(&self.set, &mut sig) } == 0 {
-                return if sig == libc::SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
-            }
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
 
     fn bytes(n: usize) -> Result<Arc<Vec<u8>>, String> {
         Ok(Arc::new(vec![0u8; n]))

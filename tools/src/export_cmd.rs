@@ -1,16 +1,25 @@
 //! `cdpctl export VM --disk D --at POINT --socket PATH`: a read-only NBD
 //! export of a point, served without materialising the image (instant
-//! recovery). The server is `cdp_repo::export`; this is the command line.
+//! recovery). The image is `cdp_repo::export::PointImage`, the NBD server
+//! `cdp_core::nbd::server`; this is the command line, the socket and the
+//! signals.
 
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use cdp_core::nbd::server::{self, Limits, Server};
 use cdp_core::time::{fmt_ns, now_ns};
-use cdp_repo::export::{ExportServer, Exporter, StopSignals};
+use cdp_repo::export::PointImage;
 use cdp_repo::restore::{self, Point};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::stat::{umask, Mode};
 
 use crate::restore_cmd::{open_repo, resolve_vm, RepoArgs};
-use crate::{Ctx, Global};
+use crate::Ctx;
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -35,20 +44,20 @@ pub struct ExportArgs {
     pub repo: RepoArgs,
 }
 
-pub fn run(ctx: &Ctx, g: &Global, a: &ExportArgs) -> Result<()> {
+pub fn run(ctx: &Ctx, a: &ExportArgs) -> Result<()> {
     // Before any thread exists, so that every thread has them blocked.
-    let signals = StopSignals::block().context("blocking SIGTERM/SIGINT")?;
-    let r = serve(ctx, g, a, &signals);
+    let signals = block_stop_signals().context("blocking SIGTERM/SIGINT")?;
+    let r = serve(ctx, a, &signals);
     if let (Err(e), Some(fd)) = (&r, a.ready_fd) {
         cdp_core::proc::notify_ready(fd, &format!("ERROR {e:#}"));
     }
     r
 }
 
-fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result<()> {
+fn serve(ctx: &Ctx, a: &ExportArgs, signals: &SigSet) -> Result<()> {
     cdp_core::names::check_disk(&a.disk)?;
     let point = Point::parse(&a.at, now_ns())?;
-    let store = open_repo(g, &a.repo)?;
+    let store = open_repo(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     let (vm, lease) = rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
@@ -74,7 +83,7 @@ fn serve(ctx: &Ctx, g: &Global, a: &ExportArgs, signals: &StopSignals) -> Result
 fn serve_leased(
     ctx: &Ctx,
     a: &ExportArgs,
-    signals: &StopSignals,
+    signals: &SigSet,
     rt: &tokio::runtime::Runtime,
     store: cdp_repo::store::Store,
     vm: &str,
@@ -106,17 +115,21 @@ fn serve_leased(
     })?;
     let socket = std::path::absolute(&a.socket)
         .with_context(|| format!("socket path {}", a.socket.display()))?;
-    let exporter = Arc::new(Exporter::new(
+    let image = Arc::new(PointImage::new(
         plan,
         Some(store),
         rt.handle().clone(),
         a.cache_mib.max(1) << 20,
     )?);
-    let server = ExportServer::bind(&socket, exporter.clone())?;
-    let stopper = server.stopper();
-    let accept = std::thread::Builder::new()
-        .name("export-accept".into())
-        .spawn(move || server.serve())?;
+    let server = Server::new(&a.disk, image.clone(), Limits::default());
+    let listener = Arc::new(bind(&socket)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let accept = {
+        let (server, listener, stop) = (server.clone(), listener.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("export-accept".into())
+            .spawn(move || server.accept_until(&listener, &stop))?
+    };
     if let Some(fd) = a.ready_fd {
         cdp_core::proc::notify_ready(fd, "READY");
     }
@@ -126,11 +139,37 @@ fn serve_leased(
         a.disk,
         socket.display()
     );
-    let (journal, cache) = (exporter.journal_bytes(), exporter.cache_bytes());
+    say_cache(&image);
+    let sig = wait_stop_signal(signals);
+    stop.store(true, Ordering::Release);
+    let woken = server::wake(&listener);
+    if woken.is_ok() {
+        let _ = accept.join();
+    }
+    let _ = std::fs::remove_file(&socket);
+    let st = server.stats();
+    let (cached, hits, misses) = image.cache_stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    eprintln!(
+        "stopped ({sig}): {} connections, {} reads ({}), {} read errors, {} refused requests; cache {} held, {hits} hits, {misses} misses",
+        st.connections.load(Relaxed),
+        st.reads.load(Relaxed),
+        crate::status::human(st.bytes_read.load(Relaxed)),
+        st.errors.load(Relaxed),
+        st.rejected.load(Relaxed),
+        crate::status::human(cached),
+    );
+    Ok(())
+}
+
+/// How much of the disk comes from journal records, and whether the cache
+/// holds it all.
+fn say_cache(image: &PointImage) {
+    let (journal, cache) = (image.journal_bytes(), image.cache_bytes());
     eprintln!(
         "{} of the {} disk come from journal records; cache {}{}",
         crate::status::human(journal),
-        crate::status::human(exporter.size()),
+        crate::status::human(image.size()),
         crate::status::human(cache),
         if journal > cache {
             format!(
@@ -141,20 +180,57 @@ fn serve_leased(
             String::new()
         }
     );
-    let sig = signals.wait();
-    stopper.stop();
-    let _ = accept.join();
-    let st = &exporter.stats;
-    let (cached, hits, misses) = exporter.cache_stats();
-    use std::sync::atomic::Ordering::Relaxed;
-    eprintln!(
-        "stopped ({sig}): {} connections, {} reads ({}), {} read errors, {} refused requests; cache {} held, {hits} hits, {misses} misses",
-        st.connections.load(Relaxed),
-        st.reads.load(Relaxed),
-        crate::status::human(st.bytes_read.load(Relaxed)),
-        st.read_errors.load(Relaxed),
-        st.rejected.load(Relaxed),
-        crate::status::human(cached),
-    );
-    Ok(())
+}
+
+/// Listen on `path` (mode 0600), replacing a stale socket but never a live
+/// one or a file that is not a socket.
+fn bind(path: &Path) -> Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => bail!(
+            "{} exists and is not a socket: remove it or choose another --socket",
+            path.display()
+        ),
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{} is already served by another process (it answers): stop that one or choose another --socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("{}: removing the stale socket", path.display()))?;
+        }
+        Err(_) => {}
+    }
+    // Owner only from the start: no window where others could connect.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let l = UnixListener::bind(path);
+    umask(old);
+    let listener = l.with_context(|| format!("{}: binding the socket", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("{}: setting the socket's mode", path.display()))?;
+    Ok(listener)
+}
+
+/// Block SIGTERM and SIGINT so that [`wait_stop_signal`] receives them.
+/// Call before any thread (a tokio runtime) starts: threads inherit the
+/// mask, and a signal delivered to a thread that has it unblocked would
+/// kill the process without cleaning up.
+fn block_stop_signals() -> nix::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block()?;
+    Ok(set)
+}
+
+/// Wait for SIGTERM or SIGINT; returns its name.
+fn wait_stop_signal(set: &SigSet) -> &'static str {
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGINT) => return "SIGINT",
+            Ok(_) => return "SIGTERM",
+            Err(_) => continue,
+        }
+    }
 }
