@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cdp_core::layout::StateDir;
+use cdp_core::time::now_ns;
 use cdp_repo::read;
 use cdp_repo::store::Store;
 use cdp_tests::fixture::qemu_io;
@@ -126,7 +128,7 @@ fn ships_every_record_once_in_order_trims_and_baselines() {
     assert_eq!(tail, all_local);
 
     // Local segments were trimmed once the (only) target had them.
-    let jdir = d.state_dir.join("vms").join(&d.vm_uuid).join("vda/journal");
+    let jdir = StateDir::new(&d.state_dir).journal(&d.vm_uuid, "vda");
     let left = std::fs::read_dir(&jdir).unwrap().count();
     assert_eq!(left, 0, "segments left in {}", jdir.display());
 
@@ -152,6 +154,28 @@ fn ships_every_record_once_in_order_trims_and_baselines() {
     );
 }
 
+/// (first_seq, last_ts_ns) of every segment a repository holds for a disk.
+fn repo_segments(root: &Path, vm: &str, disk: &str) -> Vec<(u64, u64)> {
+    let store = Store::open(&format!("file://{}", root.display()), None).unwrap();
+    let chain = rt().block_on(read::load_chain(&store, vm, disk)).unwrap();
+    chain
+        .segments
+        .iter()
+        .map(|s| (s.meta.first_seq, s.meta.last_ts_ns))
+        .collect()
+}
+
+/// Files in the local journal directory of a disk.
+fn journal_files(d: &Daemon, disk: &str) -> usize {
+    std::fs::read_dir(StateDir::new(&d.state_dir).journal(&d.vm_uuid, disk))
+        .unwrap()
+        .count()
+}
+
+/// The delay is checked against the records' own timestamps, pass by pass:
+/// whatever a pass that ended at `t` left on the delayed target has its
+/// newest record at or before `t - delay`, and whatever was due when the
+/// pass began is there. No step depends on how fast the machine is.
 #[test]
 fn delayed_target_lags_and_blocks_trimming() {
     let mut d = Daemon::builder()
@@ -161,30 +185,60 @@ fn delayed_target_lags_and_blocks_trimming() {
     let (a, b) = (d.work_dir().join("a"), d.work_dir().join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
-    let cfg = config(&d.work_dir(), &[("a", &a, None), ("b", &b, Some("3s"))]);
     qemu_io(&d, "vda", &writes(10, 4));
     d.term();
-    let stopped = std::time::Instant::now();
     let local = local_seqs(&d, "vda");
+    let files = journal_files(&d, "vda");
+    assert!(files > 0);
+
+    // A delay no run can outlast: b gets nothing, and nothing is trimmed
+    // while b lacks it, though a has it all.
+    let cfg = config(&d.work_dir(), &[("a", &a, None), ("b", &b, Some("1h"))]);
     let pass = shipper_ok(&d, &cfg);
-    assert!(pass["waiting"].as_u64().unwrap() > 0, "{pass}");
+    let segments = repo_segments(&a, &d.vm_uuid, "vda");
     assert_eq!(repo_seqs(&a, &d.vm_uuid, "vda").0, local);
-    assert!(
-        repo_seqs(&b, &d.vm_uuid, "vda").0.is_empty() || stopped.elapsed().as_secs() >= 3,
-        "the delayed target got segments younger than its delay"
+    assert_eq!(
+        pass["waiting"].as_u64(),
+        Some(segments.len() as u64),
+        "{pass}"
     );
-    assert!(
-        std::fs::read_dir(d.state_dir.join("vms").join(&d.vm_uuid).join("vda/journal"))
-            .unwrap()
-            .count()
-            > 0,
-        "segments were trimmed before the delayed target had them"
-    );
-    // After the delay both have everything.
-    let wait = std::time::Duration::from_millis(3100).saturating_sub(stopped.elapsed());
-    std::thread::sleep(wait);
-    shipper_ok(&d, &cfg);
+    assert!(repo_segments(&b, &d.vm_uuid, "vda").is_empty());
+    assert_eq!(pass["trimmed"].as_u64(), Some(0), "{pass}");
+    assert_eq!(journal_files(&d, "vda"), files, "trimmed before b had them");
+
+    // A short delay: pass until b has caught up, checking every pass.
+    let delay_ns = 2_000_000_000;
+    let cfg = config(&d.work_dir(), &[("a", &a, None), ("b", &b, Some("2s"))]);
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let began = now_ns();
+        let pass = shipper_ok(&d, &cfg);
+        let ended = now_ns();
+        let on_b = repo_segments(&b, &d.vm_uuid, "vda");
+        for s in &on_b {
+            assert!(
+                s.1 + delay_ns <= ended,
+                "segment {} reached the delayed target {} ms before its delay was over",
+                s.0,
+                (s.1 + delay_ns - ended) / 1_000_000
+            );
+        }
+        for s in segments.iter().filter(|s| s.1 + delay_ns <= began) {
+            assert!(on_b.contains(s), "segment {} was due and not shipped", s.0);
+        }
+        if pass["waiting"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "b never caught up: {pass}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert_eq!(repo_seqs(&b, &d.vm_uuid, "vda").0, local);
+    // Both have everything now: the local segments go.
+    shipper_ok(&d, &cfg);
+    assert_eq!(journal_files(&d, "vda"), 0);
 }
 
 #[test]

@@ -310,9 +310,8 @@ fn s3_outage_grows_backlog_while_file_target_keeps_up_and_loses_nothing() {
     let recs = a.len();
     assert!(recs > 40, "{recs} records");
     // Everything was trimmed locally once both had it.
-    let left = std::fs::read_dir(d.state_dir.join("vms").join(&d.vm_uuid).join("vda/journal"))
-        .unwrap()
-        .count();
+    let journal = cdp_core::layout::StateDir::new(&d.state_dir).journal(&d.vm_uuid, "vda");
+    let left = std::fs::read_dir(journal).unwrap().count();
     assert_eq!(left, 0);
 }
 
