@@ -138,7 +138,7 @@ impl Rig {
 
     /// Every record of the journal, in order: (seq, ts, kind, offset, length).
     fn records(&self) -> Vec<(u64, u64, Kind, u64, u64)> {
-        let dir = StateDir::new(&self.state_dir()).journal(UUID, "vda");
+        let dir = StateDir::new(self.state_dir()).journal(UUID, "vda");
         let mut out = Vec::new();
         for (_, p) in journal::list_segments(&dir).unwrap() {
             let seg = journal::LoadedSegment::load(&p).unwrap();
