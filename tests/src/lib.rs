@@ -9,6 +9,12 @@
 //! with `cargo build --workspace --all-targets` (`scripts/test` does that).
 //!
 //! Set `CDP_KEEP_TMP=1` to keep every test's temporary directory for inspection.
+//!
+//! No cdp program a test starts reads the host's `/etc/cdp/cdp.toml`: the first
+//! lookup of a binary sets `CDP_CONFIG` (see [`HARNESS_CONFIG`]) in the test's
+//! environment, which every child inherits; a test that wants a config passes
+//! `--config` or its own `CDP_CONFIG`. Only the libvirt tests, whose programs
+//! libvirtd starts as in production, install a host config (and restore it).
 
 pub mod fixture;
 pub mod guest;
@@ -27,15 +33,30 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-/// How long `cdpd run` may take to report READY.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `cdpd run` may take to report READY. Generous: a bound for a
+/// hung daemon on a loaded machine, never a measure of speed.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an external command (qemu-io, fio, cdpctl, …) may run.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a stopping daemon may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The config every cdp program started by a test reads unless the test names
+/// another: empty, so built-in defaults, and never the host's.
+pub const HARNESS_CONFIG: &str = "/dev/null";
+
+/// Point `CDP_CONFIG` at [`HARNESS_CONFIG`] for this test process and every
+/// program it starts. Called by [`bin_dir`], so before any cdp program runs;
+/// the environment is set once, before the test starts programs or threads
+/// that read it.
+pub fn isolate_from_host_config() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var(cdp_core::config::CONFIG_ENV, HARNESS_CONFIG));
+}
+
 /// The directory holding the workspace binaries (`cdpd`, `cdpctl`).
 pub fn bin_dir() -> PathBuf {
+    isolate_from_host_config();
     let dir = match std::env::var_os("CDP_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
@@ -81,6 +102,8 @@ fn package_of(tool: &str) -> &'static str {
         "apparmor_parser" => "apparmor",
         "dpkg-deb" => "dpkg",
         "systemd-analyze" => "systemd",
+        "mount" | "umount" => "mount",
+        "dash" => "dash",
         _ => "?",
     }
 }

@@ -59,7 +59,7 @@ pub const ESHUTDOWN: u32 = 108;
 
 /// Default I/O timeout of a [`Client`]: long enough for a loaded CI machine, short enough
 /// that a hung daemon fails the test instead of hanging it.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One option reply.
 #[derive(Debug, Clone)]

@@ -679,6 +679,13 @@ fn metrics_and_notification_wake_the_agent() {
         &format!("metrics_listen = \"127.0.0.1:{port}\"\nscan_interval = \"1h\""),
     );
     qemu_io(&d, "vda", &phase(1));
+    // cdpd seals the first segment segment_age after its first write, which
+    // on a busy machine can be after the agent's first scan: only a sealed
+    // segment is shipped, and the next scan is an hour away. Start the agent
+    // once the catalog has the sealed row.
+    wait_until("cdpd to seal a segment of phase 1", WAIT, || {
+        !catalog_segments(&d, "vda").is_empty()
+    });
     let mut agent = Agent::start(&d, &cfg, &[]);
     // Its first scan adopts the running VM (no shipper runs for it).
     wait_until("metrics", WAIT, || scrape(port).is_some());

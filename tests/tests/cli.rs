@@ -77,3 +77,25 @@ fn status_of_unknown_vm_fails_with_a_message() {
     );
     assert!(!out.stderr.is_empty(), "no error message on stderr");
 }
+
+/// Every cdp program a test starts reads the harness's empty config, never
+/// the host's /etc/cdp/cdp.toml: cdpd runs with CDP_CONFIG set, and a config
+/// error names that file, not /etc/cdp/cdp.toml.
+#[test]
+fn programs_never_read_the_host_config() {
+    let d = Daemon::with_disk(1 << 20);
+    let environ = std::fs::read(format!("/proc/{}/environ", d.pid())).unwrap();
+    let want = format!("{}={HARNESS_CONFIG}", cdp_core::config::CONFIG_ENV);
+    assert!(
+        environ.split(|b| *b == 0).any(|v| v == want.as_bytes()),
+        "cdpd's environment lacks {want}"
+    );
+    // A policy no config defines: the error names the config actually read.
+    let out = run(d.command(0).arg("--policy").arg("gold"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("gold") && err.contains(HARNESS_CONFIG),
+        "{err}"
+    );
+}

@@ -183,7 +183,7 @@ fn sigkill_mid_stream_loses_no_acknowledged_write() {
     );
     // The connections closed as the process died; it exits (is reapable) just after.
     let status = d
-        .wait_exit(std::time::Duration::from_secs(10))
+        .wait_exit(cdp_tests::STOP_TIMEOUT)
         .expect("cdpd survived SIGKILL");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(

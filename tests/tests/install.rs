@@ -389,7 +389,9 @@ fn installed_hook_exits_0_when_cdpctl_is_gone() {
     let (out, took) = run_hook(&hook, PLAIN_DOMAIN);
     assert!(out.status.success(), "{out:?}");
     assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    // It does not wait for anything (libvirt waits for the hook): the bound
+    // is for a hang, not a measure of speed on a loaded machine.
+    assert!(took < Duration::from_secs(30), "{took:?}");
 
     // With cdpctl there, arguments and stdin reach it.
     fs::create_dir_all(&gone).unwrap();
@@ -408,13 +410,11 @@ fn installed_hook_exits_0_when_cdpctl_is_gone() {
     );
 
     // The packaged hook is plain POSIX sh.
-    if let Some(dash) = which("dash") {
-        run_ok(
-            Command::new(dash)
-                .arg("-n")
-                .arg(workspace().join("packaging/libvirt/cdp")),
-        );
-    }
+    run_ok(
+        Command::new(require_tool("dash"))
+            .arg("-n")
+            .arg(workspace().join("packaging/libvirt/cdp")),
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use cdp_core::config::CONFIG_ENV;
 use cdp_tests::guest::{follow_markers, wait_until};
 use cdp_tests::{bin, require_tool, run, run_ok};
 
@@ -41,6 +42,14 @@ fn virsh_try(args: &[&str]) -> std::process::Output {
         .args(args))
 }
 
+/// The installed cdpctl, reading the host config as an operator's would (the
+/// harness points every other program at an empty one).
+fn host_cdpctl() -> Command {
+    let mut c = Command::new(Path::new(BIN_DIR).join("cdpctl"));
+    c.env(CONFIG_ENV, CONFIG);
+    c
+}
+
 fn pid_of(pidfile: &str) -> Option<i32> {
     let p: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
     (!cdp_core::proc::is_gone(p)).then_some(p)
@@ -56,9 +65,8 @@ struct Libvirt {
 
 impl Libvirt {
     fn start(dir: &Path, config: &str) -> Libvirt {
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+        assert!(
+            nix::unistd::geteuid().is_root(),
             "the libvirt tests need root (libvirtd, /etc/libvirt/hooks, chown to libvirt-qemu)"
         );
         require_tool("virsh");
@@ -88,10 +96,12 @@ impl Libvirt {
         std::fs::create_dir_all("/etc/cdp").unwrap();
         std::fs::write(CONFIG, config).unwrap();
         Self::stop_libvirtd();
+        // libvirtd (and so the hook, cdp-qemu and cdpd it starts) runs as in
+        // production: no CDP_CONFIG, the host's CONFIG.
         if pid_of("/run/virtlogd.pid").is_none() {
-            run_ok(Command::new("virtlogd").arg("-d"));
+            run_ok(Command::new("virtlogd").arg("-d").env_remove(CONFIG_ENV));
         }
-        run_ok(Command::new("libvirtd").arg("-d"));
+        run_ok(Command::new("libvirtd").arg("-d").env_remove(CONFIG_ENV));
         wait_until("libvirtd's socket", 30, || {
             virsh_try(&["version"]).status.success()
         });
@@ -100,7 +110,10 @@ impl Libvirt {
 
     fn stop_libvirtd() {
         if let Some(p) = pid_of("/run/libvirtd.pid") {
-            unsafe { libc::kill(p, libc::SIGTERM) };
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             wait_until("libvirtd to stop", 30, || cdp_core::proc::is_gone(p));
         }
     }
@@ -109,6 +122,7 @@ impl Libvirt {
     fn start_agent(&mut self, log: &Path) {
         let child = Command::new(Path::new(BIN_DIR).join("cdp-agent"))
             .args(["run", "--config", CONFIG])
+            .env(CONFIG_ENV, CONFIG)
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -285,9 +299,7 @@ fn protect_start_destroy_ship_restore_unprotect() {
     let before = virsh(&["dumpxml", "--inactive", "--security-info", name]);
 
     // protect: says what happens next, and that a baseline is due.
-    let out =
-        sh(Command::new(Path::new(BIN_DIR).join("cdpctl"))
-            .args(["protect", name, "--disk", "vda"]));
+    let out = sh(host_cdpctl().args(["protect", name, "--disk", "vda"]));
     assert!(out.contains("next start"), "{out}");
     assert!(out.contains("full baseline"), "{out}");
     let protected = virsh(&["dumpxml", "--inactive", name]);
@@ -297,9 +309,7 @@ fn protect_start_destroy_ship_restore_unprotect() {
     );
     assert!(protected.contains("urn:cdpd:protection:1"), "{protected}");
     // A qcow2 disk, an unknown disk: refused with the fix, definition untouched.
-    let bad =
-        run(Command::new(Path::new(BIN_DIR).join("cdpctl"))
-            .args(["protect", name, "--disk", "vdq"]));
+    let bad = run(host_cdpctl().args(["protect", name, "--disk", "vdq"]));
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("vdq"));
 
@@ -335,7 +345,7 @@ fn protect_start_destroy_ship_restore_unprotect() {
     let url = format!("file://{}/repo", d.display());
     // restore POINT into OUT with cdpctl, from the repository alone.
     let restore = |point: &str, out: &Path| {
-        sh(Command::new(Path::new(BIN_DIR).join("cdpctl"))
+        sh(host_cdpctl()
             .args(["restore", uuid, "--disk", "vda", "--at", point, "--output"])
             .arg(out)
             .args(["--repo", &url, "--state-dir"])
@@ -358,7 +368,7 @@ fn protect_start_destroy_ship_restore_unprotect() {
     assert!(last_marker >= 4);
 
     // unprotect: the definition is the one from before protect, byte for byte.
-    let out = sh(Command::new(Path::new(BIN_DIR).join("cdpctl")).args(["unprotect", name]));
+    let out = sh(host_cdpctl().args(["unprotect", name]));
     assert!(out.contains("no longer protected"), "{out}");
     let after = virsh(&["dumpxml", "--inactive", "--security-info", name]);
     assert_eq!(before, after, "unprotect did not restore the definition");
