@@ -179,3 +179,127 @@ pub async fn active(store: &Store, vm: &str, now_ns: u64) -> Result<Vec<Lease>, 
         .filter_map(|(_, l)| l.filter(|l| l.expires_ns > now_ns))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VM: &str = "u-1";
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&format!("file://{}", d.path().display()), None).unwrap();
+        (d, s)
+    }
+
+    async fn lease_at(s: &Store, key: &str) -> Lease {
+        serde_json::from_slice(&s.get(key).await.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn hostname_is_a_key_component() {
+        let h = hostname();
+        assert!(!h.is_empty());
+        assert!(
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{h}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_written_listed_active_and_removed_on_release() {
+        let (_d, s) = store();
+        let before = cdp_core::time::now_ns();
+        let held = acquire(&s, VM, "cdpctl restore", "vda at seq:4", DEFAULT_TTL)
+            .await
+            .unwrap();
+        assert!(
+            held.key().starts_with(&rf::lease_prefix(VM)),
+            "{}",
+            held.key()
+        );
+        let l = lease_at(&s, held.key()).await;
+        assert_eq!(
+            (l.holder.as_str(), l.what.as_str()),
+            ("cdpctl restore", "vda at seq:4")
+        );
+        assert_eq!(l.pid, std::process::id());
+        assert!(l.created_ns >= before);
+        assert!(l.expires_ns >= l.created_ns + DEFAULT_TTL.as_nanos() as u64);
+
+        let listed = list(&s, VM).await.unwrap();
+        assert_eq!(listed, vec![(held.key().to_string(), Some(l.clone()))]);
+        assert_eq!(active(&s, VM, before).await.unwrap(), vec![l.clone()]);
+        // After it expires it no longer counts; another VM has none.
+        assert!(active(&s, VM, l.expires_ns).await.unwrap().is_empty());
+        assert!(active(&s, "u-2", before).await.unwrap().is_empty());
+
+        let key = held.key().to_string();
+        held.release().await;
+        assert!(matches!(
+            s.get(&key).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(list(&s, VM).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_does_not_decode_is_listed_but_never_active() {
+        let (_d, s) = store();
+        let key = rf::lease_key(VM, "h-1-2");
+        s.put(&key, Bytes::from_static(b"{\"holder\":"))
+            .await
+            .unwrap();
+        // Not a lease object at all: not listed.
+        let other = format!("{}notes.txt", rf::lease_prefix(VM));
+        s.put(&other, Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(list(&s, VM).await.unwrap(), vec![(key, None)]);
+        assert!(active(&s, VM, 0).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_held_lease_is_refreshed_until_dropped() {
+        let (_d, s) = store();
+        let ttl = Duration::from_millis(300);
+        let held = acquire(&s, VM, "baseline", "vda", ttl).await.unwrap();
+        let key = held.key().to_string();
+        let first = lease_at(&s, &key).await;
+        // Refreshed every ttl/3: wait for one (bounded, for a busy machine).
+        let t = std::time::Instant::now();
+        let later = loop {
+            tokio::time::sleep(ttl / 3).await;
+            let l = lease_at(&s, &key).await;
+            if l.expires_ns > first.expires_ns {
+                break l;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "never refreshed");
+        };
+        assert_eq!(later.created_ns, first.created_ns);
+        // Dropped without release (an error path): no more refreshes, the
+        // lease stays until it expires.
+        drop(held);
+        tokio::time::sleep(ttl).await;
+        let last = lease_at(&s, &key).await;
+        tokio::time::sleep(ttl).await;
+        assert_eq!(lease_at(&s, &key).await, last, "refreshed after drop");
+    }
+
+    #[tokio::test]
+    async fn listing_an_unreachable_repository_is_an_error_naming_the_vm() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        let s = Store::open(&format!("file://{}", root.display()), None).unwrap();
+        std::fs::remove_dir(&root).unwrap();
+        match list(&s, VM).await {
+            Err(LeaseError::List { vm, .. }) => assert_eq!(vm, VM),
+            other => panic!("{other:?}"),
+        }
+        match acquire(&s, VM, "x", "y", DEFAULT_TTL).await {
+            Err(LeaseError::Write { key, .. }) => assert!(key.starts_with(&rf::lease_prefix(VM))),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a lease was written into a missing repository"),
+        }
+    }
+}

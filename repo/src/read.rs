@@ -148,33 +148,174 @@ pub async fn load_baselines(
     Ok(out)
 }
 
-/// Fetch a whole segment object, check it against its index, and return the
-/// raw segment bytes.
-pub async fn fetch_segment(
-    store: &Store,
-    vm: &str,
-    idx: &SegmentIndex,
-) -> Result<Vec<u8>, ReadError> {
-    let m = &idx.meta;
-    let key = rf::segment_key(vm, &m.disk, m.first_seq, m.last_seq);
-    let obj = store.get(&key).await?;
-    if obj.len() as u64 != m.object_size || blake3::hash(&obj).to_hex().as_str() != m.object_blake3
-    {
-        return Err(ReadError::Bad {
-            key,
-            what: format!(
-                "segment object does not match its index ({} bytes, expected {}; checksum mismatch)",
-                obj.len(),
-                m.object_size
-            ),
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::IndexMeta;
+    use bytes::Bytes;
+
+    const VM: &str = "u-1";
+
+    fn index(first: u64, last: u64, record_base: u64, records: u64) -> SegmentIndex {
+        SegmentIndex {
+            meta: IndexMeta {
+                vm_uuid: VM.into(),
+                disk: "vda".into(),
+                first_seq: first,
+                last_seq: last,
+                record_base,
+                records,
+                first_ts_ns: first,
+                last_ts_ns: last,
+                raw_size: 0,
+                object_size: 0,
+                object_blake3: String::new(),
+            },
+            frames: Vec::new(),
+            entries: Vec::new(),
+        }
     }
-    let raw = rf::decompress_segment(&key, &obj)?;
-    if raw.len() as u64 != m.raw_size {
-        return Err(ReadError::Bad {
-            key,
-            what: "decompressed size does not match the index".into(),
-        });
+
+    fn chain(segments: Vec<SegmentIndex>, missing: &[&str]) -> Chain {
+        Chain {
+            disk: "vda".into(),
+            segments,
+            orphans: Vec::new(),
+            missing_segments: missing.iter().map(|s| s.to_string()).collect(),
+        }
     }
-    Ok(raw)
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&format!("file://{}", d.path().display()), None).unwrap();
+        (d, s)
+    }
+
+    async fn put(s: &Store, key: &str, b: &[u8]) {
+        s.put(key, Bytes::copy_from_slice(b)).await.unwrap();
+    }
+
+    #[test]
+    fn a_chain_that_follows_on_has_no_problems() {
+        let c = chain(vec![index(1, 3, 0, 3), index(4, 9, 3, 6)], &[]);
+        assert_eq!(c.problems(), vec![]);
+    }
+
+    #[test]
+    fn gaps_overlaps_and_missing_objects_are_problems() {
+        let c = chain(
+            vec![index(1, 3, 0, 3), index(5, 9, 4, 5), index(9, 12, 9, 4)],
+            &["k.idx"],
+        );
+        let what: Vec<String> = c.problems().into_iter().map(|p| p.what).collect();
+        assert_eq!(what.len(), 3, "{what:?}");
+        assert!(
+            what[0].contains("records missing between seq 3 and seq 5"),
+            "{what:?}"
+        );
+        assert!(
+            what[1].contains("segments overlap: 5-9 then 9-12"),
+            "{what:?}"
+        );
+        assert!(
+            what[2].contains("segment object missing for index k.idx"),
+            "{what:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn load_chain_pairs_segments_with_their_indexes() {
+        let (_d, s) = store();
+        for (a, b, base) in [(10, 19, 5), (1, 9, 0)] {
+            put(&s, &rf::segment_key(VM, "vda", a, b), b"seg").await;
+            let idx = index(a, b, base, 0).encode();
+            put(&s, &rf::index_key(VM, "vda", a, b), &idx).await;
+        }
+        // A segment without its index, an index without its segment.
+        put(&s, &rf::segment_key(VM, "vda", 20, 29), b"seg").await;
+        let lone = rf::index_key(VM, "vda", 30, 39);
+        put(&s, &lone, &index(30, 39, 20, 0).encode()).await;
+        // Another disk's journal is not this one's.
+        put(&s, &rf::segment_key(VM, "vdb", 1, 2), b"seg").await;
+
+        let c = load_chain(&s, VM, "vda").await.unwrap();
+        let seqs: Vec<_> = c
+            .segments
+            .iter()
+            .map(|i| (i.meta.first_seq, i.meta.last_seq))
+            .collect();
+        assert_eq!(seqs, vec![(1, 9), (10, 19)], "replay order");
+        assert_eq!(c.orphans, vec![rf::segment_key(VM, "vda", 20, 29)]);
+        assert_eq!(c.missing_segments, vec![lone]);
+        assert!(load_chain(&s, VM, "vdc").await.unwrap().segments.is_empty());
+    }
+
+    #[tokio::test]
+    async fn load_chain_fails_on_a_corrupt_index() {
+        let (_d, s) = store();
+        put(&s, &rf::segment_key(VM, "vda", 1, 2), b"seg").await;
+        let mut idx = index(1, 2, 0, 0).encode();
+        let n = idx.len();
+        idx[n / 2] ^= 0xff;
+        put(&s, &rf::index_key(VM, "vda", 1, 2), &idx).await;
+        let e = load_chain(&s, VM, "vda").await.unwrap_err();
+        assert!(matches!(e, ReadError::Format(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn list_disks_names_disks_with_a_journal_or_baselines() {
+        let (_d, s) = store();
+        put(&s, &rf::segment_key(VM, "vdb", 1, 2), b"x").await;
+        put(&s, &rf::segment_key(VM, "vdb", 3, 4), b"x").await;
+        put(&s, &rf::baseline_key(VM, "vda", 5, 4), b"{}").await;
+        put(&s, &rf::vm_json_key(VM), b"{}").await;
+        put(&s, &rf::lease_key(VM, "h-1-2"), b"{}").await;
+        put(&s, &rf::config_key(VM, 7), b"<domain/>").await;
+        put(&s, &rf::segment_key("u-2", "vdc", 1, 2), b"x").await;
+        assert_eq!(list_disks(&s, VM).await.unwrap(), vec!["vda", "vdb"]);
+        assert!(list_disks(&s, "u-3").await.unwrap().is_empty());
+    }
+
+    fn baseline(s0: u64, s1: u64) -> Baseline {
+        Baseline {
+            vm_uuid: VM.into(),
+            disk: "vda".into(),
+            size: 4096,
+            chunk_size: 4096,
+            s0,
+            s1,
+            started_ns: 1,
+            finished_ns: 2,
+            chunks: vec![None],
+        }
+    }
+
+    #[tokio::test]
+    async fn load_baselines_sorts_by_consistency_and_skips_other_names() {
+        let (_d, s) = store();
+        for (s1, s0) in [(30, 20), (10, 5), (30, 25)] {
+            let key = rf::baseline_key(VM, "vda", s1, s0);
+            put(&s, &key, &serde_json::to_vec(&baseline(s0, s1)).unwrap()).await;
+        }
+        let stray = format!("{}notes.txt", rf::baseline_prefix(VM, "vda"));
+        put(&s, &stray, b"not a baseline").await;
+        let got = load_baselines(&s, VM, "vda").await.unwrap();
+        let order: Vec<_> = got.iter().map(|(_, b)| (b.s1, b.s0)).collect();
+        assert_eq!(order, vec![(10, 5), (30, 20), (30, 25)]);
+        assert_eq!(got[0].0, rf::baseline_key(VM, "vda", 10, 5));
+    }
+
+    #[tokio::test]
+    async fn a_baseline_that_does_not_decode_is_an_error_naming_its_key() {
+        let (_d, s) = store();
+        let key = rf::baseline_key(VM, "vda", 10, 5);
+        put(&s, &key, b"{\"size\": ").await;
+        match load_baselines(&s, VM, "vda").await {
+            Err(ReadError::Bad { key: k, what }) => {
+                assert_eq!(k, key);
+                assert!(what.starts_with("baseline:"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
