@@ -75,6 +75,36 @@ mod tests {
         check_uuid("6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b").unwrap();
         assert!(check_uuid("6f1c2a8e3b4d4e5f8a9b0c1d2e3f4a5b").is_err());
         assert!(check_uuid("../../etc").is_err());
+        // Upper case is the same UUID, returned in canonical form; other
+        // spellings uuid accepts (braces, urn:) are not path-safe names.
+        assert_eq!(
+            check_uuid("6F1C2A8E-3B4D-4E5F-8A9B-0C1D2E3F4A5B")
+                .unwrap()
+                .to_string(),
+            "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"
+        );
+        for bad in [
+            "{6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b}",
+            "urn:uuid:6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b",
+            "",
+        ] {
+            assert_eq!(check_uuid(bad), Err(NameError::Uuid(bad.into())));
+        }
+    }
+
+    #[test]
+    fn labels() {
+        check_label("before upgrade").unwrap();
+        check_label(&"x".repeat(128)).unwrap();
+        for bad in ["", "a\nb", "\u{7f}", &"x".repeat(129)] {
+            assert_eq!(
+                check_label(bad),
+                Err(NameError::Label(bad.into())),
+                "{bad:?}"
+            );
+        }
+        assert!(check_vm_name(&"v".repeat(256)).is_err());
+        assert!(check_vm_name("tab\there").is_err());
     }
 
     #[test]
