@@ -14,9 +14,12 @@
 //! sees there are none, before reading the config, and any error about a
 //! VM that is not protected is swallowed.
 
+use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use cdp_core::config::Config;
+use cdp_core::layout::{RunDir, StateDir};
 use thiserror::Error;
 
 use crate::domain::{self, DomainError, NS};
@@ -63,11 +66,6 @@ pub enum Outcome {
     },
 }
 
-/// The definition cdp-qemu reads: `<run-dir>/<uuid>/domain.xml`.
-pub fn definition_path(run_dir: &Path, uuid: &str) -> PathBuf {
-    run_dir.join(uuid).join("domain.xml")
-}
-
 /// Owner from the domain's DAC label (`<seclabel model='dac'><label>+UID:+GID`),
 /// known from `start begin` on.
 fn dac_label(xml: &str) -> Option<(u32, u32)> {
@@ -82,7 +80,7 @@ fn dac_label(xml: &str) -> Option<(u32, u32)> {
     Some((num(u)?, num(g)?))
 }
 
-fn configured_owner(c: &cdp_core::config::Config) -> Result<(u32, u32), HookError> {
+fn configured_owner(c: &Config) -> Result<(u32, u32), HookError> {
     let user = c
         .libvirt
         .qemu_user
@@ -161,58 +159,13 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
         })?
         .hyphenated()
         .to_string();
-    let c = cdp_core::config::Config::load(config)?;
-    let state_dir = c.state_dir(None);
-    let run_dir = c.run_dir(None);
+    let c = Config::load(config)?;
+    let run_dir = RunDir::new(c.run_dir(None));
     match phase {
-        Phase::Prepare => {
-            let tagged = dom
-                .tagged(&c)
-                .map_err(|source| HookError::Domain { vm, source })?;
-            let owner = match dac_label(xml) {
-                Some(o) => o,
-                None => configured_owner(&c)?,
-            };
-            dir(&state_dir, owner, 0o750)?;
-            let vm_state = state_dir.join("vms").join(&uuid);
-            std::fs::create_dir_all(&vm_state).map_err(io(&vm_state))?;
-            own(&state_dir.join("vms"), owner)?;
-            own_tree(&vm_state, owner)?;
-            for f in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
-                let p = state_dir.join(f);
-                if p.exists() {
-                    own(&p, owner)?;
-                }
-            }
-            // A file:// target the shipper (QEMU's user) writes: create it
-            // for that user when missing; an existing one is the operator's.
-            for t in tagged
-                .iter()
-                .filter_map(|t| c.policy.get(&t.policy))
-                .flat_map(|p| p.targets.iter())
-                .filter_map(|name| c.target.get(name))
-            {
-                if let Some(path) = t.url.strip_prefix("file://").map(Path::new) {
-                    if !path.exists() {
-                        dir(path, owner, 0o750)?;
-                    }
-                }
-            }
-            dir(&run_dir, owner, 0o755)?;
-            let vm_run = run_dir.join(&uuid);
-            dir(&vm_run, owner, 0o750)?;
-            let def = definition_path(&run_dir, &uuid);
-            let tmp = def.with_extension("xml.tmp");
-            std::fs::write(&tmp, &dom.xml).map_err(io(&tmp))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .map_err(io(&tmp))?;
-            own(&tmp, owner)?;
-            std::fs::rename(&tmp, &def).map_err(io(&def))?;
-            Ok(Outcome::Prepared { uuid, owner })
-        }
+        Phase::Prepare => prepare(&c, &vm, &dom, &uuid, xml),
         Phase::Release => {
-            let agent_notified = cdp_core::notify::notify_agent(&run_dir, &uuid).is_ok();
-            let def = definition_path(&run_dir, &uuid);
+            let agent_notified = cdp_core::notify::notify_agent(run_dir.path(), &uuid).is_ok();
+            let def = run_dir.vm(&uuid).definition();
             match std::fs::remove_file(&def) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -224,6 +177,74 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
             })
         }
     }
+}
+
+/// `path` with `suffix` appended to its file name (SQLite's `-wal`, `-shm`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = OsString::from(path);
+    p.push(suffix);
+    p.into()
+}
+
+/// `prepare begin` / `start begin`: check the keys, make the directories
+/// QEMU's user writes, leave the definition for cdp-qemu.
+fn prepare(
+    c: &Config,
+    vm: &str,
+    dom: &domain::Domain,
+    uuid: &str,
+    xml: &str,
+) -> Result<Outcome, HookError> {
+    let tagged = dom.tagged(c).map_err(|source| HookError::Domain {
+        vm: vm.to_string(),
+        source,
+    })?;
+    let owner = match dac_label(xml) {
+        Some(o) => o,
+        None => configured_owner(c)?,
+    };
+    let state = StateDir::new(c.state_dir(None));
+    let run = RunDir::new(c.run_dir(None));
+    dir(state.path(), owner, 0o750)?;
+    let vm_state = state.vm(uuid);
+    std::fs::create_dir_all(vm_state.path()).map_err(io(vm_state.path()))?;
+    own(&state.vms(), owner)?;
+    own_tree(vm_state.path(), owner)?;
+    let catalog = state.catalog();
+    let wal = with_suffix(&catalog, "-wal");
+    let shm = with_suffix(&catalog, "-shm");
+    for p in [catalog, wal, shm] {
+        if p.exists() {
+            own(&p, owner)?;
+        }
+    }
+    // A file:// target the shipper (QEMU's user) writes: create it
+    // for that user when missing; an existing one is the operator's.
+    for t in tagged
+        .iter()
+        .filter_map(|t| c.policy.get(&t.policy))
+        .flat_map(|p| p.targets.iter())
+        .filter_map(|name| c.target.get(name))
+    {
+        if let Some(path) = t.url.strip_prefix("file://").map(Path::new) {
+            if !path.exists() {
+                dir(path, owner, 0o750)?;
+            }
+        }
+    }
+    dir(run.path(), owner, 0o755)?;
+    let vm_run = run.vm(uuid);
+    dir(vm_run.path(), owner, 0o750)?;
+    let def = vm_run.definition();
+    let tmp = def.with_extension("xml.tmp");
+    std::fs::write(&tmp, &dom.xml).map_err(io(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+    own(&tmp, owner)?;
+    std::fs::rename(&tmp, &def).map_err(io(&def))?;
+    Ok(Outcome::Prepared {
+        uuid: uuid.to_string(),
+        owner,
+    })
 }
 
 enum Phase {
@@ -303,7 +324,10 @@ mod tests {
         )
         .unwrap();
         let uuid = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
-        let me = (unsafe { libc::geteuid() }, unsafe { libc::getegid() });
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         let xml = DOM.replace("+0:+0", &format!("+{}:+{}", me.0, me.1));
         let out = run(&args("prepare", "begin"), &xml, Some(&cfg)).unwrap();
         assert_eq!(
@@ -313,11 +337,14 @@ mod tests {
                 owner: me
             }
         );
-        let def = definition_path(&d.path().join("run"), uuid);
+        let def = RunDir::new(d.path().join("run")).vm(uuid).definition();
         assert!(std::fs::read_to_string(&def)
             .unwrap()
             .starts_with("<domain"));
-        assert!(d.path().join("state/vms").join(uuid).is_dir());
+        assert!(StateDir::new(d.path().join("state"))
+            .vm(uuid)
+            .path()
+            .is_dir());
         assert!(
             d.path().join("repo").is_dir(),
             "the file:// target is created"

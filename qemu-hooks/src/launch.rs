@@ -8,19 +8,102 @@
 //! in them), while QEMU keeps everything (`-add-fd`, the monitor `fd=`).
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use cdp_core::config::{Config, ConfigError};
+use cdp_core::layout::{RunDir, StateDir};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use thiserror::Error;
 
-use crate::argv::{self, Redirect};
-use crate::domain;
+use crate::argv::{self, ArgvError, Redirect};
+use crate::domain::{self, Domain, DomainError, Tagged};
 
 /// How long a VM start waits for cdpd to listen.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the wrapper did not become QEMU. Every one fails the VM start; the
+/// message is what libvirt shows (`virsh start`), so it says what to do.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    #[error("{0}: usage: cdp-qemu [--vm-config DOMAIN.xml] [--qemu PATH] [--config cdp.toml] -- QEMU-ARGS…")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM definition {path}: {source}")]
+    Definition {
+        path: PathBuf,
+        #[source]
+        source: DomainError,
+    },
+    #[error(
+        "VM {name} runs cdp-qemu as its emulator, but its definition is not readable here ({live}: {source}) \
+         and the libvirt hook left none in {run_dir}: install the hook (`cdpctl install --libvirt`) and restart libvirtd"
+    )]
+    Unreadable {
+        name: String,
+        live: PathBuf,
+        run_dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM {vm} is not started: {source}")]
+    Keys {
+        vm: String,
+        #[source]
+        source: DomainError,
+    },
+    #[error("VM {vm} is not started: {source}")]
+    Argv {
+        vm: String,
+        #[source]
+        source: ArgvError,
+    },
+    #[error(transparent)]
+    Name(#[from] cdp_core::names::NameError),
+    #[error("cdpd did not report READY within {READY_TIMEOUT:?}")]
+    ReadyTimeout,
+    #[error("cdpd failed to start{status}: {message}")]
+    CdpdFailed { status: String, message: String },
+    #[error("waiting for cdpd: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("VM {vm} is not started: its disks cannot be protected: {source}")]
+    Unprotected {
+        vm: String,
+        #[source]
+        source: Box<LaunchError>,
+    },
+    #[error("cannot run {path}: {source}")]
+    Exec {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = LaunchError> = std::result::Result<T, E>;
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LaunchError + 'a {
+    move |source| LaunchError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 /// The wrapper's own options, before `--`.
 #[derive(Debug, Default, Clone)]
@@ -45,17 +128,23 @@ pub fn split_args(args: &[String]) -> Result<(Own, Vec<String>)> {
         let mut val = |name: &str| -> Result<PathBuf> {
             it.next()
                 .map(PathBuf::from)
-                .with_context(|| format!("{name} needs a value"))
+                .ok_or_else(|| LaunchError::Usage(format!("{name} needs a value")))
         };
         match a.as_str() {
             "--" => return Ok((own, it.cloned().collect())),
             "--vm-config" => own.vm_config = Some(val("--vm-config")?),
             "--qemu" => own.qemu = Some(val("--qemu")?),
             "--config" => own.config = Some(val("--config")?),
-            other => bail!("unknown cdp-qemu option {other:?}: usage: cdp-qemu [--vm-config DOMAIN.xml] [--qemu PATH] [--config cdp.toml] -- QEMU-ARGS…"),
+            other => {
+                return Err(LaunchError::Usage(format!(
+                    "unknown cdp-qemu option {other:?}"
+                )))
+            }
         }
     }
-    bail!("cdp-qemu: missing `--` before QEMU's arguments")
+    Err(LaunchError::Usage(
+        "missing `--` before QEMU's arguments".into(),
+    ))
 }
 
 /// The real QEMU: `--qemu`, else `$CDP_QEMU_BINARY`, else the emulator the
@@ -81,9 +170,11 @@ fn sibling(name: &str) -> PathBuf {
 }
 
 /// Replace this process with QEMU. Only returns on failure.
-fn exec_qemu(qemu: &Path, args: &[String]) -> anyhow::Error {
-    let e = Command::new(qemu).args(args).exec();
-    anyhow::anyhow!("cannot run {}: {e}", qemu.display())
+fn exec_qemu(qemu: &Path, args: &[String]) -> LaunchError {
+    LaunchError::Exec {
+        source: Command::new(qemu).args(args).exec(),
+        path: qemu.to_path_buf(),
+    }
 }
 
 /// libvirt's live definition: `/run/libvirt/qemu/NAME.xml` (a `<domstatus>`).
@@ -96,13 +187,13 @@ fn libvirt_xml(name: &str) -> PathBuf {
 /// Where the VM definition is: `--vm-config`; else the copy the libvirt hook
 /// left in `<run-dir>/<uuid>/domain.xml`; else libvirt's live file. `None`:
 /// not started by libvirt and no definition given, so nothing to protect.
-fn find_definition(own: &Own, qargs: &[String], run_dir: &Path) -> Result<Option<PathBuf>> {
+fn find_definition(own: &Own, qargs: &[String], run_dir: &RunDir) -> Result<Option<PathBuf>> {
     if let Some(p) = &own.vm_config {
         return Ok(Some(p.clone()));
     }
     if let Some(u) = argv::vm_uuid(qargs) {
         if cdp_core::names::check_uuid(&u).is_ok() {
-            let p = crate::hook::definition_path(run_dir, &u);
+            let p = run_dir.vm(&u).definition();
             if p.exists() {
                 return Ok(Some(p));
             }
@@ -115,18 +206,21 @@ fn find_definition(own: &Own, qargs: &[String], run_dir: &Path) -> Result<Option
     match std::fs::File::open(&live) {
         Ok(_) => Ok(Some(live)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => bail!(
-            "VM {name} runs cdp-qemu as its emulator, but its definition is not readable here ({}: {e}) and the libvirt hook left none in {}: install the hook (`cdpctl install --libvirt`) and restart libvirtd",
-            live.display(),
-            run_dir.display()
-        ),
+        Err(source) => Err(LaunchError::Unreadable {
+            name,
+            live,
+            run_dir: run_dir.path().to_path_buf(),
+            source,
+        }),
     }
 }
 
-/// In a child before exec: mark every descriptor but `keep` close-on-exec,
-/// and stop on the parent's death is left to the child itself.
+/// In a child before exec: mark every descriptor but `keep` close-on-exec
+/// (the child keeps nothing libvirt passed to QEMU).
 fn close_inherited(cmd: &mut Command, keep: Option<i32>) {
-    // SAFETY: only close_range(2), async-signal-safe, between fork and exec.
+    // SAFETY: the closure runs between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes close_range(2) system
+    // calls only, allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 4;
@@ -144,9 +238,22 @@ fn close_inherited(cmd: &mut Command, keep: Option<i32>) {
     }
 }
 
+/// In cdpd before exec: the ready pipe's write end `fd` survives the exec.
+fn keep_across_exec(cmd: &mut Command, fd: i32) {
+    // SAFETY: the closure runs between fork and exec: it makes one fcntl(2)
+    // call (async-signal-safe) on a descriptor the parent keeps open until
+    // spawn returns, allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+}
+
 fn stop(children: &mut [Child]) {
     for c in children.iter_mut() {
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = kill(nix::unistd::Pid::from_raw(c.id() as i32), Signal::SIGTERM);
     }
     for c in children.iter_mut() {
         let _ = c.wait();
@@ -156,32 +263,22 @@ fn stop(children: &mut [Child]) {
 /// Wait for `READY` (or `ERROR …`, or EOF) on the ready pipe, bounded.
 fn wait_ready(rd: OwnedFd, child: &mut Child) -> Result<()> {
     let mut f = std::fs::File::from(rd);
-    let fd = f.as_raw_fd();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut buf = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("cdpd did not report READY within {READY_TIMEOUT:?}");
+            return Err(LaunchError::ReadyTimeout);
         }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            bail!("waiting for cdpd: {e}");
-        }
-        if n == 0 {
-            continue;
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
+            Err(e) => return Err(LaunchError::Wait(e.into())),
+            Ok(_) => {}
         }
         let mut chunk = [0u8; 512];
-        let r = f.read(&mut chunk)?;
+        let r = f.read(&mut chunk).map_err(LaunchError::Wait)?;
         buf.extend_from_slice(&chunk[..r]);
         let text = String::from_utf8_lossy(&buf);
         if text.starts_with("READY") {
@@ -189,183 +286,194 @@ fn wait_ready(rd: OwnedFd, child: &mut Child) -> Result<()> {
         }
         if r == 0 || text.contains('\n') {
             let status = child.try_wait().ok().flatten();
-            bail!(
-                "cdpd failed to start{}: {}",
-                status.map(|s| format!(" ({s})")).unwrap_or_default(),
-                text.trim().trim_start_matches("ERROR ").trim()
-            );
+            return Err(LaunchError::CdpdFailed {
+                status: status.map(|s| format!(" ({s})")).unwrap_or_default(),
+                message: text.trim().trim_start_matches("ERROR ").trim().to_string(),
+            });
         }
     }
 }
 
 /// The whole wrapper. Returns only on failure (the caller prints it and
 /// exits non-zero, so libvirt shows the message and the VM does not start).
-pub fn run(args: &[String]) -> anyhow::Error {
+pub fn run(args: &[String]) -> LaunchError {
     match prepare(args) {
         Ok((qemu, final_args)) => exec_qemu(&qemu, &final_args),
         Err(e) => e,
     }
 }
 
+/// What to exec: QEMU and its arguments, rewritten (and the capture started)
+/// for a protected VM, untouched otherwise.
 fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
     let (own, qargs) = split_args(args)?;
     if argv::is_probe(&qargs) {
         return Ok((real_qemu(&own, None), qargs));
     }
-    let config = cdp_core::config::Config::load(own.config.as_deref())?;
-    let Some(xml_path) = find_definition(&own, &qargs, &config.run_dir(None))? else {
+    let config = Config::load(own.config.as_deref())?;
+    let run_dir = RunDir::new(config.run_dir(None));
+    let Some(xml_path) = find_definition(&own, &qargs, &run_dir)? else {
         return Ok((real_qemu(&own, None), qargs));
     };
     let text = std::fs::read_to_string(&xml_path)
-        .with_context(|| format!("reading the VM definition {}", xml_path.display()))?;
-    let dom =
-        domain::parse(&text).with_context(|| format!("VM definition {}", xml_path.display()))?;
+        .map_err(io_err("reading the VM definition", &xml_path))?;
+    let dom = domain::parse(&text).map_err(|source| LaunchError::Definition {
+        path: xml_path.clone(),
+        source,
+    })?;
     let qemu = real_qemu(
         &own,
         dom.protection.as_ref().and_then(|p| p.emulator.as_deref()),
     );
-    if dom.protection.is_none() {
+    let Some(protection) = &dom.protection else {
         return Ok((qemu, qargs));
-    }
-    let tagged = dom
-        .tagged(&config)
-        .with_context(|| format!("VM {} is not started", dom.name))?;
-    let uuid = cdp_core::names::check_uuid(&dom.uuid)?
-        .hyphenated()
-        .to_string();
-    let state_dir = config.state_dir(None);
-    let run_dir = config.run_dir(None);
-    let policy = dom.protection.as_ref().unwrap().policy.clone();
+    };
+    let tagged = dom.tagged(&config).map_err(|source| LaunchError::Keys {
+        vm: dom.name.clone(),
+        source,
+    })?;
+    let vm = Vm {
+        uuid: cdp_core::names::check_uuid(&dom.uuid)?
+            .hyphenated()
+            .to_string(),
+        policy: protection.policy.clone(),
+        dom: &dom,
+        tagged: &tagged,
+        state: StateDir::new(config.state_dir(None)),
+        run: run_dir,
+        config: &config,
+    };
     let redirects: Vec<Redirect> = tagged
         .iter()
         .map(|t| Redirect {
             target: t.target.clone(),
             path: t.path.clone(),
-            socket: cdp_core::layout::RunDir::new(&run_dir)
-                .vm(&uuid)
+            socket: vm
+                .run
+                .vm(&vm.uuid)
                 .disk_socket(&t.target)
                 .display()
                 .to_string(),
         })
         .collect();
     // Rewrite first: an argv we cannot rewrite must fail before anything starts.
-    let final_args = argv::rewrite(&qargs, &redirects)
-        .with_context(|| format!("VM {} is not started", dom.name))?;
+    let final_args = argv::rewrite(&qargs, &redirects).map_err(|source| LaunchError::Argv {
+        vm: dom.name.clone(),
+        source,
+    })?;
+    start_capture(&vm)?;
+    Ok((qemu, final_args))
+}
 
-    // The definition cdpd was started with, for the shipper to store.
-    let vm_state = state_dir.join("vms").join(&uuid);
-    std::fs::create_dir_all(&vm_state)
-        .with_context(|| format!("creating {}", vm_state.display()))?;
-    let saved_xml = vm_state.join("domain.xml");
-    // 0600: a definition can hold secrets (VNC passwords, …).
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&saved_xml);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&saved_xml)
-            .and_then(|mut f| f.write_all(dom.xml.as_bytes()))
-            .with_context(|| format!("writing {}", saved_xml.display()))?;
-    }
+/// A protected VM about to start.
+struct Vm<'a> {
+    uuid: String,
+    policy: String,
+    dom: &'a Domain,
+    tagged: &'a [Tagged],
+    state: StateDir,
+    run: RunDir,
+    config: &'a Config,
+}
 
-    let (rd, wr) = pipe()?;
-    let mut cdpd = Command::new(sibling("cdpd"));
-    cdpd.arg("run")
-        .args([
-            "--vm-uuid",
-            &uuid,
-            "--vm-name",
-            &dom.name,
-            "--policy",
-            &policy,
-        ])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .args([
-            "--ready-fd",
-            &wr.as_raw_fd().to_string(),
-            "--die-with-parent",
-        ])
-        .stdin(Stdio::null());
-    if let Some(c) = &config.source {
-        cdpd.arg("--config").arg(c);
-    }
-    for t in &tagged {
-        cdpd.arg("--disk").arg(format!("{}={}", t.target, t.path));
-    }
-    close_inherited(&mut cdpd, Some(wr.as_raw_fd()));
-    let wfd = wr.as_raw_fd();
-    // SAFETY: fcntl only: the ready pipe's write end survives exec in cdpd.
-    unsafe {
-        cdpd.pre_exec(move || {
-            libc::fcntl(wfd, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let mut children = Vec::new();
-    let mut cdpd_child = cdpd
-        .spawn()
-        .with_context(|| format!("starting {}", sibling("cdpd").display()))?;
+/// Save the definition, start cdpd and wait until it serves every disk,
+/// start the shipper. The children become QEMU's after the exec.
+fn start_capture(vm: &Vm) -> Result<()> {
+    let saved_xml = save_definition(vm)?;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io_err("creating the ready pipe", Path::new("pipe"))(e.into()))?;
+    let mut cdpd = cdpd_command(vm, wr.as_raw_fd());
+    let mut cdpd_child = cdpd.spawn().map_err(io_err("starting", &sibling("cdpd")))?;
     drop(wr);
     if let Err(e) = wait_ready(rd, &mut cdpd_child) {
-        children.push(cdpd_child);
-        stop(&mut children);
-        return Err(e.context(format!(
-            "VM {} is not started: its disks cannot be protected",
-            dom.name
-        )));
+        stop(&mut [cdpd_child]);
+        return Err(LaunchError::Unprotected {
+            vm: vm.dom.name.clone(),
+            source: Box::new(e),
+        });
     }
     let cdpd_pid = cdpd_child.id();
-    children.push(cdpd_child);
-
-    if config
+    let mut children = vec![cdpd_child];
+    let has_targets = vm
+        .config
         .policy
-        .get(&policy)
-        .is_some_and(|p| !p.targets.is_empty())
-    {
-        let mut ship = Command::new(sibling("cdp-shipper"));
-        ship.arg("run")
-            .args(["--vm-uuid", &uuid, "--policy", &policy])
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--vm-config")
-            .arg(&saved_xml)
-            .args(["--follow-pid", &cdpd_pid.to_string()])
-            .stdin(Stdio::null());
-        if let Some(c) = &config.source {
-            ship.arg("--config").arg(c);
-        }
-        close_inherited(&mut ship, None);
-        match ship.spawn() {
+        .get(&vm.policy)
+        .is_some_and(|p| !p.targets.is_empty());
+    if has_targets {
+        match shipper_command(vm, &saved_xml, cdpd_pid).spawn() {
             Ok(c) => children.push(c),
-            Err(e) => {
-                // Capture runs; the journal waits for cdp-agent or a restart.
-                eprintln!("cdp-qemu: warning: cdp-shipper did not start: {e}");
-            }
+            // Capture runs; the journal waits for cdp-agent or a restart.
+            Err(e) => eprintln!("cdp-qemu: warning: cdp-shipper did not start: {e}"),
         }
     } else {
         eprintln!(
-            "cdp-qemu: warning: policy {policy:?} has no targets: the journal stays on this host"
+            "cdp-qemu: warning: policy {:?} has no targets: the journal stays on this host",
+            vm.policy
         );
     }
     // The children are QEMU's after the exec; they end with it.
     std::mem::forget(children);
-    Ok((qemu, final_args))
+    Ok(())
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0i32; 2];
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        bail!("pipe: {}", std::io::Error::last_os_error());
+/// The definition cdpd was started with, for the shipper to store: 0600, a
+/// definition can hold secrets (VNC passwords, …).
+fn save_definition(vm: &Vm) -> Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = vm.state.vm(&vm.uuid);
+    std::fs::create_dir_all(dir.path()).map_err(io_err("creating", dir.path()))?;
+    let saved = dir.definition();
+    let _ = std::fs::remove_file(&saved);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&saved)
+        .and_then(|mut f| f.write_all(vm.dom.xml.as_bytes()))
+        .map_err(io_err("writing", &saved))?;
+    Ok(saved)
+}
+
+fn cdpd_command(vm: &Vm, ready_fd: i32) -> Command {
+    let mut cdpd = Command::new(sibling("cdpd"));
+    cdpd.arg("run")
+        .args(["--vm-uuid", &vm.uuid, "--vm-name", &vm.dom.name])
+        .args(["--policy", &vm.policy])
+        .arg("--state-dir")
+        .arg(vm.state.path())
+        .arg("--run-dir")
+        .arg(vm.run.path())
+        .args(["--ready-fd", &ready_fd.to_string(), "--die-with-parent"])
+        .stdin(Stdio::null());
+    if let Some(c) = &vm.config.source {
+        cdpd.arg("--config").arg(c);
     }
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    for t in vm.tagged {
+        cdpd.arg("--disk").arg(format!("{}={}", t.target, t.path));
+    }
+    close_inherited(&mut cdpd, Some(ready_fd));
+    keep_across_exec(&mut cdpd, ready_fd);
+    cdpd
+}
+
+fn shipper_command(vm: &Vm, saved_xml: &Path, cdpd_pid: u32) -> Command {
+    let mut ship = Command::new(sibling("cdp-shipper"));
+    ship.arg("run")
+        .args(["--vm-uuid", &vm.uuid, "--policy", &vm.policy])
+        .arg("--state-dir")
+        .arg(vm.state.path())
+        .arg("--run-dir")
+        .arg(vm.run.path())
+        .arg("--vm-config")
+        .arg(saved_xml)
+        .args(["--follow-pid", &cdpd_pid.to_string()])
+        .stdin(Stdio::null());
+    if let Some(c) = &vm.config.source {
+        ship.arg("--config").arg(c);
+    }
+    close_inherited(&mut ship, None);
+    ship
 }
 
 #[cfg(test)]
