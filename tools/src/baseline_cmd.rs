@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Result};
 use cdp_core::catalog::Catalog;
 
-use crate::{Ctx, Global};
+use crate::Ctx;
 
 #[derive(clap::Args)]
 pub struct BaselineArgs {
@@ -21,8 +21,7 @@ pub struct BaselineArgs {
     pub policy: String,
 }
 
-pub fn run(ctx: &Ctx, g: &Global, a: &BaselineArgs) -> Result<()> {
-    let config = cdp_core::config::Config::load(g.config.as_deref())?;
+pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
     let vm = ctx.resolve_vm(&a.vm)?;
     let catalog = Arc::new(Mutex::new(Catalog::open(&ctx.state_dir)?));
     let disks = catalog.lock().unwrap().disks(&vm)?;
@@ -38,7 +37,7 @@ pub fn run(ctx: &Ctx, g: &Global, a: &BaselineArgs) -> Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     let results = rt.block_on(async {
-        let mut targets = cdp_shipper::open_targets(&config, &a.policy).await?;
+        let mut targets = cdp_shipper::open_targets(&ctx.config, &a.policy).await?;
         targets.sort_by_key(|t| std::cmp::Reverse(t.store.free_space().unwrap_or(0)));
         let retry = cdp_repo::store::RetryPolicy::default();
         let mut out = Vec::new();

@@ -3,7 +3,7 @@
 
 pub mod baseline_cmd;
 pub mod export_cmd;
-pub mod install_cmd;
+pub mod install;
 pub mod journal_cmd;
 pub mod protect_cmd;
 pub mod prune_cmd;
@@ -11,9 +11,11 @@ pub mod restore_cmd;
 pub mod status;
 pub mod verify_cmd;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use cdp_core::config::Config;
+use cdp_core::layout::{RunDir, StateDir};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -69,9 +71,9 @@ pub enum Cmd {
     /// Apply the VM's retention policy to its targets: thin old points, compact, delete.
     Prune(prune_cmd::PruneArgs),
     /// Install cdpd's programs, config, libvirt hook and systemd unit (idempotent).
-    Install(install_cmd::InstallArgs),
+    Install(install::InstallArgs),
     /// Remove what `install` wrote (config and state kept unless --purge).
-    Uninstall(install_cmd::UninstallArgs),
+    Uninstall(install::UninstallArgs),
     /// Protect a libvirt VM's disks: CDP keys in its definition, cdp-qemu as emulator.
     Protect(protect_cmd::ProtectArgs),
     /// Undo `protect`: the definition as it was before.
@@ -81,8 +83,10 @@ pub enum Cmd {
     LibvirtHook(protect_cmd::HookArgs),
 }
 
-/// Resolved paths and config.
+/// What every command shares: the config, loaded once, and the state and
+/// run directories it (or the command line) names.
 pub struct Ctx {
+    pub config: Config,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub json: bool,
@@ -90,12 +94,23 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(g: &Global) -> Result<Ctx> {
-        let config = cdp_core::config::Config::load(g.config.as_deref())?;
+        let config = Config::load(g.config.as_deref())?;
         Ok(Ctx {
             state_dir: config.state_dir(g.state_dir.as_deref()),
             run_dir: config.run_dir(g.run_dir.as_deref()),
+            config,
             json: g.json,
         })
+    }
+
+    /// The state directory, through which every path under it is built.
+    pub fn state(&self) -> StateDir {
+        StateDir::new(&self.state_dir)
+    }
+
+    /// The run directory, through which every path under it is built.
+    pub fn run(&self) -> RunDir {
+        RunDir::new(&self.run_dir)
     }
 
     /// Resolve a VM given by name or UUID to its UUID, using the catalog when
@@ -104,7 +119,7 @@ impl Ctx {
         if let Ok(u) = cdp_core::names::check_uuid(vm) {
             return Ok(u.hyphenated().to_string());
         }
-        let cat_path = self.state_dir.join("catalog.sqlite");
+        let cat_path = self.state().catalog();
         if !cat_path.exists() {
             bail!(
                 "no catalog at {}: give the VM's UUID, or the right --state-dir",
@@ -130,8 +145,8 @@ pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     // Before the config is read: install writes it, uninstall works with a broken one.
     match &cli.cmd {
-        Cmd::Install(a) => return install_cmd::install(&cli.global, a),
-        Cmd::Uninstall(a) => return install_cmd::uninstall(&cli.global, a),
+        Cmd::Install(a) => return install::install(&cli.global, a),
+        Cmd::Uninstall(a) => return install::uninstall(&cli.global, a),
         _ => {}
     }
     // Before the config is read: the hook must not fail a VM without CDP keys.
@@ -143,21 +158,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Status(a) => status::status(&ctx, &a),
         Cmd::Mark(a) => status::mark(&ctx, &a),
         Cmd::Journal(c) => journal_cmd::run(&ctx, c),
-        Cmd::Baseline(a) => baseline_cmd::run(&ctx, &cli.global, &a),
-        Cmd::Restore(a) => restore_cmd::restore(&ctx, &cli.global, &a),
-        Cmd::Points(a) => restore_cmd::points(&ctx, &cli.global, &a),
-        Cmd::Export(a) => export_cmd::run(&ctx, &cli.global, &a),
-        Cmd::Verify(a) => verify_cmd::verify(&ctx, &cli.global, &a),
-        Cmd::Prune(a) => prune_cmd::run(&ctx, &cli.global, &a),
-        Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &cli.global, &a),
+        Cmd::Baseline(a) => baseline_cmd::run(&ctx, &a),
+        Cmd::Restore(a) => restore_cmd::restore(&ctx, &a),
+        Cmd::Points(a) => restore_cmd::points(&ctx, &a),
+        Cmd::Export(a) => export_cmd::run(&ctx, &a),
+        Cmd::Verify(a) => verify_cmd::verify(&ctx, &a),
+        Cmd::Prune(a) => prune_cmd::run(&ctx, &a),
+        Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &a),
         Cmd::Install(_) | Cmd::Uninstall(_) => unreachable!("handled before the config is read"),
-        Cmd::Protect(a) => protect_cmd::protect(&ctx, &cli.global, &a),
+        Cmd::Protect(a) => protect_cmd::protect(&ctx, &a),
         Cmd::Unprotect(a) => protect_cmd::unprotect(&ctx, &a),
         Cmd::LibvirtHook(_) => unreachable!("handled above"),
     }
-}
-
-pub fn must_exist(p: &Path, what: &str) -> Result<()> {
-    std::fs::metadata(p).with_context(|| format!("{what} {}", p.display()))?;
-    Ok(())
 }

@@ -147,8 +147,8 @@ struct ProtectReport {
     gap_recorded: bool,
 }
 
-pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
-    let config = cdp_core::config::Config::load(g.config.as_deref())?;
+pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
+    let config = &ctx.config;
     let before = definition(&a.connect, &a.domain)?;
     let wrapper = a.wrapper.clone().unwrap_or_else(default_wrapper);
     for b in ["cdp-qemu", "cdpd", "cdp-shipper"] {
@@ -171,7 +171,7 @@ pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
     .with_context(|| format!("protecting {}", a.domain))?;
     let dom = domain::parse(&new)?;
     let tagged = dom
-        .tagged(&config)
+        .tagged(config)
         .with_context(|| format!("{} cannot be protected", a.domain))?;
     if a.dry_run {
         print!("{new}");
@@ -232,7 +232,7 @@ pub fn protect(ctx: &Ctx, g: &Global, a: &ProtectArgs) -> Result<()> {
     // was protected before, the next session starts with a GAP (and so a
     // fresh baseline), never a silent hole.
     let mut gap_recorded = false;
-    if ctx.state_dir.join("catalog.sqlite").exists() {
+    if ctx.state().has_catalog() {
         let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
         let known = cat.disks(&uuid)?;
         for d in &disks {

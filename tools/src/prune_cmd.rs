@@ -8,7 +8,7 @@ use cdp_repo::retention;
 use cdp_repo::store::Store;
 
 use crate::status::human;
-use crate::{Ctx, Global};
+use crate::Ctx;
 
 #[derive(clap::Args)]
 pub struct PruneArgs {
@@ -34,7 +34,7 @@ pub struct PruneArgs {
 }
 
 fn vm_policy(ctx: &Ctx, vm: &str) -> Option<String> {
-    if !ctx.state_dir.join("catalog.sqlite").exists() {
+    if !ctx.state().has_catalog() {
         return None;
     }
     let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir).ok()?;
@@ -46,8 +46,8 @@ fn vm_policy(ctx: &Ctx, vm: &str) -> Option<String> {
         .and_then(|r| r.policy)
 }
 
-pub fn run(ctx: &Ctx, g: &Global, a: &PruneArgs) -> Result<()> {
-    let config = cdp_core::config::Config::load(g.config.as_deref())?;
+pub fn run(ctx: &Ctx, a: &PruneArgs) -> Result<()> {
+    let config = &ctx.config;
     let policy = a
         .policy
         .clone()

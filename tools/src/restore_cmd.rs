@@ -10,7 +10,7 @@ use cdp_repo::format as rf;
 use cdp_repo::restore::{self, History, Point};
 use cdp_repo::store::Store;
 
-use crate::{Ctx, Global};
+use crate::Ctx;
 
 #[derive(clap::Args, Clone)]
 pub struct RepoArgs {
@@ -63,11 +63,11 @@ pub struct PointsArgs {
 }
 
 /// The repository a command reads: `--repo`, or the policy's primary target.
-pub fn open_repo(g: &Global, a: &RepoArgs) -> Result<Store> {
+pub fn open_repo(ctx: &Ctx, a: &RepoArgs) -> Result<Store> {
     if let Some(url) = &a.repo {
         return Store::open(url, None).with_context(|| format!("repository {url}"));
     }
-    let config = cdp_core::config::Config::load(g.config.as_deref())?;
+    let config = &ctx.config;
     let Some(p) = config.policy.get(&a.policy) else {
         bail!(
             "no --repo given and no [policy.{}] in the config: give --repo file:///… or s3://…",
@@ -86,7 +86,7 @@ pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
     if let Ok(u) = cdp_core::names::check_uuid(vm) {
         return Ok(u.hyphenated().to_string());
     }
-    if ctx.state_dir.join("catalog.sqlite").exists() {
+    if ctx.state().has_catalog() {
         if let Ok(u) = ctx.resolve_vm(vm) {
             return Ok(u);
         }
@@ -132,11 +132,11 @@ fn keep_large_buffers() {
     }
 }
 
-pub fn restore(ctx: &Ctx, g: &Global, a: &RestoreArgs) -> Result<()> {
+pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     cdp_core::names::check_disk(&a.disk)?;
     keep_large_buffers();
     let point = Point::parse(&a.at, now_ns())?;
-    let store = open_repo(g, &a.repo)?;
+    let store = open_repo(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
@@ -392,9 +392,7 @@ async fn in_place(
     plan: &restore::Plan,
     point: &Point,
 ) -> Result<restore::RestoreStats> {
-    let ctl = cdp_core::layout::RunDir::new(&ctx.run_dir)
-        .vm(vm)
-        .control_socket();
+    let ctl = ctx.run().vm(vm).control_socket();
     if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
         bail!(
             "VM {vm} is running (cdpd answers on {}): stop the VM before restoring in place",
@@ -430,7 +428,7 @@ async fn in_place(
     sink.file.sync_all()?;
     // The disk no longer equals baseline + journal: the next capture
     // session records a GAP and the shipper takes a new baseline.
-    if ctx.state_dir.join("catalog.sqlite").exists() {
+    if ctx.state().has_catalog() {
         let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
         let (last, _) = cat.last_seq(vm)?;
         cat.add_gap(
@@ -450,7 +448,7 @@ async fn in_place(
 
 /// The disk's path: from the host catalog, else the repository's vm.json.
 async fn disk_path(ctx: &Ctx, store: &Store, vm: &str, disk: &str) -> Result<PathBuf> {
-    if ctx.state_dir.join("catalog.sqlite").exists() {
+    if ctx.state().has_catalog() {
         let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
         if let Some((_, p, _)) = cat.disks(vm)?.into_iter().find(|(d, _, _)| d == disk) {
             return Ok(p.into());
@@ -465,8 +463,8 @@ async fn disk_path(ctx: &Ctx, store: &Store, vm: &str, disk: &str) -> Result<Pat
         .with_context(|| format!("VM {vm} has no disk {disk}"))
 }
 
-pub fn points(ctx: &Ctx, g: &Global, a: &PointsArgs) -> Result<()> {
-    let store = open_repo(g, &a.repo)?;
+pub fn points(ctx: &Ctx, a: &PointsArgs) -> Result<()> {
+    let store = open_repo(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;

@@ -24,9 +24,7 @@ pub struct MarkArgs {
 }
 
 fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
-    let sock = cdp_core::layout::RunDir::new(&ctx.run_dir)
-        .vm(uuid)
-        .control_socket();
+    let sock = ctx.run().vm(uuid).control_socket();
     control::Client::new(&sock).status().with_context(|| {
         format!(
             "VM {uuid} has no running cdpd (control socket {}): is the VM running and protected? (--run-dir)",
@@ -35,23 +33,13 @@ fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
     })
 }
 
-/// UUIDs of VMs with a control socket under the run dir.
-fn running(ctx: &Ctx) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(&ctx.run_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().join("control.sock").exists())
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .collect();
-    out.sort();
-    out
-}
-
 pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
     let uuids = match a.vm_uuid.as_ref().or(a.vm.as_ref()) {
         Some(vm) => vec![ctx.resolve_vm(vm)?],
-        None => running(ctx),
+        None => ctx
+            .run()
+            .vms_with_control_socket()
+            .with_context(|| format!("listing the run directory {}", ctx.run_dir.display()))?,
     };
     let mut all = Vec::new();
     for u in &uuids {
@@ -126,9 +114,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
 
 pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
     let uuid = ctx.resolve_vm(&a.vm)?;
-    let sock = cdp_core::layout::RunDir::new(&ctx.run_dir)
-        .vm(&uuid)
-        .control_socket();
+    let sock = ctx.run().vm(&uuid).control_socket();
     let marked = match control::Client::new(&sock).mark(&a.label) {
         Ok(m) => m,
         Err(e @ control::ControlError::Refused { .. }) => bail!("mark refused: {e}"),

@@ -12,7 +12,7 @@ use cdp_repo::store::Store;
 use cdp_repo::verify::{Report, SeqRange};
 
 use crate::restore_cmd::{open_repo, resolve_vm, RepoArgs};
-use crate::{Ctx, Global};
+use crate::Ctx;
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -42,8 +42,8 @@ pub struct RestoreConfigArgs {
     pub repo: RepoArgs,
 }
 
-pub fn verify(ctx: &Ctx, g: &Global, a: &VerifyArgs) -> Result<()> {
-    let store = open_repo(g, &a.repo)?;
+pub fn verify(ctx: &Ctx, a: &VerifyArgs) -> Result<()> {
+    let store = open_repo(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     let report = rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
@@ -332,7 +332,7 @@ async fn point_time(
     }
 }
 
-pub fn restore_config(ctx: &Ctx, g: &Global, a: &RestoreConfigArgs) -> Result<()> {
+pub fn restore_config(ctx: &Ctx, a: &RestoreConfigArgs) -> Result<()> {
     let point = Point::parse(&a.at, now_ns())?;
     let remaps = parse_remaps(&a.remaps)?;
     if a.output.exists() {
@@ -341,7 +341,7 @@ pub fn restore_config(ctx: &Ctx, g: &Global, a: &RestoreConfigArgs) -> Result<()
             a.output.display()
         );
     }
-    let store = open_repo(g, &a.repo)?;
+    let store = open_repo(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;

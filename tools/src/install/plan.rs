@@ -1,0 +1,937 @@
+//! Deciding: what install or uninstall would do on a target system, found by
+//! reading it only (files, modes, `systemctl is-enabled`). [`super::apply`]
+//! does it; `--dry-run` prints it.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cdp_core::config::Config;
+
+use super::items::{
+    apparmor_block, hook_text, is_ours, unit_text, without_block, Op, Step, HOOK, HOOK_VARIABLE,
+    SAMPLE_CONFIG, UNIT, UNIT_VARIABLE,
+};
+use super::{
+    io_err, InstallArgs, InstallError, Result, UninstallArgs, APPARMOR_DIR, APPARMOR_LOCAL,
+    BINARIES, CONFIG_PATH, DEFAULT_BIN_DIR, DPKG_LIST, HOOK_PATH, PACKAGE_BIN_DIR, UNIT_PATH,
+};
+use crate::Global;
+
+const SERVICE: &str = "cdp-agent.service";
+
+/// What to do, in order. Nothing in it has been done.
+#[derive(Debug)]
+pub struct Plan {
+    pub root: PathBuf,
+    pub bin_dir: PathBuf,
+    pub steps: Vec<Step>,
+    /// What the operator still has to do afterwards.
+    pub next: Vec<String>,
+    /// Files edited by hand and left alone: the apply does everything else,
+    /// then fails naming them.
+    pub conflicts: Vec<PathBuf>,
+}
+
+impl Plan {
+    fn new(t: &Target) -> Plan {
+        Plan {
+            root: t.root.clone(),
+            bin_dir: t.bin_dir.clone(),
+            steps: Vec::new(),
+            next: Vec::new(),
+            conflicts: Vec::new(),
+        }
+    }
+
+    pub fn changes(&self) -> bool {
+        self.steps.iter().any(|s| s.item.changed)
+    }
+
+    /// Real paths (under the root) this plan removes.
+    fn removed(&self) -> impl Iterator<Item = &Path> {
+        self.steps
+            .iter()
+            .flat_map(|s| &s.ops)
+            .filter_map(|o| match o {
+                Op::Remove { to } | Op::RemoveDir { to } | Op::RemoveTree { to } => {
+                    Some(to.as_path())
+                }
+                _ => None,
+            })
+    }
+}
+
+/// Paths on the target system, resolved under `--root`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub root: PathBuf,
+    pub bin_dir: PathBuf,
+    /// The directory the programs are copied from (the running cdpctl's).
+    pub exe_dir: PathBuf,
+    /// dpkg's file list of the cdpd package, if installed there.
+    packaged: Vec<PathBuf>,
+}
+
+impl Target {
+    /// For the running cdpctl: programs come from its directory.
+    pub fn new(root: Option<&Path>, bin_dir: Option<&Path>) -> Result<Target> {
+        let exe = std::env::current_exe().map_err(InstallError::NoExe)?;
+        let exe_dir = exe
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| "/".into());
+        Target::with_exe_dir(root, bin_dir, exe_dir)
+    }
+
+    /// Programs come from `exe_dir`.
+    pub fn with_exe_dir(
+        root: Option<&Path>,
+        bin_dir: Option<&Path>,
+        exe_dir: PathBuf,
+    ) -> Result<Target> {
+        let root = root.unwrap_or(Path::new("/")).to_path_buf();
+        if !root.is_dir() {
+            return Err(InstallError::BadRoot(root));
+        }
+        let mut t = Target {
+            root,
+            bin_dir: DEFAULT_BIN_DIR.into(),
+            exe_dir,
+            packaged: Vec::new(),
+        };
+        // The package's cdpctl installs for the package's programs.
+        t.bin_dir = match bin_dir {
+            Some(d) => absolute(d),
+            None if same_dir(&t.exe_dir, &t.at(Path::new(PACKAGE_BIN_DIR))) => {
+                PACKAGE_BIN_DIR.into()
+            }
+            None => DEFAULT_BIN_DIR.into(),
+        };
+        if let Ok(list) = fs::read_to_string(t.at(Path::new(DPKG_LIST))) {
+            t.packaged = list.lines().map(PathBuf::from).collect();
+        }
+        Ok(t)
+    }
+
+    /// `p` (absolute, on the target system) under the root.
+    pub fn at(&self, p: &Path) -> PathBuf {
+        self.root.join(p.strip_prefix("/").unwrap_or(p))
+    }
+
+    fn is_packaged(&self, p: &Path) -> bool {
+        self.packaged.iter().any(|q| q == p)
+    }
+
+    fn real_root(&self) -> bool {
+        self.root == Path::new("/")
+    }
+
+    /// True when the programs are already where they are to be installed.
+    fn runs_from_bin_dir(&self) -> bool {
+        same_dir(&self.exe_dir, &self.at(&self.bin_dir))
+    }
+
+    fn systemd_running(&self) -> bool {
+        self.real_root() && Path::new("/run/systemd/system").is_dir()
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    }
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (fs::canonicalize(a), fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+fn mode_of(m: &fs::Metadata) -> u32 {
+    m.mode() & 0o7777
+}
+
+fn files_equal(a: &Path, b: &Path) -> Result<bool> {
+    let (ma, mb) = (
+        fs::metadata(a).map_err(io_err("read", a))?,
+        fs::metadata(b).map_err(io_err("read", b))?,
+    );
+    if ma.len() != mb.len() {
+        return Ok(false);
+    }
+    if ma.dev() == mb.dev() && ma.ino() == mb.ino() {
+        return Ok(true);
+    }
+    let mut fa = fs::File::open(a).map_err(io_err("read", a))?;
+    let mut fb = fs::File::open(b).map_err(io_err("read", b))?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut fa, &mut ba).map_err(io_err("read", a))?;
+        let m = read_full(&mut fb, &mut bb).map_err(io_err("read", b))?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// `systemctl QUERY cdp-agent.service` printed `want` (is-enabled, is-active: they
+/// exit non-zero for "no").
+fn systemctl_is(query: &str, want: &str) -> bool {
+    Command::new("systemctl")
+        .args([query, SERVICE])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == want)
+        .unwrap_or(false)
+}
+
+/// The config install works with: `--config`, else the target's (or, when it
+/// has none yet, the sample install writes there).
+fn install_config(g: &Global, t: &Target) -> Result<Config> {
+    let path = g
+        .config
+        .clone()
+        .unwrap_or_else(|| t.at(Path::new(CONFIG_PATH)));
+    if path.exists() || g.config.is_some() {
+        Ok(Config::load_file(&path)?)
+    } else {
+        Config::parse(SAMPLE_CONFIG).map_err(|e| InstallError::Sample(e.to_string()))
+    }
+}
+
+/// The config uninstall works with: as install's, or the defaults.
+fn uninstall_config(g: &Global, t: &Target) -> Config {
+    let path = g
+        .config
+        .clone()
+        .unwrap_or_else(|| t.at(Path::new(CONFIG_PATH)));
+    Config::load_file(&path).unwrap_or_default()
+}
+
+/// Make `dest` hold `text` with `mode`: the step for it (reported as `kind`, `path`).
+fn put_text(kind: &'static str, path: &Path, dest: &Path, text: &str, mode: u32) -> Result<Step> {
+    let write = Op::Write {
+        to: dest.to_path_buf(),
+        content: text.to_string(),
+        mode,
+    };
+    match fs::metadata(dest) {
+        Ok(m) => {
+            let cur = fs::read(dest).map_err(io_err("install", dest))?;
+            if cur != text.as_bytes() {
+                return Ok(Step::change(kind, path, "updated", write));
+            }
+            if mode_of(&m) == mode {
+                return Ok(Step::same(kind, path, "unchanged"));
+            }
+            let chmod = Op::Chmod {
+                to: dest.to_path_buf(),
+                mode,
+            };
+            Ok(Step::change(kind, path, "updated", chmod).detail("mode"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(Step::change(kind, path, "created", write))
+        }
+        Err(e) => Err(io_err("install", dest)(e)),
+    }
+}
+
+/// A template file (hook, unit) at `path`: written unless edited by hand.
+fn template(
+    p: &mut Plan,
+    t: &Target,
+    (kind, path): (&'static str, &Path),
+    (text, template, variable): (&str, &str, &str),
+    (mode, force, hint): (u32, bool, &str),
+) -> Result<Step> {
+    let dest = t.at(path);
+    match fs::read_to_string(&dest).ok() {
+        Some(cur) if cur != text && !is_ours(&cur, template, variable) && !force => {
+            p.conflicts.push(path.to_path_buf());
+            Ok(Step::same(kind, path, "modified").detail(hint))
+        }
+        _ => put_text(kind, path, &dest, text, mode),
+    }
+}
+
+/// What `cdpctl install` would do.
+pub fn install(g: &Global, a: &InstallArgs, t: &Target) -> Result<Plan> {
+    let mut p = Plan::new(t);
+    binaries(&mut p, t)?;
+    let config = config_file(&mut p, g, t)?;
+    let state_dir = config.state_dir(g.state_dir.as_deref());
+    let run_dir = config.run_dir(g.run_dir.as_deref());
+    // Their owner is set by the hook when a VM starts.
+    for (what, d) in [("state", &state_dir), ("run", &run_dir)] {
+        let step = if t.at(d).is_dir() {
+            Step::same("dir", d, "unchanged")
+        } else {
+            let op = Op::MkDir {
+                to: t.at(d),
+                mode: 0o755,
+            };
+            Step::change("dir", d, "created", op)
+        };
+        p.steps.push(step.detail(format!("{what} directory")));
+    }
+    if a.libvirt {
+        hook(&mut p, t, a.force)?;
+        apparmor(
+            &mut p,
+            t,
+            &apparmor_block(&t.bin_dir, &state_dir, &run_dir, &config),
+        )?;
+    }
+    if a.systemd {
+        let unit_changed = unit(&mut p, t, a.force)?;
+        let binaries_changed = p
+            .steps
+            .iter()
+            .any(|s| s.item.kind == "binary" && s.item.changed);
+        service(&mut p, t, unit_changed, binaries_changed);
+    }
+    if p.changes() && !p.next.iter().any(|n| n.contains("cdpctl protect")) {
+        p.next
+            .push("protect a VM: cdpctl protect VM (then restart the VM)".into());
+    }
+    Ok(p)
+}
+
+fn binaries(p: &mut Plan, t: &Target) -> Result<()> {
+    let missing: Vec<&str> = BINARIES
+        .iter()
+        .copied()
+        .filter(|b| !t.exe_dir.join(b).is_file())
+        .collect();
+    if !missing.is_empty() {
+        return Err(InstallError::MissingBinaries {
+            dir: t.exe_dir.clone(),
+            missing: missing.join(", "),
+        });
+    }
+    let in_place = t.runs_from_bin_dir();
+    for b in BINARIES {
+        let path = t.bin_dir.join(b);
+        let dest = t.at(&path);
+        if in_place {
+            p.steps
+                .push(Step::same("binary", &path, "unchanged").detail("cdpctl runs from here"));
+            continue;
+        }
+        let src = t.exe_dir.join(b);
+        let same = match fs::metadata(&dest) {
+            Ok(m) => mode_of(&m) == 0o755 && files_equal(&src, &dest)?,
+            Err(_) => false,
+        };
+        if same {
+            p.steps.push(Step::same("binary", &path, "unchanged"));
+            continue;
+        }
+        let action = if dest.exists() { "updated" } else { "created" };
+        let detail = format!("from {}", src.display());
+        let op = Op::Copy {
+            from: src,
+            to: dest,
+            mode: 0o755,
+        };
+        p.steps
+            .push(Step::change("binary", &path, action, op).detail(detail));
+    }
+    Ok(())
+}
+
+/// The config: written from the sample only when absent.
+fn config_file(p: &mut Plan, g: &Global, t: &Target) -> Result<Config> {
+    let path = Path::new(CONFIG_PATH);
+    let dest = t.at(path);
+    let step = if let Some(given) = &g.config {
+        Step::same("config", given, "skipped").detail("--config given: the sample is not written")
+    } else if dest.exists() {
+        let same = fs::read(&dest).is_ok_and(|c| c == SAMPLE_CONFIG.as_bytes());
+        Step::same("config", path, "kept").detail(if same {
+            "the sample, as installed"
+        } else {
+            "exists: never overwritten"
+        })
+    } else {
+        let op = Op::Write {
+            to: dest,
+            content: SAMPLE_CONFIG.into(),
+            mode: 0o644,
+        };
+        Step::change("config", path, "created", op).detail("from the sample: review the targets")
+    };
+    p.steps.push(step);
+    install_config(g, t)
+}
+
+fn hook(p: &mut Plan, t: &Target, force: bool) -> Result<()> {
+    let step = template(
+        p,
+        t,
+        ("hook", Path::new(HOOK_PATH)),
+        (&hook_text(&t.bin_dir), HOOK, HOOK_VARIABLE),
+        (
+            0o755,
+            force,
+            "edited by hand: left as it is (--force replaces it)",
+        ),
+    )?;
+    if step.item.action == "created" {
+        p.next.push(
+            "restart libvirtd (libvirt reads its hooks when it starts): systemctl restart libvirtd"
+                .into(),
+        );
+    }
+    p.steps.push(step);
+    Ok(())
+}
+
+/// AppArmor rules, where AppArmor is configured: our marked block in the
+/// local abstraction, the rest of the file kept.
+fn apparmor(p: &mut Plan, t: &Target, block: &str) -> Result<()> {
+    if !t.at(Path::new(APPARMOR_DIR)).is_dir() {
+        let step = Step::same("apparmor", Path::new(APPARMOR_DIR), "skipped");
+        p.steps.push(step.detail("no AppArmor on this system"));
+        return Ok(());
+    }
+    let path = Path::new(APPARMOR_LOCAL);
+    let dest = t.at(path);
+    let cur = match fs::read_to_string(&dest) {
+        Ok(c) => Some(c),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err("install", &dest)(e)),
+    };
+    if cur.as_deref().is_some_and(|c| c.contains(block)) {
+        p.steps.push(Step::same("apparmor", path, "unchanged"));
+        return Ok(());
+    }
+    let (mut text, had) = without_block(cur.as_deref().unwrap_or(""));
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(block);
+    let mode = fs::metadata(&dest).map(|m| mode_of(&m)).unwrap_or(0o644);
+    let op = Op::Write {
+        to: dest,
+        content: text,
+        mode,
+    };
+    let action = if had { "updated" } else { "created" };
+    p.steps.push(
+        Step::change("apparmor", path, action, op)
+            .detail("marked block; VMs started from now on get it"),
+    );
+    Ok(())
+}
+
+/// The unit file; whether it changes.
+fn unit(p: &mut Plan, t: &Target, force: bool) -> Result<bool> {
+    let step = template(
+        p,
+        t,
+        ("unit", Path::new(UNIT_PATH)),
+        (&unit_text(&t.bin_dir), UNIT, UNIT_VARIABLE),
+        (
+            0o644,
+            force,
+            "edited by hand: left as it is (use a drop-in; --force replaces it)",
+        ),
+    )?;
+    let changed = step.item.changed;
+    p.steps.push(step);
+    Ok(changed)
+}
+
+/// The service: enabled and started, restarted for a new unit or new programs.
+fn service(p: &mut Plan, t: &Target, unit_changed: bool, binaries_changed: bool) {
+    let path = Path::new(SERVICE);
+    if !t.systemd_running() {
+        p.steps.push(
+            Step::same("service", path, "skipped").detail(if t.real_root() {
+                "systemd is not running"
+            } else {
+                "--root: no systemctl"
+            }),
+        );
+        p.next.push(if t.real_root() {
+            format!(
+                "systemd is not running here: start the agent by hand: {} run",
+                t.bin_dir.join("cdp-agent").display()
+            )
+        } else {
+            format!(
+                "enable the agent in the image: systemctl --root {} enable {SERVICE}",
+                t.root.display()
+            )
+        });
+        return;
+    }
+    let systemctl = |args: &[&'static str]| Op::Systemctl {
+        args: args.to_vec(),
+        must: true,
+    };
+    let enabled = systemctl_is("is-enabled", "enabled");
+    let active = systemctl_is("is-active", "active");
+    let mut step = if !enabled || !active {
+        Step::change(
+            "service",
+            path,
+            "started",
+            systemctl(&["enable", "--now", SERVICE]),
+        )
+        .detail("systemctl enable --now")
+    } else if unit_changed || binaries_changed {
+        Step::change(
+            "service",
+            path,
+            "restarted",
+            systemctl(&["try-restart", SERVICE]),
+        )
+        .detail("new unit or programs")
+    } else {
+        Step::same("service", path, "unchanged").detail("enabled and running")
+    };
+    if unit_changed {
+        step.ops.insert(0, systemctl(&["daemon-reload"]));
+    }
+    p.steps.push(step);
+}
+
+/// What `cdpctl uninstall` would do.
+pub fn uninstall(g: &Global, a: &UninstallArgs, t: &Target) -> Result<Plan> {
+    let mut p = Plan::new(t);
+    let config = uninstall_config(g, t);
+    let state_dir = config.state_dir(g.state_dir.as_deref());
+    let run_dir = config.run_dir(g.run_dir.as_deref());
+    if a.systemd {
+        remove_unit(&mut p, t);
+    }
+    if a.libvirt {
+        let hook = remove_ours(t, "hook", Path::new(HOOK_PATH), |c| {
+            is_ours(c, HOOK, HOOK_VARIABLE)
+        });
+        if hook.item.action == "removed" {
+            p.next.push(
+                "restart libvirtd so that it forgets the hook: systemctl restart libvirtd".into(),
+            );
+        }
+        p.steps.push(hook);
+        p.steps.push(remove_apparmor(t));
+    }
+    remove_binaries(&mut p, t)?;
+    remove_config(&mut p, t, a.purge);
+    let etc = Path::new("/etc/cdp");
+    if empty_after(&p, &t.at(etc)) {
+        p.steps.push(Step::change(
+            "dir",
+            etc,
+            "removed",
+            Op::RemoveDir { to: t.at(etc) },
+        ));
+    }
+    // State and run directories: removed when empty, or with --purge.
+    for d in [&state_dir, &run_dir] {
+        let dest = t.at(d);
+        let step = if !dest.exists() {
+            Step::same("dir", d, "absent")
+        } else if empty_after(&p, &dest) {
+            Step::change("dir", d, "removed", Op::RemoveDir { to: dest })
+        } else if a.purge {
+            check_purge(d, &run_dir, t)?;
+            Step::change("dir", d, "removed", Op::RemoveTree { to: dest }).detail("--purge")
+        } else {
+            Step::same("dir", d, "kept").detail("not empty (--purge removes it)")
+        };
+        p.steps.push(step);
+    }
+    Ok(p)
+}
+
+/// `dir` exists and holds nothing once the steps planned so far have run.
+fn empty_after(p: &Plan, dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let removed: Vec<&Path> = p.removed().collect();
+    entries
+        .flatten()
+        .all(|e| removed.contains(&e.path().as_path()))
+}
+
+fn remove_unit(p: &mut Plan, t: &Target) {
+    let path = Path::new(UNIT_PATH);
+    let systemctl = |args: &[&'static str]| Op::Systemctl {
+        args: args.to_vec(),
+        must: false,
+    };
+    if t.systemd_running() && t.at(path).exists() {
+        let stop = systemctl(&["disable", "--now", SERVICE]);
+        p.steps.push(
+            Step::change("service", Path::new(SERVICE), "stopped", stop)
+                .detail("systemctl disable --now"),
+        );
+    }
+    let mut step = remove_ours(t, "unit", path, |c| is_ours(c, UNIT, UNIT_VARIABLE));
+    if t.systemd_running() {
+        step = step.then(systemctl(&["daemon-reload"]));
+    }
+    p.steps.push(step);
+}
+
+/// Remove a file of ours (recognized by `ours`); an edited one is kept and reported.
+fn remove_ours(t: &Target, kind: &'static str, path: &Path, ours: impl Fn(&str) -> bool) -> Step {
+    let dest = t.at(path);
+    match fs::read_to_string(&dest) {
+        Err(_) if !dest.exists() => Step::same(kind, path, "absent"),
+        Ok(c) if ours(&c) && !t.is_packaged(path) => {
+            Step::change(kind, path, "removed", Op::Remove { to: dest })
+        }
+        _ => Step::same(kind, path, "kept").detail(if t.is_packaged(path) {
+            "owned by the cdpd package"
+        } else {
+            "edited by hand: not ours any more"
+        }),
+    }
+}
+
+fn remove_apparmor(t: &Target) -> Step {
+    let path = Path::new(APPARMOR_LOCAL);
+    let dest = t.at(path);
+    let Ok(cur) = fs::read_to_string(&dest) else {
+        return Step::same("apparmor", path, "absent");
+    };
+    let (rest, had) = without_block(&cur);
+    if !had {
+        Step::same("apparmor", path, "absent")
+    } else if rest.trim().is_empty() {
+        Step::change("apparmor", path, "removed", Op::Remove { to: dest })
+    } else {
+        let op = Op::Write {
+            to: dest,
+            content: rest,
+            mode: 0o644,
+        };
+        Step::change("apparmor", path, "updated", op).detail("our block removed, the rest kept")
+    }
+}
+
+/// Programs: only copies of ours, never the package's.
+fn remove_binaries(p: &mut Plan, t: &Target) -> Result<()> {
+    for b in BINARIES {
+        let path = t.bin_dir.join(b);
+        let dest = t.at(&path);
+        let src = t.exe_dir.join(b);
+        let step = if !dest.exists() {
+            Step::same("binary", &path, "absent")
+        } else if t.is_packaged(&path) {
+            Step::same("binary", &path, "kept").detail("owned by the cdpd package: apt remove cdpd")
+        } else if !src.is_file() || !files_equal(&src, &dest)? {
+            Step::same("binary", &path, "kept").detail(format!(
+                "differs from {}: run the installed {} uninstall",
+                src.display(),
+                t.bin_dir.join("cdpctl").display()
+            ))
+        } else {
+            Step::change("binary", &path, "removed", Op::Remove { to: dest })
+        };
+        p.steps.push(step);
+    }
+    Ok(())
+}
+
+/// The config: the unedited sample is ours; an edited one is the operator's.
+fn remove_config(p: &mut Plan, t: &Target, purge: bool) {
+    let path = Path::new(CONFIG_PATH);
+    let dest = t.at(path);
+    let step = match fs::read(&dest) {
+        Ok(_) if t.is_packaged(path) && !purge => {
+            Step::same("config", path, "kept").detail("a conffile of the cdpd package")
+        }
+        Ok(c) if purge || c == SAMPLE_CONFIG.as_bytes() => {
+            Step::change("config", path, "removed", Op::Remove { to: dest })
+        }
+        Ok(_) => Step::same("config", path, "kept").detail("edited: kept (--purge removes it)"),
+        Err(_) => Step::same("config", path, "absent"),
+    };
+    p.steps.push(step);
+}
+
+fn check_purge(d: &Path, run_dir: &Path, t: &Target) -> Result<()> {
+    let refuse = |why: String| InstallError::Purge {
+        path: d.to_path_buf(),
+        why,
+    };
+    if d.components().count() < 3 {
+        return Err(refuse(
+            "too close to / to be a cdpd directory: remove it by hand".into(),
+        ));
+    }
+    // A running capture daemon has a control socket per VM in the run directory.
+    let run = cdp_core::layout::RunDir::new(t.at(run_dir));
+    if let Some(vm) = run
+        .vms_with_control_socket()
+        .ok()
+        .and_then(|v| v.into_iter().next())
+    {
+        return Err(refuse(format!(
+            "VM {vm} is being captured (control socket in {}): stop the protected VMs first",
+            run_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::install::{apply::apply, items::Item};
+
+    struct Host {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        exe_dir: PathBuf,
+    }
+
+    /// An empty root, and a directory with (fake) programs to install from.
+    fn host() -> Host {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let exe_dir = tmp.path().join("build");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&exe_dir).unwrap();
+        for b in BINARIES {
+            fs::write(exe_dir.join(b), format!("#!/bin/sh\n# {b}\n")).unwrap();
+        }
+        Host {
+            _tmp: tmp,
+            root,
+            exe_dir,
+        }
+    }
+
+    impl Host {
+        fn target(&self) -> Target {
+            Target::with_exe_dir(Some(&self.root), None, self.exe_dir.clone()).unwrap()
+        }
+        fn install(&self, a: &InstallArgs) -> Plan {
+            install(&global(), a, &self.target()).unwrap()
+        }
+        fn at(&self, p: &str) -> PathBuf {
+            self.target().at(Path::new(p))
+        }
+        /// Every path under the root, sorted.
+        fn tree(&self) -> Vec<PathBuf> {
+            fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+                for e in fs::read_dir(d).unwrap().flatten() {
+                    out.push(e.path());
+                    if e.file_type().unwrap().is_dir() {
+                        walk(&e.path(), out);
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            walk(&self.root, &mut out);
+            out.sort();
+            out
+        }
+    }
+
+    fn global() -> Global {
+        Global {
+            config: None,
+            state_dir: None,
+            run_dir: None,
+            json: false,
+        }
+    }
+
+    fn all() -> InstallArgs {
+        InstallArgs {
+            libvirt: true,
+            systemd: true,
+            ..Default::default()
+        }
+    }
+
+    fn step<'a>(p: &'a Plan, path: &str) -> &'a Step {
+        p.steps
+            .iter()
+            .find(|s| s.item.path == Path::new(path))
+            .unwrap_or_else(|| panic!("no step for {path}: {:#?}", p.steps))
+    }
+
+    #[test]
+    fn planning_writes_nothing_and_names_every_item() {
+        let h = host();
+        let p = h.install(&all());
+        assert!(h.tree().is_empty(), "planning wrote {:?}", h.tree());
+        for b in BINARIES {
+            let s = step(&p, &format!("/usr/local/bin/{b}"));
+            assert_eq!((s.item.action, s.item.changed), ("created", true));
+            assert_eq!(
+                s.ops,
+                [Op::Copy {
+                    from: h.exe_dir.join(b),
+                    to: h.at(&format!("/usr/local/bin/{b}")),
+                    mode: 0o755
+                }]
+            );
+        }
+        let cfg = step(&p, CONFIG_PATH);
+        assert!(
+            matches!(&cfg.ops[..], [Op::Write { content, mode: 0o644, .. }] if content == SAMPLE_CONFIG)
+        );
+        let hook = step(&p, HOOK_PATH);
+        assert!(
+            matches!(&hook.ops[..], [Op::Write { content, mode: 0o755, .. }] if *content == hook_text(Path::new("/usr/local/bin")))
+        );
+        assert!(matches!(
+            &step(&p, "/var/lib/cdp").ops[..],
+            [Op::MkDir { mode: 0o755, .. }]
+        ));
+        assert_eq!(step(&p, APPARMOR_DIR).item.action, "skipped");
+        assert_eq!(step(&p, UNIT_PATH).item.action, "created");
+        // --root: no systemctl, a hint instead.
+        let svc = step(&p, SERVICE);
+        assert_eq!((svc.item.action, svc.ops.len()), ("skipped", 0));
+        assert!(p.next.iter().any(|n| n.contains("systemctl --root")));
+        assert!(p.next.iter().any(|n| n.contains("restart libvirtd")));
+        assert!(p.conflicts.is_empty());
+    }
+
+    #[test]
+    fn applied_plan_is_followed_by_an_empty_one() {
+        let h = host();
+        fs::create_dir_all(h.at(APPARMOR_DIR)).unwrap();
+        let (report, res) = apply(h.install(&all()), "install");
+        res.unwrap();
+        assert!(report.changed());
+        assert_eq!(
+            fs::read_to_string(h.at("/usr/local/bin/cdpd")).unwrap(),
+            "#!/bin/sh\n# cdpd\n"
+        );
+        let mode = fs::metadata(h.at(HOOK_PATH)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        assert!(fs::read_to_string(h.at(APPARMOR_LOCAL))
+            .unwrap()
+            .contains("# END cdpd"));
+
+        let again = h.install(&all());
+        let busy: Vec<&Item> = again
+            .steps
+            .iter()
+            .filter(|s| s.item.changed || !s.ops.is_empty())
+            .map(|s| &s.item)
+            .collect();
+        assert!(busy.is_empty(), "second plan: {busy:#?}");
+        assert!(!again.next.iter().any(|n| n.contains("restart libvirtd")));
+
+        // A wrong mode is put right by a chmod, not a rewrite.
+        fs::set_permissions(h.at(HOOK_PATH), fs::Permissions::from_mode(0o644)).unwrap();
+        let p = h.install(&all());
+        assert_eq!(
+            step(&p, HOOK_PATH).ops,
+            [Op::Chmod {
+                to: h.at(HOOK_PATH),
+                mode: 0o755
+            }]
+        );
+    }
+
+    #[test]
+    fn edited_hook_is_a_conflict_until_forced() {
+        let h = host();
+        apply(h.install(&all()), "install").1.unwrap();
+        fs::write(h.at(HOOK_PATH), "#!/bin/sh\nexit 0\n").unwrap();
+        let p = h.install(&all());
+        let s = step(&p, HOOK_PATH);
+        assert_eq!((s.item.action, s.ops.len()), ("modified", 0));
+        assert_eq!(p.conflicts, [PathBuf::from(HOOK_PATH)]);
+        let (_, res) = apply(p, "install");
+        assert!(matches!(res, Err(InstallError::Modified { .. })), "{res:?}");
+        assert_eq!(
+            fs::read_to_string(h.at(HOOK_PATH)).unwrap(),
+            "#!/bin/sh\nexit 0\n"
+        );
+
+        let forced = h.install(&InstallArgs {
+            force: true,
+            ..all()
+        });
+        assert!(forced.conflicts.is_empty());
+        assert_eq!(step(&forced, HOOK_PATH).item.action, "updated");
+    }
+
+    #[test]
+    fn missing_programs_fail_the_plan() {
+        let h = host();
+        fs::remove_file(h.exe_dir.join("cdp-agent")).unwrap();
+        let e = install(&global(), &all(), &h.target()).unwrap_err();
+        assert!(
+            matches!(&e, InstallError::MissingBinaries { missing, .. } if missing == "cdp-agent"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn uninstall_plan_removes_what_install_wrote_and_the_emptied_dirs() {
+        let h = host();
+        apply(h.install(&all()), "install").1.unwrap();
+        let a = UninstallArgs {
+            libvirt: true,
+            systemd: true,
+            ..Default::default()
+        };
+        let p = uninstall(&global(), &a, &h.target()).unwrap();
+        for path in [
+            CONFIG_PATH,
+            "/etc/cdp",
+            "/var/lib/cdp",
+            "/run/cdp",
+            HOOK_PATH,
+        ] {
+            assert_eq!(step(&p, path).item.action, "removed", "{path}");
+        }
+        assert_eq!(
+            step(&p, "/etc/cdp").ops,
+            [Op::RemoveDir {
+                to: h.at("/etc/cdp")
+            }]
+        );
+        apply(p, "uninstall").1.unwrap();
+        assert!(!h.at("/etc/cdp").exists());
+        assert!(!h.at("/usr/local/bin/cdpd").exists());
+
+        // State left in the state directory is kept without --purge.
+        fs::create_dir_all(h.at("/var/lib/cdp")).unwrap();
+        fs::write(h.at("/var/lib/cdp/catalog.sqlite"), "state").unwrap();
+        let p = uninstall(&global(), &a, &h.target()).unwrap();
+        assert_eq!(step(&p, "/var/lib/cdp").item.action, "kept");
+    }
+}
