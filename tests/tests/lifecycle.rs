@@ -10,9 +10,17 @@ use cdp_tests::{bin, Daemon};
 
 /// Wait for a process that is not our child to exit (pidfd + poll).
 fn wait_gone(pid: i32, timeout_ms: i32) -> bool {
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor (or -1).
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if fd < 0 {
-        return true; // already gone
+        let e = std::io::Error::last_os_error();
+        // ESRCH: already gone. Anything else means this check cannot be made.
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ESRCH),
+            "pidfd_open({pid}): {e}"
+        );
+        return true;
     }
     let mut p = libc::pollfd {
         fd,
