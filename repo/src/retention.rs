@@ -92,6 +92,27 @@ pub enum RetentionError {
     },
 }
 
+impl RetentionError {
+    /// True if applying the policy again may succeed: the repository was
+    /// unreachable or failed on its side (a prune resumes where it stopped).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RetentionError::History { source, .. } | RetentionError::Synthesize { source, .. } => {
+                source.is_transient()
+            }
+            RetentionError::Store { source, .. } => source.is_transient(),
+            RetentionError::Read {
+                source: crate::read::ReadError::Store(e),
+                ..
+            } => e.is_transient(),
+            RetentionError::Lease(
+                LeaseError::Write { source, .. } | LeaseError::List { source, .. },
+            ) => source.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 fn store_err<'a>(op: &'static str, key: &'a str) -> impl FnOnce(StoreError) -> RetentionError + 'a {
     move |source| RetentionError::Store {
         op,

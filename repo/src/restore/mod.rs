@@ -60,9 +60,51 @@ pub enum RestoreError {
     BadPoint(String),
 }
 
+impl RestoreError {
+    /// True if trying again may succeed: the repository was unreachable or
+    /// failed on its side. A point that cannot be restored, a corrupt
+    /// object or a local I/O error stays so.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RestoreError::Read(ReadError::Store(e)) if e.is_transient())
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl Fn(std::io::Error) -> RestoreError + '_ {
     move |source| RestoreError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    fn server() -> StoreError {
+        StoreError::Server {
+            url: "s3://b".into(),
+            op: "get",
+            key: "k".into(),
+            detail: "503".into(),
+            source: "slow down".into(),
+        }
+    }
+
+    #[test]
+    fn only_a_failing_store_is_transient() {
+        assert!(RestoreError::Read(ReadError::Store(server())).is_transient());
+        let gone = StoreError::NotFound {
+            url: "s3://b".into(),
+            key: "k".into(),
+        };
+        assert!(!RestoreError::Read(ReadError::Store(gone)).is_transient());
+        assert!(!RestoreError::BadPoint("someday".into()).is_transient());
+        let impossible = RestoreError::Impossible {
+            disk: "vda".into(),
+            point: "seq:3".into(),
+            why: "no baseline".into(),
+        };
+        assert!(!impossible.is_transient());
     }
 }

@@ -158,6 +158,16 @@ pub enum VerifyError {
     Store(#[from] StoreError),
 }
 
+impl VerifyError {
+    /// True if verifying again may succeed (the repository was unreachable
+    /// or failed on its side).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            VerifyError::Store(e) => e.is_transient(),
+        }
+    }
+}
+
 fn problem(disk: Option<&str>, key: Option<String>, kind: Kind, what: String) -> Problem {
     Problem {
         disk: disk.map(str::to_string),
