@@ -146,6 +146,14 @@ pub fn policy_of(vm: &VmRow) -> &str {
     vm.policy.as_deref().unwrap_or("default")
 }
 
+/// The targets of the VM's policy (none when the config has no such policy).
+pub fn targets_of<'a>(config: &'a Config, vm: &VmRow) -> &'a [String] {
+    config
+        .policy
+        .get(policy_of(vm))
+        .map_or(&[], |p| p.targets.as_slice())
+}
+
 /// Is there anything for the policy's targets: a sealed segment one of them
 /// lacks and may have (past the target's delay), or a disk without a
 /// baseline on one of them (as the shipper decides it: none newer than the
@@ -204,11 +212,7 @@ pub async fn adopt(
         return Ok(out);
     };
     let policy = policy_of(vm).to_string();
-    let targets = config
-        .policy
-        .get(&policy)
-        .map(|p| p.targets.clone())
-        .unwrap_or_default();
+    let targets = targets_of(config, vm).to_vec();
     let work = tokio::task::block_in_place(|| -> Result<bool, AdoptError> {
         let cat = catalog.lock().unwrap();
         out.recovered = recover_if_dead(&cat, dirs, vm)?;
@@ -442,7 +446,7 @@ targets = ["now", "later"]
     }
 
     #[test]
-    fn the_policy_defaults_for_old_catalogs() {
+    fn the_policy_defaults_for_old_catalogs_and_names_the_targets() {
         let dir = tempfile::tempdir().unwrap();
         let cat = catalog(dir.path(), &dir.path().join("gone.img"));
         let vm = cat.vms().unwrap().remove(0);
@@ -451,9 +455,13 @@ targets = ["now", "later"]
         let mut old = vm.clone();
         old.policy = None;
         assert_eq!(policy_of(&old), "default");
+        let c = config();
+        assert_eq!(targets_of(&c, &old), ["now", "later"]);
         cat.set_vm_policy(VM, "gold").unwrap();
         let vm = cat.vms().unwrap().remove(0);
         assert_eq!(policy_of(&vm), "gold");
+        // A policy the config lacks has no targets (adopt reports it).
+        assert!(targets_of(&c, &vm).is_empty());
     }
 
     #[test]

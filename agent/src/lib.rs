@@ -196,12 +196,7 @@ impl Agent {
                     continue;
                 }
             };
-            let targets = self
-                .config
-                .policy
-                .get(policy)
-                .map(|p| p.targets.clone())
-                .unwrap_or_default();
+            let targets = adopt::targets_of(&self.config, &vm).to_vec();
             for t in targets {
                 if *self.stop.borrow() {
                     return runs;

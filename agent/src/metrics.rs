@@ -19,7 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use thiserror::Error;
 
-use crate::adopt::{cdpd_answers, policy_of};
+use crate::adopt::{cdpd_answers, targets_of};
 
 /// Kinds of `cdp_errors_total`, always exported (0 until they happen).
 pub const ERROR_KINDS: &[&str] = &[
@@ -206,12 +206,7 @@ impl Families {
         self.running
             .with_label_values(&[&vm.name, &vm.uuid])
             .set(status.is_some() as i64);
-        let mut target_names: Vec<String> = src
-            .config
-            .policy
-            .get(policy_of(vm))
-            .map(|p| p.targets.clone())
-            .unwrap_or_default();
+        let mut target_names: Vec<String> = targets_of(&src.config, vm).to_vec();
         for t in &cat.targets(&vm.uuid)? {
             if !target_names.contains(&t.target) {
                 target_names.push(t.target.clone());

@@ -54,8 +54,8 @@ struct RunArgs {
     #[arg(long)]
     follow_pid: Option<i32>,
     /// How often to look for new sealed segments.
-    #[arg(long, default_value = "100ms")]
-    poll: String,
+    #[arg(long, default_value = "100ms", value_parser = cdp_core::config::parse_duration)]
+    poll: Duration,
 }
 
 fn main() {
@@ -83,7 +83,7 @@ async fn run(a: RunArgs) -> Result<()> {
         policy: a.policy,
         max_parallel: a.max_parallel,
         vm_config: a.vm_config,
-        poll: cdp_core::config::parse_duration(&a.poll).map_err(anyhow::Error::msg)?,
+        poll: a.poll,
         auto_baseline: !a.no_auto_baseline,
     };
     let mut s = cdp_shipper::Shipper::new(opts, &config).await?;
