@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cdp_core::journal::extents::Source;
 use cdp_core::journal::format::{IndexEntry, Kind, RECORD_HEADER_LEN};
 use cdp_core::nbd::server as nbd_server;
+use thiserror::Error;
 
 use crate::format as rf;
 use crate::read::ReadError;
@@ -51,30 +52,61 @@ fn corrupt(what: impl Into<String>, why: impl Into<String>) -> RestoreError {
     }
 }
 
+/// Why bytes of the image cannot be given. The image never gives wrong
+/// bytes instead.
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    /// The plan does not describe the bytes asked for: a read beyond the
+    /// disk, a chunk or record the plan's own tables do not have.
+    #[error("{what}: {why}")]
+    Plan { what: String, why: String },
+    /// An object the bytes come from could not be fetched or checked.
+    /// Shared by every read that waited for the same object.
+    #[error("{what}: {source}")]
+    Fetch {
+        what: String,
+        #[source]
+        source: Arc<RestoreError>,
+    },
+}
+
+fn plan_err(what: impl Into<String>, why: impl Into<String>) -> ImageError {
+    ImageError::Plan {
+        what: what.into(),
+        why: why.into(),
+    }
+}
+
+fn fetch_err(what: impl Into<String>) -> impl FnOnce(Arc<RestoreError>) -> ImageError {
+    let what = what.into();
+    move |source| ImageError::Fetch { what, source }
+}
+
 // ---------------------------------------------------------------------------
 // Cache
 
 /// A bounded LRU cache of loaded objects with single-flight loading: when
 /// several threads want one missing key, one loads it and the others wait
 /// for that result. Errors are not cached (the next read tries again).
-pub struct Cache<K, V> {
-    inner: Mutex<Lru<K, V>>,
+pub struct Cache<K, V, E = Arc<RestoreError>> {
+    inner: Mutex<Lru<K, V, E>>,
 }
 
-type Cell<V> = Arc<OnceLock<Result<V, String>>>;
+type Cell<V, E> = Arc<OnceLock<Result<V, E>>>;
 
-struct Lru<K, V> {
+struct Lru<K, V, E> {
     cap: u64,
     used: u64,
     tick: u64,
-    map: HashMap<K, Slot<V>>,
+    map: HashMap<K, Slot<V, E>>,
     order: BTreeMap<u64, K>,
     hits: u64,
     misses: u64,
 }
 
-struct Slot<V> {
-    cell: Cell<V>,
+struct Slot<V, E> {
+    cell: Cell<V, E>,
     size: u64,
     tick: u64,
 }
@@ -90,7 +122,7 @@ impl Weight for Arc<Vec<u8>> {
     }
 }
 
-impl<K: Hash + Eq + Clone, V: Clone + Weight> Cache<K, V> {
+impl<K: Hash + Eq + Clone, V: Clone + Weight, E: Clone> Cache<K, V, E> {
     pub fn new(cap: u64) -> Self {
         Cache {
             inner: Mutex::new(Lru {
@@ -106,8 +138,8 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight> Cache<K, V> {
     }
 
     /// The value of `key`, loaded with `load` if no other thread has it or
-    /// is loading it. An error is returned as its message.
-    pub fn get(&self, key: &K, load: impl FnOnce() -> Result<V, String>) -> Result<V, String> {
+    /// is loading it. Every thread that waited gets the same error.
+    pub fn get(&self, key: &K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
         let cell = {
             let mut l = lock(&self.inner);
             l.tick += 1;
@@ -122,7 +154,7 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight> Cache<K, V> {
                     cell
                 }
                 None => {
-                    let cell: Cell<V> = Arc::new(OnceLock::new());
+                    let cell: Cell<V, E> = Arc::new(OnceLock::new());
                     l.map.insert(
                         key.clone(),
                         Slot {
@@ -172,7 +204,7 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight> Cache<K, V> {
     }
 }
 
-impl<K: Hash + Eq + Clone, V> Lru<K, V> {
+impl<K: Hash + Eq + Clone, V, E> Lru<K, V, E> {
     /// Drop the least recently used entries until the cache fits, keeping
     /// `keep` (the entry just loaded) even if it alone is over the bound.
     fn evict(&mut self, keep: &K) {
@@ -334,12 +366,12 @@ impl PointImage {
     /// Fill `buf` with the disk's bytes at `offset`, as they were at the
     /// plan's point. Fails (and `buf` must be discarded) if any byte of it
     /// cannot be fetched or checked.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), RestoreError> {
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let end = offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.plan.size)
             .ok_or_else(|| {
-                corrupt(
+                plan_err(
                     &self.plan.disk,
                     format!("read of {} bytes at {offset} is beyond the disk", buf.len()),
                 )
@@ -363,11 +395,11 @@ impl PointImage {
     }
 
     /// Bytes no record covers: from the baseline.
-    fn read_base(&self, start: u64, out: &mut [u8]) -> Result<(), RestoreError> {
+    fn read_base(&self, start: u64, out: &mut [u8]) -> Result<(), ImageError> {
         let b = &self.plan.baseline;
         let cs = b.chunk_size;
         if cs == 0 {
-            return Err(corrupt(&self.plan.baseline_key, "chunk size 0"));
+            return Err(plan_err(&self.plan.baseline_key, "chunk size 0"));
         }
         let end = start + out.len() as u64;
         let mut at = start;
@@ -379,7 +411,7 @@ impl PointImage {
             let dst = &mut out[(at - start) as usize..(part_end - start) as usize];
             match b.chunks.get(i as usize) {
                 None => {
-                    return Err(corrupt(
+                    return Err(plan_err(
                         &self.plan.baseline_key,
                         format!("no chunk {i}: the baseline lists {}", b.chunks.len()),
                     ))
@@ -390,9 +422,11 @@ impl PointImage {
                     let data = self
                         .cache
                         .get(&Key::Chunk(self.chunk_ids[i as usize]), || {
-                            self.fetch_chunk(hash, len).map(Val::Bytes)
+                            self.fetch_chunk(hash, len)
+                                .map(Val::Bytes)
+                                .map_err(Arc::new)
                         })
-                        .map_err(|why| corrupt(format!("{} at {at}", self.plan.disk), why))?
+                        .map_err(fetch_err(format!("{} at {at}", self.plan.disk)))?
                         .bytes();
                     let a = (at - c_start) as usize;
                     dst.copy_from_slice(&data[a..a + dst.len()]);
@@ -403,22 +437,18 @@ impl PointImage {
         Ok(())
     }
 
-    fn fetch_chunk(&self, hash: &str, len: usize) -> Result<Arc<Vec<u8>>, String> {
+    fn fetch_chunk(&self, hash: &str, len: usize) -> Result<Arc<Vec<u8>>, RestoreError> {
         let store = self.store.as_ref().ok_or_else(|| {
-            format!(
-                "{}: baseline chunks are in the repository, and no repository was given",
-                rf::chunk_key(hash)
+            corrupt(
+                rf::chunk_key(hash),
+                "baseline chunks are in the repository, and no repository was given",
             )
         })?;
-        let data = self
-            .rt
-            .block_on(restore::fetch_chunk(store, hash, len))
-            .map_err(|e| e.to_string())?;
+        let data = self.rt.block_on(restore::fetch_chunk(store, hash, len))?;
         if data.len() != len {
-            return Err(format!(
-                "{}: chunk is {} bytes, expected {len}",
+            return Err(corrupt(
                 rf::chunk_key(hash),
-                data.len()
+                format!("chunk is {} bytes, expected {len}", data.len()),
             ));
         }
         Ok(Arc::new(data))
@@ -426,20 +456,20 @@ impl PointImage {
 
     /// Bytes of a journal extent: `pos` is the payload position of its
     /// first byte in segment `segment`.
-    fn read_journal(&self, segment: u32, pos: u64, out: &mut [u8]) -> Result<(), RestoreError> {
+    fn read_journal(&self, segment: u32, pos: u64, out: &mut [u8]) -> Result<(), ImageError> {
         let disk = &self.plan.disk;
         let seg = self
             .plan
             .segments
             .get(segment as usize)
-            .ok_or_else(|| corrupt(disk, format!("extent map names segment {segment}")))?;
+            .ok_or_else(|| plan_err(disk, format!("extent map names segment {segment}")))?;
         let idx = seg.entries.partition_point(|x| x.payload_pos <= pos);
         let r = idx
             .checked_sub(1)
             .map(|i| &seg.entries[i])
             .filter(|r| r.kind == Kind::Write && pos + out.len() as u64 <= r.payload_pos + r.length)
             .ok_or_else(|| {
-                corrupt(
+                plan_err(
                     format!("{disk} segment {}-{}", seg.first_seq, seg.last_seq),
                     format!("no WRITE record holds payload position {pos}"),
                 )
@@ -455,14 +485,15 @@ impl PointImage {
                 let fr = self.frame(segment, seg, f0)?;
                 let base = frames[f0].raw_offset;
                 let (a, b) = ((hpos - base) as usize, (pend - base) as usize);
+                let at = || format!("{disk} at payload {pos}");
                 if b > fr.data.len() {
-                    return Err(corrupt(
-                        rf::segment_key(&self.plan.vm, disk, seg.first_seq, seg.last_seq),
-                        "frame shorter than the index says",
-                    ));
+                    let key = rf::segment_key(&self.plan.vm, disk, seg.first_seq, seg.last_seq);
+                    let e = corrupt(key, "frame shorter than the index says");
+                    return Err(fetch_err(at())(Arc::new(e)));
                 }
                 if !lock(&fr.checked).contains(&r.payload_pos) {
-                    restore::check_record(disk, r, &fr.data[a..b])?;
+                    restore::check_record(disk, r, &fr.data[a..b])
+                        .map_err(|e| fetch_err(at())(Arc::new(e)))?;
                     lock(&fr.checked).insert(r.payload_pos);
                 }
                 let p = a + RECORD_HEADER_LEN + off;
@@ -474,9 +505,11 @@ impl PointImage {
         let rec = self
             .cache
             .get(&Key::Record(segment, r.payload_pos), || {
-                self.fetch_record(segment, seg, r).map(Val::Bytes)
+                self.fetch_record(segment, seg, r)
+                    .map(Val::Bytes)
+                    .map_err(Arc::new)
             })
-            .map_err(|why| corrupt(format!("{disk} at payload {pos}"), why))?
+            .map_err(fetch_err(format!("{disk} at payload {pos}")))?
             .bytes();
         let p = RECORD_HEADER_LEN + off;
         out.copy_from_slice(&rec[p..p + out.len()]);
@@ -488,89 +521,97 @@ impl PointImage {
         segment: u32,
         seg: &SegRef,
         r: &IndexEntry,
-    ) -> Result<Arc<Vec<u8>>, String> {
+    ) -> Result<Arc<Vec<u8>>, RestoreError> {
         let hpos = r.payload_pos - RECORD_HEADER_LEN as u64;
         let range = hpos..r.payload_pos + r.length;
         let raw = match self.local.get(&segment) {
             Some(f) => {
                 let mut b = vec![0u8; (range.end - range.start) as usize];
-                f.read_exact_at(&mut b, range.start).map_err(|e| {
-                    let path = match &seg.loc {
-                        SegLoc::Local(p) => p.display().to_string(),
-                        SegLoc::Repo { .. } => String::new(),
-                    };
-                    format!("{path}: {e}")
-                })?;
+                f.read_exact_at(&mut b, range.start)
+                    .map_err(|source| RestoreError::Io {
+                        path: match &seg.loc {
+                            SegLoc::Local(p) => p.clone(),
+                            SegLoc::Repo { .. } => Default::default(),
+                        },
+                        source,
+                    })?;
                 b
             }
-            None => self
-                .rt
-                .block_on(restore::read_raw(
-                    self.store.as_ref(),
-                    &self.plan.vm,
-                    &self.plan.disk,
-                    seg,
-                    range,
-                ))
-                .map_err(|e| e.to_string())?,
+            None => self.rt.block_on(restore::read_raw(
+                self.store.as_ref(),
+                &self.plan.vm,
+                &self.plan.disk,
+                seg,
+                range,
+            ))?,
         };
-        restore::check_record(&self.plan.disk, r, &raw).map_err(|e| e.to_string())?;
+        restore::check_record(&self.plan.disk, r, &raw)?;
         Ok(Arc::new(raw))
     }
 
     /// Frame `f` of a repository segment, decompressed.
-    fn frame(&self, segment: u32, seg: &SegRef, f: usize) -> Result<Arc<FrameBuf>, RestoreError> {
-        let key = rf::segment_key(&self.plan.vm, &self.plan.disk, seg.first_seq, seg.last_seq);
+    fn frame(&self, segment: u32, seg: &SegRef, f: usize) -> Result<Arc<FrameBuf>, ImageError> {
         let v = self
             .cache
             .get(&Key::Frame(segment, f as u32), || {
-                let SegLoc::Repo {
-                    frames,
-                    object_size,
-                } = &seg.loc
-                else {
-                    return Err(format!("{key}: not a repository segment"));
-                };
-                let store = self.store.as_ref().ok_or_else(|| {
-                    format!("{key}: segment is only in the repository, and no repository was given")
-                })?;
-                let start = frames[f].object_offset;
-                let end = frames.get(f + 1).map_or(*object_size, |n| n.object_offset);
-                if end < start {
-                    return Err(format!("{key}: frame table out of order"));
-                }
-                let retry = RetryPolicy::default();
-                let obj = self
-                    .rt
-                    .block_on(with_retry(&key, &retry, || {
-                        store.get_range(&key, start..end)
-                    }))
-                    .map_err(|e| ReadError::from(e).to_string())?;
-                let data = rf::decompress_segment(&key, &obj).map_err(|e| e.to_string())?;
-                if let Some(n) = frames.get(f + 1) {
-                    if data.len() as u64 != n.raw_offset - frames[f].raw_offset {
-                        return Err(format!(
-                            "{key}: frame {f} is {} bytes, the index says {}",
-                            data.len(),
-                            n.raw_offset - frames[f].raw_offset
-                        ));
-                    }
-                }
-                Ok(Val::Frame(Arc::new(FrameBuf {
-                    data,
-                    checked: Mutex::new(HashSet::new()),
-                })))
+                self.fetch_frame(seg, f).map(Val::Frame).map_err(Arc::new)
             })
-            .map_err(|why| corrupt(format!("{} segment frame", self.plan.disk), why))?;
+            .map_err(fetch_err(format!("{} segment frame", self.plan.disk)))?;
         Ok(v.frame())
+    }
+
+    fn fetch_frame(&self, seg: &SegRef, f: usize) -> Result<Arc<FrameBuf>, RestoreError> {
+        let key = rf::segment_key(&self.plan.vm, &self.plan.disk, seg.first_seq, seg.last_seq);
+        let SegLoc::Repo {
+            frames,
+            object_size,
+        } = &seg.loc
+        else {
+            return Err(corrupt(key, "not a repository segment"));
+        };
+        let store = self.store.as_ref().ok_or_else(|| {
+            corrupt(
+                &key,
+                "segment is only in the repository, and no repository was given",
+            )
+        })?;
+        let start = frames[f].object_offset;
+        let end = frames.get(f + 1).map_or(*object_size, |n| n.object_offset);
+        if end < start {
+            return Err(corrupt(key, "frame table out of order"));
+        }
+        let retry = RetryPolicy::default();
+        let obj = self
+            .rt
+            .block_on(with_retry(&key, &retry, || {
+                store.get_range(&key, start..end)
+            }))
+            .map_err(ReadError::from)?;
+        let data = rf::decompress_segment(&key, &obj).map_err(ReadError::from)?;
+        if let Some(n) = frames.get(f + 1) {
+            if data.len() as u64 != n.raw_offset - frames[f].raw_offset {
+                return Err(corrupt(
+                    key,
+                    format!(
+                        "frame {f} is {} bytes, the index says {}",
+                        data.len(),
+                        n.raw_offset - frames[f].raw_offset
+                    ),
+                ));
+            }
+        }
+        Ok(Arc::new(FrameBuf {
+            data,
+            checked: Mutex::new(HashSet::new()),
+        }))
     }
 
     /// Say why a read failed on stderr the first time a given reason (a
     /// corrupt object, …) comes up: never once per request.
-    fn note_error(&self, e: &RestoreError) {
+    fn note_error(&self, e: &ImageError) {
         let (what, why) = match e {
-            RestoreError::Corrupt { what, why } => (what.clone(), why.clone()),
-            e => (self.plan.disk.clone(), e.to_string()),
+            ImageError::Plan { what, why } => (what.clone(), why.clone()),
+            ImageError::Fetch { what, source } => (what.clone(), source.to_string()),
         };
         let mut r = lock(&self.reported);
         if r.len() < MAX_REPORTED && r.insert(why.clone()) {
@@ -619,7 +660,7 @@ mod tests {
 
     #[test]
     fn lru_evicts_least_recently_used_within_its_bound() {
-        let c: Cache<u32, Arc<Vec<u8>>> = Cache::new(300);
+        let c: Cache<u32, Arc<Vec<u8>>, String> = Cache::new(300);
         for k in 0..3 {
             c.get(&k, || bytes(100)).unwrap();
         }
@@ -643,7 +684,7 @@ mod tests {
 
     #[test]
     fn errors_are_not_cached() {
-        let c: Cache<u32, Arc<Vec<u8>>> = Cache::new(300);
+        let c: Cache<u32, Arc<Vec<u8>>, String> = Cache::new(300);
         assert!(c.get(&1, || Err("down".into())).is_err());
         assert_eq!(c.get(&1, || bytes(5)).unwrap().len(), 5);
         assert_eq!(c.stats().0, 5);
@@ -651,7 +692,7 @@ mod tests {
 
     #[test]
     fn concurrent_misses_load_once() {
-        let c: Arc<Cache<u32, Arc<Vec<u8>>>> = Arc::new(Cache::new(1 << 20));
+        let c: Arc<Cache<u32, Arc<Vec<u8>>, String>> = Arc::new(Cache::new(1 << 20));
         let loads = Arc::new(AtomicU64::new(0));
         let ts: Vec<_> = (0..8)
             .map(|_| {
