@@ -1,5 +1,7 @@
 //! cdpctl: the admin command line. Each subcommand is a module; `main` only
-//! parses arguments and calls [`run`].
+//! parses arguments and calls [`run`]. The config is loaded once, into
+//! [`Ctx`], and every path under the state and run directories is built
+//! through `cdp_core::layout`.
 
 pub mod baseline_cmd;
 pub mod export_cmd;
@@ -22,7 +24,13 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "cdpctl",
     version,
-    about = "cdpd admin command line: status, journal inspection and replay"
+    about = "cdpd's admin command line: protect VMs, restore their disks at any point, check and prune the repository",
+    long_about = "cdpd's admin command line.\n\n\
+        Get a disk back: restore (to a file or in place), export (an instant read-only NBD export), \
+        restore-config (the VM definition at a point), points (the timeline).\n\
+        Check the repository: verify [--deep], prune (retention).\n\
+        Protect VMs: install / uninstall (programs, hook, unit, AppArmor), protect / unprotect (a libvirt domain).\n\
+        Watch capture: status (RPO, backlog, targets), mark, baseline, journal (inspect or replay the local journal)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -33,7 +41,7 @@ pub struct Cli {
 
 #[derive(Args, Clone)]
 pub struct Global {
-    /// Config file (default /etc/cdp/cdp.toml when it exists).
+    /// Config file (default: $CDP_CONFIG, else /etc/cdp/cdp.toml when it exists).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     /// State directory; overrides the config's [paths].

@@ -151,15 +151,7 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
     let config = &ctx.config;
     let before = definition(&a.connect, &a.domain)?;
     let wrapper = a.wrapper.clone().unwrap_or_else(default_wrapper);
-    for b in ["cdp-qemu", "cdpd", "cdp-shipper"] {
-        let p = wrapper.with_file_name(b);
-        if !p.is_file() {
-            bail!(
-                "{} is missing: install cdpd's binaries (`cdpctl install`, or the package), then protect",
-                p.display()
-            );
-        }
-    }
+    check_programs(&wrapper)?;
     let new = protect::protect(
         &before,
         &protect::Request {
@@ -196,14 +188,59 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
             baseline_due_in: Vec::new(),
         });
     }
-    // Baselines: the shipper takes one at start where a target has none.
     let targets = config
         .policy
         .get(&a.policy)
         .map(|p| p.targets.clone())
         .unwrap_or_default();
+    find_baselines(config, &targets, &uuid, &mut disks)?;
+    let gap_recorded = record_gap(ctx, &uuid, &disks)?;
+    define(&a.connect, &new)?;
+    let report = ProtectReport {
+        domain: dom.name.clone(),
+        uuid,
+        policy: a.policy.clone(),
+        emulator: wrapper.display().to_string(),
+        real_emulator: dom
+            .protection
+            .as_ref()
+            .and_then(|p| p.emulator.clone())
+            .unwrap_or_default(),
+        running: is_running(&a.connect, &a.domain),
+        disks,
+        gap_recorded,
+    };
+    if ctx.json {
+        return crate::print_json(&report);
+    }
+    print_protected(&report, targets.is_empty());
+    Ok(())
+}
+
+/// The wrapper and the programs it starts must be where protect points the VM.
+fn check_programs(wrapper: &Path) -> Result<()> {
+    for b in ["cdp-qemu", "cdpd", "cdp-shipper"] {
+        let p = wrapper.with_file_name(b);
+        if !p.is_file() {
+            bail!(
+                "{} is missing: install cdpd's binaries (`cdpctl install`, or the package), then protect",
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Which targets already hold a baseline of each disk (the shipper takes one
+/// at start where a target has none).
+fn find_baselines(
+    config: &cdp_core::config::Config,
+    targets: &[String],
+    uuid: &str,
+    disks: &mut [DiskReport],
+) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
-    for t in &targets {
+    for t in targets {
         let tc = &config.target[t];
         let store = match cdp_repo::store::Store::for_target(tc) {
             Ok(s) => s,
@@ -218,7 +255,7 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
         };
         for d in disks.iter_mut() {
             let have = rt
-                .block_on(store.list(&cdp_repo::format::baseline_prefix(&uuid, &d.disk)))
+                .block_on(store.list(&cdp_repo::format::baseline_prefix(uuid, &d.disk)))
                 .map(|l| !l.is_empty())
                 .unwrap_or(false);
             if have {
@@ -228,45 +265,36 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
             }
         }
     }
-    // Writes made while the VM was not protected are in no journal: if it
-    // was protected before, the next session starts with a GAP (and so a
-    // fresh baseline), never a silent hole.
+    Ok(())
+}
+
+/// Writes made while the VM was not protected are in no journal: if it was
+/// protected before, the next session starts with a GAP (and so a fresh
+/// baseline), never a silent hole. Whether a gap was recorded.
+fn record_gap(ctx: &Ctx, uuid: &str, disks: &[DiskReport]) -> Result<bool> {
+    let state = ctx.state();
+    if !state.has_catalog() {
+        return Ok(false);
+    }
+    let cat = cdp_core::catalog::Catalog::open(state.path())?;
+    let known = cat.disks(uuid)?;
     let mut gap_recorded = false;
-    if ctx.state().has_catalog() {
-        let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
-        let known = cat.disks(&uuid)?;
-        for d in &disks {
-            if known.iter().any(|(k, _, _)| k == &d.disk) {
-                let (seq, ts) = cat.last_seq(&uuid)?;
-                cat.add_gap(&uuid, &d.disk, seq, ts, "unprotected")?;
-                gap_recorded = true;
-            }
+    for d in disks {
+        if known.iter().any(|(k, _, _)| k == &d.disk) {
+            let (seq, ts) = cat.last_seq(uuid)?;
+            cat.add_gap(uuid, &d.disk, seq, ts, "unprotected")?;
+            gap_recorded = true;
         }
     }
-    define(&a.connect, &new)?;
-    let running = is_running(&a.connect, &a.domain);
-    let report = ProtectReport {
-        domain: dom.name.clone(),
-        uuid,
-        policy: a.policy.clone(),
-        emulator: wrapper.display().to_string(),
-        real_emulator: dom
-            .protection
-            .as_ref()
-            .and_then(|p| p.emulator.clone())
-            .unwrap_or_default(),
-        running,
-        disks,
-        gap_recorded,
-    };
-    if ctx.json {
-        return crate::print_json(&report);
-    }
+    Ok(gap_recorded)
+}
+
+fn print_protected(report: &ProtectReport, no_targets: bool) {
     println!(
         "{} is protected with policy {:?} (emulator {} → {}).",
         report.domain, report.policy, report.emulator, report.real_emulator
     );
-    if running {
+    if report.running {
         println!("It is running: protection starts at its next start (shut it down, then start it; a reboot inside the guest is not enough).");
     } else {
         println!("Protection starts when it next starts: every write from the first I/O of boot is journaled.");
@@ -295,10 +323,9 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
             );
         }
     }
-    if targets.is_empty() {
-        println!("  warning: policy {:?} has no targets: the journal stays on this host until you add one.", a.policy);
+    if no_targets {
+        println!("  warning: policy {:?} has no targets: the journal stays on this host until you add one.", report.policy);
     }
-    Ok(())
 }
 
 pub fn unprotect(ctx: &Ctx, a: &UnprotectArgs) -> Result<()> {

@@ -104,68 +104,73 @@ pub fn run(ctx: &Ctx, a: &PruneArgs) -> Result<()> {
         return crate::print_json(&serde_json::json!({ "policy": policy, "targets": v }));
     }
     for (t, r) in &reports {
-        let would = if r.dry_run { "would " } else { "" };
-        println!(
-            "VM {} target {t}: retention of policy {policy} as of {}{}",
-            r.vm_uuid,
-            r.now,
-            if r.dry_run { " (dry run)" } else { "" }
-        );
-        match (&r.window_from_seq, &r.window_from) {
-            (Some(s), Some(at)) => println!("  any point from seq {s} ({at}) on"),
-            _ => {
-                println!("  the whole history is inside the any-point window: nothing to prune");
-                continue;
-            }
-        }
-        println!("  {} earlier points kept", r.kept_points);
-        for p in &r.points {
-            println!(
-                "    seq {:>8} {}  {}{}",
-                p.seq,
-                fmt_ns(p.ts_ns),
-                p.why.join(", "),
-                if p.marks.is_empty() {
-                    String::new()
-                } else {
-                    format!("  mark {}", p.marks.join(", "))
-                }
-            );
-        }
-        println!(
-            "  {would}write {} exact baselines ({} new chunks, {})",
-            r.synthetic_baselines,
-            r.chunks_uploaded,
-            human(r.bytes_uploaded)
-        );
-        println!(
-            "  {would}delete {} segments, {} baselines, {} chunks, {} other objects: {} freed",
-            r.segments_deleted,
-            r.baselines_deleted,
-            r.chunks_deleted,
-            r.other_deleted,
-            human(r.bytes_freed)
-        );
-        if r.left_for_next_prune > 0 {
-            println!(
-                "  {} objects left for the next prune (--max-deletions)",
-                r.left_for_next_prune
-            );
-        }
-        for (d, s) in &r.unrestorable {
-            println!("  disk {d} cannot be rebuilt at seq {s} (nothing kept for it there)");
-        }
-        if r.deferred_by_lease {
-            println!(
-                "  {} deletions deferred: in use by {}",
-                r.deferred_objects,
-                r.leases
-                    .iter()
-                    .map(|l| format!("{} (pid {} on {}, {})", l.holder, l.pid, l.host, l.what))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
-        }
+        print_report(&policy, t, r);
     }
     Ok(())
+}
+
+/// One target's prune, for a human.
+fn print_report(policy: &str, t: &str, r: &retention::Report) {
+    let would = if r.dry_run { "would " } else { "" };
+    println!(
+        "VM {} target {t}: retention of policy {policy} as of {}{}",
+        r.vm_uuid,
+        r.now,
+        if r.dry_run { " (dry run)" } else { "" }
+    );
+    match (&r.window_from_seq, &r.window_from) {
+        (Some(s), Some(at)) => println!("  any point from seq {s} ({at}) on"),
+        _ => {
+            println!("  the whole history is inside the any-point window: nothing to prune");
+            return;
+        }
+    }
+    println!("  {} earlier points kept", r.kept_points);
+    for p in &r.points {
+        println!(
+            "    seq {:>8} {}  {}{}",
+            p.seq,
+            fmt_ns(p.ts_ns),
+            p.why.join(", "),
+            if p.marks.is_empty() {
+                String::new()
+            } else {
+                format!("  mark {}", p.marks.join(", "))
+            }
+        );
+    }
+    println!(
+        "  {would}write {} exact baselines ({} new chunks, {})",
+        r.synthetic_baselines,
+        r.chunks_uploaded,
+        human(r.bytes_uploaded)
+    );
+    println!(
+        "  {would}delete {} segments, {} baselines, {} chunks, {} other objects: {} freed",
+        r.segments_deleted,
+        r.baselines_deleted,
+        r.chunks_deleted,
+        r.other_deleted,
+        human(r.bytes_freed)
+    );
+    if r.left_for_next_prune > 0 {
+        println!(
+            "  {} objects left for the next prune (--max-deletions)",
+            r.left_for_next_prune
+        );
+    }
+    for (d, s) in &r.unrestorable {
+        println!("  disk {d} cannot be rebuilt at seq {s} (nothing kept for it there)");
+    }
+    if r.deferred_by_lease {
+        println!(
+            "  {} deletions deferred: in use by {}",
+            r.deferred_objects,
+            r.leases
+                .iter()
+                .map(|l| format!("{} (pid {} on {}, {})", l.holder, l.pid, l.host, l.what))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
 }

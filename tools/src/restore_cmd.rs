@@ -126,6 +126,8 @@ fn describe_seq(h: &History, seq: u64) -> String {
 /// Keep them in the heap instead.
 fn keep_large_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt(3) takes two integers and only changes glibc's malloc
+    // tunables (under its own lock); no pointer is passed, nothing is freed.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
@@ -473,7 +475,9 @@ pub fn points(ctx: &Ctx, a: &PointsArgs) -> Result<()> {
             None => {
                 let mut d = cdp_repo::read::list_disks(&store, &vm).await?;
                 if !a.repo.no_local {
-                    d.extend(cdp_core::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default());
+                    d.extend(
+                        cdp_core::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default(),
+                    );
                 }
                 d.sort();
                 d.dedup();
@@ -485,129 +489,182 @@ pub fn points(ctx: &Ctx, a: &PointsArgs) -> Result<()> {
         }
         let mut out = Vec::new();
         for disk in &disks {
-            let local = local_dir(ctx, &a.repo, &vm, disk);
-            let h = restore::load_history(Some(&store), local, &vm, disk).await?;
-            let ts_of = |seq: u64| {
-                h.entries()
-                    .map(|(_, e)| e)
-                    .filter(|e| e.seq <= seq)
-                    .last()
-                    .map_or(0, |e| e.ts_ns)
-            };
-            let ranges: Vec<_> = restore::restorable_ranges(&h)
-                .into_iter()
-                .map(|(a, b)| {
-                    serde_json::json!({"from_seq": a, "from": fmt_ns(ts_of(a)), "to_seq": b, "to": fmt_ns(ts_of(b))})
-                })
-                .collect();
-            let flushes: Vec<_> = h
-                .entries()
-                .map(|(_, e)| e)
-                .filter(|e| e.kind == cdp_core::journal::Kind::Flush)
-                .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns)}))
-                .collect();
-            let marks: Vec<_> = restore::marks(&h, Some(&store))
-                .await?
-                .into_iter()
-                .map(|(s, t, l)| serde_json::json!({"seq": s, "time": fmt_ns(t), "label": l}))
-                .collect();
-            let gaps: Vec<_> = restore::gaps(&h, Some(&store))
-                .await?
-                .into_iter()
-                .map(|(s, t, r)| serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r}))
-                .collect();
-            let baselines: Vec<_> = h
-                .baselines
-                .iter()
-                .map(|(k, b)| serde_json::json!({"key": k, "s0": b.s0, "s1": b.s1, "time": fmt_ns(b.finished_ns)}))
-                .collect();
-            let shipped_to = h
-                .segments
-                .iter()
-                .rev()
-                .find(|s| matches!(s.loc, restore::SegLoc::Repo { .. }))
-                .map(|s| s.last_seq);
-            let retention = h.retention.as_ref().map(|m| {
-                let kept: Vec<_> = m
-                    .points
-                    .iter()
-                    .map(|p| serde_json::json!({"seq": p.seq, "time": fmt_ns(p.ts_ns), "marks": p.marks, "why": p.why}))
-                    .collect();
-                serde_json::json!({
-                    "pruned": fmt_ns(m.written_ns),
-                    "any_point_from_seq": h.retained().map_or(m.window.seq, |(_, d)| d.journal_from_seq),
-                    "any_point_from": fmt_ns(h.retained().map_or(m.window.ts_ns, |(_, d)| d.from_ts_ns)),
-                    "kept_points": kept,
-                })
-            });
-            out.push(serde_json::json!({
-                "disk": disk,
-                "retention": retention,
-                "restorable": ranges,
-                "newest_shipped_seq": shipped_to,
-                "newest_seq": h.last_entry().map(|e| e.seq),
-                "baselines": baselines,
-                "flushes": flushes,
-                "marks": marks,
-                "gaps": gaps,
-            }));
+            out.push(disk_timeline(ctx, &store, &a.repo, &vm, disk).await?);
         }
         if ctx.json {
             return crate::print_json(&serde_json::json!({"vm_uuid": vm, "disks": out}));
         }
-        println!("VM {vm} (repository {})", store.url());
-        for d in &out {
-            println!("disk {}", d["disk"].as_str().unwrap());
-            let r = d["restorable"].as_array().unwrap();
-            if r.is_empty() {
-                println!("  no restorable point (no usable baseline: take one with `cdpctl baseline`)");
-            }
-            for x in r {
-                println!(
-                    "  restorable  seq {:>8} {}  →  seq {:>8} {}",
-                    x["from_seq"], x["from"].as_str().unwrap(), x["to_seq"], x["to"].as_str().unwrap()
-                );
-            }
-            match (d["newest_shipped_seq"].as_u64(), d["newest_seq"].as_u64()) {
-                (Some(s), Some(n)) if n > s => {
-                    println!("  shipped up to seq {s}; seq {s}..{n} are on this host only")
-                }
-                (None, Some(n)) => println!("  nothing shipped yet; records up to seq {n} are on this host only"),
-                _ => {}
-            }
-            if let Some(r) = d["retention"].as_object() {
-                println!(
-                    "  retention (pruned {}): any point from seq {} ({}) on; {} earlier points kept:",
-                    r["pruned"].as_str().unwrap_or("?"),
-                    r["any_point_from_seq"],
-                    r["any_point_from"].as_str().unwrap_or("?"),
-                    r["kept_points"].as_array().map_or(0, |k| k.len())
-                );
-                for p in r["kept_points"].as_array().into_iter().flatten() {
-                    let marks: Vec<&str> = p["marks"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect();
-                    println!(
-                        "  kept point seq {:>8} {}{}",
-                        p["seq"],
-                        p["time"].as_str().unwrap_or("?"),
-                        if marks.is_empty() { String::new() } else { format!("  mark {}", marks.join(", ")) }
-                    );
-                }
-            }
-            for b in d["baselines"].as_array().unwrap() {
-                println!("  baseline   consistent from seq {:>8}  ({})", b["s1"], b["time"].as_str().unwrap());
-            }
-            for m in d["marks"].as_array().unwrap() {
-                println!("  mark       seq {:>8} {}  {}", m["seq"], m["time"].as_str().unwrap(), m["label"].as_str().unwrap());
-            }
-            for x in d["gaps"].as_array().unwrap() {
-                println!("  GAP        seq {:>8} {}  {}", x["seq"], x["time"].as_str().unwrap(), x["reason"].as_str().unwrap());
-            }
-            let f = d["flushes"].as_array().unwrap();
-            println!("  {} flush points{}", f.len(), if f.is_empty() { "" } else { ", newest:" });
-            for x in f.iter().rev().take(5) {
-                println!("  flush      seq {:>8} {}", x["seq"], x["time"].as_str().unwrap());
-            }
-        }
+        print_timeline(&vm, &store, &out);
         Ok(())
     })
+}
+
+/// One disk's timeline: restorable ranges, retention, baselines, flushes,
+/// marks and gaps (the JSON of `cdpctl points --json`).
+async fn disk_timeline(
+    ctx: &Ctx,
+    store: &Store,
+    repo: &RepoArgs,
+    vm: &str,
+    disk: &str,
+) -> Result<serde_json::Value> {
+    let local = local_dir(ctx, repo, vm, disk);
+    let h = restore::load_history(Some(store), local, vm, disk).await?;
+    let ts_of = |seq: u64| {
+        h.entries()
+            .map(|(_, e)| e)
+            .filter(|e| e.seq <= seq)
+            .last()
+            .map_or(0, |e| e.ts_ns)
+    };
+    let ranges: Vec<_> = restore::restorable_ranges(&h)
+        .into_iter()
+        .map(|(a, b)| {
+            serde_json::json!({"from_seq": a, "from": fmt_ns(ts_of(a)), "to_seq": b, "to": fmt_ns(ts_of(b))})
+        })
+        .collect();
+    let flushes: Vec<_> = h
+        .entries()
+        .map(|(_, e)| e)
+        .filter(|e| e.kind == cdp_core::journal::Kind::Flush)
+        .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns)}))
+        .collect();
+    let marks: Vec<_> = restore::marks(&h, Some(store))
+        .await?
+        .into_iter()
+        .map(|(s, t, l)| serde_json::json!({"seq": s, "time": fmt_ns(t), "label": l}))
+        .collect();
+    let gaps: Vec<_> = restore::gaps(&h, Some(store))
+        .await?
+        .into_iter()
+        .map(|(s, t, r)| serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r}))
+        .collect();
+    let baselines: Vec<_> = h
+        .baselines
+        .iter()
+        .map(|(k, b)| serde_json::json!({"key": k, "s0": b.s0, "s1": b.s1, "time": fmt_ns(b.finished_ns)}))
+        .collect();
+    let shipped_to = h
+        .segments
+        .iter()
+        .rev()
+        .find(|s| matches!(s.loc, restore::SegLoc::Repo { .. }))
+        .map(|s| s.last_seq);
+    let retention = h.retention.as_ref().map(|m| {
+        let kept: Vec<_> = m
+            .points
+            .iter()
+            .map(|p| serde_json::json!({"seq": p.seq, "time": fmt_ns(p.ts_ns), "marks": p.marks, "why": p.why}))
+            .collect();
+        serde_json::json!({
+            "pruned": fmt_ns(m.written_ns),
+            "any_point_from_seq": h.retained().map_or(m.window.seq, |(_, d)| d.journal_from_seq),
+            "any_point_from": fmt_ns(h.retained().map_or(m.window.ts_ns, |(_, d)| d.from_ts_ns)),
+            "kept_points": kept,
+        })
+    });
+    Ok(serde_json::json!({
+        "disk": disk,
+        "retention": retention,
+        "restorable": ranges,
+        "newest_shipped_seq": shipped_to,
+        "newest_seq": h.last_entry().map(|e| e.seq),
+        "baselines": baselines,
+        "flushes": flushes,
+        "marks": marks,
+        "gaps": gaps,
+    }))
+}
+
+/// The timelines, for a human.
+fn print_timeline(vm: &str, store: &Store, out: &[serde_json::Value]) {
+    println!("VM {vm} (repository {})", store.url());
+    for d in out {
+        println!("disk {}", d["disk"].as_str().unwrap());
+        let r = d["restorable"].as_array().unwrap();
+        if r.is_empty() {
+            println!("  no restorable point (no usable baseline: take one with `cdpctl baseline`)");
+        }
+        for x in r {
+            println!(
+                "  restorable  seq {:>8} {}  →  seq {:>8} {}",
+                x["from_seq"],
+                x["from"].as_str().unwrap(),
+                x["to_seq"],
+                x["to"].as_str().unwrap()
+            );
+        }
+        match (d["newest_shipped_seq"].as_u64(), d["newest_seq"].as_u64()) {
+            (Some(s), Some(n)) if n > s => {
+                println!("  shipped up to seq {s}; seq {s}..{n} are on this host only")
+            }
+            (None, Some(n)) => {
+                println!("  nothing shipped yet; records up to seq {n} are on this host only")
+            }
+            _ => {}
+        }
+        if let Some(r) = d["retention"].as_object() {
+            println!(
+                "  retention (pruned {}): any point from seq {} ({}) on; {} earlier points kept:",
+                r["pruned"].as_str().unwrap_or("?"),
+                r["any_point_from_seq"],
+                r["any_point_from"].as_str().unwrap_or("?"),
+                r["kept_points"].as_array().map_or(0, |k| k.len())
+            );
+            for p in r["kept_points"].as_array().into_iter().flatten() {
+                let marks: Vec<&str> = p["marks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.as_str())
+                    .collect();
+                println!(
+                    "  kept point seq {:>8} {}{}",
+                    p["seq"],
+                    p["time"].as_str().unwrap_or("?"),
+                    if marks.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  mark {}", marks.join(", "))
+                    }
+                );
+            }
+        }
+        for b in d["baselines"].as_array().unwrap() {
+            println!(
+                "  baseline   consistent from seq {:>8}  ({})",
+                b["s1"],
+                b["time"].as_str().unwrap()
+            );
+        }
+        for m in d["marks"].as_array().unwrap() {
+            println!(
+                "  mark       seq {:>8} {}  {}",
+                m["seq"],
+                m["time"].as_str().unwrap(),
+                m["label"].as_str().unwrap()
+            );
+        }
+        for x in d["gaps"].as_array().unwrap() {
+            println!(
+                "  GAP        seq {:>8} {}  {}",
+                x["seq"],
+                x["time"].as_str().unwrap(),
+                x["reason"].as_str().unwrap()
+            );
+        }
+        let f = d["flushes"].as_array().unwrap();
+        println!(
+            "  {} flush points{}",
+            f.len(),
+            if f.is_empty() { "" } else { ", newest:" }
+        );
+        for x in f.iter().rev().take(5) {
+            println!(
+                "  flush      seq {:>8} {}",
+                x["seq"],
+                x["time"].as_str().unwrap()
+            );
+        }
+    }
 }
