@@ -22,6 +22,11 @@ use cdp_tests::{bin, require_tool, run, run_ok};
 
 const MIB: usize = 1 << 20;
 const CONFIG: &str = "/etc/cdp/cdp.toml";
+/// The host's CONFIG while a test owns it; put back when the test ends, or
+/// by the next test if this one was killed before it could.
+const SAVED: &str = "/etc/cdp/cdp.toml.cdp-tests-saved";
+/// Marks that the host had no CONFIG before a test wrote one.
+const ABSENT: &str = "/etc/cdp/cdp.toml.cdp-tests-absent";
 const BIN_DIR: &str = "/usr/local/bin";
 
 fn sh(cmd: &mut Command) -> String {
@@ -55,11 +60,33 @@ fn pid_of(pidfile: &str) -> Option<i32> {
     (!cdp_core::proc::is_gone(p)).then_some(p)
 }
 
+/// Save the host's CONFIG (or that there was none) before a test writes its own.
+fn save_host_config() {
+    restore_host_config();
+    std::fs::create_dir_all("/etc/cdp").unwrap();
+    if Path::new(CONFIG).exists() {
+        std::fs::copy(CONFIG, SAVED).unwrap();
+    } else {
+        std::fs::write(ABSENT, "").unwrap();
+    }
+}
+
+/// Put the host's CONFIG back as [`save_host_config`] found it (a no-op when
+/// nothing is saved).
+fn restore_host_config() {
+    if Path::new(SAVED).exists() {
+        std::fs::rename(SAVED, CONFIG).unwrap();
+    } else if Path::new(ABSENT).exists() {
+        let _ = std::fs::remove_file(CONFIG);
+        std::fs::remove_file(ABSENT).unwrap();
+    }
+}
+
 /// libvirtd started by the test (after the hook is installed: libvirt scans
 /// hooks only when it starts), stopped when dropped. /etc/cdp/cdp.toml is
-/// the test's while it lives and restored after.
+/// the test's while it lives and restored after (by the next test if this
+/// one is killed).
 struct Libvirt {
-    saved_config: Option<Vec<u8>>,
     agent: Option<Child>,
 }
 
@@ -80,10 +107,8 @@ impl Libvirt {
             let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660));
         }
         // From here on, Drop puts CONFIG back and stops libvirtd, even if a step fails.
-        let lv = Libvirt {
-            saved_config: std::fs::read(CONFIG).ok(),
-            agent: None,
-        };
+        save_host_config();
+        let lv = Libvirt { agent: None };
         // The product as an operator installs it: programs and the hook
         // (with a config of the test's own paths: CONFIG may be broken below).
         let install_cfg = dir.join("install.toml");
@@ -146,12 +171,7 @@ impl Drop for Libvirt {
             let _ = virsh_try(&["destroy", &name]);
         }
         Self::stop_libvirtd();
-        match &self.saved_config {
-            Some(c) => std::fs::write(CONFIG, c).unwrap(),
-            None => {
-                let _ = std::fs::remove_file(CONFIG);
-            }
-        }
+        restore_host_config();
     }
 }
 
