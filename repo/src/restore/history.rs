@@ -385,22 +385,7 @@ pub async fn marks(
     h: &History,
     store: Option<&Store>,
 ) -> Result<Vec<(u64, u64, String)>, RestoreError> {
-    let mut out = Vec::new();
-    let marks: Vec<(usize, IndexEntry)> = h
-        .entries()
-        .filter(|(_, e)| e.kind == Kind::Mark)
-        .map(|(i, e)| (i, *e))
-        .collect();
-    for (i, e) in marks {
-        let (_, payload) = read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await?;
-        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-        out.push((
-            e.seq,
-            e.ts_ns,
-            v["label"].as_str().unwrap_or("?").to_string(),
-        ));
-    }
-    Ok(out)
+    texts_of(h, store, Kind::Mark, "label").await
 }
 
 /// GAP records of a disk: (seq, ts, reason).
@@ -408,20 +393,27 @@ pub async fn gaps(
     h: &History,
     store: Option<&Store>,
 ) -> Result<Vec<(u64, u64, String)>, RestoreError> {
-    let mut out = Vec::new();
-    let gaps: Vec<(usize, IndexEntry)> = h
+    texts_of(h, store, Kind::Gap, "reason").await
+}
+
+/// The records of `kind` with the string `field` of their JSON payload
+/// ("?" when it has none): (seq, ts, text).
+async fn texts_of(
+    h: &History,
+    store: Option<&Store>,
+    kind: Kind,
+    field: &str,
+) -> Result<Vec<(u64, u64, String)>, RestoreError> {
+    let records: Vec<(usize, IndexEntry)> = h
         .entries()
-        .filter(|(_, e)| e.kind == Kind::Gap)
+        .filter(|(_, e)| e.kind == kind)
         .map(|(i, e)| (i, *e))
         .collect();
-    for (i, e) in gaps {
+    let mut out = Vec::new();
+    for (i, e) in records {
         let (_, payload) = read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await?;
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-        out.push((
-            e.seq,
-            e.ts_ns,
-            v["reason"].as_str().unwrap_or("?").to_string(),
-        ));
+        out.push((e.seq, e.ts_ns, v[field].as_str().unwrap_or("?").to_string()));
     }
     Ok(out)
 }

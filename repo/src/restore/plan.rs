@@ -101,18 +101,25 @@ fn plan_inner(h: &History, seq: u64, point: &Point) -> Result<Plan, RestoreError
     Err(impossible(why_not.join("; ")))
 }
 
+/// Does segment `k`, the first with records after `s0`, follow on from
+/// `s0`: no record between them missing (the journal's very first
+/// segment, one that begins right after `s0`, or the first left after what
+/// retention removed; else no break before it)?
+fn follows_on(h: &History, k: usize, s0: u64) -> bool {
+    if k == 0 {
+        h.segments[0].record_base == 0 || h.segments[0].first_seq <= s0 + 1 || h.retained_after(s0)
+    } else {
+        !h.breaks.contains(&k)
+    }
+}
+
 /// Is every record of (s0, seq] present, with no GAP among them?
 fn covered(h: &History, s0: u64, seq: u64) -> Result<(), String> {
     let k = h.segments.iter().position(|s| s.last_seq > s0);
     let Some(k) = k else {
         return Ok(()); // nothing written after the baseline's scan began
     };
-    let start_ok = if k == 0 {
-        h.segments[0].record_base == 0 || h.segments[0].first_seq <= s0 + 1 || h.retained_after(s0)
-    } else {
-        !h.breaks.contains(&k)
-    };
-    if !start_ok {
+    if !follows_on(h, k, s0) {
         return Err(format!(
             "journal records between seq {s0} and seq {} are missing{}",
             h.segments[k].first_seq,
@@ -197,14 +204,7 @@ pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
         let k = h.segments.iter().position(|s| s.last_seq > b.s0);
         let mut end = last;
         if let Some(k) = k {
-            let start_ok = if k == 0 {
-                h.segments[0].record_base == 0
-                    || h.segments[0].first_seq <= b.s0 + 1
-                    || h.retained_after(b.s0)
-            } else {
-                !h.breaks.contains(&k)
-            };
-            if !start_ok {
+            if !follows_on(h, k, b.s0) {
                 continue;
             }
             if let Some(&br) = h.breaks.iter().find(|&&br| br > k) {

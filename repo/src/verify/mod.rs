@@ -18,16 +18,16 @@
 //! Each problem names the object, what is wrong with it, and which points it
 //! makes unrestorable. Those follow restore's own rules (the newest baseline
 //! whose chain reaches the point is the one used, see
-//! [`crate::restore::plan`]): the points restore would refuse or fail on,
+//! [`crate::restore::plan()`]): the points restore would refuse or fail on,
 //! which an intact repository would have rebuilt. A corrupt record makes
 //! every later point of the baselines that need it count as unrestorable,
 //! although a restore whose every byte from that record was overwritten
 //! later would still succeed.
 
 //!
-//! Three parts: [`collect`] lists and loads what the repository holds of a
-//! VM (the history restore would see), [`check`] checks each object's
-//! integrity, [`reach`] works out which points can be rebuilt and which
+//! Three parts: `collect` lists and loads what the repository holds of a
+//! VM (the history restore would see), `check` checks each object's
+//! integrity, `reach` works out which points can be rebuilt and which
 //! an intact repository would have rebuilt but this one cannot.
 
 mod check;
@@ -252,7 +252,7 @@ fn strip_key(msg: &str, key: &str) -> String {
         .to_string()
 }
 
-/// What [`scan_disk`] found, before the chunks are checked.
+/// What [`DiskScanner::scan`] found, before the chunks are checked.
 struct DiskScan {
     history: History,
     problems: Vec<Problem>,

@@ -1,6 +1,6 @@
 //! Can every point be rebuilt? The breaks in each disk's record chain,
 //! the points restore can rebuild (by restore's own rules, see
-//! [`crate::restore::plan`]), the points an intact repository would have
+//! [`crate::restore::plan()`]), the points an intact repository would have
 //! rebuilt, and which problem makes which of the difference unrestorable.
 
 use cdp_core::journal::format::{IndexEntry, Kind as RecKind};
