@@ -712,4 +712,111 @@ mod tests {
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1);
     }
+
+    const CS: u64 = 4096;
+
+    /// A point image of a baseline only: chunk 0 and 2 hold `data`'s
+    /// bytes (the same chunk, stored once), chunk 1 reads as zeros, and a
+    /// ZERO extent covers bytes 100..200. The chunk is in a `file://`
+    /// repository.
+    fn image(
+        corrupt_chunk: bool,
+    ) -> (
+        tempfile::TempDir,
+        tokio::runtime::Runtime,
+        PointImage,
+        Vec<u8>,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let store = Store::open(&format!("file://{}", d.path().display()), None).unwrap();
+        let data: Vec<u8> = (0..CS).map(|i| (i % 253) as u8 + 1).collect();
+        let hash = blake3::hash(&data).to_hex().to_string();
+        let mut obj = rf::compress_chunk(&data).unwrap();
+        if corrupt_chunk {
+            // Valid zstd of other bytes: only the hash check can tell.
+            obj = rf::compress_chunk(&vec![7u8; CS as usize]).unwrap();
+        }
+        rt.block_on(store.put(&rf::chunk_key(&hash), obj.into()))
+            .unwrap();
+        let mut extents = cdp_core::journal::extents::ExtentMap::new();
+        extents.set(100, 200, Source::Zero);
+        let plan = Plan {
+            vm: "u-1".into(),
+            disk: "vda".into(),
+            size: 3 * CS,
+            point_seq: 0,
+            baseline_key: "b".into(),
+            baseline: rf::Baseline {
+                vm_uuid: "u-1".into(),
+                disk: "vda".into(),
+                size: 3 * CS,
+                chunk_size: CS,
+                s0: 0,
+                s1: 0,
+                started_ns: 0,
+                finished_ns: 0,
+                chunks: vec![Some(hash.clone()), None, Some(hash)],
+            },
+            extents,
+            segments: Vec::new(),
+            records: 0,
+        };
+        let img = PointImage::new(plan, Some(store), rt.handle().clone(), 1 << 20).unwrap();
+        (d, rt, img, data)
+    }
+
+    #[test]
+    fn a_point_image_reads_baseline_chunks_zeros_and_extents_with_one_fetch() {
+        let (_d, _rt, img, data) = image(false);
+        let mut want = data.clone();
+        want[100..200].fill(0);
+        want.extend(vec![0u8; CS as usize]);
+        want.extend(&data);
+        let mut buf = vec![0xffu8; 3 * CS as usize];
+        img.read(0, &mut buf).unwrap();
+        assert!(buf == want, "the whole disk");
+        let mut part = vec![0u8; 300];
+        img.read(CS - 150, &mut part).unwrap();
+        assert!(part[..] == want[(CS - 150) as usize..(CS + 150) as usize]);
+        // One chunk object, fetched once (chunks 0 and 2 share it).
+        let (held, _hits, misses) = img.cache_stats();
+        assert_eq!((held, misses), (CS, 1));
+        // Read through the NBD backend interface.
+        use nbd_server::Backend;
+        assert_eq!(img.size(), 3 * CS);
+        let mut b = vec![0u8; 10];
+        img.read_at(&mut b, 2 * CS).unwrap();
+        assert_eq!(b, data[..10]);
+    }
+
+    #[test]
+    fn a_point_image_refuses_reads_beyond_the_disk_and_unchecked_bytes() {
+        let (_d, _rt, img, _) = image(false);
+        let mut b = vec![0u8; 10];
+        let e = img.read(3 * CS - 5, &mut b).unwrap_err();
+        assert!(matches!(e, ImageError::Plan { .. }), "{e}");
+        let (_d, _rt, img, _) = image(true);
+        let e = img.read(0, &mut b).unwrap_err();
+        match &e {
+            ImageError::Fetch { what, source } => {
+                assert_eq!(what, "vda at 0");
+                assert!(matches!(**source, RestoreError::Read(_)), "{source}");
+            }
+            other => panic!("{other}"),
+        }
+        // Zeros need no fetch; errors are not cached (each read tries again).
+        img.read(CS, &mut b).unwrap();
+        assert_eq!(b, vec![0u8; 10]);
+        assert!(img.read(2 * CS, &mut b).is_err());
+        assert_eq!(img.cache_stats().2, 2, "fetched again after the error");
+        // Through the NBD interface the failure is an I/O error (EIO).
+        use nbd_server::Backend;
+        let e = img.read_at(&mut b, 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), None);
+        assert_eq!(
+            cdp_core::nbd::proto::nbd_errno(&e),
+            cdp_core::nbd::proto::errno::EIO
+        );
+    }
 }
