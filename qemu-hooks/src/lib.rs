@@ -5,7 +5,10 @@
 //!
 //! - [`domain`]: the libvirt domain XML and its CDP metadata keys (pure).
 //! - [`argv`]: recognising probes and rewriting QEMU's disk arguments (pure).
-//! - [`launch`]: the processes.
+//! - [`launch`]: the processes (cdp-qemu).
+//! - [`hook`]: the libvirt hook (`cdpctl libvirt-hook`, as root).
+//! - [`protect`]: adding and removing the CDP keys in a definition (pure,
+//!   byte-preserving; `cdpctl protect` / `unprotect`).
 
 pub mod argv;
 pub mod domain;

@@ -13,10 +13,9 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use cdp_hooks::{domain, protect};
 
+use crate::install::HOOK_PATH;
 use crate::{Ctx, Global};
 
-/// Where `cdpctl install --libvirt` puts the hook.
-pub const HOOK_PATH: &str = "/etc/libvirt/hooks/qemu.d/cdp";
 
 #[derive(clap::Args)]
 pub struct ProtectArgs {
