@@ -471,3 +471,49 @@ fn unshipped_local_records_are_served_even_after_the_files_are_trimmed() {
     qemu_img_compare(copy.as_os_str(), e.uri().as_ref());
     e.stop();
 }
+
+/// Run `cdpctl export` on `socket` expecting it to fail at once; returns
+/// (its --ready-fd report, its stderr).
+fn export_refused(d: &Daemon, cfg: &Path, socket: &Path) -> (String, String) {
+    let mut c = Command::new(bin("cdpctl"));
+    c.args(["export", &d.vm_uuid, "--disk", "vda", "--at", "latest"])
+        .arg("--socket")
+        .arg(socket)
+        .args(["--ready-fd", "1"]);
+    global(&mut c, d, cfg);
+    let out = run(&mut c);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!out.status.success(), "export started:\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn the_socket_replaces_a_stale_one_but_never_a_live_server_or_a_file() {
+    let (d, cfg, _repo, snaps) = repository(34);
+
+    // A file that is not a socket is left alone, and the start fails saying so
+    // (on stderr and through --ready-fd).
+    let file = d.work_dir().join("plain.sock");
+    std::fs::write(&file, b"keep me").unwrap();
+    let (ready, err) = export_refused(&d, &cfg, &file);
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert!(ready.starts_with("ERROR "), "{ready:?}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    // A stale socket (its server gone) is replaced.
+    let stale = d.work_dir().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let e = Export::start(&d, &cfg, "stale", "latest", &[]);
+    assert_eq!(e.socket, stale);
+
+    // A live one is not taken over: the second start fails, the first
+    // still serves the same bytes.
+    let (_, err) = export_refused(&d, &cfg, &e.socket);
+    assert!(err.contains("already served by another process"), "{err}");
+    qemu_img_compare(snaps[2].copy.as_os_str(), e.uri().as_ref());
+    e.stop();
+}
