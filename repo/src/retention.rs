@@ -554,63 +554,7 @@ async fn synthesize(
     let mut chunks = base.chunks.clone();
     let (mut up, mut up_bytes) = (0, 0);
     if !touched.is_empty() {
-        let scratch_err = |source: std::io::Error| RetentionError::Scratch {
-            vm: h.vm.clone(),
-            disk: h.disk.clone(),
-            seq,
-            source,
-        };
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "cdp-synthetic-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(scratch_err)?;
-        let _ = std::fs::remove_file(&path);
-        file.set_len(base.size).map_err(scratch_err)?;
-        // Only the touched chunks: the others read as holes, unread.
-        let mut masked = plan.clone();
-        masked.baseline.chunks = (0..chunks.len())
-            .map(|i| {
-                if touched.contains(&i) {
-                    base.chunks[i].clone()
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let sink = Arc::new(restore::FreshFile(file.try_clone().map_err(scratch_err)?));
-        restore::execute(&masked, Some(store), sink, None)
-            .await
-            .map_err(err)?;
-        let retry = RetryPolicy::default();
-        for &i in &touched {
-            let off = i as u64 * cs;
-            let len = cs.min(base.size - off) as usize;
-            let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, off).map_err(scratch_err)?;
-            if buf.iter().all(|&b| b == 0) {
-                chunks[i] = None;
-                continue;
-            }
-            let hash = blake3::hash(&buf).to_hex().to_string();
-            if have.insert(hash.clone()) {
-                let body = Bytes::from(rf::compress_chunk(&buf).map_err(scratch_err)?);
-                let key = rf::chunk_key(&hash);
-                up += 1;
-                up_bytes += body.len() as u64;
-                with_retry(&key, &retry, || store.put(&key, body.clone()))
-                    .await
-                    .map_err(store_err("put", &key))?;
-            }
-            chunks[i] = Some(hash);
-        }
+        (up, up_bytes) = rebuild_touched(store, h, &plan, &touched, &mut chunks, have).await?;
     }
     let b = Baseline {
         vm_uuid: h.vm.clone(),
@@ -631,6 +575,85 @@ async fn synthesize(
         .map_err(store_err("put", &key))?;
     h.baselines.push((key, b));
     h.baselines.sort_by_key(|(_, b)| (b.s1, b.s0));
+    Ok((up, up_bytes))
+}
+
+/// The chunks of `plan`'s disk that its journal extents touch, rebuilt in a
+/// sparse scratch file, named in `chunks` and uploaded if the repository
+/// lacks them (`have`). Returns (chunks uploaded, bytes uploaded).
+async fn rebuild_touched(
+    store: &Store,
+    h: &History,
+    plan: &restore::Plan,
+    touched: &BTreeSet<usize>,
+    chunks: &mut [Option<String>],
+    have: &mut HashSet<String>,
+) -> Result<(u64, u64), RetentionError> {
+    let (seq, base, cs) = (plan.point_seq, &plan.baseline, plan.baseline.chunk_size);
+    let err = |source: RestoreError| RetentionError::Synthesize {
+        vm: h.vm.clone(),
+        disk: h.disk.clone(),
+        seq,
+        source,
+    };
+    let (mut up, mut up_bytes) = (0, 0);
+    let scratch_err = |source: std::io::Error| RetentionError::Scratch {
+        vm: h.vm.clone(),
+        disk: h.disk.clone(),
+        seq,
+        source,
+    };
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "cdp-synthetic-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(scratch_err)?;
+    let _ = std::fs::remove_file(&path);
+    file.set_len(base.size).map_err(scratch_err)?;
+    // Only the touched chunks: the others read as holes, unread.
+    let mut masked = plan.clone();
+    masked.baseline.chunks = (0..chunks.len())
+        .map(|i| {
+            if touched.contains(&i) {
+                base.chunks[i].clone()
+            } else {
+                None
+            }
+        })
+        .collect();
+    let sink = Arc::new(restore::FreshFile(file.try_clone().map_err(scratch_err)?));
+    restore::execute(&masked, Some(store), sink, None)
+        .await
+        .map_err(err)?;
+    let retry = RetryPolicy::default();
+    for &i in touched {
+        let off = i as u64 * cs;
+        let len = cs.min(base.size - off) as usize;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off).map_err(scratch_err)?;
+        if buf.iter().all(|&b| b == 0) {
+            chunks[i] = None;
+            continue;
+        }
+        let hash = blake3::hash(&buf).to_hex().to_string();
+        if have.insert(hash.clone()) {
+            let body = Bytes::from(rf::compress_chunk(&buf).map_err(scratch_err)?);
+            let key = rf::chunk_key(&hash);
+            up += 1;
+            up_bytes += body.len() as u64;
+            with_retry(&key, &retry, || store.put(&key, body.clone()))
+                .await
+                .map_err(store_err("put", &key))?;
+        }
+        chunks[i] = Some(hash);
+    }
     Ok((up, up_bytes))
 }
 
