@@ -889,6 +889,26 @@ mod tests {
     }
 
     #[test]
+    fn dry_run_reports_the_plan_and_changes_nothing() {
+        let h = host();
+        let plan = h.install(&all());
+        let items: Vec<Item> = plan.steps.iter().map(|s| s.item.clone()).collect();
+        let (report, res) = crate::install::finish(plan, true, "install");
+        res.unwrap();
+        assert!(report.dry_run);
+        assert_eq!(report.items, items);
+        assert!(h.tree().is_empty(), "dry run wrote {:?}", h.tree());
+
+        // A conflict fails the dry run as it would fail the install.
+        apply(h.install(&all()), "install").1.unwrap();
+        fs::write(h.at(UNIT_PATH), "[Service]\n").unwrap();
+        let before = h.tree();
+        let (_, res) = crate::install::finish(h.install(&all()), true, "install");
+        assert!(matches!(res, Err(InstallError::Modified { .. })), "{res:?}");
+        assert_eq!(h.tree(), before);
+    }
+
+    #[test]
     fn missing_programs_fail_the_plan() {
         let h = host();
         fs::remove_file(h.exe_dir.join("cdp-agent")).unwrap();
