@@ -34,6 +34,18 @@ pub enum LeaseError {
     },
 }
 
+impl LeaseError {
+    /// True if trying again may succeed: the storage was unreachable or
+    /// failed on its side.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LeaseError::Write { source, .. } | LeaseError::List { source, .. } => {
+                source.is_transient()
+            }
+        }
+    }
+}
+
 fn hostname() -> String {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let h: String = h
@@ -293,7 +305,11 @@ mod tests {
         let s = Store::open(&format!("file://{}", root.display()), None).unwrap();
         std::fs::remove_dir(&root).unwrap();
         match list(&s, VM).await {
-            Err(LeaseError::List { vm, .. }) => assert_eq!(vm, VM),
+            Err(e @ LeaseError::List { .. }) => {
+                // A missing root is a configuration error: permanent.
+                assert!(!e.is_transient(), "{e}");
+                assert!(matches!(&e, LeaseError::List { vm, .. } if vm == VM));
+            }
             other => panic!("{other:?}"),
         }
         match acquire(&s, VM, "x", "y", DEFAULT_TTL).await {

@@ -19,6 +19,14 @@ pub enum ReadError {
     Bad { key: String, what: String },
 }
 
+impl ReadError {
+    /// True if reading again may succeed: the storage was unreachable or
+    /// failed on its side. An object that does not decode stays so.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ReadError::Store(e) if e.is_transient())
+    }
+}
+
 /// A hole or inconsistency in a disk's journal chain.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChainProblem {
@@ -260,6 +268,7 @@ mod tests {
         put(&s, &rf::index_key(VM, "vda", 1, 2), &idx).await;
         let e = load_chain(&s, VM, "vda").await.unwrap_err();
         assert!(matches!(e, ReadError::Format(_)), "{e}");
+        assert!(!e.is_transient());
     }
 
     #[tokio::test]
