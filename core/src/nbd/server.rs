@@ -706,6 +706,29 @@ mod tests {
     }
 
     #[test]
+    fn a_client_silent_in_the_handshake_is_dropped_after_the_timeout() {
+        let limits = Limits {
+            handshake_timeout: Duration::from_millis(100),
+            ..Limits::default()
+        };
+        let srv = Server::new("vda", mem(true), limits);
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let t = std::time::Instant::now();
+        let h = std::thread::spawn(move || srv.serve(a));
+        let mut g = [0u8; 18];
+        b.read_exact(&mut g).unwrap();
+        let r = h.join().unwrap();
+        assert!(
+            matches!(r, Err(ServeError::Handshake(HandshakeError::Io(_)))),
+            "{r:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "closed");
+    }
+
+    #[test]
     fn errors_map_through_nbd_errno() {
         assert_eq!(reply_errno(&Ok(())), 0);
         assert_eq!(reply_errno(&Err(io::Error::other("x"))), proto::errno::EIO);
