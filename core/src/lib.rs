@@ -1,10 +1,11 @@
 //! cdp-core: the formats and host contracts every cdp process shares
-//! (docs/DESIGN.md). No threads, no servers, no signal handling: those
-//! belong to the processes (`cdpd`, `cdp-shipper`, `cdp-agent`, `cdpctl`,
-//! `cdp-qemu`).
+//! (docs/DESIGN.md). No sockets bound, no signal handling, no process
+//! state: those belong to the processes (`cdpd`, `cdp-shipper`,
+//! `cdp-agent`, `cdpctl`, `cdp-qemu`). The one piece with threads is the
+//! generic NBD server, which serves streams it is handed.
 //!
 //! - [`nbd`]: the NBD codec and the newstyle handshake (pure code over
-//!   `Read + Write`).
+//!   `Read + Write`), and a generic server over a backend trait.
 //! - [`journal`]: the journal's byte layout, segment files, replay and
 //!   start-up [`journal::recovery`].
 //! - [`session`]: recovery of a VM's journals and how its last capture

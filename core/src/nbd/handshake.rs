@@ -1,6 +1,6 @@
 //! The server side of the NBD handshake, shared by every NBD server of the
-//! project: the capture daemon's disks (`capture::conn`, read-write) and the
-//! read-only exports of restore points (`cdp_repo::export`).
+//! project: the capture daemon's disks (cdpd's `capture::conn`, read-write)
+//! and the generic [`super::server`] (cdpctl's read-only exports).
 //!
 //! Fixed newstyle only. One export per socket, named after the disk; the
 //! empty name is accepted as "the default export".
