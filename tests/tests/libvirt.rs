@@ -63,11 +63,13 @@ fn pid_of(pidfile: &str) -> Option<i32> {
 /// Save the host's CONFIG (or that there was none) before a test writes its own.
 fn save_host_config() {
     restore_host_config();
+    let had_dir = Path::new("/etc/cdp").exists();
     std::fs::create_dir_all("/etc/cdp").unwrap();
     if Path::new(CONFIG).exists() {
         std::fs::copy(CONFIG, SAVED).unwrap();
     } else {
-        std::fs::write(ABSENT, "").unwrap();
+        // "dir": /etc/cdp was there; "": it was not either.
+        std::fs::write(ABSENT, if had_dir { "dir" } else { "" }).unwrap();
     }
 }
 
@@ -77,8 +79,13 @@ fn restore_host_config() {
     if Path::new(SAVED).exists() {
         std::fs::rename(SAVED, CONFIG).unwrap();
     } else if Path::new(ABSENT).exists() {
+        let had_dir = std::fs::read_to_string(ABSENT).unwrap() == "dir";
         let _ = std::fs::remove_file(CONFIG);
         std::fs::remove_file(ABSENT).unwrap();
+        if !had_dir {
+            // Only if empty: anything else in it is not the test's to remove.
+            let _ = std::fs::remove_dir("/etc/cdp");
+        }
     }
 }
 
@@ -153,6 +160,19 @@ impl Libvirt {
             .spawn()
             .unwrap();
         self.agent = Some(child);
+    }
+
+    /// SIGTERM to cdp-agent; it must exit cleanly.
+    fn stop_agent(&mut self) {
+        let a = self.agent.take().expect("cdp-agent is running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(a.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let st =
+            cdp_tests::wait_child(a, cdp_tests::STOP_TIMEOUT).expect("cdp-agent ignored SIGTERM");
+        assert!(st.success(), "cdp-agent exited with {st}");
     }
 }
 
@@ -359,7 +379,10 @@ fn protect_start_destroy_ship_restore_unprotect() {
             && metric_sum(&text, "cdp_vm_running", uuid) == Some(0.0)
     });
 
-    // Restore from the repository alone (state gone) at each marker seen, and the latest.
+    // Restore from the repository alone (state gone) at each marker seen, and
+    // the latest. The agent goes first: it scans the state every second and
+    // would write into it while it is removed.
+    lv.stop_agent();
     let image_now = std::fs::read(d.join("disk.raw")).unwrap();
     std::fs::remove_dir_all(d.join("state")).unwrap();
     let url = format!("file://{}/repo", d.display());
