@@ -16,7 +16,6 @@ use cdp_hooks::{domain, protect};
 use crate::install::HOOK_PATH;
 use crate::{Ctx, Global};
 
-
 #[derive(clap::Args)]
 pub struct ProtectArgs {
     /// libvirt domain (name or UUID).
