@@ -406,6 +406,7 @@ fn hold_lock(d: &Daemon) -> File {
         .truncate(false)
         .open(&p)
         .unwrap();
+    // SAFETY: flock takes a descriptor `f` owns and two flags; no memory is shared.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     assert_eq!(r, 0, "lock {} is held", p.display());
     f

@@ -477,7 +477,7 @@ fn bad_input_says_what_to_do() {
     let bad = tmp.path().join("bad");
     fs::create_dir_all(&bad).unwrap();
     fs::write(bad.join("usr"), "").unwrap();
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         fs::set_permissions(&bad, fs::Permissions::from_mode(0o555)).unwrap();
     }
     let out = run(Command::new(&cdpctl).args(["install", "--root"]).arg(&bad));

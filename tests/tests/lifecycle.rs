@@ -27,7 +27,9 @@ fn wait_gone(pid: i32, timeout_ms: i32) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
+    // SAFETY: poll reads and writes the one pollfd `p`, a live local.
     let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    // SAFETY: `fd` came from pidfd_open above and is closed once, here.
     unsafe { libc::close(fd) };
     n == 1
 }

@@ -153,6 +153,7 @@ impl Export {
 
     fn stop(&mut self) {
         if let Some(c) = self.0.take() {
+            // SAFETY: kill takes two integers; the child is ours and not yet reaped.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             assert!(wait_child(c, STOP_TIMEOUT).is_some(), "export did not stop");
         }
@@ -450,6 +451,8 @@ enum Traced {
 
 /// ptrace(2) with the pointer-sized arguments it takes.
 fn ptrace(req: libc::c_uint, tid: libc::pid_t, addr: usize, data: usize) -> libc::c_long {
+    // SAFETY: the callers pass either 0 or the address of a live local of the size the
+    // request writes (PTRACE_GET_SYSCALL_INFO gets size_of_val of its buffer).
     unsafe {
         libc::ptrace(
             req,
@@ -487,6 +490,7 @@ fn read_c_string(tid: libc::pid_t, addr: u64) -> Option<Vec<u8>> {
 /// to make, if any.
 fn change_at(tid: libc::pid_t, repo: &Path) -> Option<Change> {
     use std::os::unix::ffi::OsStrExt;
+    // SAFETY: ptrace_syscall_info is plain old data; all zeroes is a valid value.
     let mut info: libc::ptrace_syscall_info = unsafe { std::mem::zeroed() };
     let n = ptrace(
         libc::PTRACE_GET_SYSCALL_INFO,
@@ -497,6 +501,7 @@ fn change_at(tid: libc::pid_t, repo: &Path) -> Option<Change> {
     if n <= 0 || info.op != libc::PTRACE_SYSCALL_INFO_ENTRY {
         return None;
     }
+    // SAFETY: op is PTRACE_SYSCALL_INFO_ENTRY, so the kernel filled the `entry` member.
     let e = unsafe { info.u.entry };
     // The path that disappears (unlink) or appears (rename's target).
     let (delete, path) = match e.nr as libc::c_long {
@@ -535,6 +540,7 @@ fn run_traced(
     fn wait(pid: libc::pid_t) -> (libc::pid_t, libc::c_int) {
         let mut st = 0;
         loop {
+            // SAFETY: waitpid writes one int into `st`, a live local.
             let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
             if r > 0 {
                 return (r, st);
@@ -543,6 +549,8 @@ fn run_traced(
             assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "waitpid: {e}");
         }
     }
+    // SAFETY: between fork and exec the closure only calls ptrace(PTRACE_TRACEME), which is
+    // async-signal-safe, and allocates nothing.
     unsafe {
         cmd.pre_exec(|| {
             if ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
@@ -592,6 +600,7 @@ fn run_traced(
                 if let Some(c) = change_at(tid, repo) {
                     if kill_before(done.len(), &c) {
                         // Stopped at the entry: the call is never made.
+                        // SAFETY: kill takes two integers; `pid` is our traced child.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                         killed = Some(c);
                         continue;
