@@ -15,11 +15,13 @@
 //! - [`catalog`]: the SQLite catalog.
 //! - [`control`]: cdpd's control protocol and its client.
 //! - [`image`]: opening and OFD-locking a raw image.
+//! - [`fsat`]: files in a tree another user can write, through directory fds.
 //! - [`names`], [`time`], [`proc`], [`notify`]: small shared contracts.
 
 pub mod catalog;
 pub mod config;
 pub mod control;
+pub mod fsat;
 pub mod image;
 pub mod journal;
 pub mod layout;
