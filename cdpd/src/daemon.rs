@@ -1,7 +1,6 @@
 //! `cdpd run`: start-up (recovery, session bookkeeping, sockets), serving,
 //! and the clean stop.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -9,7 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use nix::sys::socket::{shutdown, Shutdown};
@@ -28,6 +27,7 @@ use cdp_core::session::{self, DiskImage, PreviousEnd};
 use cdp_core::time::now_ns;
 
 use crate::capture::{self, DiskSetup, SyncJob, Vm, VmSetup};
+use crate::limits::{self, ConnSet, Limits};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub boot_id_file: PathBuf,
     /// SIGTERM ourselves when the parent (QEMU, after cdp-qemu's exec) exits.
     pub die_with_parent: bool,
+    /// Connection caps and timeouts of the sockets.
+    pub limits: Limits,
 }
 
 pub struct Daemon {
@@ -96,14 +98,8 @@ pub struct Daemon {
     control_path: PathBuf,
     sealer: Option<JoinHandle<()>>,
     syncers: Vec<JoinHandle<()>>,
-    conns: Arc<Conns>,
-}
-
-#[derive(Default)]
-struct Conns {
-    next_id: Mutex<u64>,
-    open: Mutex<HashMap<u64, UnixStream>>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// The NBD connections of each disk, then the control clients.
+    conns: Vec<Arc<ConnSet>>,
 }
 
 /// What recovery leaves for the session to start from.
@@ -129,7 +125,7 @@ struct Listening {
     acceptors: Vec<JoinHandle<()>>,
     control: JoinHandle<()>,
     control_path: PathBuf,
-    conns: Arc<Conns>,
+    conns: Vec<Arc<ConnSet>>,
 }
 
 impl Daemon {
@@ -179,14 +175,9 @@ impl Daemon {
         if let Some(h) = self.control.take() {
             let _ = h.join();
         }
-        // No more requests: connections end after what they have read.
-        for s in self.conns.open.lock().unwrap().values() {
-            let _ = s.shutdown(std::net::Shutdown::Read);
-        }
-        let handles = std::mem::take(&mut *self.conns.handles.lock().unwrap());
-        for h in handles {
-            let _ = h.join();
-        }
+        // No more requests: connections end after what they have read, or
+        // at once after the grace when their client does not take replies.
+        ConnSet::close_all(&self.conns, limits::STOP_GRACE);
         vm.close_sync();
         for h in self.syncers.drain(..) {
             let _ = h.join();
@@ -408,7 +399,7 @@ fn listen(vm: &Arc<Vm>, opts: &RunOptions) -> Result<Listening, DaemonError> {
     std::fs::create_dir_all(&dir).map_err(io_err("creating run directory", &dir))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io_err("setting permissions of", &dir))?;
-    let conns = Arc::new(Conns::default());
+    let mut conns = Vec::new();
     let mut listeners = Vec::new();
     let mut listen_fds = Vec::new();
     let mut acceptors = Vec::new();
@@ -417,11 +408,13 @@ fn listen(vm: &Arc<Vm>, opts: &RunOptions) -> Result<Listening, DaemonError> {
         let l = bind(&path)?;
         listen_fds.push(l.try_clone().map_err(io_err("cloning socket", &path))?);
         listeners.push(path);
-        let (vm, d, conns) = (vm.clone(), d.clone(), conns.clone());
+        let set = Arc::new(ConnSet::new(opts.limits.max_conns));
+        conns.push(set.clone());
+        let (vm, d, lim) = (vm.clone(), d.clone(), opts.limits);
         acceptors.push(
             std::thread::Builder::new()
                 .name(format!("accept-{}", d.name))
-                .spawn(move || accept_loop(&vm, d, l, conns))
+                .spawn(move || accept_loop(&vm, d, l, &set, &lim))
                 .expect("spawn"),
         );
     }
@@ -431,11 +424,13 @@ fn listen(vm: &Arc<Vm>, opts: &RunOptions) -> Result<Listening, DaemonError> {
         cl.try_clone()
             .map_err(io_err("cloning socket", &control_path))?,
     );
+    let clients = Arc::new(ConnSet::new(opts.limits.max_control_clients));
+    conns.push(clients.clone());
     let control = {
-        let vm = vm.clone();
+        let (vm, timeout) = (vm.clone(), opts.limits.control_timeout);
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || vm.control_loop(cl))
+            .spawn(move || vm.control_loop(cl, &clients, timeout))
             .expect("spawn")
     };
     Ok(Listening {
@@ -462,7 +457,14 @@ fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(l)
 }
 
-fn accept_loop(vm: &Arc<Vm>, disk: Arc<capture::Disk>, l: UnixListener, conns: Arc<Conns>) {
+fn accept_loop(
+    vm: &Arc<Vm>,
+    disk: Arc<capture::Disk>,
+    l: UnixListener,
+    conns: &Arc<ConnSet>,
+    lim: &Limits,
+) {
+    let socket = format!("{}.sock", disk.name);
     for stream in l.incoming() {
         if vm.stopping.load(Ordering::Acquire) {
             return;
@@ -471,35 +473,32 @@ fn accept_loop(vm: &Arc<Vm>, disk: Arc<capture::Disk>, l: UnixListener, conns: A
             if vm.stopping.load(Ordering::Acquire) {
                 return;
             }
+            // Out of descriptors or memory: do not spin.
+            std::thread::sleep(std::time::Duration::from_millis(20));
             continue;
         };
-        let id = {
-            let mut n = conns.next_id.lock().unwrap();
-            *n += 1;
-            *n
-        };
-        if let Ok(c) = stream.try_clone() {
-            conns.open.lock().unwrap().insert(id, c);
+        if let Err(who) = limits::check_peer(&stream) {
+            disk.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            limits::log_refused(&socket, who);
+            continue;
         }
-        let (vm2, d2, conns2) = (vm.clone(), disk.clone(), conns.clone());
+        // Over the cap, the connection is closed at once (dropped).
+        let Some(id) = conns.admit(&stream) else {
+            continue;
+        };
+        let (vm2, d2, conns2, lim) = (vm.clone(), disk.clone(), conns.clone(), *lim);
         let h = std::thread::Builder::new()
             .name(format!("nbd-{}-{id}", disk.name))
             .spawn(move || {
                 d2.stats.connections.fetch_add(1, Ordering::Relaxed);
                 // A misbehaving client ends its own connection, nothing else.
-                let _ = capture::conn::serve(&vm2, &d2, stream);
+                let _ = capture::conn::serve(&vm2, &d2, stream, &lim);
                 d2.stats.connections.fetch_sub(1, Ordering::Relaxed);
-                conns2.open.lock().unwrap().remove(&id);
+                conns2.leave(id);
             });
         match h {
-            Ok(h) => {
-                let mut hs = conns.handles.lock().unwrap();
-                hs.retain(|h| !h.is_finished());
-                hs.push(h);
-            }
-            Err(_) => {
-                conns.open.lock().unwrap().remove(&id);
-            }
+            Ok(h) => conns.add_thread(h),
+            Err(_) => conns.leave(id),
         }
     }
 }

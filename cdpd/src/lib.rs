@@ -6,6 +6,9 @@
 //! - `capture`: the data path (connections, batching, journal-then-apply,
 //!   the sync and sealer threads) and the control socket's server.
 //! - [`daemon`]: `cdpd run` start-up (recovery, session), listening, clean stop.
+//! - [`limits`]: who may connect, how many, for how long; ending every
+//!   connection at stop.
 
 pub(crate) mod capture;
 pub mod daemon;
+pub mod limits;

@@ -62,6 +62,14 @@ struct RunArgs {
     /// Where the host's boot id is read (tests use it to simulate a reboot).
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id", hide = true)]
     boot_id_file: PathBuf,
+    /// How long a client may stay silent during the NBD handshake (tests
+    /// shorten it; default: cdpd::limits::Limits's).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    handshake_timeout: Option<std::time::Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    cdp_core::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn main() {
@@ -109,6 +117,13 @@ fn run(a: RunArgs) -> Result<()> {
         policy: a.policy,
         boot_id_file: a.boot_id_file,
         die_with_parent: a.die_with_parent,
+        limits: {
+            let mut l = cdpd::limits::Limits::default();
+            if let Some(t) = a.handshake_timeout {
+                l.handshake_timeout = t;
+            }
+            l
+        },
     };
     cdpd::daemon::run(&opts, a.ready_fd)?;
     Ok(())

@@ -9,13 +9,19 @@
 //! the group commit they joined: the connection's [`Replier`] is the
 //! [`SyncWaiter`] and writes those replies, after the batch's others.
 //!
+//! Memory is bounded whatever the client sends: a batch holds at most
+//! [`READ_BATCH_BYTES`] of READ data (or one READ, when larger), and the
+//! connection reads no new requests while its replies are unwritten (each
+//! batch's reply is written before the next read). A client that leaves
+//! its replies unread past the write timeout is dropped.
+//!
 //! [`transmit`] is generic over the stream's two halves so that the whole
 //! pipeline runs in unit tests over a socket pair.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +34,14 @@ use cdp_core::nbd::proto::{self, errno, ExportInfo, Verdict};
 
 /// Room for the largest request (header + 32 MiB payload) plus slack.
 const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;
+
+/// READ bytes answered in one batch, so held in its reply at once (a
+/// single larger READ is a batch of its own; none exceeds MAX_PAYLOAD).
+pub const READ_BATCH_BYTES: u64 = 8 << 20;
+
+/// A reply buffer grown past this (by a READ larger than a batch) is given
+/// back after it; up to it, it is kept, so that steady reads allocate nothing.
+const REPLY_KEEP: usize = READ_BATCH_BYTES as usize + (1 << 20);
 
 #[derive(Debug, Error)]
 pub enum ConnError {
@@ -42,23 +56,33 @@ pub enum ConnError {
 /// The writing half of a connection, shared with the sync thread.
 pub struct Replier<W> {
     stream: Mutex<W>,
+    /// A write failed (the client went away, or did not take its replies
+    /// within the write timeout): the connection ends.
+    dead: AtomicBool,
 }
 
 impl<W: Write> Replier<W> {
     pub fn new(stream: W) -> Self {
         Replier {
             stream: Mutex::new(stream),
+            dead: AtomicBool::new(false),
         }
     }
 
     /// Send replies; a client that went away is not an error worth more
-    /// than dropping the bytes.
+    /// than dropping the bytes and ending the connection.
     pub fn send(&self, bytes: &[u8]) {
-        if bytes.is_empty() {
+        if bytes.is_empty() || self.is_dead() {
             return;
         }
-        let mut s = self.stream.lock().unwrap();
-        let _ = s.write_all(bytes);
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        if s.write_all(bytes).is_err() {
+            self.dead.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
     }
 }
 
@@ -90,10 +114,21 @@ fn export_flags() -> u16 {
 }
 
 /// Serve one client until it disconnects. Errors end this connection only.
-pub fn serve(vm: &Vm, disk: &Disk, mut stream: UnixStream) -> Result<(), ConnError> {
+/// Each read of the handshake waits at most `limits.handshake_timeout`,
+/// each reply write at most `limits.write_timeout`.
+pub fn serve(
+    vm: &Vm,
+    disk: &Disk,
+    mut stream: UnixStream,
+    limits: &crate::limits::Limits,
+) -> Result<(), ConnError> {
+    stream.set_read_timeout(Some(limits.handshake_timeout))?;
+    stream.set_write_timeout(Some(limits.write_timeout))?;
     if !handshake(disk, &mut stream)? {
         return Ok(());
     }
+    // A guest may stay idle for as long as it likes.
+    stream.set_read_timeout(None)?;
     let wr = stream.try_clone()?;
     transmit(vm, disk, stream, wr)
 }
@@ -117,6 +152,7 @@ where
         buf: vec![0u8; BUF_CAP],
         start: 0,
         end: 0,
+        held_back: false,
         batch: Batch::with_capacity(256),
         reply: Vec::with_capacity(1 << 20),
         sync_cookies: Vec::new(),
@@ -143,6 +179,9 @@ struct Transmission<'a, R, W> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The last parse left complete requests in the buffer (the batch was
+    /// full of READ data): answer them before reading more.
+    held_back: bool,
     batch: Batch,
     reply: Vec<u8>,
     /// Handles of the batch's requests that wait for the sync thread.
@@ -156,8 +195,11 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
             if !self.batch.is_empty() {
                 self.execute();
             }
-            if close {
+            if close || self.replier.is_dead() {
                 return Ok(());
+            }
+            if self.held_back {
+                continue;
             }
             self.make_room();
             let n = match self.rd.read(&mut self.buf[self.end..]) {
@@ -176,8 +218,10 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
     /// connection must close after this batch.
     fn parse_batch(&mut self) -> bool {
         self.batch.clear();
+        self.held_back = false;
         let mut pos = self.start;
         let mut close = false;
+        let mut read_bytes = 0u64;
         while self.end - pos >= proto::REQUEST_LEN {
             let req = match proto::parse_request(&self.buf[pos..pos + proto::REQUEST_LEN]) {
                 Ok(r) => r,
@@ -198,6 +242,14 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
             };
             if self.end - pos - proto::REQUEST_LEN < plen {
                 break;
+            }
+            if verdict == Verdict::Ok && req.kind == proto::CMD_READ {
+                let len = u64::from(req.len);
+                if read_bytes > 0 && read_bytes + len > READ_BATCH_BYTES {
+                    self.held_back = true;
+                    break;
+                }
+                read_bytes += len;
             }
             self.batch
                 .reqs
@@ -256,6 +308,9 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
             .in_flight
             .fetch_sub(replied, Ordering::Relaxed);
         self.replier.send(&self.reply);
+        if self.reply.capacity() > REPLY_KEEP {
+            self.reply = Vec::with_capacity(REPLY_KEEP);
+        }
         self.defer_durable();
     }
 

@@ -2,9 +2,10 @@
 //! protocol and its client are [`cdp_core::control`].
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_core::control::{
@@ -12,6 +13,7 @@ use cdp_core::control::{
 };
 
 use super::Vm;
+use crate::limits::{self, ConnSet};
 
 fn journal_usage(dir: &Path) -> (u64, u64) {
     let Ok(segs) = cdp_core::journal::list_segments(dir) else {
@@ -143,8 +145,16 @@ impl Vm {
         }
     }
 
-    /// Serve the control socket until the listener is shut down.
-    pub fn control_loop(&self, listener: UnixListener) {
+    /// Serve the control socket until the listener is shut down: each
+    /// client on a thread of its own (at most `clients`' cap at once; more
+    /// are closed at once), only our uid or root, each request and reply
+    /// within `timeout`.
+    pub fn control_loop(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        clients: &Arc<ConnSet>,
+        timeout: Duration,
+    ) {
         for stream in listener.incoming() {
             if self.stopping.load(Ordering::Acquire) {
                 return;
@@ -153,27 +163,52 @@ impl Vm {
                 if self.stopping.load(Ordering::Acquire) {
                     return;
                 }
+                std::thread::sleep(Duration::from_millis(20));
                 continue;
             };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut rd = BufReader::new(match stream.try_clone() {
-                Ok(s) => s,
-                Err(_) => continue,
-            });
-            let mut wr = stream;
-            let mut line = String::new();
-            // Bounded: a control request is small.
-            while std::io::Read::take(&mut rd, MAX_REQUEST)
-                .read_line(&mut line)
-                .unwrap_or(0)
-                > 0
-            {
-                let reply = self.handle_control(line.trim()).to_line();
-                if wr.write_all(reply.as_bytes()).is_err() {
-                    break;
-                }
-                line.clear();
+            if let Err(who) = limits::check_peer(&stream) {
+                limits::log_refused("control.sock", who);
+                continue;
             }
+            let Some(id) = clients.admit(&stream) else {
+                continue;
+            };
+            let (vm, set) = (self.clone(), clients.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("control-{id}"))
+                .spawn(move || {
+                    vm.serve_control(stream, timeout);
+                    set.leave(id);
+                });
+            match h {
+                Ok(h) => clients.add_thread(h),
+                Err(_) => clients.leave(id),
+            }
+        }
+    }
+
+    /// Answer one control client's requests, a line each, until it closes,
+    /// errs or is silent for `timeout`.
+    fn serve_control(&self, stream: UnixStream, timeout: Duration) {
+        let _ = stream.set_read_timeout(Some(timeout));
+        let _ = stream.set_write_timeout(Some(timeout));
+        let Ok(rd) = stream.try_clone() else {
+            return;
+        };
+        let mut rd = BufReader::new(rd);
+        let mut wr = stream;
+        let mut line = String::new();
+        // Bounded: a control request is small.
+        while std::io::Read::take(&mut rd, MAX_REQUEST)
+            .read_line(&mut line)
+            .unwrap_or(0)
+            > 0
+        {
+            let reply = self.handle_control(line.trim()).to_line();
+            if wr.write_all(reply.as_bytes()).is_err() {
+                break;
+            }
+            line.clear();
         }
     }
 }
