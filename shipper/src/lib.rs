@@ -9,6 +9,7 @@
 pub mod baseline;
 pub mod error;
 pub mod lock;
+pub mod service;
 pub mod ship;
 
 use std::path::PathBuf;

@@ -75,6 +75,7 @@ fn main() {
 }
 
 async fn run(a: RunArgs) -> Result<()> {
+    use cdp_shipper::service::{self, Mode, Outcome};
     let config = cdp_core::config::Config::load(a.config.as_deref())?;
     let opts = cdp_shipper::Options {
         vm_uuid: a.vm_uuid,
@@ -86,39 +87,21 @@ async fn run(a: RunArgs) -> Result<()> {
         poll: a.poll,
         auto_baseline: !a.no_auto_baseline,
     };
-    let mut s = cdp_shipper::Shipper::new(opts, &config).await?;
+    let s = cdp_shipper::Shipper::new(opts, &config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let poll: Duration = s.opts.poll;
-    // One shipper per VM (cdp_shipper::lock): while cdp-agent holds the
-    // lock for an adoption pass, wait for it.
-    let mut said_waiting = false;
-    let follow_gone = || a.follow_pid.is_some_and(cdp_core::proc::is_gone);
-    let lock = loop {
-        if let Some(l) = cdp_shipper::lock::try_lock(&s.opts.state_dir, &s.opts.vm_uuid)? {
-            break l;
-        }
-        if !a.once && follow_gone() {
-            // cdpd has exited and someone else (the agent) ships: its job now.
-            eprintln!(
-                "cdp-shipper: cdpd has exited; the journal is being shipped by another process"
-            );
-            return Ok(());
-        }
-        if !said_waiting {
-            eprintln!(
-                "cdp-shipper: another process ships this VM ({} is locked); waiting",
-                cdp_shipper::lock::lock_path(&s.opts.state_dir, &s.opts.vm_uuid).display()
-            );
-            said_waiting = true;
-        }
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = tokio::time::sleep(poll) => {}
-        }
+    let mode = Mode {
+        once: a.once,
+        follow_pid: a.follow_pid,
     };
-    if a.once {
-        let st = s.pass().await?;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    if let Outcome::Once(st) = service::run(s, mode, stop).await? {
         println!("{}", serde_json::to_string(&st)?);
         if st.failed_targets > 0 {
             anyhow::bail!(
@@ -126,32 +109,6 @@ async fn run(a: RunArgs) -> Result<()> {
                 st.failed_targets
             );
         }
-        return Ok(());
     }
-    loop {
-        if follow_gone() {
-            eprintln!(
-                "cdp-shipper: cdpd (pid {}) has exited",
-                a.follow_pid.unwrap()
-            );
-            break;
-        }
-        let st = s.pass().await?;
-        if st.shipped > 0 {
-            continue;
-        }
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = tokio::time::sleep(poll) => {}
-        }
-    }
-    // Drain what is sealed before leaving.
-    let st = s.pass().await?;
-    eprintln!(
-        "cdp-shipper: stopping; last pass shipped {} segments, {} waiting",
-        st.shipped, st.waiting
-    );
-    drop(lock);
     Ok(())
 }

@@ -378,3 +378,75 @@ fn vm_definition_is_stored_when_it_changes() {
     assert_eq!(vm_json["disks"][0]["name"], "vda");
     assert_eq!(vm_json["disks"][0]["size"], MIB);
 }
+
+/// The process loop (`cdp_shipper::service::run`) in process: it waits while
+/// another process holds the VM's lock and leaves when told to stop; then,
+/// following a cdpd that has exited, it ships everything and releases the lock.
+#[test]
+fn service_waits_for_the_lock_then_follows_cdpd_to_the_end() {
+    use cdp_shipper::service::{self, Mode, Outcome};
+    let mut d = Daemon::builder()
+        .disk_random("vda", 4 * MIB, 4)
+        .args(["--segment-age", "20ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d.work_dir(), &[("primary", &repo, None)]);
+    qemu_io(&d, "vda", &writes(10, 4));
+    d.term();
+    let config = cdp_core::config::Config::load(Some(&cfg)).unwrap();
+    let opts = || cdp_shipper::Options {
+        vm_uuid: d.vm_uuid.clone(),
+        state_dir: d.state_dir.clone(),
+        run_dir: d.run_dir.clone(),
+        policy: "default".into(),
+        max_parallel: 4,
+        vm_config: None,
+        poll: std::time::Duration::from_millis(20),
+        auto_baseline: true,
+    };
+    let rt = rt();
+
+    // Someone else ships this VM: the service waits, and a stop ends the wait.
+    let held = cdp_shipper::lock::try_lock(&d.state_dir, &d.vm_uuid)
+        .unwrap()
+        .expect("lock free");
+    let s = rt
+        .block_on(cdp_shipper::Shipper::new(opts(), &config))
+        .unwrap();
+    let (tx, stop) = tokio::sync::watch::channel(false);
+    let waiting = rt.spawn(service::run(s, Mode::default(), stop));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!waiting.is_finished(), "ran without the lock");
+    tx.send(true).unwrap();
+    let out = rt.block_on(waiting).unwrap().unwrap();
+    assert_eq!(out, Outcome::NotOurs);
+    assert!(repo_seqs(&repo, &d.vm_uuid, "vda").0.is_empty());
+    drop(held);
+
+    // Following a cdpd that has exited: one drain, every record shipped, lock released.
+    let local = local_seqs(&d, "vda");
+    assert!(!local.is_empty());
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id() as i32;
+    gone.wait().unwrap();
+    let s = rt
+        .block_on(cdp_shipper::Shipper::new(opts(), &config))
+        .unwrap();
+    let (_tx, stop) = tokio::sync::watch::channel(false);
+    let mode = Mode {
+        once: false,
+        follow_pid: Some(pid),
+    };
+    let out = rt.block_on(service::run(s, mode, stop)).unwrap();
+    let Outcome::Drained(st) = out else {
+        panic!("expected a drain, got {out:?}")
+    };
+    assert_eq!(st.waiting, 0, "{st:?}");
+    let (seqs, problems, _) = repo_seqs(&repo, &d.vm_uuid, "vda");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(seqs, local, "every local record once, in order");
+    assert!(cdp_shipper::lock::try_lock(&d.state_dir, &d.vm_uuid)
+        .unwrap()
+        .is_some());
+}

@@ -1,0 +1,108 @@
+//! `cdp-shipper run`: the shipper's life as a process, in the library so
+//! tests reach it. Take the VM's shipper lock (waiting while cdp-agent holds
+//! it), then run passes until told to stop or until the followed cdpd has
+//! exited, and drain what is sealed before leaving (docs/DESIGN.md,
+//! "Processes").
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use thiserror::Error;
+
+use crate::error::ShipError;
+use crate::lock::{self, LockError};
+use crate::{PassStats, Shipper};
+
+/// How `run` ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// One pass, then return its statistics.
+    pub once: bool,
+    /// Follow this process (the VM's cdpd): when it has exited, ship what is
+    /// left and return.
+    pub follow_pid: Option<i32>,
+}
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Ship(#[from] ShipError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+/// What the process did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `--once`: the statistics of its one pass (targets may have failed).
+    Once(PassStats),
+    /// Stopped (signal or the followed cdpd exited) after a final pass.
+    Drained(PassStats),
+    /// Stopped while waiting for the lock: another process ships the VM.
+    NotOurs,
+}
+
+/// Run the shipper until `stop` turns true (SIGTERM in the binary) or, per
+/// `mode`, after one pass or when the followed process has exited.
+pub async fn run(
+    mut s: Shipper,
+    mode: Mode,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Outcome, ServiceError> {
+    let poll: Duration = s.opts.poll;
+    let follow_gone = || mode.follow_pid.is_some_and(cdp_core::proc::is_gone);
+    let mut said_waiting = false;
+    // One shipper per VM (crate::lock): while cdp-agent holds the lock for an
+    // adoption pass, wait for it.
+    let lock = loop {
+        if let Some(l) = lock::try_lock(&s.opts.state_dir, &s.opts.vm_uuid)? {
+            break l;
+        }
+        if !mode.once && follow_gone() {
+            eprintln!(
+                "cdp-shipper: cdpd has exited; the journal is being shipped by another process"
+            );
+            return Ok(Outcome::NotOurs);
+        }
+        if !said_waiting {
+            eprintln!(
+                "cdp-shipper: another process ships this VM ({} is locked); waiting",
+                lock::lock_path(&s.opts.state_dir, &s.opts.vm_uuid).display()
+            );
+            said_waiting = true;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => return Ok(Outcome::NotOurs),
+            _ = tokio::time::sleep(poll) => {}
+        }
+    };
+    if mode.once {
+        return Ok(Outcome::Once(s.pass().await?));
+    }
+    loop {
+        if follow_gone() {
+            eprintln!(
+                "cdp-shipper: cdpd (pid {}) has exited",
+                mode.follow_pid.unwrap_or_default()
+            );
+            break;
+        }
+        let st = s.pass().await?;
+        if st.shipped > 0 {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => break,
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    // Drain what is sealed before leaving.
+    let st = s.pass().await?;
+    eprintln!(
+        "cdp-shipper: stopping; last pass shipped {} segments, {} waiting",
+        st.shipped, st.waiting
+    );
+    drop(lock);
+    Ok(Outcome::Drained(st))
+}
