@@ -7,6 +7,11 @@
 //!   the user QEMU runs as; leave the definition where cdp-qemu (which runs
 //!   as that user and cannot read libvirt's own status files) finds it:
 //!   `<run-dir>/<uuid>/domain.xml`.
+//! - Everything below the state and run directories is reached through
+//!   directory descriptors (`cdp_core::fsat`): QEMU's user owns those trees,
+//!   so nothing there is opened by path, no link is followed, and nothing is
+//!   chowned or chmodded by path (issue 11, "Trust boundaries"). A link
+//!   found where cdp expects a file is left alone and reported.
 //! - `release end`: hand the VM's leftover journal to cdp-agent (a datagram;
 //!   the agent also finds it on its own scan) and remove the definition.
 //!
@@ -14,11 +19,14 @@
 //! sees there are none, before reading the config, and any error about a
 //! VM that is not protected is swallowed.
 
-use std::ffi::OsString;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::ffi::{OsStr, OsString};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cdp_core::config::Config;
+use cdp_core::fsat::{DirFd, FsatError, Kind};
 use cdp_core::layout::{RunDir, StateDir};
 use thiserror::Error;
 
@@ -36,6 +44,8 @@ pub enum HookError {
     Config(#[from] cdp_core::config::ConfigError),
     #[error("the QEMU user {user:?} ([libvirt] qemu_user in the config) does not exist: set qemu_user to the user of libvirt's qemu.conf")]
     NoUser { user: String },
+    #[error(transparent)]
+    Fs(#[from] FsatError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,6 +69,9 @@ pub enum Outcome {
     Prepared {
         uuid: String,
         owner: (u32, u32),
+        /// Links (and hard-linked files) found in the VM's trees: never
+        /// followed, never chowned, left where they are.
+        left_alone: Vec<PathBuf>,
     },
     Released {
         uuid: String,
@@ -104,28 +117,128 @@ fn configured_owner(c: &Config) -> Result<(u32, u32), HookError> {
     Ok((pw.uid.as_raw(), gid))
 }
 
-fn own(path: &Path, (uid, gid): (u32, u32)) -> Result<(), HookError> {
-    let m = std::fs::symlink_metadata(path).map_err(io(path))?;
-    if m.uid() != uid || m.gid() != gid {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io(path))?;
+/// The last component of a layout path: names inside an opened directory
+/// come from `cdp_core::layout`, like every path under the state and run
+/// directories.
+fn name_of(p: &Path) -> Result<&OsStr, HookError> {
+    p.file_name().ok_or_else(|| HookError::Io {
+        path: p.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory name"),
+    })
+}
+
+/// The configured directory `path` (state or run): its parent is the
+/// operator's and is created as a path; `path` itself is created with
+/// `mkdirat`, opened without following a link, and given to `owner` and
+/// `mode` through the opened descriptor.
+fn config_dir(path: &Path, owner: (u32, u32), mode: u32) -> Result<DirFd, HookError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let p = DirFd::open(parent)?;
+    let name = name_of(path)?;
+    p.mkdir_at(name, mode)?;
+    let d = p.open_at(name)?;
+    d.chown(owner)?;
+    d.chmod(mode)?;
+    Ok(d)
+}
+
+/// The subdirectory `name` of `parent`, created when missing, opened
+/// without following a link and given to `owner` through its descriptor.
+fn sub_dir(parent: &DirFd, name: &OsStr, owner: (u32, u32), mode: u32) -> Result<DirFd, HookError> {
+    parent.mkdir_at(name, mode)?;
+    let d = parent.open_at(name)?;
+    d.chown(owner)?;
+    Ok(d)
+}
+
+/// Deeper than the journal tree (`<uuid>/<disk>/journal/<seq>.seg`) ever
+/// goes: what lies below is not ours and is left alone.
+const MAX_DEPTH: usize = 8;
+
+/// chown -R through descriptors: a directory is opened (`O_NOFOLLOW`) before
+/// it is walked, a file is opened and checked before `fchown`, and a
+/// symbolic link, a hard-linked file or anything deeper than [`MAX_DEPTH`]
+/// is left alone and reported in `left_alone`.
+fn own_tree(
+    dir: &DirFd,
+    owner: (u32, u32),
+    depth: usize,
+    left_alone: &mut Vec<PathBuf>,
+) -> Result<(), HookError> {
+    dir.chown(owner)?;
+    for e in dir.entries()? {
+        let path = dir.path().join(&e.name);
+        let r = match e.kind {
+            Kind::Dir if depth < MAX_DEPTH => dir
+                .open_at(&e.name)
+                .map(|sub| own_tree(&sub, owner, depth + 1, left_alone)),
+            Kind::Dir | Kind::Symlink => {
+                left_alone.push(path);
+                continue;
+            }
+            Kind::File | Kind::Other if e.owner == owner => continue,
+            Kind::File | Kind::Other => dir.own_entry(&e.name, owner).map(Ok),
+        };
+        match r {
+            Ok(inner) => inner?,
+            Err(e) if e.is_not_found() => {}
+            Err(
+                FsatError::Symlink { .. }
+                | FsatError::HardLinked { .. }
+                | FsatError::NotAFile { .. }
+                | FsatError::NotADirectory { .. },
+            ) => left_alone.push(path),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
 
-fn dir(path: &Path, owner: (u32, u32), mode: u32) -> Result<(), HookError> {
-    std::fs::create_dir_all(path).map_err(io(path))?;
-    own(path, owner)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
+/// Write `<run>/<uuid>/domain.xml` inside the opened per-VM directory: a
+/// temporary name created with `O_EXCL|O_NOFOLLOW` (whatever had that name,
+/// a planted link included, is unlinked first, never followed), given to
+/// `owner` with `fchown`, then renamed over the definition.
+fn write_definition(
+    dir: &DirFd,
+    name: &OsStr,
+    xml: &str,
+    owner: (u32, u32),
+) -> Result<(), HookError> {
+    let mut tmp = name.to_os_string();
+    tmp.push(".tmp");
+    let path = dir.path().join(&tmp);
+    dir.remove_at(&tmp)?;
+    let mut f = dir.create_file(&tmp, 0o600)?;
+    f.write_all(xml.as_bytes()).map_err(io(&path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io(&path))?;
+    nix::unistd::fchown(
+        f.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(owner.0)),
+        Some(nix::unistd::Gid::from_raw(owner.1)),
+    )
+    .map_err(|e| io(&path)(e.into()))?;
+    drop(f);
+    dir.rename_at(&tmp, name)?;
+    Ok(())
 }
 
-/// chown -R, not following links.
-fn own_tree(path: &Path, owner: (u32, u32)) -> Result<(), HookError> {
-    own(path, owner)?;
-    if std::fs::symlink_metadata(path).map_err(io(path))?.is_dir() {
-        for e in std::fs::read_dir(path).map_err(io(path))? {
-            own_tree(&e.map_err(io(path))?.path(), owner)?;
-        }
-    }
+/// `release end`: remove `<run>/<uuid>/domain.xml` through the opened
+/// directories (a link at `<run>/<uuid>` is refused, never followed).
+fn remove_definition(run_dir: &RunDir, uuid: &str) -> Result<(), HookError> {
+    let vm_run = run_dir.vm(uuid);
+    let def = vm_run.definition();
+    let (vm_name, def_name) = (name_of(vm_run.path())?, name_of(&def)?);
+    let dir = match DirFd::open(run_dir.path()).and_then(|r| r.open_at(vm_name)) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    dir.remove_at(def_name)?;
     Ok(())
 }
 
@@ -165,12 +278,7 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
         Phase::Prepare => prepare(&c, &vm, &dom, &uuid, xml),
         Phase::Release => {
             let agent_notified = cdp_core::notify::notify_agent(run_dir.path(), &uuid).is_ok();
-            let def = run_dir.vm(&uuid).definition();
-            match std::fs::remove_file(&def) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&def)(e)),
-            }
+            remove_definition(&run_dir, &uuid)?;
             Ok(Outcome::Released {
                 uuid,
                 agent_notified,
@@ -205,17 +313,23 @@ fn prepare(
     };
     let state = StateDir::new(c.state_dir(None));
     let run = RunDir::new(c.run_dir(None));
-    dir(state.path(), owner, 0o750)?;
-    let vm_state = state.vm(uuid);
-    std::fs::create_dir_all(vm_state.path()).map_err(io(vm_state.path()))?;
-    own(&state.vms(), owner)?;
-    own_tree(vm_state.path(), owner)?;
+    let mut left_alone = Vec::new();
+    let state_fd = config_dir(state.path(), owner, 0o750)?;
+    let vms = sub_dir(&state_fd, name_of(&state.vms())?, owner, 0o750)?;
+    let vm_state = sub_dir(&vms, name_of(state.vm(uuid).path())?, owner, 0o750)?;
+    own_tree(&vm_state, owner, 0, &mut left_alone)?;
     let catalog = state.catalog();
     let wal = with_suffix(&catalog, "-wal");
     let shm = with_suffix(&catalog, "-shm");
     for p in [catalog, wal, shm] {
-        if p.exists() {
-            own(&p, owner)?;
+        match state_fd.own_entry(name_of(&p)?, owner) {
+            Ok(()) => {}
+            Err(
+                FsatError::Symlink { .. }
+                | FsatError::HardLinked { .. }
+                | FsatError::NotAFile { .. },
+            ) => left_alone.push(p),
+            Err(e) => return Err(e.into()),
         }
     }
     // A file:// target the shipper (QEMU's user) writes: create it
@@ -227,24 +341,36 @@ fn prepare(
         .filter_map(|name| c.target.get(name))
     {
         if let Some(path) = t.url.strip_prefix("file://").map(Path::new) {
-            if !path.exists() {
-                dir(path, owner, 0o750)?;
-            }
+            file_target(path, owner)?;
         }
     }
-    dir(run.path(), owner, 0o755)?;
+    let run_fd = config_dir(run.path(), owner, 0o755)?;
     let vm_run = run.vm(uuid);
-    dir(vm_run.path(), owner, 0o750)?;
-    let def = vm_run.definition();
-    let tmp = def.with_extension("xml.tmp");
-    std::fs::write(&tmp, &dom.xml).map_err(io(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
-    own(&tmp, owner)?;
-    std::fs::rename(&tmp, &def).map_err(io(&def))?;
+    let vm_run_fd = sub_dir(&run_fd, name_of(vm_run.path())?, owner, 0o750)?;
+    vm_run_fd.chmod(0o750)?;
+    write_definition(&vm_run_fd, name_of(&vm_run.definition())?, &dom.xml, owner)?;
     Ok(Outcome::Prepared {
         uuid: uuid.to_string(),
         owner,
+        left_alone,
     })
+}
+
+/// A missing `file://` target directory, created for `owner` (an existing
+/// one, or anything else with its name, is the operator's and left alone).
+fn file_target(path: &Path, owner: (u32, u32)) -> Result<(), HookError> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let p = DirFd::open(parent)?;
+    let name = name_of(path)?;
+    if p.mkdir_at(name, 0o750)? {
+        let d = p.open_at(name)?;
+        d.chown(owner)?;
+        d.chmod(0o750)?;
+    }
+    Ok(())
 }
 
 enum Phase {
@@ -334,7 +460,8 @@ mod tests {
             out,
             Outcome::Prepared {
                 uuid: uuid.into(),
-                owner: me
+                owner: me,
+                left_alone: vec![]
             }
         );
         let def = RunDir::new(d.path().join("run")).vm(uuid).definition();

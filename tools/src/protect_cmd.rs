@@ -363,10 +363,16 @@ pub fn hook(g: &Global, a: &HookArgs) -> Result<()> {
     match cdp_hooks::hook::run(&a.args, &xml, g.config.as_deref()) {
         Ok(cdp_hooks::hook::Outcome::Ignored) => Ok(()),
         Ok(o) => {
-            eprintln!(
-                "cdp hook: {}: {o:?}",
-                a.args.first().map(String::as_str).unwrap_or("?")
-            );
+            let vm = a.args.first().map(String::as_str).unwrap_or("?");
+            if let cdp_hooks::hook::Outcome::Prepared { left_alone, .. } = &o {
+                for p in left_alone {
+                    eprintln!(
+                        "cdp hook: {vm}: warning: {} is a link (or a hard-linked file) in a tree QEMU's user owns: left alone, not followed",
+                        p.display()
+                    );
+                }
+            }
+            eprintln!("cdp hook: {vm}: {o:?}");
             Ok(())
         }
         Err(e) if a.args.get(1).map(String::as_str) == Some("release") => {
