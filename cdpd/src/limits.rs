@@ -83,7 +83,7 @@ pub fn log_refused(socket: &str, who: Refused) {
     }
     match who {
         Refused::Uid(uid) => eprintln!(
-            "cdpd: refused a connection to {socket} from uid {uid}: only uid {} and root may connect \
+            "cdpd: refused a connection to {socket} from uid {uid}: only cdpd's own uid ({}) and root may connect \
              (logged once a minute per uid)",
             nix::unistd::geteuid()
         ),

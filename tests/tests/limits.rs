@@ -1,0 +1,342 @@
+//! cdpd's resource limits and peer check, against the real binary (issue 11,
+//! "Bounded everything"): a READ flood keeps its memory bounded, a client
+//! that does not read its replies cannot hold SIGTERM, connections are
+//! capped, a silent handshake is dropped, the control socket serves clients
+//! concurrently, and a peer of another uid is refused.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cdp_tests::nbd::*;
+use cdp_tests::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// The largest READ cdpd accepts.
+const BIG: u32 = 32 << 20;
+/// READs in the flood: 48 × 32 MiB = 1.5 GiB of replies, from 1.3 KB of requests.
+const FLOOD: u64 = 48;
+/// cdpd's resident memory must stay under this whatever a client sends.
+const RSS_LIMIT_KB: u64 = 256 * 1024;
+/// NBD connections cdpd serves at once per disk (cdpd::limits::Limits).
+const MAX_CONNS: usize = 16;
+const NOBODY: u32 = 65534;
+
+/// A value in kB from /proc/<pid>/status (VmHWM, VmRSS).
+fn proc_status_kb(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+/// Offset of the i-th READ of the flood.
+fn flood_offset(i: u64) -> u64 {
+    (i % 32) * MIB
+}
+
+/// Send `FLOOD` READs of 32 MiB in one write.
+fn send_flood(c: &mut Client) {
+    let mut reqs = Vec::new();
+    for i in 0..FLOOD {
+        reqs.extend_from_slice(&request_header(0, CMD_READ, 1000 + i, flood_offset(i), BIG));
+    }
+    assert_eq!(reqs.len(), 28 * FLOOD as usize);
+    c.sock.write_all(&reqs).unwrap();
+}
+
+/// Watch cdpd's memory high-water mark for `time`; panics as soon as it
+/// passes the limit. Returns the last VmHWM, in kB.
+fn watch_rss(d: &mut Daemon, time: Duration) -> u64 {
+    let t = Instant::now();
+    loop {
+        let hwm = proc_status_kb(d.pid(), "VmHWM");
+        if hwm >= RSS_LIMIT_KB {
+            d.fail(&format!(
+                "cdpd's VmHWM reached {} MiB (limit {} MiB) under a READ flood",
+                hwm / 1024,
+                RSS_LIMIT_KB / 1024
+            ));
+        }
+        if t.elapsed() >= time {
+            return hwm;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_read_flood_keeps_rss_bounded_and_every_reply_is_right() {
+    let mut d = Daemon::builder().disk_random("vda", 64 * MIB, 21).start();
+    let image = read_file(&d.image("vda"));
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    let before = proc_status_kb(d.pid(), "VmHWM");
+    send_flood(&mut c);
+    // Replies unread for a while: cdpd must not buffer them all.
+    let during = watch_rss(&mut d, Duration::from_secs(5));
+    eprintln!(
+        "cdpd VmHWM: {} MiB before the flood, {} MiB after 5 s of it unread (VmRSS {} MiB)",
+        before / 1024,
+        during / 1024,
+        proc_status_kb(d.pid(), "VmRSS") / 1024
+    );
+    let mut data = vec![0u8; BIG as usize];
+    for i in 0..FLOOD {
+        let r = c.read_reply().unwrap_or_else(|e| panic!("reply {i}: {e}"));
+        assert_eq!((r.handle, r.error), (1000 + i, 0), "reply {i}");
+        c.sock.read_exact(&mut data).unwrap();
+        let off = flood_offset(i) as usize;
+        assert!(
+            data == image[off..off + BIG as usize],
+            "reply {i}: data differs from the image at {off}"
+        );
+    }
+    let after = watch_rss(&mut d, Duration::ZERO);
+    eprintln!(
+        "cdpd VmHWM after every reply was read: {} MiB",
+        after / 1024
+    );
+    c.disconnect();
+    let (mut c2, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    assert_eq!(c2.read(0, 4096).unwrap().unwrap(), image[..4096]);
+    d.assert_alive("after the READ flood");
+}
+
+#[test]
+fn sigterm_stops_cdpd_while_a_client_does_not_read_its_replies() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 64 * MIB, 22)
+        .disk("vdb", 16 * MIB)
+        .start();
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096], 0).unwrap(), 0);
+    send_flood(&mut c);
+    // A control client that says nothing, too.
+    let _ctl = UnixStream::connect(d.run_dir.join(&d.vm_uuid).join("control.sock")).unwrap();
+    // Let cdpd fill the socket and block writing.
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = d.wait_exit(Duration::from_secs(10));
+    let took = t.elapsed();
+    assert!(
+        status.is_some(),
+        "cdpd did not exit within 10 s of SIGTERM while a client held its replies\n{}",
+        d.log()
+    );
+    assert!(status.unwrap().success(), "{status:?}\n{}", d.log());
+    eprintln!("cdpd stopped {took:?} after SIGTERM");
+    let records = d.journal_records();
+    for disk in ["vda", "vdb"] {
+        let mut mine: Vec<&Value> = records_of(&records, disk);
+        mine.sort_by_key(|r| r["seq"].as_u64().unwrap_or(0));
+        assert_eq!(
+            mine.last().map(|r| r["kind"].clone()),
+            Some(Value::from("SESSION_END")),
+            "{disk}: no SESSION_END after SIGTERM: {:#?}",
+            &mine[mine.len().saturating_sub(3)..]
+        );
+    }
+    drop(c);
+}
+
+/// Let `nobody` reach the sockets by DAC (the directories traversable, the
+/// sockets 0666), so that only cdpd's own check stands in the way.
+fn open_sockets_to_everyone(d: &Daemon) {
+    let dir = d.run_dir.join(&d.vm_uuid);
+    for p in [d.root.as_path(), d.run_dir.as_path(), dir.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    for s in ["vda.sock", "control.sock"] {
+        std::fs::set_permissions(dir.join(s), std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+}
+
+/// As uid `nobody`: connect to `socket`, send `send`, and return how many
+/// bytes came back before cdpd closed, or enough to tell it answered.
+fn bytes_answered_to_nobody(socket: &Path, send: &str) -> usize {
+    // Not a per-user shim (pyenv under /root): nobody must be able to run it.
+    let python = Path::new("/usr/bin/python3");
+    assert!(
+        python.exists(),
+        "this test needs /usr/bin/python3 (apt-get install python3)"
+    );
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(15)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect failed:", e)
+    sys.exit(2)
+data = b""
+try:
+    if sys.argv[2]:
+        s.sendall(sys.argv[2].encode() + b"\n")
+    while len(data) < 18 and b"\n" not in data:
+        b = s.recv(4096)
+        if not b:
+            break
+        data += b
+except OSError:
+    pass
+print(len(data))
+"#;
+    let out = run(Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .arg(socket)
+        .arg(send)
+        .uid(NOBODY)
+        // (std drops the supplementary groups when root sets a uid.)
+        .gid(NOBODY));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "the client as nobody failed ({}): {text} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.parse()
+        .unwrap_or_else(|_| panic!("unexpected output {text:?}"))
+}
+
+#[test]
+fn a_peer_of_another_uid_is_refused_and_the_legitimate_client_keeps_working() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test connects as nobody: run it as root"
+    );
+    let mut d = Daemon::builder().disk_random("vda", 16 * MIB, 23).start();
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    open_sockets_to_everyone(&d);
+    let ctl = d.run_dir.join(&d.vm_uuid).join("control.sock");
+    for attempt in 0..3 {
+        assert_eq!(
+            bytes_answered_to_nobody(&d.socket("vda"), ""),
+            0,
+            "attempt {attempt}: cdpd greeted an NBD client of uid nobody"
+        );
+        assert_eq!(
+            bytes_answered_to_nobody(&ctl, r#"{"cmd":"status"}"#),
+            0,
+            "attempt {attempt}: cdpd answered a control client of uid nobody"
+        );
+    }
+    let r = c.read(4096, 4096).unwrap();
+    assert_eq!(r.unwrap(), read_at(&d.image("vda"), 4096, 4096));
+    assert_eq!(c.write(0, &[9u8; 4096], 0).unwrap(), 0);
+    let status = d.status_json();
+    let errors = status["disks"][0]["protocol_errors"].as_u64().unwrap();
+    assert!(
+        errors >= 3,
+        "refused peers not counted: protocol_errors {errors}"
+    );
+    let log = d.log();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("refused a connection to vda.sock"))
+        .count();
+    assert_eq!(
+        logged, 1,
+        "a refused peer is logged once a minute, not per connection:\n{log}"
+    );
+    c.disconnect();
+    d.assert_alive("after refusing nobody");
+}
+
+#[test]
+fn connections_over_the_cap_are_closed_and_the_others_keep_working() {
+    let mut d = Daemon::builder().disk_random("vda", 16 * MIB, 24).start();
+    let mut clients: Vec<Client> = (0..MAX_CONNS)
+        .map(|i| {
+            Client::open(&d.socket("vda"), "vda")
+                .unwrap_or_else(|e| panic!("client {i}: {e}"))
+                .0
+        })
+        .collect();
+    for extra in 0..3 {
+        let r = Client::connect(&d.socket("vda"));
+        assert!(
+            r.is_err(),
+            "connection {} over the cap of {MAX_CONNS} was served",
+            extra + 1
+        );
+    }
+    let expect = read_at(&d.image("vda"), 0, 4096);
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(c.read(0, 4096).unwrap().unwrap(), expect, "client {i}");
+    }
+    // One leaves: a new one is served again.
+    clients.pop().unwrap().disconnect();
+    let t = Instant::now();
+    let mut c = loop {
+        match Client::open(&d.socket("vda"), "vda") {
+            Ok((c, _)) => break c,
+            Err(e) if t.elapsed() > Duration::from_secs(10) => {
+                d.fail(&format!("no room after a client left: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert_eq!(c.read(0, 4096).unwrap().unwrap(), expect);
+    d.assert_alive("after the cap");
+}
+
+#[test]
+fn a_client_silent_in_the_handshake_is_dropped() {
+    let mut d = Daemon::builder()
+        .disk("vda", 16 * MIB)
+        .args(["--handshake-timeout", "1s"])
+        .start();
+    let mut s = UnixStream::connect(d.socket("vda")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    let t = Instant::now();
+    // Say nothing: cdpd must close.
+    let mut b = [0u8; 16];
+    let closed = match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed,
+        "cdpd kept a silent client for {:?} (handshake timeout 1 s)",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    assert_eq!(c.read(0, 512).unwrap().unwrap(), vec![0u8; 512]);
+    d.assert_alive("after a silent client");
+}
+
+#[test]
+fn the_control_socket_answers_while_another_client_is_silent() {
+    let d = Daemon::builder().disk("vda", 16 * MIB).start();
+    let ctl = d.run_dir.join(&d.vm_uuid).join("control.sock");
+    let _silent = UnixStream::connect(&ctl).unwrap();
+    let mut half = UnixStream::connect(&ctl).unwrap();
+    half.write_all(br#"{"cmd":"sta"#).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let status = d.status_json();
+    assert_eq!(status["disks"][0]["disk"], "vda", "{status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "status took {:?} behind silent control clients",
+        t.elapsed()
+    );
+}
