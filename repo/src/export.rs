@@ -575,7 +575,9 @@ impl PointImage {
                 "segment is only in the repository, and no repository was given",
             )
         })?;
-        let start = frames[f].object_offset;
+        let Some(start) = frames.get(f).map(|x| x.object_offset) else {
+            return Err(corrupt(key, format!("no frame {f} in the index")));
+        };
         let end = frames.get(f + 1).map_or(*object_size, |n| n.object_offset);
         if end < start {
             return Err(corrupt(key, "frame table out of order"));
@@ -587,7 +589,7 @@ impl PointImage {
                 store.get_range(&key, start..end)
             }))
             .map_err(ReadError::from)?;
-        let data = rf::decompress_segment(&key, &obj).map_err(ReadError::from)?;
+        let data = rf::decompress_segment(&key, &obj, 1).map_err(ReadError::from)?;
         if let Some(n) = frames.get(f + 1) {
             if data.len() as u64 != n.raw_offset - frames[f].raw_offset {
                 return Err(corrupt(

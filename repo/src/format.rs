@@ -33,7 +33,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use cdp_core::journal::format::{IndexEntry, INDEX_ENTRY_LEN};
+use cdp_core::journal::format::{IndexEntry, Kind, INDEX_ENTRY_LEN, RECORD_HEADER_LEN};
 
 pub const ROOT: &str = "cdp/v1";
 pub const FORMAT_KEY: &str = "cdp/v1/FORMAT";
@@ -45,9 +45,19 @@ pub const IDX_MAGIC: [u8; 8] = *b"CDPIDX01";
 pub const CHUNK_SIZE: u64 = 1 << 20;
 pub const ZSTD_LEVEL: i32 = 1;
 
+/// Largest raw segment a repository object may hold (the journal's segment
+/// size plus one record, with room to spare). A larger index is refused.
+pub const MAX_SEGMENT_RAW: u64 = 4 << 30;
+/// Largest disk a baseline may describe (16 TiB: 16 Mi chunks).
+pub const MAX_DISK_SIZE: u64 = 16 << 40;
+
+/// What to do about an object that is damaged (or was crafted).
+pub const CORRUPT_HINT: &str =
+    "run `cdpctl verify --deep` to see what else is damaged; restore from another target";
+
 #[derive(Debug, Error)]
 pub enum RepoFormatError {
-    #[error("{key}: {what}")]
+    #[error("{key}: {what}; {CORRUPT_HINT}")]
     Corrupt { key: String, what: String },
     #[error("{key}: repository format {found:?}, this build reads cdp version {FORMAT_VERSION}: use a matching cdpd")]
     Version { key: String, found: String },
@@ -147,8 +157,62 @@ pub fn parse_baseline_name(name: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
+/// The key of a chunk. `hash_hex` should be 64 lowercase hex digits (see
+/// [`is_chunk_hash`]); anything else gives a key the store refuses, never a
+/// panic.
 pub fn chunk_key(hash_hex: &str) -> String {
-    format!("{ROOT}/chunks/{}/{hash_hex}", &hash_hex[..2])
+    let dir = hash_hex.get(..2).unwrap_or("");
+    format!("{ROOT}/chunks/{dir}/{hash_hex}")
+}
+
+/// Whether `s` is a chunk's name: a BLAKE3 hash as 64 lowercase hex digits.
+pub fn is_chunk_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The most bytes a GET of `key` may return: a bound per kind of object,
+/// from the format's own limits (a chunk is 1 MiB before compression, a
+/// frame 1 MiB, a segment at most [`MAX_SEGMENT_RAW`], a baseline lists at
+/// most [`MAX_DISK_SIZE`] / [`CHUNK_SIZE`] chunks), so a hostile or damaged
+/// repository cannot make a reader allocate without bound.
+pub fn object_cap(key: &str) -> u64 {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    let name = key.rsplit('/').next().unwrap_or(key);
+    if key == FORMAT_KEY {
+        4 * KIB
+    } else if key.starts_with(CHUNKS_PREFIX) {
+        // zstd's worst case for 1 MiB is 1 MiB + 4 KiB and a header.
+        2 * MIB
+    } else if name.ends_with(".seg.zst") {
+        // Incompressible frames grow by at most 1/128.
+        MAX_SEGMENT_RAW + MAX_SEGMENT_RAW / 128
+    } else if name.ends_with(".idx") {
+        // One 48-byte entry per record of at least 512 bytes, and the frame table.
+        MAX_SEGMENT_RAW / 512 * 48 + MAX_SEGMENT_RAW / FRAME_RAW as u64 * 16 + MIB
+    } else if key.contains("/baselines/") {
+        // 16 Mi chunk names of 64 hex digits, quoted, with commas.
+        MAX_DISK_SIZE / CHUNK_SIZE * 68 + MIB
+    } else if key.contains("/retention/") {
+        64 * MIB
+    } else if key.contains("/leases/") {
+        64 * KIB
+    } else if name == "vm.json" {
+        MIB
+    } else if key.contains("/config/") {
+        16 * MIB
+    } else {
+        64 * MIB
+    }
+}
+
+/// Parse a repository JSON object, naming it in the error.
+pub fn parse_json<T: serde::de::DeserializeOwned>(
+    key: &str,
+    b: &[u8],
+) -> Result<T, RepoFormatError> {
+    serde_json::from_slice(b)
+        .map_err(|e| corrupt(key, format!("not a valid object of its kind: {e}")))
 }
 
 pub const CHUNKS_PREFIX: &str = "cdp/v1/chunks/";
@@ -281,6 +345,68 @@ pub struct Baseline {
     pub chunks: Vec<Option<String>>,
 }
 
+impl Baseline {
+    /// Parse a baseline object and check it is consistent with itself (the
+    /// chunk list covers the size in chunks of at most [`CHUNK_SIZE`], every
+    /// chunk named by a hash), so readers can index with its values.
+    pub fn decode(key: &str, b: &[u8]) -> Result<Baseline, RepoFormatError> {
+        let bl: Baseline = parse_json(key, b)?;
+        bl.validate().map_err(|what| corrupt(key, what))?;
+        Ok(bl)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.chunk_size == 0 || self.chunk_size > CHUNK_SIZE {
+            return Err(format!(
+                "chunk size {} (chunks are at most {CHUNK_SIZE} bytes)",
+                self.chunk_size
+            ));
+        }
+        if self.size > MAX_DISK_SIZE {
+            return Err(format!(
+                "a disk of {} bytes, more than the {MAX_DISK_SIZE} a baseline may describe",
+                self.size
+            ));
+        }
+        if self.chunks.len() as u64 != self.size.div_ceil(self.chunk_size) {
+            return Err(format!(
+                "{} chunks for {} bytes in chunks of {}",
+                self.chunks.len(),
+                self.size,
+                self.chunk_size
+            ));
+        }
+        if let Some(bad) = self.chunks.iter().flatten().find(|h| !is_chunk_hash(h)) {
+            return Err(format!(
+                "chunk name {:?} is not a BLAKE3 hash",
+                bad.get(..70).unwrap_or(bad)
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl VmJson {
+    /// Parse `vm.json`.
+    pub fn decode(key: &str, b: &[u8]) -> Result<VmJson, RepoFormatError> {
+        parse_json(key, b)
+    }
+}
+
+impl RetentionManifest {
+    /// Parse a retention manifest.
+    pub fn decode(key: &str, b: &[u8]) -> Result<RetentionManifest, RepoFormatError> {
+        parse_json(key, b)
+    }
+}
+
+impl Lease {
+    /// Parse a lease.
+    pub fn decode(key: &str, b: &[u8]) -> Result<Lease, RepoFormatError> {
+        parse_json(key, b)
+    }
+}
+
 /// The JSON part of an index object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -343,18 +469,18 @@ impl SegmentIndex {
             return Err(corrupt(key, "not an index object (bad magic)"));
         }
         let (body, crc) = b.split_at(b.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
+        if crc32fast::hash(body) != le_u32(crc) {
             return Err(corrupt(key, "index checksum mismatch"));
         }
-        let jlen = u32::from_le_bytes(body[8..12].try_into().unwrap()) as usize;
+        let jlen = le_u32(&body[8..12]) as usize;
         let rest = body
             .get(12..)
-            .filter(|r| r.len() >= jlen + 4)
+            .filter(|r| jlen.checked_add(4).is_some_and(|n| r.len() >= n))
             .ok_or_else(|| corrupt(key, "index truncated"))?;
         let meta: IndexMeta = serde_json::from_slice(&rest[..jlen])
             .map_err(|e| corrupt(key, format!("index metadata: {e}")))?;
         let rest = &rest[jlen..];
-        let nframes = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+        let nframes = le_u32(&rest[..4]) as usize;
         let rest = &rest[4..];
         let flen = nframes
             .checked_mul(16)
@@ -363,8 +489,8 @@ impl SegmentIndex {
         let frames = rest[..flen]
             .chunks_exact(16)
             .map(|c| Frame {
-                raw_offset: u64::from_le_bytes(c[..8].try_into().unwrap()),
-                object_offset: u64::from_le_bytes(c[8..].try_into().unwrap()),
+                raw_offset: le_u64(&c[..8]),
+                object_offset: le_u64(&c[8..]),
             })
             .collect();
         let rest = &rest[flen..];
@@ -378,12 +504,92 @@ impl SegmentIndex {
             .map(IndexEntry::decode)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| corrupt(key, e.to_string()))?;
-        Ok(SegmentIndex {
+        let idx = SegmentIndex {
             meta,
             frames,
             entries,
-        })
+        };
+        idx.validate().map_err(|what| corrupt(key, what))?;
+        Ok(idx)
     }
+
+    /// The index is consistent with itself: the frame table describes
+    /// [`FRAME_RAW`]-byte frames of a raw segment of at most
+    /// [`MAX_SEGMENT_RAW`] bytes inside the object, and every record's
+    /// payload lies inside the raw segment. Readers index with these values.
+    fn validate(&self) -> Result<(), String> {
+        let m = &self.meta;
+        if m.raw_size > MAX_SEGMENT_RAW {
+            return Err(format!(
+                "raw segment of {} bytes, more than the {MAX_SEGMENT_RAW} a segment may have",
+                m.raw_size
+            ));
+        }
+        if m.object_size > object_cap(".seg.zst") {
+            return Err(format!(
+                "segment object of {} bytes is too large",
+                m.object_size
+            ));
+        }
+        if !is_chunk_hash(&m.object_blake3) {
+            return Err("object_blake3 is not a BLAKE3 hash".into());
+        }
+        if (self.frames.len() as u64) != m.raw_size.div_ceil(FRAME_RAW as u64) {
+            return Err(format!(
+                "{} frames for a raw segment of {} bytes",
+                self.frames.len(),
+                m.raw_size
+            ));
+        }
+        let mut prev_end = 0u64;
+        for (i, f) in self.frames.iter().enumerate() {
+            if f.raw_offset != i as u64 * FRAME_RAW as u64 {
+                return Err(format!("frame {i} starts at raw offset {}", f.raw_offset));
+            }
+            let bad_start = if i == 0 {
+                f.object_offset != 0
+            } else {
+                f.object_offset <= prev_end
+            };
+            if bad_start || f.object_offset >= m.object_size {
+                return Err(format!(
+                    "frame {i} starts at object offset {} (object of {} bytes)",
+                    f.object_offset, m.object_size
+                ));
+            }
+            prev_end = f.object_offset;
+        }
+        for e in &self.entries {
+            let ok = e.payload_pos >= RECORD_HEADER_LEN as u64
+                && e.payload_pos <= m.raw_size
+                && e.offset.checked_add(e.length).is_some()
+                && (e.kind != Kind::Write
+                    || e.payload_pos
+                        .checked_add(e.length)
+                        .is_some_and(|end| end <= m.raw_size))
+                && e.seq >= m.first_seq
+                && e.seq <= m.last_seq;
+            if !ok {
+                return Err(format!("record entry for seq {} is out of bounds", e.seq));
+            }
+        }
+        if m.first_seq > m.last_seq {
+            return Err("first_seq after last_seq".into());
+        }
+        Ok(())
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(b.get(..4).unwrap_or(&[0; 4]));
+    u32::from_le_bytes(a)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b.get(..8).unwrap_or(&[0; 8]));
+    u64::from_le_bytes(a)
 }
 
 /// Compress a raw segment into independent frames. Returns the object bytes
@@ -404,13 +610,55 @@ pub fn compress_segment(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<Frame>)> {
     Ok((out, frames))
 }
 
-/// Decompress a whole segment object (all frames) back to the raw segment.
-pub fn decompress_segment(key: &str, obj: &[u8]) -> Result<Vec<u8>, RepoFormatError> {
-    let mut out = Vec::with_capacity(obj.len() * 2);
-    let mut dec = zstd::stream::Decoder::new(obj).map_err(|e| corrupt(key, e.to_string()))?;
-    std::io::Read::read_to_end(&mut dec, &mut out)
+/// Decompress zstd frames (one or several, concatenated) into at most `max`
+/// bytes. A first frame that declares a larger content size is refused
+/// before anything is decompressed; otherwise the output grows only with
+/// what really decompresses and stops one byte past `max` (a decompression
+/// bomb costs `max` bytes, not what it would expand to).
+pub fn decompress_bounded(key: &str, obj: &[u8], max: usize) -> Result<Vec<u8>, RepoFormatError> {
+    use std::io::Read;
+    let bomb = |what: String| {
+        corrupt(
+            key,
+            format!(
+                "{what}, more than the {max} bytes it may have: damaged, or a decompression bomb"
+            ),
+        )
+    };
+    if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(obj) {
+        if declared > max as u64 {
+            return Err(bomb(format!("declares {declared} bytes")));
+        }
+    }
+    let dec = zstd::stream::read::Decoder::with_buffer(obj)
         .map_err(|e| corrupt(key, format!("decompressing: {e}")))?;
+    let mut out = Vec::with_capacity(max.min(FRAME_RAW));
+    dec.take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(key, format!("decompressing: {e}")))?;
+    if out.len() > max {
+        return Err(bomb("decompresses to more".into()));
+    }
     Ok(out)
+}
+
+/// Decompress `frames` frames of a segment object (or the whole object):
+/// at most [`FRAME_RAW`] bytes each.
+pub fn decompress_segment(
+    key: &str,
+    obj: &[u8],
+    frames: usize,
+) -> Result<Vec<u8>, RepoFormatError> {
+    let max = frames
+        .checked_mul(FRAME_RAW)
+        .filter(|n| *n as u64 <= MAX_SEGMENT_RAW)
+        .ok_or_else(|| {
+            corrupt(
+                key,
+                format!("{frames} frames: more than a segment may have"),
+            )
+        })?;
+    decompress_bounded(key, obj, max)
 }
 
 pub fn compress_chunk(data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -430,10 +678,13 @@ pub fn decompress_chunk(
     expect_len: usize,
 ) -> Result<Vec<u8>, RepoFormatError> {
     let key = chunk_key(hash_hex);
-    let mut out = Vec::with_capacity(expect_len);
-    let mut dec = zstd::stream::Decoder::new(obj).map_err(|e| corrupt(&key, e.to_string()))?;
-    std::io::Read::read_to_end(&mut dec, &mut out)
-        .map_err(|e| corrupt(&key, format!("decompressing: {e}")))?;
+    if expect_len as u64 > CHUNK_SIZE {
+        return Err(corrupt(
+            &key,
+            format!("a chunk of {expect_len} bytes: chunks are at most {CHUNK_SIZE}"),
+        ));
+    }
+    let out = decompress_bounded(&key, obj, expect_len)?;
     if blake3::hash(&out).to_hex().as_str() != hash_hex {
         return Err(corrupt(&key, "content does not match its hash"));
     }
@@ -443,7 +694,6 @@ pub fn decompress_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cdp_core::journal::format::Kind;
     use proptest::prelude::*;
 
     fn sample_index(n: usize) -> SegmentIndex {
@@ -457,9 +707,9 @@ mod tests {
                 records: n as u64,
                 first_ts_ns: 1,
                 last_ts_ns: 2,
-                raw_size: 100,
+                raw_size: 100_000,
                 object_size: 50,
-                object_blake3: "ab".into(),
+                object_blake3: "ab".repeat(32),
             },
             frames: vec![Frame {
                 raw_offset: 0,
@@ -538,11 +788,11 @@ mod tests {
             let raw: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed) ^ (i >> 12) as u8).collect();
             let (obj, frames) = compress_segment(&raw).unwrap();
             prop_assert_eq!(frames.len(), len.div_ceil(FRAME_RAW));
-            prop_assert_eq!(decompress_segment("k", &obj).unwrap(), raw.clone());
+            prop_assert_eq!(decompress_segment("k", &obj, frames.len()).unwrap(), raw.clone());
             // Each frame decompresses alone to its piece.
             for (i, f) in frames.iter().enumerate() {
                 let end = frames.get(i + 1).map_or(obj.len(), |n| n.object_offset as usize);
-                let piece = decompress_segment("k", &obj[f.object_offset as usize..end]).unwrap();
+                let piece = decompress_segment("k", &obj[f.object_offset as usize..end], 1).unwrap();
                 let r0 = f.raw_offset as usize;
                 prop_assert_eq!(&piece[..], &raw[r0..(r0 + FRAME_RAW).min(len)]);
             }

@@ -168,7 +168,10 @@ pub async fn list(store: &Store, vm: &str) -> Result<Vec<(String, Option<Lease>)
     let mut out = Vec::new();
     for o in objs.into_iter().filter(|o| o.key.ends_with(".json")) {
         match store.get(&o.key).await {
-            Ok(b) => out.push((o.key, serde_json::from_slice::<Lease>(&b).ok())),
+            Ok(b) => {
+                let l = Lease::decode(&o.key, &b).ok();
+                out.push((o.key, l))
+            }
             // Released meanwhile.
             Err(StoreError::NotFound { .. }) => {}
             Err(source) => {

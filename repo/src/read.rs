@@ -146,10 +146,7 @@ pub async fn load_baselines(
             continue;
         }
         let b = store.get(&o.key).await?;
-        let bl: Baseline = serde_json::from_slice(&b).map_err(|e| ReadError::Bad {
-            key: o.key.clone(),
-            what: format!("baseline: {e}"),
-        })?;
+        let bl = Baseline::decode(&o.key, &b)?;
         out.push((o.key, bl));
     }
     out.sort_by_key(|(_, b)| (b.s1, b.s0));
@@ -177,7 +174,7 @@ mod tests {
                 last_ts_ns: last,
                 raw_size: 0,
                 object_size: 0,
-                object_blake3: String::new(),
+                object_blake3: "0".repeat(64),
             },
             frames: Vec::new(),
             entries: Vec::new(),
@@ -320,9 +317,9 @@ mod tests {
         let key = rf::baseline_key(VM, "vda", 10, 5);
         put(&s, &key, b"{\"size\": ").await;
         match load_baselines(&s, VM, "vda").await {
-            Err(ReadError::Bad { key: k, what }) => {
+            Err(ReadError::Format(rf::RepoFormatError::Corrupt { key: k, what })) => {
                 assert_eq!(k, key);
-                assert!(what.starts_with("baseline:"), "{what}");
+                assert!(what.contains("not a valid object"), "{what}");
             }
             other => panic!("{other:?}"),
         }

@@ -974,14 +974,14 @@ async fn gc_chunks(del: &mut Deleter<'_>, p: &RetentionPlan) -> Result<(), Reten
                 Err(StoreError::NotFound { .. }) => continue,
                 Err(e) => return Err(store_err("get", &o.key)(e)),
             };
-            match serde_json::from_slice::<Baseline>(&b) {
+            match Baseline::decode(&o.key, &b) {
                 Ok(b) => referenced.extend(b.chunks.into_iter().flatten()),
                 // A baseline that does not decode may name any chunk.
                 Err(_) => return Ok(()),
             }
         } else if o.key.contains("/leases/") && o.key.ends_with(".json") {
             if let Ok(b) = store.get(&o.key).await {
-                if let Ok(l) = serde_json::from_slice::<Lease>(&b) {
+                if let Ok(l) = Lease::decode(&o.key, &b) {
                     if l.expires_ns > now {
                         other_leases.push(l);
                     }

@@ -223,7 +223,7 @@ pub async fn load_history(
                 continue;
             }
             let b = store.get(&o.key).await.map_err(ReadError::from)?;
-            match serde_json::from_slice::<Baseline>(&b) {
+            match Baseline::decode(&o.key, &b) {
                 Ok(bl) => baselines.push((o.key, bl)),
                 Err(_) => orphans.push(o.key),
             }
@@ -272,7 +272,7 @@ pub async fn load_retention(
             Err(crate::store::StoreError::NotFound { .. }) => continue,
             Err(e) => return Err(ReadError::from(e).into()),
         };
-        if let Ok(m) = serde_json::from_slice::<rf::RetentionManifest>(&b) {
+        if let Ok(m) = rf::RetentionManifest::decode(&o.key, &b) {
             if m.vm_uuid == vm {
                 return Ok(Some(m));
             }

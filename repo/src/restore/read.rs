@@ -48,7 +48,13 @@ pub async fn read_raw(
                 .partition_point(|f| f.raw_offset < range.end)
                 .max(first + 1)
                 - 1;
-            let obj_start = frames[first].object_offset;
+            let Some(first_frame) = frames.get(first) else {
+                return Err(RestoreError::Corrupt {
+                    what: key,
+                    why: "the index lists no frames".into(),
+                });
+            };
+            let obj_start = first_frame.object_offset;
             let obj_end = frames
                 .get(last + 1)
                 .map_or(*object_size, |f| f.object_offset);
@@ -56,8 +62,9 @@ pub async fn read_raw(
             let obj = with_retry(&key, &retry, || store.get_range(&key, obj_start..obj_end))
                 .await
                 .map_err(ReadError::from)?;
-            let raw = rf::decompress_segment(&key, &obj).map_err(ReadError::from)?;
-            let base = frames[first].raw_offset;
+            let raw =
+                rf::decompress_segment(&key, &obj, last + 1 - first).map_err(ReadError::from)?;
+            let base = first_frame.raw_offset;
             let (a, b) = ((range.start - base) as usize, (range.end - base) as usize);
             if b > raw.len() {
                 return Err(RestoreError::Corrupt {

@@ -1,14 +1,28 @@
 //! The `file://` backend: a local or NFS directory. An object appears
 //! atomically: it is written into `<root>/.cdp-staging/`, fsynced, then
 //! renamed into place (and the directory fsynced).
+//!
+//! The repository is written by two users (the VM's shipper as QEMU's user,
+//! cdp-agent and cdpctl as root), so nothing below the root is trusted to be
+//! what its name says: every directory and object is opened relative to a
+//! directory fd with `O_NOFOLLOW` (`openat`, `renameat`, `unlinkat`,
+//! `mkdirat`), a symbolic link anywhere below the root is refused (never
+//! followed), and ownership is handed over with `fchown` on an open fd
+//! (docs/DESIGN.md, "Trust boundaries"; issue 11, items 2 and 3).
 
+use std::io;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::unistd::UnlinkatFlags;
 
 use super::{io_kind_unreachable, Backend, ObjectMeta, StoreError};
 
@@ -60,11 +74,7 @@ impl FileBackend {
         })
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
-    }
-
-    fn err(&self, op: &'static str, key: &str, e: std::io::Error) -> StoreError {
+    fn err(&self, op: &'static str, key: &str, e: io::Error) -> StoreError {
         classify_io(&self.url, op, key, e)
     }
 
@@ -87,10 +97,10 @@ impl FileBackend {
     }
 }
 
-fn classify_io(url: &str, op: &'static str, key: &str, e: std::io::Error) -> StoreError {
+fn classify_io(url: &str, op: &'static str, key: &str, e: io::Error) -> StoreError {
     let (url, key) = (url.to_string(), key.to_string());
     let errno = e.raw_os_error().unwrap_or(0);
-    if e.kind() == std::io::ErrorKind::NotFound {
+    if e.kind() == io::ErrorKind::NotFound {
         return StoreError::NotFound { url, key };
     }
     // NFS: a server gone or a stale handle may come back.
@@ -124,7 +134,7 @@ fn missing_root(url: &str, root: &Path) -> Option<StoreError> {
     match std::fs::metadata(root) {
         Ok(m) if m.is_dir() => None,
         Ok(_) => Some(config(format!("{} is not a directory", root.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(config(format!(
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Some(config(format!(
             "directory {} does not exist: create it (or mount the share) first",
             root.display()
         ))),
@@ -132,79 +142,206 @@ fn missing_root(url: &str, root: &Path) -> Option<StoreError> {
     }
 }
 
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+fn nix_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
 }
 
-/// A repository directory is written by two users: the VM's shipper runs
-/// as QEMU's user, cdp-agent and cdpctl as root. A directory root creates
-/// is handed to the owner of the repository's root directory, so the QEMU
-/// user can always add objects beside root's.
-fn give_to_root_owner(root: &Path, dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let owner = std::fs::metadata(root)?;
-    if owner.uid() == 0 && owner.gid() == 0 {
-        return Ok(());
-    }
-    std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid()))
+/// `openat(dir, name, flags | O_CLOEXEC)`, as an owned fd.
+fn open_at(dir: &OwnedFd, name: &str, flags: OFlag, mode: Mode) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_CLOEXEC, mode)
+        .map_err(nix_io)?;
+    // SAFETY: openat just returned this fd: it is open and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Create `dir` and its missing ancestors below `root`, fsyncing each parent
-/// whose entries changed, so the new directories survive a crash.
-fn create_dirs_durably(root: &Path, dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    let mut cur = dir;
-    while !cur.is_dir() {
-        // Never create the root itself: a missing root is a configuration
-        // error (or an unmounted share), not something to paper over.
-        if cur == root || !cur.starts_with(root) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} does not exist", root.display()),
-            ));
+/// The error for a name below the root that is a symbolic link (or not
+/// what it must be): refused, never followed, left alone.
+fn refused(root: &Path, rel: &str, what: &str) -> io::Error {
+    io::Error::other(format!(
+        "{} is {what}: refusing to follow or use it (a symbolic link in a repository \
+         could redirect root's writes and deletions); remove it",
+        root.join(rel).display()
+    ))
+}
+
+/// Open the directory `rel` (`/`-separated, validated components) below the
+/// root fd, one component at a time with `O_NOFOLLOW`. With `create`, the
+/// missing ones are made (handed to the repository's owner, parents fsynced).
+fn open_dir_beneath(
+    root_path: &Path,
+    root: &OwnedFd,
+    rel: &str,
+    create: Option<&Owner>,
+) -> io::Result<OwnedFd> {
+    let mut cur = root.try_clone()?;
+    let mut walked = String::new();
+    for comp in rel.split('/').filter(|c| !c.is_empty()) {
+        if !walked.is_empty() {
+            walked.push('/');
         }
-        missing.push(cur.to_path_buf());
-        match cur.parent() {
-            Some(p) => cur = p,
-            None => break,
-        }
-    }
-    for d in missing.iter().rev() {
-        match std::fs::create_dir(d) {
-            Ok(()) => {
-                give_to_root_owner(root, d)?;
-                if let Some(p) = d.parent() {
-                    fsync_dir(p)?;
+        walked.push_str(comp);
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW;
+        let next = match open_at(&cur, comp, flags, Mode::empty()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create.is_some() => {
+                match nix::sys::stat::mkdirat(
+                    Some(cur.as_raw_fd()),
+                    comp,
+                    Mode::from_bits_truncate(0o777),
+                ) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(nix_io(e)),
                 }
+                let fd = open_at(&cur, comp, flags, Mode::empty())
+                    .map_err(|e| dir_error(root_path, &walked, &cur, comp, e))?;
+                if let Some(owner) = create {
+                    owner.give(&fd)?;
+                }
+                nix::unistd::fsync(cur.as_raw_fd()).map_err(nix_io)?;
+                fd
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
-            Err(e) => return Err(e),
-        }
+            r => r.map_err(|e| dir_error(root_path, &walked, &cur, comp, e))?,
+        };
+        cur = next;
     }
-    Ok(())
+    Ok(cur)
+}
+
+/// A component that could not be opened as a directory: a symbolic link is
+/// refused (Linux says ELOOP or, with O_DIRECTORY, ENOTDIR); a file stays
+/// ENOTDIR (a key used as a directory: nothing under it).
+fn dir_error(root: &Path, rel: &str, parent: &OwnedFd, comp: &str, e: io::Error) -> io::Error {
+    let symlink = match e.raw_os_error() {
+        Some(libc::ELOOP) => true,
+        Some(libc::ENOTDIR) => {
+            nix::sys::stat::fstatat(Some(parent.as_raw_fd()), comp, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| is_kind(&st, SFlag::S_IFLNK))
+        }
+        _ => false,
+    };
+    if symlink {
+        refused(root, rel, "a symbolic link")
+    } else {
+        e
+    }
+}
+
+/// Split a key into its directory and last component.
+fn split_key(key: &str) -> (&str, &str) {
+    key.rsplit_once('/').unwrap_or(("", key))
+}
+
+/// The owner of the repository's root directory. A repository directory is
+/// written by two users: the VM's shipper runs as QEMU's user, cdp-agent and
+/// cdpctl as root. A directory root creates is handed to the owner of the
+/// root, so the QEMU user can always add objects beside root's.
+struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+impl Owner {
+    fn of(root: &OwnedFd) -> io::Result<Owner> {
+        let st = nix::sys::stat::fstat(root.as_raw_fd()).map_err(nix_io)?;
+        Ok(Owner {
+            uid: st.st_uid,
+            gid: st.st_gid,
+        })
+    }
+
+    /// Hand a directory root just created to the owner, by fd (no path to
+    /// swap for a symlink in between).
+    fn give(&self, fd: &OwnedFd) -> io::Result<()> {
+        if !nix::unistd::geteuid().is_root() || (self.uid == 0 && self.gid == 0) {
+            return Ok(());
+        }
+        nix::unistd::fchown(
+            fd.as_raw_fd(),
+            Some(nix::unistd::Uid::from_raw(self.uid)),
+            Some(nix::unistd::Gid::from_raw(self.gid)),
+        )
+        .map_err(nix_io)
+    }
+
+    /// Whether a directory owned by `uid` may be used: root's, the
+    /// repository owner's, or this process's own.
+    fn trusts(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.uid || uid == nix::unistd::geteuid().as_raw()
+    }
+}
+
+fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)?;
+    Ok(OwnedFd::from(f))
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// The staging directory, opened without following a symlink and checked:
+/// a directory owned by root, the repository's owner or this user.
+fn open_staging(root_path: &Path, root: &OwnedFd, owner: &Owner) -> io::Result<OwnedFd> {
+    let fd = open_dir_beneath(root_path, root, STAGING_DIR, Some(owner))?;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(nix_io)?;
+    if !is_kind(&st, SFlag::S_IFDIR) {
+        return Err(refused(root_path, STAGING_DIR, "not a directory"));
+    }
+    if !owner.trusts(st.st_uid) {
+        return Err(refused(
+            root_path,
+            STAGING_DIR,
+            &format!(
+                "owned by uid {}, not by the repository's owner (uid {}), root or this user",
+                st.st_uid, owner.uid
+            ),
+        ));
+    }
+    Ok(fd)
+}
+
+fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == kind
 }
 
 /// Remove what interrupted puts left in the staging directory. Only files
-/// older than [`STAGING_MAX_AGE`]: another process may be writing right now.
-fn remove_stale_staging(staging: &Path) {
-    let Ok(rd) = std::fs::read_dir(staging) else {
+/// (and symlinks, which are removed, never followed) older than
+/// [`STAGING_MAX_AGE`]: another process may be writing right now. Every
+/// call is relative to the staging directory's fd.
+fn remove_stale_staging(staging: &OwnedFd) {
+    let Ok(mut dir) = nix::dir::Dir::openat(
+        Some(staging.as_raw_fd()),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
         return;
     };
-    for entry in rd.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STAGING_MAX_AGE);
-        if old {
-            let _ = std::fs::remove_file(entry.path());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let names: Vec<std::ffi::CString> = dir
+        .iter()
+        .flatten()
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    for name in names {
+        let Ok(st) = nix::sys::stat::fstatat(
+            Some(staging.as_raw_fd()),
+            name.as_c_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) else {
+            continue;
+        };
+        let removable = is_kind(&st, SFlag::S_IFREG) || is_kind(&st, SFlag::S_IFLNK);
+        let old = now.saturating_sub(st.st_mtime) > STAGING_MAX_AGE.as_secs() as i64;
+        if removable && old {
+            let _ = nix::unistd::unlinkat(
+                Some(staging.as_raw_fd()),
+                name.as_c_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
         }
     }
 }
@@ -222,92 +359,221 @@ fn staging_name() -> String {
     )
 }
 
-fn file_put(root: &Path, dest: &Path, data: &[u8]) -> std::io::Result<()> {
+fn new_file_flags() -> OFlag {
+    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW
+}
+
+fn file_put(root_path: &Path, key: &str, data: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let staging = root.join(STAGING_DIR);
-    create_dirs_durably(root, &staging)?;
-    let tmp = staging.join(staging_name());
+    let root = open_root(root_path)?;
+    let owner = Owner::of(&root)?;
+    let staging = open_staging(root_path, &root, &owner)?;
+    let tmp = staging_name();
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let fd = open_at(
+            &staging,
+            &tmp,
+            new_file_flags(),
+            Mode::from_bits_truncate(0o666),
+        )?;
+        let mut f = std::fs::File::from(fd);
         f.write_all(data)?;
         f.sync_all()?;
         drop(f);
-        let parent = dest.parent().unwrap_or(root);
-        create_dirs_durably(root, parent)?;
-        std::fs::rename(&tmp, dest)?;
-        fsync_dir(parent)
+        let (dir, leaf) = split_key(key);
+        let parent = open_dir_beneath(root_path, &root, dir, Some(&owner))?;
+        // renameat replaces a symlink at the destination; it never follows it.
+        nix::fcntl::renameat(
+            Some(staging.as_raw_fd()),
+            tmp.as_str(),
+            Some(parent.as_raw_fd()),
+            leaf,
+        )
+        .map_err(nix_io)?;
+        nix::unistd::fsync(parent.as_raw_fd()).map_err(nix_io)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = nix::unistd::unlinkat(
+            Some(staging.as_raw_fd()),
+            tmp.as_str(),
+            UnlinkatFlags::NoRemoveDir,
+        );
     }
     result
 }
 
-fn file_get(path: &Path, range: Option<Range<u64>>) -> std::io::Result<Result<Bytes, String>> {
+/// What a GET found: the bytes, or why they are not given.
+enum Got {
+    Data(Bytes),
+    /// A range outside the object (the detail).
+    Range(String),
+    /// The object is larger than the caller's bound (its size).
+    TooLarge(u64),
+}
+
+fn file_get(root_path: &Path, key: &str, range: Option<Range<u64>>, max: u64) -> io::Result<Got> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
+    let root = open_root(root_path)?;
+    let (dir, leaf) = split_key(key);
+    let parent = open_dir_beneath(root_path, &root, dir, None)?;
+    let fd = open_at(
+        &parent,
+        leaf,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => refused(root_path, key, "a symbolic link"),
+        _ => e,
+    })?;
+    let mut f = std::fs::File::from(fd);
     let meta = f.metadata()?;
     if meta.is_dir() {
-        return Err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    if !meta.is_file() {
+        return Err(refused(root_path, key, "not a regular file"));
     }
     let size = meta.len();
     let range = range.unwrap_or(0..size);
     if range.end > size {
-        return Ok(Err(format!(
+        return Ok(Got::Range(format!(
             "range outside the object: {}..{} of a {size}-byte object",
             range.start, range.end
         )));
     }
-    let len = usize::try_from(range.end - range.start)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "range too large"))?;
+    let want = range.end - range.start;
+    if want > max {
+        return Ok(Got::TooLarge(if want == size { size } else { want }));
+    }
+    let len = usize::try_from(want)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too large"))?;
     f.seek(SeekFrom::Start(range.start))?;
     let mut buf = vec![0u8; len];
     f.read_exact(&mut buf)?;
-    Ok(Ok(Bytes::from(buf)))
+    Ok(Got::Data(Bytes::from(buf)))
 }
 
-fn file_list(root: &Path, dir: &str, out: &mut Vec<ObjectMeta>) -> std::io::Result<()> {
-    let base = if dir.is_empty() {
-        root.to_path_buf()
-    } else {
-        root.join(dir)
-    };
-    let rd = match std::fs::read_dir(&base) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+/// List the objects below the directory `dir` (a key prefix's directory
+/// part). Symlinks are neither listed nor followed.
+fn file_list(root_path: &Path, dir: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
+    let root = open_root(root_path)?;
+    let fd = match open_dir_beneath(root_path, &root, dir, None) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         // A "directory" prefix that names a file lists nothing.
         Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
         Err(e) => return Err(e),
     };
-    for entry in rd {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        // Hidden names are never keys: the staging directory, editor files.
-        if name.starts_with('.') {
+    list_fd(&fd, dir, out)
+}
+
+fn list_fd(fd: &OwnedFd, dir: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
+    let mut d = nix::dir::Dir::openat(
+        Some(fd.as_raw_fd()),
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(nix_io)?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let entry = entry.map_err(nix_io)?;
+        let Ok(name) = entry.file_name().to_str() else {
             continue;
+        };
+        // Hidden names are never keys: the staging directory, editor files
+        // (and "." and "..").
+        if !name.starts_with('.') {
+            names.push(name.to_string());
         }
+    }
+    for name in names {
+        let st = match nix::sys::stat::fstatat(
+            Some(fd.as_raw_fd()),
+            name.as_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) => st,
+            // Deleted while listing.
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(nix_io(e)),
+        };
         let key = if dir.is_empty() {
-            name.to_string()
+            name.clone()
         } else {
             format!("{dir}/{name}")
         };
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            file_list(root, &key, out)?;
-        } else if ft.is_file() {
-            let size = match entry.metadata() {
-                Ok(m) => m.len(),
-                // Deleted while listing.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+        if is_kind(&st, SFlag::S_IFDIR) {
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW;
+            match open_at(fd, &name, flags, Mode::empty()) {
+                Ok(sub) => list_fd(&sub, &key, out)?,
+                // Deleted or swapped for a symlink while listing: skipped.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+                    ) => {}
                 Err(e) => return Err(e),
-            };
-            out.push(ObjectMeta { key, size });
+            }
+        } else if is_kind(&st, SFlag::S_IFREG) {
+            out.push(ObjectMeta {
+                key,
+                size: st.st_size as u64,
+            });
         }
     }
+    Ok(())
+}
+
+fn file_delete(root_path: &Path, key: &str) -> io::Result<()> {
+    let root = open_root(root_path)?;
+    let (dir, leaf) = split_key(key);
+    let parent = open_dir_beneath(root_path, &root, dir, None)?;
+    // unlinkat removes a symlink itself, never what it points to.
+    nix::unistd::unlinkat(Some(parent.as_raw_fd()), leaf, UnlinkatFlags::NoRemoveDir)
+        .map_err(nix_io)
+}
+
+/// The `check` of a file target: the root is a directory, the staging
+/// directory is a real directory of a trusted owner (never a symlink),
+/// writable; then stale staging files are removed.
+fn file_check(url: &str, root_path: &Path) -> Result<(), StoreError> {
+    let config = |message: String| StoreError::Config {
+        url: url.to_string(),
+        message,
+    };
+    if let Some(e) = missing_root(url, root_path) {
+        return Err(e);
+    }
+    let not_writable = |e: io::Error| {
+        config(format!(
+            "directory {} is not writable: {e}",
+            root_path.display()
+        ))
+    };
+    let root = open_root(root_path).map_err(|e| classify_io(url, "check", "root", e))?;
+    let owner = Owner::of(&root).map_err(|e| classify_io(url, "check", "root", e))?;
+    let staging = match open_staging(root_path, &root, &owner) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error().is_none() => return Err(config(e.to_string())),
+        Err(e) => return Err(not_writable(e)),
+    };
+    // Writable? A probe file in the staging directory.
+    let probe = format!("check-{}", staging_name());
+    let r = open_at(
+        &staging,
+        &probe,
+        new_file_flags(),
+        Mode::from_bits_truncate(0o600),
+    );
+    let _ = nix::unistd::unlinkat(
+        Some(staging.as_raw_fd()),
+        probe.as_str(),
+        UnlinkatFlags::NoRemoveDir,
+    );
+    r.map_err(not_writable)?;
+    remove_stale_staging(&staging);
     Ok(())
 }
 
@@ -319,14 +585,9 @@ fn statvfs_free(path: &Path) -> Option<u64> {
 impl Backend for FileBackend {
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let (root, dest, url, k) = (
-                self.root.clone(),
-                self.path(key),
-                self.url.clone(),
-                key.to_string(),
-            );
+            let (root, url, k) = (self.root.clone(), self.url.clone(), key.to_string());
             self.blocking("put", key, move || {
-                file_put(&root, &dest, &data).map_err(|e| match missing_root(&url, &root) {
+                file_put(&root, &k, &data).map_err(|e| match missing_root(&url, &root) {
                     Some(err) => err,
                     None => classify_io(&url, "put", &k, e),
                 })
@@ -339,21 +600,31 @@ impl Backend for FileBackend {
         &'a self,
         key: &'a str,
         range: Option<Range<u64>>,
+        max: u64,
     ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
-            let path = self.path(key);
+            let (root, k) = (self.root.clone(), key.to_string());
             let op = if range.is_some() { "get range" } else { "get" };
             let r = self
-                .blocking(op, key, move || Ok(file_get(&path, range)))
+                .blocking(op, key, move || Ok(file_get(&root, &k, range, max)))
                 .await?
                 .map_err(|e| self.err(op, key, e))?;
-            r.map_err(|detail| StoreError::Other {
-                url: self.url.clone(),
-                op,
-                key: key.to_string(),
-                detail,
-                source: None,
-            })
+            match r {
+                Got::Data(b) => Ok(b),
+                Got::Range(detail) => Err(StoreError::Other {
+                    url: self.url.clone(),
+                    op,
+                    key: key.to_string(),
+                    detail,
+                    source: None,
+                }),
+                Got::TooLarge(size) => Err(StoreError::TooLarge {
+                    url: self.url.clone(),
+                    key: key.to_string(),
+                    size,
+                    max,
+                }),
+            }
         })
     }
 
@@ -373,7 +644,7 @@ impl Backend for FileBackend {
                 .await?;
             out.map_err(|e| match e.kind() {
                 // The listing itself is never "not found".
-                std::io::ErrorKind::NotFound => StoreError::Other {
+                io::ErrorKind::NotFound => StoreError::Other {
                     url: self.url.clone(),
                     op: "list",
                     key: prefix.to_string(),
@@ -387,13 +658,13 @@ impl Backend for FileBackend {
 
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let path = self.path(key);
+            let (root, k) = (self.root.clone(), key.to_string());
             let r = self
-                .blocking("delete", key, move || Ok(std::fs::remove_file(&path)))
+                .blocking("delete", key, move || Ok(file_delete(&root, &k)))
                 .await?;
             match r {
                 Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(self.err("delete", key, e)),
             }
         })
@@ -405,33 +676,12 @@ impl Backend for FileBackend {
 
     fn check(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            let root = self.root.clone();
-            let url = self.url.clone();
-            self.blocking("check", "", move || {
-                let config = |message: String| StoreError::Config {
-                    url: url.clone(),
-                    message,
-                };
-                if let Some(e) = missing_root(&url, &root) {
-                    return Err(e);
-                }
-                // Writable? Create the staging directory and a probe file in it.
-                let staging = root.join(STAGING_DIR);
-                let probe = staging.join(format!("check-{}", staging_name()));
-                let r = create_dirs_durably(&root, &staging)
-                    .and_then(|()| std::fs::write(&probe, b"ok"));
-                let _ = std::fs::remove_file(&probe);
-                r.map_err(|e| {
-                    config(format!("directory {} is not writable: {e}", root.display()))
-                })?;
-                remove_stale_staging(&staging);
-                Ok(())
-            })
-            .await
+            let (root, url) = (self.root.clone(), self.url.clone());
+            self.blocking("check", "", move || file_check(&url, &root))
+                .await
         })
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,6 +102,16 @@ pub enum StoreError {
         reason: &'static str,
     },
 
+    /// The object is larger than any object of its kind may be (see
+    /// [`crate::format::object_cap`]): it is not read. Permanent.
+    #[error("{url}: object {key} is {size} bytes, more than the {max} an object of its kind may have: the repository is damaged or hostile; {}", crate::format::CORRUPT_HINT)]
+    TooLarge {
+        url: String,
+        key: String,
+        size: u64,
+        max: u64,
+    },
+
     /// Anything else (a full disk, a bad request, a range outside the
     /// object). Permanent.
     #[error("{url}: {op} {key}: {detail}")]
@@ -134,6 +144,7 @@ impl StoreError {
             | StoreError::Auth { url, .. }
             | StoreError::Config { url, .. }
             | StoreError::InvalidKey { url, .. }
+            | StoreError::TooLarge { url, .. }
             | StoreError::Other { url, .. } => url,
         }
     }
@@ -155,10 +166,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// none. An existing object is replaced.
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The whole object, or `range` of it (which must lie inside the object).
+    /// More than `max` bytes is [`StoreError::TooLarge`], found before the
+    /// bytes are read.
     fn get<'a>(
         &'a self,
         key: &'a str,
         range: Option<Range<u64>>,
+        max: u64,
     ) -> BoxFuture<'a, Result<Bytes, StoreError>>;
     /// Every object whose key starts with `prefix`, in any order.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, StoreError>>;
@@ -234,10 +248,14 @@ impl Store {
         self.backend.put(key, data).await
     }
 
-    /// The whole object.
+    /// The whole object. Never more than the bound for its kind of object
+    /// ([`crate::format::object_cap`]): a larger one is
+    /// [`StoreError::TooLarge`], and is not read.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.valid_key(key)?;
-        self.backend.get(key, None).await
+        self.backend
+            .get(key, None, crate::format::object_cap(key))
+            .await
     }
 
     /// Bytes `range` of the object; the range must lie inside the object.
@@ -255,7 +273,16 @@ impl Store {
         if range.start == range.end {
             return Ok(Bytes::new());
         }
-        self.backend.get(key, Some(range)).await
+        let max = crate::format::object_cap(key);
+        if range.end - range.start > max {
+            return Err(StoreError::TooLarge {
+                url: self.url.to_string(),
+                key: key.to_string(),
+                size: range.end - range.start,
+                max,
+            });
+        }
+        self.backend.get(key, Some(range), max).await
     }
 
     /// All objects whose key starts with `prefix`, sorted by key, with

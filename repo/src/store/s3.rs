@@ -339,6 +339,39 @@ fn to_usize(url: &str, key: &str, r: Range<u64>) -> Result<Range<usize>, StoreEr
     }
 }
 
+impl S3Backend {
+    /// The body of a GET, refused as soon as the object's size (or, from a
+    /// server that lies about it, the bytes received) passes `max`.
+    async fn bounded_body(
+        &self,
+        key: &str,
+        r: object_store::GetResult,
+        max: u64,
+    ) -> Result<Bytes, StoreError> {
+        use futures::StreamExt;
+        let too_large = |size: u64| StoreError::TooLarge {
+            url: self.url.clone(),
+            key: key.to_string(),
+            size,
+            max,
+        };
+        let size = r.meta.size as u64;
+        if size > max {
+            return Err(too_large(size));
+        }
+        let mut out = bytes::BytesMut::with_capacity(size as usize);
+        let mut body = r.into_stream();
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| self.err("get", key, e))?;
+            if (out.len() + part.len()) as u64 > max {
+                return Err(too_large((out.len() + part.len()) as u64));
+            }
+            out.extend_from_slice(&part);
+        }
+        Ok(out.freeze())
+    }
+}
+
 impl Backend for S3Backend {
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
@@ -354,6 +387,7 @@ impl Backend for S3Backend {
         &'a self,
         key: &'a str,
         range: Option<Range<u64>>,
+        max: u64,
     ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             let path = self.path(key);
@@ -364,7 +398,7 @@ impl Backend for S3Backend {
                         .get(&path)
                         .await
                         .map_err(|e| self.err("get", key, e))?;
-                    r.bytes().await.map_err(|e| self.err("get", key, e))
+                    self.bounded_body(key, r, max).await
                 }
                 Some(range) => {
                     let want = range.end - range.start;

@@ -102,7 +102,8 @@ fn segment_object(i: &SegmentIndex, obj: &[u8]) -> (usize, Vec<String>) {
         wrong.push("BLAKE3 does not match its index".into());
     }
     // Frame by frame, up to the first that does not decompress to its size.
-    let mut raw = Vec::with_capacity(m.raw_size as usize);
+    // Reserved up to 64 MiB: the index's word is not trusted further.
+    let mut raw = Vec::with_capacity(m.raw_size.min(64 << 20) as usize);
     let mut bad_from: Option<u64> = None;
     for (k, f) in i.frames.iter().enumerate() {
         let (o_end, r_end) = match i.frames.get(k + 1) {
@@ -110,7 +111,7 @@ fn segment_object(i: &SegmentIndex, obj: &[u8]) -> (usize, Vec<String>) {
             None => (m.object_size, m.raw_size),
         };
         let piece = obj.get(f.object_offset as usize..(o_end as usize).min(obj.len()));
-        let out = piece.and_then(|p| zstd::stream::decode_all(p).ok());
+        let out = piece.and_then(|p| rf::decompress_bounded("frame", p, rf::FRAME_RAW).ok());
         match out {
             Some(d) if d.len() as u64 == r_end - f.raw_offset => raw.extend_from_slice(&d),
             Some(d) => {

@@ -54,7 +54,7 @@ pub(super) async fn vm_json_disks(
             Kind::Missing,
             "vm.json is missing: the VM cannot be found by name, nor its disks' paths".into(),
         )),
-        Some(b) => match serde_json::from_slice::<rf::VmJson>(&b) {
+        Some(b) => match rf::VmJson::decode(&vm_json_key, &b) {
             Ok(j) if j.uuid == vm => disks.extend(j.disks.into_iter().map(|d| d.name)),
             Ok(j) => problems.push(problem(
                 None,
@@ -328,7 +328,7 @@ impl<'a> DiskScanner<'a> {
             let Some(b) = get(self.store, &o.key).await? else {
                 continue; // removed since the listing (pruned)
             };
-            let wrong = match serde_json::from_slice::<Baseline>(&b) {
+            let wrong = match Baseline::decode(&o.key, &b) {
                 Err(e) => Err(format!("baseline does not decode: {e}")),
                 Ok(bl) => check::baseline(&bl, self.vm, self.disk, s0, s1).map(|_| bl),
             };
