@@ -66,6 +66,10 @@ struct RunArgs {
     /// shorten it; default: cdpd::limits::Limits's).
     #[arg(long, value_parser = parse_duration, hide = true)]
     handshake_timeout: Option<std::time::Duration>,
+    /// How long a reply may wait for its client to take it before the
+    /// connection is dropped (tests shorten it; default: Limits's).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    write_timeout: Option<std::time::Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -121,6 +125,9 @@ fn run(a: RunArgs) -> Result<()> {
             let mut l = cdpd::limits::Limits::default();
             if let Some(t) = a.handshake_timeout {
                 l.handshake_timeout = t;
+            }
+            if let Some(t) = a.write_timeout {
+                l.write_timeout = t;
             }
             l
         },

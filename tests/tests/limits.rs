@@ -109,6 +109,38 @@ fn a_read_flood_keeps_rss_bounded_and_every_reply_is_right() {
 }
 
 #[test]
+fn a_client_that_does_not_take_its_replies_is_dropped_after_the_write_timeout() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 64 * MIB, 25)
+        .args(["--write-timeout", "1s"])
+        .start();
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    send_flood(&mut c);
+    std::thread::sleep(Duration::from_secs(4));
+    // What cdpd wrote before it gave up is there; then the stream ends.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    let ended = loop {
+        match c.sock.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got += n as u64,
+            Err(e) => break e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    let all = FLOOD * (16 + u64::from(BIG));
+    assert!(
+        ended && got < all,
+        "the connection was not dropped: {got} of {all} reply bytes, ended {ended}"
+    );
+    let (mut c2, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    assert_eq!(
+        c2.read(0, 4096).unwrap().unwrap(),
+        read_at(&d.image("vda"), 0, 4096)
+    );
+    d.assert_alive("after dropping a client that did not read");
+}
+
+#[test]
 fn sigterm_stops_cdpd_while_a_client_does_not_read_its_replies() {
     let mut d = Daemon::builder()
         .disk_random("vda", 64 * MIB, 22)
