@@ -56,7 +56,8 @@ pub struct HookArgs {
     pub args: Vec<String>,
 }
 
-fn virsh(connect: &str, args: &[&str]) -> Result<String> {
+/// `virsh -c CONNECT ARGS…`: its standard output, or its error.
+pub(crate) fn virsh(connect: &str, args: &[&str]) -> Result<String> {
     let out = Command::new("virsh")
         .arg("-c")
         .arg(connect)

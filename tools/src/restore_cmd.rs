@@ -42,8 +42,17 @@ pub struct RestoreArgs {
     #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
     pub format: String,
     /// Write the point back onto the VM's own disk (only ranges that differ). The VM must be stopped.
+    /// The disk is --target, else the disk's <source> in libvirt's definition of the VM.
     #[arg(long, conflicts_with = "output")]
     pub in_place: bool,
+    /// With --in-place: the file or block device to overwrite (never a symbolic link).
+    /// Default: the disk's <source> in libvirt's definition of the VM (`virsh dumpxml --inactive`);
+    /// never a path read from the repository or the catalog.
+    #[arg(long, requires = "in_place")]
+    pub target: Option<PathBuf>,
+    /// libvirt connection URI where --in-place finds the VM's definition.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
     /// Show the plan only.
     #[arg(long)]
     pub dry_run: bool,
@@ -96,7 +105,10 @@ pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
         let b = store.get(&o.key).await?;
         if let Ok(j) = serde_json::from_slice::<rf::VmJson>(&b) {
             if j.name == vm {
-                return Ok(j.uuid);
+                // The repository is not trusted: its uuid is a name, checked.
+                let u = cdp_core::names::check_uuid(&j.uuid)
+                    .with_context(|| format!("{} in {}", o.key, store.url()))?;
+                return Ok(u.hyphenated().to_string());
             }
         }
     }
@@ -177,6 +189,11 @@ async fn restore_leased(
         }
         let seq = restore::resolve(&h, Some(&store), &point).await?;
         let plan = restore::plan(&h, seq, &point)?;
+        let target = if a.in_place {
+            Some(in_place_target(a, &vm)?)
+        } else {
+            None
+        };
         let summary = serde_json::json!({
             "vm_uuid": vm,
             "disk": a.disk,
@@ -188,6 +205,7 @@ async fn restore_leased(
             "extents": plan.extents.len(),
             "journal_bytes": plan.extents.covered(),
             "size": plan.size,
+            "in_place_target": target.as_ref().map(|t| t.path.display().to_string()),
         });
         if a.dry_run {
             if ctx.json {
@@ -202,11 +220,14 @@ async fn restore_leased(
                 plan.extents.len(),
                 crate::status::human(plan.extents.covered())
             );
+            if let Some(t) = &target {
+                println!("would overwrite {} ({})", t.path.display(), t.named_by);
+            }
             return Ok(());
         }
         let started = std::time::Instant::now();
-        let stats = if a.in_place {
-            in_place(ctx, &store, &vm, &a.disk, &plan, &point).await?
+        let stats = if let Some(t) = &target {
+            in_place(ctx, &store, &vm, t, &plan, &point).await?
         } else {
             to_file(&store, &plan, a.output.as_deref().unwrap(), &a.format).await?
         };
@@ -221,8 +242,8 @@ async fn restore_leased(
             "restored {} of VM {vm} at {} to {} in {secs:.2} s ({} from {} journal records, {} chunks)",
             a.disk,
             describe_seq(&h, seq),
-            if a.in_place {
-                "its own disk".to_string()
+            if let Some(t) = &target {
+                t.path.display().to_string()
             } else {
                 a.output.as_ref().unwrap().display().to_string()
             },
@@ -386,11 +407,109 @@ async fn to_file(
     Ok(stats)
 }
 
+/// What `restore --in-place` overwrites, and who named it.
+struct InPlaceTarget {
+    path: PathBuf,
+    disk: String,
+    /// "--target" or "libvirt's definition of NAME".
+    named_by: String,
+}
+
+/// The file to overwrite: the operator's `--target`, else the disk's
+/// `<source>` in libvirt's definition of the VM. Never a path from the
+/// repository (`vm.json`) or the catalog: QEMU's user and whoever writes
+/// the repository control those (issue 11, "Trust boundaries").
+fn in_place_target(a: &RestoreArgs, vm: &str) -> Result<InPlaceTarget> {
+    if let Some(p) = &a.target {
+        return Ok(InPlaceTarget {
+            path: p.clone(),
+            disk: a.disk.clone(),
+            named_by: "--target".into(),
+        });
+    }
+    let xml = crate::protect_cmd::virsh(&a.connect, &["dumpxml", "--inactive", vm])
+        .with_context(|| {
+            format!(
+                "finding disk {} of VM {vm} in libvirt ({}): give the file to overwrite with --target PATH",
+                a.disk, a.connect
+            )
+        })?;
+    let dom = cdp_hooks::domain::parse(&xml)
+        .with_context(|| format!("libvirt's definition of VM {vm}"))?;
+    if cdp_core::names::check_uuid(&dom.uuid).ok() != cdp_core::names::check_uuid(vm).ok() {
+        bail!(
+            "libvirt answered with VM {} for {vm}: give the file to overwrite with --target PATH",
+            dom.uuid
+        );
+    }
+    let Some(source) = dom
+        .disks
+        .iter()
+        .find(|d| d.target == a.disk)
+        .and_then(|d| d.source.clone())
+    else {
+        bail!(
+            "libvirt's definition of {} ({vm}) has no disk {} with a local source: give the file to overwrite with --target PATH",
+            dom.name,
+            a.disk
+        );
+    };
+    let state = crate::protect_cmd::virsh(&a.connect, &["domstate", vm]).unwrap_or_default();
+    if matches!(state.trim(), "running" | "paused" | "in shutdown") {
+        bail!(
+            "VM {} is {} (libvirt): stop it before restoring in place",
+            dom.name,
+            state.trim()
+        );
+    }
+    Ok(InPlaceTarget {
+        path: source.into(),
+        disk: a.disk.clone(),
+        named_by: format!("libvirt's definition of {}", dom.name),
+    })
+}
+
+/// Open the in-place target read-write and locked, refusing a symbolic
+/// link (`O_NOFOLLOW`) and anything but a regular file or a block device
+/// (`fstat` of what was opened). The locked image must be that same file.
+fn open_target(path: &Path) -> Result<cdp_core::image::Image> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let f = match f {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{} is a symbolic link: restore --in-place never follows one; give the file it points to with --target",
+            path.display()
+        ),
+        r => r.with_context(|| format!("opening {}", path.display()))?,
+    };
+    let md = f.metadata()?;
+    if !md.file_type().is_file() && !md.file_type().is_block_device() {
+        bail!(
+            "{} is neither a regular file nor a block device: refusing to overwrite it",
+            path.display()
+        );
+    }
+    // Locked like QEMU and cdpd lock it: fails if anything has it open.
+    let img = cdp_core::image::open(path)?;
+    let locked = img.file.metadata()?;
+    if (locked.dev(), locked.ino()) != (md.dev(), md.ino()) {
+        bail!(
+            "{} changed while it was being opened: refusing to overwrite it",
+            path.display()
+        );
+    }
+    Ok(img)
+}
+
 async fn in_place(
     ctx: &Ctx,
     store: &Store,
     vm: &str,
-    disk: &str,
+    target: &InPlaceTarget,
     plan: &restore::Plan,
     point: &Point,
 ) -> Result<restore::RestoreStats> {
@@ -401,9 +520,8 @@ async fn in_place(
             ctl.display()
         );
     }
-    let path = disk_path(ctx, store, vm, disk).await?;
-    // Locked like QEMU and cdpd lock it: fails if anything has it open.
-    let img = cdp_core::image::open(&path)?;
+    let path = &target.path;
+    let img = open_target(path)?;
     if img.size != plan.size {
         bail!(
             "{} is {} bytes but the point is {} bytes: resize it first (qemu-img resize)",
@@ -412,6 +530,13 @@ async fn in_place(
             plan.size
         );
     }
+    eprintln!(
+        "overwriting {} ({} bytes, named by {}) with disk {} of VM {vm} at {point}",
+        path.display(),
+        img.size,
+        target.named_by,
+        target.disk
+    );
     let sink = Arc::new(restore::InPlace {
         file: img.file,
         changed: Default::default(),
@@ -435,7 +560,7 @@ async fn in_place(
         let (last, _) = cat.last_seq(vm)?;
         cat.add_gap(
             vm,
-            disk,
+            &target.disk,
             last + 1,
             now_ns(),
             &format!("disk restored in place to {point}: a new baseline is needed"),
@@ -446,23 +571,6 @@ async fn in_place(
         sink.changed.load(std::sync::atomic::Ordering::Relaxed)
     );
     Ok(stats)
-}
-
-/// The disk's path: from the host catalog, else the repository's vm.json.
-async fn disk_path(ctx: &Ctx, store: &Store, vm: &str, disk: &str) -> Result<PathBuf> {
-    if ctx.state().has_catalog() {
-        let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
-        if let Some((_, p, _)) = cat.disks(vm)?.into_iter().find(|(d, _, _)| d == disk) {
-            return Ok(p.into());
-        }
-    }
-    let b = store.get(&rf::vm_json_key(vm)).await?;
-    let j: rf::VmJson = serde_json::from_slice(&b)?;
-    j.disks
-        .into_iter()
-        .find(|d| d.name == disk)
-        .map(|d| PathBuf::from(d.source_path))
-        .with_context(|| format!("VM {vm} has no disk {disk}"))
 }
 
 pub fn points(ctx: &Ctx, a: &PointsArgs) -> Result<()> {

@@ -231,7 +231,9 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
         "--at",
         &format!("mark:{}", s.mark),
         "--in-place",
+        "--target",
     ])
+    .arg(d.image("vda"))
     .arg("--state-dir")
     .arg(&d.state_dir)
     .arg("--run-dir")
@@ -257,6 +259,8 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
             "--at",
             &format!("mark:{}", s.mark),
             "--in-place",
+            "--target",
+            d.image("vda").to_str().unwrap(),
         ],
     );
     qemu_img_compare(d.image("vda").as_os_str(), s.copy.as_os_str());
