@@ -620,14 +620,12 @@ pub fn decompress_bounded(key: &str, obj: &[u8], max: usize) -> Result<Vec<u8>, 
     let bomb = |what: String| {
         corrupt(
             key,
-            format!(
-                "{what}, more than the {max} bytes it may have: damaged, or a decompression bomb"
-            ),
+            format!("{what} the {max} bytes it may have: damaged, or a decompression bomb"),
         )
     };
     if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(obj) {
         if declared > max as u64 {
-            return Err(bomb(format!("declares {declared} bytes")));
+            return Err(bomb(format!("declares {declared} bytes, more than")));
         }
     }
     let dec = zstd::stream::read::Decoder::with_buffer(obj)
@@ -637,7 +635,7 @@ pub fn decompress_bounded(key: &str, obj: &[u8], max: usize) -> Result<Vec<u8>, 
         .read_to_end(&mut out)
         .map_err(|e| corrupt(key, format!("decompressing: {e}")))?;
     if out.len() > max {
-        return Err(bomb("decompresses to more".into()));
+        return Err(bomb("decompresses to more than".into()));
     }
     Ok(out)
 }

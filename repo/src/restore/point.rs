@@ -56,9 +56,13 @@ impl std::fmt::Display for Point {
 
 /// Resolve a point to a sequence number of this disk's history.
 pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u64, RestoreError> {
-    let last = h
-        .last_entry()
-        .ok_or_else(|| impossible(h, p, "the disk has no journal records".into()))?;
+    let last = h.last_entry().ok_or_else(|| {
+        let why = format!(
+            "the disk has no journal records{}",
+            super::history::with_damage(h, 0, u64::MAX)
+        );
+        impossible(h, p, why)
+    })?;
     match p {
         Point::Seq(n) => Ok(*n),
         Point::Latest => unambiguous(h, p, last.seq),
