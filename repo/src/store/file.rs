@@ -8,7 +8,7 @@
 //! directory fd with `O_NOFOLLOW` (`openat`, `renameat`, `unlinkat`,
 //! `mkdirat`), a symbolic link anywhere below the root is refused (never
 //! followed), and ownership is handed over with `fchown` on an open fd
-//! (docs/DESIGN.md, "Trust boundaries"; issue 11, items 2 and 3).
+//! (docs/DESIGN.md, "Repository"; issue 11, items 2 and 3).
 
 use std::io;
 use std::ops::Range;
