@@ -464,7 +464,7 @@ fn accept_loop(
     conns: &Arc<ConnSet>,
     lim: &Limits,
 ) {
-    let socket = format!("{}.sock", disk.name);
+    let socket = format!("disk {}'s NBD socket", disk.name);
     for stream in l.incoming() {
         if vm.stopping.load(Ordering::Acquire) {
             return;

@@ -66,25 +66,27 @@ pub fn check_peer(s: &UnixStream) -> Result<(), Refused> {
     }
 }
 
-/// When each refused peer was last logged: once a minute per uid at most.
-static LOGGED: Mutex<Vec<(Refused, Instant)>> = Mutex::new(Vec::new());
+/// When each refused peer was last logged, per socket: once a minute per
+/// uid and socket at most.
+static LOGGED: Mutex<Vec<(String, Refused, Instant)>> = Mutex::new(Vec::new());
 const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// Log a refused peer, unless it was logged within the last minute.
+/// Log a refused peer of `socket` (a description), unless it was logged
+/// within the last minute.
 pub fn log_refused(socket: &str, who: Refused) {
     let now = Instant::now();
     {
         let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
-        logged.retain(|(_, t)| now.duration_since(*t) < LOG_EVERY);
-        if logged.iter().any(|(r, _)| *r == who) {
+        logged.retain(|(_, _, t)| now.duration_since(*t) < LOG_EVERY);
+        if logged.iter().any(|(s, r, _)| *r == who && s == socket) {
             return;
         }
-        logged.push((who, now));
+        logged.push((socket.to_string(), who, now));
     }
     match who {
         Refused::Uid(uid) => eprintln!(
             "cdpd: refused a connection to {socket} from uid {uid}: only cdpd's own uid ({}) and root may connect \
-             (logged once a minute per uid)",
+             (logged once a minute per uid and socket)",
             nix::unistd::geteuid()
         ),
         Refused::Unknown => {

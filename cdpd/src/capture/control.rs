@@ -167,7 +167,7 @@ impl Vm {
                 continue;
             };
             if let Err(who) = limits::check_peer(&stream) {
-                limits::log_refused("control.sock", who);
+                limits::log_refused("the control socket", who);
                 continue;
             }
             let Some(id) = clients.admit(&stream) else {
