@@ -362,6 +362,45 @@ fn a_client_silent_in_the_handshake_is_dropped() {
 }
 
 #[test]
+fn a_client_trickling_its_handshake_is_dropped_at_the_handshake_deadline() {
+    let mut d = Daemon::builder()
+        .disk("vda", 16 * MIB)
+        .args(["--handshake-timeout", "1s"])
+        .start();
+    let mut s = UnixStream::connect(d.socket("vda")).unwrap();
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    // Client flags, then NBD_OPT_GO "vda": one byte every 250 ms, each
+    // well within the timeout, the whole (29 bytes, 7 s) far beyond it.
+    let mut bytes = (FLAG_FIXED_NEWSTYLE as u32 | 2).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    bytes.extend_from_slice(&OPT_GO.to_be_bytes());
+    bytes.extend_from_slice(&9u32.to_be_bytes());
+    bytes.extend_from_slice(b"\0\0\0\x03vda\0\0");
+    let mut dropped_after = None;
+    for b in bytes {
+        std::thread::sleep(Duration::from_millis(250));
+        if s.write_all(&[b]).is_err() {
+            dropped_after = Some(t.elapsed());
+            break;
+        }
+    }
+    let dropped_after = dropped_after.unwrap_or_else(|| {
+        d.fail(&format!(
+            "cdpd still took handshake bytes {:?} after the connection (handshake timeout 1 s)",
+            t.elapsed()
+        ))
+    });
+    assert!(
+        dropped_after < Duration::from_secs(4),
+        "dropped only after {dropped_after:?}"
+    );
+    d.assert_alive("after a trickling client");
+}
+
+#[test]
 fn the_control_socket_answers_while_another_client_is_silent() {
     let d = Daemon::builder().disk("vda", 16 * MIB).start();
     let ctl = d.run_dir.join(&d.vm_uuid).join("control.sock");

@@ -114,17 +114,21 @@ fn export_flags() -> u16 {
 }
 
 /// Serve one client until it disconnects. Errors end this connection only.
-/// Each read of the handshake waits at most `limits.handshake_timeout`,
-/// each reply write at most `limits.write_timeout`.
+/// The whole handshake must be done within `limits.handshake_timeout` (a
+/// client trickling bytes does not extend it); each reply write may wait at
+/// most `limits.write_timeout`.
 pub fn serve(
     vm: &Vm,
     disk: &Disk,
     mut stream: UnixStream,
     limits: &crate::limits::Limits,
 ) -> Result<(), ConnError> {
-    stream.set_read_timeout(Some(limits.handshake_timeout))?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
-    if !handshake(disk, &mut stream)? {
+    let mut within = Deadline {
+        stream: &mut stream,
+        at: std::time::Instant::now() + limits.handshake_timeout,
+    };
+    if !handshake(disk, &mut within)? {
         return Ok(());
     }
     // A guest may stay idle for as long as it likes.
@@ -160,8 +164,34 @@ where
     t.run()
 }
 
+/// A stream whose reads fail with `TimedOut` once `at` has passed.
+struct Deadline<'a> {
+    stream: &'a mut UnixStream,
+    at: std::time::Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.at.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// Negotiate options. Returns true when the client entered transmission.
-fn handshake(disk: &Disk, s: &mut UnixStream) -> Result<bool, ConnError> {
+fn handshake<S: Read + Write>(disk: &Disk, s: &mut S) -> Result<bool, ConnError> {
     let info = ExportInfo {
         size: disk.size,
         flags: export_flags(),
