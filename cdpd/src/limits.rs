@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +38,51 @@ impl Default for Limits {
             max_control_clients: 8,
             control_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// READ reply bytes built or being written at once, every connection of
+/// every disk together (at least one READ, of up to 32 MiB, always proceeds).
+pub const REPLY_BUDGET: u64 = 64 << 20;
+
+/// A bound on bytes held at once by many threads: taken before a batch's
+/// READ replies are built, given back once they are written. Lock-free; a
+/// taker waits (sleeping) while the bytes do not fit.
+pub struct ReplyBudget {
+    max: u64,
+    used: AtomicU64,
+}
+
+impl ReplyBudget {
+    pub const fn new(max: u64) -> ReplyBudget {
+        ReplyBudget {
+            max,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Take `n` bytes, waiting until they fit; when nothing is taken, any
+    /// `n` fits.
+    pub fn take(&self, n: u64) {
+        loop {
+            let cur = self.used.load(Ordering::Acquire);
+            if cur == 0 || cur + n <= self.max {
+                if self
+                    .used
+                    .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Give back `n` bytes taken before.
+    pub fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -214,6 +260,24 @@ mod tests {
         ConnSet::close_all(std::slice::from_ref(&set), Duration::from_millis(100));
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         set.leave(id);
+    }
+
+    #[test]
+    fn the_reply_budget_lets_one_big_taker_through_and_bounds_the_rest() {
+        let b = std::sync::Arc::new(ReplyBudget::new(10));
+        b.take(25); // more than the budget, but nothing else is taken
+        let b2 = b.clone();
+        let waiter = std::thread::spawn(move || {
+            b2.take(5);
+            b2.give(5);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "took bytes beyond the budget");
+        b.give(25);
+        waiter.join().unwrap();
+        b.take(4);
+        b.take(6);
+        b.give(10);
     }
 
     #[test]

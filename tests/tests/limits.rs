@@ -109,6 +109,42 @@ fn a_read_flood_keeps_rss_bounded_and_every_reply_is_right() {
 }
 
 #[test]
+fn a_read_flood_on_every_connection_keeps_rss_bounded() {
+    let mut d = Daemon::builder().disk_random("vda", 64 * MIB, 26).start();
+    let before = proc_status_kb(d.pid(), "VmHWM");
+    // As many connections as cdpd serves, each asking for 1.5 GiB.
+    let mut clients: Vec<Client> = (0..MAX_CONNS)
+        .map(|_| Client::open(&d.socket("vda"), "vda").unwrap().0)
+        .collect();
+    for c in &mut clients {
+        send_flood(c);
+    }
+    let during = watch_rss(&mut d, Duration::from_secs(5));
+    eprintln!(
+        "cdpd VmHWM: {} MiB before, {} MiB after 5 s of {MAX_CONNS} floods unread",
+        before / 1024,
+        during / 1024
+    );
+    // The clients go away without reading: cdpd serves the next one.
+    drop(clients);
+    let t = Instant::now();
+    let mut c = loop {
+        match Client::open(&d.socket("vda"), "vda") {
+            Ok((c, _)) => break c,
+            Err(e) if t.elapsed() > Duration::from_secs(20) => {
+                d.fail(&format!("not served after the floods ended: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    assert_eq!(
+        c.read(0, 4096).unwrap().unwrap(),
+        read_at(&d.image("vda"), 0, 4096)
+    );
+    watch_rss(&mut d, Duration::ZERO);
+}
+
+#[test]
 fn a_client_that_does_not_take_its_replies_is_dropped_after_the_write_timeout() {
     let mut d = Daemon::builder()
         .disk_random("vda", 64 * MIB, 25)

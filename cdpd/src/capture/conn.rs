@@ -10,10 +10,12 @@
 //! [`SyncWaiter`] and writes those replies, after the batch's others.
 //!
 //! Memory is bounded whatever the client sends: a batch holds at most
-//! [`READ_BATCH_BYTES`] of READ data (or one READ, when larger), and the
-//! connection reads no new requests while its replies are unwritten (each
-//! batch's reply is written before the next read). A client that leaves
-//! its replies unread past the write timeout is dropped.
+//! [`READ_BATCH_BYTES`] of READ data (or one READ, when larger), all
+//! connections together at most [`crate::limits::REPLY_BUDGET`] (taken per
+//! batch, not per request), and a connection reads no new requests while
+//! its replies are unwritten (each batch's reply is written before the next
+//! read). A client that leaves its replies unread past the write timeout is
+//! dropped.
 //!
 //! [`transmit`] is generic over the stream's two halves so that the whole
 //! pipeline runs in unit tests over a socket pair.
@@ -37,10 +39,11 @@ const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;
 
 /// READ bytes answered in one batch, so held in its reply at once (a
 /// single larger READ is a batch of its own; none exceeds MAX_PAYLOAD).
-pub const READ_BATCH_BYTES: u64 = 8 << 20;
+pub const READ_BATCH_BYTES: u64 = 4 << 20;
 
-/// A reply buffer grown past this (by a READ larger than a batch) is given
-/// back after it; up to it, it is kept, so that steady reads allocate nothing.
+/// The reply buffer's capacity (not touched until used): a batch's reply
+/// fits, so steady reads allocate nothing; grown past it (by a READ larger
+/// than a batch), it is given back after that batch.
 const REPLY_KEEP: usize = READ_BATCH_BYTES as usize + (1 << 20);
 
 #[derive(Debug, Error)]
@@ -157,8 +160,9 @@ where
         start: 0,
         end: 0,
         held_back: false,
+        read_bytes: 0,
         batch: Batch::with_capacity(256),
-        reply: Vec::with_capacity(1 << 20),
+        reply: Vec::with_capacity(REPLY_KEEP),
         sync_cookies: Vec::new(),
     };
     t.run()
@@ -212,6 +216,8 @@ struct Transmission<'a, R, W> {
     /// The last parse left complete requests in the buffer (the batch was
     /// full of READ data): answer them before reading more.
     held_back: bool,
+    /// READ bytes of the batch: what its reply takes of the reply budget.
+    read_bytes: u64,
     batch: Batch,
     reply: Vec<u8>,
     /// Handles of the batch's requests that wait for the sync thread.
@@ -297,6 +303,7 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
             }
         }
         self.start = pos;
+        self.read_bytes = read_bytes;
         close
     }
 
@@ -332,6 +339,10 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
         self.disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
         self.vm
             .journal_and_apply(self.disk, &mut self.batch, &self.buf);
+        let budget = &self.vm.reply_budget;
+        if self.read_bytes > 0 {
+            budget.take(self.read_bytes);
+        }
         let replied = self.answer();
         self.disk
             .stats
@@ -340,6 +351,9 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
         self.replier.send(&self.reply);
         if self.reply.capacity() > REPLY_KEEP {
             self.reply = Vec::with_capacity(REPLY_KEEP);
+        }
+        if self.read_bytes > 0 {
+            budget.give(self.read_bytes);
         }
         self.defer_durable();
     }

@@ -134,6 +134,8 @@ pub struct Vm {
     clock: Mutex<Clock>,
     pub stopping: AtomicBool,
     sealer_wake: (Mutex<bool>, Condvar),
+    /// READ reply bytes held by all connections at once.
+    pub reply_budget: crate::limits::ReplyBudget,
 }
 
 impl Disk {
@@ -502,6 +504,7 @@ impl Vm {
             }),
             stopping: AtomicBool::new(false),
             sealer_wake: (Mutex::new(false), Condvar::new()),
+            reply_budget: crate::limits::ReplyBudget::new(crate::limits::REPLY_BUDGET),
         });
         (vm, rxs)
     }
