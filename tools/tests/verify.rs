@@ -49,8 +49,15 @@ fn snapshot(d: &Daemon, cfg: &Path, i: u64) -> Snap {
     let copy = d.work_dir().join(format!("ref-{i}.img"));
     std::fs::copy(d.image("vda"), &copy).unwrap();
     let time = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
-    // Let the segment age out, so that each phase has segments of its own.
-    std::thread::sleep(std::time::Duration::from_millis(120));
+    // Each phase has segments of its own: wait until the sealer (segment age
+    // 30 ms) has sealed everything, the mark included.
+    cdp_tests::guest::wait_until("every record of the phase sealed", 60, || {
+        d.status_json()["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["open_segment_records"] == 0 && k["segments_waiting_seal"] == 0)
+    });
     Snap {
         name,
         seq,
