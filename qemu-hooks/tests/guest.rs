@@ -146,6 +146,8 @@ fn prime(vm: &Vm) {
         .arg("--config")
         .arg(&vm.cfg)
         .args(["--ready-fd", &wfd.to_string()]);
+    // SAFETY: between fork and exec the closure only calls fcntl (async-signal-safe) to
+    // clear FD_CLOEXEC on the pipe's write end, so cdpd inherits exactly that descriptor.
     unsafe {
         c.pre_exec(move || {
             libc::fcntl(wfd, libc::F_SETFD, 0);

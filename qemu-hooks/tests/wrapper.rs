@@ -243,6 +243,8 @@ fn children_do_not_inherit_qemus_descriptors() {
             r#"{{"driver":"file","filename":"{}","node-name":"n"}}"#,
             disk.display()
         ));
+    // SAFETY: between fork and exec the closure only calls dup2 (async-signal-safe) on a
+    // descriptor this process owns, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(pfd, 9) < 0 {
