@@ -503,24 +503,28 @@ fn change_at(tid: libc::pid_t, repo: &Path) -> Option<Change> {
     }
     // SAFETY: op is PTRACE_SYSCALL_INFO_ENTRY, so the kernel filled the `entry` member.
     let e = unsafe { info.u.entry };
-    // The path that disappears (unlink) or appears (rename's target).
-    let (delete, path) = match e.nr as libc::c_long {
-        libc::SYS_unlinkat => (true, e.args[1]),
-        libc::SYS_renameat2 => (false, e.args[3]),
+    // The path that disappears (unlink) or appears (rename's target), and
+    // the directory fd a relative one is resolved from (the file backend
+    // works relative to directory fds).
+    let (delete, dirfd, path) = match e.nr as libc::c_long {
+        libc::SYS_unlinkat => (true, Some(e.args[0]), e.args[1]),
+        libc::SYS_renameat2 => (false, Some(e.args[2]), e.args[3]),
         #[cfg(target_arch = "x86_64")]
-        libc::SYS_unlink => (true, e.args[0]),
+        libc::SYS_unlink => (true, None, e.args[0]),
         #[cfg(target_arch = "x86_64")]
-        libc::SYS_rename => (false, e.args[1]),
+        libc::SYS_rename => (false, None, e.args[1]),
         #[cfg(target_arch = "x86_64")]
-        libc::SYS_renameat => (false, e.args[3]),
+        libc::SYS_renameat => (false, Some(e.args[2]), e.args[3]),
         _ => return None,
     };
     let path = read_c_string(tid, path)?;
-    let key = Path::new(std::ffi::OsStr::from_bytes(&path))
-        .strip_prefix(repo)
-        .ok()?
-        .to_str()?
-        .to_string();
+    let mut path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&path));
+    if let Some(fd) = dirfd.filter(|fd| path.is_relative() && *fd as i32 != libc::AT_FDCWD) {
+        path = std::fs::read_link(format!("/proc/{tid}/fd/{}", fd as i32))
+            .ok()?
+            .join(path);
+    }
+    let key = path.strip_prefix(repo).ok()?.to_str()?.to_string();
     // The staging directory is not the repository.
     (!key.starts_with(".cdp-staging")).then_some(Change { delete, key })
 }
