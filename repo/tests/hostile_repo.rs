@@ -138,14 +138,13 @@ fn a_cdp_staging_symlink_makes_root_delete_nothing_where_it_points() {
     let store = Store::open(&s.url(), None).unwrap();
     // What cdp-agent (root) runs on every target before shipping or marking
     // it failing, and what root's put goes through.
-    let e = rt().block_on(store.check()).unwrap_err().to_string();
-    assert!(e.contains(".cdp-staging is a symbolic link"), "{e}");
-    let e = rt()
-        .block_on(store.put("cdp/v1/FORMAT", Bytes::from_static(b"x")))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("symbolic link"), "{e}");
+    let checked = rt().block_on(store.check());
+    let put = rt().block_on(store.put("cdp/v1/FORMAT", Bytes::from_static(b"x")));
     s.assert_victim_intact();
+    let e = checked.unwrap_err().to_string();
+    assert!(e.contains(".cdp-staging is a symbolic link"), "{e}");
+    let e = put.unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
     // Left alone, for the operator to see.
     let link = std::fs::symlink_metadata(s.repo.join(".cdp-staging")).unwrap();
     assert!(link.file_type().is_symlink());
@@ -181,17 +180,15 @@ fn root_never_writes_reads_or_deletes_through_a_symlink_in_the_repository() {
     let rt = rt();
     // A key's parent directory is a symlink to the victim directory.
     s.attacker("ln", &["-s", s.victim.to_str().unwrap(), "cdp"]);
-    let e = rt
-        .block_on(store.put("cdp/disk0.img", Bytes::from_static(b"overwritten")))
-        .unwrap_err()
-        .to_string();
+    let put = rt.block_on(store.put("cdp/disk0.img", Bytes::from_static(b"overwritten")));
+    let got = rt.block_on(store.get("cdp/disk1.img"));
+    let deleted = rt.block_on(store.delete("cdp/disk2.img"));
+    s.assert_victim_intact();
+    let e = put.unwrap_err().to_string();
     assert!(e.contains("symbolic link"), "{e}");
-    let e = rt
-        .block_on(store.get("cdp/disk1.img"))
-        .unwrap_err()
-        .to_string();
+    let e = got.unwrap_err().to_string();
     assert!(e.contains("symbolic link"), "{e}");
-    rt.block_on(store.delete("cdp/disk2.img")).unwrap_err();
+    deleted.unwrap_err();
     // The key itself is a symlink to a victim file.
     std::fs::create_dir(s.repo.join("k")).unwrap();
     std::os::unix::fs::chown(s.repo.join("k"), Some(ATTACKER), Some(ATTACKER)).unwrap();
