@@ -458,7 +458,14 @@ fn verify_reports_damage_and_restore_never_yields_a_wrong_image() {
     let p = problem(&v, &key);
     assert_eq!(p["kind"], "corrupt");
     assert_costs(&f, p, &[3, 4, 5]);
-    assert_refused(&f.restore_all(&r), &[3, 4, 5], &ALL, true);
+    // Its index is intact, so it still says which of its records are marks. Only a mark
+    // record inside the corrupt data may hide a newer mark of the same label (then every
+    // older mark is refused too). Whether phase 3's mark landed in p3 or in a segment of
+    // its own depends on when the sealer (30 ms age) cut the segment, which varies with
+    // the machine's load: expect what the layout implies.
+    let mark_in_p3 = p3.1 >= f.snaps[3].seq;
+    let mark_bad: &[usize] = if mark_in_p3 { &ALL } else { &[3, 4, 5] };
+    assert_refused(&f.restore_all(&r), &[3, 4, 5], mark_bad, true);
 
     // A segment object deleted in the middle of the chain.
     let r = f.copy("rm-seg");
