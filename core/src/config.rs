@@ -16,6 +16,9 @@ pub const CONFIG_ENV: &str = "CDP_CONFIG";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cdp";
 pub const DEFAULT_RUN_DIR: &str = "/run/cdp";
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
+/// The largest `segment_size`: a repository refuses segments of more than 4 GiB
+/// (docs/REPOSITORY_FORMAT.md, "Limits").
+pub const MAX_SEGMENT_SIZE: u64 = 4 << 30;
 pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
@@ -326,6 +329,13 @@ impl Config {
         };
         s.segment_size = p.segment_size.unwrap_or(s.segment_size);
         s.segment_age = p.segment_age.unwrap_or(s.segment_age);
+        if s.segment_size == 0 || s.segment_size > MAX_SEGMENT_SIZE {
+            return Err(self.invalid(format!(
+                "policy.{policy}.segment_size = {} bytes: use more than 0 and at most 4GiB \
+                 (a repository refuses larger segments)",
+                s.segment_size
+            )));
+        }
         Ok(s)
     }
 }
@@ -480,6 +490,25 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
             Config::parse("[policy.default.retention]\nany_point = \"1h\"\nhourly = \"1d\"\n")
                 .is_err()
         );
+    }
+
+    /// A segment larger than a repository accepts (or empty) is refused at validation.
+    #[test]
+    fn segment_size_is_bounded_by_what_a_repository_accepts() {
+        for (size, ok) in [
+            ("4GiB", true),
+            ("5GiB", false),
+            ("0", false),
+            ("1MiB", true),
+        ] {
+            let c =
+                Config::parse(&format!("[policy.default]\nsegment_size = \"{size}\"\n")).unwrap();
+            let r = c.validate();
+            assert_eq!(r.is_ok(), ok, "{size}: {r:?}");
+            if !ok {
+                assert!(r.unwrap_err().to_string().contains("at most 4GiB"));
+            }
+        }
     }
 
     /// A bad duration or size fails at parse, naming the key and the value.
