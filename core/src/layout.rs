@@ -105,22 +105,7 @@ impl VmStateDir {
 
     /// The disks that have a journal directory, sorted.
     pub fn journal_disks(&self) -> io::Result<Vec<String>> {
-        let rd = match std::fs::read_dir(&self.0) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent?;
-            if ent.path().join(JOURNAL).is_dir() {
-                if let Some(n) = ent.file_name().to_str() {
-                    out.push(n.to_string());
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        entries_holding(&self.0, JOURNAL)
     }
 }
 
@@ -146,23 +131,29 @@ impl RunDir {
     /// The VMs whose cdpd has a control socket here (running or left
     /// behind by a killed one), sorted by uuid.
     pub fn vms_with_control_socket(&self) -> io::Result<Vec<String>> {
-        let rd = match std::fs::read_dir(&self.0) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent?;
-            if ent.path().join(CONTROL_SOCKET).exists() {
-                if let Some(n) = ent.file_name().to_str() {
-                    out.push(n.to_string());
-                }
+        entries_holding(&self.0, CONTROL_SOCKET)
+    }
+}
+
+/// The names of the entries of `dir` that hold `name`, sorted; none when
+/// `dir` does not exist. Listing only: nothing is opened.
+fn entries_holding(dir: &Path, name: &str) -> io::Result<Vec<String>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent?;
+        if ent.path().join(name).exists() {
+            if let Some(n) = ent.file_name().to_str() {
+                out.push(n.to_string());
             }
         }
-        out.sort();
-        Ok(out)
     }
+    out.sort();
+    Ok(out)
 }
 
 impl VmRunDir {

@@ -7,7 +7,7 @@ use cdp_core::layout::StateDir;
 use cdp_core::time::now_ns;
 use cdp_repo::read;
 use cdp_repo::store::Store;
-use cdp_tests::fixture::qemu_io;
+use cdp_tests::fixture::{qemu_io, shipper_once_cmd};
 use cdp_tests::{bin, run, Daemon};
 
 const MIB: u64 = 1 << 20;
@@ -34,14 +34,7 @@ fn config(dir: &Path, targets: &[(&str, &Path, Option<&str>)]) -> PathBuf {
 }
 
 fn shipper_once(d: &Daemon, cfg: &Path) -> Output {
-    run(Command::new(bin("cdp-shipper"))
-        .args(["run", "--once", "--vm-uuid", &d.vm_uuid])
-        .arg("--state-dir")
-        .arg(&d.state_dir)
-        .arg("--run-dir")
-        .arg(&d.run_dir)
-        .arg("--config")
-        .arg(cfg))
+    run(&mut shipper_once_cmd(d, cfg))
 }
 
 fn shipper_ok(d: &Daemon, cfg: &Path) -> serde_json::Value {

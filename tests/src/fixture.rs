@@ -48,6 +48,19 @@ pub fn cdpctl_out(d: &Daemon, cfg: &Path, args: &[&str]) -> Output {
     run(&mut cdpctl_cmd(d, cfg, args))
 }
 
+/// The command: `cdp-shipper run --once` with this daemon's directories and `cfg`.
+pub fn shipper_once_cmd(d: &Daemon, cfg: &Path) -> Command {
+    let mut c = Command::new(bin("cdp-shipper"));
+    c.args(["run", "--once", "--vm-uuid", &d.vm_uuid])
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .arg("--run-dir")
+        .arg(&d.run_dir)
+        .arg("--config")
+        .arg(cfg);
+    c
+}
+
 /// [`cdpctl_out`] that must succeed; its stdout.
 pub fn cdpctl(d: &Daemon, cfg: &Path, args: &[&str]) -> String {
     let out = cdpctl_out(d, cfg, args);

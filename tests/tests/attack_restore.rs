@@ -13,8 +13,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cdp_tests::fixture::{cdpctl, cdpctl_cmd, config, phase, qemu_io};
-use cdp_tests::{assert_files_equal, bin, run, run_ok, Daemon};
+use cdp_tests::fixture::{cdpctl, cdpctl_cmd, config, phase, qemu_io, shipper_once_cmd};
+use cdp_tests::{assert_files_equal, run, run_ok, Daemon};
 
 const MIB: u64 = 1 << 20;
 const QEMU_UID: u32 = 64055;
@@ -88,16 +88,7 @@ impl Host {
         cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
         qemu_io(&d, "vda", &phase(1));
         d.term();
-        run_ok(
-            Command::new(bin("cdp-shipper"))
-                .args(["run", "--once", "--vm-uuid", &d.vm_uuid])
-                .arg("--state-dir")
-                .arg(&d.state_dir)
-                .arg("--run-dir")
-                .arg(&d.run_dir)
-                .arg("--config")
-                .arg(&cfg),
-        );
+        run_ok(&mut shipper_once_cmd(&d, &cfg));
         let reference = d.work_dir().join("reference.img");
         fs::copy(d.image("vda"), &reference).unwrap();
         // The disk drifts from the point: a restore onto it changes it.
