@@ -3,23 +3,30 @@
 //!
 //! - `prepare begin` and `start begin`: validate the CDP keys against the
 //!   config (a bad key fails the start here, with the reason, before any
-//!   resource is touched); create the state and run directories owned by
-//!   the user QEMU runs as; leave the definition where cdp-qemu (which runs
-//!   as that user and cannot read libvirt's own status files) finds it:
-//!   `<run-dir>/<uuid>/domain.xml`.
+//!   resource is touched); create `<state>`, `<state>/vms` and `<run>`
+//!   owned by root, mode 0755 (never handed to a VM's user: older versions
+//!   did, and such a directory is given back to root), and the VM's own
+//!   `<state>/vms/<uuid>` and `<run>/<uuid>` owned by the user its QEMU runs
+//!   as, mode 0700 (one owned by another non-root user is refused, never
+//!   re-owned); leave the definition where cdp-qemu (which runs as that user
+//!   and cannot read libvirt's own status files) finds it:
+//!   `<run-dir>/<uuid>/domain.xml`. Under libvirt's AppArmor driver, write
+//!   the VM's own AppArmor rules and make its profile include them
+//!   ([`apparmor`]; docs/DESIGN.md, "libvirt integration").
 //! - Everything below the state and run directories is reached through
 //!   directory descriptors (`cdp_core::fsat`): QEMU's user owns those trees,
 //!   so nothing there is opened by path, no link is followed, and nothing is
 //!   chowned or chmodded by path (issue 11, "Trust boundaries"). A link
 //!   found where cdp expects a file is left alone and reported.
 //! - `release end`: hand the VM's leftover journal to cdp-agent (a datagram;
-//!   the agent also finds it on its own scan) and remove the definition.
+//!   the agent also finds it on its own scan), remove the definition and the
+//!   VM's AppArmor rules.
 //!
 //! A VM without CDP keys is never blocked: the hook returns as soon as it
 //! sees there are none, before reading the config, and any error about a
 //! VM that is not protected is swallowed.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -46,6 +53,20 @@ pub enum HookError {
     NoUser { user: String },
     #[error(transparent)]
     Fs(#[from] FsatError),
+    #[error(
+        "{path} is owned by uid {found}, not by uid {owner} that this VM's QEMU runs as: cdp never \
+         re-owns another user's tree. If the VM's QEMU user changed, check what is in it and \
+         `chown -R {owner} {path}`; if it is another VM's or stale, move it away; then start the VM again"
+    )]
+    ForeignOwner {
+        path: PathBuf,
+        found: u32,
+        owner: u32,
+    },
+    #[error("{path}: AppArmor cannot name this path literally (a quote, `@{{`, a control character, or not absolute): use another directory")]
+    AppArmorPath { path: PathBuf },
+    #[error("{path}: not libvirt's AppArmor template (no `profile LIBVIRT_TEMPLATE ... }}`): cannot give the VM its AppArmor rules")]
+    AppArmorTemplate { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -127,31 +148,58 @@ fn name_of(p: &Path) -> Result<&OsStr, HookError> {
     })
 }
 
+/// A directory every VM shares (`<state>`, `<state>/vms`, `<run>`): the
+/// entry `name` of `parent`, created when missing, opened without following
+/// a link, and made root's, mode 0755, through its descriptor. Older
+/// versions handed these to QEMU's user: such a directory is re-owned, and
+/// the hook says so on stderr.
+fn shared_dir(parent: &DirFd, name: &OsStr) -> Result<DirFd, HookError> {
+    parent.mkdir_at(name, 0o755)?;
+    let d = parent.open_at(name)?;
+    let was = d.owner()?;
+    if was != (0, 0) {
+        d.chown((0, 0))?;
+        eprintln!(
+            "cdp hook: {} was owned by {}:{} (given to QEMU's user by an older cdpd): now root's, mode 0755",
+            d.path().display(),
+            was.0,
+            was.1
+        );
+    }
+    d.chmod(0o755)?;
+    Ok(d)
+}
+
 /// The configured directory `path` (state or run): its parent is the
-/// operator's and is created as a path; `path` itself is created with
-/// `mkdirat`, opened without following a link, and given to `owner` and
-/// `mode` through the opened descriptor.
-fn config_dir(path: &Path, owner: (u32, u32), mode: u32) -> Result<DirFd, HookError> {
+/// operator's and is created as a path; `path` itself is a [`shared_dir`].
+fn config_dir(path: &Path) -> Result<DirFd, HookError> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let p = DirFd::open(parent)?;
-    let name = name_of(path)?;
-    p.mkdir_at(name, mode)?;
-    let d = p.open_at(name)?;
-    d.chown(owner)?;
-    d.chmod(mode)?;
-    Ok(d)
+    shared_dir(&DirFd::open(parent)?, name_of(path)?)
 }
 
-/// The subdirectory `name` of `parent`, created when missing, opened
-/// without following a link and given to `owner` through its descriptor.
-fn sub_dir(parent: &DirFd, name: &OsStr, owner: (u32, u32), mode: u32) -> Result<DirFd, HookError> {
-    parent.mkdir_at(name, mode)?;
+/// One VM's directory (`<state>/vms/<uuid>`, `<run>/<uuid>`): the entry
+/// `name` of a root-owned `parent`, created when missing, opened without
+/// following a link, given to `owner` with mode 0700 through its
+/// descriptor. One that exists is taken over only from root (an older
+/// version, or root's own work); one owned by any other user is refused:
+/// another uid's tree is never re-owned.
+fn vm_dir(parent: &DirFd, name: &OsStr, owner: (u32, u32)) -> Result<DirFd, HookError> {
+    parent.mkdir_at(name, 0o700)?;
     let d = parent.open_at(name)?;
+    let found = d.owner()?.0;
+    if found != owner.0 && found != 0 {
+        return Err(HookError::ForeignOwner {
+            path: d.path().to_path_buf(),
+            found,
+            owner: owner.0,
+        });
+    }
     d.chown(owner)?;
+    d.chmod(0o700)?;
     Ok(d)
 }
 
@@ -279,6 +327,7 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
         Phase::Release => {
             let agent_notified = cdp_core::notify::notify_agent(run_dir.path(), &uuid).is_ok();
             remove_definition(&run_dir, &uuid)?;
+            apparmor::remove_vm(&apparmor::dir(), &uuid)?;
             Ok(Outcome::Released {
                 uuid,
                 agent_notified,
@@ -287,15 +336,9 @@ pub fn run(args: &[String], xml: &str, config: Option<&Path>) -> Result<Outcome,
     }
 }
 
-/// `path` with `suffix` appended to its file name (SQLite's `-wal`, `-shm`).
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut p = OsString::from(path);
-    p.push(suffix);
-    p.into()
-}
-
 /// `prepare begin` / `start begin`: check the keys, make the directories
-/// QEMU's user writes, leave the definition for cdp-qemu.
+/// QEMU's user writes, leave the definition for cdp-qemu, and, under
+/// libvirt's AppArmor driver, the VM's own AppArmor rules.
 fn prepare(
     c: &Config,
     vm: &str,
@@ -314,41 +357,31 @@ fn prepare(
     let state = StateDir::new(c.state_dir(None));
     let run = RunDir::new(c.run_dir(None));
     let mut left_alone = Vec::new();
-    let state_fd = config_dir(state.path(), owner, 0o750)?;
-    let vms = sub_dir(&state_fd, name_of(&state.vms())?, owner, 0o750)?;
-    let vm_state = sub_dir(&vms, name_of(state.vm(uuid).path())?, owner, 0o750)?;
+    let state_fd = config_dir(state.path())?;
+    let vms = shared_dir(&state_fd, name_of(&state.vms())?)?;
+    let vm_state = vm_dir(&vms, name_of(state.vm(uuid).path())?, owner)?;
     own_tree(&vm_state, owner, 0, &mut left_alone)?;
-    let catalog = state.catalog();
-    let wal = with_suffix(&catalog, "-wal");
-    let shm = with_suffix(&catalog, "-shm");
-    for p in [catalog, wal, shm] {
-        match state_fd.own_entry(name_of(&p)?, owner) {
-            Ok(()) => {}
-            Err(
-                FsatError::Symlink { .. }
-                | FsatError::HardLinked { .. }
-                | FsatError::NotAFile { .. },
-            ) => left_alone.push(p),
-            Err(e) => return Err(e.into()),
-        }
-    }
     // A file:// target the shipper (QEMU's user) writes: create it
     // for that user when missing; an existing one is the operator's.
-    for t in tagged
+    let targets: Vec<&cdp_core::config::Target> = tagged
         .iter()
         .filter_map(|t| c.policy.get(&t.policy))
         .flat_map(|p| p.targets.iter())
         .filter_map(|name| c.target.get(name))
-    {
+        .collect();
+    for t in &targets {
         if let Some(path) = t.url.strip_prefix("file://").map(Path::new) {
             file_target(path, owner)?;
         }
     }
-    let run_fd = config_dir(run.path(), owner, 0o755)?;
+    let run_fd = config_dir(run.path())?;
     let vm_run = run.vm(uuid);
-    let vm_run_fd = sub_dir(&run_fd, name_of(vm_run.path())?, owner, 0o750)?;
-    vm_run_fd.chmod(0o750)?;
+    let vm_run_fd = vm_dir(&run_fd, name_of(vm_run.path())?, owner)?;
     write_definition(&vm_run_fd, name_of(&vm_run.definition())?, &dom.xml, owner)?;
+    if apparmor::confined(xml) {
+        let rules = apparmor::vm_rules(&apparmor::VmPaths::new(c, uuid, &targets))?;
+        apparmor::install_vm(&apparmor::dir(), uuid, &rules)?;
+    }
     Ok(Outcome::Prepared {
         uuid: uuid.to_string(),
         owner,
@@ -371,6 +404,324 @@ fn file_target(path: &Path, owner: (u32, u32)) -> Result<(), HookError> {
         d.chmod(0o750)?;
     }
     Ok(())
+}
+
+/// Per-VM AppArmor rules (issue 11, item 4; docs/DESIGN.md, "libvirt
+/// integration"). libvirt confines each VM's QEMU (and so cdp-qemu, cdpd
+/// and cdp-shipper, which it starts with `ix`) in the profile
+/// `libvirt-<uuid>`, kept in `/etc/apparmor.d/libvirt/libvirt-<uuid>`:
+/// virt-aa-helper creates that file from `TEMPLATE.qemu` only when it is
+/// missing (`-c`), otherwise reloads it as it is (`-r`), and rewrites only
+/// `libvirt-<uuid>.files` on every start. So the hook, before libvirt
+/// labels the VM (`prepare begin`/`start begin`), writes the VM's rules to
+/// `/etc/apparmor.d/cdpd/libvirt-<uuid>` and makes sure the profile file
+/// holds one `include if exists` line naming them (creating the profile
+/// from the template, as virt-aa-helper would, when it is missing). The
+/// abstraction every VM includes keeps only what is not per VM.
+pub mod apparmor {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+
+    use cdp_core::config::{Config, Target};
+    use cdp_core::layout::{RunDir, StateDir};
+
+    use super::{io, HookError};
+
+    /// Where AppArmor's policy lives.
+    pub const DIR: &str = "/etc/apparmor.d";
+    /// Replaces [`DIR`] (tests run the real hook against a copy).
+    pub const DIR_ENV: &str = "CDP_APPARMOR_DIR";
+    /// Our per-VM rule files, under [`DIR`]: `cdpd/libvirt-<uuid>`.
+    pub const RULES_DIR: &str = "cdpd";
+    /// libvirt's per-VM profiles, under [`DIR`].
+    pub const LIBVIRT_DIR: &str = "libvirt";
+    /// The template virt-aa-helper creates a VM's profile from.
+    pub const TEMPLATE: &str = "TEMPLATE.qemu";
+    /// Ends the line we add to a libvirt profile (how uninstall finds it).
+    pub const MARK: &str = "# cdpd: this VM's rules (cdp's libvirt hook)";
+
+    /// The AppArmor directory: `$CDP_APPARMOR_DIR`, else [`DIR`].
+    pub fn dir() -> PathBuf {
+        std::env::var_os(DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DIR.into())
+    }
+
+    /// The profile libvirt runs the VM in.
+    pub fn profile_name(uuid: &str) -> String {
+        format!("libvirt-{uuid}")
+    }
+
+    /// `<dir>/cdpd/libvirt-<uuid>`: the VM's rules.
+    pub fn rules_path(dir: &Path, uuid: &str) -> PathBuf {
+        dir.join(RULES_DIR).join(profile_name(uuid))
+    }
+
+    /// `<dir>/libvirt/libvirt-<uuid>`: libvirt's profile of the VM.
+    pub fn profile_path(dir: &Path, uuid: &str) -> PathBuf {
+        dir.join(LIBVIRT_DIR).join(profile_name(uuid))
+    }
+
+    /// The line a VM's profile includes its rules with (a missing file is
+    /// no error: the rules are removed when the VM stops).
+    pub fn include_line(uuid: &str) -> String {
+        format!(
+            "  include if exists <{RULES_DIR}/{}> {MARK}",
+            profile_name(uuid)
+        )
+    }
+
+    /// The VM runs under libvirt's AppArmor driver: its live definition
+    /// carries `<seclabel model='apparmor'>` (from `start begin` on).
+    pub fn confined(xml: &str) -> bool {
+        let Ok(doc) = roxmltree::Document::parse(xml) else {
+            return false;
+        };
+        let found = doc.descendants().any(|n| {
+            n.has_tag_name("seclabel")
+                && n.attribute("model") == Some("apparmor")
+                && n.attribute("type") != Some("none")
+        });
+        found
+    }
+
+    /// What one VM may reach besides what every VM may.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct VmPaths {
+        pub uuid: String,
+        /// `<run>/<uuid>`
+        pub run: PathBuf,
+        /// `<state>/vms/<uuid>`
+        pub state: PathBuf,
+        /// `<run>/agent.sock`
+        pub agent_socket: PathBuf,
+        /// The config file (read).
+        pub config: Option<PathBuf>,
+        /// The shipping credentials of its targets (read).
+        pub credentials: Vec<PathBuf>,
+        /// Its `file://` targets (written).
+        pub file_targets: Vec<PathBuf>,
+        /// Every target's prune credentials: denied, whatever else allows.
+        pub denied: Vec<PathBuf>,
+    }
+
+    impl VmPaths {
+        /// For the VM `uuid` shipping to `targets`, under `c`'s directories.
+        pub fn new(c: &Config, uuid: &str, targets: &[&Target]) -> VmPaths {
+            let state = StateDir::new(c.state_dir(None));
+            let run = RunDir::new(c.run_dir(None));
+            let mut p = VmPaths {
+                uuid: uuid.to_string(),
+                run: run.vm(uuid).path().to_path_buf(),
+                state: state.vm(uuid).path().to_path_buf(),
+                agent_socket: run.agent_socket(),
+                config: c.source.clone(),
+                credentials: Vec::new(),
+                file_targets: Vec::new(),
+                denied: Vec::new(),
+            };
+            for t in targets {
+                if let Some(f) = &t.credentials_file {
+                    push_new(&mut p.credentials, f);
+                }
+                if let Some(d) = t.url.strip_prefix("file://").map(Path::new) {
+                    push_new(&mut p.file_targets, d);
+                }
+            }
+            for f in c
+                .target
+                .values()
+                .filter_map(|t| t.prune_credentials_file.as_ref())
+            {
+                push_new(&mut p.denied, f);
+            }
+            p.credentials.retain(|f| !p.denied.contains(f));
+            p
+        }
+    }
+
+    fn push_new(v: &mut Vec<PathBuf>, p: &Path) {
+        if !v.iter().any(|q| q == p) {
+            v.push(p.to_path_buf());
+        }
+    }
+
+    /// `p` as an AppArmor path: quoted, its globbing characters escaped.
+    /// A path AppArmor cannot name literally (a quote, a variable, a
+    /// control character, not absolute) is refused.
+    pub fn quote(p: &Path) -> Result<String, HookError> {
+        let s = p.to_str().filter(|s| {
+            s.starts_with('/')
+                && !s.contains('"')
+                && !s.contains("@{")
+                && !s.chars().any(char::is_control)
+        });
+        let Some(s) = s else {
+            return Err(HookError::AppArmorPath {
+                path: p.to_path_buf(),
+            });
+        };
+        let mut out = String::from("\"");
+        for ch in s.chars() {
+            if "\\*?[]{}^".contains(ch) {
+                out.push('\\');
+            }
+            out.push(ch);
+        }
+        out.push('"');
+        Ok(out)
+    }
+
+    /// The VM's rules: its own run and state directories, the agent's
+    /// socket, the config, its targets' shipping credentials and `file://`
+    /// directories; every prune credential denied. Nothing here names
+    /// another VM: no rule ends in a wildcard above the VM's directories.
+    pub fn vm_rules(p: &VmPaths) -> Result<String, HookError> {
+        let dir = |d: &Path| -> Result<[String; 2], HookError> {
+            Ok([
+                format!("  {} rw,", quote(&d.join(""))?),
+                format!("  {} rwk,", quote(&d.join("**"))?),
+            ])
+        };
+        let mut out = vec![
+            format!(
+                "# cdpd: the rules of VM {} only (profile {}), written by cdp's libvirt hook",
+                p.uuid,
+                profile_name(&p.uuid)
+            ),
+            "# when the VM starts and removed when it stops. Generated: edits are lost.".into(),
+            "  # Its sockets (NBD, control) and the definition the hook leaves for cdp-qemu."
+                .into(),
+        ];
+        out.extend(dir(&p.run)?);
+        out.push("  # Its catalog, journals and locks.".into());
+        out.extend(dir(&p.state)?);
+        out.push("  # The note to cdp-agent when capture ends (a datagram).".into());
+        out.push(format!("  {} w,", quote(&p.agent_socket)?));
+        if let Some(c) = &p.config {
+            out.push("  # The config.".into());
+            out.push(format!("  {} r,", quote(c)?));
+        }
+        if !p.credentials.is_empty() {
+            out.push("  # Its targets' shipping credentials (create-only rights).".into());
+            for f in &p.credentials {
+                out.push(format!("  {} r,", quote(f)?));
+            }
+        }
+        if !p.file_targets.is_empty() {
+            out.push("  # Its file:// targets.".into());
+            for d in &p.file_targets {
+                out.extend(dir(d)?);
+            }
+        }
+        if !p.denied.is_empty() {
+            out.push("  # Retention and prune credentials: never a VM's.".into());
+            for f in &p.denied {
+                out.push(format!("  deny {} rwk,", quote(f)?));
+            }
+        }
+        out.push(String::new());
+        Ok(out.join("\n"))
+    }
+
+    /// `profile` (a libvirt VM profile's text) with our include line added
+    /// before its last closing brace; `None` when it already has it, or
+    /// has no closing brace (not a profile we understand: left alone).
+    pub fn with_include(profile: &str, uuid: &str) -> Option<String> {
+        let line = include_line(uuid);
+        if profile.lines().any(|l| l == line) {
+            return None;
+        }
+        let end = profile.rfind("\n}")?;
+        Some(format!("{}\n{line}{}", &profile[..end], &profile[end..]))
+    }
+
+    /// The profile virt-aa-helper would create from `template` (its
+    /// `create_profile`: the profile named for the VM, the generated
+    /// `libvirt-<uuid>.files` included before the closing brace), with our
+    /// include line.
+    pub fn from_template(template: &str, uuid: &str) -> Option<String> {
+        let name = profile_name(uuid);
+        let named = template.replace("\nprofile LIBVIRT_TEMPLATE", &format!("\nprofile {name}"));
+        if named == template {
+            return None;
+        }
+        let end = named.rfind("\n}")?;
+        let files = format!("  #include <{LIBVIRT_DIR}/{name}.files>");
+        with_include(
+            &format!("{}\n{files}{}", &named[..end], &named[end..]),
+            uuid,
+        )
+    }
+
+    /// `profile` without our include lines (and whether it had any).
+    pub fn without_include(profile: &str) -> (String, bool) {
+        let mut had = false;
+        let mut out = String::with_capacity(profile.len());
+        for l in profile.split_inclusive('\n') {
+            if l.trim_end_matches('\n').ends_with(MARK) {
+                had = true;
+            } else {
+                out.push_str(l);
+            }
+        }
+        (out, had)
+    }
+
+    /// Write `path` (root's AppArmor tree, no other user's) through a
+    /// temporary file and a rename.
+    fn write(path: &Path, text: &str) -> Result<(), HookError> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut tmp = dir.to_path_buf();
+        tmp.push(format!(
+            ".{}.cdp-new",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io(&tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io(path))
+    }
+
+    /// Give the VM `uuid` its rules (`prepare begin`, `start begin`).
+    pub fn install_vm(dir: &Path, uuid: &str, rules: &str) -> Result<(), HookError> {
+        write(&rules_path(dir, uuid), rules)?;
+        let profile = profile_path(dir, uuid);
+        let text = match std::fs::read_to_string(&profile) {
+            Ok(t) if !t.trim().is_empty() => with_include(&t, uuid),
+            // Missing, or empty (virt-aa-helper recreates those too).
+            Ok(_) => template(dir, uuid)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => template(dir, uuid)?,
+            Err(e) => return Err(io(&profile)(e)),
+        };
+        match text {
+            Some(t) => write(&profile, &t),
+            None => Ok(()),
+        }
+    }
+
+    fn template(dir: &Path, uuid: &str) -> Result<Option<String>, HookError> {
+        let path = dir.join(LIBVIRT_DIR).join(TEMPLATE);
+        let t = std::fs::read_to_string(&path).map_err(io(&path))?;
+        match from_template(&t, uuid) {
+            Some(p) => Ok(Some(p)),
+            None => Err(HookError::AppArmorTemplate { path }),
+        }
+    }
+
+    /// Take the VM's rules away (`release end`); the include line stays
+    /// (`if exists`).
+    pub fn remove_vm(dir: &Path, uuid: &str) -> Result<(), HookError> {
+        let p = rules_path(dir, uuid);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&p)(e)),
+            _ => Ok(()),
+        }
+    }
 }
 
 enum Phase {
