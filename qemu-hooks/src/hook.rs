@@ -578,11 +578,11 @@ pub mod apparmor {
     /// directories; every prune credential denied. Nothing here names
     /// another VM: no rule ends in a wildcard above the VM's directories.
     pub fn vm_rules(p: &VmPaths) -> Result<String, HookError> {
+        // The directory and, unescaped, the wildcard for what is below it.
         let dir = |d: &Path| -> Result<[String; 2], HookError> {
-            Ok([
-                format!("  {} rw,", quote(&d.join(""))?),
-                format!("  {} rwk,", quote(&d.join("**"))?),
-            ])
+            let q = quote(&d.join(""))?;
+            let below = format!("{}**\"", &q[..q.len() - 1]);
+            Ok([format!("  {q} rw,"), format!("  {below} rwk,")])
         };
         let mut out = vec![
             format!(
@@ -819,10 +819,19 @@ mod tests {
         assert!(std::fs::read_to_string(&def)
             .unwrap()
             .starts_with("<domain"));
-        assert!(StateDir::new(d.path().join("state"))
-            .vm(uuid)
-            .path()
-            .is_dir());
+        let state = StateDir::new(d.path().join("state"));
+        let run_dir = RunDir::new(d.path().join("run"));
+        let mode = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.mode() & 0o7777)
+        };
+        for shared in [state.path(), &state.vms(), run_dir.path()] {
+            assert_eq!(mode(shared), (0, 0o755), "{}", shared.display());
+        }
+        for own in [state.vm(uuid).path(), run_dir.vm(uuid).path()] {
+            assert_eq!(mode(own), (me.0, 0o700), "{}", own.display());
+        }
         assert!(
             d.path().join("repo").is_dir(),
             "the file:// target is created"
@@ -842,5 +851,182 @@ mod tests {
         let bad = xml.replace("target=\"vda\"/>", "target=\"vdz\"/>");
         let e = run(&args("prepare", "begin"), &bad, Some(&cfg)).unwrap_err();
         assert!(e.to_string().contains("vdz"), "{e}");
+    }
+
+    /// Root runs the hook: a per-VM directory another (non-root) user owns
+    /// is refused with what to do, and left as it was.
+    #[test]
+    fn a_vm_dir_of_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("this test chowns to another uid: run it as root");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let cfg = d.path().join("cdp.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[paths]\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n",
+                d.path().display()
+            ),
+        )
+        .unwrap();
+        let uuid = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+        let xml = DOM.replace("+0:+0", "+64055:+64055");
+        run(&args("prepare", "begin"), &xml, Some(&cfg)).unwrap();
+        let vm_state = StateDir::new(d.path().join("state")).vm(uuid);
+        std::os::unix::fs::chown(vm_state.path(), Some(65534), Some(65534)).unwrap();
+        let e = run(&args("prepare", "begin"), &xml, Some(&cfg)).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                HookError::ForeignOwner {
+                    found: 65534,
+                    owner: 64055,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("chown -R 64055"), "{e}");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(vm_state.path()).unwrap().uid(), 65534);
+        // Root's own leftovers are taken over.
+        std::os::unix::fs::chown(vm_state.path(), Some(0), Some(0)).unwrap();
+        run(&args("prepare", "begin"), &xml, Some(&cfg)).unwrap();
+        assert_eq!(std::fs::metadata(vm_state.path()).unwrap().uid(), 64055);
+    }
+
+    mod aa {
+        use super::super::apparmor::*;
+        use super::*;
+
+        const A: &str = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+        const B: &str = "0b9e6a52-1c3d-4f5e-8a7b-9c0d1e2f3a4b";
+        const TEMPLATE_TEXT: &str = "#\n# This profile is for the domain whose UUID matches this file.\n#\n\n#include <tunables/global>\n\nprofile LIBVIRT_TEMPLATE flags=(attach_disconnected) {\n  #include <abstractions/libvirt-qemu>\n}\n";
+
+        fn config() -> Config {
+            Config::parse(
+                "[paths]\nstate_dir = \"/var/lib/cdp\"\nrun_dir = \"/run/cdp\"\n\
+                 [target.s3]\nurl = \"s3://b/p\"\ncredentials_file = \"/etc/cdp/ship.cred\"\n\
+                 prune_credentials_file = \"/etc/cdp/prune.cred\"\n\
+                 [target.local]\nurl = \"file:///srv/cdp repo\"\n\
+                 [target.other]\nurl = \"s3://c/p\"\ncredentials_file = \"/etc/cdp/other.cred\"\n\
+                 prune_credentials_file = \"/etc/cdp/other-prune.cred\"\n",
+            )
+            .unwrap()
+        }
+
+        fn rules(uuid: &str) -> String {
+            let c = config();
+            let t = [&c.target["s3"], &c.target["local"]];
+            vm_rules(&VmPaths::new(&c, uuid, &t)).unwrap()
+        }
+
+        #[test]
+        fn rules_name_only_this_vm() {
+            let r = rules(A);
+            for want in [
+                format!("  \"/run/cdp/{A}/\" rw,"),
+                format!("  \"/run/cdp/{A}/**\" rwk,"),
+                format!("  \"/var/lib/cdp/vms/{A}/**\" rwk,"),
+                "  \"/run/cdp/agent.sock\" w,".into(),
+                "  \"/etc/cdp/ship.cred\" r,".into(),
+                "  \"/srv/cdp repo/**\" rwk,".into(),
+                "  deny \"/etc/cdp/prune.cred\" rwk,".into(),
+                "  deny \"/etc/cdp/other-prune.cred\" rwk,".into(),
+            ] {
+                assert!(r.lines().any(|l| l == want), "{want:?} not in\n{r}");
+            }
+            assert!(!r.contains(B), "{r}");
+            // Another target's shipping credentials are not this VM's.
+            assert!(!r.contains("other.cred"), "{r}");
+            // No wildcard over every VM: every rule under the state or run
+            // directory is inside this VM's own directory (or the agent's
+            // socket).
+            for l in r.lines().filter(|l| !l.trim_start().starts_with('#')) {
+                if l.contains("/var/lib/cdp") || l.contains("/run/cdp") {
+                    assert!(
+                        l.contains(&format!("/{A}/")) || l.contains("/run/cdp/agent.sock\""),
+                        "{l}"
+                    );
+                }
+            }
+            assert_ne!(rules(B), r);
+        }
+
+        #[test]
+        fn quoting() {
+            assert_eq!(
+                quote(Path::new("/srv/a b/x*{y}[z]?^")).unwrap(),
+                r#""/srv/a b/x\*\{y\}\[z\]\?\^""#
+            );
+            for bad in ["rel/dir", "/a\"b", "/a@{HOME}", "/a\nb"] {
+                assert!(quote(Path::new(bad)).is_err(), "{bad:?}");
+            }
+        }
+
+        #[test]
+        fn profile_from_the_template_and_included_once() {
+            let p = from_template(TEMPLATE_TEXT, A).unwrap();
+            assert!(p.contains(&format!(
+                "\nprofile libvirt-{A} flags=(attach_disconnected) {{\n"
+            )));
+            assert!(p.contains(&format!("  #include <libvirt/libvirt-{A}.files>\n")));
+            assert!(p.contains(&format!("{}\n}}\n", include_line(A))), "{p}");
+            assert_eq!(with_include(&p, A), None, "already there");
+            let (bare, had) = without_include(&p);
+            assert!(had);
+            assert!(!bare.contains("cdpd"));
+            assert_eq!(with_include(&bare, A).unwrap(), p);
+            assert_eq!(from_template("not a template", A), None);
+            assert_eq!(with_include("no brace", A), None);
+        }
+
+        #[test]
+        fn confined_only_under_the_apparmor_driver() {
+            assert!(!confined(DOM));
+            let aa = DOM.replace(
+                "</domain>",
+                "<seclabel type='dynamic' model='apparmor' relabel='yes'><label>libvirt-x</label></seclabel></domain>",
+            );
+            assert!(confined(&aa));
+            assert!(!confined(
+                &aa.replace("type='dynamic' model", "type='none' model")
+            ));
+        }
+
+        #[test]
+        fn install_and_remove() {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(d.path().join("libvirt")).unwrap();
+            std::fs::write(d.path().join("libvirt/TEMPLATE.qemu"), TEMPLATE_TEXT).unwrap();
+            install_vm(d.path(), A, "  /x r,\n").unwrap();
+            let profile = std::fs::read_to_string(profile_path(d.path(), A)).unwrap();
+            assert_eq!(profile, from_template(TEMPLATE_TEXT, A).unwrap());
+            assert_eq!(
+                std::fs::read_to_string(rules_path(d.path(), A)).unwrap(),
+                "  /x r,\n"
+            );
+            // libvirt's own profile of another VM (written by virt-aa-helper,
+            // maybe edited by the operator): our line is added, the rest kept.
+            let theirs = from_template(TEMPLATE_TEXT, B)
+                .map(|p| without_include(&p).0.replace("{\n", "{\n  /opt/mine r,\n"))
+                .unwrap();
+            std::fs::write(profile_path(d.path(), B), &theirs).unwrap();
+            install_vm(d.path(), B, "  /y r,\n").unwrap();
+            let now = std::fs::read_to_string(profile_path(d.path(), B)).unwrap();
+            assert_eq!(without_include(&now).0, theirs);
+            assert!(now.contains(&include_line(B)));
+            // Again: nothing changes.
+            install_vm(d.path(), B, "  /y r,\n").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(profile_path(d.path(), B)).unwrap(),
+                now
+            );
+            remove_vm(d.path(), A).unwrap();
+            assert!(!rules_path(d.path(), A).exists());
+            assert!(rules_path(d.path(), B).exists());
+            remove_vm(d.path(), A).unwrap();
+        }
     }
 }
