@@ -55,8 +55,15 @@ pub struct Target {
     /// A copy that deliberately lags, e.g. "1h".
     #[serde(default, deserialize_with = "opt_duration")]
     pub delay: Option<Duration>,
-    /// File holding S3 credentials (never on the command line).
+    /// File holding S3 credentials (never on the command line): the
+    /// shipping identity, which needs create-only rights (docs/CREDENTIALS.md).
     pub credentials_file: Option<PathBuf>,
+    /// File holding the credentials retention and prune use (same format),
+    /// readable by root (or the agent's user) only; the shipper never reads
+    /// it. Absent: prune uses `credentials_file` (shipping and pruning then
+    /// share a credential, with a warning).
+    #[serde(default, alias = "prune_credentials")]
+    pub prune_credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]

@@ -6,7 +6,14 @@
 //! chunks while one exists for any VM (chunks are shared). A holder that
 //! dies leaves its lease behind: it expires and is then ignored (and
 //! removed by the next prune).
+//!
+//! Objects are created, never replaced (a baseline's lease is written with
+//! the shipping credential, which has no right to overwrite or delete):
+//! a refresh writes a new lease object `<id>-r<n>.json` and then tries to
+//! remove the previous one. Where the holder may not delete, the previous
+//! objects stay until they expire, and retention removes them.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,22 +77,33 @@ fn hostname() -> String {
 /// runtime it was taken on) until [`Held::release`] or drop.
 pub struct Held {
     store: Store,
-    key: String,
+    /// The lease objects written and not (yet) removed, newest last.
+    keys: Arc<Mutex<Vec<String>>>,
     refresher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Held {
-    pub fn key(&self) -> &str {
-        &self.key
+    /// The key of the newest lease object.
+    pub fn key(&self) -> String {
+        self.keys
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
     }
 
-    /// Stop refreshing and remove the lease.
+    /// Stop refreshing and remove the lease objects (where this credential
+    /// may not delete, they expire).
     pub async fn release(mut self) {
         if let Some(t) = self.refresher.take() {
             t.abort();
         }
+        let keys = std::mem::take(&mut *self.keys.lock().unwrap());
         let retry = RetryPolicy::default();
-        let _ = with_retry(&self.key, &retry, || self.store.delete(&self.key)).await;
+        for k in keys {
+            let _ = with_retry(&k, &retry, || self.store.delete(&k)).await;
+        }
     }
 }
 
@@ -96,6 +114,48 @@ impl Drop for Held {
             t.abort();
         }
     }
+}
+
+/// Refresh a lease every third of `ttl`: a new object each time (created,
+/// never replacing one), then the previous ones removed where allowed.
+async fn refresh(store: Store, keys: Arc<Mutex<Vec<String>>>, id: String, b: LeaseBody) {
+    let mut n: u64 = 0;
+    loop {
+        tokio::time::sleep(b.ttl / 3).await;
+        n += 1;
+        let key = rf::lease_key(&b.vm, &format!("{id}-r{n}"));
+        let body = body(&b.holder, &b.what, b.created, b.ttl);
+        let retry = RetryPolicy::default();
+        if with_retry(&key, &retry, || store.put(&key, body.clone()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let old: Vec<String> = {
+            let mut k = keys.lock().unwrap();
+            let old = k.clone();
+            *k = vec![key];
+            old
+        };
+        let mut kept = Vec::new();
+        for k in old {
+            if store.delete(&k).await.is_err() {
+                kept.push(k);
+            }
+        }
+        // Not removable (no delete right): still ours, released with the rest.
+        keys.lock().unwrap().splice(0..0, kept);
+    }
+}
+
+/// What a refresh writes again.
+struct LeaseBody {
+    vm: String,
+    holder: String,
+    what: String,
+    created: u64,
+    ttl: Duration,
 }
 
 fn body(holder: &str, what: &str, created_ns: u64, ttl: Duration) -> Bytes {
@@ -134,23 +194,18 @@ pub async fn acquire(
             key: key.clone(),
             source,
         })?;
-    let (s, k, h, w) = (
-        store.clone(),
-        key.clone(),
-        holder.to_string(),
-        what.to_string(),
-    );
-    let refresher = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(ttl / 3).await;
-            let b = body(&h, &w, created, ttl);
-            let retry = RetryPolicy::default();
-            let _ = with_retry(&k, &retry, || s.put(&k, b.clone())).await;
-        }
-    });
+    let keys = Arc::new(Mutex::new(vec![key]));
+    let lb = LeaseBody {
+        vm: vm.to_string(),
+        holder: holder.to_string(),
+        what: what.to_string(),
+        created,
+        ttl,
+    };
+    let refresher = tokio::spawn(refresh(store.clone(), keys.clone(), id, lb));
     Ok(Held {
         store: store.clone(),
-        key,
+        keys,
         refresher: Some(refresher),
     })
 }
@@ -234,7 +289,7 @@ mod tests {
             "{}",
             held.key()
         );
-        let l = lease_at(&s, held.key()).await;
+        let l = lease_at(&s, &held.key()).await;
         assert_eq!(
             (l.holder.as_str(), l.what.as_str()),
             ("cdpctl restore", "vda at seq:4")
@@ -244,13 +299,13 @@ mod tests {
         assert!(l.expires_ns >= l.created_ns + DEFAULT_TTL.as_nanos() as u64);
 
         let listed = list(&s, VM).await.unwrap();
-        assert_eq!(listed, vec![(held.key().to_string(), Some(l.clone()))]);
+        assert_eq!(listed, vec![(held.key(), Some(l.clone()))]);
         assert_eq!(active(&s, VM, before).await.unwrap(), vec![l.clone()]);
         // After it expires it no longer counts; another VM has none.
         assert!(active(&s, VM, l.expires_ns).await.unwrap().is_empty());
         assert!(active(&s, "u-2", before).await.unwrap().is_empty());
 
-        let key = held.key().to_string();
+        let key = held.key();
         held.release().await;
         assert!(matches!(
             s.get(&key).await,
@@ -278,26 +333,33 @@ mod tests {
         let (_d, s) = store();
         let ttl = Duration::from_millis(300);
         let held = acquire(&s, VM, "baseline", "vda", ttl).await.unwrap();
-        let key = held.key().to_string();
+        let key = held.key();
         let first = lease_at(&s, &key).await;
-        // Refreshed every ttl/3: wait for one (bounded, for a busy machine).
+        // Refreshed every ttl/3, as a new object (never replacing one):
+        // wait for one (bounded, for a busy machine).
         let t = std::time::Instant::now();
         let later = loop {
             tokio::time::sleep(ttl / 3).await;
-            let l = lease_at(&s, &key).await;
-            if l.expires_ns > first.expires_ns {
-                break l;
+            if held.key() != key {
+                break lease_at(&s, &held.key()).await;
             }
             assert!(t.elapsed() < Duration::from_secs(10), "never refreshed");
         };
+        assert!(later.expires_ns > first.expires_ns);
         assert_eq!(later.created_ns, first.created_ns);
+        // The previous object is removed (this store may delete).
+        assert!(matches!(
+            s.get(&key).await,
+            Err(StoreError::NotFound { .. })
+        ));
         // Dropped without release (an error path): no more refreshes, the
         // lease stays until it expires.
         drop(held);
         tokio::time::sleep(ttl).await;
-        let last = lease_at(&s, &key).await;
+        let last = list(&s, VM).await.unwrap();
+        assert_eq!(last.len(), 1, "{last:?}");
         tokio::time::sleep(ttl).await;
-        assert_eq!(lease_at(&s, &key).await, last, "refreshed after drop");
+        assert_eq!(list(&s, VM).await.unwrap(), last, "refreshed after drop");
     }
 
     #[tokio::test]

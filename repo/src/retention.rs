@@ -570,7 +570,10 @@ async fn synthesize(
     let key = rf::baseline_key(&h.vm, &h.disk, seq, seq);
     let body = Bytes::from(serde_json::to_vec(&b).unwrap());
     let retry = RetryPolicy::default();
-    with_retry(&key, &retry, || store.put(&key, body.clone()))
+    // The one object retention replaces (with the prune credential): an
+    // exact baseline of the same point written again (a resumed prune) or
+    // one already there at (seq, seq) describe the same disk contents.
+    with_retry(&key, &retry, || store.replace(&key, body.clone()))
         .await
         .map_err(store_err("put", &key))?;
     h.baselines.push((key, b));

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use cdp_core::journal::format::{IndexEntry, Kind};
 use cdp_core::journal::writer::{OpenSegment, Record};
 use cdp_repo::format as rf;
-use cdp_repo::store::Store;
+use cdp_repo::store::{Store, StoreError};
 
 /// QEMU's user on Debian/Ubuntu: the attacker.
 const ATTACKER: u32 = 64055;
@@ -196,7 +196,18 @@ fn root_never_writes_reads_or_deletes_through_a_symlink_in_the_repository() {
         let t = s.victim.join(format!("disk{i}.img"));
         s.attacker("ln", &["-s", t.to_str().unwrap(), &format!("k/{leaf}")]);
     }
-    rt.block_on(store.put("k/put", Bytes::from_static(b"new")))
+    // A create-only put finds a name taken (by a symlink): refused, the
+    // symlink neither followed nor replaced; a replace swaps the link itself.
+    let e = rt
+        .block_on(store.put("k/put", Bytes::from_static(b"new")))
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Exists { .. }), "{e:?}");
+    assert!(std::fs::symlink_metadata(s.repo.join("k/put"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    s.assert_victim_intact();
+    rt.block_on(store.replace("k/put", Bytes::from_static(b"new")))
         .unwrap();
     assert_eq!(std::fs::read(s.repo.join("k/put")).unwrap(), b"new");
     let e = rt.block_on(store.get("k/get")).unwrap_err().to_string();

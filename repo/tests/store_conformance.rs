@@ -100,14 +100,15 @@ conformance!(
     invalid_keys,
     check_and_free_space,
     readers_never_see_partial_objects,
+    objects_are_created_never_replaced,
 );
 
 async fn roundtrip(s: &Store) {
     let data = pattern(1000, 1);
     s.put("cdp/v1/x", data.clone()).await.unwrap();
     assert_eq!(s.get("cdp/v1/x").await.unwrap(), data);
-    // Overwrite replaces.
-    s.put("cdp/v1/x", Bytes::from_static(b"second"))
+    // Replace (retention's, with the prune credential) replaces.
+    s.replace("cdp/v1/x", Bytes::from_static(b"second"))
         .await
         .unwrap();
     assert_eq!(
@@ -331,8 +332,8 @@ async fn check_and_free_space(s: &Store) {
     }
 }
 
-/// Writers replace an object while readers read it: every read sees one
-/// whole version, never a mix or a prefix.
+/// Writers replace an object (`Store::replace`) while readers read it:
+/// every read sees one whole version, never a mix or a prefix.
 async fn readers_never_see_partial_objects(s: &Store) {
     const LEN: usize = 2 * MIB;
     s.put("atomic/obj", Bytes::from(vec![0u8; LEN]))
@@ -342,7 +343,7 @@ async fn readers_never_see_partial_objects(s: &Store) {
         let s = s.clone();
         tokio::spawn(async move {
             for i in 1..=12u8 {
-                s.put("atomic/obj", Bytes::from(vec![i; LEN]))
+                s.replace("atomic/obj", Bytes::from(vec![i; LEN]))
                     .await
                     .unwrap();
             }
@@ -365,6 +366,42 @@ async fn readers_never_see_partial_objects(s: &Store) {
     writer.await.unwrap();
     assert!(reads > 0);
     assert_eq!(s.get("atomic/obj").await.unwrap()[0], 12);
+}
+
+/// `Store::put` creates, never replaces: a second put of other bytes under
+/// a key is refused with an error naming the key and the original stays
+/// (docs/SPECIFICATION.md, "Trust boundaries"); the same bytes again (a
+/// re-upload after a crash) succeed; nothing is left behind in staging.
+async fn objects_are_created_never_replaced(s: &Store) {
+    let key = "cdp/v1/vms/u/vda/journal/0000000000000001-0000000000000002.seg.zst";
+    let original = pattern(3000, 7);
+    s.put(key, original.clone()).await.unwrap();
+    // Other bytes, same length and different length.
+    for other in [pattern(3000, 8), Bytes::from_static(b"short")] {
+        let e = s.put(key, other).await.unwrap_err();
+        assert!(matches!(e, StoreError::Exists { .. }), "{e:?}");
+        assert!(!e.is_transient(), "{e}");
+        assert!(e.to_string().contains(key), "{e}");
+        assert!(e.to_string().contains("never replaced"), "{e}");
+        assert_eq!(s.get(key).await.unwrap(), original, "the original changed");
+    }
+    // Identical bytes again: success, unchanged.
+    s.put(key, original.clone()).await.unwrap();
+    assert_eq!(s.get(key).await.unwrap(), original);
+    // An empty object, twice.
+    s.put("cdp/v1/empty", Bytes::new()).await.unwrap();
+    s.put("cdp/v1/empty", Bytes::new()).await.unwrap();
+    let e = s
+        .put("cdp/v1/empty", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Exists { .. }), "{e:?}");
+    assert_eq!(s.get("cdp/v1/empty").await.unwrap().len(), 0);
+    assert_eq!(
+        keys(&s.list("").await.unwrap()),
+        ["cdp/v1/empty", key],
+        "a refused put left something behind"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -81,6 +81,43 @@ pub(super) fn read_file(path: &Path) -> Result<Credentials, String> {
     }
 }
 
+/// Refuse a prune credentials file another user could read: it must be a
+/// regular file (not a symlink) owned by root or this user, with no group
+/// or other permission bits (docs/CREDENTIALS.md).
+pub(super) fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).map_err(|e| {
+        format!(
+            "cannot read the prune credentials file {}: {e}",
+            path.display()
+        )
+    })?;
+    if !m.file_type().is_file() {
+        return Err(format!(
+            "the prune credentials file {} is not a regular file (a symbolic link?): name the file itself",
+            path.display()
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != 0 && m.uid() != me {
+        return Err(format!(
+            "the prune credentials file {} is owned by uid {}, not by root or this user (uid {me}): \
+             fix it with: chown root:root {0}; chmod 600 {0}",
+            path.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "the prune credentials file {} is mode {:04o}: group or others may read it, and it can delete backups; \
+             fix it with: chmod 600 {0}; chown root:root {0}",
+            path.display(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,9 @@
 //! The `file://` backend: a local or NFS directory. An object appears
 //! atomically: it is written into `<root>/.cdp-staging/`, fsynced, then
-//! renamed into place (and the directory fsynced).
+//! linked into place with `linkat` (or `renameat2(RENAME_NOREPLACE)`), which
+//! never replaces an object (and the directory fsynced). Only
+//! [`super::Store::replace`] renames over an object. Directories it creates
+//! get the sticky bit.
 //!
 //! The repository is written by two users (the VM's shipper as QEMU's user,
 //! cdp-agent and cdpctl as root), so nothing below the root is trusted to be
@@ -24,7 +27,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 use nix::unistd::UnlinkatFlags;
 
-use super::{io_kind_unreachable, Backend, ObjectMeta, StoreError};
+use super::{io_kind_unreachable, Backend, ObjectMeta, PutMode, StoreError};
 
 /// What to look at when a `file://` target cannot be reached.
 pub(super) const HINT: &str = "is the file system mounted and, for NFS, its server up?";
@@ -193,6 +196,7 @@ fn open_dir_beneath(
                 }
                 let fd = open_at(&cur, comp, flags, Mode::empty())
                     .map_err(|e| dir_error(root_path, &walked, &cur, comp, e))?;
+                make_sticky(&fd)?;
                 if let Some(owner) = create {
                     owner.give(&fd)?;
                 }
@@ -204,6 +208,16 @@ fn open_dir_beneath(
         cur = next;
     }
     Ok(cur)
+}
+
+/// Set the sticky bit on a directory just created (by fd): in a
+/// repository directory other users may write, only an object's owner (or
+/// the directory's) may delete or rename it (docs/CREDENTIALS.md,
+/// "file:// targets").
+fn make_sticky(fd: &OwnedFd) -> io::Result<()> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(nix_io)?;
+    let mode = Mode::from_bits_truncate(st.st_mode & 0o7777) | Mode::S_ISVTX;
+    nix::sys::stat::fchmod(fd.as_raw_fd(), mode).map_err(nix_io)
 }
 
 /// A component that could not be opened as a directory: a symbolic link is
@@ -363,7 +377,17 @@ fn new_file_flags() -> OFlag {
     OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW
 }
 
-fn file_put(root_path: &Path, key: &str, data: &[u8]) -> io::Result<()> {
+/// What a put did.
+enum Put {
+    Done,
+    /// Create only: an object with other bytes is there (kept as it was).
+    Differs,
+}
+
+/// Put `data` at `key`: written and fsynced in the staging directory, then
+/// linked into place. Create only: `linkat` never replaces (an object there
+/// is compared, equal bytes are success). Replace: `renameat`.
+fn file_put(root_path: &Path, key: &str, data: &[u8], mode: PutMode) -> io::Result<Put> {
     use std::io::Write;
     let root = open_root(root_path)?;
     let owner = Owner::of(&root)?;
@@ -382,24 +406,106 @@ fn file_put(root_path: &Path, key: &str, data: &[u8]) -> io::Result<()> {
         drop(f);
         let (dir, leaf) = split_key(key);
         let parent = open_dir_beneath(root_path, &root, dir, Some(&owner))?;
-        // renameat replaces a symlink at the destination; it never follows it.
-        nix::fcntl::renameat(
+        let put =
+            match mode {
+                PutMode::Create => create_at(&staging, &tmp, &parent, leaf, data).map_err(|e| {
+                    match e.raw_os_error() {
+                        Some(libc::ELOOP) => refused(root_path, key, "a symbolic link"),
+                        _ => e,
+                    }
+                })?,
+                PutMode::Replace => {
+                    // renameat replaces a symlink at the destination; it never follows it.
+                    nix::fcntl::renameat(
+                        Some(staging.as_raw_fd()),
+                        tmp.as_str(),
+                        Some(parent.as_raw_fd()),
+                        leaf,
+                    )
+                    .map_err(nix_io)?;
+                    Put::Done
+                }
+            };
+        nix::unistd::fsync(parent.as_raw_fd()).map_err(nix_io)?;
+        Ok(put)
+    })();
+    // The staging name is gone after a rename; after a link (or a failure)
+    // it is removed here.
+    let _ = nix::unistd::unlinkat(
+        Some(staging.as_raw_fd()),
+        tmp.as_str(),
+        UnlinkatFlags::NoRemoveDir,
+    );
+    result
+}
+
+/// Link the staging file `tmp` as `leaf` in `parent`, never replacing:
+/// `linkat` (which NFS has too), or `renameat2(RENAME_NOREPLACE)` where
+/// the file system has no hard links. An entry already there is compared
+/// with `data`: equal bytes are [`Put::Done`], anything else (other bytes,
+/// a directory, a symlink) [`Put::Differs`].
+fn create_at(
+    staging: &OwnedFd,
+    tmp: &str,
+    parent: &OwnedFd,
+    leaf: &str,
+    data: &[u8],
+) -> io::Result<Put> {
+    let linked = nix::unistd::linkat(
+        Some(staging.as_raw_fd()),
+        tmp,
+        Some(parent.as_raw_fd()),
+        leaf,
+        AtFlags::empty(),
+    );
+    let r = match linked {
+        Err(Errno::EPERM | Errno::EOPNOTSUPP | Errno::EMLINK) => nix::fcntl::renameat2(
             Some(staging.as_raw_fd()),
-            tmp.as_str(),
+            tmp,
             Some(parent.as_raw_fd()),
             leaf,
-        )
-        .map_err(nix_io)?;
-        nix::unistd::fsync(parent.as_raw_fd()).map_err(nix_io)
-    })();
-    if result.is_err() {
-        let _ = nix::unistd::unlinkat(
-            Some(staging.as_raw_fd()),
-            tmp.as_str(),
-            UnlinkatFlags::NoRemoveDir,
-        );
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ),
+        r => r,
+    };
+    match r {
+        Ok(()) => Ok(Put::Done),
+        Err(Errno::EEXIST) => same_object(parent, leaf, data),
+        Err(e) => Err(nix_io(e)),
     }
-    result
+}
+
+/// Whether the object `leaf` in `parent` holds exactly `data` (opened
+/// without following a symlink; at most `data.len() + 1` bytes read).
+fn same_object(parent: &OwnedFd, leaf: &str, data: &[u8]) -> io::Result<Put> {
+    use std::io::Read;
+    let fd = match open_at(
+        parent,
+        leaf,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // A symlink (or a name that cannot be opened) is not our object.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {
+            return Ok(Put::Differs)
+        }
+        Err(e) => return Err(e),
+    };
+    let mut f = std::fs::File::from(fd);
+    let meta = f.metadata()?;
+    if !meta.is_file() || meta.len() != data.len() as u64 {
+        return Ok(Put::Differs);
+    }
+    let mut there = Vec::with_capacity(data.len());
+    (&mut f)
+        .take(data.len() as u64 + 1)
+        .read_to_end(&mut there)?;
+    Ok(if there == data {
+        Put::Done
+    } else {
+        Put::Differs
+    })
 }
 
 /// What a GET found: the bytes, or why they are not given.
@@ -583,14 +689,21 @@ fn statvfs_free(path: &Path) -> Option<u64> {
 }
 
 impl Backend for FileBackend {
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let (root, url, k) = (self.root.clone(), self.url.clone(), key.to_string());
-            self.blocking("put", key, move || {
-                file_put(&root, &k, &data).map_err(|e| match missing_root(&url, &root) {
+            self.blocking("put", key, move || match file_put(&root, &k, &data, mode) {
+                Ok(Put::Done) => Ok(()),
+                Ok(Put::Differs) => Err(StoreError::Exists { url, key: k }),
+                Err(e) => Err(match missing_root(&url, &root) {
                     Some(err) => err,
                     None => classify_io(&url, "put", &k, e),
-                })
+                }),
             })
             .await
         })

@@ -13,8 +13,16 @@
 //! `[A-Za-z0-9._+=,:@-]`, none empty and none starting with `.`.
 //!
 //! An object appears atomically: the `file://` backend writes into
-//! `<root>/.cdp-staging/`, fsyncs, then renames into place (and fsyncs the
+//! `<root>/.cdp-staging/`, fsyncs, then links it into place (and fsyncs the
 //! directory); an S3 PUT is atomic by itself.
+//!
+//! Objects are created, never replaced ([`Store::put`]): an S3 PUT carries
+//! `If-None-Match: *`, the `file://` backend links with `linkat`, which
+//! never replaces. An object already there with the same bytes is success
+//! (a re-upload after a crash); one with other bytes is
+//! [`StoreError::Exists`] and stays as it was. Only retention, with the
+//! prune credential, replaces ([`Store::replace`]) or deletes
+//! (docs/CREDENTIALS.md).
 //!
 //! Layers, one file each: this module is the facade ([`Store`], [`StoreError`],
 //! the [`Backend`] interface, key validation); [`retry`] runs a call again
@@ -112,6 +120,11 @@ pub enum StoreError {
         max: u64,
     },
 
+    /// A create-only put found an object with other bytes under its key: the
+    /// object there is kept, never replaced. Permanent.
+    #[error("{url}: {key} exists with other contents: objects are created, never replaced; the repository already holds a different object under this name (two writers, or a damaged or hostile repository)")]
+    Exists { url: String, key: String },
+
     /// Anything else (a full disk, a bad request, a range outside the
     /// object). Permanent.
     #[error("{url}: {op} {key}: {detail}")]
@@ -145,6 +158,7 @@ impl StoreError {
             | StoreError::Config { url, .. }
             | StoreError::InvalidKey { url, .. }
             | StoreError::TooLarge { url, .. }
+            | StoreError::Exists { url, .. }
             | StoreError::Other { url, .. } => url,
         }
     }
@@ -158,13 +172,29 @@ pub struct ObjectMeta {
     pub size: u64,
 }
 
+/// How a put treats an object already under its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PutMode {
+    /// Create only: identical bytes there are success, other bytes are
+    /// [`StoreError::Exists`] and the object there is kept.
+    Create,
+    /// Replace what is there (retention's own objects, with the prune
+    /// credential).
+    Replace,
+}
+
 /// The one interface a storage backend implements. Each call is one attempt:
 /// backends never retry. [`Store`] validates keys before calling a backend,
 /// so a backend sees only valid keys and prefixes.
 pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Store `data` under `key`, atomically: readers see the whole object or
-    /// none. An existing object is replaced.
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// none. An existing object is kept or replaced as `mode` says.
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The whole object, or `range` of it (which must lie inside the object).
     /// More than `max` bytes is [`StoreError::TooLarge`], found before the
     /// bytes are read.
@@ -197,9 +227,27 @@ pub struct Store {
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Store {
-    /// Open a configured target (`[target.NAME]`: its URL and credentials file).
+    /// Open a configured target (`[target.NAME]`: its URL and credentials
+    /// file) for shipping and reading. Never reads `prune_credentials_file`.
     pub fn for_target(t: &cdp_core::config::Target) -> Result<Store, StoreError> {
         Store::open(&t.url, t.credentials_file.as_deref())
+    }
+
+    /// Open a configured target for retention and prune: with its
+    /// `prune_credentials_file`, which must be readable by its owner only
+    /// (root or this user; refused otherwise, saying how to fix it), else
+    /// with `credentials_file` (see [`shared_credential_warning`]).
+    pub fn for_prune(t: &cdp_core::config::Target) -> Result<Store, StoreError> {
+        match &t.prune_credentials_file {
+            Some(p) => {
+                credentials::check_private(p).map_err(|message| StoreError::Config {
+                    url: t.url.clone(),
+                    message,
+                })?;
+                Store::open(&t.url, Some(p))
+            }
+            None => Store::for_target(t),
+        }
     }
 
     /// Open a target URL: `file:///abs/path` or
@@ -242,10 +290,20 @@ impl Store {
         &self.url
     }
 
-    /// Store `data` under `key`, atomically. An existing object is replaced.
+    /// Create the object `key` holding `data`, atomically. Never replaces:
+    /// an object already there with the same bytes is success (a re-upload
+    /// after a crash), one with other bytes is [`StoreError::Exists`] and is
+    /// left as it was. Everything shipping writes goes through here.
     pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         self.valid_key(key)?;
-        self.backend.put(key, data).await
+        self.backend.put(key, data, PutMode::Create).await
+    }
+
+    /// Store `data` under `key`, atomically, replacing what is there. Only
+    /// for retention (with the prune credential): shipping never replaces.
+    pub async fn replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.valid_key(key)?;
+        self.backend.put(key, data, PutMode::Replace).await
     }
 
     /// The whole object. Never more than the bound for its kind of object
@@ -346,6 +404,18 @@ impl Store {
             reason,
         })
     }
+}
+
+/// The one-line warning for a target whose retention and prune use the
+/// shipping credential (an S3 target without `prune_credentials_file`),
+/// or None. docs/CREDENTIALS.md says why it matters.
+pub fn shared_credential_warning(name: &str, t: &cdp_core::config::Target) -> Option<String> {
+    (t.prune_credentials_file.is_none() && t.url.starts_with("s3:")).then(|| {
+        format!(
+            "warning: target {name}: shipping and pruning share a credential (no prune_credentials_file): \
+             a compromised VM holding it can delete backups; see docs/CREDENTIALS.md"
+        )
+    })
 }
 
 /// Validate a key, or (with `prefix`) a list prefix: the empty string, or

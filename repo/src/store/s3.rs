@@ -10,12 +10,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::TryStreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as OsPath;
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
 use super::credentials;
-use super::{check_key, io_kind_unreachable, Backend, ObjectMeta, StoreError};
+use super::{check_key, io_kind_unreachable, Backend, ObjectMeta, PutMode, StoreError};
 
 /// Connection set-up timeout of the S3 client.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,6 +119,8 @@ impl S3Backend {
             // Payloads are signed (x-amz-content-sha256 is the body's SHA-256,
             // object_store's default): the server checks every PUT body.
             .with_unsigned_payload(false)
+            // Create-only PUTs carry `If-None-Match: *` (Store::put).
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
             // One attempt per call: retry lives above the backend.
             .with_retry(RetryConfig {
                 max_retries: 0,
@@ -372,14 +374,70 @@ impl S3Backend {
     }
 }
 
+impl S3Backend {
+    /// A create-only PUT (`If-None-Match: *`). The server answers 412 (or
+    /// 409 for a concurrent conditional write) when the key exists: then the
+    /// object there is read and compared, equal bytes are success.
+    async fn put_create(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let path = self.path(key);
+        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self.store.put_opts(&path, data.clone().into(), opts).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { source, .. }) => {
+                let max = data.len() as u64;
+                match self.get(key, None, max).await {
+                    Ok(there) if there == data => Ok(()),
+                    Ok(_) | Err(StoreError::TooLarge { .. }) => Err(StoreError::Exists {
+                        url: self.url.clone(),
+                        key: key.to_string(),
+                    }),
+                    // 409 of a conditional write still in flight elsewhere.
+                    Err(StoreError::NotFound { .. }) => Err(StoreError::Server {
+                        url: self.url.clone(),
+                        op: "put",
+                        key: key.to_string(),
+                        detail: "a concurrent write of the same key is in progress".into(),
+                        source,
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let code = s3_error_code(&text).unwrap_or_default();
+                if http_status_in(&text) == Some(501) || code.starts_with("NotImplemented") {
+                    return Err(StoreError::Config {
+                        url: self.url.clone(),
+                        message: format!(
+                            "put {key}: the S3 server does not support conditional writes \
+                             (If-None-Match: *), which shipping needs to never replace an object \
+                             ({code}); see docs/CREDENTIALS.md"
+                        ),
+                    });
+                }
+                Err(self.err("put", key, e))
+            }
+        }
+    }
+}
+
 impl Backend for S3Backend {
-    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+        mode: PutMode,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.store
-                .put(&self.path(key), data.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| self.err("put", key, e))
+            match mode {
+                PutMode::Create => self.put_create(key, data).await,
+                PutMode::Replace => self
+                    .store
+                    .put(&self.path(key), data.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.err("put", key, e)),
+            }
         })
     }
 
