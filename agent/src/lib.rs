@@ -206,7 +206,10 @@ impl Agent {
                 };
                 let key = format!("retention {} {t}", vm.uuid);
                 let mut stop = self.stop.clone();
-                let r = match cdp_repo::store::Store::for_target(tc) {
+                if let Some(w) = cdp_repo::store::shared_credential_warning(&t, tc) {
+                    self.log_error(&format!("shared credential {t}"), &w);
+                }
+                let r = match cdp_repo::store::Store::for_prune(tc) {
                     Ok(store) => tokio::select! {
                         r = cdp_repo::retention::apply(
                             &store, &vm.uuid, &retention, cdp_core::time::now_ns(), false,

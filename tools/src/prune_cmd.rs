@@ -80,7 +80,12 @@ pub fn run(ctx: &Ctx, a: &PruneArgs) -> Result<()> {
     let mut reports = Vec::new();
     for name in &targets {
         let t = &config.target[name];
-        let store = Store::for_target(t).with_context(|| format!("target {name} ({})", t.url))?;
+        // Retention's credential, never the shipper's when one is configured
+        // (docs/CREDENTIALS.md).
+        if let Some(w) = cdp_repo::store::shared_credential_warning(name, t) {
+            eprintln!("cdpctl prune: {w}");
+        }
+        let store = Store::for_prune(t).with_context(|| format!("target {name} ({})", t.url))?;
         let r = rt.block_on(async {
             let vm = crate::restore_cmd::resolve_vm(ctx, &store, &a.vm).await?;
             let opts = retention::Options {
