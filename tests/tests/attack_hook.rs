@@ -1,11 +1,14 @@
 //! The libvirt hook runs as root inside trees QEMU's user owns
-//! (`<run>/<uuid>/`, `<state>/vms/<uuid>/`, and today `<state>` and `<run>`
-//! themselves). An attacker holding that uid (libvirt-qemu, 64055) plants
-//! symbolic links (and a hard link) at every name the hook touches, pointing
-//! at a root-owned file and directory outside the state directory; the real
-//! hook (`cdpctl libvirt-hook`) then runs its prepare, start and release
-//! phases. The victims stay as they were: same bytes, same owner, same mode,
-//! nothing added, nothing removed (issue 11, item 6).
+//! (`<run>/<uuid>/`, `<state>/vms/<uuid>/`; older versions also handed it
+//! `<state>`, `<state>/vms` and `<run>`). An attacker holding that uid
+//! (libvirt-qemu, 64055) plants symbolic links (and a hard link) at every
+//! name the hook touches, pointing at a root-owned file and directory
+//! outside the state directory; the real hook (`cdpctl libvirt-hook`) then
+//! runs its prepare, start and release phases. The victims stay as they
+//! were: same bytes, same owner, same mode, nothing added, nothing removed
+//! (issue 11, item 6). The shared directories end up root's, mode 0755,
+//! whoever owned them before, and a VM's directory owned by another user
+//! (another VM's, `nobody` here) is refused, never re-owned (item 4).
 
 use std::fs;
 use std::io::Write;
@@ -18,6 +21,8 @@ use cdp_tests::bin;
 
 const QEMU_UID: u32 = 64055;
 const QEMU_GID: u32 = 107;
+/// Another user: another VM's QEMU, or anyone else.
+const OTHER_UID: u32 = 65534;
 const UUID: &str = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
 const VICTIM_BYTES: &[u8] = b"root's secret, 0644, owned by root\n";
 
@@ -96,11 +101,15 @@ impl Host {
         fs::set_permissions(&victim_dir, fs::Permissions::from_mode(0o755)).unwrap();
         // A file named like the one `release` removes.
         fs::write(victim_dir.join("domain.xml"), VICTIM_BYTES).unwrap();
+        // The operator's directory holding the state and run directories
+        // (root's; one test hands it to the attacker).
+        fs::create_dir(root.join("lib")).unwrap();
+        fs::set_permissions(root.join("lib"), fs::Permissions::from_mode(0o755)).unwrap();
         let cfg = root.join("cdp.toml");
         fs::write(
             &cfg,
             format!(
-                "[paths]\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n\
+                "[paths]\nstate_dir = \"{0}/lib/state\"\nrun_dir = \"{0}/lib/run\"\n\
                  [target.t]\nurl = \"file://{0}/repo\"\n[policy.default]\ntargets = [\"t\"]\n",
                 root.display()
             ),
@@ -116,11 +125,33 @@ impl Host {
     }
 
     fn state(&self) -> PathBuf {
-        self.root.join("state")
+        self.root.join("lib/state")
     }
 
     fn run(&self) -> PathBuf {
-        self.root.join("run")
+        self.root.join("lib/run")
+    }
+
+    fn vm_state(&self) -> PathBuf {
+        self.state().join("vms").join(UUID)
+    }
+
+    fn vm_run(&self) -> PathBuf {
+        self.run().join(UUID)
+    }
+
+    /// The shared directories as an older cdpd left them: handed to QEMU's
+    /// user (what lets that user plant links in them).
+    fn as_an_older_version_left_it(&self) {
+        for (d, mode) in [
+            (self.state(), 0o750),
+            (self.state().join("vms"), 0o750),
+            (self.run(), 0o755),
+        ] {
+            fs::create_dir_all(&d).unwrap();
+            std::os::unix::fs::chown(&d, Some(QEMU_UID), Some(QEMU_GID)).unwrap();
+            fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+        }
     }
 
     /// `cdpctl libvirt-hook web OP SUB -`, the domain XML on stdin, as root.
@@ -143,16 +174,21 @@ impl Host {
         child.wait_with_output().unwrap()
     }
 
-    /// A shell script run as QEMU's user; it must succeed (the attack is real).
-    fn as_qemu(&self, script: &str) {
-        let out = Command::new("sh")
+    /// A shell script run as QEMU's user, and whether it succeeded.
+    fn try_as_qemu(&self, script: &str) -> Output {
+        Command::new("sh")
             .arg("-ec")
             .arg(script)
             .current_dir(&self.root)
             .uid(QEMU_UID)
             .gid(QEMU_GID)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A shell script run as QEMU's user; it must succeed (the attack is real).
+    fn as_qemu(&self, script: &str) {
+        let out = self.try_as_qemu(script);
         assert!(
             out.status.success(),
             "the attacker (uid {QEMU_UID}) could not plant: {script}\n{}",
@@ -191,15 +227,11 @@ fn links_planted_at_every_file_the_hook_touches_are_never_followed() {
          ln -sfn $v {st}/domain.xml
          ln -sfn $vd {st}/vdb
          ln -sfn $v {st}/vda/journal/0000000000000001.seg
-         ln -sfn $vd {st}/vda/journal/sub
-         ln -sfn $v {state}/catalog.sqlite
-         ln -sfn $v {state}/catalog.sqlite-wal
-         ln -sfn $vd {state}/catalog.sqlite-shm",
+         ln -sfn $vd {st}/vda/journal/sub",
         v = h.victim.display(),
         vd = h.victim_dir.display(),
         run = vm_run.display(),
         st = vm_state.display(),
-        state = h.state().display(),
     ));
     // Where the kernel lets a user hard-link another's file
     // (fs.protected_hardlinks = 0), a second name for the victim.
@@ -239,21 +271,74 @@ fn links_planted_at_every_file_the_hook_touches_are_never_followed() {
     assert_eq!(seen(&h.victim).uid, 0);
 }
 
+/// Owner and mode of `p` (not following a link).
+fn owner_mode(p: &Path) -> (u32, u32) {
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.mode() & 0o7777)
+}
+
 #[test]
-fn the_directories_themselves_replaced_by_links_are_refused() {
+fn shared_directories_end_up_roots_even_when_an_older_version_gave_them_to_qemu() {
     let h = Host::new();
-    ok(&h.hook("prepare", "begin"));
+    h.as_an_older_version_left_it();
+    for (op, sub) in [("prepare", "begin"), ("start", "begin")] {
+        let out = h.hook(op, sub);
+        ok(&out);
+        for d in [h.state(), h.state().join("vms"), h.run()] {
+            assert_eq!(owner_mode(&d), (0, 0o755), "{op} {sub}: {}", d.display());
+        }
+        for d in [h.vm_state(), h.vm_run()] {
+            assert_eq!(
+                owner_mode(&d),
+                (QEMU_UID, 0o700),
+                "{op} {sub}: {}",
+                d.display()
+            );
+        }
+        if op == "prepare" {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("now root's") && err.contains(&h.state().display().to_string()),
+                "the hook says it re-owned them: {err}"
+            );
+        }
+    }
+    // QEMU's user can no longer add anything beside its own directories.
+    for d in [h.state(), h.state().join("vms"), h.run()] {
+        let out = h.try_as_qemu(&format!(
+            "ln -s {} {}/planted",
+            h.victim.display(),
+            d.display()
+        ));
+        assert!(
+            !out.status.success(),
+            "uid {QEMU_UID} wrote into {}",
+            d.display()
+        );
+    }
+}
+
+#[test]
+fn links_planted_at_the_directories_themselves_are_refused() {
+    let h = Host::new();
     let before = h.victims();
-    let vm_run = h.run().join(UUID);
-    let vm_state = h.state().join("vms").join(UUID);
-    // Each per-VM directory in turn becomes a link to a root-owned
-    // directory (holding a `domain.xml` of its own), then `<state>/vms`.
-    let vms = h.state().join("vms");
+    // Each directory the hook opens becomes a link to a root-owned
+    // directory (holding a `domain.xml` of its own), planted by QEMU's user
+    // where an older version let it: in the shared directories it was
+    // handed, and at `<state>` itself in an operator's directory it can
+    // write.
+    let lib = h.root.join("lib");
     for (what, path) in [
-        ("<run>/<uuid>", &vm_run),
-        ("<state>/vms/<uuid>", &vm_state),
-        ("<state>/vms", &vms),
+        ("<run>/<uuid>", h.vm_run()),
+        ("<state>/vms/<uuid>", h.vm_state()),
+        ("<state>/vms", h.state().join("vms")),
+        ("<state>", h.state()),
     ] {
+        ok(&h.hook("prepare", "begin"));
+        h.as_an_older_version_left_it();
+        if what == "<state>" {
+            std::os::unix::fs::chown(&lib, Some(QEMU_UID), Some(QEMU_GID)).unwrap();
+        }
         h.as_qemu(&format!(
             "rm -rf {p}\nln -s {vd} {p}",
             vd = h.victim_dir.display(),
@@ -274,9 +359,51 @@ fn the_directories_themselves_replaced_by_links_are_refused() {
                 );
             }
         }
-        // Back to a sane tree before the next one.
-        h.as_qemu(&format!("rm -f {p}\nmkdir {p}", p = path.display()));
+        // The shared directories the hook reached are root's again: the
+        // attacker cannot plant there any more.
+        let reached: &[PathBuf] = match what {
+            "<run>/<uuid>" => &[h.state(), h.state().join("vms"), h.run()],
+            "<state>/vms/<uuid>" | "<state>/vms" => &[h.state()],
+            _ => &[],
+        };
+        for d in reached {
+            assert_eq!(owner_mode(d), (0, 0o755), "{what} a link: {}", d.display());
+        }
+        // Back to a sane tree before the next one (as root, the operator).
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::chown(&lib, Some(0), Some(0)).unwrap();
+    }
+    ok(&h.hook("prepare", "begin"));
+    assert_eq!(h.victims(), before);
+}
+
+#[test]
+fn a_vm_directory_owned_by_another_user_is_refused_not_reowned() {
+    let h = Host::new();
+    ok(&h.hook("prepare", "begin"));
+    for d in [h.vm_state(), h.vm_run()] {
+        // Another user's tree (another VM's QEMU, or anyone's) where this
+        // VM's would be: a directory and a file in it.
+        let file = d.join("theirs");
+        fs::write(&file, b"another user's data").unwrap();
+        for p in [&d, &file] {
+            std::os::unix::fs::chown(p, Some(OTHER_UID), Some(OTHER_UID)).unwrap();
+        }
+        let before = (owner_mode(&d), owner_mode(&file));
+        for (op, sub) in [("prepare", "begin"), ("start", "begin")] {
+            let out = h.hook(op, sub);
+            assert!(!out.status.success(), "{}: {out:?}", d.display());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&format!("owned by uid {OTHER_UID}"))
+                    && err.contains(&format!("chown -R {QEMU_UID}")),
+                "{err}"
+            );
+            assert_eq!((owner_mode(&d), owner_mode(&file)), before, "{op} {sub}");
+        }
+        // The operator gives it back; the VM starts again.
+        fs::remove_file(&file).unwrap();
+        std::os::unix::fs::chown(&d, Some(QEMU_UID), Some(QEMU_GID)).unwrap();
         ok(&h.hook("prepare", "begin"));
     }
-    assert_eq!(h.victims(), before);
 }
