@@ -232,7 +232,7 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
     // Sockets and journal files: owner only.
     umask(Mode::from_bits_truncate(0o077));
 
-    let catalog = Catalog::open(&opts.state_dir)?;
+    let catalog = Catalog::open(&opts.state_dir, &uuid_str)?;
     catalog.upsert_vm(&uuid_str, &opts.vm_name)?;
     catalog.set_vm_policy(&uuid_str, &opts.policy)?;
 

@@ -4,6 +4,7 @@
 //! connection is ended at stop whatever its client does.
 
 use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +26,13 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Control clients served at once.
     pub max_control_clients: usize,
-    /// A control client must send a request, and take its reply, within this time.
+    /// A control client must send a request, and take its reply, within
+    /// this time (one deadline for both, however the bytes trickle).
     pub control_timeout: Duration,
+    /// A client that holds part of the shared budget for a WRITE larger
+    /// than its connection's window must send the rest of that WRITE
+    /// within this time, or it is dropped (and the budget given back).
+    pub payload_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -37,25 +43,32 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(60),
             max_control_clients: 8,
             control_timeout: Duration::from_secs(10),
+            payload_timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// READ reply bytes built or being written at once, every connection of
-/// every disk together (at least one READ, of up to 32 MiB, always proceeds).
-pub const REPLY_BUDGET: u64 = 64 << 20;
+/// Memory sized by clients, held at once by every connection of every disk
+/// together: the READ data of the batches being answered, and the part of
+/// each WRITE larger than its connection's window that is being read or
+/// applied (at least one request, of up to 32 MiB, always proceeds).
+pub const BUDGET: u64 = 64 << 20;
 
 /// A bound on bytes held at once by many threads: taken before a batch's
-/// READ replies are built, given back once they are written. Lock-free; a
-/// taker waits (sleeping) while the bytes do not fit.
-pub struct ReplyBudget {
+/// READ replies are built (given back once they are written), and before a
+/// WRITE larger than a connection's window is read (given back once it is
+/// applied). A holder never takes again before giving back, and gives back
+/// within a bounded time (a reply within the write timeout, a WRITE's
+/// payload within the payload timeout), so every taker gets its turn.
+/// Lock-free; a taker waits (sleeping) while the bytes do not fit.
+pub struct Budget {
     max: u64,
     used: AtomicU64,
 }
 
-impl ReplyBudget {
-    pub const fn new(max: u64) -> ReplyBudget {
-        ReplyBudget {
+impl Budget {
+    pub const fn new(max: u64) -> Budget {
+        Budget {
             max,
             used: AtomicU64::new(0),
         }
@@ -80,9 +93,55 @@ impl ReplyBudget {
         }
     }
 
+    /// Bytes taken now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
     /// Give back `n` bytes taken before.
     pub fn give(&self, n: u64) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// One deadline for every read and write on a stream: a peer that trickles
+/// its bytes, or takes ours a byte at a time, does not extend it (each call
+/// waits at most what is left; once it has passed, calls fail `TimedOut`).
+/// Costs a `setsockopt` per call: for handshakes and control requests, not
+/// for the data path.
+pub struct Deadline<'a> {
+    stream: &'a UnixStream,
+    pub at: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    pub fn new(stream: &'a UnixStream, at: Instant) -> Deadline<'a> {
+        Deadline { stream, at }
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        (&mut &*self.stream).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -263,8 +322,8 @@ mod tests {
     }
 
     #[test]
-    fn the_reply_budget_lets_one_big_taker_through_and_bounds_the_rest() {
-        let b = std::sync::Arc::new(ReplyBudget::new(10));
+    fn the_budget_lets_one_big_taker_through_and_bounds_the_rest() {
+        let b = std::sync::Arc::new(Budget::new(10));
         b.take(25); // more than the budget, but nothing else is taken
         let b2 = b.clone();
         let waiter = std::thread::spawn(move || {

@@ -70,6 +70,14 @@ struct RunArgs {
     /// connection is dropped (tests shorten it; default: Limits's).
     #[arg(long, value_parser = parse_duration, hide = true)]
     write_timeout: Option<std::time::Duration>,
+    /// How long a control client has for a request and its reply (tests
+    /// shorten it; default: Limits's).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    control_timeout: Option<std::time::Duration>,
+    /// How long a client holding shared memory for a large WRITE has to
+    /// send the rest of it (tests shorten it; default: Limits's).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    payload_timeout: Option<std::time::Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -128,6 +136,12 @@ fn run(a: RunArgs) -> Result<()> {
             }
             if let Some(t) = a.write_timeout {
                 l.write_timeout = t;
+            }
+            if let Some(t) = a.control_timeout {
+                l.control_timeout = t;
+            }
+            if let Some(t) = a.payload_timeout {
+                l.payload_timeout = t;
             }
             l
         },

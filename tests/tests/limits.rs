@@ -59,7 +59,7 @@ fn watch_rss(d: &mut Daemon, time: Duration) -> u64 {
         let hwm = proc_status_kb(d.pid(), "VmHWM");
         if hwm >= RSS_LIMIT_KB {
             d.fail(&format!(
-                "cdpd's VmHWM reached {} MiB (limit {} MiB) under a READ flood",
+                "cdpd's VmHWM reached {} MiB (limit {} MiB) under a flood",
                 hwm / 1024,
                 RSS_LIMIT_KB / 1024
             ));
@@ -452,4 +452,143 @@ fn the_control_socket_answers_while_another_client_is_silent() {
         "status took {:?} behind silent control clients",
         t.elapsed()
     );
+}
+
+/// A WRITE of the largest payload cdpd accepts, from connection `i` to its
+/// own 32 MiB of the disk; every byte but the last is sent at once.
+fn stalled_big_write(c: &mut Client, i: u64) -> std::io::Result<Vec<u8>> {
+    let mut payload = vec![0u8; BIG as usize];
+    fill_pseudo_random(100 + i, &mut payload);
+    c.sock.write_all(&request_header(
+        0,
+        CMD_WRITE,
+        500 + i,
+        i * u64::from(BIG),
+        BIG,
+    ))?;
+    c.sock.write_all(&payload[..BIG as usize - 1])?;
+    Ok(payload)
+}
+
+#[test]
+fn a_write_flood_on_every_connection_keeps_rss_bounded_and_every_write_lands() {
+    let disk = MAX_CONNS as u64 * u64::from(BIG);
+    let mut d = Daemon::builder().disk("vda", disk).start();
+    let before = proc_status_kb(d.pid(), "VmHWM");
+    // Every connection sends a 32 MiB WRITE but its last byte, then stalls
+    // (a slow sender): 512 MiB sized by clients, which cdpd must not hold.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Arc::new(std::sync::Mutex::new(go_rx));
+    let writers: Vec<_> = (0..MAX_CONNS as u64)
+        .map(|i| {
+            let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+            let go = go_rx.clone();
+            std::thread::spawn(move || {
+                let payload = stalled_big_write(&mut c, i).unwrap();
+                let _ = go.lock().unwrap().recv();
+                c.sock.write_all(&payload[BIG as usize - 1..]).unwrap();
+                let r = c.read_reply().unwrap();
+                assert_eq!((r.handle, r.error), (500 + i, 0), "write {i}");
+                (payload, c)
+            })
+        })
+        .collect();
+    let during = watch_rss(&mut d, Duration::from_secs(4));
+    eprintln!(
+        "cdpd VmHWM: {} MiB before, {} MiB after 4 s of {MAX_CONNS} stalled 32 MiB WRITEs",
+        before / 1024,
+        during / 1024
+    );
+    for _ in 0..MAX_CONNS {
+        go_tx.send(()).unwrap();
+    }
+    let t = Instant::now();
+    let mut done = Vec::new();
+    for w in writers {
+        while !w.is_finished() {
+            watch_rss(&mut d, Duration::from_millis(100));
+            if t.elapsed() > Duration::from_secs(120) {
+                d.fail("the WRITEs were not answered within 120 s");
+            }
+        }
+        done.push(w.join().expect("a writer failed"));
+    }
+    let after = watch_rss(&mut d, Duration::ZERO);
+    eprintln!(
+        "cdpd VmHWM after every WRITE was answered: {} MiB ({:?})",
+        after / 1024,
+        t.elapsed()
+    );
+    for (i, (payload, c)) in done.into_iter().enumerate() {
+        c.disconnect();
+        let got = read_at(&d.image("vda"), i as u64 * u64::from(BIG), BIG as usize);
+        assert!(got == payload, "write {i} did not land in the image");
+    }
+    d.assert_alive("after the WRITE flood");
+}
+
+#[test]
+fn sigterm_stops_cdpd_while_big_writes_stall_and_others_wait_for_memory() {
+    let mut d = Daemon::builder()
+        .disk("vda", MAX_CONNS as u64 * u64::from(BIG))
+        .start();
+    let writers: Vec<_> = (0..MAX_CONNS as u64)
+        .map(|i| {
+            let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+            std::thread::spawn(move || {
+                // Blocks while cdpd does not read; fails once it is gone.
+                let _ = stalled_big_write(&mut c, i);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = d.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "cdpd did not stop cleanly within 10 s of SIGTERM while WRITEs stalled: {status:?}\n{}",
+        d.log()
+    );
+    eprintln!("cdpd stopped {:?} after SIGTERM", t.elapsed());
+    for w in writers {
+        w.join().unwrap();
+    }
+}
+
+#[test]
+fn a_control_client_dripping_its_request_is_dropped_at_the_deadline() {
+    let mut d = Daemon::builder()
+        .disk("vda", 16 * MIB)
+        .args(["--control-timeout", "1s"])
+        .start();
+    let ctl = d.run_dir.join(&d.vm_uuid).join("control.sock");
+    let mut s = UnixStream::connect(&ctl).unwrap();
+    let t = Instant::now();
+    // One byte every 250 ms: each well within the timeout, the whole
+    // request (17 bytes, over 4 s) far beyond it.
+    let mut dropped_after = None;
+    for b in b"{\"cmd\":\"status\"}\n" {
+        std::thread::sleep(Duration::from_millis(250));
+        if s.write_all(&[*b]).is_err() {
+            dropped_after = Some(t.elapsed());
+            break;
+        }
+    }
+    let dropped_after = dropped_after.unwrap_or_else(|| {
+        d.fail(&format!(
+            "cdpd still took control request bytes {:?} after the connection (control timeout 1 s)",
+            t.elapsed()
+        ))
+    });
+    assert!(
+        dropped_after < Duration::from_secs(3),
+        "dropped only after {dropped_after:?}"
+    );
+    assert_eq!(d.status_json()["disks"][0]["disk"], "vda");
+    d.assert_alive("after a dripping control client");
 }

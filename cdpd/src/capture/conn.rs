@@ -9,13 +9,19 @@
 //! the group commit they joined: the connection's [`Replier`] is the
 //! [`SyncWaiter`] and writes those replies, after the batch's others.
 //!
-//! Memory is bounded whatever the client sends: a batch holds at most
-//! [`READ_BATCH_BYTES`] of READ data (or one READ, when larger), all
-//! connections together at most [`crate::limits::REPLY_BUDGET`] (taken per
-//! batch, not per request), and a connection reads no new requests while
-//! its replies are unwritten (each batch's reply is written before the next
-//! read). A client that leaves its replies unread past the write timeout is
-//! dropped.
+//! Memory is bounded whatever the client sends: a connection reads into
+//! the first [`WINDOW`] bytes of its buffer; a WRITE that does not fit in
+//! the window is read alone, after taking what it needs beyond the window
+//! from the budget of all connections ([`crate::limits::BUDGET`]), and
+//! those pages go back to the kernel once it is applied; its payload must
+//! arrive within the payload timeout. A batch holds at most
+//! [`READ_BATCH_BYTES`] of READ data (or one READ, when larger), taken from
+//! the same budget per batch, not per request, and a connection reads no
+//! new requests while its replies are unwritten (each batch's reply is
+//! written before the next read). A client that leaves its replies unread
+//! past the write timeout is dropped. Budget is taken at most once at a
+//! time per connection and given back on every path out (see
+//! [`crate::limits::Budget`]): no taker waits forever.
 //!
 //! [`transmit`] is generic over the stream's two halves so that the whole
 //! pipeline runs in unit tests over a socket pair.
@@ -26,16 +32,24 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use super::batch::{Batch, Op, Req};
 use super::{Disk, SyncJob, SyncWaiter, Vm};
+use crate::limits::Deadline;
 use cdp_core::nbd::handshake as server;
 use cdp_core::nbd::proto::{self, errno, ExportInfo, Verdict};
 
-/// Room for the largest request (header + 32 MiB payload) plus slack.
+/// Room for the largest request (header + 32 MiB payload) plus slack:
+/// address space only, of which the pages are touched as they are used.
 const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;
+
+/// The part of its buffer a connection reads into without taking from the
+/// shared budget: requests, and WRITEs that fit (most guests write at most
+/// 1 MiB at once). Every connection may keep this much resident.
+pub const WINDOW: usize = 2 << 20;
 
 /// READ bytes answered in one batch, so held in its reply at once (a
 /// single larger READ is a batch of its own; none exceeds MAX_PAYLOAD).
@@ -123,28 +137,44 @@ fn export_flags() -> u16 {
 pub fn serve(
     vm: &Vm,
     disk: &Disk,
-    mut stream: UnixStream,
+    stream: UnixStream,
     limits: &crate::limits::Limits,
 ) -> Result<(), ConnError> {
-    stream.set_write_timeout(Some(limits.write_timeout))?;
-    let mut within = Deadline {
-        stream: &mut stream,
-        at: std::time::Instant::now() + limits.handshake_timeout,
-    };
+    let mut within = Deadline::new(&stream, Instant::now() + limits.handshake_timeout);
     if !handshake(disk, &mut within)? {
         return Ok(());
     }
     // A guest may stay idle for as long as it likes.
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(Some(limits.write_timeout))?;
     let wr = stream.try_clone()?;
-    transmit(vm, disk, stream, wr)
+    transmit(vm, disk, stream, wr, limits.payload_timeout)
+}
+
+/// The reading half of a connection: reads that can be given a timeout
+/// (while the connection holds budget for a large WRITE).
+pub trait Source: Read {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Source for UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
 }
 
 /// The transmission phase: read batches from `rd` and answer on `wr` until
-/// the client disconnects.
-pub fn transmit<R, W>(vm: &Vm, disk: &Disk, rd: R, wr: W) -> Result<(), ConnError>
+/// the client disconnects. A WRITE larger than the window must arrive
+/// whole within `payload_timeout` of cdpd taking budget for it.
+pub fn transmit<R, W>(
+    vm: &Vm,
+    disk: &Disk,
+    rd: R,
+    wr: W,
+    payload_timeout: Duration,
+) -> Result<(), ConnError>
 where
-    R: Read,
+    R: Source,
     W: Write + Send + 'static,
 {
     let Some(sync) = disk.sync_sender() else {
@@ -159,6 +189,14 @@ where
         buf: vec![0u8; BUF_CAP],
         start: 0,
         end: 0,
+        limit: WINDOW,
+        held: 0,
+        held_until: Instant::now(),
+        payload_timeout,
+        page: nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize),
         held_back: false,
         read_bytes: 0,
         batch: Batch::with_capacity(256),
@@ -166,32 +204,6 @@ where
         sync_cookies: Vec::new(),
     };
     t.run()
-}
-
-/// A stream whose reads fail with `TimedOut` once `at` has passed.
-struct Deadline<'a> {
-    stream: &'a mut UnixStream,
-    at: std::time::Instant,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.at.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
-    }
-}
-
-impl Write for Deadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
-    }
 }
 
 /// Negotiate options. Returns true when the client entered transmission.
@@ -213,6 +225,16 @@ struct Transmission<'a, R, W> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Reads stop here: [`WINDOW`], or the end of the one WRITE read alone
+    /// while holding `held` bytes of the budget (given back once it is
+    /// applied, or when the connection ends).
+    limit: usize,
+    held: u64,
+    /// The WRITE held for must have arrived by then.
+    held_until: Instant,
+    payload_timeout: Duration,
+    /// The system's page size: pages past the window are given back whole.
+    page: usize,
     /// The last parse left complete requests in the buffer (the batch was
     /// full of READ data): answer them before reading more.
     held_back: bool,
@@ -224,7 +246,15 @@ struct Transmission<'a, R, W> {
     sync_cookies: Vec<u64>,
 }
 
-impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
+impl<R, W> Drop for Transmission<'_, R, W> {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.vm.budget.give(self.held);
+        }
+    }
+}
+
+impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
     fn run(&mut self) -> Result<(), ConnError> {
         loop {
             let close = self.parse_batch();
@@ -234,11 +264,19 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
             if close || self.replier.is_dead() {
                 return Ok(());
             }
+            self.release()?;
             if self.held_back {
                 continue;
             }
             self.make_room();
-            let n = match self.rd.read(&mut self.buf[self.end..]) {
+            if self.held > 0 {
+                let left = self.held_until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::from(io::ErrorKind::TimedOut).into());
+                }
+                self.rd.set_timeout(Some(left))?;
+            }
+            let n = match self.rd.read(&mut self.buf[self.end..self.limit]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
@@ -325,11 +363,38 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
         } else {
             proto::REQUEST_LEN
         };
-        if self.start + need > self.buf.len() || self.end == self.buf.len() {
+        if self.start + need > self.limit || self.end == self.limit {
             self.buf.copy_within(self.start..self.end, 0);
             self.end = have;
             self.start = 0;
         }
+        if need > self.limit {
+            // A WRITE larger than the window, now at the buffer's start:
+            // read it alone, with what it needs beyond the window taken
+            // from the budget (waiting for it; nothing else is held).
+            debug_assert_eq!(self.held, 0, "a held WRITE is alone in the buffer");
+            let extra = (need - WINDOW) as u64;
+            self.vm.budget.take(extra);
+            self.held = extra;
+            self.limit = need;
+            self.held_until = Instant::now() + self.payload_timeout;
+        }
+    }
+
+    /// Once the WRITE held for is applied (the buffer is empty), give its
+    /// pages past the window back to the kernel and its bytes back to the
+    /// budget.
+    fn release(&mut self) -> io::Result<()> {
+        if self.held == 0 || self.start != self.end {
+            return Ok(());
+        }
+        drop_pages(&mut self.buf[WINDOW..self.end], self.page);
+        self.vm.budget.give(self.held);
+        self.held = 0;
+        self.limit = WINDOW;
+        self.start = 0;
+        self.end = 0;
+        self.rd.set_timeout(None)
     }
 
     /// Journal and apply the batch, answer what can be answered now, and
@@ -339,7 +404,7 @@ impl<R: Read, W: Write + Send + 'static> Transmission<'_, R, W> {
         self.disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
         self.vm
             .journal_and_apply(self.disk, &mut self.batch, &self.buf);
-        let budget = &self.vm.reply_budget;
+        let budget = &self.vm.budget;
         if self.read_bytes > 0 {
             budget.take(self.read_bytes);
         }
@@ -440,4 +505,29 @@ fn read_reply(image: &std::fs::File, r: &Req, out: &mut Vec<u8>) -> io::Result<(
         out.truncate(at);
     }
     read
+}
+
+/// Give the whole pages of `buf` back to the kernel: they are resident no
+/// more, and read as zeros when next used. On failure they stay resident
+/// (memory, not correctness).
+fn drop_pages(buf: &mut [u8], page: usize) {
+    let base = buf.as_ptr() as usize;
+    let from = base.next_multiple_of(page) - base;
+    let to = (base + buf.len()) / page * page;
+    if to <= base + from {
+        return;
+    }
+    let pages = &mut buf[from..to - base];
+    // SAFETY: `pages` is a range of whole pages inside `buf`, borrowed
+    // mutably, so nothing else refers to it; MADV_DONTNEED only replaces
+    // its contents (with zeros, for the anonymous memory a buffer is), and
+    // any contents are valid `u8`s; nothing past the range is touched.
+    let r = unsafe {
+        nix::libc::madvise(
+            pages.as_mut_ptr().cast(),
+            pages.len(),
+            nix::libc::MADV_DONTNEED,
+        )
+    };
+    debug_assert_eq!(r, 0, "madvise: {}", io::Error::last_os_error());
 }

@@ -6,14 +6,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cdp_core::control::{
     parse_request, DiskStatus, Marked, Reply, Request, Status, TargetStatus, MAX_REQUEST,
 };
 
 use super::Vm;
-use crate::limits::{self, ConnSet};
+use crate::limits::{self, ConnSet, Deadline};
 
 fn journal_usage(dir: &Path) -> (u64, u64) {
     let Ok(segs) = cdp_core::journal::list_segments(dir) else {
@@ -187,16 +187,12 @@ impl Vm {
         }
     }
 
-    /// Answer one control client's requests, a line each, until it closes,
-    /// errs or is silent for `timeout`.
+    /// Answer one control client's requests, a line each, until it closes
+    /// or errs. Each request must arrive, and its reply be taken, within
+    /// `timeout` of the previous reply (of the connection, for the first):
+    /// one deadline, however slowly the client sends or reads.
     fn serve_control(&self, stream: UnixStream, timeout: Duration) {
-        let _ = stream.set_read_timeout(Some(timeout));
-        let _ = stream.set_write_timeout(Some(timeout));
-        let Ok(rd) = stream.try_clone() else {
-            return;
-        };
-        let mut rd = BufReader::new(rd);
-        let mut wr = stream;
+        let mut rd = BufReader::new(Deadline::new(&stream, Instant::now() + timeout));
         let mut line = String::new();
         // Bounded: a control request is small.
         while std::io::Read::take(&mut rd, MAX_REQUEST)
@@ -205,10 +201,15 @@ impl Vm {
             > 0
         {
             let reply = self.handle_control(line.trim()).to_line();
-            if wr.write_all(reply.as_bytes()).is_err() {
+            let at = rd.get_ref().at;
+            if Deadline::new(&stream, at)
+                .write_all(reply.as_bytes())
+                .is_err()
+            {
                 break;
             }
             line.clear();
+            rd.get_mut().at = Instant::now() + timeout;
         }
     }
 }

@@ -134,8 +134,9 @@ pub struct Vm {
     clock: Mutex<Clock>,
     pub stopping: AtomicBool,
     sealer_wake: (Mutex<bool>, Condvar),
-    /// READ reply bytes held by all connections at once.
-    pub reply_budget: crate::limits::ReplyBudget,
+    /// Memory sized by clients (READ replies, large WRITEs) held by all
+    /// connections at once.
+    pub budget: crate::limits::Budget,
 }
 
 impl Disk {
@@ -504,7 +505,7 @@ impl Vm {
             }),
             stopping: AtomicBool::new(false),
             sealer_wake: (Mutex::new(false), Condvar::new()),
-            reply_budget: crate::limits::ReplyBudget::new(crate::limits::REPLY_BUDGET),
+            budget: crate::limits::Budget::new(crate::limits::BUDGET),
         });
         (vm, rxs)
     }

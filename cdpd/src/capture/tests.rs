@@ -36,8 +36,12 @@ impl Rig {
     /// A VM with one disk `vda` of [`DISK_SIZE`] bytes (a pattern, so that
     /// zeroing shows), opened read-only when `read_only_image`.
     fn new(segment_size: u64, read_only_image: bool) -> Rig {
+        Rig::sized(segment_size, read_only_image, DISK_SIZE)
+    }
+
+    fn sized(segment_size: u64, read_only_image: bool, disk_size: u64) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let initial: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
+        let initial: Vec<u8> = (0..disk_size).map(|i| (i % 251) as u8).collect();
         let img_path = dir.path().join("disk.raw");
         std::fs::write(&img_path, &initial).unwrap();
         let file = File::options()
@@ -50,10 +54,10 @@ impl Rig {
         let uuid = uuid::Uuid::parse_str(UUID).unwrap();
         let journal_dir = StateDir::new(&state_dir).journal(UUID, "vda");
         std::fs::create_dir_all(&journal_dir).unwrap();
-        let catalog = Catalog::open(&state_dir).unwrap();
+        let catalog = Catalog::open(&state_dir, UUID).unwrap();
         catalog.upsert_vm(UUID, "test").unwrap();
         catalog
-            .upsert_disk(UUID, "vda", &img_path, DISK_SIZE)
+            .upsert_disk(UUID, "vda", &img_path, disk_size)
             .unwrap();
         let (vm, mut rxs) = Vm::new(VmSetup {
             uuid,
@@ -63,7 +67,7 @@ impl Rig {
                 path: img_path,
                 image: Image {
                     file,
-                    size: DISK_SIZE,
+                    size: disk_size,
                     block_device: false,
                 },
                 journal_dir,
@@ -105,7 +109,7 @@ impl Rig {
         let h = std::thread::spawn(move || {
             let disk = vm.disks[0].clone();
             let wr = server.try_clone().unwrap();
-            super::conn::transmit(&vm, &disk, server, wr).unwrap();
+            super::conn::transmit(&vm, &disk, server, wr, Duration::from_secs(30)).unwrap();
         });
         client
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -394,4 +398,75 @@ fn a_flush_after_the_sync_thread_is_gone_is_answered_with_an_error() {
     let (mut c, h) = rig.connect(&request(proto::CMD_FLUSH, 0, 5, 0, 0));
     assert_eq!(reply(&mut c), (proto::errno::ESHUTDOWN, 5));
     disconnect(c, h);
+}
+
+#[test]
+fn writes_larger_than_the_window_are_read_alone_and_give_their_budget_back() {
+    use super::conn::WINDOW;
+    let size = 16u64 << 20;
+    let mut rig = Rig::sized(64 << 20, false, size);
+    rig.start_sync();
+    // Small and large WRITEs in one stream; one large by a single byte.
+    let lens = [
+        4096,
+        3 << 20,
+        512,
+        WINDOW - proto::REQUEST_LEN + 1,
+        8192,
+        5 << 20,
+    ];
+    let mut wire = Vec::new();
+    let mut expect = rig.initial.clone();
+    let mut off = 0usize;
+    for (i, len) in lens.iter().enumerate() {
+        let data: Vec<u8> = (0..*len).map(|j| (j * 7 + i) as u8).collect();
+        wire.extend(write_req(i as u64, 0, off as u64, &data));
+        expect[off..off + len].copy_from_slice(&data);
+        off += len + 4096;
+    }
+    wire.extend(request(proto::CMD_READ, 0, 99, 0, off as u32));
+    let (mut c, h) = rig.connect(&[]);
+    let mut w = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || w.write_all(&wire).unwrap());
+    for i in 0..lens.len() as u64 {
+        assert_eq!(reply(&mut c), (0, i));
+    }
+    assert_eq!(reply(&mut c), (0, 99));
+    assert!(read_data(&mut c, off) == expect[..off], "read back differs");
+    sender.join().unwrap();
+    disconnect(c, h);
+    assert_eq!(rig.vm.budget.used(), 0, "budget not given back");
+    assert!(rig.image() == expect);
+    rig.check_invariant();
+}
+
+#[test]
+fn a_large_write_stalled_past_the_payload_timeout_ends_the_connection_and_frees_its_budget() {
+    let rig = Rig::sized(64 << 20, false, 16 << 20);
+    let (mut client, server) = UnixStream::pair().unwrap();
+    let vm = rig.vm.clone();
+    let h = std::thread::spawn(move || {
+        let disk = vm.disks[0].clone();
+        let wr = server.try_clone().unwrap();
+        super::conn::transmit(&vm, &disk, server, wr, Duration::from_millis(300))
+    });
+    let len = 4u32 << 20;
+    client
+        .write_all(&request(proto::CMD_WRITE, 0, 1, 0, len))
+        .unwrap();
+    client.write_all(&vec![5u8; 3 << 20]).unwrap();
+    wait_until("budget taken for the large WRITE", || {
+        rig.vm.budget.used() > 0
+    });
+    let t = Instant::now();
+    // Then nothing more: a byte short of a request, forever.
+    wait_until("the connection ends", || h.is_finished());
+    let r = h.join().unwrap();
+    assert!(
+        r.is_err(),
+        "a stalled WRITE ended the connection without error"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(rig.vm.budget.used(), 0, "budget not given back");
+    assert!(rig.records().is_empty(), "a partial WRITE was journaled");
 }
