@@ -27,17 +27,17 @@ pub struct Dirs {
 }
 
 /// What recovering a dead cdpd's journal did.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Recovered {
     /// How the dead session ended, as recorded in the catalog.
-    pub previous_end: &'static str,
+    pub previous_end: String,
     pub sealed_segments: usize,
     pub redone_records: u64,
     pub torn_bytes: u64,
 }
 
 /// What adopting one VM did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Adoption {
     pub vm_uuid: String,
     /// Another process (its own shipper) holds the lock: not touched.
@@ -127,7 +127,7 @@ pub fn recover_if_dead(
     session::end_open_session(cat, Some(&last), prev)?;
     let (last_seq, last_ts) = (rec.last_seq(), rec.last_ts_ns());
     let out = Recovered {
-        previous_end: prev.as_str(),
+        previous_end: prev.as_str().to_string(),
         sealed_segments: rec.sealed_segments(),
         redone_records: rec.redone(),
         torn_bytes: rec.torn_bytes(),
@@ -331,7 +331,7 @@ targets = ["now", "later"]
 
     /// A catalog with the VM and one disk whose image is `image`.
     fn catalog(dir: &Path, image: &Path) -> Catalog {
-        let cat = Catalog::open(dir).unwrap();
+        let cat = Catalog::open(dir, VM).unwrap();
         cat.upsert_vm(VM, "web").unwrap();
         cat.upsert_disk(VM, "vda", image, 1 << 20).unwrap();
         cat
@@ -477,7 +477,7 @@ targets = ["now", "later"]
         assert!(a.did_work());
         let b = Adoption {
             recovered: Some(Recovered {
-                previous_end: "crash",
+                previous_end: "crash".into(),
                 sealed_segments: 0,
                 redone_records: 0,
                 torn_bytes: 0,

@@ -16,6 +16,7 @@
 //!   open and the sockets listen), WATCHDOG=1, STATUS=…, STOPPING=1.
 
 pub mod adopt;
+pub mod child;
 pub mod error;
 pub mod metrics;
 pub mod sdnotify;
@@ -23,11 +24,11 @@ pub mod sdnotify;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use cdp_core::catalog::{Catalog, VmRow};
 use cdp_core::config::Config;
+use cdp_core::layout::StateDir;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -45,6 +46,11 @@ pub struct Options {
     /// One scan (and retention pass), then exit.
     pub once: bool,
     pub boot_id_file: PathBuf,
+    /// The config file given on the command line (passed on to children).
+    pub config_path: Option<PathBuf>,
+    /// This program: each VM is adopted by `<exe> adopt-vm <uuid>` running
+    /// as the VM's user ([`child`]).
+    pub exe: PathBuf,
 }
 
 /// A VM that could not be adopted in a scan.
@@ -71,10 +77,18 @@ pub struct ScanReport {
     pub retention: Vec<RetentionRun>,
 }
 
+/// What the last scan learnt of a VM (from its child's report): retention
+/// needs its name and policy.
+#[derive(Debug, Clone)]
+struct KnownVm {
+    name: String,
+    policy: Option<String>,
+}
+
 pub struct Agent {
+    opts: Options,
     config: Config,
-    dirs: Dirs,
-    catalog: Arc<Mutex<Catalog>>,
+    known: std::collections::BTreeMap<String, KnownVm>,
     counters: Arc<Counters>,
     stop: watch::Receiver<bool>,
     /// The last error printed per VM (each is printed when it changes).
@@ -82,17 +96,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Open the catalog (creating it if the host has none yet).
     pub fn new(opts: &Options, stop: watch::Receiver<bool>) -> Result<Agent, AgentError> {
-        let catalog = Catalog::open(&opts.state_dir)?;
         Ok(Agent {
+            opts: opts.clone(),
             config: opts.config.clone(),
-            dirs: Dirs {
-                state_dir: opts.state_dir.clone(),
-                run_dir: opts.run_dir.clone(),
-                boot_id_file: opts.boot_id_file.clone(),
-            },
-            catalog: Arc::new(Mutex::new(catalog)),
+            known: Default::default(),
             counters: Arc::new(Counters::default()),
             stop,
             last_error: HashMap::new(),
@@ -103,8 +111,10 @@ impl Agent {
         self.counters.clone()
     }
 
-    fn vms(&self) -> Result<Vec<VmRow>, cdp_core::catalog::CatalogError> {
-        tokio::task::block_in_place(|| self.catalog.lock().unwrap().vms())
+    /// The VMs with a catalog on this host (a listing: nothing of theirs
+    /// is opened here).
+    fn vms(&self) -> std::io::Result<Vec<String>> {
+        StateDir::new(&self.opts.state_dir).vms_with_catalog()
     }
 
     /// Adopt every VM that needs it (or only `only`), one at a time.
@@ -126,8 +136,8 @@ impl Agent {
             }
         };
         self.last_error.remove("catalog");
-        for vm in vms {
-            if only.is_some_and(|u| u != vm.uuid) {
+        for uuid in vms {
+            if only.is_some_and(|u| u != uuid) {
                 continue;
             }
             if *self.stop.borrow() {
@@ -135,30 +145,33 @@ impl Agent {
             }
             report.vms += 1;
             let mut stop = self.stop.clone();
-            match adopt::adopt(&self.catalog, &self.config, &self.dirs, &vm, &mut stop).await {
-                Ok(a) if a.busy => report.busy.push(vm.uuid.clone()),
-                Ok(a) => {
-                    if self.last_error.remove(&vm.uuid).is_some() {
-                        eprintln!("cdp-agent: VM {} ({}): working again", vm.name, vm.uuid);
-                    }
-                    if a.did_work() {
-                        self.counters.adoption();
-                        eprintln!("cdp-agent: VM {} ({}): {}", vm.name, vm.uuid, describe(&a));
-                        report.adopted.push(a);
-                    }
-                }
-                Err(e) => {
-                    self.counters.error(e.kind());
-                    let msg = e.to_string();
-                    self.log_error(&vm.uuid, &format!("VM {} ({}): {msg}", vm.name, vm.uuid));
-                    report.failed.push(VmFailure {
-                        vm_uuid: vm.uuid.clone(),
-                        vm: vm.name.clone(),
-                        kind: e.kind(),
-                        message: msg,
-                        transient: e.is_transient(),
-                    });
-                }
+            let r = child::adopt_in_child(&self.opts, &uuid, &mut stop).await;
+            if !r.vm.is_empty() {
+                let known = KnownVm {
+                    name: r.vm.clone(),
+                    policy: r.policy.clone(),
+                };
+                self.known.insert(uuid.clone(), known);
+            }
+            if let Some(f) = r.vm_failure() {
+                self.counters.error(f.kind);
+                let msg = format!("VM {} ({}): {}", f.vm, f.vm_uuid, f.message);
+                self.log_error(&uuid, &msg);
+                report.failed.push(f);
+                continue;
+            }
+            let Some(a) = r.adoption else { continue };
+            if a.busy {
+                report.busy.push(uuid.clone());
+                continue;
+            }
+            if self.last_error.remove(&uuid).is_some() {
+                eprintln!("cdp-agent: VM {} ({uuid}): working again", r.vm);
+            }
+            if a.did_work() {
+                self.counters.adoption();
+                eprintln!("cdp-agent: VM {} ({uuid}): {}", r.vm, describe(&a));
+                report.adopted.push(a);
             }
         }
         report
@@ -177,42 +190,41 @@ impl Agent {
     /// prune` runs it). Crash-safe at every step, so SIGTERM abandons it.
     pub async fn retention_pass(&mut self) -> Vec<RetentionRun> {
         let mut runs = Vec::new();
-        let vms = match self.vms() {
-            Ok(v) => v,
-            Err(e) => {
-                self.counters.error("catalog");
-                self.log_error("catalog", &e.to_string());
-                return runs;
-            }
-        };
-        for vm in vms {
-            let policy = adopt::policy_of(&vm);
+        // The VMs the last scan heard of: their catalogs are read only by
+        // children with the VM's identity.
+        let vms: Vec<(String, KnownVm)> = self.known.clone().into_iter().collect();
+        for (uuid, vm) in vms {
+            let policy = vm.policy.as_deref().unwrap_or("default");
             let retention = match self.config.retention(policy) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue, // keep everything
                 Err(e) => {
                     self.counters.error("config");
-                    self.log_error(&format!("retention {}", vm.uuid), &e.to_string());
+                    self.log_error(&format!("retention {}", uuid), &e.to_string());
                     continue;
                 }
             };
-            let targets = adopt::targets_of(&self.config, &vm).to_vec();
+            let targets = self
+                .config
+                .policy
+                .get(policy)
+                .map_or(Vec::new(), |p| p.targets.clone());
             for t in targets {
                 if *self.stop.borrow() {
                     return runs;
                 }
-                let Some(tc) = self.config.target.get(&t) else {
+                let Some(tc) = self.config.target.get(&t).cloned() else {
                     continue;
                 };
-                let key = format!("retention {} {t}", vm.uuid);
+                let key = format!("retention {} {t}", uuid);
                 let mut stop = self.stop.clone();
-                if let Some(w) = cdp_repo::store::shared_credential_warning(&t, tc) {
+                if let Some(w) = cdp_repo::store::shared_credential_warning(&t, &tc) {
                     self.log_error(&format!("shared credential {t}"), &w);
                 }
-                let r = match cdp_repo::store::Store::for_prune(tc) {
+                let r = match cdp_repo::store::Store::for_prune(&tc) {
                     Ok(store) => tokio::select! {
                         r = cdp_repo::retention::apply(
-                            &store, &vm.uuid, &retention, cdp_core::time::now_ns(), false,
+                            &store, &uuid, &retention, cdp_core::time::now_ns(), false,
                         ) => r.map_err(|e| e.to_string()),
                         _ = stop.changed() => return runs,
                     },
@@ -229,7 +241,7 @@ impl Agent {
                             eprintln!(
                                 "cdp-agent: VM {} ({}) target {t}: retention kept {} point(s) before the window, wrote {} exact baseline(s), deleted {} segment(s), {} baseline(s), {} chunk(s), {} other object(s): {} byte(s) freed{}",
                                 vm.name,
-                                vm.uuid,
+                                uuid,
                                 report.kept_points,
                                 report.synthetic_baselines,
                                 report.segments_deleted,
@@ -241,7 +253,7 @@ impl Agent {
                             );
                         }
                         runs.push(RetentionRun {
-                            vm_uuid: vm.uuid.clone(),
+                            vm_uuid: uuid.clone(),
                             target: t.clone(),
                             report: Some(report),
                             error: None,
@@ -251,10 +263,10 @@ impl Agent {
                         self.counters.error("retention");
                         self.log_error(
                             &key,
-                            &format!("VM {} ({}) target {t}: retention: {msg}", vm.name, vm.uuid),
+                            &format!("VM {} ({}) target {t}: retention: {msg}", vm.name, uuid),
                         );
                         runs.push(RetentionRun {
-                            vm_uuid: vm.uuid.clone(),
+                            vm_uuid: uuid.clone(),
                             target: t.clone(),
                             report: None,
                             error: Some(msg),
@@ -368,6 +380,11 @@ fn say(n: &Option<Arc<Notifier>>, state: &str) {
 
 /// A receiver that turns true on SIGTERM or SIGINT (systemd is told
 /// STOPPING=1 at once).
+/// A watch that turns true on SIGTERM or SIGINT (an adoption's child).
+pub fn stop_on_sigterm() -> Result<watch::Receiver<bool>, AgentError> {
+    stop_on_signals(None)
+}
+
 fn stop_on_signals(notifier: Option<Arc<Notifier>>) -> Result<watch::Receiver<bool>, AgentError> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig_err = |source| AgentError::Io {
@@ -401,7 +418,7 @@ async fn start_metrics(
         .await
         .map_err(|source| AgentError::MetricsListen { addr, source })?;
     let src = Arc::new(metrics::Source {
-        catalog: agent.catalog.clone(),
+        state_dir: opts.state_dir.clone(),
         config: opts.config.clone(),
         run_dir: opts.run_dir.clone(),
         counters: agent.counters(),
@@ -574,7 +591,7 @@ mod tests {
         let a = Adoption {
             vm_uuid: "u".into(),
             recovered: Some(Recovered {
-                previous_end: "crash",
+                previous_end: "crash".into(),
                 sealed_segments: 2,
                 redone_records: 3,
                 torn_bytes: 512,

@@ -20,6 +20,13 @@ struct Cli {
 enum Cmd {
     /// Run until SIGTERM (systemd Type=notify), or with --once scan once and exit.
     Run(RunArgs),
+    /// Adopt one VM, as the VM's user (the agent starts this itself).
+    #[command(name = "adopt-vm", hide = true)]
+    AdoptVm {
+        uuid: String,
+        #[command(flatten)]
+        args: RunArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -51,6 +58,7 @@ fn main() {
         .expect("tokio runtime");
     let r = match cli.cmd {
         Cmd::Run(a) => rt.block_on(run(a)),
+        Cmd::AdoptVm { uuid, args } => rt.block_on(adopt_vm(uuid, args)),
     };
     if let Err(e) = r {
         eprintln!("cdp-agent: error: {e:#}");
@@ -58,15 +66,32 @@ fn main() {
     }
 }
 
-async fn run(a: RunArgs) -> Result<()> {
+fn options(a: RunArgs) -> Result<cdp_agent::Options> {
     let config = cdp_core::config::Config::load(a.config.as_deref())?;
-    let opts = cdp_agent::Options {
+    Ok(cdp_agent::Options {
         state_dir: config.state_dir(a.state_dir.as_deref()),
         run_dir: config.run_dir(a.run_dir.as_deref()),
         config,
         once: a.once,
         boot_id_file: a.boot_id_file,
-    };
+        config_path: a.config,
+        exe: cdp_agent::child::own_exe(),
+    })
+}
+
+/// The child of one adoption: its report is one JSON line on stdout.
+async fn adopt_vm(uuid: String, a: RunArgs) -> Result<()> {
+    let opts = options(a)?;
+    let stop = cdp_agent::stop_on_sigterm()?;
+    // The agent's SIGTERM reaches us through it; if it dies, so do we.
+    let _ = cdp_core::proc::die_with_parent();
+    let report = cdp_agent::child::adopt_vm(&opts, &uuid, stop).await;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+async fn run(a: RunArgs) -> Result<()> {
+    let opts = options(a)?;
     if opts.once {
         let report = cdp_agent::run_once(&opts).await?;
         println!("{}", serde_json::to_string(&report)?);

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use cdp_core::catalog::{Catalog, CatalogError, VmRow};
 use cdp_core::config::Config;
+use cdp_core::layout::StateDir;
+use cdp_core::privsep::{PrivsepError, VmIdentity};
 use cdp_core::time::now_ns;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
@@ -37,6 +39,10 @@ pub const ERROR_KINDS: &[&str] = &[
 pub enum MetricsError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Privsep(#[from] PrivsepError),
+    #[error("listing the VMs: {0}")]
+    List(#[from] std::io::Error),
     #[error("encoding metrics: {0}")]
     Prometheus(#[from] prometheus::Error),
 }
@@ -75,7 +81,9 @@ impl Counters {
 
 /// What a scrape reads.
 pub struct Source {
-    pub catalog: Arc<Mutex<Catalog>>,
+    /// Each VM's catalog is read by a child with the VM's identity
+    /// (`cdp_core::privsep`), never by the agent itself.
+    pub state_dir: PathBuf,
     pub config: Config,
     pub run_dir: PathBuf,
     pub counters: Arc<Counters>,
@@ -196,67 +204,146 @@ impl Families {
     fn vm(
         &self,
         src: &Source,
-        vm: &VmRow,
+        snap: &VmSnapshot,
         now: u64,
         targets_seen: &mut BTreeMap<String, (u64, bool)>,
-    ) -> Result<(), MetricsError> {
-        // Outside the catalog lock: a cdpd may take up to its timeout.
+    ) {
+        let vm = &snap.row;
         let status = cdpd_answers(&src.run_dir, &vm.uuid);
-        let cat = src.catalog.lock().unwrap();
         self.running
             .with_label_values(&[&vm.name, &vm.uuid])
             .set(status.is_some() as i64);
         let mut target_names: Vec<String> = targets_of(&src.config, vm).to_vec();
-        for t in &cat.targets(&vm.uuid)? {
-            if !target_names.contains(&t.target) {
-                target_names.push(t.target.clone());
+        for (name, updated_ns, up) in &snap.targets {
+            if !target_names.contains(name) {
+                target_names.push(name.clone());
             }
-            let e = targets_seen.entry(t.target.clone()).or_insert((0, false));
-            if t.updated_ns >= e.0 {
-                *e = (t.updated_ns, t.state == "up");
+            let e = targets_seen.entry(name.clone()).or_insert((0, false));
+            if *updated_ns >= e.0 {
+                *e = (*updated_ns, *up);
             }
         }
-        for (disk, _, _) in cat.disks(&vm.uuid)? {
+        for d in &snap.disks {
             let rpo_s = match status
                 .as_ref()
-                .and_then(|s| s.disks.iter().find(|d| d.disk == disk))
+                .and_then(|s| s.disks.iter().find(|x| x.disk == d.disk))
             {
-                Some(d) => d.rpo_ms as f64 / 1000.0,
-                None => {
-                    let (_, _, oldest) = cat.unprotected(&vm.uuid, &disk)?;
-                    oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9)
-                }
+                Some(x) => x.rpo_ms as f64 / 1000.0,
+                None => d
+                    .oldest_unprotected_ns
+                    .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9),
             };
             self.rpo
-                .with_label_values(&[&vm.name, &vm.uuid, &disk])
+                .with_label_values(&[&vm.name, &vm.uuid, &d.disk])
                 .set(rpo_s);
             for t in &target_names {
-                let (n, bytes, _) = cat.backlog(&vm.uuid, &disk, t)?;
-                let l = [&vm.name, &vm.uuid, &disk, t.as_str()];
+                let (n, bytes) = d.backlog.get(t).copied().unwrap_or((0, 0));
+                let l = [&vm.name, &vm.uuid, &d.disk, t.as_str()];
                 self.backlog_bytes.with_label_values(&l).set(bytes as i64);
                 self.backlog_segments.with_label_values(&l).set(n as i64);
             }
         }
-        for (t, bytes) in cat.shipped_bytes(&vm.uuid)? {
+        for (t, bytes) in &snap.shipped {
             self.shipped
-                .with_label_values(&[&vm.name, &vm.uuid, &t])
-                .inc_by(bytes);
+                .with_label_values(&[&vm.name, &vm.uuid, t])
+                .inc_by(*bytes);
         }
-        Ok(())
+    }
+}
+
+/// What the metrics need of one VM's catalog, read by a child with the
+/// VM's identity.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmSnapshot {
+    pub row: VmRow,
+    /// (target, updated_ns, up)
+    pub targets: Vec<(String, u64, bool)>,
+    pub disks: Vec<DiskSnapshot>,
+    pub shipped: Vec<(String, u64)>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DiskSnapshot {
+    pub disk: String,
+    pub oldest_unprotected_ns: Option<u64>,
+    /// target → (segments, bytes)
+    pub backlog: BTreeMap<String, (u64, u64)>,
+}
+
+impl VmSnapshot {
+    /// Read one VM's catalog (as its user). `targets` are the policy's
+    /// targets (those with a backlog even before anything was shipped).
+    pub fn read(
+        cat: &Catalog,
+        uuid: &str,
+        config: &Config,
+    ) -> Result<Option<VmSnapshot>, CatalogError> {
+        let Some(row) = cat.vms()?.into_iter().find(|r| r.uuid == uuid) else {
+            return Ok(None);
+        };
+        let targets: Vec<(String, u64, bool)> = cat
+            .targets(uuid)?
+            .into_iter()
+            .map(|t| (t.target, t.updated_ns, t.state == "up"))
+            .collect();
+        let mut names: Vec<String> = targets_of(config, &row).to_vec();
+        for (t, _, _) in &targets {
+            if !names.contains(t) {
+                names.push(t.clone());
+            }
+        }
+        let mut disks = Vec::new();
+        for (disk, _, _) in cat.disks(uuid)? {
+            let (_, _, oldest) = cat.unprotected(uuid, &disk)?;
+            let mut backlog = BTreeMap::new();
+            for t in &names {
+                let (n, bytes, _) = cat.backlog(uuid, &disk, t)?;
+                backlog.insert(t.clone(), (n, bytes));
+            }
+            disks.push(DiskSnapshot {
+                disk,
+                oldest_unprotected_ns: oldest,
+                backlog,
+            });
+        }
+        let shipped = cat.shipped_bytes(uuid)?;
+        Ok(Some(VmSnapshot {
+            row,
+            targets,
+            disks,
+            shipped,
+        }))
+    }
+
+    /// Read it in a child with the identity of the VM's state directory.
+    pub fn read_as_owner(src: &Source, uuid: &str) -> Result<Option<VmSnapshot>, MetricsError> {
+        let state = StateDir::new(&src.state_dir);
+        let id = VmIdentity::of(&state, uuid)?;
+        let (dir, config) = (src.state_dir.clone(), src.config.clone());
+        let snap = id.run(state.vm(uuid).path(), || {
+            let cat = Catalog::open(&dir, uuid).map_err(|e| e.to_string())?;
+            VmSnapshot::read(&cat, uuid, &config).map_err(|e| e.to_string())
+        })?;
+        Ok(snap)
     }
 }
 
 /// Render every metric in the text format 0.0.4.
 pub fn render(src: &Source) -> Result<String, MetricsError> {
     let f = Families::new()?;
-    f.counters(&src.counters);
-    let vms = src.catalog.lock().unwrap().vms()?;
+    let vms = StateDir::new(&src.state_dir).vms_with_catalog()?;
     let now = now_ns();
     // target → (updated_ns, up) of its freshest observation.
     let mut targets_seen: BTreeMap<String, (u64, bool)> = BTreeMap::new();
-    for vm in &vms {
-        f.vm(src, vm, now, &mut targets_seen)?;
+    for uuid in &vms {
+        // One VM's unreadable catalog costs only its own series.
+        match VmSnapshot::read_as_owner(src, uuid) {
+            Ok(Some(snap)) => f.vm(src, &snap, now, &mut targets_seen),
+            Ok(None) => {}
+            Err(_) => src.counters.error("catalog"),
+        }
     }
+    f.counters(&src.counters);
     for (t, (_, up)) in targets_seen {
         f.target_up.with_label_values(&[&t]).set(up as i64);
     }
@@ -338,7 +425,7 @@ mod tests {
     /// A stopped VM with one disk and two sealed segments of 4096 bytes;
     /// "primary" holds the first one.
     fn source(dir: &Path) -> Source {
-        let cat = Catalog::open(dir).unwrap();
+        let cat = Catalog::open(dir, VM).unwrap();
         cat.upsert_vm(VM, "web").unwrap();
         cat.upsert_disk(VM, "vda", &dir.join("vda.img"), 1 << 20)
             .unwrap();
@@ -384,7 +471,7 @@ targets = ["primary", "offsite"]
         )
         .unwrap();
         Source {
-            catalog: Arc::new(Mutex::new(cat)),
+            state_dir: dir.to_path_buf(),
             config,
             run_dir: dir.join("run"),
             counters: Arc::new(Counters::default()),
@@ -438,11 +525,32 @@ targets = ["primary", "offsite"]
         }
     }
 
+    /// A VM whose state belongs to its QEMU user is read by a child with
+    /// that identity (the agent, root, never opens the catalog): same values.
+    #[test]
+    fn a_vm_owned_by_its_user_is_read_as_that_user() {
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let vm_dir = StateDir::new(dir.path()).vm(VM);
+        for e in std::fs::read_dir(vm_dir.path()).unwrap() {
+            std::os::unix::fs::chown(e.unwrap().path(), Some(65534), Some(65534)).unwrap();
+        }
+        std::os::unix::fs::chown(vm_dir.path(), Some(65534), Some(65534)).unwrap();
+        // Root itself refuses to open it.
+        assert!(Catalog::open(dir.path(), VM).is_err());
+        let t = render(&src).unwrap();
+        let vm = format!("vm=\"web\",vm_uuid=\"{VM}\"");
+        let series = format!("cdp_backlog_segments{{disk=\"vda\",target=\"offsite\",{vm}}}");
+        assert_eq!(sample(&t, &series), Some(2.0), "{t}");
+        assert_eq!(sample(&t, "cdp_errors_total{kind=\"catalog\"}"), Some(0.0));
+    }
+
     #[test]
     fn a_vm_that_went_away_disappears() {
         let dir = tempfile::tempdir().unwrap();
         let src = Source {
-            catalog: Arc::new(Mutex::new(Catalog::open(dir.path()).unwrap())),
+            state_dir: dir.path().to_path_buf(),
             config: Config::parse("").unwrap(),
             run_dir: dir.path().join("run"),
             counters: Arc::new(Counters::default()),

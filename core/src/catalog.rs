@@ -1,4 +1,4 @@
-//! The catalog: `<state-dir>/catalog.sqlite` (SQLite, WAL mode).
+//! A VM's catalog: `<state>/vms/<uuid>/catalog.sqlite` (SQLite, WAL mode).
 //!
 //! What the host knows about its protected VMs: VMs, disks, journal segments
 //! (sequence and time ranges, size, sealed), capture sessions (how each one
@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use thiserror::Error;
 
 use crate::journal::writer::SealedSegment;
@@ -123,6 +123,10 @@ pub enum CatalogError {
     },
     #[error("catalog {path} has schema version {found}, this build knows version {SCHEMA_VERSION}; upgrade cdpd")]
     Version { path: PathBuf, found: i64 },
+    #[error("{name:?} is not a VM UUID: {message}")]
+    Name { name: String, message: String },
+    #[error("{path} belongs to uid {uid}: root does not open a VM's catalog; it works on a VM's state as the VM's user (cdp_core::privsep)")]
+    AsRoot { path: PathBuf, uid: u32 },
     #[error("creating {path}: {source}")]
     Io {
         path: PathBuf,
@@ -133,8 +137,27 @@ pub enum CatalogError {
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
+/// Root never opens a catalog in a directory another user owns.
+fn refuse_as_root(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|source| CatalogError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if m.uid() != 0 || !m.is_dir() {
+        return Err(CatalogError::AsRoot {
+            path: dir.to_path_buf(),
+            uid: m.uid(),
+        });
+    }
+    Ok(())
+}
+
 /// A protected VM.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmRow {
     pub uuid: String,
     pub name: String,
@@ -175,52 +198,104 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Open (creating if needed) `<state-dir>/catalog.sqlite`.
-    pub fn open(state_dir: &Path) -> Result<Catalog> {
-        std::fs::create_dir_all(state_dir).map_err(|source| CatalogError::Io {
-            path: state_dir.to_path_buf(),
+    /// Open (creating if needed) the VM's catalog
+    /// `<state>/vms/<uuid>/catalog.sqlite` (`vm_uuid` checked by
+    /// `cdp_core::names`). Root never opens the catalog of a VM whose
+    /// state belongs to another user: it drops to that user first
+    /// (`cdp_core::privsep`, docs/DESIGN.md "Trust boundaries"). A VM whose
+    /// rows are still in the host catalog of an older version
+    /// (`<state>/catalog.sqlite`) gets them copied into its own catalog
+    /// when that is created.
+    pub fn open(state_dir: &Path, vm_uuid: &str) -> Result<Catalog> {
+        let uuid = crate::names::check_uuid(vm_uuid)
+            .map_err(|e| CatalogError::Name {
+                name: vm_uuid.to_string(),
+                message: e.to_string(),
+            })?
+            .hyphenated()
+            .to_string();
+        let state = crate::layout::StateDir::new(state_dir);
+        let dir = state.vm(&uuid);
+        std::fs::create_dir_all(dir.path()).map_err(|source| CatalogError::Io {
+            path: dir.path().to_path_buf(),
             source,
         })?;
-        let path = crate::layout::StateDir::new(state_dir).catalog();
-        let conn = Connection::open(&path).map_err(|source| CatalogError::Sqlite {
+        refuse_as_root(dir.path())?;
+        let path = dir.catalog();
+        let fresh = !path.exists();
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| CatalogError::Sqlite {
             path: path.clone(),
             source,
         })?;
         let mut c = Catalog { conn, path };
         c.init()?;
-        c.give_to_dir_owner(state_dir)?;
+        let legacy = state.legacy_catalog();
+        if fresh && legacy.is_file() {
+            c.import_legacy(&legacy, &uuid)?;
+        }
         Ok(c)
     }
 
-    /// The catalog is shared by processes of different users: cdpd and the
-    /// shipper run as the QEMU user, cdpctl and cdp-agent as root. Root
-    /// hands the database and its WAL files to the owner of the state
-    /// directory (the libvirt hook makes that the QEMU user), so a file root
-    /// created never locks the QEMU user out.
-    fn give_to_dir_owner(&self, state_dir: &Path) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        if !nix::unistd::geteuid().is_root() {
-            return Ok(());
-        }
-        let dir = std::fs::metadata(state_dir).map_err(|source| CatalogError::Io {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        if dir.uid() == 0 {
-            return Ok(());
-        }
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = self.path.clone().into_os_string();
-            p.push(suffix);
-            let p = PathBuf::from(p);
-            match std::fs::metadata(&p) {
-                Ok(m) if m.uid() == dir.uid() && m.gid() == dir.gid() => {}
-                Ok(_) => std::os::unix::fs::chown(&p, Some(dir.uid()), Some(dir.gid()))
-                    .map_err(|source| CatalogError::Io { path: p, source })?,
-                Err(_) => {}
+    /// Copy one VM's rows from the host catalog of versions before
+    /// per-VM catalogs (same schema). That file was writable by every VM's
+    /// QEMU user: its rows are no more trusted than the VM's own catalog.
+    fn import_legacy(&mut self, legacy: &Path, uuid: &str) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|source| CatalogError::Sqlite {
+                path: legacy.to_path_buf(),
+                source,
+            })?;
+        let run = || -> rusqlite::Result<()> {
+            tx.execute(
+                "ATTACH DATABASE ?1 AS old",
+                params![legacy.to_string_lossy()],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO main.vms SELECT * FROM old.vms WHERE uuid = ?1",
+                params![uuid],
+            )?;
+            for t in [
+                "disks",
+                "segments",
+                "marks",
+                "shipments",
+                "targets",
+                "baselines",
+                "configs",
+                "gaps",
+            ] {
+                tx.execute(
+                    &format!(
+                        "INSERT OR IGNORE INTO main.{t} SELECT * FROM old.{t} WHERE vm_uuid = ?1"
+                    ),
+                    params![uuid],
+                )?;
             }
-        }
-        Ok(())
+            tx.execute(
+                "INSERT INTO main.sessions(vm_uuid, boot_id, pid, started_ns, start_seq,
+                     previous_end, ended_ns, end_kind)
+                 SELECT vm_uuid, boot_id, pid, started_ns, start_seq, previous_end, ended_ns,
+                     end_kind FROM old.sessions WHERE vm_uuid = ?1 ORDER BY id",
+                params![uuid],
+            )?;
+            Ok(())
+        };
+        let r = run();
+        let r = r.and_then(|()| tx.commit());
+        let _ = self.conn.execute("DETACH DATABASE old", []);
+        r.map_err(|source| CatalogError::Sqlite {
+            path: legacy.to_path_buf(),
+            source,
+        })
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> CatalogError + '_ {
@@ -890,29 +965,71 @@ impl Catalog {
 mod tests {
     use super::*;
 
-    /// Root opening the catalog (cdpctl, cdp-agent) leaves the database and
-    /// its WAL files to the state dir's owner (QEMU's user runs cdpd).
+    const U: &str = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+
+    /// Root never opens a catalog in a VM directory another user owns
+    /// (it drops to that user first: `cdp_core::privsep`).
     #[test]
-    fn root_hands_the_catalog_to_the_state_dir_owner() {
-        use std::os::unix::fs::MetadataExt;
+    fn root_refuses_a_vm_owned_catalog() {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root (chown)"
         );
         let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
-        let c = Catalog::open(dir.path()).unwrap();
-        c.upsert_vm("u1", "web").unwrap();
-        for f in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
-            let m = std::fs::metadata(dir.path().join(f)).unwrap();
-            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{f}");
+        let vm = crate::layout::StateDir::new(dir.path()).vm(U);
+        std::fs::create_dir_all(vm.path()).unwrap();
+        std::os::unix::fs::chown(vm.path(), Some(65534), Some(65534)).unwrap();
+        let e = Catalog::open(dir.path(), U).err().unwrap();
+        assert!(matches!(e, CatalogError::AsRoot { uid: 65534, .. }), "{e}");
+        assert!(!vm.catalog().exists());
+        // A name that is not a UUID never becomes a path.
+        let e = Catalog::open(dir.path(), "../../etc").err().unwrap();
+        assert!(matches!(e, CatalogError::Name { .. }), "{e}");
+    }
+
+    /// A VM's first per-VM catalog takes that VM's rows (and only them)
+    /// from the host catalog of older versions.
+    #[test]
+    fn the_legacy_host_catalog_is_imported_once_per_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = "1b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        {
+            let old = Connection::open(dir.path().join("catalog.sqlite")).unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            for (u, n) in [(U, "web"), (other, "db")] {
+                old.execute(
+                    "INSERT INTO vms(uuid, name, last_seq) VALUES(?1, ?2, 7)",
+                    params![u, n],
+                )
+                .unwrap();
+                old.execute(
+                    "INSERT INTO sessions(vm_uuid, boot_id, pid, started_ns, start_seq, previous_end)
+                     VALUES(?1, 'b', 1, 2, 3, 'first')",
+                    params![u],
+                )
+                .unwrap();
+                old.execute("INSERT INTO marks VALUES(?1, 'm', 5, 6)", params![u])
+                    .unwrap();
+            }
         }
+        let c = Catalog::open(dir.path(), U).unwrap();
+        let vms = c.vms().unwrap();
+        assert_eq!(vms.len(), 1);
+        assert_eq!((vms[0].name.as_str(), vms[0].last_seq), ("web", 7));
+        assert!(c.last_session(U).unwrap().is_some());
+        assert!(c.mark_exists(U, "m").unwrap());
+        assert!(c.last_session(other).unwrap().is_none());
+        c.upsert_vm(U, "web2").unwrap();
+        drop(c);
+        // Not again: the VM's own catalog is what counts from now on.
+        let c = Catalog::open(dir.path(), U).unwrap();
+        assert_eq!(c.vms().unwrap()[0].name, "web2");
     }
 
     #[test]
     fn roundtrip() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), U).unwrap();
         c.upsert_vm("u1", "web").unwrap();
         c.upsert_vm("u1", "web2").unwrap();
         assert_eq!(
@@ -948,7 +1065,7 @@ mod tests {
         assert_eq!(c.last_seq("u1").unwrap(), (9, 2));
         // Reopening keeps everything.
         drop(c);
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), U).unwrap();
         assert_eq!(c.segments("u1").unwrap().len(), 1);
         assert_eq!(c.vms().unwrap()[0].policy, None);
         c.set_vm_policy("u1", "gold").unwrap();
@@ -959,7 +1076,9 @@ mod tests {
     fn version_1_catalog_gains_the_policy_column() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let conn = Connection::open(dir.path().join("catalog.sqlite")).unwrap();
+            let vm = crate::layout::StateDir::new(dir.path()).vm(U);
+            std::fs::create_dir_all(vm.path()).unwrap();
+            let conn = Connection::open(vm.catalog()).unwrap();
             conn.execute_batch(
                 "CREATE TABLE vms(uuid TEXT PRIMARY KEY, name TEXT NOT NULL,
                     last_seq INTEGER NOT NULL DEFAULT 0, last_ts_ns INTEGER NOT NULL DEFAULT 0);
@@ -968,7 +1087,7 @@ mod tests {
             )
             .unwrap();
         }
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), U).unwrap();
         let vms = c.vms().unwrap();
         assert_eq!(vms.len(), 1);
         assert_eq!((vms[0].name.as_str(), vms[0].last_seq), ("web", 7));
@@ -976,7 +1095,7 @@ mod tests {
         c.set_vm_policy("u1", "default").unwrap();
         drop(c);
         // Opening again (already version 2) changes nothing.
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), U).unwrap();
         assert_eq!(c.vms().unwrap()[0].policy.as_deref(), Some("default"));
         let v: i64 = c
             .conn
@@ -1004,7 +1123,7 @@ mod tests {
     #[test]
     fn shipments_drive_unshipped_and_backlog() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), U).unwrap();
         c.upsert_vm("u1", "web").unwrap();
         c.put_segment("u1", "vda", &sealed(1, 100), true).unwrap();
         c.put_segment("u1", "vda", &sealed(11, 200), true).unwrap();
@@ -1046,7 +1165,7 @@ mod tests {
     #[test]
     fn baselines_are_replaced_by_key_columns() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Catalog::open(dir.path()).unwrap();
+        let c = Catalog::open(dir.path(), U).unwrap();
         c.upsert_vm("u1", "web").unwrap();
         let mut b = BaselineRow {
             disk: "vda".into(),

@@ -2,8 +2,10 @@
 //! built here, and nowhere else (docs/DESIGN.md, "Host layout").
 //!
 //! ```text
-//! <state>/catalog.sqlite                      host catalog (SQLite, WAL)
-//! <state>/vms/<uuid>/                         one VM's state, owned by its QEMU user
+//! <state>/                                   root-owned, 0755
+//! <state>/vms/                               root-owned, 0755
+//! <state>/vms/<uuid>/                         one VM's state, owned by its QEMU user (0700)
+//! <state>/vms/<uuid>/catalog.sqlite           the VM's catalog (SQLite, WAL)
 //! <state>/vms/<uuid>/domain.xml               the definition cdp-qemu saved at start (0600)
 //! <state>/vms/<uuid>/shipper.lock             flock held by the VM's shipper (or cdp-agent)
 //! <state>/vms/<uuid>/<disk>/journal/          one disk's journal segments
@@ -23,9 +25,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// File name of the host catalog inside the state directory.
+/// File name of a VM's catalog inside its state directory (and of the
+/// host catalog of versions before 0.3, read once to import a VM's rows).
 const CATALOG: &str = "catalog.sqlite";
-const VMS: &str = "vms";
+pub(crate) const VMS: &str = "vms";
 const JOURNAL: &str = "journal";
 const SHIPPER_LOCK: &str = "shipper.lock";
 const DEFINITION: &str = "domain.xml";
@@ -57,14 +60,19 @@ impl StateDir {
         &self.0
     }
 
-    /// `<state>/catalog.sqlite`
-    pub fn catalog(&self) -> PathBuf {
+    /// `<state>/catalog.sqlite`: the host catalog shared by every VM before
+    /// catalogs were per VM. Only read (as the VM's user) to import that
+    /// VM's rows into its own catalog once.
+    pub fn legacy_catalog(&self) -> PathBuf {
         self.0.join(CATALOG)
     }
 
-    /// Is there a catalog (has any VM been protected on this host)?
-    pub fn has_catalog(&self) -> bool {
-        self.catalog().exists()
+    /// The VMs that have a catalog here, sorted by uuid (only names that
+    /// are UUIDs; listing only: nothing is opened).
+    pub fn vms_with_catalog(&self) -> io::Result<Vec<String>> {
+        let mut v = entries_holding(&self.vms(), CATALOG)?;
+        v.retain(|u| crate::names::check_uuid(u).is_ok());
+        Ok(v)
     }
 
     /// `<state>/vms`
@@ -91,6 +99,11 @@ impl VmStateDir {
     /// `<state>/vms/<uuid>/<disk>/journal`
     pub fn journal(&self, disk: &str) -> PathBuf {
         self.0.join(disk).join(JOURNAL)
+    }
+
+    /// `<state>/vms/<uuid>/catalog.sqlite`
+    pub fn catalog(&self) -> PathBuf {
+        self.0.join(CATALOG)
     }
 
     /// `<state>/vms/<uuid>/shipper.lock`
@@ -186,7 +199,11 @@ mod tests {
     #[test]
     fn paths_match_the_documented_layout() {
         let s = StateDir::new("/var/lib/cdp");
-        assert_eq!(s.catalog(), Path::new("/var/lib/cdp/catalog.sqlite"));
+        assert_eq!(
+            s.vm(U).catalog(),
+            PathBuf::from(format!("/var/lib/cdp/vms/{U}/catalog.sqlite"))
+        );
+        assert_eq!(s.legacy_catalog(), Path::new("/var/lib/cdp/catalog.sqlite"));
         assert_eq!(
             s.journal(U, "vda"),
             PathBuf::from(format!("/var/lib/cdp/vms/{U}/vda/journal"))
@@ -220,6 +237,11 @@ mod tests {
         std::fs::create_dir_all(s.journal(U, "vda")).unwrap();
         std::fs::create_dir_all(s.vm(U).path().join("notadisk")).unwrap();
         assert_eq!(s.vm(U).journal_disks().unwrap(), ["vda", "vdb"]);
+        assert!(s.vms_with_catalog().unwrap().is_empty());
+        std::fs::write(s.vm(U).catalog(), b"").unwrap();
+        std::fs::create_dir_all(s.vm("not-a-uuid").path()).unwrap();
+        std::fs::write(s.vm("not-a-uuid").catalog(), b"").unwrap();
+        assert_eq!(s.vms_with_catalog().unwrap(), [U]);
 
         let r = RunDir::new(d.path().join("run"));
         assert!(r.vms_with_control_socket().unwrap().is_empty());

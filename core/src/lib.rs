@@ -28,6 +28,7 @@ pub mod layout;
 pub mod names;
 pub mod nbd;
 pub mod notify;
+pub mod privsep;
 pub mod proc;
 pub mod session;
 pub mod time;

@@ -200,11 +200,11 @@ mod tests {
     fn recover_journals_of_a_fresh_vm_records_nothing() {
         let d = tempfile::tempdir().unwrap();
         let state = StateDir::new(d.path());
-        let cat = Catalog::open(state.path()).unwrap();
+        let u = uuid::Uuid::new_v4();
+        let cat = Catalog::open(state.path(), &u.to_string()).unwrap();
         let img_path = d.path().join("a.img");
         let img = File::create(&img_path).unwrap();
         img.set_len(1 << 20).unwrap();
-        let u = uuid::Uuid::new_v4();
         let rec = recover_journals(
             &cat,
             &state,

@@ -168,7 +168,7 @@ pub async fn ensure_format(store: &Store, target: &str) -> Result<()> {
 impl Shipper {
     pub async fn new(opts: Options, config: &Config) -> Result<Shipper> {
         cdp_core::names::check_uuid(&opts.vm_uuid)?;
-        let catalog = Catalog::open(&opts.state_dir)?;
+        let catalog = Catalog::open(&opts.state_dir, &opts.vm_uuid)?;
         let targets = open_targets(config, &opts.policy).await?;
         Ok(Shipper {
             opts,

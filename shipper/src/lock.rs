@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use cdp_core::layout::StateDir;
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -54,23 +54,19 @@ pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, 
     };
     let dir = path.parent().expect("lock path has a parent");
     std::fs::create_dir_all(dir).map_err(err)?;
-    // The shipper runs as the QEMU user, the agent as root: whoever creates
-    // the file, the other must be able to open it. flock needs no write
-    // access, so a read-only descriptor is enough.
-    let file = match OpenOptions::new()
+    refuse_as_root(dir).map_err(err)?;
+    // The VM's shipper and the agent's child working for the VM run as the
+    // same user (the owner of the VM's state directory): no hand-over, and
+    // a link planted at the lock's name is never followed.
+    let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(0o600)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
         .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => File::open(&path).map_err(err)?,
-        Err(e) => return Err(err(e)),
-    };
-    give_to_dir_owner(&file, dir).map_err(err)?;
-    let mut file = file;
+        .map_err(err)?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(Some(ShipperLock { _lock: lock, path })),
@@ -81,17 +77,22 @@ pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, 
     }
 }
 
-/// Root (the agent) hands a lock file it created to the owner of the VM's
-/// state directory (the QEMU user), as the catalog does.
-fn give_to_dir_owner(file: &File, dir: &Path) -> io::Result<()> {
+/// Root never opens files in a VM's state directory another user owns:
+/// it works there as that user (`cdp_core::privsep`).
+fn refuse_as_root(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
-    let d = std::fs::metadata(dir)?;
-    let f = file.metadata()?;
-    if d.uid() != 0 && (f.uid(), f.gid()) != (d.uid(), d.gid()) {
-        std::os::unix::fs::fchown(file, Some(d.uid()), Some(d.gid()))?;
+    let d = std::fs::symlink_metadata(dir)?;
+    if d.uid() != 0 || !d.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "belongs to uid {}: root does not work in a VM's state; it runs as the VM's user (cdp_core::privsep)",
+                d.uid()
+            ),
+        ));
     }
     Ok(())
 }
@@ -109,5 +110,23 @@ mod tests {
         assert!(try_lock(dir.path(), u).unwrap().is_none());
         drop(a);
         assert!(try_lock(dir.path(), u).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_link_at_the_lock_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "x").unwrap();
+        let p = lock_path(dir.path(), u);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        let e = try_lock(dir.path(), u).unwrap_err();
+        assert_eq!(e.source.raw_os_error(), Some(libc_eloop()), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"x");
+    }
+
+    fn libc_eloop() -> i32 {
+        nix::errno::Errno::ELOOP as i32
     }
 }

@@ -459,6 +459,14 @@ impl Daemon {
         Daemon::builder().disk("vda", size).start()
     }
 
+    /// The VM's catalog: `<state>/vms/<uuid>/catalog.sqlite`.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.state_dir
+            .join("vms")
+            .join(&self.vm_uuid)
+            .join("catalog.sqlite")
+    }
+
     /// The disk called `name`.
     pub fn disk(&self, name: &str) -> &Disk {
         self.disks

@@ -93,11 +93,14 @@ impl Host {
         fs::copy(d.image("vda"), &reference).unwrap();
         // The disk drifts from the point: a restore onto it changes it.
         qemu_img_zero_first_mib(&d.image("vda"));
-        // Production: QEMU's user owns the state and the repository.
+        // Production: QEMU's user owns the VM's state (root owns <state>
+        // and <state>/vms) and the repository.
         let top = d.work_dir().parent().unwrap().to_path_buf();
         fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(d.work_dir(), fs::Permissions::from_mode(0o755)).unwrap();
-        chown_tree(&d.state_dir);
+        fs::set_permissions(&d.state_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(d.state_dir.join("vms"), fs::Permissions::from_mode(0o755)).unwrap();
+        chown_tree(&d.state_dir.join("vms").join(&d.vm_uuid));
         chown_tree(&repo);
         let victim_dir = tempfile::tempdir().unwrap();
         fs::set_permissions(victim_dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -197,7 +200,7 @@ fn paths_from_the_repository_or_the_catalog_are_never_overwritten() {
     let h = Host::new();
     let victim = h.victim.display().to_string();
     // The catalog (QEMU's user writes it) names the victim as the disk.
-    let catalog = h.d.state_dir.join("catalog.sqlite");
+    let catalog = h.d.catalog_path();
     as_qemu(&format!(
         "sqlite3 {} \"UPDATE disks SET path = '{victim}'\"",
         catalog.display()

@@ -324,7 +324,7 @@ fn power_loss_records_a_gap() {
 
 /// Reads `catalog.sqlite` and returns (segment name, sealed) for every segment of the VM.
 fn catalog_segments(d: &Daemon) -> Vec<(String, bool)> {
-    let db = d.state_dir.join("catalog.sqlite");
+    let db = d.catalog_path();
     assert!(db.exists(), "no catalog at {}", db.display());
     let conn = rusqlite::Connection::open_with_flags(
         &db,

@@ -171,7 +171,7 @@ fn segment_age_seals_while_running() {
 
     // The catalog shows a sealed segment covering that write, with cdpd
     // running (nothing but the age seals it; the bound is for a hung cdpd).
-    let db = d.state_dir.join("catalog.sqlite");
+    let db = d.catalog_path();
     let what = format!("a segment sealed by --segment-age 200ms covering seq {last_seq}");
     cdp_tests::guest::wait_until(&what, 60, || {
         let conn =

@@ -138,8 +138,8 @@ fn run_directory_layout_and_socket_modes() {
         );
     }
     assert!(
-        d.state_dir.join("catalog.sqlite").exists(),
-        "no catalog.sqlite in the state directory"
+        d.catalog_path().exists(),
+        "no catalog.sqlite in the VM's state directory"
     );
     let journal_dir = d
         .state_dir

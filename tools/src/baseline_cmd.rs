@@ -23,7 +23,11 @@ pub struct BaselineArgs {
 
 pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
     let vm = ctx.resolve_vm(&a.vm)?;
-    let catalog = Arc::new(Mutex::new(Catalog::open(&ctx.state_dir)?));
+    // A baseline is work on the VM's state: it runs as the VM's user
+    // (docs/DESIGN.md, "Trust boundaries"), reading the images that user
+    // can read and nothing else.
+    ctx.enter_vm(&vm)?;
+    let catalog = Arc::new(Mutex::new(Catalog::open(&ctx.state_dir, &vm)?));
     let disks = catalog.lock().unwrap().disks(&vm)?;
     let disks: Vec<_> = disks
         .into_iter()

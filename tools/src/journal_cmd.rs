@@ -96,6 +96,9 @@ pub fn parse_upto(s: &str) -> Result<Upto> {
 
 pub fn inspect(ctx: &Ctx, vm: &str, only: Option<&str>) -> Result<InspectOut> {
     let uuid = ctx.resolve_vm(vm)?;
+    // The journal is the VM's: read as its user (docs/DESIGN.md, "Trust
+    // boundaries").
+    ctx.enter_vm(&uuid)?;
     let disks = match only {
         Some(d) => vec![d.to_string()],
         None => journal::list_disks(&ctx.state_dir, &uuid)?,
@@ -226,6 +229,9 @@ pub fn run(ctx: &Ctx, cmd: JournalCmd) -> Result<()> {
                 .write(true)
                 .open(&onto)
                 .with_context(|| format!("opening --onto {}", onto.display()))?;
+            // The operator's --onto is opened (as root, if cdpctl is); the
+            // VM's journal is read as the VM's user.
+            ctx.enter_vm(&uuid)?;
             let dir = journal::journal_dir(&ctx.state_dir, &uuid, &disk);
             if !dir.is_dir() {
                 bail!(

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use cdp_core::config::Config;
 use cdp_core::layout::{RunDir, StateDir};
+use cdp_core::privsep::VmIdentity;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -121,27 +122,63 @@ impl Ctx {
         RunDir::new(&self.run_dir)
     }
 
-    /// Resolve a VM given by name or UUID to its UUID, using the catalog when
-    /// it is not a UUID.
+    /// Resolve a VM given by name or UUID to its UUID: a name is looked up
+    /// in the VMs' catalogs (each read as its VM's user).
     pub fn resolve_vm(&self, vm: &str) -> Result<String> {
         if let Ok(u) = cdp_core::names::check_uuid(vm) {
             return Ok(u.hyphenated().to_string());
         }
-        let cat_path = self.state().catalog();
-        if !cat_path.exists() {
+        let vms = self.state().vms_with_catalog()?;
+        if vms.is_empty() {
             bail!(
-                "no catalog at {}: give the VM's UUID, or the right --state-dir",
-                cat_path.display()
+                "no VM has a catalog under {}: give the VM's UUID, or the right --state-dir",
+                self.state().vms().display()
             );
         }
-        let cat = cdp_core::catalog::Catalog::open(&self.state_dir)?;
-        match cat.resolve_vm(vm)? {
-            Some((uuid, _)) => Ok(uuid),
-            None => bail!(
-                "no VM named {vm:?} in {}: check the name, or give its UUID",
-                cat_path.display()
-            ),
+        for uuid in vms {
+            if self
+                .with_catalog(&uuid, |c| c.vm_name(&uuid))
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some(vm)
+            {
+                return Ok(uuid);
+            }
         }
+        bail!(
+            "no VM named {vm:?} under {}: check the name, or give its UUID",
+            self.state().vms().display()
+        )
+    }
+
+    /// Does the VM have a catalog on this host?
+    pub fn has_catalog(&self, uuid: &str) -> bool {
+        self.state().vm(uuid).catalog().exists()
+    }
+
+    /// Run `f` on the VM's catalog as the VM's user (docs/DESIGN.md, "Trust
+    /// boundaries"): root never opens a catalog QEMU's user can write; a
+    /// child with the identity of `<state>/vms/<uuid>` does.
+    pub fn with_catalog<T, F>(&self, uuid: &str, f: F) -> Result<T>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        F: FnOnce(&cdp_core::catalog::Catalog) -> Result<T, cdp_core::catalog::CatalogError>,
+    {
+        let state = self.state();
+        let id = VmIdentity::of(&state, uuid)?;
+        let dir = self.state_dir.clone();
+        Ok(id.run(state.vm(uuid).path(), || {
+            let cat = cdp_core::catalog::Catalog::open(&dir, uuid).map_err(|e| e.to_string())?;
+            f(&cat).map_err(|e| e.to_string())
+        })?)
+    }
+
+    /// Drop this whole process to the VM's identity, for a command that
+    /// works only on that VM's state and needs nothing of root afterwards.
+    pub fn enter_vm(&self, uuid: &str) -> Result<()> {
+        VmIdentity::of(&self.state(), uuid)?.enter()?;
+        Ok(())
     }
 }
 

@@ -271,20 +271,22 @@ fn find_baselines(
 /// protected before, the next session starts with a GAP (and so a fresh
 /// baseline), never a silent hole. Whether a gap was recorded.
 fn record_gap(ctx: &Ctx, uuid: &str, disks: &[DiskReport]) -> Result<bool> {
-    let state = ctx.state();
-    if !state.has_catalog() {
+    if !ctx.has_catalog(uuid) {
         return Ok(false);
     }
-    let cat = cdp_core::catalog::Catalog::open(state.path())?;
-    let known = cat.disks(uuid)?;
-    let mut gap_recorded = false;
-    for d in disks {
-        if known.iter().any(|(k, _, _)| k == &d.disk) {
-            let (seq, ts) = cat.last_seq(uuid)?;
-            cat.add_gap(uuid, &d.disk, seq, ts, "unprotected")?;
-            gap_recorded = true;
+    let names: Vec<String> = disks.iter().map(|d| d.disk.clone()).collect();
+    let gap_recorded = ctx.with_catalog(uuid, |cat| {
+        let known = cat.disks(uuid)?;
+        let mut gap_recorded = false;
+        for d in &names {
+            if known.iter().any(|(k, _, _)| k == d) {
+                let (seq, ts) = cat.last_seq(uuid)?;
+                cat.add_gap(uuid, d, seq, ts, "unprotected")?;
+                gap_recorded = true;
+            }
         }
-    }
+        Ok(gap_recorded)
+    })?;
     Ok(gap_recorded)
 }
 

@@ -34,14 +34,12 @@ pub struct PruneArgs {
 }
 
 fn vm_policy(ctx: &Ctx, vm: &str) -> Option<String> {
-    if !ctx.state().has_catalog() {
+    let uuid = ctx.resolve_vm(vm).ok()?;
+    if !ctx.has_catalog(&uuid) {
         return None;
     }
-    let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir).ok()?;
-    let uuid = ctx.resolve_vm(vm).ok()?;
-    cat.vms()
-        .ok()?
-        .into_iter()
+    let vms = ctx.with_catalog(&uuid, |cat| cat.vms()).ok()?;
+    vms.into_iter()
         .find(|r| r.uuid == uuid)
         .and_then(|r| r.policy)
 }

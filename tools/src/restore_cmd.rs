@@ -95,10 +95,8 @@ pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
     if let Ok(u) = cdp_core::names::check_uuid(vm) {
         return Ok(u.hyphenated().to_string());
     }
-    if ctx.state().has_catalog() {
-        if let Ok(u) = ctx.resolve_vm(vm) {
-            return Ok(u);
-        }
+    if let Ok(u) = ctx.resolve_vm(vm) {
+        return Ok(u);
     }
     let list = store.list(&format!("{}/vms/", rf::ROOT)).await?;
     for o in list.iter().filter(|o| o.key.ends_with("/vm.json")) {
@@ -555,16 +553,12 @@ async fn in_place(
     sink.file.sync_all()?;
     // The disk no longer equals baseline + journal: the next capture
     // session records a GAP and the shipper takes a new baseline.
-    if ctx.state().has_catalog() {
-        let cat = cdp_core::catalog::Catalog::open(&ctx.state_dir)?;
-        let (last, _) = cat.last_seq(vm)?;
-        cat.add_gap(
-            vm,
-            &target.disk,
-            last + 1,
-            now_ns(),
-            &format!("disk restored in place to {point}: a new baseline is needed"),
-        )?;
+    if ctx.has_catalog(vm) {
+        let reason = format!("disk restored in place to {point}: a new baseline is needed");
+        ctx.with_catalog(vm, |cat| {
+            let (last, _) = cat.last_seq(vm)?;
+            cat.add_gap(vm, &target.disk, last + 1, now_ns(), &reason)
+        })?;
     }
     eprintln!(
         "{} bytes differed and were rewritten",
