@@ -154,15 +154,11 @@ pub fn is_ours(text: &str, template: &str, variable_prefix: &str) -> bool {
     norm(text) == norm(template)
 }
 
-/// The AppArmor block for this installation: the packaged rules, plus rules for
-/// the bin-dir, state and run directories and file:// targets the packaged rules
-/// do not name.
-pub fn apparmor_block(
-    bin_dir: &Path,
-    state_dir: &Path,
-    run_dir: &Path,
-    config: &cdp_core::config::Config,
-) -> String {
+/// The AppArmor block for this installation: the packaged rules (what every
+/// VM's profile gets), plus the programs of a bin-dir the packaged rules do not
+/// name. The state, run and `file://` directories are not here: the hook grants
+/// each VM its own, per uuid (`cdp_hooks::hook::apparmor`).
+pub fn apparmor_block(bin_dir: &Path) -> String {
     let mut extra = Vec::new();
     let q = |p: &Path| format!("\"{}\"", p.display());
     if bin_dir != Path::new("/usr/bin") && bin_dir != Path::new("/usr/local/bin") {
@@ -170,28 +166,9 @@ pub fn apparmor_block(
             extra.push(format!("  {} rmix,", q(&bin_dir.join(b))));
         }
     }
-    let mut dirs = Vec::new();
-    if state_dir != Path::new(cdp_core::config::DEFAULT_STATE_DIR) {
-        dirs.push(state_dir.to_path_buf());
-    }
-    if run_dir != Path::new(cdp_core::config::DEFAULT_RUN_DIR) {
-        dirs.push(run_dir.to_path_buf());
-    }
-    for t in config.target.values() {
-        if let Some(p) = t.url.strip_prefix("file://") {
-            let p = PathBuf::from(p.split(['?', '#']).next().unwrap_or(p));
-            if p.is_absolute() && p != Path::new("/var/lib/cdp-repo") && !dirs.contains(&p) {
-                dirs.push(p);
-            }
-        }
-    }
-    for d in dirs {
-        extra.push(format!("  {} rw,", q(&d.join(""))));
-        extra.push(format!("  {} rwk,", q(&d.join("**"))));
-    }
     let mut s = format!("{BLOCK_BEGIN}\n{}", APPARMOR.trim_end());
     if !extra.is_empty() {
-        s.push_str("\n\n  # This host's paths.\n");
+        s.push_str("\n\n  # This host's bin-dir.\n");
         s.push_str(&extra.join("\n"));
     }
     s.push_str(&format!("\n{BLOCK_END}\n"));
@@ -237,30 +214,23 @@ mod tests {
 
     #[test]
     fn block_in_and_out() {
-        let c = cdp_core::config::Config::default();
-        let b = apparmor_block(
-            Path::new("/usr/local/bin"),
-            Path::new("/var/lib/cdp"),
-            Path::new("/run/cdp"),
-            &c,
-        );
+        let b = apparmor_block(Path::new("/usr/local/bin"));
         let text = format!("# mine\n/x r,\n{b}# after\n");
         let (rest, had) = without_block(&text);
         assert!(had);
         assert_eq!(rest, "# mine\n/x r,\n# after\n");
         assert_eq!(without_block(&rest), (rest.clone(), false));
-        let c = cdp_core::config::Config::parse(
-            "[paths]\nstate_dir = \"/srv/cdp state\"\n[target.t]\nurl = \"file:///mnt/repo\"\n",
-        )
-        .unwrap();
-        let b = apparmor_block(
-            Path::new("/opt/cdp"),
-            Path::new("/srv/cdp state"),
-            Path::new("/run/cdp"),
-            &c,
-        );
+        let b = apparmor_block(Path::new("/opt/cdp"));
         assert!(b.contains("\"/opt/cdp/cdpd\" rmix,"), "{b}");
-        assert!(b.contains("\"/srv/cdp state/**\" rwk,"), "{b}");
-        assert!(b.contains("\"/mnt/repo/\" rw,"), "{b}");
+        // Nothing any VM may reach of another's: no state, run or
+        // repository directory, no credentials file.
+        for shared in [
+            "/var/lib/cdp",
+            "/run/cdp",
+            "/var/lib/cdp-repo",
+            "/etc/cdp/**",
+        ] {
+            assert!(!b.contains(shared), "{shared} in the shared block:\n{b}");
+        }
     }
 }

@@ -32,6 +32,14 @@ pub const HOOK_PATH: &str = "/etc/libvirt/hooks/qemu.d/cdp";
 pub const UNIT_PATH: &str = "/etc/systemd/system/cdp-agent.service";
 pub const APPARMOR_DIR: &str = "/etc/apparmor.d";
 pub const APPARMOR_LOCAL: &str = "/etc/apparmor.d/local/abstractions/libvirt-qemu";
+/// libvirt's abstraction, which includes [`APPARMOR_LOCAL`] (without `if
+/// exists` on Debian 12: removing that file breaks every VM's profile).
+pub const APPARMOR_LIBVIRT_ABSTRACTION: &str = "/etc/apparmor.d/abstractions/libvirt-qemu";
+/// The per-VM rules the hook writes (`cdpd/libvirt-<uuid>`).
+pub const APPARMOR_RULES_DIR: &str = "/etc/apparmor.d/cdpd";
+/// libvirt's per-VM profiles (`libvirt-<uuid>`), where the hook adds the line
+/// including a VM's rules.
+pub const APPARMOR_LIBVIRT_DIR: &str = "/etc/apparmor.d/libvirt";
 pub const DEFAULT_BIN_DIR: &str = "/usr/local/bin";
 /// Where the Debian package puts the programs: never copied over, never removed.
 pub const PACKAGE_BIN_DIR: &str = "/usr/bin";

@@ -15,7 +15,8 @@ use super::items::{
     SAMPLE_CONFIG, UNIT, UNIT_VARIABLE,
 };
 use super::{
-    io_err, InstallArgs, InstallError, Result, UninstallArgs, APPARMOR_DIR, APPARMOR_LOCAL,
+    io_err, InstallArgs, InstallError, Result, UninstallArgs, APPARMOR_DIR,
+    APPARMOR_LIBVIRT_ABSTRACTION, APPARMOR_LIBVIRT_DIR, APPARMOR_LOCAL, APPARMOR_RULES_DIR,
     BINARIES, CONFIG_PATH, DEFAULT_BIN_DIR, DPKG_LIST, HOOK_PATH, PACKAGE_BIN_DIR, UNIT_PATH,
 };
 use crate::Global;
@@ -299,11 +300,7 @@ pub fn install(g: &Global, a: &InstallArgs, t: &Target) -> Result<Plan> {
     }
     if a.libvirt {
         hook(&mut p, t, a.force)?;
-        apparmor(
-            &mut p,
-            t,
-            &apparmor_block(&t.bin_dir, &state_dir, &run_dir, &config),
-        )?;
+        apparmor(&mut p, t, &apparmor_block(&t.bin_dir))?;
     }
     if a.systemd {
         let unit_changed = unit(&mut p, t, a.force)?;
@@ -418,6 +415,17 @@ fn apparmor(p: &mut Plan, t: &Target, block: &str) -> Result<()> {
         p.steps.push(step.detail("no AppArmor on this system"));
         return Ok(());
     }
+    // Where the hook writes each VM's rules.
+    let rules = Path::new(APPARMOR_RULES_DIR);
+    p.steps.push(if t.at(rules).is_dir() {
+        Step::same("apparmor", rules, "unchanged").detail("per-VM rules directory")
+    } else {
+        let op = Op::MkDir {
+            to: t.at(rules),
+            mode: 0o755,
+        };
+        Step::change("apparmor", rules, "created", op).detail("per-VM rules directory")
+    });
     let path = Path::new(APPARMOR_LOCAL);
     let dest = t.at(path);
     let cur = match fs::read_to_string(&dest) {
@@ -541,6 +549,7 @@ pub fn uninstall(g: &Global, a: &UninstallArgs, t: &Target) -> Result<Plan> {
         }
         p.steps.push(hook);
         p.steps.push(remove_apparmor(t));
+        remove_vm_rules(&mut p, t)?;
     }
     remove_binaries(&mut p, t)?;
     remove_config(&mut p, t, a.purge);
@@ -625,18 +634,90 @@ fn remove_apparmor(t: &Target) -> Step {
         return Step::same("apparmor", path, "absent");
     };
     let (rest, had) = without_block(&cur);
+    // libvirt's abstraction includes the file: it must stay (empty or not)
+    // or every VM's profile fails to load.
+    let libvirts = t.at(Path::new(APPARMOR_LIBVIRT_ABSTRACTION)).exists() || t.is_packaged(path);
+    let mode = fs::metadata(&dest).map(|m| mode_of(&m)).unwrap_or(0o644);
     if !had {
         Step::same("apparmor", path, "absent")
-    } else if rest.trim().is_empty() {
+    } else if rest.trim().is_empty() && !libvirts {
         Step::change("apparmor", path, "removed", Op::Remove { to: dest })
     } else {
+        let detail = if rest.trim().is_empty() {
+            "our block removed; the file stays (libvirt's abstraction includes it)"
+        } else {
+            "our block removed, the rest kept"
+        };
         let op = Op::Write {
             to: dest,
             content: rest,
-            mode: 0o644,
+            mode,
         };
-        Step::change("apparmor", path, "updated", op).detail("our block removed, the rest kept")
+        Step::change("apparmor", path, "updated", op).detail(detail)
     }
+}
+
+/// The hook's per-VM rules (`/etc/apparmor.d/cdpd/libvirt-<uuid>`, and the
+/// directory when nothing else is in it) and the line including them in
+/// libvirt's profile of each VM (the rest of that profile kept).
+fn remove_vm_rules(p: &mut Plan, t: &Target) -> Result<()> {
+    let rules = Path::new(APPARMOR_RULES_DIR);
+    let is_ours = |n: &str| {
+        n.strip_prefix("libvirt-")
+            .or_else(|| {
+                n.strip_prefix(".libvirt-")
+                    .and_then(|n| n.strip_suffix(".cdp-new"))
+            })
+            .is_some_and(|u| cdp_core::names::check_uuid(u).is_ok())
+    };
+    for (name, dest) in listing(&t.at(rules)) {
+        if is_ours(&name) {
+            let path = rules.join(&name);
+            p.steps.push(
+                Step::change("apparmor", &path, "removed", Op::Remove { to: dest })
+                    .detail("a VM's rules"),
+            );
+        }
+    }
+    if empty_after(p, &t.at(rules)) {
+        let op = Op::RemoveDir { to: t.at(rules) };
+        p.steps.push(Step::change("apparmor", rules, "removed", op));
+    }
+    let libvirt = Path::new(APPARMOR_LIBVIRT_DIR);
+    for (name, dest) in listing(&t.at(libvirt)) {
+        if !is_ours(&name) || name.starts_with('.') {
+            continue;
+        }
+        let Ok(text) = fs::read_to_string(&dest) else {
+            continue;
+        };
+        let (rest, had) = cdp_hooks::hook::apparmor::without_include(&text);
+        if had {
+            let mode = fs::metadata(&dest).map(|m| mode_of(&m)).unwrap_or(0o644);
+            let op = Op::Write {
+                to: dest,
+                content: rest,
+                mode,
+            };
+            p.steps.push(
+                Step::change("apparmor", &libvirt.join(&name), "updated", op)
+                    .detail("libvirt's profile of the VM: our include line removed"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The entries of `dir` (name, real path), sorted; none when it is missing.
+fn listing(dir: &Path) -> Vec<(String, PathBuf)> {
+    let mut v: Vec<(String, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect();
+    v.sort();
+    v
 }
 
 /// Programs: only copies of ours, never the package's.
@@ -953,5 +1034,75 @@ mod tests {
         fs::write(h.at("/var/lib/cdp/catalog.sqlite"), "state").unwrap();
         let p = uninstall(&global(), &a, &h.target()).unwrap();
         assert_eq!(step(&p, "/var/lib/cdp").item.action, "kept");
+    }
+
+    /// issue 15: libvirt's abstraction includes the local file without `if
+    /// exists`; uninstall gives it back as it was (empty included) and takes
+    /// the hook's per-VM rules and include lines away, nothing else.
+    #[test]
+    fn uninstall_restores_libvirts_apparmor_files() {
+        use cdp_hooks::hook::apparmor;
+        let h = host();
+        let a = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
+        fs::create_dir_all(h.at("/etc/apparmor.d/abstractions")).unwrap();
+        fs::write(
+            h.at(APPARMOR_LIBVIRT_ABSTRACTION),
+            "#include <local/abstractions/libvirt-qemu>\n",
+        )
+        .unwrap();
+        fs::create_dir_all(h.at("/etc/apparmor.d/local/abstractions")).unwrap();
+        fs::write(h.at(APPARMOR_LOCAL), "").unwrap();
+        let libvirt = h.at(APPARMOR_LIBVIRT_DIR);
+        fs::create_dir_all(&libvirt).unwrap();
+        let template = "#include <tunables/global>\n\nprofile LIBVIRT_TEMPLATE flags=(attach_disconnected) {\n  #include <abstractions/libvirt-qemu>\n}\n";
+        fs::write(libvirt.join("TEMPLATE.qemu"), template).unwrap();
+        let (untouched, _) =
+            apparmor::without_include(&apparmor::from_template(template, a).unwrap());
+        fs::write(libvirt.join(format!("libvirt-{a}.files")), "# libvirt's\n").unwrap();
+
+        let (_, res) = apply(h.install(&all()), "install");
+        res.unwrap();
+        assert!(h.at(APPARMOR_RULES_DIR).is_dir());
+        // A VM started: the hook gave it its rules.
+        apparmor::install_vm(&h.at(APPARMOR_DIR), a, "  /x r,\n").unwrap();
+        let profile = libvirt.join(format!("libvirt-{a}"));
+        assert!(fs::read_to_string(&profile)
+            .unwrap()
+            .contains(apparmor::MARK));
+
+        let un = UninstallArgs {
+            libvirt: true,
+            ..Default::default()
+        };
+        let plan = uninstall(&global(), &un, &h.target()).unwrap();
+        let local = step(&plan, APPARMOR_LOCAL);
+        assert_eq!(local.item.action, "updated");
+        assert!(matches!(&local.ops[..], [Op::Write { content, .. }] if content.is_empty()));
+        // The plan is what a dry run prints, and it changes nothing.
+        let before = h.tree();
+        let (report, res) = crate::install::finish(
+            uninstall(&global(), &un, &h.target()).unwrap(),
+            true,
+            "uninstall",
+        );
+        res.unwrap();
+        assert_eq!(h.tree(), before);
+        assert!(report
+            .items
+            .iter()
+            .any(|i| i.path == Path::new(APPARMOR_RULES_DIR) && i.action == "removed"));
+
+        apply(plan, "uninstall").1.unwrap();
+        assert_eq!(fs::read_to_string(h.at(APPARMOR_LOCAL)).unwrap(), "");
+        assert!(!h.at(APPARMOR_RULES_DIR).exists());
+        assert_eq!(fs::read_to_string(&profile).unwrap(), untouched);
+        assert_eq!(
+            fs::read_to_string(libvirt.join(format!("libvirt-{a}.files"))).unwrap(),
+            "# libvirt's\n"
+        );
+        assert_eq!(
+            fs::read_to_string(libvirt.join("TEMPLATE.qemu")).unwrap(),
+            template
+        );
     }
 }
