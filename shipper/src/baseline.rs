@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use cdp_core::catalog::{BaselineRow, Catalog};
 use cdp_core::time::now_ns;
 use cdp_repo::format::{self as rf, Baseline, CHUNK_SIZE};
-use cdp_repo::store::{with_retry, RetryPolicy, Store};
+use cdp_repo::store::{with_retry, RetryPolicy, Store, StoreError};
 use futures::StreamExt;
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
@@ -191,6 +191,23 @@ async fn scan_image(job: &BaselineJob<'_>, f: File, size: u64) -> Result<Scan> {
     Ok(scan)
 }
 
+/// Whether the baseline object at `key` describes the same disk contents
+/// as `b` (only its times differ).
+async fn same_baseline(store: &Store, key: &str, b: &Baseline) -> bool {
+    let Ok(body) = store.get(key).await else {
+        return false;
+    };
+    Baseline::decode(key, &body).is_ok_and(|there| {
+        (
+            there.size,
+            there.chunk_size,
+            there.s0,
+            there.s1,
+            &there.chunks,
+        ) == (b.size, b.chunk_size, b.s0, b.s1, &b.chunks)
+    })
+}
+
 /// Take a baseline of `job.disk` to `job.store` and record it in the catalog.
 pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
     let (vm, disk) = (job.vm, job.disk);
@@ -231,9 +248,14 @@ pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
     };
     let key = rf::baseline_key(vm, disk, s1, s0);
     let body = bytes::Bytes::from(serde_json::to_vec(&b).expect("a baseline serializes"));
-    with_retry(&key, job.retry, || job.store.put(&key, body.clone()))
-        .await
-        .map_err(ShipError::store(job.target))?;
+    match with_retry(&key, job.retry, || job.store.put(&key, body.clone())).await {
+        Ok(()) => {}
+        // Taken again at the same point (a disk idle since): the baseline
+        // there names the same chunks and is kept (objects are created,
+        // never replaced; docs/CREDENTIALS.md).
+        Err(StoreError::Exists { .. }) if same_baseline(job.store, &key, &b).await => {}
+        Err(e) => return Err(ShipError::store(job.target)(e)),
+    }
     job.catalog.lock().unwrap().add_baseline(
         vm,
         &BaselineRow {
