@@ -388,7 +388,8 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
         if self.held == 0 || self.start != self.end {
             return Ok(());
         }
-        drop_pages(&mut self.buf[WINDOW..self.end], self.page);
+        // (The WRITE ended past the window; `max` keeps the range valid.)
+        drop_pages(&mut self.buf[WINDOW..self.end.max(WINDOW)], self.page);
         self.vm.budget.give(self.held);
         self.held = 0;
         self.limit = WINDOW;
