@@ -31,7 +31,8 @@ pub struct Limits {
     pub control_timeout: Duration,
     /// A client that holds part of the shared budget for a WRITE larger
     /// than its connection's window must send the rest of that WRITE
-    /// within this time, or it is dropped (and the budget given back).
+    /// within this time, or it is dropped (and the budget given back); one
+    /// trickling it is dropped within twice this time.
     pub payload_timeout: Duration,
 }
 

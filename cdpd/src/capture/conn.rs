@@ -165,7 +165,9 @@ impl Source for UnixStream {
 
 /// The transmission phase: read batches from `rd` and answer on `wr` until
 /// the client disconnects. A WRITE larger than the window must arrive
-/// whole within `payload_timeout` of cdpd taking budget for it.
+/// whole within `payload_timeout` of cdpd taking budget for it (a client
+/// trickling it is dropped within twice that: each read waits at most
+/// `payload_timeout`, and none starts after the deadline).
 pub fn transmit<R, W>(
     vm: &Vm,
     disk: &Disk,
@@ -268,13 +270,11 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
             if self.held_back {
                 continue;
             }
-            self.make_room();
-            if self.held > 0 {
-                let left = self.held_until.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::from(io::ErrorKind::TimedOut).into());
-                }
-                self.rd.set_timeout(Some(left))?;
+            self.make_room()?;
+            // Each read waits at most the payload timeout: a client
+            // trickling a held WRITE is dropped within twice that.
+            if self.held > 0 && Instant::now() >= self.held_until {
+                return Err(io::Error::from(io::ErrorKind::TimedOut).into());
             }
             let n = match self.rd.read(&mut self.buf[self.end..self.limit]) {
                 Ok(n) => n,
@@ -346,11 +346,11 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
     }
 
     /// Keep room in the buffer for the request that is partly read.
-    fn make_room(&mut self) {
+    fn make_room(&mut self) -> io::Result<()> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            return;
+            return Ok(());
         }
         let have = self.end - self.start;
         let need = if have >= proto::REQUEST_LEN {
@@ -378,7 +378,9 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
             self.held = extra;
             self.limit = need;
             self.held_until = Instant::now() + self.payload_timeout;
+            self.rd.set_timeout(Some(self.payload_timeout))?;
         }
+        Ok(())
     }
 
     /// Once the WRITE held for is applied (the buffer is empty), give its
