@@ -100,8 +100,25 @@ conformance!(
     invalid_keys,
     check_and_free_space,
     readers_never_see_partial_objects,
-    objects_are_created_never_replaced,
 );
+
+#[tokio::test]
+async fn s3_objects_are_created_never_replaced() {
+    let f = Fixture::s3();
+    objects_are_created_never_replaced(&f.store).await;
+}
+
+#[tokio::test]
+async fn file_objects_are_created_never_replaced() {
+    let f = Fixture::file();
+    objects_are_created_never_replaced(&f.store).await;
+    // A refused put leaves nothing in the staging directory.
+    let root = f.store.url().strip_prefix("file://").unwrap();
+    let staging: Vec<_> = std::fs::read_dir(Path::new(root).join(".cdp-staging"))
+        .unwrap()
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+}
 
 async fn roundtrip(s: &Store) {
     let data = pattern(1000, 1);

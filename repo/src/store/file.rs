@@ -3,7 +3,7 @@
 //! linked into place with `linkat` (or `renameat2(RENAME_NOREPLACE)`), which
 //! never replaces an object (and the directory fsynced). Only
 //! [`super::Store::replace`] renames over an object. Directories it creates
-//! get the sticky bit.
+//! take the root's permission bits plus the sticky bit.
 //!
 //! The repository is written by two users (the VM's shipper as QEMU's user,
 //! cdp-agent and cdpctl as root), so nothing below the root is trusted to be
@@ -186,18 +186,20 @@ fn open_dir_beneath(
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW;
         let next = match open_at(&cur, comp, flags, Mode::empty()) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && create.is_some() => {
-                match nix::sys::stat::mkdirat(
+                // Created here, or by a racing writer (then left as it is).
+                let created = match nix::sys::stat::mkdirat(
                     Some(cur.as_raw_fd()),
                     comp,
-                    Mode::from_bits_truncate(0o777),
+                    Mode::from_bits_truncate(0o700),
                 ) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Ok(()) => true,
+                    Err(Errno::EEXIST) => false,
                     Err(e) => return Err(nix_io(e)),
-                }
+                };
                 let fd = open_at(&cur, comp, flags, Mode::empty())
                     .map_err(|e| dir_error(root_path, &walked, &cur, comp, e))?;
-                make_sticky(&fd)?;
-                if let Some(owner) = create {
+                if let (true, Some(owner)) = (created, create) {
+                    owner.set_mode(&fd)?;
                     owner.give(&fd)?;
                 }
                 nix::unistd::fsync(cur.as_raw_fd()).map_err(nix_io)?;
@@ -208,16 +210,6 @@ fn open_dir_beneath(
         cur = next;
     }
     Ok(cur)
-}
-
-/// Set the sticky bit on a directory just created (by fd): in a
-/// repository directory other users may write, only an object's owner (or
-/// the directory's) may delete or rename it (docs/CREDENTIALS.md,
-/// "file:// targets").
-fn make_sticky(fd: &OwnedFd) -> io::Result<()> {
-    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(nix_io)?;
-    let mode = Mode::from_bits_truncate(st.st_mode & 0o7777) | Mode::S_ISVTX;
-    nix::sys::stat::fchmod(fd.as_raw_fd(), mode).map_err(nix_io)
 }
 
 /// A component that could not be opened as a directory: a symbolic link is
@@ -251,6 +243,9 @@ fn split_key(key: &str) -> (&str, &str) {
 struct Owner {
     uid: u32,
     gid: u32,
+    /// The root's permission bits (with set-group-ID), which every
+    /// directory created below it takes, plus the sticky bit.
+    mode: u32,
 }
 
 impl Owner {
@@ -259,7 +254,17 @@ impl Owner {
         Ok(Owner {
             uid: st.st_uid,
             gid: st.st_gid,
+            mode: st.st_mode & 0o2777,
         })
+    }
+
+    /// Give a directory just created (by fd) the root's permission bits
+    /// and the sticky bit: in a directory several users may write, only an
+    /// object's owner (or the directory's) may then delete or rename it
+    /// (docs/CREDENTIALS.md, "file:// targets").
+    fn set_mode(&self, fd: &OwnedFd) -> io::Result<()> {
+        let mode = Mode::from_bits_truncate(self.mode) | Mode::S_ISVTX;
+        nix::sys::stat::fchmod(fd.as_raw_fd(), mode).map_err(nix_io)
     }
 
     /// Hand a directory root just created to the owner, by fd (no path to
