@@ -124,6 +124,12 @@ impl DirFd {
         Ok(d)
     }
 
+    /// An already opened directory (e.g. an operator's path, links
+    /// followed); checked to be a directory.
+    pub fn from_file(f: File, path: PathBuf) -> Result<DirFd, FsatError> {
+        DirFd::from_fd(OwnedFd::from(f), path)
+    }
+
     /// Open the directory `path`, not following its last component.
     pub fn open(path: &Path) -> Result<DirFd, FsatError> {
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
@@ -285,6 +291,45 @@ impl DirFd {
                     .map_err(self.err(Some(name), "fchown"))
             }
         }
+    }
+
+    /// Open the regular file at `rel` below this directory for reading,
+    /// following no link on the way (`openat2` with `RESOLVE_BENEATH |
+    /// RESOLVE_NO_SYMLINKS`), and refusing what is not a regular file with
+    /// one name (a hard link may be another file's second name).
+    pub fn open_beneath(&self, rel: &Path) -> Result<File, FsatError> {
+        use nix::fcntl::{OpenHow, ResolveFlag};
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let path = self.path.join(rel);
+        let fd = nix::fcntl::openat2(self.fd.as_raw_fd(), rel, how).map_err(|e| {
+            if e == Errno::ELOOP || e == Errno::EXDEV {
+                FsatError::Symlink { path: path.clone() }
+            } else {
+                FsatError::Io {
+                    path: path.clone(),
+                    op: "open",
+                    source: e.into(),
+                }
+            }
+        })?;
+        let f = File::from(owned(fd));
+        let st = nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| FsatError::Io {
+            path: path.clone(),
+            op: "fstat",
+            source: e.into(),
+        })?;
+        if kind_of(&st) != Kind::File {
+            return Err(FsatError::NotAFile { path });
+        }
+        if st.st_nlink != 1 {
+            return Err(FsatError::HardLinked {
+                path,
+                links: st.st_nlink as u64,
+            });
+        }
+        Ok(f)
     }
 
     /// Create the regular file `name` (`O_CREAT|O_EXCL|O_NOFOLLOW`, write

@@ -317,9 +317,11 @@ impl PointImage {
                 continue;
             }
             if let Some(SegLoc::Local(path)) = plan.segments.get(segment as usize).map(|s| &s.loc) {
-                let f = File::open(path).map_err(|e| RestoreError::Io {
-                    path: path.clone(),
-                    source: e,
+                let f = cdp_core::journal::open_local_segment(path).map_err(|e| {
+                    RestoreError::Corrupt {
+                        what: path.display().to_string(),
+                        why: e.to_string(),
+                    }
                 })?;
                 local.insert(segment, f);
             }

@@ -70,6 +70,11 @@ impl JournalError {
             source,
         }
     }
+
+    /// The file is not there (a segment trimmed meanwhile).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, JournalError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
 }
 
 /// `<first-seq:020>.seg`
@@ -113,6 +118,37 @@ pub fn list_disks(state_dir: &Path, vm_uuid: &str) -> Result<Vec<String>, Journa
     let vm = crate::layout::StateDir::new(state_dir).vm(vm_uuid);
     vm.journal_disks()
         .map_err(|e| JournalError::io(vm.path(), e))
+}
+
+/// Open a local segment (`<state>/vms/<uuid>/<disk>/journal/<seq>.seg`)
+/// for reading. The VM's user owns everything below `<state>/vms`: no link
+/// there is followed, and only a regular file with one name is read (root
+/// reading a restore's local journal never reads another file through it,
+/// docs/DESIGN.md "Trust boundaries"). `<state>` itself is the operator's.
+pub fn open_local_segment(path: &Path) -> Result<std::fs::File, JournalError> {
+    let parts: Vec<_> = path.components().collect();
+    let n = parts.len();
+    let is_segment =
+        n > 5 && parts[n - 5].as_os_str() == "vms" && parts[n - 2].as_os_str() == "journal";
+    if !is_segment {
+        return Err(JournalError::io(
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a journal segment path"),
+        ));
+    }
+    let state: PathBuf = parts[..n - 5].iter().collect();
+    let rel: PathBuf = parts[n - 5..].iter().collect();
+    let dir = std::fs::File::open(&state).map_err(|e| JournalError::io(&state, e))?;
+    let dir = crate::fsat::DirFd::from_file(dir, state.clone())
+        .map_err(|e| JournalError::io(path, io::Error::other(e.to_string())))?;
+    dir.open_beneath(&rel).map_err(|e| {
+        let kind = if e.is_not_found() {
+            io::ErrorKind::NotFound
+        } else {
+            io::ErrorKind::Other
+        };
+        JournalError::io(path, io::Error::new(kind, e.to_string()))
+    })
 }
 
 /// A segment read into memory and scanned.
@@ -311,6 +347,46 @@ pub fn replay_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local segment is read only as a regular file with one name, through
+    /// no link below `<state>/vms` (the VM's user owns that tree).
+    #[test]
+    fn local_segments_are_opened_through_no_link() {
+        let d = tempfile::tempdir().unwrap();
+        let u = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        let dir = journal_dir(d.path(), u, "vda");
+        std::fs::create_dir_all(&dir).unwrap();
+        let seg = dir.join(segment_file_name(1));
+        std::fs::write(&seg, b"segment").unwrap();
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut open_local_segment(&seg).unwrap(), &mut s).unwrap();
+        assert_eq!(s, "segment");
+        // A link at the segment.
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, b"root only").unwrap();
+        let linked = dir.join(segment_file_name(2));
+        std::os::unix::fs::symlink(&secret, &linked).unwrap();
+        let e = open_local_segment(&linked).err().unwrap();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // A hard link (another file's second name).
+        let hard = dir.join(segment_file_name(3));
+        std::fs::hard_link(&secret, &hard).unwrap();
+        let e = open_local_segment(&hard).err().unwrap();
+        assert!(e.to_string().contains("hard links"), "{e}");
+        // A link at a directory on the way.
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("journal")).unwrap();
+        std::fs::write(elsewhere.join("journal").join(segment_file_name(1)), b"x").unwrap();
+        let vm = crate::layout::StateDir::new(d.path()).vm(u);
+        std::os::unix::fs::symlink(&elsewhere, vm.path().join("vdb")).unwrap();
+        let via = journal_dir(d.path(), u, "vdb").join(segment_file_name(1));
+        assert!(open_local_segment(&via).is_err());
+        // Missing: "not found", which callers skip (trimmed meanwhile).
+        assert!(open_local_segment(&dir.join(segment_file_name(9)))
+            .err()
+            .unwrap()
+            .is_not_found());
+    }
 
     #[test]
     fn names() {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use cdp_core::journal::format::{self as jf, IndexEntry, Kind};
 
 use super::read::read_record;
-use super::{io_err, RestoreError};
+use super::RestoreError;
 use crate::format::{self as rf, Baseline, Frame};
 use crate::read::ReadError;
 use crate::store::Store;
@@ -152,11 +152,22 @@ fn local_segments(state_dir: &Path, vm: &str, disk: &str) -> Result<Vec<SegRef>,
         what: dir.display().to_string(),
         why: e.to_string(),
     })? {
-        let bytes = match std::fs::read(&path) {
+        // Never through a link in the VM's tree (root may be reading).
+        let bytes = match cdp_core::journal::open_local_segment(&path).and_then(|mut f| {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut b)
+                .map_err(|e| cdp_core::journal::JournalError::io(&path, e))?;
+            Ok(b)
+        }) {
             Ok(b) => b,
             // Trimmed by the shipper meanwhile: the repository has it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(&path)(e)),
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => {
+                return Err(RestoreError::Corrupt {
+                    what: path.display().to_string(),
+                    why: e.to_string(),
+                })
+            }
         };
         let corrupt = |why: String| RestoreError::Corrupt {
             what: path.display().to_string(),

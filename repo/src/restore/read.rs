@@ -2,7 +2,6 @@
 //! frames of a repository object that hold it), whole records with their
 //! CRC checked, and baseline chunks checked against their name.
 
-use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
@@ -26,7 +25,11 @@ pub async fn read_raw(
 ) -> Result<Vec<u8>, RestoreError> {
     match &seg.loc {
         SegLoc::Local(path) => {
-            let f = File::open(path).map_err(io_err(path))?;
+            let f =
+                cdp_core::journal::open_local_segment(path).map_err(|e| RestoreError::Corrupt {
+                    what: path.display().to_string(),
+                    why: e.to_string(),
+                })?;
             let mut buf = vec![0u8; (range.end - range.start) as usize];
             f.read_exact_at(&mut buf, range.start)
                 .map_err(io_err(path))?;
