@@ -313,6 +313,8 @@ pub struct DaemonBuilder {
     vm_name: String,
     disks: Vec<(String, u64, Content)>,
     extra: Vec<OsString>,
+    user: Option<(u32, u32)>,
+    host: Option<(PathBuf, PathBuf)>,
 }
 
 impl DaemonBuilder {
@@ -345,6 +347,25 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs cdpd as `uid`:`gid` (the VM's QEMU user), as the libvirt hook
+    /// lays a VM out: `<state>`, `<state>/vms` and `<run>` stay root's (0755);
+    /// `<state>/vms/<uuid>`, `<run>/<uuid>` and the images directory are
+    /// created for that user (0700), each image is its own (0600), and the
+    /// test's directory is opened (0755) so that it can reach them. Needs
+    /// root. Without it cdpd runs as the test does, and nothing is chowned.
+    pub fn as_user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
+    /// Uses `state` and `run` as the state and run directories (shared by
+    /// several daemons, as on one host) instead of this daemon's own; they
+    /// are created root-owned, mode 0755, when missing.
+    pub fn host_dirs(mut self, state: &Path, run: &Path) -> Self {
+        self.host = Some((state.to_path_buf(), run.to_path_buf()));
+        self
+    }
+
     /// Creates the images and state, then starts cdpd and waits for READY.
     pub fn start(self) -> Daemon {
         let mut d = self.prepare();
@@ -363,7 +384,7 @@ impl DaemonBuilder {
             )
             .expect("tempdir");
         let root = dir.path().to_path_buf();
-        for sub in ["state", "run", "images", "initial", "work"] {
+        for sub in ["images", "initial", "work"] {
             fs::create_dir_all(root.join(sub)).unwrap();
         }
         let mut disks = Vec::new();
@@ -393,19 +414,73 @@ impl DaemonBuilder {
         }
         assert!(!disks.is_empty(), "a daemon needs at least one disk");
         let log_path = root.join("cdpd.log");
+        let (state_dir, run_dir) = self
+            .host
+            .clone()
+            .unwrap_or_else(|| (root.join("state"), root.join("run")));
+        for d in [&state_dir, &run_dir] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let vm_uuid = uuid::Uuid::new_v4().to_string();
+        if let Some((uid, gid)) = self.user {
+            lay_out_for_user(&root, &state_dir, &run_dir, &vm_uuid, &disks, (uid, gid));
+        }
         Daemon {
-            vm_uuid: uuid::Uuid::new_v4().to_string(),
+            vm_uuid,
             vm_name: self.vm_name,
             disks,
             extra: self.extra,
-            state_dir: root.join("state"),
-            run_dir: root.join("run"),
+            user: self.user,
+            state_dir,
+            run_dir,
             log_path,
             child: None,
             starts: 0,
             dir: Some(dir),
             root,
         }
+    }
+}
+
+/// What the libvirt hook and libvirt's DAC driver leave for a VM whose
+/// cdpd runs as `owner` (see [`DaemonBuilder::as_user`]).
+fn lay_out_for_user(
+    root: &Path,
+    state_dir: &Path,
+    run_dir: &Path,
+    vm_uuid: &str,
+    disks: &[Disk],
+    owner: (u32, u32),
+) {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "a daemon run as uid {} is set up by root: run this test as root",
+        owner.0
+    );
+    let mode = |p: &Path, m: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(m))
+            .unwrap_or_else(|e| panic!("chmod {:o} {}: {e}", m, p.display()))
+    };
+    let own = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(owner.0), Some(owner.1))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()))
+    };
+    mode(root, 0o755);
+    let vms = state_dir.join("vms");
+    fs::create_dir_all(&vms).unwrap();
+    for shared in [state_dir, &vms, run_dir] {
+        mode(shared, 0o755);
+    }
+    let images = root.join("images");
+    for dir in [vms.join(vm_uuid), run_dir.join(vm_uuid), images] {
+        fs::create_dir_all(&dir).unwrap();
+        own(&dir);
+        mode(&dir, 0o700);
+    }
+    for d in disks {
+        own(&d.path);
+        mode(&d.path, 0o600);
     }
 }
 
@@ -434,6 +509,8 @@ pub struct Daemon {
     pub disks: Vec<Disk>,
     /// Extra `cdpd run` arguments; may be changed between stops and [`Daemon::start`].
     pub extra: Vec<OsString>,
+    /// The uid and gid cdpd runs as ([`DaemonBuilder::as_user`]); None: the test's.
+    pub user: Option<(u32, u32)>,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     /// cdpd's stdout and stderr, across restarts.
@@ -451,6 +528,8 @@ impl Daemon {
             vm_name: "test-vm".to_string(),
             disks: Vec::new(),
             extra: Vec::new(),
+            user: None,
+            host: None,
         }
     }
 
@@ -539,6 +618,11 @@ impl Daemon {
             .unwrap();
         writeln!(log, "===== cdpd start #{} =====", self.starts).unwrap();
         let mut cmd = self.command(wfd);
+        if let Some((uid, gid)) = self.user {
+            // (std drops the supplementary groups when root sets a uid.)
+            cmd.uid(uid).gid(gid);
+            writeln!(log, "as uid {uid}, gid {gid}:").unwrap();
+        }
         writeln!(log, "{cmd:?}").unwrap();
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
