@@ -503,11 +503,13 @@ fn change_at(tid: libc::pid_t, repo: &Path) -> Option<Change> {
     }
     // SAFETY: op is PTRACE_SYSCALL_INFO_ENTRY, so the kernel filled the `entry` member.
     let e = unsafe { info.u.entry };
-    // The path that disappears (unlink) or appears (rename's target), and
-    // the directory fd a relative one is resolved from (the file backend
-    // works relative to directory fds).
+    // The path that disappears (unlink) or appears (the target of a link,
+    // which publishes a created object, or of a rename, which publishes a
+    // replacing one), and the directory fd a relative one is resolved from
+    // (the file backend works relative to directory fds).
     let (delete, dirfd, path) = match e.nr as libc::c_long {
         libc::SYS_unlinkat => (true, Some(e.args[0]), e.args[1]),
+        libc::SYS_linkat => (false, Some(e.args[2]), e.args[3]),
         libc::SYS_renameat2 => (false, Some(e.args[2]), e.args[3]),
         #[cfg(target_arch = "x86_64")]
         libc::SYS_unlink => (true, None, e.args[0]),
