@@ -24,6 +24,33 @@ pub struct Dirs {
     pub run_dir: PathBuf,
     /// `/proc/sys/kernel/random/boot_id` (tests give another file).
     pub boot_id_file: PathBuf,
+    /// The VM's images as root opened them from libvirt's definition (the
+    /// hook's `<state>/vms/<uuid>.images`), by disk: recovery writes to
+    /// these, never to a path the catalog names. Empty: the VM's user
+    /// opens what it can (a VM not started through the hook).
+    pub root_images: Arc<RootImages>,
+}
+
+/// Disk → (image opened read-write by root, its path for messages).
+pub type RootImages = std::collections::BTreeMap<String, (std::fs::File, PathBuf)>;
+
+/// Open a disk's image for recovery: the one root opened, else by the
+/// catalog's path as this (unprivileged) process.
+fn open_image(
+    dirs: &Dirs,
+    disk: &str,
+    path: &str,
+) -> Result<(PathBuf, image::Image), image::ImageError> {
+    match dirs.root_images.get(disk) {
+        Some((f, p)) => {
+            let f = f.try_clone().map_err(|source| image::ImageError::Open {
+                path: p.clone(),
+                source,
+            })?;
+            Ok((p.clone(), image::from_file(f, p)?))
+        }
+        None => Ok((PathBuf::from(path), image::open(Path::new(path))?)),
+    }
 }
 
 /// What recovering a dead cdpd's journal did.
@@ -92,8 +119,8 @@ pub fn recover_if_dead(
     // All images first: a live cdpd holds every one of them.
     let mut images = Vec::new();
     for (disk, path, _) in &disks {
-        match image::open(Path::new(path)) {
-            Ok(img) => images.push((disk.clone(), PathBuf::from(path), img)),
+        match open_image(dirs, disk, path) {
+            Ok((p, img)) => images.push((disk.clone(), p, img)),
             Err(image::ImageError::Locked { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
@@ -239,6 +266,7 @@ pub async fn adopt(
             .filter(|p| p.exists()),
         poll: Duration::from_millis(100),
         auto_baseline: true,
+        images: dirs.root_images.clone(),
     };
     let mut shipper = match cdp_shipper::Shipper::new(opts, config).await {
         Ok(s) => s,
@@ -496,6 +524,7 @@ targets = ["now", "later"]
             state_dir: dir.path().into(),
             run_dir: dir.path().join("run"),
             boot_id_file: dir.path().join("boot_id"),
+            root_images: Default::default(),
         };
         assert_eq!(recover_if_dead(&cat, &dirs, &vm).unwrap(), None);
     }

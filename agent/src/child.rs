@@ -17,7 +17,11 @@ use cdp_core::privsep::VmIdentity;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::adopt::{self, Adoption};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+
+use crate::adopt::{self, Adoption, RootImages};
 use crate::{Options, VmFailure};
 
 /// The hidden subcommand the child runs.
@@ -86,10 +90,38 @@ pub async fn adopt_in_child(
         Ok(id) => id,
         Err(e) => return ChildReport::failed(uuid, "lock", e.to_string()),
     };
+    // The images libvirt names (root's copy, never the catalog's paths),
+    // opened here and handed down: the child can recover a journal onto them
+    // after libvirt gave them back to root, and onto nothing else.
+    let images = match open_root_images(&state, uuid) {
+        Ok(v) => v,
+        Err(e) => return ChildReport::failed(uuid, "recovery", e),
+    };
     let mut cmd = id.command(&opts.exe);
-    cmd.arg(ADOPT_VM)
-        .arg(uuid)
-        .arg("--state-dir")
+    cmd.arg(ADOPT_VM).arg(uuid);
+    if !images.is_empty() {
+        let arg: std::collections::BTreeMap<&str, (i32, &PathBuf)> = images
+            .iter()
+            .map(|(d, (f, p))| (d.as_str(), (f.as_raw_fd(), p)))
+            .collect();
+        cmd.arg("--root-images")
+            .arg(serde_json::to_string(&arg).unwrap_or_default());
+        let fds: Vec<i32> = arg.values().map(|(fd, _)| *fd).collect();
+        // SAFETY: between fork and exec only fcntl(2), async-signal-safe,
+        // clearing close-on-exec on descriptors this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    nix::fcntl::fcntl(
+                        *fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.arg("--state-dir")
         .arg(&opts.state_dir)
         .arg("--run-dir")
         .arg(&opts.run_dir)
@@ -111,6 +143,7 @@ pub async fn adopt_in_child(
             return ChildReport::failed(uuid, "lock", msg);
         }
     };
+    drop(images);
     let pid = child.id();
     let out = child.wait_with_output();
     tokio::pin!(out);
@@ -143,9 +176,61 @@ pub async fn adopt_in_child(
     }
 }
 
+/// Root opens, read-write, the image of each disk the hook's
+/// `<state>/vms/<uuid>.images` names (a disk whose image cannot be opened
+/// is left out: the child then opens what it can itself).
+fn open_root_images(state: &StateDir, uuid: &str) -> Result<RootImages, String> {
+    let mut out = RootImages::new();
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(out);
+    }
+    let Some(map) = cdp_core::image::root_images(state, uuid).map_err(|e| e.to_string())? else {
+        return Ok(out);
+    };
+    for (disk, path) in map {
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc_cloexec())
+            .open(&path);
+        if let Ok(f) = f {
+            out.insert(disk, (f, path));
+        }
+    }
+    Ok(out)
+}
+
+fn libc_cloexec() -> i32 {
+    nix::fcntl::OFlag::O_CLOEXEC.bits()
+}
+
+/// The descriptors `--root-images` names (`{"disk": [fd, "path"]}`), taken
+/// over by this process.
+pub fn take_root_images(arg: Option<&str>) -> Result<RootImages, String> {
+    let mut out = RootImages::new();
+    let Some(arg) = arg else { return Ok(out) };
+    let map: std::collections::BTreeMap<String, (i32, PathBuf)> =
+        serde_json::from_str(arg).map_err(|e| format!("--root-images: {e}"))?;
+    for (disk, (fd, path)) in map {
+        if fd < 3 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            return Err(format!("--root-images: {fd} is not an open descriptor"));
+        }
+        // SAFETY: the agent passed this descriptor down for us to own; it
+        // is open (checked) and nothing else in this process uses it.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        out.insert(disk, (f, path));
+    }
+    Ok(out)
+}
+
 /// Child side (`cdp-agent adopt-vm <uuid>`, already running as the VM's
 /// user): open the VM's catalog and adopt it.
-pub async fn adopt_vm(opts: &Options, uuid: &str, stop: watch::Receiver<bool>) -> ChildReport {
+pub async fn adopt_vm(
+    opts: &Options,
+    uuid: &str,
+    root_images: RootImages,
+    stop: watch::Receiver<bool>,
+) -> ChildReport {
     let cat = match Catalog::open(&opts.state_dir, uuid) {
         Ok(c) => c,
         Err(e) => return ChildReport::failed(uuid, "catalog", e.to_string()),
@@ -172,6 +257,7 @@ pub async fn adopt_vm(opts: &Options, uuid: &str, stop: watch::Receiver<bool>) -
         state_dir: opts.state_dir.clone(),
         run_dir: opts.run_dir.clone(),
         boot_id_file: opts.boot_id_file.clone(),
+        root_images: Arc::new(root_images),
     };
     let catalog = Arc::new(Mutex::new(cat));
     let mut stop = stop;

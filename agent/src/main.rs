@@ -24,6 +24,9 @@ enum Cmd {
     #[command(name = "adopt-vm", hide = true)]
     AdoptVm {
         uuid: String,
+        /// Images the agent opened for this VM: {"disk": [fd, "path"]}.
+        #[arg(long)]
+        root_images: Option<String>,
         #[command(flatten)]
         args: RunArgs,
     },
@@ -58,7 +61,11 @@ fn main() {
         .expect("tokio runtime");
     let r = match cli.cmd {
         Cmd::Run(a) => rt.block_on(run(a)),
-        Cmd::AdoptVm { uuid, args } => rt.block_on(adopt_vm(uuid, args)),
+        Cmd::AdoptVm {
+            uuid,
+            root_images,
+            args,
+        } => rt.block_on(adopt_vm(uuid, root_images, args)),
     };
     if let Err(e) = r {
         eprintln!("cdp-agent: error: {e:#}");
@@ -80,12 +87,14 @@ fn options(a: RunArgs) -> Result<cdp_agent::Options> {
 }
 
 /// The child of one adoption: its report is one JSON line on stdout.
-async fn adopt_vm(uuid: String, a: RunArgs) -> Result<()> {
+async fn adopt_vm(uuid: String, root_images: Option<String>, a: RunArgs) -> Result<()> {
+    let images =
+        cdp_agent::child::take_root_images(root_images.as_deref()).map_err(anyhow::Error::msg)?;
     let opts = options(a)?;
     let stop = cdp_agent::stop_on_sigterm()?;
     // The agent's SIGTERM reaches us through it; if it dies, so do we.
     let _ = cdp_core::proc::die_with_parent();
-    let report = cdp_agent::child::adopt_vm(&opts, &uuid, stop).await;
+    let report = cdp_agent::child::adopt_vm(&opts, &uuid, images, stop).await;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -332,6 +332,22 @@ impl DirFd {
         Ok(f)
     }
 
+    /// Open the regular file `name` for reading, not following a link.
+    pub fn open_file(&self, name: impl AsRef<OsStr>) -> Result<File, FsatError> {
+        let name = check_name(name.as_ref())?;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = nix::fcntl::openat(Some(self.fd.as_raw_fd()), name, flags, Mode::empty())
+            .map_err(|e| classify(Some(self), &self.path.join(name), e))?;
+        let f = File::from(owned(fd));
+        let st = nix::sys::stat::fstat(f.as_raw_fd()).map_err(self.err(Some(name), "fstat"))?;
+        if kind_of(&st) != Kind::File {
+            return Err(FsatError::NotAFile {
+                path: self.path.join(name),
+            });
+        }
+        Ok(f)
+    }
+
     /// Create the regular file `name` (`O_CREAT|O_EXCL|O_NOFOLLOW`, write
     /// only): fails if anything, a link included, has that name.
     pub fn create_file(&self, name: impl AsRef<OsStr>, mode: u32) -> Result<File, FsatError> {

@@ -46,6 +46,12 @@ pub fn open(path: &Path) -> Result<Image, ImageError> {
             path: path.to_path_buf(),
             source,
         })?;
+    from_file(file, path)
+}
+
+/// An image already opened read-write (by root, for a child working as
+/// the VM's user: `root_images`), checked and locked as [`open`] does.
+pub fn from_file(file: File, path: &Path) -> Result<Image, ImageError> {
     let io_err = |op, source| ImageError::Io {
         path: path.to_path_buf(),
         op,
@@ -80,6 +86,83 @@ pub fn open(path: &Path) -> Result<Image, ImageError> {
     })
 }
 
+/// The most a `<uuid>.images` file may hold.
+const MAX_IMAGES_FILE: u64 = 64 * 1024;
+
+#[derive(Debug, Error)]
+pub enum RootImagesError {
+    #[error(transparent)]
+    Fs(#[from] crate::fsat::FsatError),
+    #[error(
+        "{path}: {why}: refused (only root may write it; the libvirt hook writes it at each start)"
+    )]
+    Untrusted { path: PathBuf, why: String },
+    #[error("{path}: {why}")]
+    Bad { path: PathBuf, why: String },
+}
+
+/// The image path of each protected disk of a VM, as root's hook wrote it
+/// from libvirt's definition to `<state>/vms/<uuid>.images` (a JSON object
+/// disk → absolute path). `None` when there is none (a VM not started
+/// through the hook). The file must be a root-owned regular file that
+/// nobody else can write, in the root-owned `<state>/vms`, reached without
+/// following a link: these paths are trusted, unlike a catalog's.
+pub fn root_images(
+    state: &crate::layout::StateDir,
+    vm_uuid: &str,
+) -> Result<Option<std::collections::BTreeMap<String, PathBuf>>, RootImagesError> {
+    use std::io::Read;
+    let path = state.vm_images(vm_uuid);
+    let vms = match crate::fsat::DirFd::open(&state.vms()) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let untrusted = |why: String| RootImagesError::Untrusted {
+        path: path.clone(),
+        why,
+    };
+    let st = vms.stat()?;
+    if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "{} is not root's alone",
+            state.vms().display()
+        )));
+    }
+    let name = path.file_name().expect("a file name");
+    let mut f = match vms.open_file(name) {
+        Ok(f) => f,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let md = f.metadata().map_err(|e| untrusted(e.to_string()))?;
+    use std::os::unix::fs::MetadataExt;
+    if md.uid() != 0 || md.mode() & 0o022 != 0 || md.len() > MAX_IMAGES_FILE {
+        return Err(untrusted(format!(
+            "owner uid {}, mode {:o}, {} bytes",
+            md.uid(),
+            md.mode() & 0o7777,
+            md.len()
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| untrusted(e.to_string()))?;
+    let bad = |why: String| RootImagesError::Bad {
+        path: path.clone(),
+        why,
+    };
+    let map: std::collections::BTreeMap<String, PathBuf> =
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    for (disk, p) in &map {
+        crate::names::check_disk(disk).map_err(|e| bad(e.to_string()))?;
+        if !p.is_absolute() {
+            return Err(bad(format!("disk {disk}: {} is not absolute", p.display())));
+        }
+    }
+    Ok(Some(map))
+}
+
 /// An exclusive OFD lock on the whole file (`l_len` 0: to the end, however
 /// it grows), refused at once if anyone holds a conflicting one.
 fn lock(file: &File) -> io::Result<()> {
@@ -98,6 +181,51 @@ fn lock(file: &File) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `<uuid>.images` is trusted only as root's own regular file, reached
+    /// through no link, with disk names and absolute paths.
+    #[test]
+    fn root_images_are_trusted_only_as_roots_own_file() {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+        let d = tempfile::tempdir().unwrap();
+        let state = crate::layout::StateDir::new(d.path());
+        let u = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        assert!(root_images(&state, u).unwrap().is_none());
+        std::fs::create_dir_all(state.vms()).unwrap();
+        std::fs::set_permissions(state.vms(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = state.vm_images(u);
+        std::fs::write(&p, r#"{"vda": "/images/a.raw"}"#).unwrap();
+        let m = root_images(&state, u).unwrap().unwrap();
+        assert_eq!(m["vda"], Path::new("/images/a.raw"));
+        // Another user's file, or one others may write: refused.
+        std::os::unix::fs::chown(&p, Some(64055), None).unwrap();
+        assert!(matches!(
+            root_images(&state, u),
+            Err(RootImagesError::Untrusted { .. })
+        ));
+        std::os::unix::fs::chown(&p, Some(0), None).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            root_images(&state, u),
+            Err(RootImagesError::Untrusted { .. })
+        ));
+        // A link: refused, not followed.
+        std::fs::remove_file(&p).unwrap();
+        let elsewhere = d.path().join("x.json");
+        std::fs::write(&elsewhere, r#"{"vda": "/etc/shadow"}"#).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
+        assert!(root_images(&state, u).is_err());
+        // Bad names or relative paths: refused.
+        std::fs::remove_file(&p).unwrap();
+        for bad in [r#"{"../x": "/a"}"#, r#"{"vda": "rel/a"}"#, "not json"] {
+            std::fs::write(&p, bad).unwrap();
+            assert!(
+                matches!(root_images(&state, u), Err(RootImagesError::Bad { .. })),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn second_open_is_refused() {

@@ -6,6 +6,7 @@
 //! <state>/vms/                               root-owned, 0755
 //! <state>/vms/<uuid>/                         one VM's state, owned by its QEMU user (0700)
 //! <state>/vms/<uuid>/catalog.sqlite           the VM's catalog (SQLite, WAL)
+//! <state>/vms/<uuid>.images                   root's copy of the VM's image paths (the hook, 0644)
 //! <state>/vms/<uuid>/domain.xml               the definition cdp-qemu saved at start (0600)
 //! <state>/vms/<uuid>/shipper.lock             flock held by the VM's shipper (or cdp-agent)
 //! <state>/vms/<uuid>/<disk>/journal/          one disk's journal segments
@@ -31,6 +32,7 @@ const CATALOG: &str = "catalog.sqlite";
 pub(crate) const VMS: &str = "vms";
 const JOURNAL: &str = "journal";
 const SHIPPER_LOCK: &str = "shipper.lock";
+const IMAGES_SUFFIX: &str = ".images";
 const DEFINITION: &str = "domain.xml";
 const CONTROL_SOCKET: &str = "control.sock";
 const AGENT_SOCKET: &str = "agent.sock";
@@ -78,6 +80,13 @@ impl StateDir {
     /// `<state>/vms`
     pub fn vms(&self) -> PathBuf {
         self.0.join(VMS)
+    }
+
+    /// `<state>/vms/<uuid>.images`: the image path of each protected disk,
+    /// from libvirt's definition, written by the hook (root) where QEMU's
+    /// user cannot write (`cdp_core::image::root_images`).
+    pub fn vm_images(&self, vm_uuid: &str) -> PathBuf {
+        self.vms().join(format!("{vm_uuid}{IMAGES_SUFFIX}"))
     }
 
     /// `<state>/vms/<uuid>`
@@ -204,6 +213,10 @@ mod tests {
             PathBuf::from(format!("/var/lib/cdp/vms/{U}/catalog.sqlite"))
         );
         assert_eq!(s.legacy_catalog(), Path::new("/var/lib/cdp/catalog.sqlite"));
+        assert_eq!(
+            s.vm_images(U),
+            PathBuf::from(format!("/var/lib/cdp/vms/{U}.images"))
+        );
         assert_eq!(
             s.journal(U, "vda"),
             PathBuf::from(format!("/var/lib/cdp/vms/{U}/vda/journal"))

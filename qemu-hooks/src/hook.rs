@@ -275,6 +275,29 @@ fn write_definition(
     Ok(())
 }
 
+/// `<state>/vms/<uuid>.images`: root's copy of the protected disks' image
+/// paths from libvirt's definition, in the root-owned `<state>/vms` (0644
+/// root). cdp-agent opens these for a VM's recovery, never the paths its
+/// catalog names (`cdp_core::image::root_images`).
+fn write_images(vms: &DirFd, name: &OsStr, tagged: &[domain::Tagged]) -> Result<(), HookError> {
+    let map: std::collections::BTreeMap<&str, &str> = tagged
+        .iter()
+        .map(|t| (t.target.as_str(), t.path.as_str()))
+        .collect();
+    let mut tmp = name.to_os_string();
+    tmp.push(".tmp");
+    let path = vms.path().join(&tmp);
+    vms.remove_at(&tmp)?;
+    let mut f = vms.create_file(&tmp, 0o644)?;
+    let text = serde_json::to_vec_pretty(&map).map_err(|e| io(&path)(e.into()))?;
+    f.write_all(&text).map_err(io(&path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(io(&path))?;
+    drop(f);
+    vms.rename_at(&tmp, name)?;
+    Ok(())
+}
+
 /// `release end`: remove `<run>/<uuid>/domain.xml` through the opened
 /// directories (a link at `<run>/<uuid>` is refused, never followed).
 fn remove_definition(run_dir: &RunDir, uuid: &str) -> Result<(), HookError> {
@@ -361,6 +384,7 @@ fn prepare(
     let vms = shared_dir(&state_fd, name_of(&state.vms())?)?;
     let vm_state = vm_dir(&vms, name_of(state.vm(uuid).path())?, owner)?;
     own_tree(&vm_state, owner, 0, &mut left_alone)?;
+    write_images(&vms, name_of(&state.vm_images(uuid))?, &tagged)?;
     // A file:// target the shipper (QEMU's user) writes: create it
     // for that user when missing; an existing one is the operator's.
     let targets: Vec<&cdp_core::config::Target> = tagged
@@ -832,6 +856,14 @@ mod tests {
         for own in [state.vm(uuid).path(), run_dir.vm(uuid).path()] {
             assert_eq!(mode(own), (me.0, 0o700), "{}", own.display());
         }
+        // Root's copy of the image paths, from libvirt's definition, where
+        // QEMU's user cannot write; the agent reads it as trusted.
+        assert_eq!(mode(&state.vm_images(uuid)), (0, 0o644));
+        let images = cdp_core::image::root_images(&state, uuid).unwrap().unwrap();
+        assert_eq!(
+            images.into_iter().collect::<Vec<_>>(),
+            [("vda".to_string(), PathBuf::from("/images/web.raw"))]
+        );
         assert!(
             d.path().join("repo").is_dir(),
             "the file:// target is created"

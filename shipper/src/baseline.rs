@@ -49,6 +49,9 @@ pub struct BaselineJob<'a> {
     pub disk: &'a str,
     /// The disk's image (a file or a block device).
     pub image: &'a Path,
+    /// The image already opened (by root, from libvirt's definition, for a
+    /// process working as the VM's user): read instead of opening `image`.
+    pub opened: Option<&'a File>,
 }
 
 /// The newest seq of a disk whose image write is complete: from the running
@@ -227,7 +230,11 @@ pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
         source: Box::new(source),
     })?;
     let s0 = settled_seq(job.run_dir, job.catalog, vm, disk)?;
-    let mut f = File::open(job.image).map_err(ShipError::io("opening", job.image))?;
+    let mut f = match job.opened {
+        Some(f) => f.try_clone(),
+        None => File::open(job.image),
+    }
+    .map_err(ShipError::io("opening", job.image))?;
     // A block device has no length in its metadata: ask where its end is.
     let size = f
         .seek(SeekFrom::End(0))

@@ -75,7 +75,13 @@ pub struct Options {
     pub poll: Duration,
     /// Take a baseline by itself when a disk has none (or after a GAP).
     pub auto_baseline: bool,
+    /// Images opened by root from libvirt's definition, by disk (cdp-agent's
+    /// child): a baseline reads these, not the catalog's paths.
+    pub images: Arc<ImageFds>,
 }
+
+/// Disk → (image opened by root, its path).
+pub type ImageFds = std::collections::BTreeMap<String, (std::fs::File, PathBuf)>;
 
 pub struct Shipper {
     pub opts: Options,
@@ -296,7 +302,12 @@ impl Shipper {
                     run_dir: &self.opts.run_dir,
                     vm: &vm,
                     disk: &disk,
-                    image: std::path::Path::new(&path),
+                    image: self
+                        .opts
+                        .images
+                        .get(&disk)
+                        .map_or(std::path::Path::new(&path), |(_, p)| p.as_path()),
+                    opened: self.opts.images.get(&disk).map(|(f, _)| f),
                 };
                 match baseline::take(&job).await {
                     Ok(_) => n += 1,

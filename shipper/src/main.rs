@@ -86,6 +86,7 @@ async fn run(a: RunArgs) -> Result<()> {
         vm_config: a.vm_config,
         poll: a.poll,
         auto_baseline: !a.no_auto_baseline,
+        images: Default::default(),
     };
     let s = cdp_shipper::Shipper::new(opts, &config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

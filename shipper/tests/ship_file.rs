@@ -397,6 +397,7 @@ fn service_waits_for_the_lock_then_follows_cdpd_to_the_end() {
         vm_config: None,
         poll: std::time::Duration::from_millis(20),
         auto_baseline: true,
+        images: Default::default(),
     };
     let rt = rt();
 

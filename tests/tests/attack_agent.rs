@@ -207,6 +207,70 @@ fn recovery_never_writes_a_file_the_catalog_names() {
     assert!(err.contains(&h.d.vm_uuid), "{err}");
 }
 
+/// As libvirt leaves it after the VM stopped: the image is root's again
+/// (0600), and the hook's root-owned `<state>/vms/<uuid>.images` names it.
+/// The agent opens that image for the VM's child and recovers the killed
+/// cdpd's journal onto it, still never onto what the catalog names.
+#[test]
+fn recovery_uses_the_image_libvirt_names_even_when_root_owns_it() {
+    let h = Host::new(85, true);
+    let image = h.d.image("vda");
+    std::os::unix::fs::chown(&image, Some(0), Some(0)).unwrap();
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o600)).unwrap();
+    let images =
+        h.d.state_dir
+            .join("vms")
+            .join(format!("{}.images", h.d.vm_uuid));
+    fs::write(
+        &images,
+        serde_json::json!({ "vda": image.display().to_string() }).to_string(),
+    )
+    .unwrap();
+    fs::set_permissions(&images, fs::Permissions::from_mode(0o644)).unwrap();
+    let bytes = vec![0x5au8; 8 * MIB as usize];
+    let v = victim(&h.victim_dir, "victim.img", &bytes, 0o644);
+    sql(&h.d, &format!("UPDATE disks SET path = '{}'", v.display()));
+    let out = h.agent_once();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = report["adopted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["vm_uuid"] == h.d.vm_uuid.as_str())
+        .unwrap_or_else(|| panic!("not adopted: {report}"));
+    assert_eq!(a["recovered"]["previous_end"], "crash", "{a}");
+    assert!(
+        a["recovered"]["sealed_segments"].as_u64().unwrap() >= 1,
+        "{a}"
+    );
+    assert_untouched(&v, &bytes, 0o644);
+    // The image stays root's: nothing was handed to QEMU's user.
+    let m = fs::metadata(&image).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o600));
+    // The baseline the child took is of that image too (not of the file the
+    // catalog named): the repository alone restores it byte for byte.
+    let out = h.d.work_dir().join("restored.img");
+    cdpctl(
+        &h.d,
+        &h.cfg,
+        &[
+            "restore",
+            &h.d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            "latest",
+            "--no-local",
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &format!("file://{}", h.repo.display()),
+        ],
+    );
+    cdp_tests::assert_files_equal(&out, &image);
+}
+
 /// Trimming deletes `segments.path` once every target has the segment.
 #[test]
 fn trimming_never_deletes_a_file_the_catalog_names() {

@@ -56,6 +56,7 @@ pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
                     vm: &vm,
                     disk,
                     image: std::path::Path::new(path),
+                    opened: None,
                 })
                 .await?;
                 out.push((disk.clone(), t.name.clone(), r));
