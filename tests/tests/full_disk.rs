@@ -19,7 +19,13 @@ impl Tmpfs {
              (run the suite as root, as scripts/test does in CI)"
         );
         let out = run(Command::new(require_tool("mount"))
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "cdp-test"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "cdp-test",
+            ])
             .arg(at));
         assert!(
             out.status.success(),
