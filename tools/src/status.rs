@@ -27,7 +27,7 @@ fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
     let sock = ctx.run().vm(uuid).control_socket();
     control::Client::new(&sock).status().with_context(|| {
         format!(
-            "VM {uuid} has no running cdpd (control socket {}): is the VM running and protected? (--run-dir)",
+            "VM {uuid} has no running cdpd that answers this user (control socket {}): is the VM running and protected (--run-dir)? cdpd serves only its own user and root: run cdpctl as root",
             sock.display()
         )
     })
