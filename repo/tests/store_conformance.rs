@@ -685,6 +685,48 @@ async fn s3_missing_bucket_is_a_clear_error() {
     );
 }
 
+/// An S3 server without conditional writes that says so (501 to a PUT with
+/// `If-None-Match: *`): a clear, permanent error, not a retried server
+/// failure. (A tiny HTTP server on loopback: moto supports the header.)
+#[tokio::test]
+async fn s3_without_conditional_writes_is_a_clear_error() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut buf = [0u8; 65536];
+            let _ = c.read(&mut buf);
+            let body = "<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code>\
+                        <Message>A header you provided implies functionality that is not implemented</Message></Error>";
+            let _ = write!(
+                c,
+                "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = a\naws_secret_access_key = b\n",
+    )
+    .unwrap();
+    let url = format!("s3://b/p?endpoint=http://127.0.0.1:{port}&region=us-east-1");
+    let s = Store::open(&url, Some(&creds)).unwrap();
+    let e = s.put("k", Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Config { .. }), "{e:?}");
+    assert!(!e.is_transient());
+    assert!(
+        e.to_string()
+            .contains("does not support conditional writes"),
+        "{e}"
+    );
+}
+
 fn open_err(url: &str, creds: Option<&Path>) -> StoreError {
     match Store::open(url, creds) {
         Ok(_) => panic!("{url} opened"),

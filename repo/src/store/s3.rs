@@ -220,6 +220,19 @@ const S3_SERVER_CODES: &[&str] = &[
     "SlowDown",
     "RequestTimeout",
 ];
+/// The HTTP status a reqwest error in `e`'s chain carries, if any (server
+/// errors keep it there, not in the text).
+fn reqwest_status(e: &(dyn std::error::Error + 'static)) -> Option<u16> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(s) = c.downcast_ref::<reqwest::Error>().and_then(|r| r.status()) {
+            return Some(s.as_u16());
+        }
+        cur = c.source();
+    }
+    None
+}
+
 /// HTTP statuses below 500 that are worth a retry: request timeout, too many requests.
 const RETRY_STATUSES: &[u16] = &[408, 429];
 
@@ -404,8 +417,9 @@ impl S3Backend {
             }
             Err(e) => {
                 let text = e.to_string();
-                let code = s3_error_code(&text).unwrap_or_default();
-                if http_status_in(&text) == Some(501) || code.starts_with("NotImplemented") {
+                let code = s3_error_code(&text).unwrap_or_else(|| "HTTP 501".into());
+                let status = http_status_in(&text).or_else(|| reqwest_status(&e));
+                if status == Some(501) || code.starts_with("NotImplemented") {
                     return Err(StoreError::Config {
                         url: self.url.clone(),
                         message: format!(
