@@ -107,6 +107,17 @@ pub fn vm_json_key(vm: &str) -> String {
     format!("{ROOT}/vms/{vm}/vm.json")
 }
 
+/// A later version of `vm.json` (objects are never rewritten): the newest
+/// name under [`vm_json_versions_prefix`] is the current one. `.` is not in
+/// any disk name, so this never looks like a disk's directory.
+pub fn vm_json_version_key(vm: &str, ts_ns: u64) -> String {
+    format!("{ROOT}/vms/{vm}/vm.json.d/{ts_ns:020}.json")
+}
+
+pub fn vm_json_versions_prefix(vm: &str) -> String {
+    format!("{ROOT}/vms/{vm}/vm.json.d/")
+}
+
 pub fn config_key(vm: &str, ts_ns: u64) -> String {
     format!("{ROOT}/vms/{vm}/config/{ts_ns:020}.xml")
 }
@@ -197,7 +208,7 @@ pub fn object_cap(key: &str) -> u64 {
         64 * MIB
     } else if key.contains("/leases/") {
         64 * KIB
-    } else if name == "vm.json" {
+    } else if name == "vm.json" || key.contains("/vm.json.d/") {
         MIB
     } else if key.contains("/config/") {
         16 * MIB

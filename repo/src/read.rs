@@ -133,6 +133,26 @@ pub async fn list_disks(store: &Store, vm: &str) -> Result<Vec<String>, ReadErro
     Ok(disks)
 }
 
+/// The VM's current `vm.json`: the newest version under `vm.json.d/`, else
+/// the first one (`vm.json`); its key and bytes, `None` when there is none.
+pub async fn latest_vm_json(
+    store: &Store,
+    vm: &str,
+) -> Result<Option<(String, bytes::Bytes)>, ReadError> {
+    let versions = store.list(&rf::vm_json_versions_prefix(vm)).await?;
+    let newest = versions
+        .iter()
+        .filter(|o| o.key.ends_with(".json"))
+        .map(|o| o.key.clone())
+        .max();
+    let key = newest.unwrap_or_else(|| rf::vm_json_key(vm));
+    match store.get(&key).await {
+        Ok(b) => Ok(Some((key, b))),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Every baseline of a disk, oldest first.
 pub async fn load_baselines(
     store: &Store,
@@ -266,6 +286,25 @@ mod tests {
         let e = load_chain(&s, VM, "vda").await.unwrap_err();
         assert!(matches!(e, ReadError::Format(_)), "{e}");
         assert!(!e.is_transient());
+    }
+
+    /// Objects are never rewritten: vm.json is the first version, the
+    /// newest vm.json.d/<ts>.json the current one; neither looks like a disk.
+    #[tokio::test]
+    async fn the_newest_vm_json_version_is_current() {
+        let (_d, s) = store();
+        assert!(latest_vm_json(&s, VM).await.unwrap().is_none());
+        put(&s, &rf::vm_json_key(VM), b"first").await;
+        let (k, b) = latest_vm_json(&s, VM).await.unwrap().unwrap();
+        assert_eq!((k, &b[..]), (rf::vm_json_key(VM), &b"first"[..]));
+        put(&s, &rf::vm_json_version_key(VM, 20), b"third").await;
+        put(&s, &rf::vm_json_version_key(VM, 10), b"second").await;
+        let (k, b) = latest_vm_json(&s, VM).await.unwrap().unwrap();
+        assert_eq!(
+            (k, &b[..]),
+            (rf::vm_json_version_key(VM, 20), &b"third"[..])
+        );
+        assert!(list_disks(&s, VM).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -344,13 +344,25 @@ impl Shipper {
             if t.next_try.is_some() || t.vm_json.as_deref() == Some(&body[..]) {
                 continue;
             }
-            let key = rf::vm_json_key(vm);
-            let same = matches!(t.store.get(&key).await, Ok(b) if b[..] == body[..]);
-            if same
-                || t.store
-                    .put(&key, bytes::Bytes::from(body.clone()))
-                    .await
-                    .is_ok()
+            // Objects are never rewritten: the first version is vm.json,
+            // each change a new vm.json.d/<ts>.json (readers take the
+            // newest: cdp_repo::read::latest_vm_json).
+            let latest = match cdp_repo::read::latest_vm_json(&t.store, vm).await {
+                Ok(l) => l,
+                Err(_) => continue, // unreachable now: the next pass tries again
+            };
+            let key = match &latest {
+                Some((_, b)) if b[..] == body[..] => {
+                    t.vm_json = Some(body.clone());
+                    continue;
+                }
+                Some(_) => rf::vm_json_version_key(vm, cdp_core::time::now_ns()),
+                None => rf::vm_json_key(vm),
+            };
+            if t.store
+                .put(&key, bytes::Bytes::from(body.clone()))
+                .await
+                .is_ok()
             {
                 t.vm_json = Some(body.clone());
             }

@@ -370,6 +370,25 @@ fn vm_definition_is_stored_when_it_changes() {
     .unwrap();
     assert_eq!(vm_json["disks"][0]["name"], "vda");
     assert_eq!(vm_json["disks"][0]["size"], MIB);
+    // Renamed: vm.json is never rewritten; the change is a new version,
+    // which readers take as current.
+    let first = std::fs::read(repo.join("cdp/v1/vms").join(&d.vm_uuid).join("vm.json")).unwrap();
+    cdp_core::catalog::Catalog::open(&d.state_dir, &d.vm_uuid)
+        .unwrap()
+        .upsert_vm(&d.vm_uuid, "renamed")
+        .unwrap();
+    ship(&d);
+    ship(&d);
+    let vm_dir = repo.join("cdp/v1/vms").join(&d.vm_uuid);
+    assert_eq!(std::fs::read(vm_dir.join("vm.json")).unwrap(), first);
+    let versions: Vec<_> = std::fs::read_dir(vm_dir.join("vm.json.d"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(versions.len(), 1, "one change, one version: {versions:?}");
+    let current: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&versions[0]).unwrap()).unwrap();
+    assert_eq!(current["name"], "renamed");
 }
 
 /// The process loop (`cdp_shipper::service::run`) in process: it waits while

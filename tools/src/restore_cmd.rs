@@ -99,7 +99,10 @@ pub async fn resolve_vm(ctx: &Ctx, store: &Store, vm: &str) -> Result<String> {
         return Ok(u);
     }
     let list = store.list(&format!("{}/vms/", rf::ROOT)).await?;
-    for o in list.iter().filter(|o| o.key.ends_with("/vm.json")) {
+    // Every version of every VM's vm.json (a renamed VM is found by either name).
+    let is_vm_json =
+        |k: &str| k.ends_with("/vm.json") || (k.contains("/vm.json.d/") && k.ends_with(".json"));
+    for o in list.iter().filter(|o| is_vm_json(&o.key)) {
         let b = store.get(&o.key).await?;
         if let Ok(j) = serde_json::from_slice::<rf::VmJson>(&b) {
             if j.name == vm {

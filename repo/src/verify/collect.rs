@@ -45,9 +45,22 @@ pub(super) async fn vm_json_disks(
     vm: &str,
     problems: &mut Vec<Problem>,
 ) -> Result<BTreeSet<String>, VerifyError> {
-    let vm_json_key = rf::vm_json_key(vm);
+    let (vm_json_key, found) = match crate::read::latest_vm_json(store, vm).await {
+        Ok(Some((k, b))) => (k, Some(b)),
+        Ok(None) => (rf::vm_json_key(vm), None),
+        Err(crate::read::ReadError::Store(e)) => return Err(e.into()),
+        Err(e) => {
+            problems.push(problem(
+                None,
+                Some(rf::vm_json_key(vm)),
+                Kind::Corrupt,
+                e.to_string(),
+            ));
+            return Ok(BTreeSet::new());
+        }
+    };
     let mut disks = BTreeSet::new();
-    match get(store, &vm_json_key).await? {
+    match found {
         None => problems.push(problem(
             None,
             Some(vm_json_key.clone()),
