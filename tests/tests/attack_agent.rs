@@ -291,6 +291,49 @@ fn trimming_never_deletes_a_file_the_catalog_names() {
     assert_untouched(&v, &bytes, 0o644);
 }
 
+/// Names are paths too: a disk named `../../..` (its journal then "under"
+/// the victim's directory) or an absolute name, with a sealed, shipped
+/// segment row to trim, makes root's agent touch nothing outside the VM's
+/// state.
+#[test]
+fn dot_dot_and_absolute_names_in_the_catalog_reach_nothing() {
+    let h = Host::new(86, false);
+    let bytes = b"root's file".to_vec();
+    let v = victim(&h.victim_dir, "00000000000000900000.seg", &bytes, 0o644);
+    let depth =
+        h.d.state_dir
+            .join("vms")
+            .join(&h.d.vm_uuid)
+            .components()
+            .count();
+    let up = "../".repeat(depth + 2);
+    let names = [
+        format!("{up}{}", h.victim_dir.strip_prefix("/").unwrap().display()),
+        h.victim_dir.display().to_string(),
+    ];
+    for disk in &names {
+        sql(
+            &h.d,
+            &format!(
+                "INSERT INTO disks VALUES('{u}', '{disk}', '{img}', 4096);
+                 INSERT INTO segments VALUES('{u}', '{disk}', 900000, 900009, 1, 2, 10, 900000, 100, 1, '{p}', 1);
+                 INSERT INTO shipments VALUES('{u}', '{disk}', 900000, 'primary', 'k', 1, 100);",
+                u = h.d.vm_uuid,
+                img = v.display(),
+                p = v.display(),
+            ),
+        );
+    }
+    let _ = h.agent_once();
+    assert_untouched(&v, &bytes, 0o644);
+    let left: Vec<_> = fs::read_dir(&h.victim_dir).unwrap().collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "something was created next to the victim: {left:?}"
+    );
+}
+
 /// A baseline reads `disks.path` into the repository.
 #[test]
 fn a_baseline_never_reads_a_file_the_catalog_names() {
