@@ -215,31 +215,33 @@ fn find_definition(own: &Own, qargs: &[String], run_dir: &RunDir) -> Result<Opti
     }
 }
 
-/// In a child before exec: mark every descriptor but `keep` close-on-exec
-/// (the child keeps nothing libvirt passed to QEMU).
-fn close_inherited(cmd: &mut Command, keep: Option<i32>) {
+/// In a child before exec: mark every descriptor but 0–2 and `keep`
+/// close-on-exec (the child keeps nothing libvirt passed to QEMU).
+pub(crate) fn close_inherited(cmd: &mut Command, keep: &[i32]) {
+    let mut keep: Vec<u32> = keep.iter().filter(|k| **k > 2).map(|k| *k as u32).collect();
+    keep.sort_unstable();
     // SAFETY: the closure runs between fork and exec, where only
     // async-signal-safe calls are allowed: it makes close_range(2) system
-    // calls only, allocates nothing and takes no lock.
+    // calls only, reads a vector built before the fork, allocates nothing
+    // and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 4;
-            let ranges: [(u32, u32); 2] = match keep {
-                Some(k) => [(3, (k as u32).saturating_sub(1)), (k as u32 + 1, u32::MAX)],
-                None => [(3, u32::MAX), (1, 0)],
-            };
-            for (lo, hi) in ranges {
-                if lo <= hi {
-                    libc::syscall(libc::SYS_close_range, lo, hi, CLOSE_RANGE_CLOEXEC);
+            let mut lo: u32 = 3;
+            for &k in &keep {
+                if lo < k {
+                    libc::syscall(libc::SYS_close_range, lo, k - 1, CLOSE_RANGE_CLOEXEC);
                 }
+                lo = k + 1;
             }
+            libc::syscall(libc::SYS_close_range, lo, u32::MAX, CLOSE_RANGE_CLOEXEC);
             Ok(())
         });
     }
 }
 
-/// In cdpd before exec: the ready pipe's write end `fd` survives the exec.
-fn keep_across_exec(cmd: &mut Command, fd: i32) {
+/// In a child before exec: descriptor `fd` (a pipe end) survives the exec.
+pub(crate) fn keep_across_exec(cmd: &mut Command, fd: i32) {
     // SAFETY: the closure runs between fork and exec: it makes one fcntl(2)
     // call (async-signal-safe) on a descriptor the parent keeps open until
     // spawn returns, allocates nothing and takes no lock.
@@ -376,31 +378,29 @@ struct Vm<'a> {
     config: &'a Config,
 }
 
-/// Save the definition, start cdpd and wait until it serves every disk,
-/// start the shipper. The children become QEMU's after the exec.
+/// Save the definition, start cdpd (through its supervisor) and wait until
+/// it serves every disk, start the shipper. The children become QEMU's after
+/// the exec (docs/DESIGN.md, "Processes").
 fn start_capture(vm: &Vm) -> Result<()> {
     let saved_xml = save_definition(vm)?;
-    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| io_err("creating the ready pipe", Path::new("pipe"))(e.into()))?;
-    let mut cdpd = cdpd_command(vm, wr.as_raw_fd());
-    let mut cdpd_child = cdpd.spawn().map_err(io_err("starting", &sibling("cdpd")))?;
-    drop(wr);
-    if let Err(e) = wait_ready(rd, &mut cdpd_child) {
-        stop(&mut [cdpd_child]);
+    let (mut sup, rd) = start_supervisor(vm)?;
+    if let Err(e) = wait_ready(rd, &mut sup) {
+        stop(&mut [sup]);
         return Err(LaunchError::Unprotected {
             vm: vm.dom.name.clone(),
             source: Box::new(e),
         });
     }
-    let cdpd_pid = cdpd_child.id();
-    let mut children = vec![cdpd_child];
+    // The shipper follows the supervisor, which outlives every cdpd it restarts.
+    let sup_pid = sup.id();
+    let mut children = vec![sup];
     let has_targets = vm
         .config
         .policy
         .get(&vm.policy)
         .is_some_and(|p| !p.targets.is_empty());
     if has_targets {
-        match shipper_command(vm, &saved_xml, cdpd_pid).spawn() {
+        match shipper_command(vm, &saved_xml, sup_pid).spawn() {
             Ok(c) => children.push(c),
             // Capture runs; the journal waits for cdp-agent or a restart.
             Err(e) => eprintln!("cdp-qemu: warning: cdp-shipper did not start: {e}"),
@@ -414,6 +414,45 @@ fn start_capture(vm: &Vm) -> Result<()> {
     // The children are QEMU's after the exec; they end with it.
     std::mem::forget(children);
     Ok(())
+}
+
+/// Start the supervisor (crate::supervise), which starts cdpd and relays its
+/// READY on the returned pipe. cdpd's command line goes to it on a pipe.
+fn start_supervisor(vm: &Vm) -> Result<(Child, OwnedFd)> {
+    use std::io::Write;
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io_err("creating a pipe", Path::new("pipe"))(e.into()))
+    };
+    let (rd, wr) = pipe()?;
+    let (args_rd, args_wr) = pipe()?;
+    let (wfd, afd) = (wr.as_raw_fd(), args_rd.as_raw_fd());
+    let me = std::env::current_exe().unwrap_or_else(|_| sibling("cdp-qemu"));
+    let mut cmd = Command::new(&me);
+    cmd.arg(crate::supervise::FLAG)
+        .args([
+            "--ready-fd",
+            &wfd.to_string(),
+            "--args-fd",
+            &afd.to_string(),
+        ])
+        .stdin(Stdio::null());
+    close_inherited(&mut cmd, &[wfd, afd]);
+    keep_across_exec(&mut cmd, wfd);
+    keep_across_exec(&mut cmd, afd);
+    let mut sup = cmd.spawn().map_err(io_err("starting", &me))?;
+    drop((wr, args_rd));
+    let mut argv = Vec::new();
+    for a in cdpd_argv(vm) {
+        argv.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str()));
+        argv.push(0);
+    }
+    if let Err(e) = std::fs::File::from(args_wr).write_all(&argv) {
+        stop(&mut [sup]);
+        return Err(io_err("passing cdpd's arguments to", &me)(e));
+    }
+    let _ = sup.try_wait();
+    Ok((sup, rd))
 }
 
 /// The definition cdpd was started with, for the shipper to store: 0600, a
@@ -435,29 +474,34 @@ fn save_definition(vm: &Vm) -> Result<PathBuf> {
     Ok(saved)
 }
 
-fn cdpd_command(vm: &Vm, ready_fd: i32) -> Command {
-    let mut cdpd = Command::new(sibling("cdpd"));
-    cdpd.arg("run")
-        .args(["--vm-uuid", &vm.uuid, "--vm-name", &vm.dom.name])
-        .args(["--policy", &vm.policy])
-        .arg("--state-dir")
-        .arg(vm.state.path())
-        .arg("--run-dir")
-        .arg(vm.run.path())
-        .args(["--ready-fd", &ready_fd.to_string(), "--die-with-parent"])
-        .stdin(Stdio::null());
+/// cdpd's program and arguments; the supervisor adds `--ready-fd` and
+/// `--die-with-parent` to each start.
+fn cdpd_argv(vm: &Vm) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec![sibling("cdpd").into(), "run".into()];
+    for (k, v) in [
+        ("--vm-uuid", &vm.uuid),
+        ("--vm-name", &vm.dom.name),
+        ("--policy", &vm.policy),
+    ] {
+        a.push(k.into());
+        a.push(v.into());
+    }
+    a.push("--state-dir".into());
+    a.push(vm.state.path().into());
+    a.push("--run-dir".into());
+    a.push(vm.run.path().into());
     if let Some(c) = &vm.config.source {
-        cdpd.arg("--config").arg(c);
+        a.push("--config".into());
+        a.push(c.into());
     }
     for t in vm.tagged {
-        cdpd.arg("--disk").arg(format!("{}={}", t.target, t.path));
+        a.push("--disk".into());
+        a.push(format!("{}={}", t.target, t.path).into());
     }
-    close_inherited(&mut cdpd, Some(ready_fd));
-    keep_across_exec(&mut cdpd, ready_fd);
-    cdpd
+    a
 }
 
-fn shipper_command(vm: &Vm, saved_xml: &Path, cdpd_pid: u32) -> Command {
+fn shipper_command(vm: &Vm, saved_xml: &Path, follow_pid: u32) -> Command {
     let mut ship = Command::new(sibling("cdp-shipper"));
     ship.arg("run")
         .args(["--vm-uuid", &vm.uuid, "--policy", &vm.policy])
@@ -467,12 +511,12 @@ fn shipper_command(vm: &Vm, saved_xml: &Path, cdpd_pid: u32) -> Command {
         .arg(vm.run.path())
         .arg("--vm-config")
         .arg(saved_xml)
-        .args(["--follow-pid", &cdpd_pid.to_string()])
+        .args(["--follow-pid", &follow_pid.to_string()])
         .stdin(Stdio::null());
     if let Some(c) = &vm.config.source {
         ship.arg("--config").arg(c);
     }
-    close_inherited(&mut ship, None);
+    close_inherited(&mut ship, &[]);
     ship
 }
 

@@ -6,6 +6,7 @@
 //! - [`domain`]: the libvirt domain XML and its CDP metadata keys (pure).
 //! - [`argv`]: recognising probes and rewriting QEMU's disk arguments (pure).
 //! - [`launch`]: the processes (cdp-qemu).
+//! - [`supervise`]: the process that starts cdpd and restarts it while QEMU runs.
 //! - [`hook`]: the libvirt hook (`cdpctl libvirt-hook`, as root).
 //! - [`protect`]: adding and removing the CDP keys in a definition (pure,
 //!   byte-preserving; `cdpctl protect` / `unprotect`).
@@ -15,3 +16,4 @@ pub mod domain;
 pub mod hook;
 pub mod launch;
 pub mod protect;
+pub mod supervise;
