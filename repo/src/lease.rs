@@ -357,7 +357,9 @@ mod tests {
         drop(held);
         tokio::time::sleep(ttl).await;
         let last = list(&s, VM).await.unwrap();
-        assert_eq!(last.len(), 1, "{last:?}");
+        // One, or two when the drop cut a refresh between writing the new
+        // object and deleting the old one (both expire by themselves).
+        assert!((1..=2).contains(&last.len()), "{last:?}");
         tokio::time::sleep(ttl).await;
         assert_eq!(list(&s, VM).await.unwrap(), last, "refreshed after drop");
     }
