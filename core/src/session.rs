@@ -143,9 +143,61 @@ pub fn recover_journals(
         for first in &rec.removed {
             cat.delete_segment(&vm, d.disk, *first)?;
         }
+        reconcile_sealed(cat, state, &vm, d.disk)?;
         out.disks.push(rec);
     }
     Ok(out)
+}
+
+/// The journal directory is the source of truth (issue 12): a sealed
+/// segment on disk that the catalog does not know (its insert failed when
+/// it was sealed: a locked or full catalog) is recorded now, so it is
+/// shipped like any other. Only complete, sealed segments count; an open
+/// one is the writer's. Returns the first seqs added.
+pub fn reconcile_sealed(
+    cat: &Catalog,
+    state: &StateDir,
+    vm: &str,
+    disk: &str,
+) -> Result<Vec<u64>, SessionError> {
+    use crate::journal::{self, format::Tail, writer::SealedSegment, LoadedSegment};
+    let known: std::collections::HashSet<u64> = cat
+        .segments(vm)?
+        .into_iter()
+        .filter(|r| r.disk == disk)
+        .map(|r| r.first_seq)
+        .collect();
+    let dir = state.journal(vm, disk);
+    let mut added = Vec::new();
+    for (first, path) in journal::list_segments(&dir).map_err(RecoveryError::from)? {
+        if known.contains(&first) {
+            continue;
+        }
+        let seg = match LoadedSegment::load(&path) {
+            Ok(s) => s,
+            // Trimmed or being created meanwhile, or not a segment yet.
+            Err(_) => continue,
+        };
+        let Tail::Sealed(trailer) = &seg.scan.tail else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (seg.scan.records.first(), seg.scan.records.last()) else {
+            continue;
+        };
+        let sealed = SealedSegment {
+            path: path.clone(),
+            first_seq: seg.scan.header.first_seq,
+            last_seq: trailer.last_seq,
+            first_ts_ns: a.header.ts_ns,
+            last_ts_ns: b.header.ts_ns,
+            records: u64::from(trailer.records),
+            record_base: seg.scan.header.record_base,
+            size_bytes: seg.bytes.len() as u64,
+        };
+        cat.put_segment(vm, disk, &sealed, true)?;
+        added.push(first);
+    }
+    Ok(added)
 }
 
 /// End the catalog's open session `last` (if it is open) as `prev`.

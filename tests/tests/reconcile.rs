@@ -1,0 +1,85 @@
+//! The journal directory is the source of truth (issue 12, item 4): a sealed
+//! segment whose catalog row is missing (its insert failed when it was
+//! sealed: the catalog locked or full) is never left out of the repository.
+//! cdpd's start (and the agent's adoption, which runs the same session
+//! recovery) records every sealed segment on disk the catalog lacks.
+
+use cdp_tests::fixture::{config, phase, qemu_io, shipper_once_cmd};
+use cdp_tests::{assert_files_equal, run_ok, Daemon};
+
+const MIB: u64 = 1 << 20;
+
+fn catalog_firsts(d: &Daemon) -> Vec<i64> {
+    let c = rusqlite::Connection::open(d.catalog_path()).unwrap();
+    let mut st = c
+        .prepare("SELECT first_seq FROM segments WHERE disk = 'vda' ORDER BY first_seq")
+        .unwrap();
+    let v = st
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<Vec<i64>, _>>()
+        .unwrap();
+    v
+}
+
+#[test]
+fn a_sealed_segment_missing_from_the_catalog_is_recorded_and_shipped() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 61)
+        .args(["--segment-age", "20ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    // A baseline before the writes: the restore below needs every segment.
+    cdp_tests::fixture::cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    for i in 0..3 {
+        qemu_io(&d, "vda", &phase(i));
+    }
+    d.term();
+    let before = catalog_firsts(&d);
+    assert!(before.len() >= 2, "{before:?}");
+    // The row of a sealed segment in the middle is gone, as if its insert
+    // had failed while cdpd ran.
+    let lost = before[1];
+    let c = rusqlite::Connection::open(d.catalog_path()).unwrap();
+    c.execute("DELETE FROM segments WHERE first_seq = ?1", [lost])
+        .unwrap();
+    drop(c);
+    assert!(!catalog_firsts(&d).contains(&lost));
+
+    // The next start records it again, from the file.
+    d.start();
+    d.term();
+    let after = catalog_firsts(&d);
+    assert!(after.contains(&lost), "{after:?}");
+
+    // And it is shipped: the repository alone gives the image back.
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let journal = repo.join("cdp/v1/vms").join(&d.vm_uuid).join("vda/journal");
+    let shipped = std::fs::read_dir(&journal)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .any(|n| n.starts_with(&format!("{lost:020}-")) && n.ends_with(".seg.zst"));
+    assert!(shipped, "segment {lost} is not in {}", journal.display());
+    let out = d.work_dir().join("restored.img");
+    let url = format!("file://{}", repo.display());
+    cdp_tests::fixture::cdpctl(
+        &d,
+        &cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            "latest",
+            "--no-local",
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &url,
+        ],
+    );
+    assert_files_equal(&out, &d.image("vda"));
+}
