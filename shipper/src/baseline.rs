@@ -55,7 +55,11 @@ pub struct BaselineJob<'a> {
 }
 
 /// The newest seq of a disk whose image write is complete: from the running
-/// cdpd (under its disk lock), else from the catalog (VM stopped).
+/// cdpd (under its disk lock), else from the catalog, but only once the last
+/// capture session has ended (cdpd stopped, or its journal recovered): a
+/// cdpd that is alive but does not answer, or one killed before its journal
+/// was recovered, leaves the image ahead of the catalog, and a baseline
+/// taken then would be inexact (issue 12): [`ShipError::UnsettledImage`].
 pub fn settled_seq(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &str) -> Result<u64> {
     let sock = cdp_core::layout::RunDir::new(run_dir)
         .vm(vm)
@@ -67,7 +71,11 @@ pub fn settled_seq(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &st
             }
         }
     }
-    Ok(catalog.lock().unwrap().last_seq(vm)?.0)
+    let cat = catalog.lock().unwrap();
+    if cat.last_session(vm)?.is_some_and(|s| s.end_kind.is_none()) {
+        return Err(ShipError::UnsettledImage { vm: vm.to_string() });
+    }
+    Ok(cat.last_seq(vm)?.0)
 }
 
 /// Is [off, off+len) entirely a hole?
@@ -286,4 +294,30 @@ pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
         chunks_uploaded: scan.uploaded,
         bytes_uploaded: scan.bytes_uploaded,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VM: &str = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+
+    /// Without an answer from cdpd, the catalog's seq is used only once the
+    /// capture session has ended; an open one (cdpd hung, or killed before
+    /// its journal was recovered) gives no baseline rather than an inexact one.
+    #[test]
+    fn no_settled_seq_is_guessed_while_the_session_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), VM).unwrap();
+        cat.upsert_vm(VM, "web").unwrap();
+        cat.set_last_seq(VM, 41, 1).unwrap();
+        let id = cat.start_session(VM, "boot", 1, 2, 3, "first").unwrap();
+        let cat = Mutex::new(cat);
+        let run = dir.path().join("run");
+        let e = settled_seq(&run, &cat, VM, "vda").unwrap_err();
+        assert!(matches!(e, ShipError::UnsettledImage { .. }), "{e}");
+        assert!(e.is_transient());
+        cat.lock().unwrap().end_session(id, 5, "crash").unwrap();
+        assert_eq!(settled_seq(&run, &cat, VM, "vda").unwrap(), 41);
+    }
 }

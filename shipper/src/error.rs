@@ -102,6 +102,8 @@ pub enum ShipError {
         #[source]
         source: tokio::task::JoinError,
     },
+    #[error("VM {vm}: its cdpd does not answer on its control socket and its capture session is still open: the seq its image is settled at is unknown, so no baseline now (it would be inexact); it is taken once cdpd answers or its journal is recovered")]
+    UnsettledImage { vm: String },
 }
 
 fn config_file(p: &Option<PathBuf>) -> String {
@@ -124,7 +126,8 @@ impl ShipError {
             ShipError::Segment { .. }
             | ShipError::NotSealed { .. }
             | ShipError::Io { .. }
-            | ShipError::Task { .. } => Kind::Local,
+            | ShipError::Task { .. }
+            | ShipError::UnsettledImage { .. } => Kind::Local,
         }
     }
 
@@ -140,6 +143,8 @@ impl ShipError {
                     source.is_transient()
                 }
             },
+            // cdpd comes back (restarted) or the agent recovers its journal.
+            ShipError::UnsettledImage { .. } => true,
             _ => false,
         }
     }
