@@ -165,13 +165,20 @@ impl Vm {
         self.clock.lock().unwrap().last_seq
     }
 
+    /// The segment `n` records starting at `first_seq` go to: the open one,
+    /// or, if there is none or its index would pass the record limit
+    /// ([`cdp_core::journal::format::MAX_SEGMENT_RECORDS`]), a new one.
     fn ensure_open<'s>(
         &self,
         disk: &Disk,
         st: &'s mut JournalState,
         first_seq: u64,
         ts: u64,
+        n: usize,
     ) -> io::Result<&'s mut OpenSegment> {
+        if st.open.as_ref().is_some_and(|s| s.is_full_for(n)) {
+            self.switch(st);
+        }
         if st.open.is_none() {
             let seg = OpenSegment::create(
                 &disk.journal_dir,
@@ -208,7 +215,7 @@ impl Vm {
         let st = &mut *guard;
         let (seq0, ts) = self.reserve(n);
         let appended = self
-            .ensure_open(disk, st, seq0, ts)
+            .ensure_open(disk, st, seq0, ts, n as usize)
             .and_then(|seg| seg.append(seq0, ts, batch.records(buf)));
         if let Err(e) = appended {
             // Nothing was journaled, so nothing may reach the image.
@@ -278,7 +285,7 @@ impl Vm {
         ts: u64,
         rec: Record<'_>,
     ) -> io::Result<()> {
-        self.ensure_open(disk, st, seq, ts)?
+        self.ensure_open(disk, st, seq, ts, 1)?
             .append(seq, ts, [rec])?;
         st.last_seq = seq;
         Ok(())

@@ -58,6 +58,17 @@ pub const INDEX_ENTRY_LEN: usize = 48;
 /// index of a full segment stays far below this).
 pub const MAX_RECORD_PAYLOAD: u32 = 64 * 1024 * 1024;
 
+/// The most records one segment holds. Its INDEX record carries
+/// [`INDEX_ENTRY_LEN`] bytes per record and, like every record, at most
+/// [`MAX_RECORD_PAYLOAD`] bytes: 1 Mi records make a 48 MiB index, a quarter
+/// under the limit (which would be reached at 1,398,101 records). cdpd switches
+/// segments before an append would pass it, whatever the bytes written.
+pub const MAX_SEGMENT_RECORDS: usize = 1 << 20;
+const _: () = assert!(
+    MAX_SEGMENT_RECORDS * INDEX_ENTRY_LEN + MAX_SEGMENT_RECORDS * INDEX_ENTRY_LEN / 4
+        <= MAX_RECORD_PAYLOAD as usize
+);
+
 pub const FLAG_FUA: u8 = 1;
 pub const FLAG_NO_HOLE: u8 = 2;
 

@@ -82,6 +82,21 @@ pub fn segment_file_name(first_seq: u64) -> String {
     format!("{first_seq:020}.seg")
 }
 
+/// `.<first-seq:020>.seg.tmp`: a segment being created, before its header is
+/// durable (see [`writer::OpenSegment::create`]). Not a segment name: readers
+/// never see it; start-up recovery removes one left by a crash.
+pub fn temp_segment_file_name(first_seq: u64) -> String {
+    format!(".{first_seq:020}.seg.tmp")
+}
+
+/// Is `name` a [`temp_segment_file_name`]?
+pub fn is_temp_segment_file_name(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(parse_segment_file_name)
+        .is_some()
+}
+
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".seg")?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {

@@ -54,8 +54,12 @@ pub struct Recovered {
     pub redone: u64,
     /// Segments sealed by recovery (for the catalog).
     pub sealed: Vec<SealedSegment>,
-    /// Empty unsealed segments removed.
+    /// Empty unsealed segments removed (including aborted creates).
     pub removed: Vec<u64>,
+    /// Files removed as aborted segment creates: a segment file too short to
+    /// hold a record (0 bytes, or a torn header), or a temporary file of a
+    /// create that never completed. Each is also logged on stderr.
+    pub aborted_creates: Vec<PathBuf>,
     /// Breaks in the chain of record bases (a segment missing in the middle).
     pub chain_breaks: Vec<String>,
 }
@@ -122,8 +126,11 @@ pub fn recover_disk(
     let mut last_kind: Option<Kind> = None;
     // A sealed segment whose last record we have not read yet.
     let mut last_sealed: Option<PathBuf> = None;
-    let n = segs.len();
-    for (i, (_, path)) in segs.iter().enumerate() {
+    remove_temp_segments(dir, &mut r)?;
+    for (first, path) in &segs {
+        if remove_aborted_create(path, *first, &mut r)? {
+            continue;
+        }
         if let Some((h, t, len)) = read_sealed_bounds(path)? {
             check_vm(path, &h, vm_uuid)?;
             chain(
@@ -143,16 +150,7 @@ pub fn recover_disk(
             continue;
         }
         // Unsealed: scan it, cut a torn tail, redo, seal.
-        let seg = match LoadedSegment::load(path) {
-            Ok(s) => s,
-            Err(JournalError::Format { .. }) if i + 1 == n => {
-                // The newest segment's header itself is torn (a crash right
-                // after creating it): it holds no record.
-                std::fs::remove_file(path).map_err(io_err(path))?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let seg = LoadedSegment::load(path)?;
         check_vm(path, &seg.scan.header, vm_uuid)?;
         let valid_len = match &seg.scan.tail {
             Tail::Torn { valid_len, .. } => *valid_len,
@@ -224,6 +222,64 @@ pub fn recover_disk(
     r.next_base = expected_base.unwrap_or(0);
     r.ended_clean = !r.had_records || last_kind == Some(Kind::SessionEnd);
     Ok(r)
+}
+
+/// A segment file too short to hold a record (0 bytes, or no whole valid
+/// header) is what a create that failed or was cut short by a crash left:
+/// it is removed and said so, wherever it is in the journal. Older cdpd
+/// versions left such files when the disk was full; this code's creates
+/// leave none (see [`OpenSegment::create`]). A file with room for a record is
+/// never removed here.
+fn remove_aborted_create(
+    path: &Path,
+    first: u64,
+    r: &mut Recovered,
+) -> Result<bool, RecoveryError> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len > SEGMENT_HEADER_LEN as u64 {
+        return Ok(false);
+    }
+    if len == SEGMENT_HEADER_LEN as u64 {
+        let mut hb = [0u8; SEGMENT_HEADER_LEN];
+        f.read_exact_at(&mut hb, 0).map_err(io_err(path))?;
+        if SegmentHeader::decode(&hb).is_ok() {
+            // A whole header and no record: the empty-segment path below.
+            return Ok(false);
+        }
+    }
+    std::fs::remove_file(path).map_err(io_err(path))?;
+    eprintln!(
+        "cdp: recovery: removed {} ({len} bytes, no record): a segment create that did not complete (full disk or crash)",
+        path.display()
+    );
+    r.removed.push(first);
+    r.aborted_creates.push(path.to_path_buf());
+    Ok(true)
+}
+
+/// Remove the temporary files of segment creates that never completed
+/// (`.<seq>.seg.tmp`): none of them was ever a segment.
+fn remove_temp_segments(dir: &Path, r: &mut Recovered) -> Result<(), RecoveryError> {
+    for ent in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let ent = ent.map_err(io_err(dir))?;
+        let name = ent.file_name();
+        if !name
+            .to_str()
+            .is_some_and(journal::is_temp_segment_file_name)
+        {
+            continue;
+        }
+        let path = ent.path();
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        eprintln!(
+            "cdp: recovery: removed {}: a segment create that did not complete (crash)",
+            path.display()
+        );
+        r.aborted_creates.push(path);
+    }
+    Ok(())
 }
 
 fn check_vm(path: &Path, h: &SegmentHeader, vm: &uuid::Uuid) -> Result<(), RecoveryError> {
@@ -376,10 +432,73 @@ mod tests {
         std::fs::write(&headless, b"CDPJ").unwrap();
 
         let r = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap();
-        assert_eq!(r.removed, [1]);
+        assert_eq!(r.removed, [1, 2]);
+        assert_eq!(r.aborted_creates, [headless.clone()]);
         assert!(!empty.path.exists() && !headless.exists());
         assert!(r.ended_clean && !r.had_records);
         assert_eq!(r.next_base, 0);
+    }
+
+    /// ENOSPC while creating a segment left a 0-byte file (cdpd before
+    /// issue 12), after which start-up refused ("bad segment magic"): a file
+    /// with no room for a record is an aborted create, removed and said so,
+    /// as the last segment or between two others; the records around it are
+    /// all kept.
+    #[test]
+    fn a_zero_byte_or_torn_header_segment_is_an_aborted_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let mut a = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        a.append(1, 10, [write(0, &[1; 512]), write(512, &[2; 512])])
+            .unwrap();
+        a.seal(11).unwrap();
+        // Between two segments: a 0-byte file (its seqs were never used).
+        let middle = jdir.join(journal::segment_file_name(3));
+        File::create(&middle).unwrap();
+        let mut b = OpenSegment::create(&jdir, VM, 4, 2, 20).unwrap();
+        b.append(4, 20, [write(1024, &[3; 512])]).unwrap();
+        // The last segment: 0 bytes; and a temporary file of a create
+        // interrupted by a crash.
+        let last = jdir.join(journal::segment_file_name(5));
+        File::create(&last).unwrap();
+        let temp = jdir.join(journal::temp_segment_file_name(6));
+        std::fs::write(&temp, [0u8; 10]).unwrap();
+
+        let r = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap();
+        assert!(!middle.exists() && !last.exists() && !temp.exists());
+        let mut aborted = r.aborted_creates.clone();
+        aborted.sort();
+        assert_eq!(aborted, [temp, middle, last]);
+        assert_eq!(r.removed, [3, 5]);
+        assert!(r.chain_breaks.is_empty(), "{:?}", r.chain_breaks);
+        assert_eq!((r.last_seq, r.next_base, r.redone), (4, 3, 1));
+        assert!(
+            a.path.exists() && b.path.exists(),
+            "segments with records stay"
+        );
+        assert_eq!(read(&img, 1024, 512), vec![3; 512]);
+        // A start after it finds a clean journal.
+        let again = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap();
+        assert!(again.aborted_creates.is_empty() && again.removed.is_empty());
+        assert_eq!((again.last_seq, again.next_base), (4, 3));
+    }
+
+    /// A last segment with room for records but no valid header is not an
+    /// aborted create: recovery refuses rather than drop what it may hold.
+    #[test]
+    fn a_long_segment_with_a_bad_header_is_never_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let mut seg = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        seg.append(1, 10, [write(0, &[1; 512])]).unwrap();
+        seg.file.write_all_at(b"XXXX", 0).unwrap();
+        let err = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap_err();
+        assert!(err.to_string().contains("magic"), "{err}");
+        assert!(seg.path.exists());
     }
 
     #[test]

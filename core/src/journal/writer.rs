@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::format::{
-    self, IndexEntry, Kind, RecordHeader, SegmentHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    self, IndexEntry, Kind, RecordHeader, SegmentHeader, MAX_SEGMENT_RECORDS, RECORD_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
-use super::segment_file_name;
+use super::{segment_file_name, temp_segment_file_name};
 
 /// Records per `pwritev` call (two iovecs per record, under IOV_MAX = 1024).
 const MAX_IOV: usize = 1024;
@@ -61,6 +62,13 @@ pub struct SealedSegment {
 
 impl OpenSegment {
     /// Create `<dir>/<first-seq>.seg` with its header. Fails if it exists.
+    ///
+    /// The header is written and synced under a temporary name
+    /// ([`temp_segment_file_name`]), which is renamed into place (never
+    /// replacing a file) and the directory synced: a segment's name never
+    /// stands for a file without a whole header. A failed create (ENOSPC
+    /// while writing the header) removes the temporary file and leaves
+    /// nothing (docs/RELIABILITY.md, "A full disk while creating a segment").
     pub fn create(
         dir: &Path,
         vm_uuid: [u8; 16],
@@ -69,19 +77,30 @@ impl OpenSegment {
         now_ns: u64,
     ) -> io::Result<OpenSegment> {
         let path = dir.join(segment_file_name(first_seq));
+        let temp = dir.join(temp_segment_file_name(first_seq));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)?;
+            .open(&temp)?;
         let header = SegmentHeader {
             vm_uuid,
             first_seq,
             record_base,
             created_ns: now_ns,
         };
-        file.write_all_at(&header.encode(), 0)?;
+        let placed = file
+            .write_all_at(&header.encode(), 0)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| rename_noreplace(&temp, &path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        // The new name is durable before any record in it is acknowledged
+        // as flushed (a FLUSH syncs the file, not its directory).
+        File::open(dir)?.sync_all()?;
         Ok(OpenSegment {
             file: Arc::new(file),
             path,
@@ -94,6 +113,12 @@ impl OpenSegment {
             last_seq: 0,
             opened: Instant::now(),
         })
+    }
+
+    /// Would `n` more records take the index past [`MAX_SEGMENT_RECORDS`]?
+    /// One compare, made before every append: the segment is switched first.
+    pub fn is_full_for(&self, n: usize) -> bool {
+        self.index.len() + n > MAX_SEGMENT_RECORDS
     }
 
     pub fn records(&self) -> usize {
@@ -210,6 +235,21 @@ impl OpenSegment {
     }
 }
 
+/// Rename `from` to `to`, failing with `AlreadyExists` if `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        // A filesystem without RENAME_NOREPLACE: a link fails if `to` exists.
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `pwritev` until every byte is written.
 fn pwritev_all(f: &File, iov: &mut [IoSlice<'_>], mut pos: u64) -> io::Result<()> {
     let mut iov: &mut [IoSlice<'_>] = iov;
@@ -293,6 +333,32 @@ mod tests {
         );
         let index = format::read_index(&bytes).unwrap().unwrap();
         assert_eq!(index, seg.index);
+    }
+
+    /// A create that fails after its file was made (here: the name is
+    /// taken; on a full disk: the header write) leaves no file behind, and
+    /// never touches the segment of that name.
+    #[test]
+    fn a_failed_create_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = OpenSegment::create(dir.path(), [3; 16], 1, 0, 1).unwrap();
+        seg.append(1, 10, [write(0, &[1; 512])]).unwrap();
+        let before = std::fs::read(&seg.path).unwrap();
+        let err = OpenSegment::create(dir.path(), [3; 16], 1, 0, 2)
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&seg.path).unwrap(), before);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(segment_file_name(1))]);
+        // A new segment's file is never seen without its whole header.
+        let next = OpenSegment::create(dir.path(), [3; 16], 2, 1, 3).unwrap();
+        let bytes = std::fs::read(&next.path).unwrap();
+        assert_eq!(bytes.len(), SEGMENT_HEADER_LEN);
+        assert_eq!(SegmentHeader::decode(&bytes).unwrap().first_seq, 2);
     }
 
     #[test]
