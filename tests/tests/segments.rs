@@ -1,0 +1,300 @@
+//! Bounded segments (issue 12): a segment's index always fits in one record,
+//! whatever the guest writes, and a segment create that fails (a full disk)
+//! leaves no segment file behind, so cdpd always starts again.
+
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cdp_core::journal::format::{
+    self, INDEX_ENTRY_LEN, MAX_RECORD_PAYLOAD, MAX_SEGMENT_RECORDS, SEGMENT_HEADER_LEN,
+};
+use cdp_core::journal::{is_temp_segment_file_name, parse_segment_file_name};
+use cdp_tests::fixture::{cdpctl, config, shipper_once_cmd};
+use cdp_tests::nbd::{self, Client};
+use cdp_tests::{assert_files_equal, require_tool, run, run_ok, Daemon};
+
+const MIB: u64 = 1 << 20;
+
+/// The files of a disk's journal directory: (segment first seq or None, path, length).
+fn journal_files(d: &Daemon, disk: &str) -> Vec<(Option<u64>, PathBuf, u64)> {
+    let dir = d
+        .state_dir
+        .join("vms")
+        .join(&d.vm_uuid)
+        .join(disk)
+        .join("journal");
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let len = e.metadata().unwrap().len();
+            (parse_segment_file_name(&name), e.path(), len)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Send `n` zero-length WRITEs on one connection, pipelined (a writer thread
+/// sends every request while this thread reads the replies), and check every
+/// reply succeeded. Returns how long it took.
+fn pipelined_empty_writes(socket: &Path, n: u64) -> Duration {
+    let (c, _) = Client::open(socket, "vda").unwrap();
+    let sock = c.sock.try_clone().unwrap();
+    let t0 = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut w = BufWriter::with_capacity(1 << 20, sock);
+        for h in 1..=n {
+            // Spread over the disk: offset h * 512, length 0.
+            let off = (h * 512) % (8 * MIB);
+            w.write_all(&nbd::request_header(0, nbd::CMD_WRITE, h, off, 0))
+                .unwrap();
+        }
+        w.flush().unwrap();
+    });
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &c.sock);
+    let mut failed = 0u64;
+    for _ in 0..n {
+        let rep = nbd::read_reply_from(&mut r).unwrap();
+        if rep.error != 0 {
+            failed += 1;
+        }
+    }
+    sender.join().unwrap();
+    let took = t0.elapsed();
+    assert_eq!(failed, 0, "{failed} of {n} zero-length WRITEs failed");
+    let mut c = c;
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    took
+}
+
+/// Issue 12, item 5: 1.5 M zero-length WRITEs made one segment whose index
+/// passed the 64 MiB record limit: it could never be sealed readably,
+/// shipped or replayed, and the VM's shipping stopped. Segments now switch
+/// on their record count too. (A 1 GiB `segment_size` so that the bytes
+/// written alone never switch: only the record bound can.)
+#[test]
+fn a_million_and_a_half_empty_writes_roll_segments_that_ship_and_replay() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 71)
+        .args(["--segment-size", "1GiB", "--segment-age", "1h"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    let n = 1_500_000u64;
+    let took = pipelined_empty_writes(&d.socket("vda"), n);
+    eprintln!("{n} zero-length WRITEs in {took:?}");
+    // A few real bytes after them, so that the replay has something to show.
+    let qemu_io = require_tool("qemu-io");
+    run_ok(
+        Command::new(&qemu_io)
+            .args(["-f", "raw", "-t", "writeback", "-c", "write -P 0x5a 1M 64k"])
+            .arg(d.uri("vda")),
+    );
+    d.term();
+
+    let segs: Vec<_> = journal_files(&d, "vda")
+        .into_iter()
+        .filter(|f| f.0.is_some())
+        .collect();
+    let mut total = 0u64;
+    for (_, path, _) in &segs {
+        let bytes = std::fs::read(path).unwrap();
+        let index = format::read_index(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .unwrap_or_else(|| panic!("{} is not sealed", path.display()));
+        assert!(
+            index.len() <= MAX_SEGMENT_RECORDS
+                && index.len() * INDEX_ENTRY_LEN <= MAX_RECORD_PAYLOAD as usize,
+            "{}: {} records, an index of {} bytes",
+            path.display(),
+            index.len(),
+            index.len() * INDEX_ENTRY_LEN
+        );
+        total += index.len() as u64;
+    }
+    assert!(
+        segs.len() >= 2 && total > n,
+        "{n} records should have rolled segments: {} segments, {total} records",
+        segs.len()
+    );
+
+    // `cdpctl journal replay` of the local journal equals the image (before
+    // shipping: the shipper trims what every target holds).
+    d.check_replay_invariant("vda");
+
+    // The shipper ships them all, and the repository alone gives the image back.
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let shipped = std::fs::read_dir(repo.join("cdp/v1/vms").join(&d.vm_uuid).join("vda/journal"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".seg.zst")
+        })
+        .count();
+    assert!(
+        shipped >= segs.len(),
+        "{shipped} shipped of {} segments",
+        segs.len()
+    );
+    let out = d.work_dir().join("restored.img");
+    let url = format!("file://{}", repo.display());
+    cdpctl(
+        &d,
+        &cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            "latest",
+            "--no-local",
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &url,
+        ],
+    );
+    assert_files_equal(&out, &d.image("vda"));
+}
+
+/// A small tmpfs mounted over a directory; lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts it, or fails the test saying why it cannot (never a skip).
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test mounts a small tmpfs to fill the journal's disk: it needs root"
+        );
+        let out = run(Command::new(require_tool("mount"))
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "cdp-test",
+            ])
+            .arg(at));
+        assert!(
+            out.status.success(),
+            "cannot mount a {size} tmpfs at {}: {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0),
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// No segment file without room for a record, and no temporary file of a
+/// create: what a failed create must never leave.
+fn assert_no_aborted_create(d: &Daemon, when: &str) {
+    for (seq, path, len) in journal_files(d, "vda") {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !is_temp_segment_file_name(&name),
+            "{when}: a create's temporary file is left: {}",
+            path.display()
+        );
+        if seq.is_some() {
+            assert!(
+                len >= SEGMENT_HEADER_LEN as u64,
+                "{when}: {} has {len} bytes, not even a header",
+                path.display()
+            );
+            let mut hb = [0u8; SEGMENT_HEADER_LEN];
+            std::fs::File::open(&path)
+                .unwrap()
+                .read_exact(&mut hb)
+                .unwrap();
+            format::SegmentHeader::decode(&hb)
+                .unwrap_or_else(|e| panic!("{when}: {}: {e}", path.display()));
+        }
+    }
+}
+
+/// Issue 12, item 1: ENOSPC while creating a segment left a 0-byte segment
+/// file, after which cdpd refused to start ("bad segment magic"). With a
+/// 512-byte `segment_size` every 512-byte WRITE fills its segment (one tmpfs
+/// page, sealed in place), so once the filesystem is full the next WRITE's
+/// segment create is what hits ENOSPC.
+#[test]
+fn enospc_while_creating_a_segment_leaves_no_segment_and_cdpd_restarts() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 72)
+        .args(["--segment-size", "512", "--segment-age", "1h"])
+        .prepare();
+    let fs = Tmpfs::mount(&d.state_dir, "1M");
+    d.start();
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    let mut ok = 0u64;
+    let mut enospc = 0u64;
+    for i in 0..2000u64 {
+        let e = c.write(i * 512, &[(i % 251) as u8 + 1; 512], 0).unwrap();
+        match e {
+            0 => ok += 1,
+            nbd::ENOSPC => enospc += 1,
+            other => panic!("WRITE {i}: error {other}, not ENOSPC"),
+        }
+        if enospc >= 20 {
+            break;
+        }
+    }
+    assert!(
+        ok > 10 && enospc >= 20,
+        "the journal's 1 MiB filesystem should fill: {ok} writes ok, {enospc} ENOSPC"
+    );
+    d.assert_alive("after ENOSPC at segment creates");
+    assert_no_aborted_create(&d, "while full");
+    let log = d.log();
+    drop(c);
+
+    // Killed while still full (a crash: recovery has it all to do).
+    d.kill9();
+    assert_no_aborted_create(&d, "after a crash while full");
+    // Room again: cdpd starts (recovery finds nothing to refuse), and writes
+    // go through.
+    fs.resize("64M");
+    d.start();
+    let (mut c, _) = Client::open(&d.socket("vda"), "vda").unwrap();
+    for i in 0..20u64 {
+        assert_eq!(c.write(i * 4096, &[0xc3; 4096], 0).unwrap(), 0);
+    }
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    d.term();
+    d.start();
+    d.term();
+    assert_no_aborted_create(&d, "at the end");
+    assert!(
+        !d.log().contains("bad segment magic"),
+        "{log}\n---\n{}",
+        d.log()
+    );
+    d.check_replay_invariant("vda");
+}
