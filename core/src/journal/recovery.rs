@@ -433,7 +433,7 @@ mod tests {
 
         let r = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap();
         assert_eq!(r.removed, [1, 2]);
-        assert_eq!(r.aborted_creates, [headless.clone()]);
+        assert_eq!(r.aborted_creates, std::slice::from_ref(&headless));
         assert!(!empty.path.exists() && !headless.exists());
         assert!(r.ended_clean && !r.had_records);
         assert_eq!(r.next_base, 0);
