@@ -20,6 +20,10 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 /// (docs/REPOSITORY_FORMAT.md, "Limits").
 pub const MAX_SEGMENT_SIZE: u64 = 4 << 30;
 pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(1);
+/// Bounds of `segment_age`: at least 1 ms (the sealer would spin below it),
+/// at most 1 h (the age bounds how long a write stays out of the repository).
+pub const MIN_SEGMENT_AGE: Duration = Duration::from_millis(1);
+pub const MAX_SEGMENT_AGE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -343,6 +347,13 @@ impl Config {
                 s.segment_size
             )));
         }
+        if !(MIN_SEGMENT_AGE..=MAX_SEGMENT_AGE).contains(&s.segment_age) {
+            return Err(self.invalid(format!(
+                "policy.{policy}.segment_age = {:?}: use at least 1ms and at most 1h \
+                 (the age bounds how long a write stays unsealed and unshipped)",
+                s.segment_age
+            )));
+        }
         Ok(s)
     }
 }
@@ -497,6 +508,19 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
             Config::parse("[policy.default.retention]\nany_point = \"1h\"\nhourly = \"1d\"\n")
                 .is_err()
         );
+    }
+
+    /// A segment age of 0 (a spinning sealer) or over 1 h is refused.
+    #[test]
+    fn segment_age_is_bounded() {
+        for (age, ok) in [("0s", false), ("1ms", true), ("1h", true), ("2h", false)] {
+            let c = Config::parse(&format!("[policy.default]\nsegment_age = \"{age}\"\n")).unwrap();
+            let r = c.validate();
+            assert_eq!(r.is_ok(), ok, "{age}: {r:?}");
+            if !ok {
+                assert!(r.unwrap_err().to_string().contains("at most 1h"));
+            }
+        }
     }
 
     /// A segment larger than a repository accepts (or empty) is refused at validation.
