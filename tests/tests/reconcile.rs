@@ -83,3 +83,58 @@ fn a_sealed_segment_missing_from_the_catalog_is_recorded_and_shipped() {
     );
     assert_files_equal(&out, &d.image("vda"));
 }
+
+/// While cdpd runs: a catalog locked past its busy timeout when a segment is
+/// sealed (another process holding a write lock) loses nothing; cdpd records
+/// the segment once the lock is gone, without a restart, and says so.
+#[test]
+fn a_failed_insert_is_retried_while_cdpd_runs() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 62)
+        .args(["--segment-age", "20ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    cdp_tests::fixture::cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    let before = catalog_firsts(&d);
+    let mut lock = rusqlite::Connection::open(d.catalog_path()).unwrap();
+    let tx = lock
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    qemu_io(&d, "vda", &phase(1));
+    // cdpd's insert waits out its busy timeout, fails, and says it will retry.
+    cdp_tests::guest::wait_until("cdpd reports the failed insert", 60, || {
+        d.log().contains("(will retry)")
+    });
+    tx.rollback().unwrap();
+    drop(lock);
+    cdp_tests::guest::wait_until("cdpd records the segment again", 30, || {
+        d.log()
+            .contains("every sealed segment is recorded in the catalog again")
+    });
+    let after = catalog_firsts(&d);
+    assert!(after.len() > before.len(), "{before:?} → {after:?}");
+    d.term();
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let out = d.work_dir().join("restored.img");
+    let url = format!("file://{}", repo.display());
+    cdp_tests::fixture::cdpctl(
+        &d,
+        &cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            "latest",
+            "--no-local",
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &url,
+        ],
+    );
+    assert_files_equal(&out, &d.image("vda"));
+}

@@ -127,6 +127,11 @@ pub struct Vm {
     pub disks: Vec<Arc<Disk>>,
     pub settings: JournalSettings,
     pub catalog: Mutex<Catalog>,
+    /// Sealed segments whose catalog insert failed (the catalog locked past
+    /// its busy timeout, its disk full), by disk name: tried again at each
+    /// seal pass, and recorded from the journal at the next start if cdpd
+    /// stops first (`cdp_core::session::reconcile_sealed`).
+    unrecorded: Mutex<Vec<(String, SealedSegment)>>,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub pid: u32,
@@ -343,6 +348,9 @@ impl Vm {
     pub fn seal_pass(&self, force_all: bool) -> Duration {
         let age = self.settings.segment_age;
         let mut next = age;
+        if !self.record_unrecorded() {
+            next = next.min(Duration::from_secs(1));
+        }
         for disk in &self.disks {
             let to_seal = {
                 let mut st = disk.lock_journal();
@@ -387,13 +395,45 @@ impl Vm {
     }
 
     fn record_sealed(&self, disk: &Disk, s: &SealedSegment) {
-        let cat = self.catalog.lock().unwrap();
-        let r = cat
-            .put_segment(&self.uuid_str, &disk.name, s, true)
-            .and_then(|_| cat.set_last_seq(&self.uuid_str, s.last_seq, s.last_ts_ns));
-        if let Err(e) = r {
-            eprintln!("cdpd: {e}");
+        if let Err(e) = self.try_record(&disk.name, s) {
+            let mut pending = self.unrecorded.lock().unwrap();
+            if pending.is_empty() {
+                eprintln!(
+                    "cdpd: recording sealed segment {} in the catalog: {e} (will retry)",
+                    s.path.display()
+                );
+            }
+            pending.push((disk.name.clone(), s.clone()));
         }
+    }
+
+    fn try_record(&self, disk: &str, s: &SealedSegment) -> Result<(), CatalogError> {
+        let cat = self.catalog.lock().unwrap();
+        cat.put_segment(&self.uuid_str, disk, s, true)
+            .and_then(|_| cat.set_last_seq(&self.uuid_str, s.last_seq, s.last_ts_ns))
+    }
+
+    /// Try the sealed segments whose insert failed again, in order; true
+    /// when none is left.
+    fn record_unrecorded(&self) -> bool {
+        let pending = std::mem::take(&mut *self.unrecorded.lock().unwrap());
+        if pending.is_empty() {
+            return true;
+        }
+        let mut left = Vec::new();
+        for (disk, s) in pending {
+            if !left.is_empty() || self.try_record(&disk, &s).is_err() {
+                left.push((disk, s));
+            }
+        }
+        let done = left.is_empty();
+        if done {
+            eprintln!("cdpd: every sealed segment is recorded in the catalog again");
+        }
+        let mut p = self.unrecorded.lock().unwrap();
+        left.append(&mut p);
+        *p = left;
+        done
     }
 
     /// The sealer thread: wakes when a segment is switched out, or when the
@@ -502,6 +542,7 @@ impl Vm {
             disks,
             settings: setup.settings,
             catalog: Mutex::new(setup.catalog),
+            unrecorded: Mutex::new(Vec::new()),
             state_dir: setup.state_dir,
             run_dir: setup.run_dir,
             pid: std::process::id(),
