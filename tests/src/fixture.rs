@@ -90,3 +90,51 @@ pub fn phase(i: u64) -> Vec<String> {
     v.push("flush".into());
     v
 }
+
+/// A small tmpfs mounted over a directory; lazily unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts it, or fails the test saying why it cannot (never a skip: a
+    /// full disk is only testable on a small filesystem of its own).
+    pub fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test mounts a small tmpfs to fill the journal's disk: it needs root \
+             (run the suite as root, as scripts/test does in CI)"
+        );
+        let out = crate::run(
+            Command::new(crate::require_tool("mount"))
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0755"),
+                    "cdp-test",
+                ])
+                .arg(at),
+        );
+        assert!(
+            out.status.success(),
+            "cannot mount a {size} tmpfs at {} (needs root and the right to mount in \
+             this mount namespace; in a container, CAP_SYS_ADMIN): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    pub fn resize(&self, size: &str) {
+        crate::run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0),
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -1,56 +1,10 @@
 //! A full journal disk: writes fail with ENOSPC, nothing is lost or half
 //! journaled, cdpd keeps serving, and once there is room again it carries on.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use cdp_tests::{require_tool, run, run_ok, Daemon};
-
-/// A small tmpfs mounted over a directory; lazily unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mounts it, or fails the test saying why it cannot (never a skip: a
-    /// full disk is only testable on a small filesystem of its own).
-    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test mounts a small tmpfs to fill the journal's disk: it needs root \
-             (run the suite as root, as scripts/test does in CI)"
-        );
-        let out = run(Command::new(require_tool("mount"))
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "cdp-test",
-            ])
-            .arg(at));
-        assert!(
-            out.status.success(),
-            "cannot mount a {size} tmpfs at {} (needs root and the right to mount in \
-             this mount namespace; in a container, CAP_SYS_ADMIN): {}",
-            at.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(at.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        run_ok(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={size}")])
-                .arg(&self.0),
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+use cdp_tests::fixture::Tmpfs;
+use cdp_tests::{require_tool, run, Daemon};
 
 fn qemu_io(d: &Daemon, cmd: &str) -> String {
     let out = run(Command::new(require_tool("qemu-io"))

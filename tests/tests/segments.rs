@@ -11,9 +11,9 @@ use cdp_core::journal::format::{
     self, INDEX_ENTRY_LEN, MAX_RECORD_PAYLOAD, MAX_SEGMENT_RECORDS, SEGMENT_HEADER_LEN,
 };
 use cdp_core::journal::{is_temp_segment_file_name, parse_segment_file_name};
-use cdp_tests::fixture::{cdpctl, config, shipper_once_cmd};
+use cdp_tests::fixture::{cdpctl, config, shipper_once_cmd, Tmpfs};
 use cdp_tests::nbd::{self, Client};
-use cdp_tests::{assert_files_equal, require_tool, run, run_ok, Daemon};
+use cdp_tests::{assert_files_equal, require_tool, run_ok, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -166,49 +166,6 @@ fn a_million_and_a_half_empty_writes_roll_segments_that_ship_and_replay() {
         ],
     );
     assert_files_equal(&out, &d.image("vda"));
-}
-
-/// A small tmpfs mounted over a directory; lazily unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mounts it, or fails the test saying why it cannot (never a skip).
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test mounts a small tmpfs to fill the journal's disk: it needs root"
-        );
-        let out = run(Command::new(require_tool("mount"))
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "cdp-test",
-            ])
-            .arg(at));
-        assert!(
-            out.status.success(),
-            "cannot mount a {size} tmpfs at {}: {}",
-            at.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(at.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        run_ok(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={size}")])
-                .arg(&self.0),
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// No segment file without room for a record, and no temporary file of a
