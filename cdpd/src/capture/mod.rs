@@ -120,6 +120,9 @@ struct Clock {
     last_ts: u64,
 }
 
+/// The most one resync record holds (and the resync buffer's size).
+const RESYNC_PIECE: u64 = 1 << 20;
+
 pub struct Vm {
     pub uuid: uuid::Uuid,
     pub uuid_str: String,
@@ -245,39 +248,60 @@ impl Vm {
     /// An image write failed after its record was journaled: the image may
     /// hold anything in that range now. Journal what the image really holds,
     /// so that the invariant stays true; if even that fails, journal a GAP.
+    /// The range (up to 4 GiB for a ZERO or TRIM) is read and journaled in
+    /// pieces of at most [`RESYNC_PIECE`] through one buffer, and a piece
+    /// that reads as zeros is journaled as a ZERO record (no payload).
     fn resync_failed(&self, disk: &Disk, st: &mut JournalState, batch: &Batch) {
+        let mut buf = Vec::new();
         for r in &batch.reqs {
             let Op::Journal(kind) = r.op else { continue };
             if r.result == 0 || !kind.changes_data() {
                 continue;
             }
-            let mut buf = vec![0u8; r.length as usize];
-            let gap;
-            let rec = match disk.image.read_exact_at(&mut buf, r.offset) {
-                Ok(()) => Record {
-                    kind: Kind::Write,
-                    flags: 0,
-                    offset: r.offset,
-                    length: r.length,
-                    payload: &buf,
-                },
-                Err(e) => {
-                    let reason = format!(
-                        "image write and re-read failed at offset {} ({} bytes): {e}; a new baseline is needed",
-                        r.offset, r.length
-                    );
-                    gap = serde_json::to_vec(&serde_json::json!({ "reason": reason })).unwrap();
-                    Record {
-                        kind: Kind::Gap,
+            let end = r.offset + r.length;
+            let mut off = r.offset;
+            while off < end {
+                let n = (end - off).min(RESYNC_PIECE);
+                buf.resize(n as usize, 0);
+                let gap;
+                let read = disk.image.read_exact_at(&mut buf, off);
+                let rec = match read {
+                    Ok(()) if buf.iter().all(|&b| b == 0) => Record {
+                        kind: Kind::Zero,
                         flags: 0,
-                        offset: r.offset,
-                        length: r.length,
-                        payload: &gap,
+                        offset: off,
+                        length: n,
+                        payload: &[],
+                    },
+                    Ok(()) => Record {
+                        kind: Kind::Write,
+                        flags: 0,
+                        offset: off,
+                        length: n,
+                        payload: &buf,
+                    },
+                    Err(ref e) => {
+                        let reason = format!(
+                            "image write and re-read failed at offset {off} ({} bytes): {e}; a new baseline is needed",
+                            end - off
+                        );
+                        gap = serde_json::to_vec(&serde_json::json!({ "reason": reason })).unwrap();
+                        Record {
+                            kind: Kind::Gap,
+                            flags: 0,
+                            offset: off,
+                            length: end - off,
+                            payload: &gap,
+                        }
                     }
+                };
+                let (seq, ts) = self.reserve(1);
+                let _ = self.append_at(disk, st, seq, ts, rec);
+                if read.is_err() {
+                    break;
                 }
-            };
-            let (seq, ts) = self.reserve(1);
-            let _ = self.append_at(disk, st, seq, ts, rec);
+                off += n;
+            }
         }
     }
 

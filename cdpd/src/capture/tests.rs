@@ -348,6 +348,37 @@ fn a_failed_image_write_is_an_error_to_the_client_and_journaled_as_the_image_is(
     );
 }
 
+/// A failed ZERO over 3 MiB and a bit is resynced in pieces of at most
+/// 1 MiB (never a buffer the size of the request: a ZERO may cover 4 GiB),
+/// and the journal still replays to the image.
+#[test]
+fn a_failed_large_zero_is_resynced_in_bounded_pieces() {
+    let len = (3 << 20) + 4096;
+    let mut rig = Rig::sized(64 << 20, true, 4 << 20);
+    rig.start_sync();
+    let wire = request(proto::CMD_WRITE_ZEROES, 0, 1, 4096, len as u32);
+    let (mut c, h) = rig.connect(&wire);
+    let (err, cookie) = reply(&mut c);
+    assert_eq!(cookie, 1);
+    assert_ne!(err, 0, "the client is told the zeroing failed");
+    disconnect(c, h);
+    let recs = rig.records();
+    let (first, resync) = recs.split_first().unwrap();
+    assert_eq!((first.2, first.3), (Kind::Zero, 4096));
+    let pieces: Vec<(Kind, u64, u64)> = resync.iter().map(|r| (r.2, r.3, r.4)).collect();
+    assert_eq!(
+        pieces,
+        [
+            (Kind::Write, 4096, 1 << 20),
+            (Kind::Write, 4096 + (1 << 20), 1 << 20),
+            (Kind::Write, 4096 + (2 << 20), 1 << 20),
+            (Kind::Write, 4096 + (3 << 20), 4096),
+        ]
+    );
+    assert!(rig.image() == rig.initial);
+    rig.check_invariant();
+}
+
 #[test]
 fn a_batch_that_fills_the_segment_switches_to_the_next_one() {
     // 64 KiB segments; one batch of three 32 KiB writes goes over the size
