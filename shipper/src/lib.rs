@@ -31,6 +31,9 @@ pub struct Target {
     pub url: String,
     pub delay: Duration,
     pub store: Store,
+    /// Reachable and of our format once ([`Target::check`]); until then the
+    /// target is retried with backoff and nothing else is sent to it.
+    checked: bool,
     failures: u32,
     next_try: Option<Instant>,
     /// The vm.json this target is known to hold (no GET per pass).
@@ -119,9 +122,10 @@ pub fn is_due(row: &SegmentRow, delay: Duration, now_ns: u64) -> bool {
     row.last_ts_ns <= now_ns.saturating_sub(delay.as_nanos() as u64)
 }
 
-/// Open every target of a policy, check that it is reachable and holds a
-/// repository of our format (creating the marker in an empty one).
-pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
+/// Open every target of a policy without touching it: the configuration
+/// errors (unknown policy or target, a bad URL, unreadable credentials) come
+/// out here; whether a target is reachable is [`Target::check`]'s question.
+pub fn policy_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
     let Some(p) = config.policy.get(policy) else {
         return Err(ShipError::UnknownPolicy {
             policy: policy.to_string(),
@@ -138,13 +142,12 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
         let delay = target_delay(config, name)?;
         let t = &config.target[name];
         let store = Store::for_target(t).map_err(ShipError::store(name))?;
-        store.check().await.map_err(ShipError::store(name))?;
-        ensure_format(&store, name).await?;
         out.push(Target {
             name: name.clone(),
             url: t.url.clone(),
             delay,
             store,
+            checked: false,
             failures: 0,
             next_try: None,
             vm_json: None,
@@ -152,6 +155,58 @@ pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> 
         });
     }
     Ok(out)
+}
+
+/// Open every target of a policy, check that it is reachable and holds a
+/// repository of our format (creating the marker in an empty one). Any
+/// target failing fails the whole (`cdpctl baseline`: the operator asked
+/// for every target); the shipper opens with [`policy_targets`] instead and
+/// lets each target fail by itself.
+pub async fn open_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
+    let mut out = policy_targets(config, policy)?;
+    for t in &mut out {
+        t.check().await?;
+    }
+    Ok(out)
+}
+
+impl Target {
+    /// Is the target reachable, and does it hold a repository of our format
+    /// (the marker is created in an empty one)? Once this succeeded, it is
+    /// not asked again.
+    pub async fn check(&mut self) -> Result<()> {
+        if self.checked {
+            return Ok(());
+        }
+        self.store
+            .check()
+            .await
+            .map_err(ShipError::store(&self.name))?;
+        ensure_format(&self.store, &self.name).await?;
+        self.checked = true;
+        Ok(())
+    }
+
+    /// Has [`Target::check`] succeeded (the target was reachable once)?
+    pub fn is_checked(&self) -> bool {
+        self.checked
+    }
+
+    /// Note a failure: the target waits out its backoff before the next try
+    /// (passes skip it until then). Returns the backoff.
+    fn failed(&mut self, e: ShipError) -> Duration {
+        self.failures += 1;
+        let backoff = backoff(self.failures, e.is_transient());
+        self.next_try = Some(Instant::now() + backoff);
+        if self.failures == 1 || self.failures.is_multiple_of(20) {
+            eprintln!(
+                "cdp-shipper: target {}: {e} (failure {}, retrying in {backoff:?})",
+                self.name, self.failures
+            );
+        }
+        self.last_error = Some(e);
+        backoff
+    }
 }
 
 /// Create `cdp/v1/FORMAT` in an empty repository; refuse one of another
@@ -175,8 +230,12 @@ impl Shipper {
     pub async fn new(opts: Options, config: &Config) -> Result<Shipper> {
         cdp_core::names::check_uuid(&opts.vm_uuid)?;
         let catalog = Catalog::open(&opts.state_dir, &opts.vm_uuid)?;
-        let targets = open_targets(config, &opts.policy).await?;
-        Ok(Shipper {
+        // A target unreachable now does not hold back the others: it stays
+        // in its backoff, retried by the passes, and gets its backlog (what
+        // the catalog says it lacks) once it answers (docs/RELIABILITY.md,
+        // "A target is down").
+        let targets = policy_targets(config, &opts.policy)?;
+        let mut s = Shipper {
             opts,
             targets,
             catalog: Arc::new(Mutex::new(catalog)),
@@ -187,7 +246,45 @@ impl Shipper {
                 deadline: Duration::from_secs(3),
                 ..RetryPolicy::default()
             },
-        })
+        };
+        s.check_targets().await?;
+        Ok(s)
+    }
+
+    /// Check the targets not checked yet whose backoff is over, all at once;
+    /// each one failing goes (back) into its backoff, marked "failing" in
+    /// the catalog.
+    async fn check_targets(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let results = futures::future::join_all(
+            self.targets
+                .iter_mut()
+                .filter(|t| !t.checked && t.next_try.is_none_or(|n| now >= n))
+                .map(|t| async move {
+                    let r = t.check().await;
+                    (t, r)
+                }),
+        )
+        .await;
+        let mut failing = Vec::new();
+        for (t, r) in results {
+            if let Err(e) = r {
+                let msg = e.to_string();
+                t.failed(e);
+                failing.push((t.name.clone(), t.url.clone(), msg));
+            }
+        }
+        for (name, url, msg) in failing {
+            self.cat().set_target_state(
+                &self.opts.vm_uuid,
+                &name,
+                &url,
+                "failing",
+                Some(&msg),
+                now_ns(),
+            )?;
+        }
+        Ok(())
     }
 
     fn cat(&self) -> std::sync::MutexGuard<'_, Catalog> {
@@ -199,11 +296,15 @@ impl Shipper {
         let mut stats = PassStats::default();
         let vm = self.opts.vm_uuid.clone();
         self.publish_vm_json().await?;
+        self.check_targets().await?;
         // Targets are served at once, so a slow or dead one never holds
         // back the others.
         let now = Instant::now();
         let due: Vec<usize> = (0..self.targets.len())
-            .filter(|&i| self.targets[i].next_try.is_none_or(|t| now >= t))
+            .filter(|&i| {
+                let t = &self.targets[i];
+                t.checked && t.next_try.is_none_or(|n| now >= n)
+            })
             .collect();
         stats.failed_targets += (self.targets.len() - due.len()) as u64;
         let results = futures::future::join_all(due.iter().map(|&i| {
@@ -230,17 +331,8 @@ impl Shipper {
                 }
                 Err(e) => {
                     stats.failed_targets += 1;
-                    t.failures += 1;
-                    let backoff = backoff(t.failures, e.is_transient());
-                    t.next_try = Some(Instant::now() + backoff);
                     let msg = e.to_string();
-                    if t.failures == 1 || t.failures.is_multiple_of(20) {
-                        eprintln!(
-                            "cdp-shipper: target {}: {msg} (failure {}, retrying in {backoff:?})",
-                            t.name, t.failures
-                        );
-                    }
-                    t.last_error = Some(e);
+                    t.failed(e);
                     ("failing", Some(msg))
                 }
             };

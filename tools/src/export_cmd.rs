@@ -14,11 +14,13 @@ use anyhow::{bail, Context, Result};
 use cdp_core::nbd::server::{self, Limits, Server};
 use cdp_core::time::{fmt_ns, now_ns};
 use cdp_repo::export::PointImage;
-use cdp_repo::restore::{self, Point};
+use cdp_repo::restore::Point;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::stat::{umask, Mode};
 
-use crate::restore_cmd::{open_repo, resolve_vm, RepoArgs};
+use crate::restore_cmd::{
+    candidate_repos, prepare, resolve_vm, with_fallback, Prepared, RepoArgs, Used,
+};
 use crate::Ctx;
 
 #[derive(clap::Args)]
@@ -57,23 +59,32 @@ pub fn run(ctx: &Ctx, a: &ExportArgs) -> Result<()> {
 fn serve(ctx: &Ctx, a: &ExportArgs, signals: &SigSet) -> Result<()> {
     cdp_core::names::check_disk(&a.disk)?;
     let point = Point::parse(&a.at, now_ns())?;
-    let store = open_repo(ctx, &a.repo)?;
+    let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (vm, lease) = rt.block_on(async {
-        let vm = resolve_vm(ctx, &store, &a.vm).await?;
-        // Retention deletes nothing of the VM while the export serves
-        // (refreshed in the background, removed when it stops).
-        let lease = cdp_repo::lease::acquire(
-            &store,
-            &vm,
-            "cdpctl export",
-            &format!("{} at {point}", a.disk),
-            cdp_repo::lease::DEFAULT_TTL,
-        )
-        .await?;
-        Ok::<_, anyhow::Error>((vm, lease))
-    })?;
-    let r = serve_leased(ctx, a, signals, &rt, store, &vm, &point);
+    let point_ref = &point;
+    // The first target of the policy that answers and can rebuild the point.
+    let (store, used, (lease, prep)) =
+        rt.block_on(with_fallback(candidates, |store| async move {
+            let vm = resolve_vm(ctx, &store, &a.vm).await?;
+            // Retention deletes nothing of the VM while the export serves
+            // (refreshed in the background, removed when it stops).
+            let lease = cdp_repo::lease::acquire(
+                &store,
+                &vm,
+                "cdpctl export",
+                &format!("{} at {point_ref}", a.disk),
+                cdp_repo::lease::DEFAULT_TTL,
+            )
+            .await?;
+            match prepare(ctx, &a.repo, &a.disk, &store, &vm, point_ref).await {
+                Ok(p) => Ok((lease, p)),
+                Err(e) => {
+                    lease.release().await;
+                    Err(e)
+                }
+            }
+        }))?;
+    let r = serve_leased(a, signals, &rt, store, &used, prep, &point);
     rt.block_on(lease.release());
     // Connections still open end with the process; do not wait for them.
     rt.shutdown_background();
@@ -81,38 +92,24 @@ fn serve(ctx: &Ctx, a: &ExportArgs, signals: &SigSet) -> Result<()> {
 }
 
 fn serve_leased(
-    ctx: &Ctx,
     a: &ExportArgs,
     signals: &SigSet,
     rt: &tokio::runtime::Runtime,
     store: cdp_repo::store::Store,
-    vm: &str,
+    used: &Used,
+    prep: Prepared,
     point: &Point,
 ) -> Result<()> {
-    let (plan, at) = rt.block_on(async {
-        let local = (!a.repo.no_local
-            && cdp_core::journal::journal_dir(&ctx.state_dir, vm, &a.disk).is_dir())
-        .then_some(ctx.state_dir.as_path());
-        let h = restore::load_history(Some(&store), local, vm, &a.disk).await?;
-        if h.segments.is_empty() && h.baselines.is_empty() {
-            bail!(
-                "VM {vm} has no disk {} in {} (nor on this host)",
-                a.disk,
-                store.url()
-            );
-        }
-        let seq = restore::resolve(&h, Some(&store), point).await?;
-        // Refuses a point that cannot be rebuilt exactly, saying why.
-        let plan = restore::plan(&h, seq, point)?;
-        let at = h
-            .entries()
-            .map(|(_, e)| e)
-            .filter(|e| e.seq <= seq)
-            .last()
-            .map(|e| format!("seq {seq}, {}", fmt_ns(e.ts_ns)))
-            .unwrap_or_else(|| format!("seq {seq}"));
-        Ok::<_, anyhow::Error>((plan, at))
-    })?;
+    let seq = prep.seq;
+    let at = prep
+        .history
+        .entries()
+        .map(|(_, e)| e)
+        .filter(|e| e.seq <= seq)
+        .last()
+        .map(|e| format!("seq {seq}, {}", fmt_ns(e.ts_ns)))
+        .unwrap_or_else(|| format!("seq {seq}"));
+    let plan = prep.plan;
     let socket = std::path::absolute(&a.socket)
         .with_context(|| format!("socket path {}", a.socket.display()))?;
     let image = Arc::new(PointImage::new(
@@ -134,8 +131,12 @@ fn serve_leased(
         cdp_core::proc::notify_ready(fd, "READY");
     }
     eprintln!(
-        "serving {} at {point} ({at}) on nbd+unix:///{}?socket={} (read-only; SIGTERM or ^C stops)",
+        "serving {} at {point} ({at}) from {} on nbd+unix:///{}?socket={} (read-only; SIGTERM or ^C stops)",
         a.disk,
+        match &used.target {
+            Some(t) => format!("target {t} ({})", used.repository),
+            None => used.repository.clone(),
+        },
         a.disk,
         socket.display()
     );

@@ -71,10 +71,51 @@ pub struct PointsArgs {
     pub repo: RepoArgs,
 }
 
-/// The repository a command reads: `--repo`, or the policy's primary target.
+/// The repository a command reads: `--repo`, or the policy's primary target
+/// (no fallback: `cdpctl restore-config`; the others use [`candidate_repos`]).
 pub fn open_repo(ctx: &Ctx, a: &RepoArgs) -> Result<Store> {
+    let mut c = candidate_repos(ctx, a)?;
+    c.remove(0).store
+}
+
+/// A repository a command may read: one target of the policy, or `--repo`.
+pub struct Candidate {
+    /// The policy's name for it; `None` for `--repo`.
+    pub target: Option<String>,
+    pub url: String,
+    /// Opened (no I/O yet), or why it could not be.
+    pub store: Result<Store>,
+}
+
+impl Candidate {
+    /// "target NAME (URL)" or "repository URL".
+    pub fn describe(&self) -> String {
+        match &self.target {
+            Some(t) => format!("target {t} ({})", self.url),
+            None => format!("repository {}", self.url),
+        }
+    }
+}
+
+/// Which repository a command read, for `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Used {
+    /// The policy's target; `None` when given `--repo`.
+    pub target: Option<String>,
+    pub repository: String,
+}
+
+/// The repositories a command may read, in order: `--repo` alone, or every
+/// target of the policy, primary first. A configuration error (no such
+/// policy, no targets) is an error here; a target that cannot be opened is
+/// a candidate that fails (the next one is tried).
+pub fn candidate_repos(ctx: &Ctx, a: &RepoArgs) -> Result<Vec<Candidate>> {
     if let Some(url) = &a.repo {
-        return Store::open(url, None).with_context(|| format!("repository {url}"));
+        return Ok(vec![Candidate {
+            target: None,
+            url: url.clone(),
+            store: Store::open(url, None).with_context(|| format!("repository {url}")),
+        }]);
     }
     let config = &ctx.config;
     let Some(p) = config.policy.get(&a.policy) else {
@@ -83,11 +124,67 @@ pub fn open_repo(ctx: &Ctx, a: &RepoArgs) -> Result<Store> {
             a.policy
         );
     };
-    let Some(name) = p.targets.first() else {
+    if p.targets.is_empty() {
         bail!("policy {} has no targets: give --repo", a.policy);
-    };
-    let t = &config.target[name];
-    Store::for_target(t).with_context(|| format!("target {name} ({})", t.url))
+    }
+    Ok(p.targets
+        .iter()
+        .map(|name| {
+            let t = &config.target[name];
+            Candidate {
+                target: Some(name.clone()),
+                url: t.url.clone(),
+                store: Store::for_target(t).with_context(|| format!("target {name} ({})", t.url)),
+            }
+        })
+        .collect())
+}
+
+/// Run `f` on each candidate in order until it succeeds: a target that is
+/// unreachable, or does not hold what is asked for, falls back to the next
+/// of the policy (docs/RELIABILITY.md, "A target is down"). Says on stderr
+/// which target was skipped and why, and which one is read. Returns the
+/// repository used with `f`'s result; every error when none served.
+pub async fn with_fallback<T, F, Fut>(
+    candidates: Vec<Candidate>,
+    mut f: F,
+) -> Result<(Store, Used, T)>
+where
+    F: FnMut(Store) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let n = candidates.len();
+    let mut errors = Vec::new();
+    for (i, c) in candidates.into_iter().enumerate() {
+        let desc = c.describe();
+        let r = match c.store {
+            Ok(store) => f(store.clone()).await.map(|v| (store, v)),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok((store, v)) => {
+                if c.target.is_some() {
+                    eprintln!("cdpctl: reading from {desc}");
+                }
+                let used = Used {
+                    target: c.target,
+                    repository: c.url,
+                };
+                return Ok((store, used, v));
+            }
+            Err(e) if n == 1 => return Err(e),
+            Err(e) => {
+                if i + 1 < n {
+                    eprintln!("cdpctl: {desc}: {e:#}; trying the next target of the policy");
+                }
+                errors.push(format!("{desc}: {e:#}"));
+            }
+        }
+    }
+    bail!(
+        "no target of the policy could serve this:\n  {}",
+        errors.join("\n  ")
+    )
 }
 
 /// Resolve a VM by UUID, by the host catalog, or by the repository's vm.json files.
@@ -151,22 +248,70 @@ pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     cdp_core::names::check_disk(&a.disk)?;
     keep_large_buffers();
     let point = Point::parse(&a.at, now_ns())?;
-    let store = open_repo(ctx, &a.repo)?;
+    let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let vm = resolve_vm(ctx, &store, &a.vm).await?;
-        // Retention deletes nothing of the VM while the restore reads.
-        let lease = cdp_repo::lease::acquire(
-            &store,
-            &vm,
-            "cdpctl restore",
-            &format!("{} at {point}", a.disk),
-            cdp_repo::lease::DEFAULT_TTL,
-        )
+        let point = &point;
+        // The first target of the policy that answers and can rebuild the
+        // point exactly; the lease is taken before its history is read.
+        let (store, used, (vm, lease, prep)) = with_fallback(candidates, |store| async move {
+            let vm = resolve_vm(ctx, &store, &a.vm).await?;
+            // Retention deletes nothing of the VM while the restore reads.
+            let lease = cdp_repo::lease::acquire(
+                &store,
+                &vm,
+                "cdpctl restore",
+                &format!("{} at {point}", a.disk),
+                cdp_repo::lease::DEFAULT_TTL,
+            )
+            .await?;
+            match prepare(ctx, &a.repo, &a.disk, &store, &vm, point).await {
+                Ok(p) => Ok((vm, lease, p)),
+                Err(e) => {
+                    lease.release().await;
+                    Err(e)
+                }
+            }
+        })
         .await?;
-        let r = restore_leased(ctx, a, &store, &vm, &point).await;
+        let r = restore_leased(ctx, a, &store, &used, &vm, point, prep).await;
         lease.release().await;
         r
+    })
+}
+
+/// A point's history, its seq and the plan that rebuilds it.
+pub struct Prepared {
+    pub history: History,
+    pub seq: u64,
+    pub plan: restore::Plan,
+}
+
+/// Load `disk`'s history from `store` (and this host's journal), resolve the
+/// point and plan it: fails when `store` cannot rebuild it exactly.
+pub async fn prepare(
+    ctx: &Ctx,
+    repo: &RepoArgs,
+    disk: &str,
+    store: &Store,
+    vm: &str,
+    point: &Point,
+) -> Result<Prepared> {
+    let local = local_dir(ctx, repo, vm, disk);
+    let h = restore::load_history(Some(store), local, vm, disk).await?;
+    if h.segments.is_empty() && h.baselines.is_empty() {
+        bail!(
+            "VM {vm} has no disk {disk} in {} (nor on this host)",
+            store.url()
+        );
+    }
+    let seq = restore::resolve(&h, Some(store), point).await?;
+    // Refuses a point that cannot be rebuilt exactly, saying why.
+    let plan = restore::plan(&h, seq, point)?;
+    Ok(Prepared {
+        history: h,
+        seq,
+        plan,
     })
 }
 
@@ -174,22 +319,18 @@ async fn restore_leased(
     ctx: &Ctx,
     a: &RestoreArgs,
     store: &Store,
+    used: &Used,
     vm: &str,
     point: &Point,
+    prep: Prepared,
 ) -> Result<()> {
     let (store, vm, point) = (store.clone(), vm.to_string(), point.clone());
     {
-        let local = local_dir(ctx, &a.repo, &vm, &a.disk);
-        let h = restore::load_history(Some(&store), local, &vm, &a.disk).await?;
-        if h.segments.is_empty() && h.baselines.is_empty() {
-            bail!(
-                "VM {vm} has no disk {} in {} (nor on this host)",
-                a.disk,
-                store.url()
-            );
-        }
-        let seq = restore::resolve(&h, Some(&store), &point).await?;
-        let plan = restore::plan(&h, seq, &point)?;
+        let Prepared {
+            history: h,
+            seq,
+            plan,
+        } = prep;
         let target = if a.in_place {
             Some(in_place_target(a, &vm)?)
         } else {
@@ -207,6 +348,8 @@ async fn restore_leased(
             "journal_bytes": plan.extents.covered(),
             "size": plan.size,
             "in_place_target": target.as_ref().map(|t| t.path.display().to_string()),
+            "target": used.target,
+            "repository": used.repository,
         });
         if a.dry_run {
             if ctx.json {
@@ -571,37 +714,55 @@ async fn in_place(
 }
 
 pub fn points(ctx: &Ctx, a: &PointsArgs) -> Result<()> {
-    let store = open_repo(ctx, &a.repo)?;
+    let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let vm = resolve_vm(ctx, &store, &a.vm).await?;
-        let disks = match &a.disk {
-            Some(d) => vec![d.clone()],
-            None => {
-                let mut d = cdp_repo::read::list_disks(&store, &vm).await?;
-                if !a.repo.no_local {
-                    d.extend(
-                        cdp_core::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default(),
-                    );
-                }
-                d.sort();
-                d.dedup();
-                d
-            }
-        };
-        if disks.is_empty() {
-            bail!("VM {vm} has nothing in {} nor on this host", store.url());
-        }
-        let mut out = Vec::new();
-        for disk in &disks {
-            out.push(disk_timeline(ctx, &store, &a.repo, &vm, disk).await?);
-        }
+        let (store, used, (vm, out)) = with_fallback(candidates, |store| async move {
+            let vm = resolve_vm(ctx, &store, &a.vm).await?;
+            let out = timelines(ctx, a, &store, &vm).await?;
+            Ok((vm, out))
+        })
+        .await?;
         if ctx.json {
-            return crate::print_json(&serde_json::json!({"vm_uuid": vm, "disks": out}));
+            return crate::print_json(&serde_json::json!({
+                "vm_uuid": vm,
+                "disks": out,
+                "target": used.target,
+                "repository": used.repository,
+            }));
         }
         print_timeline(&vm, &store, &out);
         Ok(())
     })
+}
+
+/// The timeline of each disk of `vm` (or of `--disk`) in `store`.
+async fn timelines(
+    ctx: &Ctx,
+    a: &PointsArgs,
+    store: &Store,
+    vm: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let disks = match &a.disk {
+        Some(d) => vec![d.clone()],
+        None => {
+            let mut d = cdp_repo::read::list_disks(store, vm).await?;
+            if !a.repo.no_local {
+                d.extend(cdp_core::journal::list_disks(&ctx.state_dir, vm).unwrap_or_default());
+            }
+            d.sort();
+            d.dedup();
+            d
+        }
+    };
+    if disks.is_empty() {
+        bail!("VM {vm} has nothing in {} nor on this host", store.url());
+    }
+    let mut out = Vec::new();
+    for disk in &disks {
+        out.push(disk_timeline(ctx, store, &a.repo, vm, disk).await?);
+    }
+    Ok(out)
 }
 
 /// One disk's timeline: restorable ranges, retention, baselines, flushes,

@@ -11,7 +11,7 @@ use cdp_repo::restore::{self, Point};
 use cdp_repo::store::Store;
 use cdp_repo::verify::{Report, SeqRange};
 
-use crate::restore_cmd::{open_repo, resolve_vm, RepoArgs};
+use crate::restore_cmd::{candidate_repos, open_repo, resolve_vm, with_fallback, RepoArgs};
 use crate::Ctx;
 
 #[derive(clap::Args)]
@@ -43,14 +43,19 @@ pub struct RestoreConfigArgs {
 }
 
 pub fn verify(ctx: &Ctx, a: &VerifyArgs) -> Result<()> {
-    let store = open_repo(ctx, &a.repo)?;
+    let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let report = rt.block_on(async {
+    // The first target of the policy that answers and holds the VM; one
+    // that answers with problems is reported, not skipped.
+    let (_, used, report) = rt.block_on(with_fallback(candidates, |store| async move {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
         anyhow::Ok(cdp_repo::verify::verify(&store, &vm, a.deep).await?)
-    })?;
+    }))?;
     if ctx.json {
-        crate::print_json(&report)?;
+        let mut v = serde_json::to_value(&report)?;
+        v["target"] = serde_json::to_value(&used.target)?;
+        v["repository"] = used.repository.clone().into();
+        crate::print_json(&v)?;
     } else {
         print_report(&report);
     }
