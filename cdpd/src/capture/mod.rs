@@ -118,6 +118,22 @@ pub struct Disk {
 struct Clock {
     last_seq: u64,
     last_ts: u64,
+    /// When `last_ts` was given (the monotonic clock never jumps).
+    last_mono: std::time::Instant,
+}
+
+/// The next record timestamp: the wall clock, never below the last one.
+/// After the wall clock stepped back (a forward jump corrected, NTP), the
+/// timestamps do not freeze at the last one until the wall clock catches
+/// up: they go on at half the monotonic rate, so the wall clock catches up
+/// with them (at half a second per second) and records stay distinct and
+/// ordered in time (issue 12).
+fn next_ts(last_ts: u64, mono_elapsed_ns: u64, wall_ns: u64) -> u64 {
+    if wall_ns >= last_ts {
+        wall_ns
+    } else {
+        last_ts + mono_elapsed_ns / 2
+    }
 }
 
 /// The most one resync record holds (and the resync buffer's size).
@@ -162,8 +178,11 @@ impl Vm {
     /// never goes backwards.
     fn reserve(&self, n: u64) -> (u64, u64) {
         let mut c = self.clock.lock().unwrap();
-        let ts = now_ns().max(c.last_ts);
+        let mono = std::time::Instant::now();
+        let elapsed = mono.saturating_duration_since(c.last_mono).as_nanos() as u64;
+        let ts = next_ts(c.last_ts, elapsed, now_ns());
         c.last_ts = ts;
+        c.last_mono = mono;
         let first = c.last_seq + 1;
         c.last_seq += n;
         (first, ts)
@@ -574,6 +593,7 @@ impl Vm {
             clock: Mutex::new(Clock {
                 last_seq: setup.last_seq,
                 last_ts: setup.last_ts,
+                last_mono: std::time::Instant::now(),
             }),
             stopping: AtomicBool::new(false),
             sealer_wake: (Mutex::new(false), Condvar::new()),
@@ -648,4 +668,41 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
         disk.stats.errors.fetch_add(1, Ordering::Relaxed);
     }
     result
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::next_ts;
+
+    const S: u64 = 1_000_000_000;
+
+    /// A forward jump taken back: timestamps neither go back nor freeze;
+    /// they advance at half rate until the wall clock has caught up, then
+    /// follow it again.
+    #[test]
+    fn timestamps_go_on_after_the_wall_clock_steps_back() {
+        let start = 1_000 * S;
+        // The wall clock jumped an hour ahead, and a record took it.
+        let mut ts = next_ts(start, S, start + 3600 * S);
+        assert_eq!(ts, start + 3600 * S);
+        // It is stepped back. Each second of real time, a record.
+        let mut wall = start + 2 * S;
+        let mut caught_up = None;
+        for i in 0..10_000u64 {
+            let next = next_ts(ts, S, wall);
+            assert!(next >= ts, "backwards at step {i}");
+            if next == wall {
+                caught_up = Some(i);
+                break;
+            }
+            assert!(next > ts, "frozen at step {i}");
+            ts = next;
+            wall += S;
+        }
+        // The hour's lead shrinks by half a second per second.
+        let i = caught_up.expect("the wall clock catches up");
+        assert!((7190..=7210).contains(&i), "{i}");
+        // Without a step, the wall clock it is.
+        assert_eq!(next_ts(5 * S, S, 7 * S), 7 * S);
+    }
 }
