@@ -371,7 +371,7 @@ fn killed_shipper_resumes_without_loss_or_duplicates() {
 }
 
 #[test]
-fn bad_credentials_and_dead_server_fail_clearly_at_start() {
+fn bad_credentials_and_dead_server_fail_clearly_at_start_without_stopping_the_file_target() {
     let s3 = S3Server::start(&["cdp"]);
     let mut d = Daemon::with_disk(1 << 20);
     d.term();
@@ -392,9 +392,18 @@ fn bad_credentials_and_dead_server_fail_clearly_at_start() {
         "s3://cdp/x?endpoint=http://127.0.0.1:{}&region=us-east-1",
         common::free_port()
     );
+    // A fresh file target, to see that this run served it.
+    let root = d.work_dir().join("repo2");
+    std::fs::create_dir_all(&root).unwrap();
     let cfg = write_config(&d.work_dir(), &root, &dead, &bad);
     let out = run(&mut shipper(&d, &cfg, true));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("offsite") && err.contains("reach"), "{err}");
+    // The dead target does not stop the other one: `local` was opened and
+    // served in that same pass (tests/ship_target_down.rs follows a dead
+    // target through to its backlog).
+    assert!(root.join(cdp_repo::format::FORMAT_KEY).is_file(), "{err}");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["failed_targets"], 1, "{st}");
 }
