@@ -371,7 +371,7 @@ fn killed_shipper_resumes_without_loss_or_duplicates() {
 }
 
 #[test]
-fn bad_credentials_and_dead_server_fail_clearly_at_start_without_stopping_the_file_target() {
+fn bad_credentials_and_dead_server_fail_clearly_at_start() {
     let s3 = S3Server::start(&["cdp"]);
     let mut d = Daemon::with_disk(1 << 20);
     d.term();
