@@ -80,10 +80,14 @@ fn restore_points_verify_fall_back_to_the_next_target_and_say_which() {
     ok(&cdpctl_out(&d, &cfg, &["mark", &d.vm_uuid, "one"]));
     let ref1 = d.work_dir().join("ref-1.img");
     std::fs::copy(d.image("vda"), &ref1).unwrap();
+    // Stopped, so the mark's segment is sealed (the 30 ms sealer may not
+    // have run yet on a loaded machine) and shipped.
+    d.term();
     run_ok(&mut shipper_once_cmd(&d, &cfg));
     // `first` as it was then: it will answer, without the later points.
     let a_old = d.work_dir().join("repo-a-old");
     run_ok(Command::new("cp").arg("-a").arg(&a).arg(&a_old));
+    d.start();
 
     qemu_io(&d, "vda", &phase(2));
     ok(&cdpctl_out(&d, &cfg, &["mark", &d.vm_uuid, "two"]));
