@@ -40,6 +40,20 @@ pub struct Target {
     vm_json: Option<Vec<u8>>,
     /// Why the last pass failed on this target, until taken.
     last_error: Option<ShipError>,
+    /// Per disk: when a failed baseline may be tried again, and the wait
+    /// after that try fails too (a baseline reads the whole disk: never
+    /// again every pass).
+    baseline_backoff: std::collections::HashMap<String, (Instant, Duration)>,
+}
+
+/// The first wait after a failed baseline, doubled after each failure.
+const BASELINE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a failing baseline.
+const BASELINE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// The wait after a baseline failed, given the previous wait.
+fn next_baseline_backoff(prev: Option<Duration>) -> Duration {
+    prev.map_or(BASELINE_BACKOFF_MIN, |d| (d * 2).min(BASELINE_BACKOFF_MAX))
 }
 
 /// A target that failed in a pass, with why.
@@ -151,6 +165,7 @@ pub fn policy_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
             failures: 0,
             next_try: None,
             vm_json: None,
+            baseline_backoff: Default::default(),
             last_error: None,
         });
     }
@@ -386,6 +401,12 @@ impl Shipper {
                 if have {
                     continue;
                 }
+                if t.baseline_backoff
+                    .get(&disk)
+                    .is_some_and(|(at, _)| Instant::now() < *at)
+                {
+                    continue;
+                }
                 let job = baseline::BaselineJob {
                     store: &t.store,
                     target: &t.name,
@@ -401,9 +422,23 @@ impl Shipper {
                         .map_or(std::path::Path::new(&path), |(_, p)| p.as_path()),
                     opened: self.opts.images.get(&disk).map(|(f, _)| f),
                 };
-                match baseline::take(&job).await {
-                    Ok(_) => n += 1,
-                    Err(e) => eprintln!("cdp-shipper: baseline of {disk} to {}: {e}", t.name),
+                let r = baseline::take(&job).await;
+                let t = &mut self.targets[i];
+                match r {
+                    Ok(_) => {
+                        n += 1;
+                        t.baseline_backoff.remove(&disk);
+                    }
+                    Err(e) => {
+                        let wait =
+                            next_baseline_backoff(t.baseline_backoff.get(&disk).map(|b| b.1));
+                        t.baseline_backoff
+                            .insert(disk.clone(), (Instant::now() + wait, wait));
+                        eprintln!(
+                            "cdp-shipper: baseline of {disk} to {}: {e} (tried again in {wait:?})",
+                            t.name
+                        );
+                    }
                 }
             }
         }
@@ -587,5 +622,24 @@ mod tests {
         assert_eq!(upload_parallelism(5, 8), 3);
         assert_eq!(upload_parallelism(100, 8), 8);
         assert_eq!(upload_parallelism(100, 0), 1);
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    /// A failing baseline waits 1 s, then twice as long each time, at most
+    /// 5 minutes: never a full-disk read every pass.
+    #[test]
+    fn a_failing_baseline_backs_off_to_five_minutes() {
+        let mut w = None;
+        let mut seen = Vec::new();
+        for _ in 0..12 {
+            let d = next_baseline_backoff(w);
+            seen.push(d.as_secs());
+            w = Some(d);
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
     }
 }
