@@ -138,3 +138,47 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// `cdpctl restore VM --disk DISK --at latest --no-local` from the `file://`
+/// repository `repo` alone, then the result must equal the disk's image.
+pub fn assert_repo_restores_image(d: &Daemon, cfg: &Path, repo: &Path, disk: &str) {
+    let out = d.work_dir().join(format!("restored-{disk}.img"));
+    let _ = std::fs::remove_file(&out);
+    let url = format!("file://{}", repo.display());
+    cdpctl(
+        d,
+        cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            disk,
+            "--at",
+            "latest",
+            "--no-local",
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &url,
+        ],
+    );
+    crate::assert_files_equal(&out, &d.image(disk));
+}
+
+/// A shell script run as `uid:gid` (an attacker in the attack tests); it
+/// must succeed (the attack is real).
+pub fn as_user(uid: u32, gid: u32, script: &str) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the attacker (uid {uid}) failed: {script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -23,18 +22,7 @@ const QEMU_GID: u32 = 107;
 
 /// A shell script run as QEMU's user; it must succeed (the attack is real).
 fn as_qemu(script: &str) {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .uid(QEMU_UID)
-        .gid(QEMU_GID)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the attacker (uid {QEMU_UID}) failed: {script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cdp_tests::fixture::as_user(QEMU_UID, QEMU_GID, script);
 }
 
 /// The catalog QEMU's user writes: the VM's own, or the host catalog of
@@ -250,25 +238,7 @@ fn recovery_uses_the_image_libvirt_names_even_when_root_owns_it() {
     assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o600));
     // The baseline the child took is of that image too (not of the file the
     // catalog named): the repository alone restores it byte for byte.
-    let out = h.d.work_dir().join("restored.img");
-    cdpctl(
-        &h.d,
-        &h.cfg,
-        &[
-            "restore",
-            &h.d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            "latest",
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &format!("file://{}", h.repo.display()),
-        ],
-    );
-    cdp_tests::assert_files_equal(&out, &image);
+    cdp_tests::fixture::assert_repo_restores_image(&h.d, &h.cfg, &h.repo, "vda");
 }
 
 /// Trimming deletes `segments.path` once every target has the segment.

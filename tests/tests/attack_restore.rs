@@ -9,7 +9,6 @@
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -35,18 +34,7 @@ struct Host {
 
 /// A shell script run as QEMU's user; it must succeed (the attack is real).
 fn as_qemu(script: &str) {
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(script)
-        .uid(QEMU_UID)
-        .gid(QEMU_GID)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the attacker (uid {QEMU_UID}) failed: {script}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cdp_tests::fixture::as_user(QEMU_UID, QEMU_GID, script);
 }
 
 fn chown_tree(p: &Path) {

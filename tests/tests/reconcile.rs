@@ -5,7 +5,7 @@
 //! recovery) records every sealed segment on disk the catalog lacks.
 
 use cdp_tests::fixture::{config, phase, qemu_io, shipper_once_cmd};
-use cdp_tests::{assert_files_equal, run_ok, Daemon};
+use cdp_tests::{run_ok, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -62,26 +62,7 @@ fn a_sealed_segment_missing_from_the_catalog_is_recorded_and_shipped() {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .any(|n| n.starts_with(&format!("{lost:020}-")) && n.ends_with(".seg.zst"));
     assert!(shipped, "segment {lost} is not in {}", journal.display());
-    let out = d.work_dir().join("restored.img");
-    let url = format!("file://{}", repo.display());
-    cdp_tests::fixture::cdpctl(
-        &d,
-        &cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            "latest",
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ],
-    );
-    assert_files_equal(&out, &d.image("vda"));
+    cdp_tests::fixture::assert_repo_restores_image(&d, &cfg, &repo, "vda");
 }
 
 /// While cdpd runs: a catalog locked past its busy timeout when a segment is
@@ -117,24 +98,5 @@ fn a_failed_insert_is_retried_while_cdpd_runs() {
     assert!(after.len() > before.len(), "{before:?} → {after:?}");
     d.term();
     run_ok(&mut shipper_once_cmd(&d, &cfg));
-    let out = d.work_dir().join("restored.img");
-    let url = format!("file://{}", repo.display());
-    cdp_tests::fixture::cdpctl(
-        &d,
-        &cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            "latest",
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ],
-    );
-    assert_files_equal(&out, &d.image("vda"));
+    cdp_tests::fixture::assert_repo_restores_image(&d, &cfg, &repo, "vda");
 }

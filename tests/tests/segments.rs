@@ -13,7 +13,7 @@ use cdp_core::journal::format::{
 use cdp_core::journal::{is_temp_segment_file_name, parse_segment_file_name};
 use cdp_tests::fixture::{cdpctl, config, shipper_once_cmd, Tmpfs};
 use cdp_tests::nbd::{self, Client};
-use cdp_tests::{assert_files_equal, require_tool, run_ok, Daemon};
+use cdp_tests::{require_tool, run_ok, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -146,26 +146,7 @@ fn a_million_and_a_half_empty_writes_roll_segments_that_ship_and_replay() {
         "{shipped} shipped of {} segments",
         segs.len()
     );
-    let out = d.work_dir().join("restored.img");
-    let url = format!("file://{}", repo.display());
-    cdpctl(
-        &d,
-        &cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            "latest",
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ],
-    );
-    assert_files_equal(&out, &d.image("vda"));
+    cdp_tests::fixture::assert_repo_restores_image(&d, &cfg, &repo, "vda");
 }
 
 /// No segment file without room for a record, and no temporary file of a
