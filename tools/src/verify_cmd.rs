@@ -11,7 +11,7 @@ use cdp_repo::restore::{self, Point};
 use cdp_repo::store::Store;
 use cdp_repo::verify::{Report, SeqRange};
 
-use crate::restore_cmd::{candidate_repos, open_repo, resolve_vm, with_fallback, RepoArgs};
+use crate::restore_cmd::{candidate_repos, resolve_vm, with_fallback, RepoArgs};
 use crate::Ctx;
 
 #[derive(clap::Args)]
@@ -337,6 +337,64 @@ async fn point_time(
     }
 }
 
+/// The definition of a VM in force at a point, found in one repository.
+struct FoundDefinition {
+    vm: String,
+    at_desc: String,
+    key: String,
+    stored_ns: u64,
+    xml: Vec<u8>,
+}
+
+/// Find the stored definition of `vm_arg` in force at `point` in `store`.
+async fn find_definition(
+    ctx: &Ctx,
+    store: &Store,
+    a: &RestoreConfigArgs,
+    point: &Point,
+) -> Result<FoundDefinition> {
+    let vm = resolve_vm(ctx, store, &a.vm).await?;
+    let mut defs: Vec<(u64, String)> = store
+        .list(&rf::config_prefix(&vm))
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let name = o.key.rsplit('/').next()?;
+            let ts = name
+                .strip_suffix(".xml")
+                .filter(|t| t.len() == 20)?
+                .parse()
+                .ok()?;
+            Some((ts, o.key))
+        })
+        .collect();
+    defs.sort();
+    let Some(first) = defs.first() else {
+        bail!(
+            "no VM definition of {vm} is stored in {}: the shipper stores it when given the domain XML (cdp-shipper run --vm-config FILE; cdp-qemu --vm-config)",
+            store.url()
+        );
+    };
+    let (at_ns, at_desc) = point_time(ctx, store, &a.repo, &vm, point).await?;
+    let Some((ts, key)) = defs.iter().rev().find(|(ts, _)| *ts <= at_ns) else {
+        bail!(
+            "{at_desc} is before the first stored definition of VM {vm} ({}): choose a later point",
+            fmt_ns(first.0)
+        );
+    };
+    let xml = store.get(key).await?.to_vec();
+    Ok(FoundDefinition {
+        at_desc,
+        key: key.clone(),
+        stored_ns: *ts,
+        xml,
+        vm,
+    })
+}
+
+/// `cdpctl restore-config`: the definition in force at a point, from the
+/// policy's targets in order (primary first, falling back as restore does)
+/// or from `--repo`.
 pub fn restore_config(ctx: &Ctx, a: &RestoreConfigArgs) -> Result<()> {
     let point = Point::parse(&a.at, now_ns())?;
     let remaps = parse_remaps(&a.remaps)?;
@@ -346,70 +404,60 @@ pub fn restore_config(ctx: &Ctx, a: &RestoreConfigArgs) -> Result<()> {
             a.output.display()
         );
     }
-    let store = open_repo(ctx, &a.repo)?;
+    let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let vm = resolve_vm(ctx, &store, &a.vm).await?;
-        let mut defs: Vec<(u64, String)> = store
-            .list(&rf::config_prefix(&vm))
-            .await?
-            .into_iter()
-            .filter_map(|o| {
-                let name = o.key.rsplit('/').next()?;
-                let ts = name.strip_suffix(".xml").filter(|t| t.len() == 20)?.parse().ok()?;
-                Some((ts, o.key))
-            })
-            .collect();
-        defs.sort();
-        let Some(first) = defs.first() else {
-            bail!(
-                "no VM definition of {vm} is stored in {}: the shipper stores it when given the domain XML (cdp-shipper run --vm-config FILE; cdp-qemu --vm-config)",
-                store.url()
-            );
-        };
-        let (at_ns, at_desc) = point_time(ctx, &store, &a.repo, &vm, &point).await?;
-        let Some((ts, key)) = defs.iter().rev().find(|(ts, _)| *ts <= at_ns) else {
-            bail!(
-                "{at_desc} is before the first stored definition of VM {vm} ({}): choose a later point",
-                fmt_ns(first.0)
-            );
-        };
-        let xml = store.get(key).await?;
-        let (out, what) = remap_disk_sources(&xml, &remaps)?;
-        write_new(&a.output, &out)?;
-        let unused: Vec<&str> = remaps
-            .iter()
-            .filter(|(old, _)| !what.remapped.iter().any(|r| r.old.starts_with(old.as_str())))
-            .map(|(old, _)| old.as_str())
-            .collect();
-        if ctx.json {
-            return crate::print_json(&serde_json::json!({
-                "vm_uuid": vm,
-                "point": at_desc,
-                "definition": key,
-                "stored": fmt_ns(*ts),
-                "output": a.output,
-                "remapped": what.remapped,
-                "kept": what.kept,
-                "unused_remaps": unused,
-            }));
-        }
-        println!(
-            "wrote {}: the definition of VM {vm} stored {} (in force at {at_desc})",
-            a.output.display(),
-            fmt_ns(*ts)
-        );
-        for r in &what.remapped {
-            println!("  {}: {} → {}", r.attribute, r.old, r.new);
-        }
-        for k in &what.kept {
-            println!("  kept: {k}");
-        }
-        for u in unused {
-            eprintln!("cdpctl: warning: --remap {u}=…: no disk path begins with {u}");
-        }
-        Ok(())
-    })
+    let (_, used, found) = rt.block_on(with_fallback(candidates, |store| {
+        let point = &point;
+        async move { find_definition(ctx, &store, a, point).await }
+    }))?;
+    let FoundDefinition {
+        vm,
+        at_desc,
+        key,
+        stored_ns,
+        xml,
+    } = found;
+    let (out, what) = remap_disk_sources(&xml, &remaps)?;
+    write_new(&a.output, &out)?;
+    let unused: Vec<&str> = remaps
+        .iter()
+        .filter(|(old, _)| {
+            !what
+                .remapped
+                .iter()
+                .any(|r| r.old.starts_with(old.as_str()))
+        })
+        .map(|(old, _)| old.as_str())
+        .collect();
+    if ctx.json {
+        return crate::print_json(&serde_json::json!({
+            "vm_uuid": vm,
+            "point": at_desc,
+            "definition": key,
+            "stored": fmt_ns(stored_ns),
+            "output": a.output,
+            "remapped": what.remapped,
+            "kept": what.kept,
+            "unused_remaps": unused,
+            "target": used.target,
+            "repository": used.repository,
+        }));
+    }
+    println!(
+        "wrote {}: the definition of VM {vm} stored {} (in force at {at_desc})",
+        a.output.display(),
+        fmt_ns(stored_ns)
+    );
+    for r in &what.remapped {
+        println!("  {}: {} → {}", r.attribute, r.old, r.new);
+    }
+    for k in &what.kept {
+        println!("  kept: {k}");
+    }
+    for u in unused {
+        eprintln!("cdpctl: warning: --remap {u}=…: no disk path begins with {u}");
+    }
+    Ok(())
 }
 
 /// Create `path` (never replacing a file) with `data`; nothing is left on error.

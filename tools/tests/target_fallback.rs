@@ -94,7 +94,10 @@ fn restore_points_verify_fall_back_to_the_next_target_and_say_which() {
     let ref2 = d.work_dir().join("ref-2.img");
     std::fs::copy(d.image("vda"), &ref2).unwrap();
     d.term();
-    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    // The VM's definition goes to both targets too (restore-config below).
+    let xml = d.work_dir().join("domain.xml");
+    std::fs::write(&xml, "<domain><name>fallback</name></domain>").unwrap();
+    run_ok(shipper_once_cmd(&d, &cfg).arg("--vm-config").arg(&xml));
 
     // Both answer: the primary serves.
     let out1 = d.work_dir().join("r1.img");
@@ -127,6 +130,26 @@ fn restore_points_verify_fall_back_to_the_next_target_and_say_which() {
     let o = cdpctl_out(&d, &cfg, &["--json", "verify", &d.vm_uuid]);
     ok(&o);
     assert_eq!(json(&o)["target"], "second");
+    let def = d.work_dir().join("restored-domain.xml");
+    let o = cdpctl_out(
+        &d,
+        &cfg,
+        &[
+            "--json",
+            "restore-config",
+            &d.vm_uuid,
+            "--at",
+            "latest",
+            "--output",
+            def.to_str().unwrap(),
+        ],
+    );
+    ok(&o);
+    assert_eq!(json(&o)["target"], "second");
+    assert_eq!(
+        std::fs::read_to_string(&def).unwrap(),
+        "<domain><name>fallback</name></domain>"
+    );
 
     // --repo: only that repository, no fallback.
     let out3 = d.work_dir().join("r3.img");
