@@ -137,25 +137,6 @@ pub enum CatalogError {
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
-/// Root never opens a catalog in a directory another user owns.
-fn refuse_as_root(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let m = std::fs::symlink_metadata(dir).map_err(|source| CatalogError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    if m.uid() != 0 || !m.is_dir() {
-        return Err(CatalogError::AsRoot {
-            path: dir.to_path_buf(),
-            uid: m.uid(),
-        });
-    }
-    Ok(())
-}
-
 /// A protected VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmRow {
@@ -220,7 +201,19 @@ impl Catalog {
             path: dir.path().to_path_buf(),
             source,
         })?;
-        refuse_as_root(dir.path())?;
+        // Root never opens a catalog in a directory another user owns.
+        let foreign = crate::privsep::foreign_owner_as_root(dir.path()).map_err(|source| {
+            CatalogError::Io {
+                path: dir.path().to_path_buf(),
+                source,
+            }
+        })?;
+        if let Some(uid) = foreign {
+            return Err(CatalogError::AsRoot {
+                path: dir.path().to_path_buf(),
+                uid,
+            });
+        }
         let path = dir.catalog();
         let fresh = !path.exists();
         let conn = Connection::open_with_flags(

@@ -76,6 +76,19 @@ pub struct VmIdentity {
     pub gid: u32,
 }
 
+/// As root, the owner of `dir` when it is not root (or `dir` is not a
+/// directory, a link included): root then must not open anything in it, but
+/// work there as that user ([`VmIdentity`]). `None` when this process is not
+/// root or root owns `dir`.
+pub fn foreign_owner_as_root(dir: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    Ok((m.uid() != 0 || !m.is_dir()).then_some(m.uid()))
+}
+
 /// `dir` may only be changed by root or by the caller.
 fn check_trusted(st: &FileStat, path: &Path) -> Result<(), PrivsepError> {
     let me = nix::unistd::geteuid().as_raw();

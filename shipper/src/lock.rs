@@ -54,7 +54,14 @@ pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, 
     };
     let dir = path.parent().expect("lock path has a parent");
     std::fs::create_dir_all(dir).map_err(err)?;
-    refuse_as_root(dir).map_err(err)?;
+    // Root never opens files in a VM's state directory another user owns:
+    // it works there as that user (cdp_core::privsep).
+    if let Some(uid) = cdp_core::privsep::foreign_owner_as_root(dir).map_err(err)? {
+        return Err(err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("belongs to uid {uid}: root does not work in a VM's state; it runs as the VM's user (cdp_core::privsep)"),
+        )));
+    }
     // The VM's shipper and the agent's child working for the VM run as the
     // same user (the owner of the VM's state directory): no hand-over, and
     // a link planted at the lock's name is never followed.
@@ -75,26 +82,6 @@ pub fn try_lock(state_dir: &Path, vm_uuid: &str) -> Result<Option<ShipperLock>, 
             Err((_, e)) => return Err(err(e.into())),
         }
     }
-}
-
-/// Root never opens files in a VM's state directory another user owns:
-/// it works there as that user (`cdp_core::privsep`).
-fn refuse_as_root(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(());
-    }
-    let d = std::fs::symlink_metadata(dir)?;
-    if d.uid() != 0 || !d.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "belongs to uid {}: root does not work in a VM's state; it runs as the VM's user (cdp_core::privsep)",
-                d.uid()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -274,17 +274,19 @@ fn a_killed_cdpd_is_restarted_and_qemus_io_goes_on() {
     // SIGKILL cdpd; nobody restarts it by hand.
     sigkill(first as i32);
     let killed_at = Instant::now();
-    wait_until("the killed cdpd to be gone", 10, || {
+    wait_until("the killed cdpd to be gone", 30, || {
         cdp_core::proc::is_gone(first as i32)
     });
-    vm.wait("a new cdpd serving the control socket", 10, || {
+    // The promise is "within QEMU's reconnect delay" (60 s): a loaded
+    // machine may take seconds, an idle one well under one.
+    vm.wait("a new cdpd serving the control socket", 60, || {
         vm.cdpd_pid().is_some_and(|p| p != first)
     });
     let second = vm.cdpd_pid().unwrap();
     let sup = supervisor_of(qemu.0.id()).expect("no supervisor under QEMU");
     assert!(
-        killed_at.elapsed() < Duration::from_secs(10),
-        "restart took {:?}",
+        killed_at.elapsed() < Duration::from_secs(60),
+        "restart took {:?}, past QEMU's reconnect delay",
         killed_at.elapsed()
     );
     // QEMU's I/O goes on through the reconnected NBD client, to the image.
