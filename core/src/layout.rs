@@ -11,6 +11,8 @@
 //! <state>/vms/<uuid>/shipper.lock             flock held by the VM's shipper (or cdp-agent)
 //! <state>/vms/<uuid>/<disk>/journal/          one disk's journal segments
 //! <state>/vms/<uuid>/<disk>/journal/<seq>.seg a segment, named by its first record's seq
+//! <state>/vms/<uuid>/<disk>/dirty.map          ranges changed but not journaled (degraded mode)
+//! <state>/vms/<uuid>/<disk>/activity.log       ranges that may hold unsynced writes
 //!
 //! <run>/agent.sock                            cdp-agent's notification socket (datagram)
 //! <run>/<uuid>/                               one VM's sockets (0700)
@@ -31,6 +33,8 @@ use std::path::{Path, PathBuf};
 const CATALOG: &str = "catalog.sqlite";
 pub(crate) const VMS: &str = "vms";
 const JOURNAL: &str = "journal";
+const DIRTY_MAP: &str = "dirty.map";
+const ACTIVITY_LOG: &str = "activity.log";
 const SHIPPER_LOCK: &str = "shipper.lock";
 const IMAGES_SUFFIX: &str = ".images";
 const DEFINITION: &str = "domain.xml";
@@ -108,6 +112,19 @@ impl VmStateDir {
     /// `<state>/vms/<uuid>/<disk>/journal`
     pub fn journal(&self, disk: &str) -> PathBuf {
         self.0.join(disk).join(JOURNAL)
+    }
+
+    /// `<state>/vms/<uuid>/<disk>/dirty.map`: the ranges changed while the
+    /// journal could not take their records (docs/RELIABILITY.md, "A full
+    /// journal").
+    pub fn dirty_map(&self, disk: &str) -> PathBuf {
+        self.0.join(disk).join(DIRTY_MAP)
+    }
+
+    /// `<state>/vms/<uuid>/<disk>/activity.log`: the ranges that may hold
+    /// writes not yet synced, resynced after a power loss.
+    pub fn activity_log(&self, disk: &str) -> PathBuf {
+        self.0.join(disk).join(ACTIVITY_LOG)
     }
 
     /// `<state>/vms/<uuid>/catalog.sqlite`
@@ -228,6 +245,14 @@ mod tests {
         assert_eq!(
             s.vm(U).definition(),
             PathBuf::from(format!("/var/lib/cdp/vms/{U}/domain.xml"))
+        );
+        assert_eq!(
+            s.vm(U).dirty_map("vda"),
+            PathBuf::from(format!("/var/lib/cdp/vms/{U}/vda/dirty.map"))
+        );
+        assert_eq!(
+            s.vm(U).activity_log("vda"),
+            PathBuf::from(format!("/var/lib/cdp/vms/{U}/vda/activity.log"))
         );
         let r = RunDir::new("/run/cdp");
         assert_eq!(r.agent_socket(), Path::new("/run/cdp/agent.sock"));

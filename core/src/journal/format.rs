@@ -18,8 +18,9 @@
 //! record (48-byte header + payload), repeated
 //!   0  u32  magic 0x52504443 ("CDPR")
 //!   4  u8   kind   (WRITE 1, ZERO 2, TRIM 3, FLUSH 4, MARK 5,
-//!                   SESSION_START 6, SESSION_END 7, GAP 8, INDEX 127)
-//!   5  u8   flags  (FUA 1, NO_HOLE 2)
+//!                   SESSION_START 6, SESSION_END 7, GAP 8, RESIZE 9,
+//!                   RESYNCED 10, INDEX 127)
+//!   5  u8   flags  (FUA 1, NO_HOLE 2, RESYNC 4)
 //!   6  u16  reserved (0)
 //!   8  u64  seq    (one sequence per VM, across all of its disks)
 //!  16  u64  ts_ns  (wall clock, never going backwards)
@@ -71,6 +72,10 @@ const _: () = assert!(
 
 pub const FLAG_FUA: u8 = 1;
 pub const FLAG_NO_HOLE: u8 = 2;
+/// A WRITE or ZERO that journals what the image holds in a range whose
+/// changes were not journaled (a resync after a GAP that a RESYNCED record
+/// heals). Replayed like any other record.
+pub const FLAG_RESYNC: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
@@ -83,6 +88,16 @@ pub enum Kind {
     SessionStart = 6,
     SessionEnd = 7,
     Gap = 8,
+    /// The disk's size changed: `length` = the new size; payload JSON
+    /// `{"old_size": n, "new_size": m}`. A restore at or after it has the new
+    /// size (a shrink drops what lay beyond it).
+    Resize = 9,
+    /// Every range changed since the GAP at `gap_seq` (payload JSON
+    /// `{"gap_seq": g, "extents": n, "bytes": b}`) has been journaled again
+    /// as it is on the image (records flagged [`FLAG_RESYNC`]): from this
+    /// record on, the replay equals the image again. It heals every GAP of
+    /// the disk in `[gap_seq, this seq)` whose payload says `"resync": true`.
+    Resynced = 10,
     Index = 127,
 }
 
@@ -97,6 +112,8 @@ impl Kind {
             6 => Kind::SessionStart,
             7 => Kind::SessionEnd,
             8 => Kind::Gap,
+            9 => Kind::Resize,
+            10 => Kind::Resynced,
             127 => Kind::Index,
             _ => return None,
         })
@@ -112,6 +129,8 @@ impl Kind {
             Kind::SessionStart => "SESSION_START",
             Kind::SessionEnd => "SESSION_END",
             Kind::Gap => "GAP",
+            Kind::Resize => "RESIZE",
+            Kind::Resynced => "RESYNCED",
             Kind::Index => "INDEX",
         }
     }
