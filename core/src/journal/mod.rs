@@ -5,6 +5,7 @@
 //! sealing it, and applying records to an image (used by recovery's redo and
 //! by `cdpctl journal replay`). See `docs/JOURNAL_FORMAT.md`.
 
+pub mod dirty;
 pub mod extents;
 pub mod format;
 pub mod recovery;
@@ -297,6 +298,7 @@ pub struct ReplayStats {
 
 /// Replay a disk's whole local journal, in order, onto `image` (a copy of the
 /// disk as it was when the journal began). Records after `upto` are skipped.
+/// A RESIZE record sets the image's size.
 /// A corrupt sealed segment stops the replay with an error; the newest
 /// segment may be open (no seal) but not torn.
 pub fn replay_disk(
@@ -335,8 +337,14 @@ pub fn replay_disk(
             if !upto.includes(h) {
                 continue;
             }
-            if h.kind.changes_data() {
-                apply_record(image, h, r.payload(&seg.bytes)).map_err(|source| {
+            if h.kind.changes_data() || h.kind == Kind::Resize {
+                // A RESIZE sets the copy's size (`length` = the new size).
+                let applied = if h.kind == Kind::Resize {
+                    image.set_len(h.length)
+                } else {
+                    apply_record(image, h, r.payload(&seg.bytes))
+                };
+                applied.map_err(|source| {
                     JournalError::Apply {
                         path: image_path.to_path_buf(),
                         seq: h.seq,

@@ -1,0 +1,484 @@
+//! The dirty map of a disk (`<state>/vms/<uuid>/<disk>/dirty.map`): the
+//! ranges whose writes reached the image but not the journal, while cdpd
+//! ran degraded (docs/DESIGN.md, "Write path"; docs/RELIABILITY.md, "A full
+//! journal").
+//!
+//! Layout: a 64-byte header, then one bit per [`GRANULE`] bytes of the disk
+//! (bit `i % 8` of byte `i / 8` stands for granule `i`).
+//!
+//! | at | size | field                                                    |
+//! |----|------|----------------------------------------------------------|
+//! | 0  | 8    | magic `CDPDIRTY`                                         |
+//! | 8  | 4    | version (1)                                              |
+//! | 12 | 4    | log2 of the granule (16: 64 KiB)                         |
+//! | 16 | 8    | disk size in bytes                                       |
+//! | 24 | 8    | `since_ns`: when the first unjournaled write was taken   |
+//! | 32 | 8    | `gap_seq`: seq of the GAP journaled for it, or 0         |
+//! | 40 | 4    | CRC-32 of the bitmap                                     |
+//! | 44 | 16   | zero                                                     |
+//! | 60 | 4    | CRC-32 of bytes 0..60                                    |
+//!
+//! Integers are little-endian. The file is preallocated to its full length
+//! when opened, so setting a bit on a full filesystem needs no new block.
+//! A map whose CRCs, magic, version, granule or disk size do not check out
+//! is never trusted ([`MapError::Corrupt`]): the caller falls back to an
+//! unbounded GAP (a new baseline).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub const MAGIC: &[u8; 8] = b"CDPDIRTY";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 64;
+/// log2 of [`GRANULE`].
+pub const GRANULE_SHIFT: u32 = 16;
+/// Bytes of disk per bit.
+pub const GRANULE: u64 = 1 << GRANULE_SHIFT;
+
+#[derive(Debug, Error)]
+pub enum MapError {
+    #[error("dirty map {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("dirty map {path} is not usable: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// The header's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub disk_size: u64,
+    pub since_ns: u64,
+    pub gap_seq: u64,
+    pub bitmap_crc: u32,
+}
+
+/// Bytes of bitmap for a disk of `disk_size` bytes.
+pub fn bitmap_len(disk_size: u64) -> usize {
+    disk_size.div_ceil(GRANULE).div_ceil(8) as usize
+}
+
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().unwrap())
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().unwrap())
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&GRANULE_SHIFT.to_le_bytes());
+        b[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.since_ns.to_le_bytes());
+        b[32..40].copy_from_slice(&self.gap_seq.to_le_bytes());
+        b[40..44].copy_from_slice(&self.bitmap_crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// The header, or why it is not one.
+    pub fn decode(b: &[u8]) -> Result<Header, String> {
+        if b.len() < HEADER_LEN {
+            return Err(format!("{} bytes, shorter than a header", b.len()));
+        }
+        if &b[0..8] != MAGIC {
+            return Err("bad magic".into());
+        }
+        if le32(&b[60..64]) != crc32fast::hash(&b[0..60]) {
+            return Err("header CRC mismatch".into());
+        }
+        let (version, shift) = (le32(&b[8..12]), le32(&b[12..16]));
+        if version != VERSION || shift != GRANULE_SHIFT {
+            return Err(format!("version {version}, granule shift {shift}: unknown"));
+        }
+        Ok(Header {
+            disk_size: le64(&b[16..24]),
+            since_ns: le64(&b[24..32]),
+            gap_seq: le64(&b[32..40]),
+            bitmap_crc: le32(&b[40..44]),
+        })
+    }
+}
+
+/// What [`DirtyMap::open`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// No map, or an empty one: nothing to resync.
+    Clean,
+    /// Bits set by an earlier run: their ranges must be resynced.
+    Dirty,
+    /// A map that cannot be trusted (it was replaced by an empty one): what
+    /// it tracked is unknown.
+    Corrupt(String),
+}
+
+/// A disk's dirty map: the bitmap in memory, every change written through
+/// to the file (made durable by [`DirtyMap::sync`]).
+pub struct DirtyMap {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    header: Header,
+    bits: Vec<u8>,
+    /// Granules set.
+    count: u64,
+}
+
+impl DirtyMap {
+    /// Open (or create) the map of a disk of `disk_size` bytes, preallocated
+    /// to its full length. A map that does not check out is reported as
+    /// [`Found::Corrupt`] and replaced by an empty one.
+    pub fn open(path: &Path, disk_size: u64) -> Result<(DirtyMap, Found), MapError> {
+        let ioe = |source| MapError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(ioe)?;
+        let len = file.metadata().map_err(ioe)?.len();
+        let mut map = DirtyMap {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            header: Header {
+                disk_size,
+                since_ns: 0,
+                gap_seq: 0,
+                bitmap_crc: crc32fast::hash(&vec![0u8; bitmap_len(disk_size)]),
+            },
+            bits: vec![0u8; bitmap_len(disk_size)],
+            count: 0,
+        };
+        let found = if len == 0 {
+            Found::Clean
+        } else {
+            match map.load(len) {
+                Ok(()) if map.count == 0 => Found::Clean,
+                Ok(()) => Found::Dirty,
+                Err(why) => {
+                    map.bits.fill(0);
+                    map.count = 0;
+                    map.header.since_ns = 0;
+                    map.header.gap_seq = 0;
+                    map.header.bitmap_crc = crc32fast::hash(&map.bits);
+                    Found::Corrupt(why)
+                }
+            }
+        };
+        if found != Found::Dirty {
+            map.file
+                .set_len((HEADER_LEN + map.bits.len()) as u64)
+                .map_err(ioe)?;
+            map.write_all().map_err(ioe)?;
+        }
+        map.preallocate().map_err(ioe)?;
+        Ok((map, found))
+    }
+
+    /// Read and check the file into `self` (whose size is the disk's).
+    fn load(&mut self, len: u64) -> Result<(), String> {
+        let mut buf = vec![0u8; len.min((HEADER_LEN + self.bits.len()) as u64) as usize];
+        self.file
+            .read_exact_at(&mut buf, 0)
+            .map_err(|e| format!("reading: {e}"))?;
+        let h = Header::decode(&buf)?;
+        if h.disk_size != self.header.disk_size {
+            return Err(format!(
+                "made for a disk of {} bytes, the disk has {}",
+                h.disk_size, self.header.disk_size
+            ));
+        }
+        if buf.len() < HEADER_LEN + self.bits.len() {
+            return Err("shorter than its bitmap".into());
+        }
+        let bits = &buf[HEADER_LEN..];
+        if crc32fast::hash(bits) != h.bitmap_crc {
+            return Err("bitmap CRC mismatch".into());
+        }
+        self.bits.copy_from_slice(bits);
+        self.count = self.bits.iter().map(|b| b.count_ones() as u64).sum();
+        self.header = h;
+        Ok(())
+    }
+
+    fn preallocate(&self) -> io::Result<()> {
+        let len = (HEADER_LEN + self.bits.len()) as i64;
+        match nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&*self.file),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            // Written in full by write_all already; a filesystem without
+            // fallocate keeps those blocks.
+            Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_all(&mut self) -> io::Result<()> {
+        self.header.bitmap_crc = crc32fast::hash(&self.bits);
+        self.file.write_all_at(&self.bits, HEADER_LEN as u64)?;
+        self.file.write_all_at(&self.header.encode(), 0)
+    }
+
+    fn write_header(&mut self) -> io::Result<()> {
+        self.header.bitmap_crc = crc32fast::hash(&self.bits);
+        self.file.write_all_at(&self.header.encode(), 0)
+    }
+
+    pub fn header(&self) -> Header {
+        self.header
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of disk marked dirty (whole granules; the last one clipped to
+    /// the disk's size).
+    pub fn dirty_bytes(&self) -> u64 {
+        let mut b = self.count * GRANULE;
+        let last = self.header.disk_size.div_ceil(GRANULE);
+        if last > 0 && self.bit(last - 1) {
+            b -= last * GRANULE - self.header.disk_size;
+        }
+        b
+    }
+
+    fn bit(&self, g: u64) -> bool {
+        self.bits[(g / 8) as usize] & (1 << (g % 8)) != 0
+    }
+
+    /// Granules [first, end) of a byte range, clipped to the disk.
+    fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
+        let end = offset.saturating_add(length).min(self.header.disk_size);
+        if length == 0 || offset >= end {
+            return (0, 0);
+        }
+        (offset / GRANULE, end.div_ceil(GRANULE))
+    }
+
+    /// Mark `[offset, offset + length)` dirty; writes the changed bytes and
+    /// the header when a bit changed. Returns whether one did.
+    pub fn set(&mut self, offset: u64, length: u64) -> io::Result<bool> {
+        let (g0, g1) = self.granules(offset, length);
+        self.change(g0, g1, true)
+    }
+
+    /// Mark whole granules of `[offset, offset + length)` clean (a range
+    /// resynced: callers give granule-aligned ranges).
+    pub fn clear(&mut self, offset: u64, length: u64) -> io::Result<bool> {
+        let (g0, g1) = self.granules(offset, length);
+        self.change(g0, g1, false)
+    }
+
+    fn change(&mut self, g0: u64, g1: u64, on: bool) -> io::Result<bool> {
+        if g0 >= g1 {
+            return Ok(false);
+        }
+        let mut changed = false;
+        for g in g0..g1 {
+            if self.bit(g) != on {
+                self.bits[(g / 8) as usize] ^= 1 << (g % 8);
+                changed = true;
+                if on {
+                    self.count += 1;
+                } else {
+                    self.count -= 1;
+                }
+            }
+        }
+        if changed {
+            let (b0, b1) = ((g0 / 8) as usize, (g1 - 1) as usize / 8 + 1);
+            self.file
+                .write_all_at(&self.bits[b0..b1], (HEADER_LEN + b0) as u64)?;
+            self.write_header()?;
+        }
+        Ok(changed)
+    }
+
+    /// The first dirty run at or after byte `from`, at most `max` bytes
+    /// (granule-aligned start, clipped to the disk), as (offset, length).
+    pub fn next_dirty(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        if self.count == 0 {
+            return None;
+        }
+        let total = self.header.disk_size.div_ceil(GRANULE);
+        let mut g = from / GRANULE;
+        // Skip clean bytes whole.
+        while g < total {
+            if g % 8 == 0 && self.bits[(g / 8) as usize] == 0 {
+                g += 8;
+                continue;
+            }
+            if self.bit(g) {
+                break;
+            }
+            g += 1;
+        }
+        if g >= total {
+            return None;
+        }
+        let start = g * GRANULE;
+        let mut end = g + 1;
+        while end < total && self.bit(end) && (end - g + 1) * GRANULE <= max.max(GRANULE) {
+            end += 1;
+        }
+        let stop = (end * GRANULE).min(self.header.disk_size);
+        Some((start, stop - start))
+    }
+
+    /// Record when the first unjournaled write was taken (kept if set).
+    pub fn set_since(&mut self, ns: u64) -> io::Result<()> {
+        if self.header.since_ns == 0 {
+            self.header.since_ns = ns;
+            self.write_header()?;
+        }
+        Ok(())
+    }
+
+    /// Record the seq of the GAP journaled for the window (kept if set: a
+    /// RESYNCED heals from the first GAP on).
+    pub fn set_gap_seq(&mut self, seq: u64) -> io::Result<()> {
+        if self.header.gap_seq == 0 {
+            self.header.gap_seq = seq;
+            self.write_header()?;
+        }
+        Ok(())
+    }
+
+    /// Every bit clear, no window: written and made durable.
+    pub fn reset(&mut self) -> io::Result<()> {
+        self.bits.fill(0);
+        self.count = 0;
+        self.header.since_ns = 0;
+        self.header.gap_seq = 0;
+        self.write_all()?;
+        self.sync()
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn tmp() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("dirty.map");
+        (d, p)
+    }
+
+    #[test]
+    fn header_round_trips_and_its_crc_is_checked() {
+        let h = Header {
+            disk_size: 10 * MIB,
+            since_ns: 7,
+            gap_seq: 9,
+            bitmap_crc: 0xdead,
+        };
+        let mut b = h.encode();
+        assert_eq!(Header::decode(&b).unwrap(), h);
+        b[30] ^= 1;
+        assert!(Header::decode(&b).unwrap_err().contains("CRC"));
+        assert!(Header::decode(&b[..10]).is_err());
+    }
+
+    #[test]
+    fn bits_are_set_cleared_persisted_and_preallocated() {
+        let (_d, p) = tmp();
+        let size = 10 * MIB + 5;
+        let (mut m, found) = DirtyMap::open(&p, size).unwrap();
+        assert_eq!(found, Found::Clean);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            (HEADER_LEN + bitmap_len(size)) as u64,
+            "preallocated to its full length"
+        );
+        assert!(m.set(100, 1).unwrap());
+        assert!(!m.set(0, 10).unwrap(), "same granule: no change");
+        assert!(m.set(3 * MIB, MIB + 1).unwrap());
+        assert!(!m.set(0, 0).unwrap());
+        assert!(m.set(size - 1, 100).unwrap(), "clipped to the disk");
+        assert_eq!(m.dirty_bytes(), GRANULE + MIB + GRANULE + 5);
+        m.set_since(42).unwrap();
+        m.set_since(43).unwrap();
+        m.set_gap_seq(0x77).unwrap();
+        assert_eq!(m.next_dirty(0, MIB), Some((0, GRANULE)));
+        assert_eq!(m.next_dirty(GRANULE, MIB), Some((3 * MIB, MIB)));
+        assert_eq!(m.next_dirty(4 * MIB, MIB), Some((4 * MIB, GRANULE)));
+        assert_eq!(m.next_dirty(4 * MIB + GRANULE, MIB), Some((10 * MIB, 5)));
+        drop(m);
+
+        let (mut m, found) = DirtyMap::open(&p, size).unwrap();
+        assert_eq!(found, Found::Dirty);
+        let h = m.header();
+        assert_eq!((h.since_ns, h.gap_seq), (42, 0x77));
+        assert!(m.clear(0, GRANULE).unwrap());
+        assert!(m.clear(3 * MIB, MIB + GRANULE).unwrap());
+        assert_eq!(m.next_dirty(0, MIB), Some((10 * MIB, 5)));
+        assert!(m.clear(10 * MIB, GRANULE).unwrap());
+        assert!(m.is_empty() && m.next_dirty(0, MIB).is_none());
+        m.set(MIB, 1).unwrap();
+        m.reset().unwrap();
+        drop(m);
+        let (m, found) = DirtyMap::open(&p, size).unwrap();
+        assert_eq!(found, Found::Clean);
+        assert_eq!((m.header().since_ns, m.dirty_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_corrupt_map_is_refused_and_replaced() {
+        let (_d, p) = tmp();
+        let (mut m, _) = DirtyMap::open(&p, 4 * MIB).unwrap();
+        m.set(MIB, 1).unwrap();
+        drop(m);
+        // One bit of the bitmap flipped behind its CRC's back.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0x80], HEADER_LEN as u64).unwrap();
+        let (m, found) = DirtyMap::open(&p, 4 * MIB).unwrap();
+        assert!(
+            matches!(&found, Found::Corrupt(w) if w.contains("bitmap CRC")),
+            "{found:?}"
+        );
+        assert!(m.is_empty());
+        // Replaced by a clean map that checks out.
+        assert_eq!(DirtyMap::open(&p, 4 * MIB).unwrap().1, Found::Clean);
+
+        // A map made for another disk size is not trusted either.
+        let (mut m, _) = DirtyMap::open(&p, 4 * MIB).unwrap();
+        m.set(0, 1).unwrap();
+        drop(m);
+        let (_, found) = DirtyMap::open(&p, 8 * MIB).unwrap();
+        assert!(matches!(&found, Found::Corrupt(w) if w.contains("disk of")));
+
+        // Garbage.
+        std::fs::write(&p, b"not a map at all").unwrap();
+        let (_, found) = DirtyMap::open(&p, 4 * MIB).unwrap();
+        assert!(matches!(found, Found::Corrupt(_)), "{found:?}");
+    }
+}
