@@ -196,7 +196,7 @@ impl Track {
         let conn = &mut self.conns[c];
         let handle = conn.next_handle;
         conn.next_handle += 1;
-        if conn.writes > 0 && conn.writes % flush_every == 0 {
+        if conn.writes > 0 && conn.writes.is_multiple_of(flush_every) {
             conn.writes += 1;
             let covered = std::mem::take(&mut conn.acked_since_flush);
             conn.ops.insert(handle, Op::Flush(covered));
@@ -566,7 +566,7 @@ fn main() {
             let (redone, torn) = recovery_counts(&d);
             s.records_redone += redone;
             s.torn_bytes += torn;
-        } else if cycle % p.rotate == 0 {
+        } else if cycle.is_multiple_of(p.rotate) {
             rotate(&mut d, &mut s);
         }
         s.cycles = cycle;
@@ -575,7 +575,7 @@ fn main() {
             break;
         }
         d.start();
-        if cycle % 10 == 0 {
+        if cycle.is_multiple_of(10) {
             eprintln!(
                 "kill-cycles: {cycle} cycles, {} failed, {:.0} s",
                 s.failures,
