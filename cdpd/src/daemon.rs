@@ -106,6 +106,10 @@ pub struct Daemon {
 struct Recovery {
     setup: VmSetup,
     boot_id: String,
+    /// The last seq before this start (0: none), for the pending gaps.
+    previous_seq: u64,
+    /// The base of a fresh history (docs/DESIGN.md, "Capture sessions").
+    new_history: Option<u64>,
     prev: PreviousEnd,
     redone: u64,
     torn: u64,
@@ -237,10 +241,18 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
     catalog.set_vm_policy(&uuid_str, &opts.policy)?;
 
     let state = StateDir::new(&opts.state_dir);
+    // The size each disk had when last served: a change is journaled as
+    // RESIZE before the catalog takes the new size.
+    let recorded: std::collections::HashMap<String, u64> = catalog
+        .disks(&uuid_str)?
+        .into_iter()
+        .map(|(disk, _, size)| (disk, size))
+        .collect();
     let mut images = Vec::new();
     for (name, path) in &opts.disks {
         let img = image::open(path)?;
-        catalog.upsert_disk(&uuid_str, name, path, img.size)?;
+        let size = recorded.get(name).copied().unwrap_or(img.size);
+        catalog.upsert_disk(&uuid_str, name, path, size)?;
         images.push(img);
     }
     let disk_images: Vec<DiskImage> = opts
@@ -273,6 +285,25 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
     let last = catalog.last_session(&uuid_str)?;
     let prev = recovered.previous_end(last.as_ref(), &boot_id);
     session::end_open_session(&catalog, last.as_ref(), prev)?;
+    let previous_seq = recovered.last_seq().max(cat_seq);
+    let mut last_ts = recovered.last_ts_ns().max(cat_ts);
+    let (last_seq, new_history) = if session::is_fresh_history(cat_seq, recovered.had_records()) {
+        let base = session::new_history_base(now_ns());
+        (base, Some(base))
+    } else {
+        let seq = journal_resizes(
+            &catalog,
+            &uuid,
+            &recorded,
+            &mut disks,
+            previous_seq,
+            &mut last_ts,
+        )?;
+        (seq, None)
+    };
+    for d in &disks {
+        catalog.upsert_disk(&uuid_str, &d.name, &d.path, d.image.size)?;
+    }
     Ok(Recovery {
         setup: VmSetup {
             uuid,
@@ -282,15 +313,63 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
             catalog,
             state_dir: opts.state_dir.clone(),
             run_dir: opts.run_dir.clone(),
-            last_seq: recovered.last_seq().max(cat_seq),
-            last_ts: recovered.last_ts_ns().max(cat_ts),
+            last_seq,
+            last_ts,
         },
         boot_id,
+        previous_seq,
+        new_history,
         prev,
         redone: recovered.redone(),
         torn: recovered.torn_bytes(),
         chain_breaks: recovered.chain_breaks(),
     })
+}
+
+/// A disk whose image size differs from the size the catalog recorded for
+/// it (resized while the VM was stopped) gets a RESIZE in its journal, at
+/// one seq after `last_seq` shared by every resized disk, before the session
+/// starts (docs/DESIGN.md, "Capture sessions"). Returns the last seq.
+fn journal_resizes(
+    catalog: &Catalog,
+    uuid: &uuid::Uuid,
+    recorded: &std::collections::HashMap<String, u64>,
+    disks: &mut [DiskSetup],
+    last_seq: u64,
+    last_ts: &mut u64,
+) -> Result<u64, DaemonError> {
+    let seq = last_seq + 1;
+    let ts = now_ns().max(*last_ts);
+    let mut any = false;
+    for d in disks.iter_mut() {
+        let Some(&old_size) = recorded.get(&d.name) else {
+            continue;
+        };
+        if old_size == d.image.size {
+            continue;
+        }
+        let r = session::Resize {
+            seq,
+            ts_ns: ts,
+            record_base: d.next_base,
+            old_size,
+            new_size: d.image.size,
+        };
+        session::journal_resize(catalog, &d.journal_dir, uuid, &d.name, &r)?;
+        eprintln!(
+            "cdpd: disk {} was resized from {old_size} to {} bytes while the VM was stopped: \
+             journaled as RESIZE at seq {seq}",
+            d.name, d.image.size
+        );
+        d.next_base += 1;
+        d.last_seq = seq;
+        any = true;
+    }
+    if !any {
+        return Ok(last_seq);
+    }
+    *last_ts = ts;
+    Ok(seq)
 }
 
 /// Start the session: SESSION_START in every journal, then a GAP for each
@@ -300,7 +379,7 @@ fn record_session(
     opts: &RunOptions,
     rec: Recovery,
 ) -> Result<(Arc<Vm>, Vec<Receiver<SyncJob>>), DaemonError> {
-    let last_seq = rec.setup.last_seq;
+    let previous_seq = rec.previous_seq;
     let (vm, rxs) = Vm::new(rec.setup);
     let uuid_str = vm.uuid_str.clone();
     let boot_id = rec.boot_id;
@@ -319,6 +398,9 @@ fn record_session(
         )
         .map_err(jerr)?;
     let mut gap_reasons = Vec::new();
+    if let Some(base) = rec.new_history {
+        gap_reasons.push(session::new_history_reason(base));
+    }
     if rec.prev == PreviousEnd::PowerLoss {
         gap_reasons.push(format!(
             "the host rebooted (boot id now {boot_id}) after capture ended uncleanly: \
@@ -335,7 +417,7 @@ fn record_session(
         .catalog
         .lock()
         .unwrap()
-        .gaps_after(&uuid_str, last_seq)?
+        .gaps_after(&uuid_str, previous_seq)?
         .into_iter()
         .map(|(_, r)| r)
         .collect();

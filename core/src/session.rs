@@ -22,6 +22,13 @@ pub enum SessionError {
     Recovery(#[from] RecoveryError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error("journaling the resize of disk {disk} in {path}: {source}")]
+    Resize {
+        disk: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How the previous capture session of a VM ended.
@@ -200,6 +207,98 @@ pub fn reconcile_sealed(
     Ok(added)
 }
 
+/// Records per microsecond a history may average before a later
+/// history's base could reach its seqs: 16 (16 M records a second).
+const HISTORY_BASE_SHIFT: u32 = 4;
+
+/// The seq just before a fresh history's first record (docs/DESIGN.md,
+/// "Capture sessions"): the wall clock in microseconds times 16, so the
+/// first record is `base + 1`. A later history of the same VM (its state
+/// directory lost, or another host sharing the repository) starts far above
+/// every seq an earlier one reached unless that one averaged more than 16
+/// records per microsecond since it began, so the repository's object names
+/// (named by seq) are never reused; a collision would need two starts in the
+/// same microsecond, and create-only puts make even that an error, never a
+/// replacement. A time, not a count: nothing needs the repository to pick it.
+pub fn new_history_base(now_ns: u64) -> u64 {
+    (now_ns / 1_000) << HISTORY_BASE_SHIFT
+}
+
+/// A history is fresh when neither the catalog nor the journal knows of any
+/// record of the VM: a new VM, a lost state directory, or another host.
+/// (A catalog initialised at [`new_history_base`] by another tool has a
+/// last seq and continues it.)
+pub fn is_fresh_history(catalog_last_seq: u64, journal_had_records: bool) -> bool {
+    catalog_last_seq == 0 && !journal_had_records
+}
+
+/// The GAP reason that starts a fresh history at `base`.
+pub fn new_history_reason(base: u64) -> String {
+    format!(
+        "new history (generation {base}): this host has no earlier state for this VM \
+         (a new VM, a lost state directory, or another host); its seqs start at {}, \
+         above every earlier history's, so no repository object is reused; \
+         points before this one are restored from their own baselines, a new baseline is needed",
+        base + 1
+    )
+}
+
+/// A disk's size change found at start, journaled as RESIZE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resize {
+    pub seq: u64,
+    pub ts_ns: u64,
+    pub record_base: u64,
+    pub old_size: u64,
+    pub new_size: u64,
+}
+
+/// Journal a RESIZE (offset 0, length the new size, payload
+/// `{"old_size", "new_size"}`) in `journal_dir` as a sealed segment of its
+/// own, durable and recorded in the catalog before the session that serves
+/// the new size starts (docs/DESIGN.md, "Capture sessions"): restore uses
+/// the size as of each point.
+pub fn journal_resize(
+    cat: &Catalog,
+    journal_dir: &Path,
+    vm_uuid: &uuid::Uuid,
+    disk: &str,
+    r: &Resize,
+) -> Result<(), SessionError> {
+    use crate::journal::{format::Kind, writer::OpenSegment, writer::Record};
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "old_size": r.old_size,
+        "new_size": r.new_size,
+    }))
+    .expect("JSON of two numbers");
+    let io = |source| SessionError::Resize {
+        disk: disk.to_string(),
+        path: journal_dir.to_path_buf(),
+        source,
+    };
+    let mut seg = OpenSegment::create(
+        journal_dir,
+        *vm_uuid.as_bytes(),
+        r.seq,
+        r.record_base,
+        r.ts_ns,
+    )
+    .map_err(io)?;
+    let rec = Record {
+        kind: Kind::Resize,
+        flags: 0,
+        offset: 0,
+        length: r.new_size,
+        payload: &payload,
+    };
+    seg.append(r.seq, r.ts_ns, [rec]).map_err(io)?;
+    let sealed = seg.seal(now_ns()).map_err(io)?;
+    let vm = vm_uuid.hyphenated().to_string();
+    cat.put_segment(&vm, disk, &sealed, true)?;
+    cat.set_last_seq(&vm, r.seq, r.ts_ns)?;
+    Ok(())
+}
+
 /// End the catalog's open session `last` (if it is open) as `prev`.
 pub fn end_open_session(
     cat: &Catalog,
@@ -272,5 +371,49 @@ mod tests {
         assert!(!rec.had_records() && rec.journal_clean());
         assert_eq!(rec.previous_end(None, "b"), PreviousEnd::First);
         assert!(state.journal(&u.hyphenated().to_string(), "vda").is_dir());
+    }
+
+    #[test]
+    fn a_later_history_starts_above_an_earlier_one() {
+        let t0 = 1_790_000_000_000_000_000u64;
+        let a = new_history_base(t0);
+        // 16 M records a second for a second, then a start one second later.
+        let b = new_history_base(t0 + 1_000_000_000);
+        assert!(a + 16_000_000 <= b, "{a} {b}");
+        assert!(new_history_base(t0 + 1_000) > a);
+        // Any u64 nanosecond time fits SQLite's signed 64-bit integers.
+        assert!(new_history_base(u64::MAX) < i64::MAX as u64);
+        assert!(is_fresh_history(0, false));
+        assert!(!is_fresh_history(a, false) && !is_fresh_history(0, true));
+    }
+
+    #[test]
+    fn journal_resize_seals_one_record_in_the_catalog() {
+        use crate::journal::{format::Kind, LoadedSegment};
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        let u = uuid::Uuid::new_v4();
+        let vm = u.hyphenated().to_string();
+        let cat = Catalog::open(state.path(), &vm).unwrap();
+        cat.upsert_vm(&vm, "a").unwrap();
+        let dir = state.journal(&vm, "vda");
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = Resize {
+            seq: 41,
+            ts_ns: 7,
+            record_base: 3,
+            old_size: 1 << 20,
+            new_size: 3 << 20,
+        };
+        journal_resize(&cat, &dir, &u, "vda", &r).unwrap();
+        let segs = cat.segments(&vm).unwrap();
+        assert_eq!(segs.len(), 1);
+        assert_eq!((segs[0].first_seq, segs[0].last_seq), (41, 41));
+        assert_eq!(cat.last_seq(&vm).unwrap(), (41, 7));
+        let seg = LoadedSegment::load(&dir.join(crate::journal::segment_file_name(41))).unwrap();
+        let rec = &seg.scan.records[0];
+        assert_eq!(rec.header.kind, Kind::Resize);
+        assert_eq!((rec.header.offset, rec.header.length), (0, 3 << 20));
+        assert_eq!(seg.scan.header.record_base, 3);
     }
 }
