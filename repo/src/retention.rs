@@ -551,7 +551,13 @@ async fn synthesize(
             touched.insert(i as usize);
         }
     }
+    // The disk's size at the point (a RESIZE since the baseline): its last
+    // chunk is rebuilt, as every chunk a grown tail adds.
     let mut chunks = base.chunks.clone();
+    chunks.resize(plan.size.div_ceil(cs) as usize, None);
+    if plan.size != base.size && plan.size > 0 {
+        touched.insert(((plan.size - 1) / cs) as usize);
+    }
     let (mut up, mut up_bytes) = (0, 0);
     if !touched.is_empty() {
         (up, up_bytes) = rebuild_touched(store, h, &plan, &touched, &mut chunks, have).await?;
@@ -559,7 +565,7 @@ async fn synthesize(
     let b = Baseline {
         vm_uuid: h.vm.clone(),
         disk: h.disk.clone(),
-        size: base.size,
+        size: plan.size,
         chunk_size: cs,
         s0: seq,
         s1: seq,
@@ -619,10 +625,10 @@ async fn rebuild_touched(
         .open(&path)
         .map_err(scratch_err)?;
     let _ = std::fs::remove_file(&path);
-    file.set_len(base.size).map_err(scratch_err)?;
+    file.set_len(plan.size).map_err(scratch_err)?;
     // Only the touched chunks: the others read as holes, unread.
     let mut masked = plan.clone();
-    masked.baseline.chunks = (0..chunks.len())
+    masked.baseline.chunks = (0..base.chunks.len())
         .map(|i| {
             if touched.contains(&i) {
                 base.chunks[i].clone()
@@ -638,7 +644,7 @@ async fn rebuild_touched(
     let retry = RetryPolicy::default();
     for &i in touched {
         let off = i as u64 * cs;
-        let len = cs.min(base.size - off) as usize;
+        let len = cs.min(plan.size - off) as usize;
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, off).map_err(scratch_err)?;
         if buf.iter().all(|&b| b == 0) {

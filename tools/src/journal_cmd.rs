@@ -78,6 +78,9 @@ fn flag_names(f: u8) -> Vec<&'static str> {
     if f & journal::format::FLAG_NO_HOLE != 0 {
         v.push("NO_HOLE");
     }
+    if f & journal::format::FLAG_RESYNC != 0 {
+        v.push("RESYNC");
+    }
     v
 }
 

@@ -803,7 +803,13 @@ async fn disk_timeline(
     let gaps: Vec<_> = restore::gaps(&h, Some(store))
         .await?
         .into_iter()
-        .map(|(s, t, r)| serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r}))
+        .map(|(s, t, r)| {
+            // A GAP a resync heals: the points in [seq, healed_by_seq) are
+            // not restorable, those after are (docs/DESIGN.md, "Restore").
+            serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r,
+                "resync": h.resyncs.gaps.contains(&s),
+                "healed_by_seq": h.resyncs.healed_by(s)})
+        })
         .collect();
     let baselines: Vec<_> = h
         .baselines

@@ -60,6 +60,17 @@ impl ExtentMap {
         self.map.insert(start, (end, src));
     }
 
+    /// Drop everything at or beyond `size` (a disk shrunk to it).
+    pub fn truncate(&mut self, size: u64) {
+        let beyond: Vec<u64> = self.map.range(size..).map(|(&s, _)| s).collect();
+        for s in beyond {
+            self.map.remove(&s);
+        }
+        if let Some((_, (e, _))) = self.map.range_mut(..size).next_back() {
+            *e = (*e).min(size);
+        }
+    }
+
     /// Extents in disk order: (start, end, source).
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Source)> + '_ {
         self.map.iter().map(|(&s, &(e, src))| (s, e, src))
@@ -190,6 +201,26 @@ mod tests {
         assert_eq!(m.uncovered(0, 50), vec![(0, 10), (20, 30), (40, 50)]);
         assert_eq!(m.uncovered(12, 18), vec![]);
         assert_eq!(m.uncovered(20, 30), vec![(20, 30)]);
+    }
+
+    #[test]
+    fn truncate_drops_and_cuts_what_lies_beyond() {
+        let mut m = ExtentMap::new();
+        m.set(0, 10, Source::Zero);
+        m.set(10, 20, Source::Journal { segment: 1, pos: 7 });
+        m.set(25, 30, Source::Zero);
+        m.truncate(15);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![
+                (0, 10, Source::Zero),
+                (10, 15, Source::Journal { segment: 1, pos: 7 })
+            ]
+        );
+        m.truncate(10);
+        assert_eq!(m.iter().collect::<Vec<_>>(), vec![(0, 10, Source::Zero)]);
+        m.truncate(0);
+        assert!(m.is_empty());
     }
 
     #[test]

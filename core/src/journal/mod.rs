@@ -344,15 +344,13 @@ pub fn replay_disk(
                 } else {
                     apply_record(image, h, r.payload(&seg.bytes))
                 };
-                applied.map_err(|source| {
-                    JournalError::Apply {
-                        path: image_path.to_path_buf(),
-                        seq: h.seq,
-                        kind: h.kind.name(),
-                        offset: h.offset,
-                        length: h.length,
-                        source,
-                    }
+                applied.map_err(|source| JournalError::Apply {
+                    path: image_path.to_path_buf(),
+                    seq: h.seq,
+                    kind: h.kind.name(),
+                    offset: h.offset,
+                    length: h.length,
+                    source,
                 })?;
                 stats.records_applied += 1;
                 if h.kind == Kind::Write {

@@ -204,7 +204,11 @@ async fn restore_chunk(
     let b = &plan.baseline;
     let start = i as u64 * b.chunk_size;
     let end = (start + b.chunk_size).min(b.size);
-    let gaps = plan.extents.uncovered(start, end);
+    // Of a disk shrunk since the baseline, only what is left of it.
+    if start >= plan.size {
+        return Ok((0, 0));
+    }
+    let gaps = plan.extents.uncovered(start, end.min(plan.size));
     if gaps.is_empty() {
         return Ok((0, 0));
     }

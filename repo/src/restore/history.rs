@@ -3,7 +3,7 @@
 //! chain, unusable objects, and the retention manifest that says what a
 //! prune kept.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use cdp_core::journal::format::{self as jf, IndexEntry, Kind};
@@ -52,9 +52,68 @@ pub struct History {
     /// The newest retention manifest of the VM: what a prune kept (points
     /// older than the any-point window exist only as exact baselines).
     pub retention: Option<rf::RetentionManifest>,
+    /// What the disk's GAP and RESYNCED records say: which GAPs a resync
+    /// heals (read from their payloads when the history is loaded).
+    pub resyncs: Resyncs,
 }
 
+/// The GAPs a resync heals (docs/REPOSITORY_FORMAT.md, "GAP and
+/// RESYNCED"): a GAP whose payload says `"resync": true` at seq G is healed,
+/// for every point from seq R on, by a RESYNCED at seq R > G whose `gap_seq`
+/// is at most G. Points in [G, R) stay unrestorable. A RESYNCED whose payload
+/// cannot be read heals nothing; a GAP whose payload cannot be read is a GAP
+/// that needs a new baseline.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resyncs {
+    /// Seqs of the GAPs whose payload says `"resync": true`.
+    pub gaps: BTreeSet<u64>,
+    /// (seq, gap_seq) of every RESYNCED record that reads, by seq.
+    pub resynced: Vec<(u64, u64)>,
+}
+
+impl Resyncs {
+    /// The seq of the RESYNCED that heals the GAP at `gap`, if any: the
+    /// first after it whose `gap_seq` is at most `gap`. `None` for a GAP
+    /// without `"resync": true` (or one no resync has finished for).
+    pub fn healed_by(&self, gap: u64) -> Option<u64> {
+        if !self.gaps.contains(&gap) {
+            return None;
+        }
+        self.resynced
+            .iter()
+            .filter(|&&(r, g)| g <= gap && r > gap)
+            .map(|&(r, _)| r)
+            .min()
+    }
+}
+
+/// The largest GAP or RESYNCED payload read (they are a few dozen bytes of
+/// JSON): a bigger one is taken as unreadable, never allocated.
+const MAX_NOTE_PAYLOAD: u64 = 64 * 1024;
+
 impl History {
+    /// Why the GAP at `seq` is not a plain GAP, for an operator: a resync
+    /// heals it from a later seq, or will once it finishes. `None` for a GAP
+    /// that needs a new baseline.
+    pub fn gap_note(&self, seq: u64) -> Option<String> {
+        if !self.resyncs.gaps.contains(&seq) {
+            return None;
+        }
+        let ts = self
+            .entries()
+            .find(|(_, e)| e.seq == seq)
+            .map_or_else(|| "?".into(), |(_, e)| cdp_core::time::fmt_ns(e.ts_ns));
+        Some(match self.resyncs.healed_by(seq) {
+            Some(r) => format!(
+                "from {ts} the journal could not take the disk's changes (full or failing): they were tracked, not journaled, until the resync that ended at seq {r}; points from seq {seq} to seq {} cannot be restored, points from seq {r} on can",
+                r - 1
+            ),
+            None => format!(
+                "from {ts} the journal could not take the disk's changes (full or failing): they are tracked, not journaled, and no resync has finished since (no RESYNCED record): points from seq {seq} on cannot be restored until cdpd's resync finishes or a baseline is taken after it"
+            ),
+        })
+    }
+
     /// What retention did to this disk, if it thinned it.
     pub fn retained(&self) -> Option<(&rf::RetentionManifest, &rf::DiskRetention)> {
         let m = self.retention.as_ref()?;
@@ -255,6 +314,7 @@ pub async fn load_history(
             breaks.push(i + 1);
         }
     }
+    let resyncs = load_resyncs(store, vm, disk, &segments).await?;
     Ok(History {
         vm: vm.to_string(),
         disk: disk.to_string(),
@@ -263,7 +323,70 @@ pub async fn load_history(
         breaks,
         orphans,
         retention,
+        resyncs,
     })
+}
+
+/// Read the payloads of a disk's GAP and RESYNCED records (tiny JSON, and
+/// rare) into the [`Resyncs`] they make. A record that cannot be read or
+/// does not decode counts as a plain GAP / heals nothing; only an
+/// unreachable repository is an error (trying again may succeed).
+pub async fn load_resyncs(
+    store: Option<&Store>,
+    vm: &str,
+    disk: &str,
+    segments: &[SegRef],
+) -> Result<Resyncs, RestoreError> {
+    let mut out = Resyncs::default();
+    for seg in segments {
+        for e in seg
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Gap | Kind::Resynced))
+        {
+            let Some(v) = read_note(store, vm, disk, seg, e).await? else {
+                continue;
+            };
+            match e.kind {
+                Kind::Gap if v["resync"] == serde_json::Value::Bool(true) => {
+                    out.gaps.insert(e.seq);
+                }
+                Kind::Resynced => {
+                    if let Some(g) = v["gap_seq"].as_u64() {
+                        out.resynced.push((e.seq, g));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out.resynced.sort();
+    Ok(out)
+}
+
+/// The JSON payload of a small record; `None` when it cannot be read, is
+/// too long or is not JSON.
+async fn read_note(
+    store: Option<&Store>,
+    vm: &str,
+    disk: &str,
+    seg: &SegRef,
+    e: &IndexEntry,
+) -> Result<Option<serde_json::Value>, RestoreError> {
+    let hpos = e.payload_pos - jf::RECORD_HEADER_LEN as u64;
+    let header = match super::read::read_raw(store, vm, disk, seg, hpos..e.payload_pos).await {
+        Ok(b) => jf::RecordHeader::decode(&b).ok(),
+        Err(err) if err.is_transient() => return Err(err),
+        Err(_) => None,
+    };
+    let Some(h) = header.filter(|h| u64::from(h.payload_len) <= MAX_NOTE_PAYLOAD) else {
+        return Ok(None);
+    };
+    match read_record(store, vm, disk, seg, e, Some(u64::from(h.payload_len))).await {
+        Ok((_, p)) => Ok(serde_json::from_slice(&p).ok()),
+        Err(err) if err.is_transient() => Err(err),
+        Err(_) => Ok(None),
+    }
 }
 
 /// The newest retention manifest of a VM that decodes (older ones are
@@ -399,12 +522,20 @@ pub async fn marks(
     texts_of(h, store, Kind::Mark, "label").await
 }
 
-/// GAP records of a disk: (seq, ts, reason).
+/// GAP records of a disk: (seq, ts, reason). The reason of a GAP a resync
+/// heals (or will) says which points it leaves unrestorable
+/// ([`History::gap_note`]).
 pub async fn gaps(
     h: &History,
     store: Option<&Store>,
 ) -> Result<Vec<(u64, u64, String)>, RestoreError> {
-    texts_of(h, store, Kind::Gap, "reason").await
+    let mut out = texts_of(h, store, Kind::Gap, "reason").await?;
+    for (seq, _, reason) in out.iter_mut() {
+        if let Some(n) = h.gap_note(*seq) {
+            *reason = format!("{reason} ({n})");
+        }
+    }
+    Ok(out)
 }
 
 /// The records of `kind` with the string `field` of their JSON payload

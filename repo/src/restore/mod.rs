@@ -32,7 +32,9 @@ pub mod read;
 pub mod sink;
 
 pub use execute::{execute, Progress, RestoreStats};
-pub use history::{gaps, load_history, load_retention, marks, History, SegLoc, SegRef};
+pub use history::{
+    gaps, load_history, load_resyncs, load_retention, marks, History, Resyncs, SegLoc, SegRef,
+};
 pub use plan::{plan, restorable_ranges, Plan};
 pub use point::{resolve, Point};
 pub use read::{check_record, fetch_chunk, read_raw, read_record};

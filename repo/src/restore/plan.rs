@@ -138,19 +138,33 @@ fn covered(h: &History, s0: u64, seq: u64) -> Result<(), String> {
     for s in &h.segments[k..] {
         for e in &s.entries {
             if e.seq > s0 && e.seq <= seq && e.kind == Kind::Gap {
-                return Err(format!(
-                    "seq {} is a GAP (capture was interrupted: the image may differ from the journal there); a baseline taken after it is needed",
-                    e.seq
-                ));
+                match h.resyncs.healed_by(e.seq) {
+                    Some(r) if r <= seq => continue,
+                    _ => return Err(gap_why(h, e.seq)),
+                }
             }
         }
     }
     Ok(())
 }
 
+/// Why a point at or after the GAP at `seq` (and before what heals it, if
+/// anything does) cannot be rebuilt from a baseline older than the GAP.
+fn gap_why(h: &History, seq: u64) -> String {
+    match h.gap_note(seq) {
+        Some(note) => format!("seq {seq} is a GAP: {note}"),
+        None => format!(
+            "seq {seq} is a GAP (capture was interrupted: the image may differ from the journal there); a baseline taken after it is needed"
+        ),
+    }
+}
+
 fn build(h: &History, key: &str, b: &Baseline, seq: u64) -> Plan {
     let mut m = ExtentMap::new();
     let mut records = 0;
+    // The disk's size as each record was written: the baseline's, changed
+    // by every RESIZE since (docs/REPOSITORY_FORMAT.md, "RESIZE").
+    let mut size = b.size;
     for (i, s) in h.segments.iter().enumerate() {
         if s.last_seq <= b.s0 || s.first_seq > seq {
             continue;
@@ -159,7 +173,7 @@ fn build(h: &History, key: &str, b: &Baseline, seq: u64) -> Plan {
             if e.seq <= b.s0 || e.seq > seq {
                 continue;
             }
-            let end = (e.offset + e.length).min(b.size);
+            let end = e.offset.saturating_add(e.length).min(size);
             match e.kind {
                 Kind::Write => m.set(
                     e.offset,
@@ -170,15 +184,23 @@ fn build(h: &History, key: &str, b: &Baseline, seq: u64) -> Plan {
                     },
                 ),
                 Kind::Zero | Kind::Trim => m.set(e.offset, end, Source::Zero),
+                Kind::Resize => {
+                    // What a shrink drops reads as zeros if the disk grows
+                    // again; a grown tail reads as zeros until written.
+                    let new = e.length;
+                    m.set(size.min(new), size.max(new), Source::Zero);
+                    size = new;
+                }
                 _ => continue,
             }
             records += 1;
         }
     }
+    m.truncate(size);
     Plan {
         vm: h.vm.clone(),
         disk: h.disk.clone(),
-        size: b.size,
+        size,
         point_seq: seq,
         baseline_key: key.to_string(),
         baseline: b.clone(),
@@ -190,7 +212,8 @@ fn build(h: &History, key: &str, b: &Baseline, seq: u64) -> Plan {
 
 /// The seq ranges of a disk that can be restored exactly: for each baseline,
 /// from its s1 up to the record before the first GAP or missing stretch
-/// after its s0. Merged, in order.
+/// after its s0, skipping the stretch [G, R) of each GAP at G that a
+/// RESYNCED at R heals. Merged, in order.
 pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
     let Some(last) = h.last_entry().map(|e| e.seq) else {
         return Vec::new();
@@ -201,24 +224,37 @@ pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
         if b.s0 == b.s1 && b.s1 >= 1 {
             ranges.push((b.s1, b.s1));
         }
-        let k = h.segments.iter().position(|s| s.last_seq > b.s0);
+        let mut start = b.s1.max(1);
         let mut end = last;
-        if let Some(k) = k {
+        if let Some(k) = h.segments.iter().position(|s| s.last_seq > b.s0) {
             if !follows_on(h, k, b.s0) {
                 continue;
             }
             if let Some(&br) = h.breaks.iter().find(|&&br| br > k) {
                 end = end.min(h.segments[br - 1].last_seq);
             }
-            if let Some(g) = h.segments[k..]
+            let gaps = h.segments[k..]
                 .iter()
                 .flat_map(|s| s.entries.iter())
-                .find(|e| e.seq > b.s0 && e.kind == Kind::Gap)
-            {
-                end = end.min(g.seq.saturating_sub(1));
+                .filter(|e| e.seq > b.s0 && e.kind == Kind::Gap);
+            for g in gaps {
+                if g.seq > end {
+                    break;
+                }
+                match h.resyncs.healed_by(g.seq) {
+                    Some(r) => {
+                        if start < g.seq {
+                            ranges.push((start, g.seq - 1));
+                        }
+                        start = start.max(r);
+                    }
+                    None => {
+                        end = g.seq - 1;
+                        break;
+                    }
+                }
             }
         }
-        let start = b.s1.max(1);
         if start <= end {
             ranges.push((start, end));
         }
@@ -233,3 +269,7 @@ pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
     }
     merged
 }
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

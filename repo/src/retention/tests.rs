@@ -119,6 +119,7 @@ fn history(recs: &[Rec], disk: usize, cuts: &[usize], extra: &[(u64, u64)]) -> H
         segments,
         orphans: Vec::new(),
         retention: None,
+        resyncs: Default::default(),
     }
 }
 

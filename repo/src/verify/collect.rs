@@ -188,6 +188,15 @@ impl<'a> DiskScanner<'a> {
             .collect();
         let breaks = self.chain_breaks(&segs);
         self.chain_start(&segs, &baselines);
+        // Which GAPs a resync heals: restore's own rule needs their payloads.
+        let resyncs =
+            match crate::restore::load_resyncs(Some(self.store), self.vm, self.disk, &segs).await {
+                Ok(r) => r,
+                Err(crate::restore::RestoreError::Read(crate::read::ReadError::Store(e))) => {
+                    return Err(e.into())
+                }
+                Err(_) => Default::default(),
+            };
         Ok(DiskScan {
             history: History {
                 vm: self.vm.to_string(),
@@ -197,6 +206,7 @@ impl<'a> DiskScanner<'a> {
                 breaks,
                 orphans: Vec::new(),
                 retention: self.retention.cloned(),
+                resyncs,
             },
             problems: self.problems,
             bad_baselines: BTreeSet::new(),

@@ -231,10 +231,14 @@ async fn special_records(store: &Store, h: &History) -> (Vec<Mark>, Vec<Gap>) {
                 label: text("label"),
             });
         } else {
+            let reason = match h.gap_note(e.seq) {
+                Some(note) => format!("{} ({note})", text("reason")),
+                None => text("reason"),
+            };
             gaps.push(Gap {
                 seq: e.seq,
                 time: fmt_ns(e.ts_ns),
-                reason: text("reason"),
+                reason,
             });
         }
     }
@@ -322,14 +326,25 @@ impl Reach {
         if covered {
             return None;
         }
-        let gap_after = |s0: u64| self.gaps.iter().rev().find(|g| g.seq > s0).map(|g| g.seq);
+        // The newest GAP after s0 that no resync has healed by `last`.
+        let gap_after = |s0: u64| {
+            self.gaps
+                .iter()
+                .rev()
+                .filter(|g| h.resyncs.healed_by(g.seq).is_none_or(|r| r > last))
+                .find(|g| g.seq > s0)
+                .map(|g| g.seq)
+        };
         let newest = h.baselines.iter().map(|(_, b)| b.s0).max();
         let why = match newest {
             None => "no baseline of this disk is in the repository: take one with `cdpctl baseline`".to_string(),
             Some(s0) => match gap_after(s0) {
-                Some(g) => format!(
-                    "GAP at seq {g} (capture was interrupted) and no baseline after it: the shipper takes one by itself, or run `cdpctl baseline`"
-                ),
+                Some(g) => match h.gap_note(g) {
+                    Some(note) => format!("GAP at seq {g}: {note}"),
+                    None => format!(
+                        "GAP at seq {g} (capture was interrupted) and no baseline after it: the shipper takes one by itself, or run `cdpctl baseline`"
+                    ),
+                },
                 None => "no baseline is consistent by then".to_string(),
             },
         };
