@@ -24,6 +24,8 @@ pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_secs(1);
 /// at most 1 h (the age bounds how long a write stays out of the repository).
 pub const MIN_SEGMENT_AGE: Duration = Duration::from_millis(1);
 pub const MAX_SEGMENT_AGE: Duration = Duration::from_secs(3600);
+/// The least `journal_max` that makes sense (a few records).
+pub const MIN_JOURNAL_MAX: u64 = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -82,6 +84,15 @@ pub struct Policy {
     /// Seal a journal segment at this age, e.g. "1s" (bounds the RPO).
     #[serde(default, deserialize_with = "opt_duration")]
     pub segment_age: Option<Duration>,
+    /// The most a disk's local journal may hold, e.g. "20GiB", or
+    /// "unlimited" (the default). Past it cdpd runs degraded
+    /// (docs/RELIABILITY.md, "A full journal").
+    #[serde(default, deserialize_with = "opt_journal_max")]
+    pub journal_max: Option<u64>,
+    /// Free space kept on the journal's filesystem, e.g. "2GiB" or "5%"
+    /// (the default): below it cdpd runs degraded.
+    #[serde(default, deserialize_with = "opt_min_free")]
+    pub journal_min_free: Option<MinFree>,
     /// What the repository keeps (absent: everything, forever).
     pub retention: Option<RetentionConfig>,
 }
@@ -171,6 +182,47 @@ pub struct Config {
 pub struct JournalSettings {
     pub segment_size: u64,
     pub segment_age: Duration,
+    /// The most a disk's journal may hold ([`UNLIMITED`]: no bound).
+    pub journal_max: u64,
+    /// Free space kept on the journal's filesystem.
+    pub journal_min_free: MinFree,
+}
+
+/// `journal_max = "unlimited"`.
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// The default `journal_min_free`: 5% of the journal's filesystem.
+pub const DEFAULT_MIN_FREE: MinFree = MinFree::Percent(5);
+
+/// Free space kept on a filesystem: bytes, or a share of its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    Bytes(u64),
+    /// Percent of the filesystem's size (0 to 50).
+    Percent(u8),
+}
+
+impl MinFree {
+    /// The floor in bytes on a filesystem of `fs_size` bytes.
+    pub fn bytes(self, fs_size: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => fs_size / 100 * u64::from(p),
+        }
+    }
+
+    /// "5%" or a size ("1GiB").
+    pub fn parse(s: &str) -> Result<MinFree, String> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= 50 => Ok(MinFree::Percent(p)),
+                _ => Err(format!(
+                    "{s:?}: a share of the filesystem must be 0% to 50%"
+                )),
+            },
+            None => parse_size(s).map(MinFree::Bytes).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl Default for JournalSettings {
@@ -178,6 +230,8 @@ impl Default for JournalSettings {
         JournalSettings {
             segment_size: DEFAULT_SEGMENT_SIZE,
             segment_age: DEFAULT_SEGMENT_AGE,
+            journal_max: UNLIMITED,
+            journal_min_free: DEFAULT_MIN_FREE,
         }
     }
 }
@@ -340,6 +394,14 @@ impl Config {
         };
         s.segment_size = p.segment_size.unwrap_or(s.segment_size);
         s.segment_age = p.segment_age.unwrap_or(s.segment_age);
+        s.journal_max = p.journal_max.unwrap_or(s.journal_max);
+        s.journal_min_free = p.journal_min_free.unwrap_or(s.journal_min_free);
+        if s.journal_max < MIN_JOURNAL_MAX {
+            return Err(self.invalid(format!(
+                "policy.{policy}.journal_max = {} bytes: use at least 1MiB, or \"unlimited\"",
+                s.journal_max
+            )));
+        }
         if s.segment_size == 0 || s.segment_size > MAX_SEGMENT_SIZE {
             return Err(self.invalid(format!(
                 "policy.{policy}.segment_size = {} bytes: use more than 0 and at most 4GiB \
@@ -417,6 +479,21 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+fn opt_journal_max<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim() == "unlimited" {
+        return Ok(Some(UNLIMITED));
+    }
+    parse_size(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn opt_min_free<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<MinFree>, D::Error> {
+    let s = String::deserialize(d)?;
+    MinFree::parse(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -581,7 +658,8 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
             c.journal_settings("default").unwrap(),
             JournalSettings {
                 segment_size: 1 << 20,
-                segment_age: Duration::from_millis(250)
+                segment_age: Duration::from_millis(250),
+                ..JournalSettings::default()
             }
         );
         assert_eq!(c.retention_interval(), Duration::from_secs(7200));
@@ -591,6 +669,48 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
         assert_eq!(d.metrics_listen(), DEFAULT_METRICS_LISTEN.parse().ok());
         let off = Config::parse("[agent]\nmetrics_listen = \"\"\n").unwrap();
         assert_eq!(off.metrics_listen(), None);
+    }
+
+    /// Degraded mode's bounds (docs/RELIABILITY.md, "A full journal").
+    #[test]
+    fn journal_bounds() {
+        let d = JournalSettings::default();
+        assert_eq!(
+            (d.journal_max, d.journal_min_free),
+            (UNLIMITED, MinFree::Percent(5))
+        );
+        assert_eq!(MinFree::Percent(5).bytes(1000 << 20), 50 << 20);
+        let c = Config::parse(
+            "[policy.default]\njournal_max = \"8MiB\"\njournal_min_free = \"0\"\n\
+             [policy.b]\njournal_max = \"unlimited\"\njournal_min_free = \"10%\"\n",
+        )
+        .unwrap();
+        let s = c.journal_settings("default").unwrap();
+        assert_eq!(
+            (s.journal_max, s.journal_min_free),
+            (8 << 20, MinFree::Bytes(0))
+        );
+        let s = c.journal_settings("b").unwrap();
+        assert_eq!(
+            (s.journal_max, s.journal_min_free),
+            (UNLIMITED, MinFree::Percent(10))
+        );
+        for bad in [
+            "journal_min_free = \"60%\"",
+            "journal_min_free = \"x\"",
+            "journal_max = \"lots\"",
+        ] {
+            assert!(
+                Config::parse(&format!("[policy.a]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+        let small = Config::parse("[policy.a]\njournal_max = \"4KiB\"\n").unwrap();
+        assert!(small
+            .journal_settings("a")
+            .unwrap_err()
+            .to_string()
+            .contains("journal_max"));
     }
 
     #[test]
