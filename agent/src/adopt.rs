@@ -63,6 +63,18 @@ pub struct Recovered {
     pub torn_bytes: u64,
 }
 
+/// A target of the VM's policy that failed while the adoption went on with
+/// the others: the adoption is done for them, this one is retried in the
+/// background (every scan, and its shipper's per-target backoff) and gets
+/// its backlog once it answers (docs/RELIABILITY.md, "A target is down").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TargetDown {
+    pub target: String,
+    pub error: String,
+    /// Retrying may succeed with nothing changed (unreachable, a server error).
+    pub transient: bool,
+}
+
 /// What adopting one VM did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Adoption {
@@ -76,6 +88,9 @@ pub struct Adoption {
     pub baselines: u64,
     /// Segments still waiting for a delayed target.
     pub waiting: u64,
+    /// Targets that failed while the others shipped (empty: all shipped).
+    #[serde(default)]
+    pub targets_down: Vec<TargetDown>,
 }
 
 impl Adoption {
@@ -293,15 +308,26 @@ pub async fn adopt(
         out.shipped_bytes += st.shipped_bytes;
         out.baselines += st.baselines;
         out.waiting = st.waiting;
-        if st.failed_targets > 0 {
-            return Err(AdoptError::TargetFailing(shipper.take_failures()));
-        }
         let left = shipper.backlog()?;
         // Done, or only segments a delayed target may not have yet.
         if left == 0 || st.shipped == 0 || running {
             break;
         }
     }
+    // Per target: one down does not fail the adoption for the others; only
+    // every target of the policy failing does.
+    let failures = shipper.take_failures();
+    if !failures.is_empty() && failures.len() >= targets.len() {
+        return Err(AdoptError::TargetFailing(failures));
+    }
+    out.targets_down = failures
+        .into_iter()
+        .map(|f| TargetDown {
+            transient: f.error.is_transient(),
+            error: f.error.to_string(),
+            target: f.target,
+        })
+        .collect();
     drop(shipper);
     drop(held);
     Ok(out)

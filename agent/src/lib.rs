@@ -32,7 +32,7 @@ use cdp_core::layout::StateDir;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use adopt::{Adoption, Dirs};
+pub use adopt::{Adoption, Dirs, TargetDown};
 pub use error::{AdoptError, AgentError};
 use metrics::Counters;
 use sdnotify::Notifier;
@@ -73,8 +73,19 @@ pub struct ScanReport {
     /// VMs whose own shipper holds the lock.
     pub busy: Vec<String>,
     pub failed: Vec<VmFailure>,
+    /// VMs adopted for some targets of their policy while others failed:
+    /// not failed adoptions; the failing targets are retried.
+    pub targets_down: Vec<VmTargetsDown>,
     /// Retention applied (`--once` only).
     pub retention: Vec<RetentionRun>,
+}
+
+/// A VM whose adoption is done for some targets while these are down.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmTargetsDown {
+    pub vm_uuid: String,
+    pub vm: String,
+    pub targets: Vec<TargetDown>,
 }
 
 /// What the last scan learnt of a VM (from its child's report): retention
@@ -165,8 +176,21 @@ impl Agent {
                 report.busy.push(uuid.clone());
                 continue;
             }
-            if self.last_error.remove(&uuid).is_some() {
-                eprintln!("cdp-agent: VM {} ({uuid}): working again", r.vm);
+            self.counters
+                .set_targets_down(&uuid, &r.vm, &a.targets_down);
+            if a.targets_down.is_empty() {
+                if self.last_error.remove(&uuid).is_some() {
+                    eprintln!("cdp-agent: VM {} ({uuid}): working again", r.vm);
+                }
+            } else {
+                self.counters.error("target");
+                let msg = format!("VM {} ({uuid}): {}", r.vm, describe_down(&a.targets_down));
+                self.log_error(&uuid, &msg);
+                report.targets_down.push(VmTargetsDown {
+                    vm_uuid: uuid.clone(),
+                    vm: r.vm.clone(),
+                    targets: a.targets_down.clone(),
+                });
             }
             if a.did_work() {
                 self.counters.adoption();
@@ -312,7 +336,26 @@ fn describe(a: &Adoption) -> String {
             a.waiting
         ));
     }
+    if !a.targets_down.is_empty() {
+        parts.push(describe_down(&a.targets_down));
+    }
     parts.join("; ")
+}
+
+/// "target offsite down: will retry (…)", for the log.
+fn describe_down(down: &[TargetDown]) -> String {
+    let v: Vec<String> = down
+        .iter()
+        .map(|t| {
+            let when = if t.transient {
+                "will retry"
+            } else {
+                "will retry at the next scans (needs an operator?)"
+            };
+            format!("target {} down: {when} ({})", t.target, t.error)
+        })
+        .collect();
+    format!("adopted for the other targets; {}", v.join("; "))
 }
 
 /// `cdp-agent run --once`: one scan and one retention pass.
@@ -368,7 +411,11 @@ const NOTIFIED_TRIES: u32 = 60;
 /// that may pass by themselves (a target unreachable for a moment); a
 /// permanent failure waits for the next regular scan.
 pub fn retry_notified(r: &ScanReport) -> bool {
-    !r.busy.is_empty() || (!r.failed.is_empty() && r.failed.iter().all(|f| f.transient))
+    !r.busy.is_empty()
+        || (!r.failed.is_empty() && r.failed.iter().all(|f| f.transient))
+        || r.targets_down
+            .iter()
+            .any(|v| v.targets.iter().any(|t| t.transient))
 }
 
 /// Tell systemd `state`, when started by it.
@@ -532,11 +579,12 @@ impl Agent {
 
 fn summary(r: &ScanReport) -> String {
     format!(
-        "{} VM(s) looked at; {} adopted, {} shipped by their own shipper, {} failing",
+        "{} VM(s) looked at; {} adopted, {} shipped by their own shipper, {} failing, {} with a target down",
         r.vms,
         r.adopted.len(),
         r.busy.len(),
-        r.failed.len()
+        r.failed.len(),
+        r.targets_down.len()
     )
 }
 
@@ -578,11 +626,44 @@ mod tests {
             adopted: vec![Adoption::default()],
             busy: vec!["a".into(), "b".into()],
             failed: vec![failure(true)],
+            targets_down: vec![],
             retention: vec![],
         };
         assert_eq!(
             summary(&r),
-            "4 VM(s) looked at; 1 adopted, 2 shipped by their own shipper, 1 failing"
+            "4 VM(s) looked at; 1 adopted, 2 shipped by their own shipper, 1 failing, 0 with a target down"
+        );
+    }
+
+    #[test]
+    fn a_target_down_is_retried_and_described_by_name() {
+        let down = |transient| TargetDown {
+            target: "offsite".into(),
+            error: "connection refused".into(),
+            transient,
+        };
+        let mut r = ScanReport::default();
+        r.targets_down.push(VmTargetsDown {
+            vm_uuid: "u".into(),
+            vm: "web".into(),
+            targets: vec![down(true)],
+        });
+        assert!(retry_notified(&r), "an unreachable target is retried soon");
+        r.targets_down[0].targets = vec![down(false)];
+        assert!(
+            !retry_notified(&r),
+            "a permanent failure waits for the scan"
+        );
+        let a = Adoption {
+            shipped_segments: 1,
+            shipped_bytes: 10,
+            targets_down: vec![down(true)],
+            ..Default::default()
+        };
+        assert_eq!(
+            describe(&a),
+            "shipped 1 segment(s), 10 byte(s); adopted for the other targets; \
+             target offsite down: will retry (connection refused)"
         );
     }
 

@@ -57,6 +57,8 @@ pub struct Counters {
 struct Inner {
     errors: BTreeMap<&'static str, u64>,
     adoptions: u64,
+    /// VM uuid → (VM name, targets its last adoption found down).
+    targets_down: BTreeMap<String, (String, Vec<String>)>,
 }
 
 impl Counters {
@@ -66,6 +68,19 @@ impl Counters {
 
     pub fn adoption(&self) {
         self.inner.lock().unwrap().adoptions += 1;
+    }
+
+    /// The targets the last adoption of `uuid` found down (empty: none).
+    pub fn set_targets_down(&self, uuid: &str, vm: &str, down: &[crate::TargetDown]) {
+        let mut inner = self.inner.lock().unwrap();
+        if down.is_empty() {
+            inner.targets_down.remove(uuid);
+        } else {
+            let names = down.iter().map(|t| t.target.clone()).collect();
+            inner
+                .targets_down
+                .insert(uuid.to_string(), (vm.to_string(), names));
+        }
     }
 
     pub fn errors(&self, kind: &str) -> u64 {
@@ -128,6 +143,7 @@ struct Families {
     target_up: IntGaugeVec,
     errors: IntCounterVec,
     adoptions: prometheus::IntCounter,
+    adoption_target_down: IntGaugeVec,
 }
 
 impl Families {
@@ -181,6 +197,12 @@ impl Families {
                 "cdp_agent_adoptions_total",
                 "Adoptions that recovered or shipped something",
             )?,
+            adoption_target_down: int_gauge(
+                &r,
+                "cdp_agent_adoption_target_down",
+                "1 for each target the VM's last adoption found down while the others shipped (retried in the background)",
+                &["vm", "vm_uuid", "target"],
+            )?,
             registry: r,
         };
         f.registry.register(Box::new(f.adoptions.clone()))?;
@@ -197,6 +219,13 @@ impl Families {
             self.errors.with_label_values(&[k]).inc_by(*n);
         }
         self.adoptions.inc_by(inner.adoptions);
+        for (uuid, (vm, targets)) in &inner.targets_down {
+            for t in targets {
+                self.adoption_target_down
+                    .with_label_values(&[vm, uuid, t])
+                    .set(1);
+            }
+        }
     }
 
     /// One VM: running, RPO and backlog per disk, bytes shipped per target.
