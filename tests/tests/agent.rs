@@ -876,3 +876,116 @@ fn retention_is_applied_per_vm_and_target() {
     );
     restore_equals_image(&d, &cfg, &repo, "vda");
 }
+
+/// Issue 12, "Targets fail independently": two targets, the S3 one on a closed port.
+/// The agent adopts a killed cdpd's journal: the file:// target gets everything (a
+/// restore from it alone equals the image), and the adoption is reported DONE with the
+/// S3 target down (by name, retried), not as a failed adoption: `--once` exits 0 with
+/// the target in `targets_down`, and the service's metrics say which target is down.
+#[test]
+fn one_target_down_adopts_for_the_others_and_names_the_down_one() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 91)
+        .args(["--segment-age", "1h"])
+        .start();
+    let repo = repo_dir(&d);
+    for i in 0..3 {
+        qemu_io(&d, "vda", &phase(i));
+    }
+    d.kill9();
+    assert!(
+        catalog_segments(&d, "vda").is_empty(),
+        "nothing was sealed before the kill"
+    );
+    let creds = d.work_dir().join("s3-credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = test\naws_secret_access_key = secret\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let dead_s3 = format!(
+        "s3://cdp/x?endpoint=http://127.0.0.1:{}&region=us-east-1",
+        free_port()
+    );
+    let cfg = d.work_dir().join("cdp-two.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[target.primary]\nurl = \"file://{}\"\n\
+             [target.offsite]\nurl = \"{dead_s3}\"\ncredentials_file = \"{}\"\n\
+             [policy.default]\ntargets = [\"primary\", \"offsite\"]\n\
+             [agent]\nmetrics_listen = \"127.0.0.1:{port}\"\nscan_interval = \"300ms\"\n",
+            repo.display(),
+            creds.display()
+        ),
+    )
+    .unwrap();
+
+    let report = agent_once_ok(&d, &cfg);
+    assert_eq!(report["failed"], serde_json::json!([]), "{report}");
+    let a = adopted(&report, &d.vm_uuid).unwrap_or_else(|| panic!("not adopted: {report}"));
+    assert_eq!(a["recovered"]["previous_end"], "crash", "{a}");
+    assert!(a["shipped_segments"].as_u64().unwrap() > 0, "{a}");
+    let down = a["targets_down"].as_array().expect("targets_down");
+    assert_eq!(down.len(), 1, "{a}");
+    assert_eq!(down[0]["target"], "offsite", "{a}");
+    assert_eq!(
+        down[0]["transient"], true,
+        "an unreachable endpoint is retried: {a}"
+    );
+    assert_eq!(
+        report["targets_down"][0]["vm_uuid"],
+        d.vm_uuid.as_str(),
+        "{report}"
+    );
+    // Everything went to the file:// target, which restores alone.
+    let sealed = catalog_segments(&d, "vda");
+    assert!(!sealed.is_empty());
+    assert_eq!(repo_segments(&repo, &d.vm_uuid, "vda"), sealed);
+    restore_equals_image(&d, &cfg, &repo, "vda");
+
+    // The service retries the down target at every scan and says which one it is.
+    let mut agent = Agent::start(&d, &cfg, &[]);
+    let vm = [("vm_uuid", d.vm_uuid.as_str()), ("target", "offsite")];
+    wait_until("the down target in the metrics", WAIT, || {
+        scrape(port).is_some_and(|t| {
+            let m = parse_prom(&t);
+            metric(&m, "cdp_agent_adoption_target_down", &vm) == Some(1.0)
+                && metric(&m, "cdp_target_up", &[("target", "offsite")]) == Some(0.0)
+                && metric(&m, "cdp_target_up", &[("target", "primary")]) == Some(1.0)
+                && metric(
+                    &m,
+                    "cdp_backlog_segments",
+                    &[("disk", "vda"), ("target", "primary")],
+                ) == Some(0.0)
+        })
+    });
+    let m = scrape_parsed(port);
+    assert_eq!(
+        metric(
+            &m,
+            "cdp_agent_adoption_target_down",
+            &[("target", "primary")]
+        ),
+        None,
+        "only the down target is named"
+    );
+    assert!(
+        metric(
+            &m,
+            "cdp_backlog_segments",
+            &[("disk", "vda"), ("target", "offsite")]
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "the down target's backlog waits for it"
+    );
+    assert!(agent.running(), "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains("target offsite down: will retry"),
+        "the log names the down target:\n{log}"
+    );
+    assert_eq!(agent.term().code(), Some(0), "{}", agent.log());
+}
