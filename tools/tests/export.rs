@@ -212,9 +212,10 @@ fn export_of_each_point_equals_its_reference_copy_with_the_host_gone() {
     e.stop();
 
     // A point that cannot be rebuilt is refused, saying why, before any socket.
+    let past = format!("seq:{}", snaps.last().unwrap().seq + 1_000_000);
     for (at, why) in [
         ("mark:nope", "no mark \"nope\""),
-        ("seq:999999", "after the newest record"),
+        (past.as_str(), "after the newest record"),
     ] {
         let sock = d.work_dir().join("refused.sock");
         let mut c = Command::new(bin("cdpctl"));
