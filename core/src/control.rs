@@ -49,6 +49,31 @@ pub struct DiskStatus {
     pub backlog_bytes: u64,
     /// Each target the shipper has reported on.
     pub targets: Vec<TargetStatus>,
+    /// Degraded mode (docs/RELIABILITY.md, "A full journal"): "normal",
+    /// "degraded" (writes go to the image and the dirty map only) or
+    /// "resyncing" (journaling again, the dirty ranges being journaled).
+    #[serde(default)]
+    pub journal_mode: String,
+    #[serde(default)]
+    pub degraded: bool,
+    /// When the first write the journal did not take was taken (0: none).
+    #[serde(default)]
+    pub degraded_since_ns: u64,
+    /// Bytes of disk marked in the dirty map.
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// Times this disk entered degraded mode since cdpd started.
+    #[serde(default)]
+    pub times_degraded: u64,
+    /// Bytes the resync read from the image, and journaled (as
+    /// WRITE|RESYNC records; all-zero pieces are ZERO|RESYNC, no payload).
+    #[serde(default)]
+    pub resync_bytes_read: u64,
+    #[serde(default)]
+    pub resync_bytes_journaled: u64,
+    /// Resyncs finished (a RESYNCED journaled).
+    #[serde(default)]
+    pub resyncs_done: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

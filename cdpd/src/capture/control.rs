@@ -15,7 +15,7 @@ use cdp_core::control::{
 use super::Vm;
 use crate::limits::{self, ConnSet, Deadline};
 
-fn journal_usage(dir: &Path) -> (u64, u64) {
+pub(super) fn journal_usage(dir: &Path) -> (u64, u64) {
     let Ok(segs) = cdp_core::journal::list_segments(dir) else {
         return (0, 0);
     };
@@ -33,8 +33,9 @@ impl Vm {
             .disks
             .iter()
             .map(|d| {
-                let (open, open_records, waiting, last_seq, unsealed_ts) = {
+                let (open, open_records, waiting, last_seq, unsealed_ts, deg) = {
                     let st = d.lock_journal();
+                    let deg = (st.deg.mode, st.deg.since_ns(), st.deg.dirty_bytes());
                     let unsealed_ts = st
                         .open
                         .iter()
@@ -51,6 +52,7 @@ impl Vm {
                         st.to_seal.len() as u64,
                         st.last_seq,
                         unsealed_ts,
+                        deg,
                     )
                 };
                 let ship = self.shipping_status(&d.name, unsealed_ts);
@@ -81,6 +83,14 @@ impl Vm {
                     backlog_segments: ship.1,
                     backlog_bytes: ship.2,
                     targets: ship.3,
+                    journal_mode: deg.0.name().to_string(),
+                    degraded: deg.0 == super::degraded::Mode::Degraded,
+                    degraded_since_ns: deg.1,
+                    dirty_bytes: deg.2,
+                    times_degraded: l(&s.times_degraded),
+                    resync_bytes_read: l(&s.resync_bytes_read),
+                    resync_bytes_journaled: l(&s.resync_bytes_journaled),
+                    resyncs_done: l(&s.resyncs_done),
                 }
             })
             .collect();

@@ -21,6 +21,7 @@
 pub(crate) mod batch;
 pub(crate) mod conn;
 pub(crate) mod control;
+pub(crate) mod degraded;
 #[cfg(test)]
 mod tests;
 
@@ -60,6 +61,10 @@ pub struct DiskStats {
     pub protocol_errors: AtomicU64,
     pub flushes: AtomicU64,
     pub seal_errors: AtomicU64,
+    pub times_degraded: AtomicU64,
+    pub resync_bytes_read: AtomicU64,
+    pub resync_bytes_journaled: AtomicU64,
+    pub resyncs_done: AtomicU64,
 }
 
 /// Journal state of one disk, behind the disk lock.
@@ -73,6 +78,9 @@ pub struct JournalState {
     /// Files of segments not yet made durable by the sealer; a FLUSH syncs them.
     pub unsynced: Vec<Arc<File>>,
     pub last_seq: u64,
+    /// Degraded mode: the dirty map, the room left (docs/RELIABILITY.md,
+    /// "A full journal").
+    pub deg: degraded::DegradedState,
 }
 
 /// Who waits for a group commit: told once journal and image are durable
@@ -221,10 +229,7 @@ impl Vm {
 
     /// Switch out the open segment; the sealer seals it.
     fn switch(&self, st: &mut JournalState) {
-        if let Some(seg) = st.open.take() {
-            st.next_base += seg.records() as u64;
-            st.unsynced.push(seg.file.clone());
-            st.to_seal.push(seg);
+        if switch_out(st) {
             self.wake_sealer();
         }
     }
@@ -240,15 +245,27 @@ impl Vm {
         }
         let mut guard = disk.lock_journal();
         let st = &mut *guard;
+        if st.deg.mode == degraded::Mode::Degraded {
+            self.apply_degraded(disk, st, batch, buf);
+            return;
+        }
         let (seq0, ts) = self.reserve(n);
         let appended = self
             .ensure_open(disk, st, seq0, ts, n as usize)
-            .and_then(|seg| seg.append(seq0, ts, batch.records(buf)));
-        if let Err(e) = appended {
-            // Nothing was journaled, so nothing may reach the image.
-            batch.fail_journaled(nbd_errno(&e));
-            disk.stats.errors.fetch_add(1, Ordering::Relaxed);
-            return;
+            .and_then(|seg| {
+                let at = seg.pos;
+                seg.append(seq0, ts, batch.records(buf))
+                    .map(|()| seg.pos - at)
+            });
+        match appended {
+            Ok(bytes) => st.deg.appended += bytes,
+            Err(e) => {
+                // Nothing was journaled: the guest's write is not failed
+                // for it, the disk runs degraded.
+                self.enter_degraded(disk, st, &format!("appending to the journal failed: {e}"));
+                self.apply_degraded(disk, st, batch, buf);
+                return;
+            }
         }
         st.last_seq = seq0 + n - 1;
         if !apply(disk, batch, buf) {
@@ -261,6 +278,13 @@ impl Vm {
             .is_some_and(|s| s.pos >= self.settings.segment_size)
         {
             self.switch(st);
+        }
+        if st.deg.appended >= st.deg.room {
+            self.enter_degraded(
+                disk,
+                st,
+                "the journal reached journal_max or journal_min_free",
+            );
         }
     }
 
@@ -482,7 +506,10 @@ impl Vm {
     /// The sealer thread: wakes when a segment is switched out, or when the
     /// oldest open segment reaches the age limit.
     pub fn sealer_loop(&self) {
-        let mut wait = self.settings.segment_age;
+        // The resync's buffer, one piece long once used.
+        let mut resync_buf = Vec::new();
+        // The first pass at once: a dirty map found at start resumes.
+        let mut wait = Duration::from_millis(1);
         loop {
             {
                 let (m, cv) = &self.sealer_wake;
@@ -493,7 +520,10 @@ impl Vm {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            wait = self.seal_pass(false).max(Duration::from_millis(1));
+            wait = self
+                .seal_pass(false)
+                .min(self.degraded_pass(&mut resync_buf))
+                .max(Duration::from_millis(1));
         }
     }
 
@@ -559,6 +589,14 @@ impl Vm {
             .map(|(index, d)| {
                 let (tx, rx) = std::sync::mpsc::channel();
                 rxs.push(rx);
+                let deg = degraded::DegradedState::open(
+                    &cdp_core::layout::StateDir::new(&setup.state_dir)
+                        .vm(&setup.uuid.hyphenated().to_string())
+                        .dirty_map(&d.name),
+                    &d.name,
+                    d.image.size,
+                );
+                let stats = DiskStats::default();
                 Arc::new(Disk {
                     index,
                     name: d.name,
@@ -572,8 +610,9 @@ impl Vm {
                         to_seal: Vec::new(),
                         unsynced: Vec::new(),
                         last_seq: d.last_seq,
+                        deg,
                     }),
-                    stats: DiskStats::default(),
+                    stats,
                     sync_tx: Mutex::new(Some(tx)),
                 })
             })
@@ -622,6 +661,18 @@ impl Vm {
     }
 }
 
+/// Switch out the open segment for the sealer (which the caller wakes, or
+/// which finds it at its next pass). True when there was one.
+fn switch_out(st: &mut JournalState) -> bool {
+    let Some(seg) = st.open.take() else {
+        return false;
+    };
+    st.next_base += seg.records() as u64;
+    st.unsynced.push(seg.file.clone());
+    st.to_seal.push(seg);
+    true
+}
+
 /// Apply the journaled changes of a batch to the image, in order. A failed
 /// write sets its request's result. Returns false when one failed.
 fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
@@ -648,20 +699,39 @@ fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
 /// Make the journal and the image of a disk durable: every segment file
 /// not yet synced by the sealer, then the image. The NBD error of the first
 /// failure.
+///
+/// While degraded or resyncing, the dirty map is synced first. A journal
+/// file that fails to sync poisons the journal
+/// ([`degraded::poison`]): the FLUSH or FUA that saw it gets the error.
 fn make_durable(disk: &Disk) -> Result<(), u32> {
-    let files: Vec<Arc<File>> = {
+    let (map, files): (Option<Arc<File>>, Vec<Arc<File>>) = {
         let st = disk.lock_journal();
-        st.open
+        let map = match st.deg.mode {
+            degraded::Mode::Normal => None,
+            _ => st.deg.map.as_ref().map(|m| m.file.clone()),
+        };
+        let files = st
+            .open
             .iter()
             .map(|s| s.file.clone())
             .chain(st.unsynced.iter().cloned())
-            .collect()
+            .collect();
+        (map, files)
     };
     let mut result = Ok(());
-    for f in files.iter().map(|f| &**f).chain([&disk.image]) {
+    for f in map.iter() {
+        if let Err(e) = f.sync_data() {
+            result = Err(nbd_errno(&e));
+        }
+    }
+    for f in files.iter() {
         if let Err(e) = f.sync_data() {
             result = result.and(Err(nbd_errno(&e)));
+            degraded::poison(disk, &e);
         }
+    }
+    if let Err(e) = disk.image.sync_data() {
+        result = result.and(Err(nbd_errno(&e)));
     }
     disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
     if result.is_err() {

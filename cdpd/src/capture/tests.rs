@@ -77,6 +77,7 @@ impl Rig {
             settings: JournalSettings {
                 segment_size,
                 segment_age: Duration::from_secs(3600),
+                ..JournalSettings::default()
             },
             catalog,
             state_dir: state_dir.clone(),
