@@ -531,7 +531,15 @@ fn main() {
     let p = Params::from_env();
     let size = p.disk_mib << 20;
     let blocks = (size as usize / BLOCK / p.writers as usize) * p.writers as usize;
-    let mut d = Daemon::builder().disk_random("vda", size, p.seed).start();
+    let mut d = Daemon::builder().disk_random("vda", size, p.seed).prepare();
+    // This is about kills, not space: the journal is never held back by the free-space
+    // floor (5% of the filesystem by default, more than a nearly full test machine has),
+    // so that every write is journaled and the replay check applies to every cycle.
+    cdp_tests::isolate_from_host_config();
+    let cfg = d.work_dir().join("cdp.toml");
+    std::fs::write(&cfg, "[policy.default]\njournal_min_free = \"0%\"\n").unwrap();
+    std::env::set_var(cdp_core::config::CONFIG_ENV, &cfg);
+    d.start();
     let original = std::fs::read(&d.disks[0].initial).unwrap();
     let track = Arc::new(Mutex::new(Track::new(blocks, p.writers as usize, p.seed)));
     let mut s = Summary {
