@@ -20,6 +20,22 @@ pub fn config(d: &Daemon, repo: &Path) -> PathBuf {
     p
 }
 
+/// [`config`] with the journal's free-space floor off (`journal_min_free =
+/// "0%"` in policy `default`), made the config of every program the test
+/// starts from now on (cdpd included, through `CDP_CONFIG`): for tests about
+/// something else than a full journal, on a machine whose filesystem may be
+/// fuller than the default floor (every write would be degraded).
+pub fn config_without_space_floor(d: &Daemon, repo: &Path) -> PathBuf {
+    let p = config(d, repo);
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str("journal_min_free = \"0%\"\n");
+    std::fs::write(&p, text).unwrap();
+    // After the harness's own setting (a Once), never overwritten by it.
+    crate::isolate_from_host_config();
+    std::env::set_var(cdp_core::config::CONFIG_ENV, &p);
+    p
+}
+
 /// Run qemu-io commands against a disk's export (writeback: FUA only where asked).
 pub fn qemu_io(d: &Daemon, disk: &str, cmds: &[String]) {
     let mut c = Command::new(require_tool("qemu-io"));

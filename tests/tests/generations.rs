@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cdp_tests::fixture::{cdpctl, config, phase, qemu_io, shipper_once_cmd};
+use cdp_tests::fixture::{cdpctl, config_without_space_floor, phase, qemu_io, shipper_once_cmd};
 use cdp_tests::{assert_files_equal, copy_sparse, records_of_kind, run_ok, Daemon};
 
 const MIB: u64 = 1 << 20;
@@ -168,7 +168,7 @@ fn a_lost_state_directory_and_a_second_host_never_replace_history() {
         .prepare();
     let repo = d.work_dir().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
-    let cfg = config(&d, &repo);
+    let cfg = config_without_space_floor(&d, &repo);
     let state1 = d.root.join("state-1");
 
     // Generation 1: two points.
