@@ -49,7 +49,12 @@ fn ten_sigkills_under_writes_lose_nothing_flushed_and_replay_equals_the_image() 
 /// as a replay mismatch, and the run exits non-zero.
 #[test]
 fn the_checker_reports_a_lost_flushed_write() {
-    let (ok, s, stderr) = kill_cycles(&[("CYCLES", "2"), ("CORRUPT_AT", "1")]);
+    let (ok, s, stderr) = kill_cycles(&[
+        ("CYCLES", "2"),
+        ("CORRUPT_AT", "1"),
+        // Enough acknowledgements before the first kill that FLUSHes have completed.
+        ("KILL_MIN", "400"),
+    ]);
     assert!(
         !ok,
         "kill-cycles exited 0 with a corrupted block: {s}\n{stderr}"
