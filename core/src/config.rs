@@ -89,8 +89,8 @@ pub struct Policy {
     /// (docs/RELIABILITY.md, "A full journal").
     #[serde(default, deserialize_with = "opt_journal_max")]
     pub journal_max: Option<u64>,
-    /// Free space kept on the journal's filesystem, e.g. "2GiB" or "5%"
-    /// (the default): below it cdpd runs degraded.
+    /// Free space kept on the journal's filesystem, e.g. "2GiB", "5%" or
+    /// "min(5%, 1GiB)" (the default): below it cdpd runs degraded.
     #[serde(default, deserialize_with = "opt_min_free")]
     pub journal_min_free: Option<MinFree>,
     /// What the repository keeps (absent: everything, forever).
@@ -191,37 +191,65 @@ pub struct JournalSettings {
 /// `journal_max = "unlimited"`.
 pub const UNLIMITED: u64 = u64::MAX;
 
-/// The default `journal_min_free`: 5% of the journal's filesystem.
-pub const DEFAULT_MIN_FREE: MinFree = MinFree::Percent(5);
+/// The default `journal_min_free`: 5% of the journal's filesystem, at most
+/// 1 GiB (a large, nearly full host disk does not make every write degrade).
+pub const DEFAULT_MIN_FREE: MinFree = MinFree {
+    percent: Some(5),
+    bytes: Some(1 << 30),
+};
 
-/// Free space kept on a filesystem: bytes, or a share of its size.
+/// Free space kept on a filesystem: a size, a share of its size, or the
+/// smaller of both (`"min(5%, 1GiB)"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MinFree {
-    Bytes(u64),
+pub struct MinFree {
     /// Percent of the filesystem's size (0 to 50).
-    Percent(u8),
+    pub percent: Option<u8>,
+    pub bytes: Option<u64>,
 }
 
 impl MinFree {
     /// The floor in bytes on a filesystem of `fs_size` bytes.
     pub fn bytes(self, fs_size: u64) -> u64 {
-        match self {
-            MinFree::Bytes(b) => b,
-            MinFree::Percent(p) => fs_size / 100 * u64::from(p),
+        let share = self.percent.map(|p| fs_size / 100 * u64::from(p));
+        match (share, self.bytes) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(0),
         }
     }
 
-    /// "5%" or a size ("1GiB").
+    /// "5%", a size ("1GiB"), or "min(5%, 1GiB)".
     pub fn parse(s: &str) -> Result<MinFree, String> {
-        match s.trim().strip_suffix('%') {
-            Some(p) => match p.trim().parse::<u8>() {
-                Ok(p) if p <= 50 => Ok(MinFree::Percent(p)),
-                _ => Err(format!(
-                    "{s:?}: a share of the filesystem must be 0% to 50%"
-                )),
-            },
-            None => parse_size(s).map(MinFree::Bytes).map_err(|e| e.to_string()),
+        let t = s.trim();
+        let parts: Vec<&str> = match t.strip_prefix("min(").and_then(|r| r.strip_suffix(')')) {
+            Some(inner) => inner.split(',').collect(),
+            None => vec![t],
+        };
+        let mut m = MinFree {
+            percent: None,
+            bytes: None,
+        };
+        for part in &parts {
+            let part = part.trim();
+            match part.strip_suffix('%') {
+                Some(p) => match p.trim().parse::<u8>() {
+                    Ok(p) if p <= 50 && m.percent.is_none() => m.percent = Some(p),
+                    _ => {
+                        return Err(format!(
+                            "{s:?}: a share of the filesystem must be 0% to 50%"
+                        ))
+                    }
+                },
+                None if m.bytes.is_none() => {
+                    m.bytes = Some(parse_size(part).map_err(|e| e.to_string())?)
+                }
+                None => return Err(format!("{s:?}: give at most one size and one share")),
+            }
         }
+        let is_min = t.starts_with("min(");
+        if is_min && (m.percent.is_none() || m.bytes.is_none()) {
+            return Err(format!("{s:?}: write min(SHARE%, SIZE)"));
+        }
+        Ok(m)
     }
 }
 
@@ -677,27 +705,34 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
         let d = JournalSettings::default();
         assert_eq!(
             (d.journal_max, d.journal_min_free),
-            (UNLIMITED, MinFree::Percent(5))
+            (UNLIMITED, DEFAULT_MIN_FREE)
         );
-        assert_eq!(MinFree::Percent(5).bytes(1000 << 20), 50 << 20);
+        assert_eq!(DEFAULT_MIN_FREE.bytes(1000 << 20), 50 << 20);
+        assert_eq!(DEFAULT_MIN_FREE.bytes(250 << 30), 1 << 30, "at most 1GiB");
+        assert_eq!(MinFree::parse("min(5%, 1GiB)"), Ok(DEFAULT_MIN_FREE));
+        let pct = |p| MinFree {
+            percent: Some(p),
+            bytes: None,
+        };
+        let size = |b| MinFree {
+            percent: None,
+            bytes: Some(b),
+        };
+        assert_eq!(pct(10).bytes(1000), 100);
         let c = Config::parse(
             "[policy.default]\njournal_max = \"8MiB\"\njournal_min_free = \"0\"\n\
              [policy.b]\njournal_max = \"unlimited\"\njournal_min_free = \"10%\"\n",
         )
         .unwrap();
         let s = c.journal_settings("default").unwrap();
-        assert_eq!(
-            (s.journal_max, s.journal_min_free),
-            (8 << 20, MinFree::Bytes(0))
-        );
+        assert_eq!((s.journal_max, s.journal_min_free), (8 << 20, size(0)));
         let s = c.journal_settings("b").unwrap();
-        assert_eq!(
-            (s.journal_max, s.journal_min_free),
-            (UNLIMITED, MinFree::Percent(10))
-        );
+        assert_eq!((s.journal_max, s.journal_min_free), (UNLIMITED, pct(10)));
         for bad in [
             "journal_min_free = \"60%\"",
             "journal_min_free = \"x\"",
+            "journal_min_free = \"min(5%)\"",
+            "journal_min_free = \"min(1GiB, 2GiB)\"",
             "journal_max = \"lots\"",
         ] {
             assert!(
