@@ -230,8 +230,8 @@ fn measure_room(vm: &Vm, disk: &Disk) -> u64 {
     }
     if let Ok(v) = nix::sys::statvfs::statvfs(&disk.journal_dir) {
         let frag = v.fragment_size();
-        let total = (v.blocks() as u64).saturating_mul(frag);
-        let free = (v.blocks_available() as u64).saturating_mul(frag);
+        let total = v.blocks().saturating_mul(frag);
+        let free = v.blocks_available().saturating_mul(frag);
         room = room.min(free.saturating_sub(s.journal_min_free.bytes(total)));
     }
     room

@@ -502,3 +502,77 @@ fn a_large_write_stalled_past_the_payload_timeout_ends_the_connection_and_frees_
     assert_eq!(rig.vm.budget.used(), 0, "budget not given back");
     assert!(rig.records().is_empty(), "a partial WRITE was journaled");
 }
+
+fn mode(rig: &Rig) -> super::degraded::Mode {
+    rig.vm.disks[0].lock_journal().deg.mode
+}
+
+/// Run the sealer's degraded-mode passes until the disk journals normally.
+fn resync(rig: &Rig) {
+    let mut buf = Vec::new();
+    wait_until("the resync ends", || {
+        rig.vm.degraded_pass(&mut buf);
+        mode(rig) == super::degraded::Mode::Normal
+    });
+}
+
+/// A failed sync of the journal poisons it (docs/RELIABILITY.md, "A full
+/// journal"): the ranges of the records not yet sealed are marked dirty and
+/// the disk runs degraded (guest writes still succeed), then only those
+/// ranges are journaled again, and the invariant holds.
+#[test]
+fn a_poisoned_journal_marks_its_unsealed_ranges_and_resyncs_them() {
+    use super::degraded::Mode;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut rig = Rig::new(64 << 20, false);
+    rig.start_sync();
+    let mut wire = write_req(1, 0, 0, &[1; 4096]);
+    wire.extend(write_req(2, 0, 200_000, &[2; 512]));
+    let (mut c, h) = rig.connect(&wire);
+    assert_eq!((reply(&mut c), reply(&mut c)), ((0, 1), (0, 2)));
+    let disk = rig.vm.disks[0].clone();
+    super::degraded::poison(&disk, &std::io::Error::from_raw_os_error(5));
+    assert_eq!(mode(&rig), Mode::Degraded);
+    assert_eq!(
+        disk.lock_journal().deg.dirty_bytes(),
+        2 << 16,
+        "granules 0 and 3"
+    );
+    let journaled = rig.records().len();
+    // Degraded: taken, not journaled, and a FLUSH succeeds (image and map).
+    c.write_all(&write_req(3, 0, 8192, &[3; 4096])).unwrap();
+    c.write_all(&request(proto::CMD_FLUSH, 0, 4, 0, 0)).unwrap();
+    assert_eq!((reply(&mut c), reply(&mut c)), ((0, 3), (0, 4)));
+    assert_eq!(rig.records().len(), journaled);
+
+    resync(&rig);
+    assert_eq!(disk.stats.resync_bytes_read.load(Relaxed), 2 << 16);
+    assert_eq!(disk.stats.resyncs_done.load(Relaxed), 1);
+    disconnect(c, h);
+    let kinds: Vec<Kind> = rig.records().iter().map(|r| r.2).collect();
+    assert!(
+        kinds.contains(&Kind::Gap) && kinds.contains(&Kind::Resynced),
+        "{kinds:?}"
+    );
+    rig.check_invariant();
+}
+
+/// The room used up (journal_max or the free-space floor): the batch that
+/// used it is journaled, the next ones are not, none fails.
+#[test]
+fn the_room_used_up_degrades_without_failing_a_write() {
+    use super::degraded::Mode;
+    let mut rig = Rig::new(64 << 20, false);
+    rig.start_sync();
+    rig.vm.disks[0].lock_journal().deg.room = 1000;
+    let (mut c, h) = rig.connect(&write_req(1, 0, 0, &[1; 4096]));
+    assert_eq!(reply(&mut c), (0, 1));
+    assert_eq!(mode(&rig), Mode::Degraded);
+    c.write_all(&write_req(2, CMD_FLAG_FUA, 1 << 19, &[2; 4096]))
+        .unwrap();
+    assert_eq!(reply(&mut c), (0, 2));
+    assert_eq!(rig.vm.disks[0].lock_journal().deg.dirty_bytes(), 1 << 16);
+    resync(&rig);
+    disconnect(c, h);
+    rig.check_invariant();
+}

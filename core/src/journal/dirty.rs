@@ -326,7 +326,7 @@ impl DirtyMap {
         let mut g = from / GRANULE;
         // Skip clean bytes whole.
         while g < total {
-            if g % 8 == 0 && self.bits[(g / 8) as usize] == 0 {
+            if g.is_multiple_of(8) && self.bits[(g / 8) as usize] == 0 {
                 g += 8;
                 continue;
             }
