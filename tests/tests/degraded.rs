@@ -332,3 +332,50 @@ fn points_before_and_after_the_window_restore_from_the_repository() {
         cdp_tests::assert_files_equal(&out, want);
     }
 }
+
+/// A dirty map that does not check out is never trusted: the next start
+/// journals an unbounded GAP (a new baseline is needed), as before degraded
+/// mode existed, and journals normally.
+#[test]
+fn a_corrupt_dirty_map_falls_back_to_an_unbounded_gap() {
+    let mut d = Daemon::builder().disk_random("vda", 16 * MIB, 16).start();
+    write_mibs(&d, 0, 1, 0x10);
+    d.term();
+    let map = d
+        .state_dir
+        .join("vms")
+        .join(&d.vm_uuid)
+        .join("vda")
+        .join("dirty.map");
+    let mut bytes = std::fs::read(&map).expect("cdpd made the dirty map at start");
+    bytes[64] ^= 0xff; // bits set behind the bitmap CRC's back
+    std::fs::write(&map, &bytes).unwrap();
+    d.start();
+    wait_status(&d, 10, "the GAP journaled", |_| {
+        records_of_kind(&d.journal_records(), "GAP")
+            .iter()
+            .any(|g| {
+                g["info"]["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("dirty map")
+            })
+    });
+    assert_eq!(disk_status(&d)["journal_mode"], "normal");
+    write_mibs(&d, 2, 3, 0x20);
+    d.term();
+    let recs = d.journal_records();
+    let gap = records_of_kind(&recs, "GAP")
+        .into_iter()
+        .find(|g| {
+            g["info"]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("dirty map")
+        })
+        .unwrap()
+        .clone();
+    assert!(gap["info"]["resync"].is_null(), "unbounded: {gap}");
+    assert!(records_of_kind(&recs, "RESYNCED").is_empty());
+    d.check_replay_invariant("vda");
+}
