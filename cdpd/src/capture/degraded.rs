@@ -147,11 +147,19 @@ impl DegradedState {
         s
     }
 
-    /// Mark a range dirty; a failed write loses the map.
-    fn set(&mut self, offset: u64, length: u64) {
-        match self.map.as_mut().map(|m| m.set(offset, length)) {
+    /// Mark a range dirty (the header follows at [`DegradedState::commit`]);
+    /// a failed write loses the map.
+    fn mark(&mut self, offset: u64, length: u64) {
+        match self.map.as_mut().map(|m| m.mark(offset, length)) {
             Some(Ok(_)) => {}
             _ => self.map_lost = true,
+        }
+    }
+
+    /// Write the map's header after a batch of [`DegradedState::mark`]s.
+    fn commit(&mut self) {
+        if let Some(Err(_)) = self.map.as_mut().map(|m| m.commit()) {
+            self.map_lost = true;
         }
     }
 
@@ -205,8 +213,9 @@ pub fn poison(disk: &Disk, e: &io::Error) {
         .map(|i| (i.offset, i.length))
         .collect();
     for (o, l) in ranges {
-        st.deg.set(o, l);
+        st.deg.mark(o, l);
     }
+    st.deg.commit();
     enter(
         disk,
         st,
@@ -250,9 +259,10 @@ impl Vm {
     ) {
         for r in &batch.reqs {
             if matches!(r.op, Op::Journal(k) if k.changes_data()) {
-                st.deg.set(r.offset, r.length);
+                st.deg.mark(r.offset, r.length);
             }
         }
+        st.deg.commit();
         if !apply(disk, batch, buf) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
         }

@@ -134,6 +134,8 @@ pub struct DirtyMap {
     bits: Vec<u8>,
     /// Granules set.
     count: u64,
+    /// Bits were marked since the header (its bitmap CRC) was written.
+    stale: bool,
 }
 
 impl DirtyMap {
@@ -165,6 +167,7 @@ impl DirtyMap {
             },
             bits: vec![0u8; bitmap_len(disk_size)],
             count: 0,
+            stale: false,
         };
         let found = if len == 0 {
             Found::Clean
@@ -242,7 +245,9 @@ impl DirtyMap {
 
     fn write_header(&mut self) -> io::Result<()> {
         self.header.bitmap_crc = crc32fast::hash(&self.bits);
-        self.file.write_all_at(&self.header.encode(), 0)
+        self.file.write_all_at(&self.header.encode(), 0)?;
+        self.stale = false;
+        Ok(())
     }
 
     pub fn header(&self) -> Header {
@@ -280,8 +285,27 @@ impl DirtyMap {
     /// Mark `[offset, offset + length)` dirty; writes the changed bytes and
     /// the header when a bit changed. Returns whether one did.
     pub fn set(&mut self, offset: u64, length: u64) -> io::Result<bool> {
+        let changed = self.mark(offset, length)?;
+        self.commit()?;
+        Ok(changed)
+    }
+
+    /// [`DirtyMap::set`] without the header: the bitmap's CRC is written by
+    /// the next [`DirtyMap::commit`] (once per batch of ranges, not per
+    /// range: the CRC covers the whole bitmap).
+    pub fn mark(&mut self, offset: u64, length: u64) -> io::Result<bool> {
         let (g0, g1) = self.granules(offset, length);
-        self.change(g0, g1, true)
+        let changed = self.flip(g0, g1, true)?;
+        self.stale |= changed;
+        Ok(changed)
+    }
+
+    /// Write the header if ranges were marked since it was last written.
+    pub fn commit(&mut self) -> io::Result<()> {
+        if self.stale {
+            self.write_header()?;
+        }
+        Ok(())
     }
 
     /// Mark whole granules of `[offset, offset + length)` clean (a range
@@ -292,6 +316,16 @@ impl DirtyMap {
     }
 
     fn change(&mut self, g0: u64, g1: u64, on: bool) -> io::Result<bool> {
+        let changed = self.flip(g0, g1, on)?;
+        if changed || self.stale {
+            self.write_header()?;
+        }
+        Ok(changed)
+    }
+
+    /// Set or clear granules [g0, g1) and write the bitmap bytes that
+    /// changed (not the header).
+    fn flip(&mut self, g0: u64, g1: u64, on: bool) -> io::Result<bool> {
         if g0 >= g1 {
             return Ok(false);
         }
@@ -311,7 +345,6 @@ impl DirtyMap {
             let (b0, b1) = ((g0 / 8) as usize, (g1 - 1) as usize / 8 + 1);
             self.file
                 .write_all_at(&self.bits[b0..b1], (HEADER_LEN + b0) as u64)?;
-            self.write_header()?;
         }
         Ok(changed)
     }
@@ -419,7 +452,8 @@ mod tests {
             (HEADER_LEN + bitmap_len(size)) as u64,
             "preallocated to its full length"
         );
-        assert!(m.set(100, 1).unwrap());
+        assert!(m.mark(100, 1).unwrap());
+        m.commit().unwrap();
         assert!(!m.set(0, 10).unwrap(), "same granule: no change");
         assert!(m.set(3 * MIB, MIB + 1).unwrap());
         assert!(!m.set(0, 0).unwrap());
