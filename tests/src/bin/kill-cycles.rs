@@ -599,5 +599,7 @@ fn main() {
     s.recovery_ms_mean = recovery_total.as_secs_f64() * 1e3 / s.cycles.max(1) as f64;
     s.seconds = started.elapsed().as_secs_f64();
     println!("{}", s.to_json());
+    // process::exit runs no destructors: the daemon's temporary directory goes first.
+    drop(d);
     std::process::exit(i32::from(s.failures > 0));
 }
