@@ -66,7 +66,12 @@ pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u6
     match p {
         Point::Seq(n) => Ok(*n),
         Point::Latest => unambiguous(h, p, last.seq),
-        Point::TimeNs(t) => resolve_time(h, p, *t),
+        Point::TimeNs(t) => match resolve_time(h, p, *t)? {
+            // The newest record, for a time after it. (A point retention
+            // kept past it has an exact baseline, and its state lasted.)
+            seq if *t > last.ts_ns && seq == last.seq => after_newest(h, p, last),
+            seq => Ok(seq),
+        },
         Point::Mark(label) => resolve_mark(h, store, p, label).await,
     }
 }
@@ -89,6 +94,64 @@ fn unambiguous(h: &History, p: &Point, seq: u64) -> Result<u64, RestoreError> {
             format!("{why}, so the state at this point is unknown; seq:{seq} can be restored"),
         )),
         None => Ok(seq),
+    }
+}
+
+/// A time after the disk's newest record: the state then is that record's
+/// only when nothing was written after it, i.e. the record ends a capture
+/// session (SESSION_END: the VM stopped cleanly). While capture runs, later
+/// writes may not be shipped yet, or (degraded mode, docs/RELIABILITY.md,
+/// "A full journal") not journaled at all until a GAP announces them with
+/// the time their window began: the newest record is then not the state
+/// at that time, and the point is refused. `latest` names no time and
+/// still resolves to the newest record.
+fn after_newest(h: &History, p: &Point, last: &IndexEntry) -> Result<u64, RestoreError> {
+    if last.kind == Kind::SessionEnd {
+        return unambiguous(h, p, last.seq);
+    }
+    let at = cdp_core::time::fmt_ns(last.ts_ns);
+    Err(impossible(
+        h,
+        p,
+        format!(
+            "{p} is after the newest record of {} in the repository (seq {}, {at}) and capture was still running: later writes may not be shipped yet; restore `latest` (the state at {at}), or wait for the shipper and try again",
+            h.disk, last.seq
+        ),
+    ))
+}
+
+/// A point of a disk whose journal has been full since `since_ns` (its
+/// dirty map says so: degraded mode, docs/RELIABILITY.md, "A full journal"):
+/// writes from then on reached the image but not the journal, and no
+/// RESYNCED has healed them yet. A time from `since_ns` on, or a record
+/// journaled since (a MARK, a SESSION_END while degraded), does not name a
+/// state the journal holds: refused. Points before it are left as they
+/// are. `seq` is the point resolved.
+pub fn refuse_unjournaled(
+    h: &History,
+    p: &Point,
+    seq: u64,
+    since_ns: u64,
+) -> Result<(), RestoreError> {
+    let ts = match p {
+        Point::TimeNs(t) => Some(*t),
+        _ => h
+            .entries()
+            .find(|(_, e)| e.seq == seq)
+            .map(|(_, e)| e.ts_ns),
+    };
+    match ts {
+        Some(t) if since_ns != 0 && t >= since_ns => Err(impossible(
+            h,
+            p,
+            format!(
+                "the journal of {} on this host has been full since {} (degraded mode): writes since then reached the disk but are not journaled yet, so no point from then on can be restored until cdpd's resync finishes (`cdpctl status` shows it); restore a point before {}",
+                h.disk,
+                cdp_core::time::fmt_ns(since_ns),
+                cdp_core::time::fmt_ns(since_ns)
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -227,6 +290,104 @@ fn mark_certain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::history::{SegLoc, SegRef};
+
+    /// A history of one segment: a record of each kind at seq 1, 2, … and
+    /// ts 1000, 2000, ….
+    fn history(kinds: &[Kind]) -> History {
+        let entries: Vec<IndexEntry> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| IndexEntry {
+                seq: i as u64 + 1,
+                ts_ns: (i as u64 + 1) * 1000,
+                offset: 0,
+                length: if kind == Kind::Write { 512 } else { 0 },
+                payload_pos: (i as u64 + 1) * 1_000_000,
+                kind,
+                flags: 0,
+            })
+            .collect();
+        History {
+            vm: "vm".into(),
+            disk: "vda".into(),
+            baselines: Vec::new(),
+            segments: vec![SegRef {
+                first_seq: 1,
+                last_seq: entries.len() as u64,
+                record_base: 0,
+                entries,
+                loc: SegLoc::Repo {
+                    frames: Vec::new(),
+                    object_size: 0,
+                },
+            }],
+            breaks: Vec::new(),
+            orphans: Vec::new(),
+            retention: None,
+            resyncs: Default::default(),
+        }
+    }
+
+    fn at(h: &History, p: Point) -> Result<u64, String> {
+        futures::executor::block_on(resolve(h, None, &p)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_time_after_the_newest_record_is_refused_while_capture_runs() {
+        let h = history(&[Kind::SessionStart, Kind::Write, Kind::Write]);
+        // Inside the history: the newest record at or before the time.
+        assert_eq!(at(&h, Point::TimeNs(2500)), Ok(2));
+        assert_eq!(at(&h, Point::TimeNs(3000)), Ok(3));
+        // After it: later writes may not be shipped (or journaled) yet.
+        let e = at(&h, Point::TimeNs(3001)).unwrap_err();
+        assert!(
+            e.contains("after the newest record of vda")
+                && e.contains("seq 3")
+                && e.contains("capture was still running")
+                && e.contains("restore `latest`"),
+            "{e}"
+        );
+        // `latest` names no time: still the newest record.
+        assert_eq!(at(&h, Point::Latest), Ok(3));
+        assert_eq!(at(&h, Point::Seq(3)), Ok(3));
+    }
+
+    #[test]
+    fn a_time_after_a_clean_stop_is_the_state_it_left() {
+        let h = history(&[Kind::SessionStart, Kind::Write, Kind::SessionEnd]);
+        assert_eq!(at(&h, Point::TimeNs(3001)), Ok(3));
+        assert_eq!(at(&h, Point::TimeNs(u64::MAX)), Ok(3));
+        // A new session after it: open again, so refused again.
+        let h = history(&[
+            Kind::SessionStart,
+            Kind::SessionEnd,
+            Kind::SessionStart,
+            Kind::Write,
+        ]);
+        assert_eq!(at(&h, Point::TimeNs(2500)), Ok(2));
+        assert!(at(&h, Point::TimeNs(9000)).is_err());
+    }
+
+    #[test]
+    fn points_from_when_the_journal_filled_are_refused() {
+        let h = history(&[Kind::SessionStart, Kind::Write, Kind::Mark, Kind::Write]);
+        let since = 2500;
+        let check = |p: Point| {
+            let seq = at(&h, p.clone()).unwrap();
+            refuse_unjournaled(&h, &p, seq, since).map_err(|e| e.to_string())
+        };
+        assert_eq!(check(Point::TimeNs(2400)), Ok(()));
+        assert_eq!(check(Point::Seq(2)), Ok(()));
+        let e = check(Point::TimeNs(2600)).unwrap_err();
+        assert!(e.contains("full since") && e.contains("degraded"), "{e}");
+        // A record journaled since (a MARK while degraded): its state lacks
+        // the writes taken before it.
+        assert!(check(Point::Seq(3)).is_err());
+        assert!(check(Point::Latest).is_err());
+        // A clean map (since 0) refuses nothing.
+        assert!(refuse_unjournaled(&h, &Point::Latest, 4, 0).is_ok());
+    }
 
     #[test]
     fn points() {
