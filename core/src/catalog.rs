@@ -898,6 +898,18 @@ impl Catalog {
     }
 
     /// Newest GAP per disk (a baseline older than it cannot be used).
+    /// Is a GAP recorded for `disk` at exactly `seq`?
+    pub fn has_gap_at(&self, vm: &str, disk: &str, seq: u64) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM gaps WHERE vm_uuid = ?1 AND disk = ?2 AND seq = ?3",
+                params![vm, disk, seq as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(self.err())
+    }
+
     pub fn last_gap_seq(&self, vm: &str, disk: &str) -> Result<Option<u64>> {
         self.conn
             .query_row(

@@ -113,6 +113,9 @@ pub struct PassStats {
     pub shipped: u64,
     pub shipped_bytes: u64,
     pub trimmed: u64,
+    /// Breaks in a disk's record-base chain found this pass, each recorded
+    /// as a catalog GAP (a new baseline follows).
+    pub holes: u64,
     pub failed_targets: u64,
     pub baselines: u64,
     /// Segments still waiting (a failing target, or a delay not yet over).
@@ -355,12 +358,46 @@ impl Shipper {
             self.cat()
                 .set_target_state(&vm, &name, &url, state, msg.as_deref(), now_ns())?;
         }
+        stats.holes = self.record_holes()?;
         stats.trimmed = self.trim()?;
         if self.opts.auto_baseline {
             stats.baselines = self.baselines_due().await?;
         }
         self.publish_config().await?;
         Ok(stats)
+    }
+
+    /// Check each disk's chain of segments in the catalog (docs/DESIGN.md,
+    /// "Shipping"): a sealed segment's `record_base + records` must be the
+    /// next segment's `record_base`. A break means records that will never
+    /// reach a repository (a segment lost with its row): it is recorded once
+    /// as a GAP at the first seq after it, so the next baseline is taken,
+    /// and said in the log; restore refuses points in the hole by itself.
+    fn record_holes(&self) -> Result<u64> {
+        let vm = &self.opts.vm_uuid;
+        let cat = self.cat();
+        let segs = cat.segments(vm)?;
+        let mut found = 0;
+        for w in segs.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let expected = a.record_base + a.records;
+            if a.disk != b.disk || !a.sealed || b.record_base == expected {
+                continue;
+            }
+            if cat.has_gap_at(vm, &b.disk, b.first_seq)? {
+                continue;
+            }
+            let reason = format!(
+                "journal records missing: the segment after seq {} starts at record {} of the \
+                 disk, {} expected (a segment was lost before it was shipped); a new baseline \
+                 is taken",
+                a.last_seq, b.record_base, expected
+            );
+            eprintln!("cdp-shipper: {vm}/{}: {reason}", b.disk);
+            cat.add_gap(vm, &b.disk, b.first_seq, b.first_ts_ns, &reason)?;
+            found += 1;
+        }
+        Ok(found)
     }
 
     /// Remove local segments that every target has.
