@@ -183,3 +183,98 @@ fn replay_upto_a_sequence_number() {
     );
     d.check_replay_invariant("vda");
 }
+
+/// Degraded mode seen by an operator (docs/RELIABILITY.md, "A full
+/// journal"): `journal_max` reached, the plain-text status says since when
+/// and how much is not journaled yet; a local restore at a point taken
+/// while degraded (a MARK journaled meanwhile, or a time since) is refused,
+/// while the point before the window restores byte-exact.
+#[test]
+fn status_shows_a_degraded_disk_and_restore_refuses_its_window() {
+    use cdp_tests::fixture::{cdpctl, cdpctl_out, config, shipper_once_cmd};
+    const MIB: u64 = 1 << 20;
+    let mut d = Daemon::builder().disk_random("vda", 32 * MIB, 21).prepare();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    let text = std::fs::read_to_string(&cfg).unwrap()
+        + "journal_max = \"4MiB\"\njournal_min_free = \"0\"\nsegment_size = \"1MiB\"\n";
+    std::fs::write(&cfg, text).unwrap();
+    d.extra
+        .extend(["--config".into(), cfg.clone().into_os_string()]);
+    d.start();
+    let writes = |from: u64, to: u64, p: u8| {
+        let mut cmds: Vec<String> = (from..to)
+            .map(|i| format!("write -P {p} {} 1M", i * MIB))
+            .collect();
+        cmds.push("flush".into());
+        cdp_tests::fixture::qemu_io(&d, "vda", &cmds);
+    };
+    writes(0, 2, 0x11);
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let plain = cdpctl(&d, &cfg, &["status", &d.vm_uuid]);
+    assert!(plain.contains("journal normal"), "{plain}");
+    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "before"]);
+    let before = d.work_dir().join("before.img");
+    std::fs::copy(d.image("vda"), &before).unwrap();
+
+    // Far past journal_max, nobody shipping: degraded.
+    writes(4, 24, 0x22);
+    let t0 = std::time::Instant::now();
+    let s = loop {
+        let s = d.status_json();
+        if disk_status(&s, "vda")["journal_mode"] == "degraded" {
+            break s;
+        }
+        assert!(t0.elapsed().as_secs() < 10, "not degraded: {s:#}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let v = disk_status(&s, "vda");
+    let plain = cdpctl(&d, &cfg, &["status", &d.vm_uuid]);
+    let since = cdp_core::time::fmt_ns(u(v, "degraded_since_ns"));
+    assert!(
+        plain.contains(&format!("journal degraded since {since}, "))
+            && plain.contains("not journaled yet"),
+        "{plain}\n{s:#}"
+    );
+    assert!(u(v, "dirty_bytes") >= 12 * MIB, "{s:#}");
+
+    // A MARK journaled while degraded does not name a journaled state, nor
+    // does a time since the journal filled.
+    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "during"]);
+    let url = format!("file://{}", repo.display());
+    let restore = |at: &str, out: &std::path::Path| {
+        let _ = std::fs::remove_file(out);
+        cdpctl_out(
+            &d,
+            &cfg,
+            &[
+                "restore",
+                &d.vm_uuid,
+                "--disk",
+                "vda",
+                "--at",
+                at,
+                "--output",
+                out.to_str().unwrap(),
+                "--repo",
+                &url,
+            ],
+        )
+    };
+    let out = d.work_dir().join("r.img");
+    let just_after = cdp_core::time::fmt_ns(u(v, "degraded_since_ns") + 1);
+    for at in ["mark:during", just_after.as_str()] {
+        let o = restore(at, &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("full since") && err.contains("degraded"),
+            "restore at {at} inside the degraded window: {err}"
+        );
+        assert!(!out.exists(), "a refused restore left {}", out.display());
+    }
+    let o = restore("mark:before", &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_files_equal(&out, &before);
+    d.term();
+}

@@ -221,6 +221,24 @@ fn local_dir<'a>(ctx: &'a Ctx, a: &RepoArgs, vm: &str, disk: &str) -> Option<&'a
         .then_some(ctx.state_dir.as_path())
 }
 
+/// When this host's journal of `disk` filled (the `since_ns` of its dirty
+/// map, docs/RELIABILITY.md, "A full journal"), if writes since then are not
+/// journaled yet: the map's header, read as root never through a link
+/// below `<state>` (as local segments are). No map, or one that does not
+/// check out: None (cdpd journals an unbounded GAP for a corrupt one).
+fn unjournaled_since(ctx: &Ctx, vm: &str, disk: &str) -> Option<u64> {
+    use cdp_core::journal::dirty::{Header, MapKind, HEADER_LEN};
+    use std::io::Read;
+    let state = cdp_core::layout::StateDir::new(&ctx.state_dir);
+    let map = state.vm(vm).dirty_map(disk);
+    let rel = map.strip_prefix(&ctx.state_dir).ok()?;
+    let dir = cdp_core::fsat::DirFd::open(&ctx.state_dir).ok()?;
+    let mut b = [0u8; HEADER_LEN];
+    dir.open_beneath(rel).ok()?.read_exact(&mut b).ok()?;
+    let h = Header::decode(MapKind::Dirty, &b).ok()?;
+    (h.since_ns != 0).then_some(h.since_ns)
+}
+
 fn describe_seq(h: &History, seq: u64) -> String {
     h.entries()
         .map(|(_, e)| e)
@@ -306,6 +324,11 @@ pub async fn prepare(
         );
     }
     let seq = restore::resolve(&h, Some(store), point).await?;
+    // This host's cdpd may hold writes the journal does not (degraded
+    // mode): no point from when its journal filled names a journaled state.
+    if let Some(since) = unjournaled_since(ctx, vm, disk) {
+        restore::point::refuse_unjournaled(&h, point, seq, since)?;
+    }
     // Refuses a point that cannot be rebuilt exactly, saying why.
     let plan = restore::plan(&h, seq, point)?;
     Ok(Prepared {

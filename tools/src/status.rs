@@ -92,6 +92,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
                 human(d.backlog_bytes),
                 d.open_segment.as_deref().unwrap_or("-"),
             );
+            println!("         journal {}", journal_mode(d));
             for t in &d.targets {
                 println!(
                     "         target {:<10} {:<8} lag {:>7.1}s  {} segments ({}) behind{}",
@@ -110,6 +111,37 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A disk's journal mode for an operator (docs/RELIABILITY.md, "A full
+/// journal"): degraded (since when, how much is not journaled yet),
+/// resyncing (how much is left) or normal.
+fn journal_mode(d: &control::DiskStatus) -> String {
+    let since = cdp_core::time::fmt_ns(d.degraded_since_ns);
+    let mut m = match d.journal_mode.as_str() {
+        "degraded" => format!(
+            "degraded since {since}, {} not journaled yet (points from then on cannot be restored until the resync)",
+            human(d.dirty_bytes)
+        ),
+        "resyncing" => format!(
+            "resyncing: {} left (read {} so far; points from {since} on cannot be restored until it ends)",
+            human(d.dirty_bytes),
+            human(d.resync_bytes_read)
+        ),
+        "normal" => "normal".to_string(),
+        "" => "mode not reported (an older cdpd)".to_string(),
+        other => other.to_string(),
+    };
+    if d.times_degraded > 0 {
+        m.push_str(&format!(
+            "  (degraded {} time{} since cdpd started, {} resync{} done)",
+            d.times_degraded,
+            if d.times_degraded == 1 { "" } else { "s" },
+            d.resyncs_done,
+            if d.resyncs_done == 1 { "" } else { "s" },
+        ));
+    }
+    m
 }
 
 pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
