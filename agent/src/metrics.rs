@@ -144,6 +144,9 @@ struct Families {
     errors: IntCounterVec,
     adoptions: prometheus::IntCounter,
     adoption_target_down: IntGaugeVec,
+    degraded: IntGaugeVec,
+    dirty_bytes: IntGaugeVec,
+    resync_bytes_read: IntCounterVec,
 }
 
 impl Families {
@@ -202,6 +205,24 @@ impl Families {
                 "cdp_agent_adoption_target_down",
                 "1 for each target the VM's last adoption found down while the others shipped (retried in the background)",
                 &["vm", "vm_uuid", "target"],
+            )?,
+            degraded: int_gauge(
+                &r,
+                "cdp_disk_degraded",
+                "1 while the disk's journal is full (degraded mode: writes reach the image and the dirty map, not the journal; points from then on cannot be restored until the resync ends), as its running cdpd reports it",
+                &["vm", "vm_uuid", "disk"],
+            )?,
+            dirty_bytes: int_gauge(
+                &r,
+                "cdp_disk_dirty_bytes",
+                "Bytes of disk written but not journaled yet (marked in the dirty map: degraded, or left to resync)",
+                &["vm", "vm_uuid", "disk"],
+            )?,
+            resync_bytes_read: counter(
+                &r,
+                "cdp_disk_resync_bytes_read_total",
+                "Bytes the resyncs read from the image since cdpd started (only the dirty ranges)",
+                &["vm", "vm_uuid", "disk"],
             )?,
             registry: r,
         };
@@ -271,6 +292,16 @@ impl Families {
                 self.backlog_bytes.with_label_values(&l).set(bytes as i64);
                 self.backlog_segments.with_label_values(&l).set(n as i64);
             }
+        }
+        for d in status.iter().flat_map(|s| &s.disks) {
+            let l = [vm.name.as_str(), vm.uuid.as_str(), d.disk.as_str()];
+            self.degraded.with_label_values(&l).set(d.degraded as i64);
+            self.dirty_bytes
+                .with_label_values(&l)
+                .set(d.dirty_bytes as i64);
+            self.resync_bytes_read
+                .with_label_values(&l)
+                .inc_by(d.resync_bytes_read);
         }
         for (t, bytes) in &snap.shipped {
             self.shipped
@@ -573,6 +604,81 @@ targets = ["primary", "offsite"]
         let series = format!("cdp_backlog_segments{{disk=\"vda\",target=\"offsite\",{vm}}}");
         assert_eq!(sample(&t, &series), Some(2.0), "{t}");
         assert_eq!(sample(&t, "cdp_errors_total{kind=\"catalog\"}"), Some(0.0));
+    }
+
+    /// A running cdpd (a fake control socket) whose vda is degraded: the
+    /// degraded-mode series come from its status.
+    #[test]
+    fn a_degraded_disk_is_exported_from_cdpd_status() {
+        use cdp_core::control::{DiskStatus, Reply, Status};
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let sock = cdp_core::layout::RunDir::new(&src.run_dir)
+            .vm(VM)
+            .control_socket();
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let disk = |name: &str, degraded: bool| DiskStatus {
+            disk: name.into(),
+            path: format!("/img/{name}"),
+            size: 1 << 30,
+            bytes_written: 0,
+            write_requests: 0,
+            bytes_read: 0,
+            read_requests: 0,
+            flushes: 0,
+            last_seq: 9,
+            open_segment: None,
+            open_segment_records: 0,
+            segments_waiting_seal: 0,
+            in_flight: 0,
+            journal_bytes: 0,
+            journal_segments: 0,
+            connections: 1,
+            errors: 0,
+            protocol_errors: 0,
+            seal_errors: 0,
+            rpo_ms: 0,
+            backlog_segments: 0,
+            backlog_bytes: 0,
+            targets: Vec::new(),
+            journal_mode: if degraded { "degraded" } else { "normal" }.into(),
+            degraded,
+            degraded_since_ns: if degraded { 5 } else { 0 },
+            dirty_bytes: if degraded { 3 << 20 } else { 0 },
+            times_degraded: 2,
+            resync_bytes_read: 7 << 20,
+            resync_bytes_journaled: 7 << 20,
+            resyncs_done: 1,
+        };
+        let status = Status {
+            vm_uuid: VM.into(),
+            vm_name: "web".into(),
+            pid: 1,
+            last_seq: 9,
+            segment_size: 1 << 20,
+            segment_age_ms: 1000,
+            disks: vec![disk("vda", true), disk("vdb", false)],
+        };
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+            (&s).write_all(Reply::status(status).to_line().as_bytes())
+                .unwrap();
+        });
+        let t = render(&src).unwrap();
+        server.join().unwrap();
+        let vm = format!("vm=\"web\",vm_uuid=\"{VM}\"");
+        let at = |m: &str, d: &str| sample(&t, &format!("{m}{{disk=\"{d}\",{vm}}}"));
+        assert_eq!(sample(&t, &format!("cdp_vm_running{{{vm}}}")), Some(1.0));
+        assert_eq!(at("cdp_disk_degraded", "vda"), Some(1.0), "{t}");
+        assert_eq!(at("cdp_disk_degraded", "vdb"), Some(0.0), "{t}");
+        assert_eq!(at("cdp_disk_dirty_bytes", "vda"), Some(3145728.0), "{t}");
+        assert_eq!(at("cdp_disk_dirty_bytes", "vdb"), Some(0.0), "{t}");
+        let read = at("cdp_disk_resync_bytes_read_total", "vda");
+        assert_eq!(read, Some(7340032.0), "{t}");
     }
 
     #[test]
