@@ -829,9 +829,11 @@ async fn disk_timeline(
         .map(|(s, t, r)| {
             // A GAP a resync heals: the points in [seq, healed_by_seq) are
             // not restorable, those after are (docs/DESIGN.md, "Restore").
+            let healed = h.resyncs.healed_by(s);
             serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r,
                 "resync": h.resyncs.gaps.contains(&s),
-                "healed_by_seq": h.resyncs.healed_by(s)})
+                "healed_by_seq": healed,
+                "healed_at": healed.map(|r| fmt_ns(ts_of(r)))})
         })
         .collect();
     let baselines: Vec<_> = h
@@ -869,6 +871,28 @@ async fn disk_timeline(
         "marks": marks,
         "gaps": gaps,
     }))
+}
+
+/// A GAP for a human: one a resync heals (or will) as the window of points
+/// it leaves unrestorable, others with their reason.
+fn print_gap(x: &serde_json::Value) {
+    let (seq, time) = (&x["seq"], x["time"].as_str().unwrap_or("?"));
+    if x["resync"] != true {
+        println!(
+            "  GAP        seq {seq:>8} {time}  {}",
+            x["reason"].as_str().unwrap_or("?")
+        );
+        return;
+    }
+    match (x["healed_by_seq"].as_u64(), x["healed_at"].as_str()) {
+        (Some(r), Some(at)) => println!(
+            "  not restorable: journal full from {time} to {at} (resynced at seq {r}; points seq {seq}..{} cannot be restored)",
+            r - 1
+        ),
+        _ => println!(
+            "  not restorable from {time}: resync not finished (journal full; points from seq {seq} on cannot be restored until it ends)"
+        ),
+    }
 }
 
 /// The timelines, for a human.
@@ -941,12 +965,7 @@ fn print_timeline(vm: &str, store: &Store, out: &[serde_json::Value]) {
             );
         }
         for x in d["gaps"].as_array().unwrap() {
-            println!(
-                "  GAP        seq {:>8} {}  {}",
-                x["seq"],
-                x["time"].as_str().unwrap(),
-                x["reason"].as_str().unwrap()
-            );
+            print_gap(x);
         }
         let f = d["flushes"].as_array().unwrap();
         println!(

@@ -280,3 +280,59 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
         .unwrap()
         .contains("in place"));
 }
+
+/// A time after the disk's newest record while capture still runs is
+/// refused (later writes may not be shipped, or journaled, yet), saying to
+/// restore `latest` or wait; `latest` restores the newest record. Once the
+/// VM stopped cleanly (SESSION_END shipped), that time restores the image.
+#[test]
+fn a_time_after_the_newest_record_needs_a_clean_stop() {
+    let mut d = Daemon::builder()
+        .disk_random("vda", 8 * MIB, 23)
+        .args(["--segment-age", "30ms"])
+        .start();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config(&d, &repo);
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
+    qemu_io(&d, "vda", &phase(0));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    ship(&d, &cfg);
+    let copy = d.work_dir().join("ref.img");
+    std::fs::copy(d.image("vda"), &copy).unwrap();
+    let url = format!("file://{}", repo.display());
+    let (vm, state) = (d.vm_uuid.clone(), d.state_dir.clone());
+    let restore = |at: &str, out: &Path| {
+        let _ = std::fs::remove_file(out);
+        run(Command::new(bin("cdpctl"))
+            .args(["restore", &vm, "--disk", "vda", "--at", at])
+            .arg("--output")
+            .arg(out)
+            .args(["--repo", &url, "--no-local"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--config")
+            .arg(&cfg))
+    };
+    let out = d.work_dir().join("r.img");
+    let now = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+    let o = restore(&now, &out);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("after the newest record of vda")
+            && err.contains("capture was still running")
+            && err.contains("restore `latest`"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = restore("latest", &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_img_compare(out.as_os_str(), copy.as_os_str());
+
+    d.term();
+    ship(&d, &cfg);
+    let o = restore(&now, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_img_compare(out.as_os_str(), copy.as_os_str());
+}

@@ -194,4 +194,17 @@ fn a_resynced_gap_restores_around_its_window_and_a_grown_disk_keeps_its_tail() {
         .find(|x| x["seq"] == g)
         .unwrap();
     assert_eq!(gap["healed_by_seq"], g + 2, "{gap}");
+    // And in plain text: the window, from the GAP's time to the RESYNCED's.
+    let plain = cdpctl(
+        &d,
+        &cfg,
+        &["points", &d.vm_uuid, "--repo", &url, "--no-local"],
+    );
+    let line = format!(
+        "not restorable: journal full from {} to {} (resynced at seq {};",
+        gap["time"].as_str().unwrap(),
+        gap["healed_at"].as_str().unwrap(),
+        g + 2
+    );
+    assert!(plain.contains(&line), "{line}\n{plain}");
 }
