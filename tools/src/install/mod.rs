@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod items;
+pub mod manifest;
 pub mod plan;
 
 use std::path::{Path, PathBuf};
@@ -124,6 +125,13 @@ pub enum InstallError {
     Modified { conflicts: Vec<PathBuf> },
     #[error("refusing to purge {path}: {why}")]
     Purge { path: PathBuf, why: String },
+    #[error(
+        "the cdpd package is installed here (its programs are in /usr/bin): copies in {} would \
+         shadow them, and uninstalling those would take the package's files. Use the package's \
+         cdpctl instead: {cmd}",
+        bin_dir.display()
+    )]
+    Packaged { bin_dir: PathBuf, cmd: String },
     #[error("`{cmd}` failed: {why}")]
     Systemctl { cmd: String, why: String },
 }

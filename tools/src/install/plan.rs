@@ -14,6 +14,7 @@ use super::items::{
     apparmor_block, hook_text, is_ours, unit_text, without_block, Op, Step, HOOK, HOOK_VARIABLE,
     SAMPLE_CONFIG, UNIT, UNIT_VARIABLE,
 };
+use super::manifest::{Entry, Manifest, MANIFEST_DIR, MANIFEST_PATH};
 use super::{
     io_err, InstallArgs, InstallError, Result, UninstallArgs, APPARMOR_DIR,
     APPARMOR_LIBVIRT_ABSTRACTION, APPARMOR_LIBVIRT_DIR, APPARMOR_LOCAL, APPARMOR_RULES_DIR,
@@ -34,6 +35,9 @@ pub struct Plan {
     /// Files edited by hand and left alone: the apply does everything else,
     /// then fails naming them.
     pub conflicts: Vec<PathBuf>,
+    /// install: the manifest as it is to be after the apply (what this and
+    /// earlier installs created or modified).
+    pub manifest: Manifest,
 }
 
 impl Plan {
@@ -44,6 +48,7 @@ impl Plan {
             steps: Vec::new(),
             next: Vec::new(),
             conflicts: Vec::new(),
+            manifest: Manifest::default(),
         }
     }
 
@@ -74,6 +79,9 @@ pub struct Target {
     pub exe_dir: PathBuf,
     /// dpkg's file list of the cdpd package, if installed there.
     packaged: Vec<PathBuf>,
+    /// Whether systemd runs the target system (`/run/systemd/system`; never
+    /// for a `--root`).
+    pub systemd: bool,
 }
 
 impl Target {
@@ -102,7 +110,9 @@ impl Target {
             bin_dir: DEFAULT_BIN_DIR.into(),
             exe_dir,
             packaged: Vec::new(),
+            systemd: false,
         };
+        t.systemd = t.real_root() && Path::new("/run/systemd/system").is_dir();
         // The package's cdpctl installs for the package's programs.
         t.bin_dir = match bin_dir {
             Some(d) => absolute(d),
@@ -136,7 +146,18 @@ impl Target {
     }
 
     fn systemd_running(&self) -> bool {
-        self.real_root() && Path::new("/run/systemd/system").is_dir()
+        self.systemd
+    }
+
+    /// The cdpd package is installed on the target system.
+    fn package_installed(&self) -> bool {
+        !self.packaged.is_empty()
+    }
+
+    /// The manifest of an earlier install (`None`: none, or one from before
+    /// manifests were written).
+    fn manifest(&self) -> Result<Option<Manifest>> {
+        Manifest::load(&self.at(Path::new(MANIFEST_PATH)))
     }
 }
 
@@ -280,7 +301,10 @@ fn template(
 
 /// What `cdpctl install` would do.
 pub fn install(g: &Global, a: &InstallArgs, t: &Target) -> Result<Plan> {
+    refuse_over_package(a, t)?;
+    let old = t.manifest()?;
     let mut p = Plan::new(t);
+    p.manifest = old.clone().unwrap_or_default();
     binaries(&mut p, t)?;
     let config = config_file(&mut p, g, t)?;
     let state_dir = config.state_dir(g.state_dir.as_deref());
@@ -310,11 +334,96 @@ pub fn install(g: &Global, a: &InstallArgs, t: &Target) -> Result<Plan> {
             .any(|s| s.item.kind == "binary" && s.item.changed);
         service(&mut p, t, unit_changed, binaries_changed);
     }
+    if !a.systemd && t.real_root() && !t.systemd {
+        p.next.push(no_systemd_hint(t));
+    }
     if p.changes() && !p.next.iter().any(|n| n.contains("cdpctl protect")) {
         p.next
             .push("protect a VM: cdpctl protect VM (then restart the VM)".into());
     }
+    record(&mut p, t, old.is_none());
+    manifest_step(&mut p, t, old.as_ref());
     Ok(p)
+}
+
+/// Where the cdpd package is installed, a copy of the programs elsewhere would
+/// shadow (or be shadowed by) the package's: refused, naming the command to
+/// use. The package's own cdpctl (run from /usr/bin) copies nothing and may
+/// add the hook and AppArmor rules.
+fn refuse_over_package(a: &InstallArgs, t: &Target) -> Result<()> {
+    if !t.package_installed() || t.runs_from_bin_dir() {
+        return Ok(());
+    }
+    let mut cmd = format!(
+        "{} install",
+        t.at(Path::new(PACKAGE_BIN_DIR)).join("cdpctl").display()
+    );
+    if a.libvirt {
+        cmd.push_str(" --libvirt");
+    }
+    if !t.real_root() {
+        cmd.push_str(&format!(" --root {}", t.root.display()));
+    }
+    if a.systemd {
+        cmd.push_str(
+            " (the package ships the cdp-agent unit: systemctl enable --now cdp-agent.service)",
+        );
+    }
+    Err(InstallError::Packaged {
+        bin_dir: t.bin_dir.clone(),
+        cmd,
+    })
+}
+
+/// What runs the agent where systemd does not.
+fn no_systemd_hint(t: &Target) -> String {
+    format!(
+        "systemd is not running here (no /run/systemd/system): nothing starts cdp-agent; run it as root \
+         and keep it running (from your init system or a supervisor): {} run",
+        t.bin_dir.join("cdp-agent").display()
+    )
+}
+
+/// Add what this plan creates to the manifest. `adopt`: there was no manifest
+/// (a first install, or one made before manifests were written): what is ours
+/// by content already (programs as built, hook and unit as templated) is
+/// recorded as created too, so that uninstall removes an older install's files.
+fn record(p: &mut Plan, t: &Target, adopt: bool) {
+    let etc = Path::new("/etc/cdp");
+    let mut created: Vec<PathBuf> = Vec::new();
+    for s in &p.steps {
+        let i = &s.item;
+        let ours = matches!(i.kind, "binary" | "hook" | "unit")
+            && matches!(i.action, "unchanged" | "updated")
+            && i.detail.as_deref() != Some("cdpctl runs from here");
+        if i.action == "created" || (adopt && ours) {
+            created.push(i.path.clone());
+        }
+        if i.kind == "config" && i.action == "created" && !t.at(etc).exists() {
+            created.push(etc.to_path_buf());
+        }
+    }
+    for c in created {
+        p.manifest.record(&c, Entry::Created);
+    }
+}
+
+/// The manifest goes first: a failure later leaves a record of what was
+/// about to be created.
+fn manifest_step(p: &mut Plan, t: &Target, old: Option<&Manifest>) {
+    if old == Some(&p.manifest) || (old.is_none() && p.manifest.entries.is_empty()) {
+        return;
+    }
+    let path = Path::new(MANIFEST_PATH);
+    let op = Op::Write {
+        to: t.at(path),
+        content: p.manifest.text(),
+        mode: 0o644,
+    };
+    let action = if old.is_some() { "updated" } else { "created" };
+    let step = Step::change("manifest", path, action, op)
+        .detail("what install created or modified: uninstall undoes only that");
+    p.steps.insert(0, step);
 }
 
 fn binaries(p: &mut Plan, t: &Target) -> Result<()> {
@@ -434,11 +543,17 @@ fn apparmor(p: &mut Plan, t: &Target, block: &str) -> Result<()> {
         Err(e) => return Err(io_err("install", &dest)(e)),
     };
     if cur.as_deref().is_some_and(|c| c.contains(block)) {
+        // Ours already (an install before manifests): there before, modified.
+        let before = Entry::Modified {
+            added_newline: false,
+        };
+        p.manifest.record(path, before);
         p.steps.push(Step::same("apparmor", path, "unchanged"));
         return Ok(());
     }
     let (mut text, had) = without_block(cur.as_deref().unwrap_or(""));
-    if !text.is_empty() && !text.ends_with('\n') {
+    let added_newline = !text.is_empty() && !text.ends_with('\n');
+    if added_newline {
         text.push('\n');
     }
     text.push_str(block);
@@ -448,7 +563,17 @@ fn apparmor(p: &mut Plan, t: &Target, block: &str) -> Result<()> {
         content: text,
         mode,
     };
-    let action = if had { "updated" } else { "created" };
+    // A file that was there (libvirt's, empty or not) is modified, never
+    // created: uninstall gives it back, it does not remove it.
+    let action = if cur.is_some() { "updated" } else { "created" };
+    if cur.is_some() {
+        p.manifest.record(
+            path,
+            Entry::Modified {
+                added_newline: added_newline && !had,
+            },
+        );
+    }
     p.steps.push(
         Step::change("apparmor", path, action, op)
             .detail("marked block; VMs started from now on get it"),
@@ -486,10 +611,7 @@ fn service(p: &mut Plan, t: &Target, unit_changed: bool, binaries_changed: bool)
             }),
         );
         p.next.push(if t.real_root() {
-            format!(
-                "systemd is not running here: start the agent by hand: {} run",
-                t.bin_dir.join("cdp-agent").display()
-            )
+            no_systemd_hint(t)
         } else {
             format!(
                 "enable the agent in the image: systemctl --root {} enable {SERVICE}",
@@ -532,14 +654,16 @@ fn service(p: &mut Plan, t: &Target, unit_changed: bool, binaries_changed: bool)
 /// What `cdpctl uninstall` would do.
 pub fn uninstall(g: &Global, a: &UninstallArgs, t: &Target) -> Result<Plan> {
     let mut p = Plan::new(t);
+    let old = t.manifest()?;
+    let m = old.as_ref();
     let config = uninstall_config(g, t);
     let state_dir = config.state_dir(g.state_dir.as_deref());
     let run_dir = config.run_dir(g.run_dir.as_deref());
     if a.systemd {
-        remove_unit(&mut p, t);
+        remove_unit(&mut p, t, m);
     }
     if a.libvirt {
-        let hook = remove_ours(t, "hook", Path::new(HOOK_PATH), |c| {
+        let hook = remove_ours(t, m, "hook", Path::new(HOOK_PATH), |c| {
             is_ours(c, HOOK, HOOK_VARIABLE)
         });
         if hook.item.action == "removed" {
@@ -548,13 +672,13 @@ pub fn uninstall(g: &Global, a: &UninstallArgs, t: &Target) -> Result<Plan> {
             );
         }
         p.steps.push(hook);
-        p.steps.push(remove_apparmor(t));
-        remove_vm_rules(&mut p, t)?;
+        p.steps.push(remove_apparmor(t, m));
+        remove_vm_rules(&mut p, t, m)?;
     }
-    remove_binaries(&mut p, t)?;
-    remove_config(&mut p, t, a.purge);
+    remove_binaries(&mut p, t, m)?;
+    remove_config(&mut p, t, m, a.purge);
     let etc = Path::new("/etc/cdp");
-    if empty_after(&p, &t.at(etc)) {
+    if empty_after(&p, &t.at(etc)) && created(m, etc) {
         p.steps.push(Step::change(
             "dir",
             etc,
@@ -567,8 +691,12 @@ pub fn uninstall(g: &Global, a: &UninstallArgs, t: &Target) -> Result<Plan> {
         let dest = t.at(d);
         let step = if !dest.exists() {
             Step::same("dir", d, "absent")
-        } else if empty_after(&p, &dest) {
+        } else if t.package_installed() && PACKAGE_DIRS.iter().any(|p| Path::new(p) == *d) {
+            Step::same("dir", d, "kept").detail("the cdpd package's: `apt purge cdpd` removes it")
+        } else if empty_after(&p, &dest) && created(m, d) {
             Step::change("dir", d, "removed", Op::RemoveDir { to: dest })
+        } else if empty_after(&p, &dest) {
+            Step::same("dir", d, "kept").detail(BEFORE)
         } else if a.purge {
             check_purge(d, &run_dir, t)?;
             Step::change("dir", d, "removed", Op::RemoveTree { to: dest }).detail("--purge")
@@ -577,7 +705,70 @@ pub fn uninstall(g: &Global, a: &UninstallArgs, t: &Target) -> Result<Plan> {
         };
         p.steps.push(step);
     }
+    if let Some(m) = m {
+        forget(&mut p, t, m);
+    }
     Ok(p)
+}
+
+/// Why uninstall keeps a path: install did not create it.
+const BEFORE: &str = "there before cdpctl install (not in its manifest): kept";
+
+/// The directories the cdpd package's scripts create (never in its file list).
+const PACKAGE_DIRS: [&str; 2] = ["/var/lib/cdp", "/run/cdp"];
+
+/// Whether install created `p`: by the manifest, or, without one (an install
+/// from before manifests), assumed, and decided by content as before.
+fn created(m: Option<&Manifest>, p: &Path) -> bool {
+    m.is_none_or(|m| m.created(p))
+}
+
+/// The manifest after this uninstall: what it undid is forgotten; the file
+/// (and its directory) goes once nothing is left in it.
+fn forget(p: &mut Plan, t: &Target, m: &Manifest) {
+    let removed: Vec<PathBuf> = p.removed().map(Path::to_path_buf).collect();
+    let written: Vec<PathBuf> = p
+        .steps
+        .iter()
+        .flat_map(|s| &s.ops)
+        .filter_map(|o| match o {
+            Op::Write { to, .. } => Some(to.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut left = m.clone();
+    left.entries.retain(|path, e| {
+        let real = t.at(path);
+        match e {
+            Entry::Created => real.exists() && !removed.contains(&real),
+            Entry::Modified { .. } => {
+                !written.contains(&real)
+                    && fs::read_to_string(&real).is_ok_and(|c| without_block(&c).1)
+            }
+        }
+    });
+    if &left == m {
+        return;
+    }
+    let path = Path::new(MANIFEST_PATH);
+    if !left.entries.is_empty() {
+        let op = Op::Write {
+            to: t.at(path),
+            content: left.text(),
+            mode: 0o644,
+        };
+        p.steps.push(
+            Step::change("manifest", path, "updated", op).detail("what is left of the install"),
+        );
+        return;
+    }
+    let op = Op::Remove { to: t.at(path) };
+    p.steps.push(Step::change("manifest", path, "removed", op));
+    let dir = Path::new(MANIFEST_DIR);
+    if empty_after(p, &t.at(dir)) {
+        let op = Op::RemoveDir { to: t.at(dir) };
+        p.steps.push(Step::change("manifest", dir, "removed", op));
+    }
 }
 
 /// `dir` exists and holds nothing once the steps planned so far have run.
@@ -591,7 +782,7 @@ fn empty_after(p: &Plan, dir: &Path) -> bool {
         .all(|e| removed.contains(&e.path().as_path()))
 }
 
-fn remove_unit(p: &mut Plan, t: &Target) {
+fn remove_unit(p: &mut Plan, t: &Target, m: Option<&Manifest>) {
     let path = Path::new(UNIT_PATH);
     let systemctl = |args: &[&'static str]| Op::Systemctl {
         args: args.to_vec(),
@@ -604,7 +795,7 @@ fn remove_unit(p: &mut Plan, t: &Target) {
                 .detail("systemctl disable --now"),
         );
     }
-    let mut step = remove_ours(t, "unit", path, |c| is_ours(c, UNIT, UNIT_VARIABLE));
+    let mut step = remove_ours(t, m, "unit", path, |c| is_ours(c, UNIT, UNIT_VARIABLE));
     if t.systemd_running() {
         step = step.then(systemctl(&["daemon-reload"]));
     }
@@ -612,10 +803,19 @@ fn remove_unit(p: &mut Plan, t: &Target) {
 }
 
 /// Remove a file of ours (recognized by `ours`); an edited one is kept and reported.
-fn remove_ours(t: &Target, kind: &'static str, path: &Path, ours: impl Fn(&str) -> bool) -> Step {
+fn remove_ours(
+    t: &Target,
+    m: Option<&Manifest>,
+    kind: &'static str,
+    path: &Path,
+    ours: impl Fn(&str) -> bool,
+) -> Step {
     let dest = t.at(path);
     match fs::read_to_string(&dest) {
         Err(_) if !dest.exists() => Step::same(kind, path, "absent"),
+        Ok(_) if !created(m, path) && !t.is_packaged(path) => {
+            Step::same(kind, path, "kept").detail(BEFORE)
+        }
         Ok(c) if ours(&c) && !t.is_packaged(path) => {
             Step::change(kind, path, "removed", Op::Remove { to: dest })
         }
@@ -627,26 +827,38 @@ fn remove_ours(t: &Target, kind: &'static str, path: &Path, ours: impl Fn(&str) 
     }
 }
 
-fn remove_apparmor(t: &Target) -> Step {
+/// The local abstraction: removed only when install created it (by the
+/// manifest) and nothing but our block is in it; otherwise our block goes and
+/// the file is as it was before install, byte for byte. libvirt's package
+/// creates it empty and its abstraction includes it without `if exists`:
+/// removing it breaks every VM's profile.
+fn remove_apparmor(t: &Target, m: Option<&Manifest>) -> Step {
     let path = Path::new(APPARMOR_LOCAL);
     let dest = t.at(path);
     let Ok(cur) = fs::read_to_string(&dest) else {
         return Step::same("apparmor", path, "absent");
     };
-    let (rest, had) = without_block(&cur);
-    // libvirt's abstraction includes the file: it must stay (empty or not)
-    // or every VM's profile fails to load.
+    let (mut rest, had) = without_block(&cur);
+    let entry = m.and_then(|m| m.get(path));
+    if entry
+        == Some(Entry::Modified {
+            added_newline: true,
+        })
+        && rest.ends_with('\n')
+    {
+        rest.pop();
+    }
     let libvirts = t.at(Path::new(APPARMOR_LIBVIRT_ABSTRACTION)).exists() || t.is_packaged(path);
     let mode = fs::metadata(&dest).map(|m| mode_of(&m)).unwrap_or(0o644);
     if !had {
         Step::same("apparmor", path, "absent")
-    } else if rest.trim().is_empty() && !libvirts {
+    } else if rest.trim().is_empty() && entry == Some(Entry::Created) && !libvirts {
         Step::change("apparmor", path, "removed", Op::Remove { to: dest })
     } else {
-        let detail = if rest.trim().is_empty() {
+        let detail = if entry == Some(Entry::Created) && rest.trim().is_empty() {
             "our block removed; the file stays (libvirt's abstraction includes it)"
         } else {
-            "our block removed, the rest kept"
+            "our block removed; the file as it was before install"
         };
         let op = Op::Write {
             to: dest,
@@ -660,7 +872,7 @@ fn remove_apparmor(t: &Target) -> Step {
 /// The hook's per-VM rules (`/etc/apparmor.d/cdpd/libvirt-<uuid>`, and the
 /// directory when nothing else is in it) and the line including them in
 /// libvirt's profile of each VM (the rest of that profile kept).
-fn remove_vm_rules(p: &mut Plan, t: &Target) -> Result<()> {
+fn remove_vm_rules(p: &mut Plan, t: &Target, m: Option<&Manifest>) -> Result<()> {
     let rules = Path::new(APPARMOR_RULES_DIR);
     let is_ours = |n: &str| {
         n.strip_prefix("libvirt-")
@@ -679,7 +891,7 @@ fn remove_vm_rules(p: &mut Plan, t: &Target) -> Result<()> {
             );
         }
     }
-    if empty_after(p, &t.at(rules)) {
+    if empty_after(p, &t.at(rules)) && created(m, rules) {
         let op = Op::RemoveDir { to: t.at(rules) };
         p.steps.push(Step::change("apparmor", rules, "removed", op));
     }
@@ -721,7 +933,7 @@ fn listing(dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 /// Programs: only copies of ours, never the package's.
-fn remove_binaries(p: &mut Plan, t: &Target) -> Result<()> {
+fn remove_binaries(p: &mut Plan, t: &Target, m: Option<&Manifest>) -> Result<()> {
     for b in BINARIES {
         let path = t.bin_dir.join(b);
         let dest = t.at(&path);
@@ -730,6 +942,8 @@ fn remove_binaries(p: &mut Plan, t: &Target) -> Result<()> {
             Step::same("binary", &path, "absent")
         } else if t.is_packaged(&path) {
             Step::same("binary", &path, "kept").detail("owned by the cdpd package: apt remove cdpd")
+        } else if !created(m, &path) {
+            Step::same("binary", &path, "kept").detail(BEFORE)
         } else if !src.is_file() || !files_equal(&src, &dest)? {
             Step::same("binary", &path, "kept").detail(format!(
                 "differs from {}: run the installed {} uninstall",
@@ -745,13 +959,13 @@ fn remove_binaries(p: &mut Plan, t: &Target) -> Result<()> {
 }
 
 /// The config: the unedited sample is ours; an edited one is the operator's.
-fn remove_config(p: &mut Plan, t: &Target, purge: bool) {
+fn remove_config(p: &mut Plan, t: &Target, m: Option<&Manifest>, purge: bool) {
     let path = Path::new(CONFIG_PATH);
     let dest = t.at(path);
     let step = match fs::read(&dest) {
-        Ok(_) if t.is_packaged(path) && !purge => {
-            Step::same("config", path, "kept").detail("a conffile of the cdpd package")
-        }
+        Ok(_) if t.is_packaged(path) => Step::same("config", path, "kept")
+            .detail("a conffile of the cdpd package: `apt purge cdpd` removes it"),
+        Ok(_) if !created(m, path) && !purge => Step::same("config", path, "kept").detail(BEFORE),
         Ok(c) if purge || c == SAMPLE_CONFIG.as_bytes() => {
             Step::change("config", path, "removed", Op::Remove { to: dest })
         }
