@@ -423,12 +423,29 @@ fn record_session(
     if let Some(base) = rec.new_history {
         gap_reasons.push(session::new_history_reason(base));
     }
+    // After a power loss, a valid activity log on every disk bounds what
+    // may differ between journal and image: those extents are resynced
+    // (docs/RELIABILITY.md, "A power loss"); else a new baseline is needed.
+    let mut resync_gap = None;
     if rec.prev == PreviousEnd::PowerLoss {
-        gap_reasons.push(format!(
-            "the host rebooted (boot id now {boot_id}) after capture ended uncleanly: \
-             writes acknowledged before the reboot may be missing from the journal or the image; \
-             a new baseline is needed"
-        ));
+        match vm.power_loss_extents() {
+            Some((extents, bytes)) => resync_gap = Some(serde_json::json!({
+                "reason": format!(
+                    "power loss: the host rebooted (boot id now {boot_id}) after capture ended \
+                     uncleanly: writes not yet durable may be missing from the journal; the \
+                     {extents} extents ({bytes} bytes) of the activity log that may hold them are \
+                     journaled again from the image (RESYNC records), then RESYNCED heals this gap"
+                ),
+                "resync": true,
+                "extents": extents,
+                "bytes": bytes,
+            })),
+            None => gap_reasons.push(format!(
+                "the host rebooted (boot id now {boot_id}) after capture ended uncleanly: \
+                 writes acknowledged before the reboot may be missing from the journal or the image \
+                 (no valid activity log bounds them); a new baseline is needed"
+            )),
+        }
     }
     for b in rec.chain_breaks {
         gap_reasons.push(format!("journal chain broken: {b}"));
@@ -456,7 +473,15 @@ fn record_session(
         vm.append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
             .map_err(jerr)?;
     }
+    let resync_seq = match &resync_gap {
+        Some(gap) => Some(vm.append_to_all(Kind::Gap, gap).map_err(jerr)?.0),
+        None => None,
+    };
     vm.sync_open_segments().map_err(jerr)?;
+    if let Some(seq) = resync_seq {
+        vm.resync_after_power_loss(seq);
+    }
+    vm.reset_activity_logs();
     {
         let cat = vm.catalog.lock().unwrap();
         let id = cat.start_session(

@@ -12,6 +12,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::catalog::{Catalog, CatalogError, SessionRow};
+use crate::journal::dirty::{DirtyMap, MapKind};
 use crate::journal::recovery::{self, Recovered, RecoveryError};
 use crate::layout::StateDir;
 use crate::time::now_ns;
@@ -143,7 +144,15 @@ pub fn recover_journals(
     let mut out = VmRecovery::default();
     for d in disks {
         let dir = state.journal(&vm, d.disk);
-        let rec = recovery::recover_disk(&dir, vm_uuid, d.file, d.path)?;
+        // Redo skips the ranges of a valid dirty map (resynced from the
+        // image: newer than the journal there). One that does not check out
+        // is left for the capture, which journals an unbounded GAP for it.
+        let size = d.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let map = DirtyMap::read_only(&state.vm(&vm).dirty_map(d.disk), MapKind::Dirty, size)
+            .ok()
+            .flatten()
+            .filter(|m| m.count() > 0);
+        let rec = recovery::recover_disk_skipping(&dir, vm_uuid, d.file, d.path, map.as_ref())?;
         for s in &rec.sealed {
             cat.put_segment(&vm, d.disk, s, true)?;
         }

@@ -109,6 +109,14 @@ impl DegradedState {
         };
         match DirtyMap::open(path, disk_size) {
             Ok((map, found)) => {
+                // Written but perhaps not synced by a run that crashed: it
+                // must outlive a power loss now that recovery synced the
+                // image it tracks.
+                if found == Found::Dirty {
+                    if let Err(e) = map.sync() {
+                        eprintln!("cdpd: disk {disk}: syncing {}: {e}", path.display());
+                    }
+                }
                 match found {
                     Found::Clean => {}
                     Found::Dirty if map.header().gap_seq != 0 => {
@@ -223,6 +231,30 @@ pub fn poison(disk: &Disk, e: &io::Error) {
     );
 }
 
+/// A sync of the image failed (the FLUSH that saw it gets the error): what
+/// it dropped is unknown but lies in the activity log's extents (every write
+/// not covered by a successful sync round is in them), which are marked
+/// dirty, and the disk runs degraded until they are resynced. Without an
+/// activity log the map cannot hold it: leaving then needs a new baseline.
+pub fn poison_image(disk: &Disk, e: &io::Error) {
+    let mut g = disk.lock_journal();
+    let st = &mut *g;
+    match st.al.extents() {
+        Some(extents) => {
+            for (o, l) in extents {
+                st.deg.mark(o, l);
+            }
+        }
+        None => st.deg.map_lost = true,
+    }
+    st.deg.commit();
+    enter(
+        disk,
+        st,
+        &format!("syncing the image failed ({e}): it is poisoned"),
+    );
+}
+
 fn set_mode(st: &mut JournalState, m: Mode) {
     st.deg.mode = m;
 }
@@ -320,6 +352,74 @@ impl Vm {
             }
         }
         next
+    }
+
+    /// The extents and bytes the activity logs of every disk held at start,
+    /// when each disk has a valid log and a dirty map to resync them
+    /// through (a bounded resync after a power loss is possible); None
+    /// otherwise.
+    pub fn power_loss_extents(&self) -> Option<(u64, u64)> {
+        let (mut n, mut bytes) = (0, 0);
+        for d in &self.disks {
+            let st = d.lock_journal();
+            let found = st.al.found.as_ref()?;
+            if st.deg.map.is_none() || st.deg.map_lost || st.deg.pending_gap.is_some() {
+                return None;
+            }
+            n += found.len() as u64;
+            bytes += found.iter().map(|(_, l)| l).sum::<u64>();
+        }
+        Some((n, bytes))
+    }
+
+    /// After a power loss, the GAP at `gap_seq` journaled: every disk's
+    /// activity-log extents go to its dirty map (durably), and the resync
+    /// journals them from the image, then RESYNCED heals the GAP
+    /// (docs/RELIABILITY.md, "A power loss"). A map that cannot take them
+    /// makes the way out an unbounded GAP.
+    pub fn resync_after_power_loss(&self, gap_seq: u64) {
+        for disk in &self.disks {
+            let mut g = disk.lock_journal();
+            let st = &mut *g;
+            let extents = st.al.found.take().unwrap_or_default();
+            for &(o, l) in &extents {
+                st.deg.mark(o, l);
+            }
+            st.deg.commit();
+            let durable = match st.deg.map.as_mut() {
+                Some(m) if !st.deg.map_lost => m.set_gap_seq(gap_seq).and_then(|()| m.sync()),
+                _ => Err(io::Error::other("no dirty map")),
+            };
+            if let Err(e) = durable {
+                st.deg.map_lost = true;
+                st.deg.pending_gap = Some(format!(
+                    "after a power loss, the activity log's extents could not be recorded in the                      dirty map ({e}): a new baseline is needed"
+                ));
+                continue;
+            }
+            // Even with no extent: RESYNCED must heal the GAP.
+            if st.deg.mode == Mode::Normal {
+                st.deg.cursor = 0;
+                st.deg.extents = 0;
+                st.deg.bytes = 0;
+                set_mode(st, Mode::Resyncing);
+            }
+            eprintln!(
+                "cdpd: disk {}: power loss: resyncing the {} extents of the activity log ({} bytes);                  RESYNCED then heals the GAP at seq {gap_seq}",
+                disk.name,
+                extents.len(),
+                extents.iter().map(|(_, l)| l).sum::<u64>()
+            );
+        }
+        self.wake_sealer();
+    }
+
+    /// Clear every disk's activity log, once what it held is durable in the
+    /// image (recovery synced it) or tracked in the dirty map.
+    pub fn reset_activity_logs(&self) {
+        for d in &self.disks {
+            d.lock_journal().al.reset(&d.name);
+        }
     }
 
     /// Reserve one seq with a timestamp no earlier than `since` (the GAP

@@ -18,6 +18,7 @@
 //! replayed in order. Holding the disk lock from seq reservation to the last
 //! image write of a batch makes the image's write order the sequence order.
 
+pub(crate) mod activity;
 pub(crate) mod batch;
 pub(crate) mod conn;
 pub(crate) mod control;
@@ -81,6 +82,9 @@ pub struct JournalState {
     /// Degraded mode: the dirty map, the room left (docs/RELIABILITY.md,
     /// "A full journal").
     pub deg: degraded::DegradedState,
+    /// The extents that may hold writes not yet durable (docs/RELIABILITY.md,
+    /// "A power loss").
+    pub al: activity::ActivityLog,
 }
 
 /// Who waits for a group commit: told once journal and image are durable
@@ -245,6 +249,8 @@ impl Vm {
         }
         let mut guard = disk.lock_journal();
         let st = &mut *guard;
+        // Before any of the batch's changes can reach the image.
+        st.al.cover(&disk.name, batch);
         if st.deg.mode == degraded::Mode::Degraded {
             self.apply_degraded(disk, st, batch, buf);
             return;
@@ -589,10 +595,15 @@ impl Vm {
             .map(|(index, d)| {
                 let (tx, rx) = std::sync::mpsc::channel();
                 rxs.push(rx);
+                let vm_dir = cdp_core::layout::StateDir::new(&setup.state_dir)
+                    .vm(&setup.uuid.hyphenated().to_string());
                 let deg = degraded::DegradedState::open(
-                    &cdp_core::layout::StateDir::new(&setup.state_dir)
-                        .vm(&setup.uuid.hyphenated().to_string())
-                        .dirty_map(&d.name),
+                    &vm_dir.dirty_map(&d.name),
+                    &d.name,
+                    d.image.size,
+                );
+                let al = activity::ActivityLog::open(
+                    &vm_dir.activity_log(&d.name),
                     &d.name,
                     d.image.size,
                 );
@@ -611,6 +622,7 @@ impl Vm {
                         unsynced: Vec::new(),
                         last_seq: d.last_seq,
                         deg,
+                        al,
                     }),
                     stats,
                     sync_tx: Mutex::new(Some(tx)),
@@ -701,11 +713,14 @@ fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
 /// failure.
 ///
 /// While degraded or resyncing, the dirty map is synced first. A journal
-/// file that fails to sync poisons the journal
-/// ([`degraded::poison`]): the FLUSH or FUA that saw it gets the error.
+/// file that fails to sync poisons the journal ([`degraded::poison`]), and
+/// so does the image ([`degraded::poison_image`]): the FLUSH or FUA that
+/// saw it gets the error. A round that succeeds lets the activity log
+/// forget the extents written before it began.
 fn make_durable(disk: &Disk) -> Result<(), u32> {
     let (map, files): (Option<Arc<File>>, Vec<Arc<File>>) = {
-        let st = disk.lock_journal();
+        let mut st = disk.lock_journal();
+        st.al.begin_round();
         let map = match st.deg.mode {
             degraded::Mode::Normal => None,
             _ => st.deg.map.as_ref().map(|m| m.file.clone()),
@@ -732,10 +747,18 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
     }
     if let Err(e) = disk.image.sync_data() {
         result = result.and(Err(nbd_errno(&e)));
+        degraded::poison_image(disk, &e);
     }
     disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
     if result.is_err() {
         disk.stats.errors.fetch_add(1, Ordering::Relaxed);
+    } else {
+        let rewritten = disk.lock_journal().al.round_done(&disk.name);
+        // A superset of the rewrite is on disk already: only to shorten the
+        // window in which a torn rewrite would not check out.
+        if let Some(f) = rewritten {
+            let _ = f.sync_data();
+        }
     }
     result
 }

@@ -576,3 +576,31 @@ fn the_room_used_up_degrades_without_failing_a_write() {
     disconnect(c, h);
     rig.check_invariant();
 }
+
+/// A failed sync of the image poisons too (docs/RELIABILITY.md, "A failed
+/// sync"): the activity log's extents, every write not covered by a
+/// successful sync round, are marked dirty and resynced.
+#[test]
+fn a_failed_image_sync_marks_the_activity_log_extents_and_resyncs_them() {
+    use super::degraded::Mode;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut rig = Rig::new(64 << 20, false);
+    rig.start_sync();
+    let (mut c, h) = rig.connect(&write_req(1, 0, 4096, &[7; 4096]));
+    assert_eq!(reply(&mut c), (0, 1));
+    let disk = rig.vm.disks[0].clone();
+    assert_eq!(disk.lock_journal().al.count(), 1, "logged before the image");
+    super::degraded::poison_image(&disk, &std::io::Error::from_raw_os_error(5));
+    assert_eq!(mode(&rig), Mode::Degraded);
+    assert_eq!(
+        disk.lock_journal().deg.dirty_bytes(),
+        DISK_SIZE,
+        "the log's one extent, clipped to the disk"
+    );
+    c.write_all(&request(proto::CMD_FLUSH, 0, 2, 0, 0)).unwrap();
+    assert_eq!(reply(&mut c), (0, 2));
+    resync(&rig);
+    assert_eq!(disk.stats.resync_bytes_read.load(Relaxed), DISK_SIZE);
+    disconnect(c, h);
+    rig.check_invariant();
+}

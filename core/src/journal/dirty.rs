@@ -8,9 +8,9 @@
 //!
 //! | at | size | field                                                    |
 //! |----|------|----------------------------------------------------------|
-//! | 0  | 8    | magic `CDPDIRTY`                                         |
+//! | 0  | 8    | magic `CDPDIRTY` (`CDPACTLG`: an activity log)           |
 //! | 8  | 4    | version (1)                                              |
-//! | 12 | 4    | log2 of the granule (16: 64 KiB)                         |
+//! | 12 | 4    | log2 of the granule (16: 64 KiB; activity log 22: 4 MiB) |
 //! | 16 | 8    | disk size in bytes                                       |
 //! | 24 | 8    | `since_ns`: when the first unjournaled write was taken   |
 //! | 32 | 8    | `gap_seq`: seq of the GAP journaled for it, or 0         |
@@ -23,6 +23,12 @@
 //! A map whose CRCs, magic, version, granule or disk size do not check out
 //! is never trusted ([`MapError::Corrupt`]): the caller falls back to an
 //! unbounded GAP (a new baseline).
+//!
+//! The same file format, with its own magic and a 4 MiB granule
+//! ([`MapKind::Activity`]), is a disk's activity log
+//! (`<state>/vms/<uuid>/<disk>/activity.log`): the extents that may hold
+//! writes not yet durable, resynced after a power loss (docs/RELIABILITY.md,
+//! "A power loss").
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,12 +39,43 @@ use std::sync::Arc;
 use thiserror::Error;
 
 pub const MAGIC: &[u8; 8] = b"CDPDIRTY";
+/// The activity log's magic.
+pub const ACTIVITY_MAGIC: &[u8; 8] = b"CDPACTLG";
+/// log2 of an activity log's extent (4 MiB: DRBD's activity-log extent;
+/// a 256 GiB disk's log is 8 KiB, and a cold extent costs one log sync per
+/// 4 MiB of newly written disk).
+pub const ACTIVITY_SHIFT: u32 = 22;
 pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 64;
 /// log2 of [`GRANULE`].
 pub const GRANULE_SHIFT: u32 = 16;
 /// Bytes of disk per bit.
 pub const GRANULE: u64 = 1 << GRANULE_SHIFT;
+
+/// What a map file is: a dirty map or an activity log (same format, own
+/// magic and granule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    Dirty,
+    Activity,
+}
+
+impl MapKind {
+    pub fn magic(self) -> &'static [u8; 8] {
+        match self {
+            MapKind::Dirty => MAGIC,
+            MapKind::Activity => ACTIVITY_MAGIC,
+        }
+    }
+
+    /// log2 of the bytes of disk per bit.
+    pub fn shift(self) -> u32 {
+        match self {
+            MapKind::Dirty => GRANULE_SHIFT,
+            MapKind::Activity => ACTIVITY_SHIFT,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum MapError {
@@ -55,15 +92,21 @@ pub enum MapError {
 /// The header's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    pub kind: MapKind,
     pub disk_size: u64,
     pub since_ns: u64,
     pub gap_seq: u64,
     pub bitmap_crc: u32,
 }
 
-/// Bytes of bitmap for a disk of `disk_size` bytes.
+/// Bytes of a dirty map's bitmap for a disk of `disk_size` bytes.
 pub fn bitmap_len(disk_size: u64) -> usize {
-    disk_size.div_ceil(GRANULE).div_ceil(8) as usize
+    bitmap_len_of(MapKind::Dirty, disk_size)
+}
+
+/// Bytes of bitmap of a `kind` map for a disk of `disk_size` bytes.
+pub fn bitmap_len_of(kind: MapKind, disk_size: u64) -> usize {
+    disk_size.div_ceil(1 << kind.shift()).div_ceil(8) as usize
 }
 
 fn le64(b: &[u8]) -> u64 {
@@ -77,9 +120,9 @@ fn le32(b: &[u8]) -> u32 {
 impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
-        b[0..8].copy_from_slice(MAGIC);
+        b[0..8].copy_from_slice(self.kind.magic());
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&GRANULE_SHIFT.to_le_bytes());
+        b[12..16].copy_from_slice(&self.kind.shift().to_le_bytes());
         b[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.since_ns.to_le_bytes());
         b[32..40].copy_from_slice(&self.gap_seq.to_le_bytes());
@@ -89,22 +132,23 @@ impl Header {
         b
     }
 
-    /// The header, or why it is not one.
-    pub fn decode(b: &[u8]) -> Result<Header, String> {
+    /// The header of a `kind` map, or why it is not one.
+    pub fn decode(kind: MapKind, b: &[u8]) -> Result<Header, String> {
         if b.len() < HEADER_LEN {
             return Err(format!("{} bytes, shorter than a header", b.len()));
         }
-        if &b[0..8] != MAGIC {
+        if &b[0..8] != kind.magic() {
             return Err("bad magic".into());
         }
         if le32(&b[60..64]) != crc32fast::hash(&b[0..60]) {
             return Err("header CRC mismatch".into());
         }
         let (version, shift) = (le32(&b[8..12]), le32(&b[12..16]));
-        if version != VERSION || shift != GRANULE_SHIFT {
+        if version != VERSION || shift != kind.shift() {
             return Err(format!("version {version}, granule shift {shift}: unknown"));
         }
         Ok(Header {
+            kind,
             disk_size: le64(&b[16..24]),
             since_ns: le64(&b[24..32]),
             gap_seq: le64(&b[32..40]),
@@ -143,6 +187,16 @@ impl DirtyMap {
     /// to its full length. A map that does not check out is reported as
     /// [`Found::Corrupt`] and replaced by an empty one.
     pub fn open(path: &Path, disk_size: u64) -> Result<(DirtyMap, Found), MapError> {
+        DirtyMap::open_kind(path, MapKind::Dirty, disk_size)
+    }
+
+    /// [`DirtyMap::open`] for a map of `kind` (a dirty map or an activity
+    /// log).
+    pub fn open_kind(
+        path: &Path,
+        kind: MapKind,
+        disk_size: u64,
+    ) -> Result<(DirtyMap, Found), MapError> {
         let ioe = |source| MapError::Io {
             path: path.to_path_buf(),
             source,
@@ -156,19 +210,7 @@ impl DirtyMap {
             .open(path)
             .map_err(ioe)?;
         let len = file.metadata().map_err(ioe)?.len();
-        let mut map = DirtyMap {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            header: Header {
-                disk_size,
-                since_ns: 0,
-                gap_seq: 0,
-                bitmap_crc: crc32fast::hash(&vec![0u8; bitmap_len(disk_size)]),
-            },
-            bits: vec![0u8; bitmap_len(disk_size)],
-            count: 0,
-            stale: false,
-        };
+        let mut map = DirtyMap::empty(file, path, kind, disk_size);
         let found = if len == 0 {
             Found::Clean
         } else {
@@ -195,13 +237,50 @@ impl DirtyMap {
         Ok((map, found))
     }
 
+    fn empty(file: File, path: &Path, kind: MapKind, disk_size: u64) -> DirtyMap {
+        let bits = vec![0u8; bitmap_len_of(kind, disk_size)];
+        DirtyMap {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            header: Header {
+                kind,
+                disk_size,
+                since_ns: 0,
+                gap_seq: 0,
+                bitmap_crc: crc32fast::hash(&bits),
+            },
+            bits,
+            count: 0,
+            stale: false,
+        }
+    }
+
+    /// Read a `kind` map without changing it (recovery, before the capture
+    /// opens it): None when there is no file, `Err(why)` when it does not
+    /// check out. The map returned is never written to.
+    pub fn read_only(
+        path: &Path,
+        kind: MapKind,
+        disk_size: u64,
+    ) -> Result<Option<DirtyMap>, String> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("opening: {e}")),
+        };
+        let len = file.metadata().map_err(|e| format!("reading: {e}"))?.len();
+        let mut map = DirtyMap::empty(file, path, kind, disk_size);
+        map.load(len)?;
+        Ok(Some(map))
+    }
+
     /// Read and check the file into `self` (whose size is the disk's).
     fn load(&mut self, len: u64) -> Result<(), String> {
         let mut buf = vec![0u8; len.min((HEADER_LEN + self.bits.len()) as u64) as usize];
         self.file
             .read_exact_at(&mut buf, 0)
             .map_err(|e| format!("reading: {e}"))?;
-        let h = Header::decode(&buf)?;
+        let h = Header::decode(self.header.kind, &buf)?;
         if h.disk_size != self.header.disk_size {
             return Err(format!(
                 "made for a disk of {} bytes, the disk has {}",
@@ -261,25 +340,62 @@ impl DirtyMap {
     /// Bytes of disk marked dirty (whole granules; the last one clipped to
     /// the disk's size).
     pub fn dirty_bytes(&self) -> u64 {
-        let mut b = self.count * GRANULE;
-        let last = self.header.disk_size.div_ceil(GRANULE);
+        let granule = self.granule();
+        let mut b = self.count * granule;
+        let last = self.header.disk_size.div_ceil(granule);
         if last > 0 && self.bit(last - 1) {
-            b -= last * GRANULE - self.header.disk_size;
+            b -= last * granule - self.header.disk_size;
         }
         b
     }
 
-    fn bit(&self, g: u64) -> bool {
+    /// Bytes of disk per bit.
+    pub fn granule(&self) -> u64 {
+        1 << self.header.kind.shift()
+    }
+
+    /// Granules set.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Is granule `g` set? (A bit test: the activity log's check of a hot
+    /// extent.)
+    #[inline]
+    pub fn bit(&self, g: u64) -> bool {
         self.bits[(g / 8) as usize] & (1 << (g % 8)) != 0
     }
 
+    /// Does `[offset, offset + length)` touch a set granule?
+    pub fn intersects(&self, offset: u64, length: u64) -> bool {
+        let (g0, g1) = self.granules(offset, length);
+        self.count > 0 && (g0..g1).any(|g| self.bit(g))
+    }
+
     /// Granules [first, end) of a byte range, clipped to the disk.
-    fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
+    pub fn granules(&self, offset: u64, length: u64) -> (u64, u64) {
         let end = offset.saturating_add(length).min(self.header.disk_size);
         if length == 0 || offset >= end {
             return (0, 0);
         }
-        (offset / GRANULE, end.div_ceil(GRANULE))
+        let shift = self.header.kind.shift();
+        (offset >> shift, end.div_ceil(1 << shift))
+    }
+
+    /// Make the map hold exactly the granules `set` (every other bit
+    /// cleared) and write it whole; not synced.
+    pub fn replace(&mut self, set: impl IntoIterator<Item = u64>) -> io::Result<()> {
+        self.bits.fill(0);
+        self.count = 0;
+        for g in set {
+            if !self.bit(g) {
+                self.bits[(g / 8) as usize] |= 1 << (g % 8);
+                self.count += 1;
+            }
+        }
+        self.write_all()?;
+        self.stale = false;
+        Ok(())
     }
 
     /// Mark `[offset, offset + length)` dirty; writes the changed bytes and
@@ -355,8 +471,9 @@ impl DirtyMap {
         if self.count == 0 {
             return None;
         }
-        let total = self.header.disk_size.div_ceil(GRANULE);
-        let mut g = from / GRANULE;
+        let granule = self.granule();
+        let total = self.header.disk_size.div_ceil(granule);
+        let mut g = from / granule;
         // Skip clean bytes whole.
         while g < total {
             if g.is_multiple_of(8) && self.bits[(g / 8) as usize] == 0 {
@@ -371,12 +488,12 @@ impl DirtyMap {
         if g >= total {
             return None;
         }
-        let start = g * GRANULE;
+        let start = g * granule;
         let mut end = g + 1;
-        while end < total && self.bit(end) && (end - g + 1) * GRANULE <= max.max(GRANULE) {
+        while end < total && self.bit(end) && (end - g + 1) * granule <= max.max(granule) {
             end += 1;
         }
-        let stop = (end * GRANULE).min(self.header.disk_size);
+        let stop = (end * granule).min(self.header.disk_size);
         Some((start, stop - start))
     }
 
@@ -429,16 +546,25 @@ mod tests {
     #[test]
     fn header_round_trips_and_its_crc_is_checked() {
         let h = Header {
+            kind: MapKind::Dirty,
             disk_size: 10 * MIB,
             since_ns: 7,
             gap_seq: 9,
             bitmap_crc: 0xdead,
         };
         let mut b = h.encode();
-        assert_eq!(Header::decode(&b).unwrap(), h);
+        assert_eq!(Header::decode(MapKind::Dirty, &b).unwrap(), h);
+        assert!(
+            Header::decode(MapKind::Activity, &b)
+                .unwrap_err()
+                .contains("magic"),
+            "a dirty map is not an activity log"
+        );
         b[30] ^= 1;
-        assert!(Header::decode(&b).unwrap_err().contains("CRC"));
-        assert!(Header::decode(&b[..10]).is_err());
+        assert!(Header::decode(MapKind::Dirty, &b)
+            .unwrap_err()
+            .contains("CRC"));
+        assert!(Header::decode(MapKind::Dirty, &b[..10]).is_err());
     }
 
     #[test]
@@ -514,5 +640,57 @@ mod tests {
         std::fs::write(&p, b"not a map at all").unwrap();
         let (_, found) = DirtyMap::open(&p, 4 * MIB).unwrap();
         assert!(matches!(found, Found::Corrupt(_)), "{found:?}");
+    }
+
+    #[test]
+    fn an_activity_log_has_4_mib_extents_and_is_read_without_change() {
+        let (_d, p) = tmp();
+        let size = 64 * MIB + 1;
+        assert!(
+            DirtyMap::read_only(&p, MapKind::Activity, size)
+                .unwrap()
+                .is_none(),
+            "no file"
+        );
+        let (mut m, found) = DirtyMap::open_kind(&p, MapKind::Activity, size).unwrap();
+        assert_eq!(found, Found::Clean);
+        assert_eq!(m.granule(), 4 * MIB);
+        assert_eq!(m.granules(4 * MIB - 1, 2), (0, 2));
+        m.set(5 * MIB, 1).unwrap();
+        m.set(64 * MIB, 1).unwrap();
+        assert!(m.bit(1) && !m.bit(0) && m.bit(16));
+        assert_eq!(m.dirty_bytes(), 4 * MIB + 1, "the last extent clipped");
+        assert!(m.intersects(8 * MIB - 1, 1) && !m.intersects(8 * MIB, 4 * MIB));
+        drop(m);
+        // A dirty map's code reads it only as what it is.
+        assert!(matches!(
+            DirtyMap::read_only(&p, MapKind::Dirty, size),
+            Err(w) if w.contains("magic")
+        ));
+        let before = std::fs::read(&p).unwrap();
+        let r = DirtyMap::read_only(&p, MapKind::Activity, size)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.count(), r.next_dirty(0, MIB)),
+            (2, Some((4 * MIB, 4 * MIB)))
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), before, "read-only");
+        // Replaced by exactly a set of extents.
+        let (mut m, found) = DirtyMap::open_kind(&p, MapKind::Activity, size).unwrap();
+        assert_eq!(found, Found::Dirty);
+        m.replace([3, 3, 7]).unwrap();
+        drop(m);
+        let r = DirtyMap::read_only(&p, MapKind::Activity, size)
+            .unwrap()
+            .unwrap();
+        assert!(r.count() == 2 && r.bit(3) && r.bit(7) && !r.bit(1));
+        // A corrupt log is refused, never changed by a read.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], HEADER_LEN as u64).unwrap();
+        assert!(DirtyMap::read_only(&p, MapKind::Activity, size)
+            .err()
+            .unwrap()
+            .contains("CRC"));
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::journal::dirty::DirtyMap;
 use crate::journal::format::{
     self, Kind, SegmentHeader, Tail, Trailer, SEGMENT_HEADER_LEN, TRAILER_LEN,
 };
@@ -52,6 +53,8 @@ pub struct Recovered {
     pub torn_bytes: u64,
     /// Records re-applied to the image.
     pub redone: u64,
+    /// Records not redone: their range is in the dirty map (resynced).
+    pub skipped: u64,
     /// Segments sealed by recovery (for the catalog).
     pub sealed: Vec<SealedSegment>,
     /// Empty unsealed segments removed (including aborted creates).
@@ -116,6 +119,18 @@ pub fn recover_disk(
     image: &File,
     image_path: &Path,
 ) -> Result<Recovered, RecoveryError> {
+    recover_disk_skipping(dir, vm_uuid, image, image_path, None)
+}
+
+/// [`recover_disk`], redoing no record whose range touches a set bit of
+/// `dirty` (the disk's valid dirty map).
+pub fn recover_disk_skipping(
+    dir: &Path,
+    vm_uuid: &uuid::Uuid,
+    image: &File,
+    image_path: &Path,
+    dirty: Option<&DirtyMap>,
+) -> Result<Recovered, RecoveryError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let segs = journal::list_segments(dir)?;
     let mut r = Recovered {
@@ -171,7 +186,9 @@ pub fn recover_disk(
         );
         for rec in &seg.scan.records {
             let h = &rec.header;
-            if h.kind.changes_data() {
+            if h.kind.changes_data() && dirty.is_some_and(|m| m.intersects(h.offset, h.length)) {
+                r.skipped += 1;
+            } else if h.kind.changes_data() {
                 journal::apply_record(image, h, rec.payload(&seg.bytes)).map_err(|source| {
                     JournalError::Apply {
                         path: image_path.to_path_buf(),
@@ -512,5 +529,43 @@ mod tests {
         let err = recover_disk(&jdir, &uuid::Uuid::from_bytes(VM), &img, &img_path).unwrap_err();
         assert!(matches!(err, RecoveryError::WrongVm { .. }), "{err}");
         assert_eq!(read(&img, 0, 512), vec![0; 512], "nothing applied");
+    }
+
+    /// A record under a set bit of a valid dirty map is not redone: the
+    /// image holds newer, unjournaled data there (degraded mode), which the
+    /// resync journals; redo would put the older record back under it.
+    #[test]
+    fn redo_skips_records_in_the_dirty_map() {
+        use crate::journal::dirty::{self, MapKind};
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let g = dirty::GRANULE;
+        img.set_len(4 * g).unwrap();
+        let mut seg = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        // Journaled and applied, then overwritten in degraded mode (the
+        // image has 0xdd at 0, its range dirty); in the third granule
+        // journaled, never applied, not dirty.
+        seg.append(
+            1,
+            100,
+            [write(0, &[0xaa; 4096]), write(2 * g, &[0xbb; 512])],
+        )
+        .unwrap();
+        img.write_all_at(&[0xdd; 4096], 0).unwrap();
+        let map_path = dir.path().join("dirty.map");
+        let size = 4 * g;
+        let (mut m, _) = DirtyMap::open(&map_path, size).unwrap();
+        m.set(0, 4096).unwrap();
+        drop(m);
+        let map = DirtyMap::read_only(&map_path, MapKind::Dirty, size)
+            .unwrap()
+            .unwrap();
+        let uuid = uuid::Uuid::from_bytes(VM);
+        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, Some(&map)).unwrap();
+        assert_eq!((r.redone, r.skipped), (1, 1));
+        assert_eq!(read(&img, 0, 4096), vec![0xdd; 4096], "newer data kept");
+        assert_eq!(read(&img, 2 * g, 512), vec![0xbb; 512], "redone");
     }
 }
