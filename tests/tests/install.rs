@@ -656,7 +656,7 @@ fn debian_package_from_the_debug_build() {
             "{c} not a conffile: {conffiles}"
         );
     }
-    for script in ["postinst", "prerm", "postrm"] {
+    for script in ["preinst", "postinst", "prerm", "postrm"] {
         let p = control.join(script);
         run_ok(Command::new("sh").arg("-n").arg(&p));
         let text = fs::read_to_string(&p).unwrap();
@@ -668,8 +668,12 @@ fn debian_package_from_the_debug_build() {
             );
         }
     }
+    preinst_takes_over_cdpctl_install(&control, &tmp.path().join("tree"), &deb);
     let postinst = fs::read_to_string(control.join("postinst")).unwrap();
-    assert!(postinst.contains("mkdir -p /var/lib/cdp"), "{postinst}");
+    assert!(
+        postinst.contains("mkdir -p \"$root/var/lib/cdp\""),
+        "{postinst}"
+    );
     assert!(postinst.contains("restart libvirtd"), "{postinst}");
 
     // The tree: files as in packaging/, programs that run.
@@ -892,4 +896,90 @@ fn install_over_the_package_is_refused_and_uninstall_keeps_its_state() {
     assert_eq!(item(&v, "/etc/cdp/cdp.toml")["action"], "kept", "{v:#}");
     assert!(s.at("/var/lib/cdp/catalog.sqlite").exists());
     assert!(s.at("/etc/cdp/cdp.toml").exists());
+}
+
+/// issue 15: the package over an earlier `cdpctl install` (with its manifest,
+/// and from before manifests, with another bin-dir): preinst removes the copied
+/// programs, the hook and the unit, sets the operator's config aside; dpkg
+/// then finds nothing to ask about; postinst puts the config back. The scripts
+/// run under DPKG_ROOT (as dpkg runs them for a root of its own), with the
+/// systemd helpers of cargo-deb's fragments stubbed.
+fn preinst_takes_over_cdpctl_install(control: &Path, tree_dir: &Path, deb: &Path) {
+    run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(tree_dir));
+    let stubs = tempfile::tempdir().unwrap();
+    for tool in ["systemctl", "deb-systemd-helper", "deb-systemd-invoke"] {
+        let f = stubs.path().join(tool);
+        fs::write(&f, "#!/bin/sh\nexit 0\n").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        stubs.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for (bin_dir, manifest) in [("/usr/local/bin", true), ("/opt/cdp bin", false)] {
+        let s = setup();
+        s.json(&["install", "--libvirt", "--systemd", "--bin-dir", bin_dir]);
+        if !manifest {
+            fs::remove_file(s.at("/var/lib/cdpctl/install.manifest")).unwrap();
+        }
+        fs::write(s.at("/etc/cdp/cdp.toml"), "# mine\n").unwrap();
+        let script = |name: &str, arg: &str| {
+            run_ok(
+                Command::new("sh")
+                    .arg(control.join(name))
+                    .arg(arg)
+                    .env("DPKG_ROOT", &s.root)
+                    .env("PATH", &path)
+                    .stdin(Stdio::null()),
+            )
+        };
+        let out = script("preinst", "install");
+        let err = stderr(&out);
+        assert!(
+            err.contains("taking over an earlier 'cdpctl install'"),
+            "{err}"
+        );
+        for p in PROGRAMS {
+            let f = format!("{bin_dir}/{p}");
+            assert!(!s.at(&f).exists(), "{f} left ({bin_dir}): {err}");
+            assert!(err.contains(&format!("removed {f}")), "{err}");
+        }
+        for f in [
+            "/etc/libvirt/hooks/qemu.d/cdp",
+            "/etc/systemd/system/cdp-agent.service",
+            "/var/lib/cdpctl/install.manifest",
+            "/etc/cdp/cdp.toml",
+        ] {
+            assert!(!s.at(f).exists(), "{f} left ({bin_dir}): {err}");
+        }
+        // dpkg unpacks the package's conffiles where nothing is in the way.
+        for f in ["etc/cdp/cdp.toml", "etc/libvirt/hooks/qemu.d/cdp"] {
+            fs::copy(tree_dir.join(f), s.root.join(f)).unwrap();
+        }
+        let out = script("postinst", "configure");
+        assert_eq!(
+            fs::read_to_string(s.at("/etc/cdp/cdp.toml")).unwrap(),
+            "# mine\n"
+        );
+        assert!(!s.at("/etc/cdp/cdp.toml.cdpd-preinst").exists());
+        assert!(
+            stderr(&out).contains("kept your /etc/cdp/cdp.toml"),
+            "{}",
+            stderr(&out)
+        );
+        // The package's hook, and the AppArmor block and local state kept.
+        assert_files_equal(
+            &s.at("/etc/libvirt/hooks/qemu.d/cdp"),
+            &workspace().join("packaging/libvirt/cdp"),
+        );
+        assert!(s.at("/var/lib/cdp").is_dir());
+        if !Path::new("/run/systemd/system").exists() {
+            assert!(
+                stderr(&out).contains("/usr/bin/cdp-agent run"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
 }

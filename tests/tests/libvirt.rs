@@ -95,6 +95,74 @@ fn restore_host_config() {
 /// one is killed).
 struct Libvirt {
     agent: Option<Child>,
+    /// The host's files install touches, as they were before it; and the
+    /// config install was given (uninstall reads the same).
+    host: HostFiles,
+    dir: std::path::PathBuf,
+}
+
+/// The files of the host that `cdpctl install --libvirt` writes, as they are
+/// now: path → (mode, length, mtime, content for the small ones); `None`
+/// when absent.
+#[derive(Debug, PartialEq, Eq)]
+struct HostFiles(Vec<(String, Option<FileState>)>);
+
+/// mode, length, mtime, content (of a small file).
+type FileState = (u32, u64, i64, Option<Vec<u8>>);
+
+impl HostFiles {
+    fn paths() -> Vec<String> {
+        let mut v: Vec<String> = ["cdpd", "cdp-shipper", "cdp-qemu", "cdpctl", "cdp-agent"]
+            .iter()
+            .map(|b| format!("{BIN_DIR}/{b}"))
+            .collect();
+        v.extend(
+            [
+                "/etc/libvirt/hooks/qemu.d/cdp",
+                "/etc/apparmor.d/local/abstractions/libvirt-qemu",
+                "/etc/apparmor.d/cdpd",
+                "/var/lib/cdpctl/install.manifest",
+                "/var/lib/cdpctl",
+            ]
+            .map(String::from),
+        );
+        v
+    }
+
+    fn now() -> HostFiles {
+        use std::os::unix::fs::MetadataExt;
+        HostFiles(
+            Self::paths()
+                .into_iter()
+                .map(|p| {
+                    let m = std::fs::symlink_metadata(&p).ok().map(|m| {
+                        let small = m.is_file() && m.len() < MIB as u64;
+                        let content = small.then(|| std::fs::read(&p).unwrap());
+                        // A directory's mtime changes with what is in it; a
+                        // small file's content is compared instead.
+                        let mtime = if m.is_dir() || small { 0 } else { m.mtime() };
+                        (m.mode(), m.len() * u64::from(!m.is_dir()), mtime, content)
+                    });
+                    (p, m)
+                })
+                .collect(),
+        )
+    }
+
+    /// What differs from `before`, one line a path.
+    fn diff(&self, before: &HostFiles) -> Vec<String> {
+        let show = |e: &Option<FileState>| match e {
+            None => "absent".to_string(),
+            Some((mode, len, mtime, _)) => format!("mode {mode:o}, {len} bytes, mtime {mtime}"),
+        };
+        before
+            .0
+            .iter()
+            .zip(&self.0)
+            .filter(|(a, b)| a != b)
+            .map(|((p, a), (_, b))| format!("{p}: before {}, after {}", show(a), show(b)))
+            .collect()
+    }
 }
 
 impl Libvirt {
@@ -115,16 +183,29 @@ impl Libvirt {
         }
         // From here on, Drop puts CONFIG back and stops libvirtd, even if a step fails.
         save_host_config();
-        let lv = Libvirt { agent: None };
         // The product as an operator installs it: programs and the hook
         // (with a config of the test's own paths: CONFIG may be broken below).
+        // Drop uninstalls it and checks the host is as before.
         let install_cfg = dir.join("install.toml");
         std::fs::write(&install_cfg, config_for(dir, 0)).unwrap();
+        let lv = Libvirt {
+            agent: None,
+            host: HostFiles::now(),
+            dir: dir.to_path_buf(),
+        };
         let out = sh(Command::new(bin("cdpctl"))
             .args(["install", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
             .arg(&install_cfg));
         eprintln!("cdpctl install --libvirt:\n{out}");
         assert!(Path::new("/etc/libvirt/hooks/qemu.d/cdp").exists());
+        // Without systemd, install says how to run the agent instead.
+        if !Path::new("/run/systemd/system").exists() {
+            let run = "systemd is not running here (no /run/systemd/system)";
+            assert!(
+                out.contains(run) && out.contains(&format!("{BIN_DIR}/cdp-agent run")),
+                "{out}"
+            );
+        }
         std::fs::create_dir_all("/etc/cdp").unwrap();
         std::fs::write(CONFIG, config).unwrap();
         Self::stop_libvirtd();
@@ -192,6 +273,46 @@ impl Drop for Libvirt {
         }
         Self::stop_libvirtd();
         restore_host_config();
+        self.uninstall();
+    }
+}
+
+impl Libvirt {
+    /// Take away what the test installed; the host's files as before (a
+    /// failure to do so fails the test, unless it is failing already).
+    fn uninstall(&self) {
+        // The state and run directories of install.toml hold what the test's
+        // VMs left (in the test's directory): gone first, so that uninstall
+        // finds nothing of the install left.
+        for d in ["state", "run"] {
+            let _ = std::fs::remove_dir_all(self.dir.join(d));
+        }
+        let out = run(Command::new(bin("cdpctl"))
+            .args(["uninstall", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
+            .arg(self.dir.join("install.toml")));
+        eprintln!(
+            "cdpctl uninstall --libvirt:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let diff = HostFiles::now().diff(&self.host);
+        let problem = if !out.status.success() {
+            Some(format!("cdpctl uninstall failed: {}", out.status))
+        } else if !diff.is_empty() {
+            Some(format!(
+                "the test left the host changed:\n{}",
+                diff.join("\n")
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            if std::thread::panicking() {
+                eprintln!("{p}");
+            } else {
+                panic!("{p}");
+            }
+        }
     }
 }
 

@@ -944,6 +944,9 @@ fn remove_binaries(p: &mut Plan, t: &Target, m: Option<&Manifest>) -> Result<()>
             Step::same("binary", &path, "kept").detail("owned by the cdpd package: apt remove cdpd")
         } else if !created(m, &path) {
             Step::same("binary", &path, "kept").detail(BEFORE)
+        } else if m.is_some() {
+            // Created by install (an upgrade may have replaced it since).
+            Step::change("binary", &path, "removed", Op::Remove { to: dest })
         } else if !src.is_file() || !files_equal(&src, &dest)? {
             Step::same("binary", &path, "kept").detail(format!(
                 "differs from {}: run the installed {} uninstall",
