@@ -1,0 +1,253 @@
+//! A power loss (issue 12, "Bounded resync after a crash";
+//! docs/RELIABILITY.md, "A power loss"): cdpd keeps an activity log per disk
+//! (the 4 MiB extents that may hold writes not yet durable, durable before
+//! the image is written). The start after a power loss resyncs only those
+//! extents (a GAP {"resync": true}, RESYNC records, RESYNCED) instead of
+//! taking a new baseline.
+//!
+//! The power loss is faked: cdpd is SIGKILLed, the open segment's last
+//! records are cut off (what the journal lost) and other bytes are written
+//! straight into the image inside those extents (what reached the image but
+//! not the journal), and the next start is given another boot id.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use cdp_core::journal::LoadedSegment;
+use cdp_tests::fixture::{cdpctl, cdpctl_out, config_without_space_floor, shipper_once_cmd};
+use cdp_tests::{records_of_kind, require_tool, run, run_ok, Daemon};
+
+const MIB: u64 = 1 << 20;
+const EXTENT: u64 = 4 * MIB;
+
+fn write_boot_id(d: &Daemon, name: &str) -> PathBuf {
+    let p = d.work_dir().join(name);
+    std::fs::write(&p, format!("{}\n", uuid::Uuid::new_v4())).unwrap();
+    p
+}
+
+/// qemu-io commands against vda (writeback); every one must succeed.
+fn qemu_io_ok(d: &Daemon, cmds: &[String]) {
+    let mut c = Command::new(require_tool("qemu-io"));
+    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri("vda"));
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let out = run(&mut c);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.to_lowercase().contains("error"),
+        "the guest saw an I/O error:\n{text}"
+    );
+}
+
+fn disk_status(d: &Daemon) -> Value {
+    d.status_json()["disks"][0].clone()
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("status has no {k}: {v}"))
+}
+
+/// The newest segment of vda's journal (the one open when cdpd was killed).
+fn newest_segment(d: &Daemon) -> PathBuf {
+    let dir = cdp_core::layout::StateDir::new(&d.state_dir).journal(&d.vm_uuid, "vda");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    segs.pop().expect("a segment")
+}
+
+/// Cut the open segment just before its first record at or after
+/// `from_seq`: the records the journal "lost". Returns how many WRITEs
+/// were cut.
+fn cut_tail(seg: &Path, from_seq: u64) -> usize {
+    let loaded = LoadedSegment::load(seg).unwrap();
+    let recs = &loaded.scan.records;
+    let i = recs
+        .iter()
+        .position(|r| r.header.seq >= from_seq)
+        .unwrap_or_else(|| panic!("no record from seq {from_seq} in {}", seg.display()));
+    let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+    f.set_len(recs[i].pos).unwrap();
+    recs[i..]
+        .iter()
+        .filter(|r| r.header.kind == cdp_core::journal::Kind::Write)
+        .count()
+}
+
+fn write_image(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn restore_at(d: &Daemon, cfg: &Path, repo: &Path, at: &str, out: &Path) -> std::process::Output {
+    let _ = std::fs::remove_file(out);
+    let url = format!("file://{}", repo.display());
+    cdpctl_out(
+        d,
+        cfg,
+        &[
+            "restore",
+            &d.vm_uuid,
+            "--disk",
+            "vda",
+            "--at",
+            at,
+            "--no-local",
+            "--output",
+            out.to_str().unwrap(),
+            "--repo",
+            &url,
+        ],
+    )
+}
+
+fn catalog_gaps(d: &Daemon) -> Vec<String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        d.catalog_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut stmt = conn.prepare("SELECT reason FROM gaps").unwrap();
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    rows.map(|r| r.unwrap()).collect()
+}
+
+#[test]
+fn a_power_loss_resyncs_only_the_activity_log_extents() {
+    let size = 256 * MIB;
+    let mut d = Daemon::builder().disk_random("vda", size, 51).prepare();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config_without_space_floor(&d, &repo);
+    let boot1 = write_boot_id(&d, "boot-id-1");
+    let boot2 = write_boot_id(&d, "boot-id-2");
+    d.extra = vec!["--boot-id-file".into(), boot1.into()];
+    d.start();
+    // The baseline, before the power loss.
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let gaps_before = catalog_gaps(&d);
+
+    // Extents 2, 5 and 9 written and flushed; then two more writes in
+    // extents 5 and 9, not flushed: their records are what the journal
+    // loses.
+    let extents = [2u64, 5, 9];
+    let mut cmds: Vec<String> = extents
+        .iter()
+        .map(|e| format!("write -P 0x{:x} {} 64k", 0x40 + e, e * EXTENT + MIB))
+        .collect();
+    cmds.push("flush".into());
+    qemu_io_ok(&d, &cmds);
+    let flushed_seq = d.status_json()["last_seq"].as_u64().unwrap();
+    qemu_io_ok(
+        &d,
+        &[
+            format!("write -P 0x77 {} 64k", 5 * EXTENT + 2 * MIB),
+            format!("write -P 0x78 {} 64k", 9 * EXTENT + 3 * MIB),
+        ],
+    );
+    d.kill9();
+
+    // The power loss: the journal lost the last two records; the image
+    // got other bytes there (what reached the disk of the image).
+    let cut = cut_tail(&newest_segment(&d), flushed_seq + 1);
+    assert_eq!(
+        cut, 2,
+        "the two unflushed writes are cut (and qemu-io's FLUSH at exit)"
+    );
+    let img = d.image("vda");
+    write_image(&img, 5 * EXTENT + 2 * MIB, &[0x99; 65536]);
+    write_image(&img, 9 * EXTENT + 3 * MIB + 4096, &[0x9a; 4096]);
+
+    d.extra = vec!["--boot-id-file".into(), boot2.into()];
+    d.start();
+    let t0 = Instant::now();
+    let s = loop {
+        let s = disk_status(&d);
+        if s["journal_mode"] == "normal" && u(&s, "resyncs_done") >= 1 {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no resync after the power loss: {s}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let read = u(&s, "resync_bytes_read");
+    assert_eq!(
+        read,
+        extents.len() as u64 * EXTENT,
+        "only the activity log's extents are read: {s}"
+    );
+    assert!(read * 10 < size);
+    assert_eq!(
+        catalog_gaps(&d),
+        gaps_before,
+        "no catalog gap: no new baseline needed"
+    );
+
+    // Written after the resync: a point that must restore.
+    qemu_io_ok(
+        &d,
+        &[format!("write -P 0x55 {} 4k", 100 * MIB), "flush".into()],
+    );
+    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "after"]);
+    let after = d.work_dir().join("after.img");
+    std::fs::copy(&img, &after).unwrap();
+    d.term();
+
+    let recs = d.journal_records();
+    let starts = records_of_kind(&recs, "SESSION_START");
+    assert_eq!(
+        starts.last().unwrap()["info"]["previous_end"],
+        "power-loss",
+        "{starts:?}"
+    );
+    let gaps: Vec<&Value> = records_of_kind(&recs, "GAP")
+        .into_iter()
+        .filter(|g| g["seq"].as_u64().unwrap() > flushed_seq)
+        .collect();
+    assert_eq!(gaps.len(), 1, "{gaps:#?}");
+    let gap = gaps[0];
+    assert_eq!(gap["info"]["resync"], true, "{gap}");
+    assert!(
+        gap["info"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("power loss")),
+        "{gap}"
+    );
+    let gap_seq = gap["seq"].as_u64().unwrap();
+    let resynced = records_of_kind(&recs, "RESYNCED");
+    assert_eq!(resynced.len(), 1, "{resynced:#?}");
+    assert_eq!(resynced[0]["info"]["gap_seq"].as_u64(), Some(gap_seq));
+    d.check_replay_invariant("vda");
+
+    // From the repository: after the RESYNCED, the image; inside the
+    // window, refused.
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let out = d.work_dir().join("restored.img");
+    let r = restore_at(&d, &cfg, &repo, "mark:after", &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    cdp_tests::assert_files_equal(&out, &after);
+    let r = restore_at(&d, &cfg, &repo, &format!("seq:{gap_seq}"), &out);
+    assert!(
+        !r.status.success(),
+        "a point inside the window restored: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+}
