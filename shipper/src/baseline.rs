@@ -54,20 +54,41 @@ pub struct BaselineJob<'a> {
     pub opened: Option<&'a File>,
 }
 
+/// Where a disk's image stands for a baseline: the newest seq whose image
+/// write is complete, and how many times its journal has entered degraded
+/// mode in this cdpd's life (0 when cdpd is not running).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub seq: u64,
+    pub times_degraded: u64,
+}
+
 /// The newest seq of a disk whose image write is complete: from the running
 /// cdpd (under its disk lock), else from the catalog, but only once the last
 /// capture session has ended (cdpd stopped, or its journal recovered): a
 /// cdpd that is alive but does not answer, or one killed before its journal
 /// was recovered, leaves the image ahead of the catalog, and a baseline
 /// taken then would be inexact (issue 12): [`ShipError::UnsettledImage`].
-pub fn settled_seq(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &str) -> Result<u64> {
+/// A disk whose journal is full right now takes writes it does not journal:
+/// [`ShipError::DegradedImage`]. (Stopped, the image holds what the guest
+/// wrote, journaled or not: a baseline of it is exact at the catalog's seq.)
+pub fn settled(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &str) -> Result<Settled> {
     let sock = cdp_core::layout::RunDir::new(run_dir)
         .vm(vm)
         .control_socket();
     if sock.exists() {
         if let Ok(status) = cdp_core::control::Client::new(&sock).status() {
             if let Some(d) = status.disks.iter().find(|d| d.disk == disk) {
-                return Ok(d.last_seq);
+                if d.degraded {
+                    return Err(ShipError::DegradedImage {
+                        vm: vm.to_string(),
+                        disk: disk.to_string(),
+                    });
+                }
+                return Ok(Settled {
+                    seq: d.last_seq,
+                    times_degraded: d.times_degraded,
+                });
             }
         }
     }
@@ -75,7 +96,10 @@ pub fn settled_seq(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &st
     if cat.last_session(vm)?.is_some_and(|s| s.end_kind.is_none()) {
         return Err(ShipError::UnsettledImage { vm: vm.to_string() });
     }
-    Ok(cat.last_seq(vm)?.0)
+    Ok(Settled {
+        seq: cat.last_seq(vm)?.0,
+        times_degraded: 0,
+    })
 }
 
 /// Is [off, off+len) entirely a hole?
@@ -237,7 +261,8 @@ pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
         target: job.target.to_string(),
         source: Box::new(source),
     })?;
-    let s0 = settled_seq(job.run_dir, job.catalog, vm, disk)?;
+    let before = settled(job.run_dir, job.catalog, vm, disk)?;
+    let s0 = before.seq;
     let mut f = match job.opened {
         Some(f) => f.try_clone(),
         None => File::open(job.image),
@@ -248,7 +273,16 @@ pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
         .seek(SeekFrom::End(0))
         .map_err(ShipError::io("finding the size of", job.image))?;
     let scan = scan_image(job, f, size).await?;
-    let s1 = settled_seq(job.run_dir, job.catalog, vm, disk)?.max(s0);
+    let after = settled(job.run_dir, job.catalog, vm, disk)?;
+    // Degraded (and back) during the scan: writes reached the image that no
+    // record replays onto it (issue 12).
+    if after.times_degraded != before.times_degraded {
+        return Err(ShipError::DegradedImage {
+            vm: vm.to_string(),
+            disk: disk.to_string(),
+        });
+    }
+    let s1 = after.seq.max(s0);
     let n = scan.chunks.len() as u64;
     let b = Baseline {
         vm_uuid: vm.to_string(),
@@ -314,10 +348,10 @@ mod tests {
         let id = cat.start_session(VM, "boot", 1, 2, 3, "first").unwrap();
         let cat = Mutex::new(cat);
         let run = dir.path().join("run");
-        let e = settled_seq(&run, &cat, VM, "vda").unwrap_err();
+        let e = settled(&run, &cat, VM, "vda").unwrap_err();
         assert!(matches!(e, ShipError::UnsettledImage { .. }), "{e}");
         assert!(e.is_transient());
         cat.lock().unwrap().end_session(id, 5, "crash").unwrap();
-        assert_eq!(settled_seq(&run, &cat, VM, "vda").unwrap(), 41);
+        assert_eq!(settled(&run, &cat, VM, "vda").unwrap().seq, 41);
     }
 }

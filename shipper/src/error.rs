@@ -104,6 +104,8 @@ pub enum ShipError {
     },
     #[error("VM {vm}: its cdpd does not answer on its control socket and its capture session is still open: the seq its image is settled at is unknown, so no baseline now (it would be inexact); it is taken once cdpd answers or its journal is recovered")]
     UnsettledImage { vm: String },
+    #[error("VM {vm}, disk {disk}: its journal was full (degraded mode) during the baseline's scan: writes then reached the image without being journaled, so no seq would make the baseline exact; it is taken again once the journal takes writes again")]
+    DegradedImage { vm: String, disk: String },
 }
 
 fn config_file(p: &Option<PathBuf>) -> String {
@@ -127,7 +129,8 @@ impl ShipError {
             | ShipError::NotSealed { .. }
             | ShipError::Io { .. }
             | ShipError::Task { .. }
-            | ShipError::UnsettledImage { .. } => Kind::Local,
+            | ShipError::UnsettledImage { .. }
+            | ShipError::DegradedImage { .. } => Kind::Local,
         }
     }
 
@@ -145,6 +148,9 @@ impl ShipError {
             },
             // cdpd comes back (restarted) or the agent recovers its journal.
             ShipError::UnsettledImage { .. } => true,
+            // The journal takes writes again once the shipper trims or the
+            // target comes back.
+            ShipError::DegradedImage { .. } => true,
             _ => false,
         }
     }
