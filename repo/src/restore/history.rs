@@ -69,6 +69,11 @@ pub struct Resyncs {
     pub gaps: BTreeSet<u64>,
     /// (seq, gap_seq) of every RESYNCED record that reads, by seq.
     pub resynced: Vec<(u64, u64)>,
+    /// For a resync GAP whose payload says `since_ns`: when its window
+    /// began (the first write not journaled). Records journaled between
+    /// then and the GAP (a MARK, a FLUSH, a SESSION_END written while the
+    /// journal refused data) lie inside the window too.
+    pub since: BTreeMap<u64, u64>,
 }
 
 impl Resyncs {
@@ -188,6 +193,41 @@ impl History {
         let below = k.iter().rev().find(|p| p.ts_ns <= ts).copied();
         let above = k.iter().find(|p| p.ts_ns > ts).copied();
         self.thinned_why(below, above)
+    }
+
+    /// The resync GAP whose window holds a state at `seq` named by a time
+    /// `ts_ns` (a time point, or the record's own time): a GAP after `seq`
+    /// whose window began (`since_ns`) at or before `ts_ns`. Writes were
+    /// then reaching the disk without a record, so the replay up to `seq`
+    /// misses them (docs/REPOSITORY_FORMAT.md, "GAP and RESYNCED").
+    pub fn unjournaled_window(&self, seq: u64, ts_ns: u64) -> Option<u64> {
+        self.resyncs
+            .since
+            .iter()
+            .find(|&(&g, &since)| g > seq && since <= ts_ns)
+            .map(|(&g, _)| g)
+    }
+
+    /// The first seq inside the window of the resync GAP at `gap`: the
+    /// first record written at or after its `since_ns` (the GAP itself
+    /// when nothing was journaled meanwhile).
+    pub fn window_start(&self, gap: u64) -> u64 {
+        let Some(&since) = self.resyncs.since.get(&gap) else {
+            return gap;
+        };
+        self.entries()
+            .map(|(_, e)| e)
+            .find(|e| e.seq < gap && e.ts_ns >= since)
+            .map_or(gap, |e| e.seq)
+    }
+
+    /// The time of the newest record at or before `seq`.
+    pub fn ts_at(&self, seq: u64) -> Option<u64> {
+        self.entries()
+            .map(|(_, e)| e)
+            .filter(|e| e.seq <= seq)
+            .last()
+            .map(|e| e.ts_ns)
     }
 
     pub fn last_entry(&self) -> Option<&IndexEntry> {
@@ -350,6 +390,9 @@ pub async fn load_resyncs(
             match e.kind {
                 Kind::Gap if v["resync"] == serde_json::Value::Bool(true) => {
                     out.gaps.insert(e.seq);
+                    if let Some(t) = v["since_ns"].as_u64() {
+                        out.since.insert(e.seq, t);
+                    }
                 }
                 Kind::Resynced => {
                     if let Some(g) = v["gap_seq"].as_u64() {

@@ -145,6 +145,11 @@ fn covered(h: &History, s0: u64, seq: u64) -> Result<(), String> {
             }
         }
     }
+    // A record journaled inside a window that a later GAP announces (a MARK
+    // or FLUSH while the journal refused data): the replay misses writes.
+    if let Some(g) = h.ts_at(seq).and_then(|t| h.unjournaled_window(seq, t)) {
+        return Err(gap_why(h, g));
+    }
     Ok(())
 }
 
@@ -241,15 +246,18 @@ pub fn restorable_ranges(h: &History) -> Vec<(u64, u64)> {
                 if g.seq > end {
                     break;
                 }
+                // The window may begin before the GAP (records journaled
+                // while the journal refused data).
+                let from = h.window_start(g.seq).max(b.s0 + 1);
                 match h.resyncs.healed_by(g.seq) {
                     Some(r) => {
-                        if start < g.seq {
-                            ranges.push((start, g.seq - 1));
+                        if start < from {
+                            ranges.push((start, from - 1));
                         }
                         start = start.max(r);
                     }
                     None => {
-                        end = g.seq - 1;
+                        end = end.min(from - 1);
                         break;
                     }
                 }

@@ -73,6 +73,7 @@ fn resyncs(gaps: &[u64], resynced: &[(u64, u64)]) -> Resyncs {
     Resyncs {
         gaps: gaps.iter().copied().collect(),
         resynced: resynced.to_vec(),
+        since: Default::default(),
     }
 }
 
@@ -306,4 +307,38 @@ proptest! {
             prop_assert!(p.extents.iter().all(|(_, e, _)| e <= p.size));
         }
     }
+}
+
+/// The journal refused data from seq 4's time on, but still took a MARK (4)
+/// and a FLUSH (5) before cdpd journaled the GAP (6): those records, and
+/// any time from the window's start, name states the replay lacks; seq 3
+/// and the points after the RESYNCED (9) do not.
+#[test]
+fn records_and_times_inside_a_window_before_its_gap_are_refused() {
+    let mut recs = healed_journal();
+    recs[3] = (Kind::Mark, 0, 0, 0);
+    recs[4] = (Kind::Flush, 0, 0, 0);
+    let mut rs = resyncs(&[6], &[(9, 6)]);
+    rs.since.insert(6, 4000); // seq 4's ts (entries are 1000 ns apart)
+    let h = history(&recs, vec![baseline(0, 0, 16)], rs);
+    assert_eq!(restorable_ranges(&h), vec![(1, 3), (9, 10)]);
+    for seq in [4, 5] {
+        let why = why(&h, seq);
+        assert!(why.contains("seq 6 is a GAP"), "seq {seq}: {why}");
+    }
+    for seq in [3, 9, 10] {
+        let p = plan(&h, seq, &Point::Seq(seq)).unwrap();
+        assert_eq!(content(&p), truth(&recs, 16, seq), "seq {seq}");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let at = |t: u64| rt.block_on(crate::restore::point::resolve(&h, None, &Point::TimeNs(t)));
+    assert_eq!(at(3999).unwrap(), 3);
+    // (From the GAP on, the time resolves into [6, 9), which plan refuses.)
+    for t in [4000, 4500, 5999] {
+        let e = at(t).unwrap_err().to_string();
+        assert!(e.contains("window of the GAP at seq 6"), "{t}: {e}");
+    }
+    assert_eq!(at(9000).unwrap(), 9);
 }

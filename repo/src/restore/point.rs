@@ -66,13 +66,34 @@ pub async fn resolve(h: &History, store: Option<&Store>, p: &Point) -> Result<u6
     match p {
         Point::Seq(n) => Ok(*n),
         Point::Latest => unambiguous(h, p, last.seq),
-        Point::TimeNs(t) => match resolve_time(h, p, *t)? {
-            // The newest record, for a time after it. (A point retention
-            // kept past it has an exact baseline, and its state lasted.)
-            seq if *t > last.ts_ns && seq == last.seq => after_newest(h, p, last),
-            seq => Ok(seq),
-        },
+        Point::TimeNs(t) => {
+            let seq = match resolve_time(h, p, *t)? {
+                // The newest record, for a time after it. (A point retention
+                // kept past it has an exact baseline, and its state lasted.)
+                seq if *t > last.ts_ns && seq == last.seq => after_newest(h, p, last)?,
+                seq => seq,
+            };
+            outside_windows(h, p, seq, *t)
+        }
         Point::Mark(label) => resolve_mark(h, store, p, label).await,
+    }
+}
+
+/// A time inside the window a later resync GAP announces (from its
+/// `since_ns`) names a state no record holds: writes then reached the disk
+/// unjournaled, whatever record the time falls after.
+fn outside_windows(h: &History, p: &Point, seq: u64, t: u64) -> Result<u64, RestoreError> {
+    match h.unjournaled_window(seq, t) {
+        Some(g) => Err(impossible(
+            h,
+            p,
+            format!(
+                "it lies in the window of the GAP at seq {g}: {}",
+                h.gap_note(g)
+                    .unwrap_or_else(|| "writes then were not journaled".into())
+            ),
+        )),
+        None => Ok(seq),
     }
 }
 
