@@ -669,6 +669,7 @@ fn debian_package_from_the_debug_build() {
         }
     }
     preinst_takes_over_cdpctl_install(&control, &tmp.path().join("tree"), &deb);
+    dpkg_installs_over_cdpctl_install_without_a_question(&deb);
     let postinst = fs::read_to_string(control.join("postinst")).unwrap();
     assert!(
         postinst.contains("mkdir -p \"$root/var/lib/cdp\""),
@@ -907,16 +908,7 @@ fn install_over_the_package_is_refused_and_uninstall_keeps_its_state() {
 fn preinst_takes_over_cdpctl_install(control: &Path, tree_dir: &Path, deb: &Path) {
     run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(tree_dir));
     let stubs = tempfile::tempdir().unwrap();
-    for tool in ["systemctl", "deb-systemd-helper", "deb-systemd-invoke"] {
-        let f = stubs.path().join(tool);
-        fs::write(&f, "#!/bin/sh\nexit 0\n").unwrap();
-        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let path = format!(
-        "{}:{}",
-        stubs.path().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = systemd_stubs(stubs.path());
     for (bin_dir, manifest) in [("/usr/local/bin", true), ("/opt/cdp bin", false)] {
         let s = setup();
         s.json(&["install", "--libvirt", "--systemd", "--bin-dir", bin_dir]);
@@ -982,4 +974,84 @@ fn preinst_takes_over_cdpctl_install(control: &Path, tree_dir: &Path, deb: &Path
             );
         }
     }
+}
+
+/// Stand-ins for the systemd helpers cargo-deb's fragments call, first in PATH
+/// (the scripts run outside a chroot: they must not enable anything on this host).
+fn systemd_stubs(dir: &Path) -> String {
+    fs::create_dir_all(dir).unwrap();
+    for tool in ["systemctl", "deb-systemd-helper", "deb-systemd-invoke"] {
+        let f = dir.join(tool);
+        fs::write(&f, "#!/bin/sh\nexit 0\n").unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// issue 15: a real `dpkg -i` (into a root of its own, no terminal) over an
+/// earlier `cdpctl install --libvirt --systemd` with an operator's config:
+/// it completes ("install ok installed") without a conffile question, the
+/// copies in /usr/local/bin are gone, the operator's config is in force, the
+/// hook is the package's. Then `cdpctl install` from a build refuses.
+fn dpkg_installs_over_cdpctl_install_without_a_question(deb: &Path) {
+    let dpkg = require_tool("dpkg");
+    let s = setup();
+    let db = s.at("/var/lib/dpkg");
+    for d in ["info", "updates", "triggers"] {
+        fs::create_dir_all(db.join(d)).unwrap();
+    }
+    fs::write(db.join("status"), "").unwrap();
+    s.json(&["install", "--libvirt", "--systemd"]);
+    fs::write(s.at("/etc/cdp/cdp.toml"), "# mine\n").unwrap();
+    let path = systemd_stubs(&s._tmp.path().join("stubs"));
+    let out = run(Command::new(&dpkg)
+        .arg(format!("--root={}", s.root.display()))
+        .args(["--force-script-chrootless", "--force-depends", "-i"])
+        .arg(deb)
+        .env("PATH", &path)
+        .stdin(Stdio::null()));
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(
+        out.status.success(),
+        "dpkg -i over cdpctl install failed:\n{log}"
+    );
+    assert!(
+        !log.contains("Configuration file"),
+        "dpkg asked about a conffile:\n{log}"
+    );
+    let status = run_ok(
+        Command::new(&dpkg)
+            .arg(format!("--root={}", s.root.display()))
+            .args(["-s", "cdpd"]),
+    );
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("Status: install ok installed"),
+        "{log}"
+    );
+    for p in PROGRAMS {
+        assert!(!s.at(&format!("/usr/local/bin/{p}")).exists(), "{p}: {log}");
+        assert!(s.at(&format!("/usr/bin/{p}")).exists(), "{p}: {log}");
+    }
+    assert_eq!(
+        fs::read_to_string(s.at("/etc/cdp/cdp.toml")).unwrap(),
+        "# mine\n"
+    );
+    assert_files_equal(
+        &s.at("/etc/libvirt/hooks/qemu.d/cdp"),
+        &workspace().join("packaging/libvirt/cdp"),
+    );
+    assert!(!s.at("/etc/systemd/system/cdp-agent.service").exists());
+    assert!(!s.at("/var/lib/cdpctl").exists());
+    // The reverse: a build's cdpctl names the package's command instead.
+    let out = run(&mut s.cmd(&["install", "--libvirt"]));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("usr/bin/cdpctl install --libvirt"),
+        "{}",
+        stderr(&out)
+    );
 }
