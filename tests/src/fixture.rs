@@ -198,3 +198,69 @@ pub fn as_user(uid: u32, gid: u32, script: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `cdpctl restore VM --disk DISK --at AT --no-local --output OUT --repo
+/// file://REPO` (OUT removed first); the output, whatever the status.
+pub fn restore_from_repo(
+    d: &Daemon,
+    cfg: &Path,
+    repo: &Path,
+    disk: &str,
+    at: &str,
+    out: &Path,
+) -> Output {
+    let _ = std::fs::remove_file(out);
+    let url = format!("file://{}", repo.display());
+    let args = [
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        disk,
+        "--at",
+        at,
+        "--no-local",
+        "--output",
+        out.to_str().unwrap(),
+        "--repo",
+        &url,
+    ];
+    cdpctl_out(d, cfg, &args)
+}
+
+/// qemu-io commands against a disk's export (writeback); every one must
+/// succeed, and the guest must see no error: the output.
+pub fn qemu_io_ok(d: &Daemon, disk: &str, cmds: &[String]) -> String {
+    let mut c = Command::new(require_tool("qemu-io"));
+    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri(disk));
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    let out = run(&mut c);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lower = text.to_lowercase();
+    assert!(
+        out.status.success() && !lower.contains("error") && !lower.contains("failed"),
+        "the guest saw an I/O error:\n{text}"
+    );
+    text
+}
+
+/// A new boot id in the file `name` of the work directory (for
+/// `--boot-id-file`: another boot id fakes a reboot).
+pub fn write_boot_id(d: &Daemon, name: &str) -> PathBuf {
+    let p = d.work_dir().join(name);
+    std::fs::write(&p, format!("{}\n", uuid::Uuid::new_v4())).unwrap();
+    p
+}
+
+/// A number of the first disk's status in `cdpctl status --json`.
+pub fn disk_status_u64(d: &Daemon, key: &str) -> u64 {
+    let s = d.status_json()["disks"][0].clone();
+    s[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has no {key}: {s}"))
+}

@@ -11,42 +11,19 @@
 //! not the journal), and the next start is given another boot id.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use cdp_core::journal::LoadedSegment;
-use cdp_tests::fixture::{cdpctl, cdpctl_out, config_without_space_floor, shipper_once_cmd};
-use cdp_tests::{records_of_kind, require_tool, run, run_ok, Daemon};
+use cdp_tests::fixture::{
+    cdpctl, config_without_space_floor, qemu_io_ok, restore_from_repo, shipper_once_cmd,
+    write_boot_id,
+};
+use cdp_tests::{records_of_kind, run_ok, Daemon};
 
 const MIB: u64 = 1 << 20;
 const EXTENT: u64 = 4 * MIB;
-
-fn write_boot_id(d: &Daemon, name: &str) -> PathBuf {
-    let p = d.work_dir().join(name);
-    std::fs::write(&p, format!("{}\n", uuid::Uuid::new_v4())).unwrap();
-    p
-}
-
-/// qemu-io commands against vda (writeback); every one must succeed.
-fn qemu_io_ok(d: &Daemon, cmds: &[String]) {
-    let mut c = Command::new(require_tool("qemu-io"));
-    c.args(["-f", "raw", "-t", "writeback"]).arg(d.uri("vda"));
-    for x in cmds {
-        c.arg("-c").arg(x);
-    }
-    let out = run(&mut c);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.to_lowercase().contains("error"),
-        "the guest saw an I/O error:\n{text}"
-    );
-}
 
 fn disk_status(d: &Daemon) -> Value {
     d.status_json()["disks"][0].clone()
@@ -94,28 +71,6 @@ fn write_image(path: &Path, offset: u64, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
-fn restore_at(d: &Daemon, cfg: &Path, repo: &Path, at: &str, out: &Path) -> std::process::Output {
-    let _ = std::fs::remove_file(out);
-    let url = format!("file://{}", repo.display());
-    cdpctl_out(
-        d,
-        cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            at,
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ],
-    )
-}
-
 fn catalog_gaps(d: &Daemon) -> Vec<String> {
     let conn = rusqlite::Connection::open_with_flags(
         d.catalog_path(),
@@ -151,10 +106,11 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
         .map(|e| format!("write -P 0x{:x} {} 64k", 0x40 + e, e * EXTENT + MIB))
         .collect();
     cmds.push("flush".into());
-    qemu_io_ok(&d, &cmds);
+    qemu_io_ok(&d, "vda", &cmds);
     let flushed_seq = d.status_json()["last_seq"].as_u64().unwrap();
     qemu_io_ok(
         &d,
+        "vda",
         &[
             format!("write -P 0x77 {} 64k", 5 * EXTENT + 2 * MIB),
             format!("write -P 0x78 {} 64k", 9 * EXTENT + 3 * MIB),
@@ -204,6 +160,7 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
     // Written after the resync: a point that must restore.
     qemu_io_ok(
         &d,
+        "vda",
         &[format!("write -P 0x55 {} 4k", 100 * MIB), "flush".into()],
     );
     cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "after"]);
@@ -241,10 +198,10 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
     // window, refused.
     run_ok(&mut shipper_once_cmd(&d, &cfg));
     let out = d.work_dir().join("restored.img");
-    let r = restore_at(&d, &cfg, &repo, "mark:after", &out);
+    let r = restore_from_repo(&d, &cfg, &repo, "vda", "mark:after", &out);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     cdp_tests::assert_files_equal(&out, &after);
-    let r = restore_at(&d, &cfg, &repo, &format!("seq:{gap_seq}"), &out);
+    let r = restore_from_repo(&d, &cfg, &repo, "vda", &format!("seq:{gap_seq}"), &out);
     assert!(
         !r.status.success(),
         "a point inside the window restored: {}",
