@@ -887,6 +887,34 @@ fn install_over_the_package_is_refused_and_uninstall_keeps_its_state() {
     );
     assert_eq!(tree(&s.root), before, "a refused install changed files");
 
+    // The package's cdpctl may add the AppArmor rules; the package's files
+    // never count as install's (after apt remove, the hook is still dpkg's).
+    let pkg = programs(&s.at("/usr/bin"));
+    fs::create_dir_all(s.at("/etc/libvirt/hooks/qemu.d")).unwrap();
+    fs::copy(
+        workspace().join("packaging/libvirt/cdp"),
+        s.at("/etc/libvirt/hooks/qemu.d/cdp"),
+    )
+    .unwrap();
+    run_ok(
+        Command::new(&pkg)
+            .args(["install", "--libvirt", "--root"])
+            .arg(&s.root),
+    );
+    let manifest = fs::read_to_string(s.at("/var/lib/cdpctl/install.manifest")).unwrap();
+    assert!(
+        !manifest.contains("/usr/bin/") && !manifest.contains("hooks/qemu.d/cdp"),
+        "{manifest}"
+    );
+    let list = fs::read(info.join("cdpd.list")).unwrap();
+    fs::remove_file(info.join("cdpd.list")).unwrap();
+    s.json(&["uninstall", "--libvirt"]);
+    assert!(
+        s.at("/etc/libvirt/hooks/qemu.d/cdp").exists(),
+        "uninstall took the package's hook"
+    );
+    fs::write(info.join("cdpd.list"), list).unwrap();
+
     // The package's files and state, as its scripts leave them.
     fs::create_dir_all(s.at("/etc/cdp")).unwrap();
     fs::write(s.at("/etc/cdp/cdp.toml"), "# the package's\n").unwrap();

@@ -396,14 +396,15 @@ fn record(p: &mut Plan, t: &Target, adopt: bool) {
         let ours = matches!(i.kind, "binary" | "hook" | "unit")
             && matches!(i.action, "unchanged" | "updated")
             && i.detail.as_deref() != Some("cdpctl runs from here");
-        if i.action == "created" || (adopt && ours) {
+        if i.action == "created" || (adopt && ours && !t.package_installed()) {
             created.push(i.path.clone());
         }
         if i.kind == "config" && i.action == "created" && !t.at(etc).exists() {
             created.push(etc.to_path_buf());
         }
     }
-    for c in created {
+    // dpkg's files are never install's, even where it finds them unchanged.
+    for c in created.into_iter().filter(|c| !t.is_packaged(c)) {
         p.manifest.record(&c, Entry::Created);
     }
 }
