@@ -147,7 +147,8 @@ pub fn recover_journals(
         // Redo skips the ranges of a valid dirty map (resynced from the
         // image: newer than the journal there). One that does not check out
         // is left for the capture, which journals an unbounded GAP for it.
-        let size = d.file.metadata().map(|m| m.len()).unwrap_or(0);
+        // The end, not the metadata's length: a block device's is 0.
+        let size = std::io::Seek::seek(&mut &*d.file, std::io::SeekFrom::End(0)).unwrap_or(0);
         let map = DirtyMap::read_only(&state.vm(&vm).dirty_map(d.disk), MapKind::Dirty, size)
             .ok()
             .flatten()
@@ -424,5 +425,66 @@ mod tests {
         assert_eq!(rec.header.kind, Kind::Resize);
         assert_eq!((rec.header.offset, rec.header.length), (0, 3 << 20));
         assert_eq!(seg.scan.header.record_base, 3);
+    }
+
+    /// Recovery reads the disk's dirty map (without changing it) and redoes
+    /// no record over a range it holds (docs/RELIABILITY.md, "A power loss").
+    #[test]
+    fn recover_journals_skips_redo_under_the_dirty_map() {
+        use crate::journal::writer::{OpenSegment, Record};
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let state = StateDir::new(d.path());
+        let u = uuid::Uuid::new_v4();
+        let vm = u.hyphenated().to_string();
+        let cat = Catalog::open(state.path(), &vm).unwrap();
+        let dir = state.journal(&vm, "vda");
+        std::fs::create_dir_all(&dir).unwrap();
+        let img_path = d.path().join("a.img");
+        let img = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&img_path)
+            .unwrap();
+        img.set_len(1 << 20).unwrap();
+        let mut seg = OpenSegment::create(&dir, *u.as_bytes(), 1, 0, 1).unwrap();
+        for (off, byte) in [(0u64, 0xaau8), (512 << 10, 0xbb)] {
+            let p = [byte; 512];
+            let rec = Record {
+                kind: crate::journal::Kind::Write,
+                flags: 0,
+                offset: off,
+                length: 512,
+                payload: &p,
+            };
+            seg.append(off + 1, 10, [rec]).unwrap();
+        }
+        // Newer, unjournaled data at 0, its range in the dirty map.
+        img.write_all_at(&[0xdd; 512], 0).unwrap();
+        let map_path = state.vm(&vm).dirty_map("vda");
+        let (mut m, _) = DirtyMap::open(&map_path, 1 << 20).unwrap();
+        m.set(0, 512).unwrap();
+        drop(m);
+        let before = std::fs::read(&map_path).unwrap();
+        let rec = recover_journals(
+            &cat,
+            &state,
+            &u,
+            &[DiskImage {
+                disk: "vda",
+                path: &img_path,
+                file: &img,
+            }],
+        )
+        .unwrap();
+        assert_eq!((rec.disks[0].redone, rec.disks[0].skipped), (1, 1));
+        let mut b = [0u8; 512];
+        img.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0xdd; 512], "the newer data stays");
+        img.read_exact_at(&mut b, 512 << 10).unwrap();
+        assert_eq!(b, [0xbb; 512], "redone");
+        assert_eq!(std::fs::read(&map_path).unwrap(), before, "map unchanged");
     }
 }

@@ -11,6 +11,10 @@
 //!
 //! - [`batch`]: one batch of requests (handle, op, range, payload, result).
 //! - [`conn`]: one NBD connection: handshake, reading batches, replies.
+//! - [`degraded`]: degraded mode, the dirty map, the resync.
+//! - [`activity`]: the activity log (the extents a power loss may have
+//!   left different in journal and image), made durable before the image
+//!   is written.
 //! - this module: the VM, its disks, journaling and applying a batch, the
 //!   sync and sealer threads.
 //!
