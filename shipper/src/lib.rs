@@ -69,6 +69,41 @@ impl std::fmt::Display for TargetFailure {
     }
 }
 
+/// What the catalog (and so `cdpctl status`, the agent's metrics) says of a
+/// failing target: the error, and what to do when it is a permission
+/// error on a file:// repository (the shipper runs as the VM's QEMU user,
+/// who must be able to write the repository directory).
+pub fn failure_text(url: &str, e: &ShipError) -> String {
+    let msg = e.to_string();
+    if url.starts_with("file://") && is_permission_error(e, &msg) {
+        let uid = nix::unistd::geteuid();
+        let user = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(
+            || format!("uid {uid}"),
+            |u| format!("{} (uid {uid})", u.name),
+        );
+        return format!(
+            "{msg}; the repository directory is not writable by {user}: chown/chmod it, \
+             or see `cdpctl protect`"
+        );
+    }
+    msg
+}
+
+/// Is `e` (whose text is `msg`) a permission error: EACCES or EPERM
+/// somewhere in its causes, or said so by a backend that kept only the text?
+fn is_permission_error(e: &ShipError, msg: &str) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::PermissionDenied {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    msg.contains("Permission denied") || msg.contains("Operation not permitted")
+}
+
 /// How long to leave a failing target alone after its `failures`-th failure
 /// in a row: doubling from 400ms while retrying may help, at once the most
 /// (10s) when it may not (credentials, format: an operator has to act).
@@ -287,7 +322,7 @@ impl Shipper {
         let mut failing = Vec::new();
         for (t, r) in results {
             if let Err(e) = r {
-                let msg = e.to_string();
+                let msg = failure_text(&t.url, &e);
                 t.failed(e);
                 failing.push((t.name.clone(), t.url.clone(), msg));
             }
@@ -349,7 +384,7 @@ impl Shipper {
                 }
                 Err(e) => {
                     stats.failed_targets += 1;
-                    let msg = e.to_string();
+                    let msg = failure_text(&t.url, &e);
                     t.failed(e);
                     ("failing", Some(msg))
                 }
@@ -363,7 +398,7 @@ impl Shipper {
         if self.opts.auto_baseline {
             stats.baselines = self.baselines_due().await?;
         }
-        self.publish_config().await?;
+        stats.failed_targets += self.publish_config().await?;
         Ok(stats)
     }
 
@@ -504,7 +539,10 @@ impl Shipper {
                 .collect(),
         };
         let body = serde_json::to_vec_pretty(&j).expect("vm.json serializes");
-        for t in &mut self.targets {
+        let vm = vm.clone();
+        let vm = &vm;
+        for i in 0..self.targets.len() {
+            let t = &mut self.targets[i];
             if t.next_try.is_some() || t.vm_json.as_deref() == Some(&body[..]) {
                 continue;
             }
@@ -523,41 +561,72 @@ impl Shipper {
                 Some(_) => rf::vm_json_version_key(vm, cdp_core::time::now_ns()),
                 None => rf::vm_json_key(vm),
             };
-            if t.store
-                .put(&key, bytes::Bytes::from(body.clone()))
-                .await
-                .is_ok()
-            {
-                t.vm_json = Some(body.clone());
+            match t.store.put(&key, bytes::Bytes::from(body.clone())).await {
+                Ok(()) => t.vm_json = Some(body.clone()),
+                // Reachable but refusing (a directory QEMU's user cannot
+                // write): a failing target, tried again after its backoff.
+                Err(e) => {
+                    let e = ShipError::store(&t.name)(e);
+                    self.target_failed(i, e)?;
+                }
             }
         }
         Ok(())
     }
 
     /// Store the VM definition whenever it changed since the last upload.
-    async fn publish_config(&self) -> Result<()> {
+    /// A target refusing it is a failing target (in its backoff, "failing"
+    /// in the catalog with why), never the end of the shipper: the others
+    /// keep going and it is tried again.
+    async fn publish_config(&mut self) -> Result<u64> {
         let Some(path) = &self.opts.vm_config else {
-            return Ok(());
+            return Ok(0);
         };
         let Ok(xml) = std::fs::read(path) else {
-            return Ok(());
+            return Ok(0);
         };
         let hash = blake3::hash(&xml).to_hex().to_string();
-        let vm = &self.opts.vm_uuid;
-        for t in &self.targets {
-            if t.next_try.is_some() {
+        let vm = self.opts.vm_uuid.clone();
+        let mut failed = 0;
+        for i in 0..self.targets.len() {
+            if self.targets[i].next_try.is_some() {
                 continue;
             }
-            if self.cat().last_config(vm, &t.name)?.as_deref() == Some(hash.as_str()) {
+            let name = self.targets[i].name.clone();
+            if self.cat().last_config(&vm, &name)?.as_deref() == Some(hash.as_str()) {
                 continue;
             }
             let ts = now_ns();
-            t.store
-                .put(&rf::config_key(vm, ts), bytes::Bytes::from(xml.clone()))
-                .await
-                .map_err(ShipError::store(&t.name))?;
-            self.cat().add_config(vm, &t.name, ts, &hash)?;
+            let put = self.targets[i]
+                .store
+                .put(&rf::config_key(&vm, ts), bytes::Bytes::from(xml.clone()))
+                .await;
+            match put {
+                Ok(()) => self.cat().add_config(&vm, &name, ts, &hash)?,
+                Err(e) => {
+                    failed += 1;
+                    self.target_failed(i, ShipError::store(&name)(e))?;
+                }
+            }
         }
+        Ok(failed)
+    }
+
+    /// Target `i` failed: into its backoff, and "failing" in the catalog
+    /// with the error and what to do.
+    fn target_failed(&mut self, i: usize, e: ShipError) -> Result<()> {
+        let t = &mut self.targets[i];
+        let msg = failure_text(&t.url, &e);
+        t.failed(e);
+        let (name, url) = (t.name.clone(), t.url.clone());
+        self.cat().set_target_state(
+            &self.opts.vm_uuid,
+            &name,
+            &url,
+            "failing",
+            Some(&msg),
+            now_ns(),
+        )?;
         Ok(())
     }
 

@@ -80,6 +80,7 @@ pub async fn run(
     if mode.once {
         return Ok(Outcome::Once(s.pass().await?));
     }
+    let mut failures = 0u32;
     loop {
         if follow_gone() {
             eprintln!(
@@ -88,13 +89,33 @@ pub async fn run(
             );
             break;
         }
-        let st = s.pass().await?;
-        if st.shipped > 0 {
-            continue;
-        }
+        // A pass that fails as a whole (the catalog, a local file) does not
+        // end the shipper: said, then tried again after a backoff (a dead
+        // shipper ships nothing and tells nobody). A target's own failure
+        // never gets here: it is that target's state (`Shipper::pass`).
+        let wait = match s.pass().await {
+            Ok(st) if st.shipped > 0 => {
+                failures = 0;
+                continue;
+            }
+            Ok(_) => {
+                failures = 0;
+                poll
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = crate::backoff(failures, true).max(poll);
+                if failures == 1 || failures.is_multiple_of(20) {
+                    eprintln!(
+                        "cdp-shipper: pass failed: {e} (failure {failures}, retrying in {wait:?})"
+                    );
+                }
+                wait
+            }
+        };
         tokio::select! {
             _ = stop.wait_for(|v| *v) => break,
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     // Drain what is sealed before leaving.

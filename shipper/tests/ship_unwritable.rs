@@ -1,0 +1,161 @@
+//! A repository the VM's user cannot write (issue 15): the per-VM shipper,
+//! running as that user, keeps running, its target is "failing" in `cdpctl
+//! status` within seconds with the permission error and what to do; once the
+//! directory is the user's, the target ships and is "up" again.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cdp_tests::fixture::{cdpctl_out, config, qemu_io};
+use cdp_tests::{bin, Daemon};
+
+/// The VM's QEMU user on Debian (libvirt-qemu).
+const QEMU_UID: u32 = 64055;
+
+/// A shipper killed when dropped, so a failing test leaves none behind.
+struct Shipper(Child);
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_shipper(d: &Daemon, cfg: &Path, xml: &Path) -> Shipper {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(d.root.join("shipper.log")).unwrap();
+    Shipper(
+        Command::new(bin("cdp-shipper"))
+            .args(["run", "--vm-uuid", &d.vm_uuid, "--poll", "50ms"])
+            .arg("--state-dir")
+            .arg(&d.state_dir)
+            .arg("--run-dir")
+            .arg(&d.run_dir)
+            .arg("--config")
+            .arg(cfg)
+            .arg("--vm-config")
+            .arg(xml)
+            .uid(QEMU_UID)
+            .gid(QEMU_UID)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn shipper_log(d: &Daemon) -> String {
+    std::fs::read_to_string(d.root.join("shipper.log")).unwrap_or_default()
+}
+
+/// `cdpctl status --json` for the VM: its disk vda's target `primary`.
+fn primary(d: &Daemon, cfg: &Path) -> serde_json::Value {
+    let out = cdpctl_out(d, cfg, &["status", &d.vm_uuid, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    st["disks"][0]["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["target"] == "primary"))
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn wait_for(
+    d: &Daemon,
+    cfg: &Path,
+    sh: &mut Shipper,
+    what: &str,
+    secs: u64,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        assert!(
+            sh.0.try_wait().unwrap().is_none(),
+            "the shipper exited while waiting for {what}; its log:\n{}",
+            shipper_log(d)
+        );
+        let t = primary(d, cfg);
+        if f(&t) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out ({secs}s) waiting for {what}: {t}\nshipper log:\n{}",
+            shipper_log(d)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_unwritable_repository_is_a_failing_target_and_ships_once_writable() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::builder()
+        .disk_random("vda", 4 << 20, 3)
+        .args(["--segment-age", "50ms"])
+        .as_user(QEMU_UID, QEMU_UID)
+        .start();
+    // Root's directory, 0755: QEMU's user can read it, not write it.
+    let repo = d.root.join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = config(&d, &repo);
+    let xml = d.root.join("domain.xml");
+    std::fs::write(&xml, "<domain><name>test-vm</name></domain>\n").unwrap();
+    let mut sh = spawn_shipper(&d, &cfg, &xml);
+    qemu_io(&d, "vda", &["write -P 7 0 64k".into(), "flush".into()]);
+
+    let started = Instant::now();
+    let t = wait_for(&d, &cfg, &mut sh, "primary failing", 10, |t| {
+        t["state"] == "failing"
+    });
+    let err = t["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        err.contains("Permission denied") || err.contains("not writable"),
+        "{t}"
+    );
+    assert!(
+        err.contains("not writable by") && err.contains("chown") && err.contains("cdpctl protect"),
+        "the error says what to do: {err}"
+    );
+    eprintln!("failing after {:?}: {err}", started.elapsed());
+    // It stays failing (not "up") while the shipper keeps running and retrying.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = wait_for(&d, &cfg, &mut sh, "still failing", 1, |t| {
+        t["state"] == "failing"
+    });
+    assert_eq!(t["state"], "failing");
+    let text = cdpctl_out(&d, &cfg, &["status", &d.vm_uuid]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains("failing") && text.contains("not writable by"),
+        "{text}"
+    );
+
+    // The operator gives the directory to QEMU's user: it ships.
+    std::os::unix::fs::chown(&repo, Some(QEMU_UID), Some(QEMU_UID)).unwrap();
+    wait_for(
+        &d,
+        &cfg,
+        &mut sh,
+        "primary up with nothing behind",
+        30,
+        |t| t["state"] == "up" && t["backlog_segments"] == 0,
+    );
+    assert!(
+        repo.join("cdp/v1/FORMAT").exists(),
+        "the repository was created once writable"
+    );
+    let segs = std::fs::read_dir(repo.join("cdp/v1"))
+        .unwrap()
+        .flatten()
+        .count();
+    assert!(segs > 1, "something shipped");
+}
