@@ -33,8 +33,163 @@ fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
     })
 }
 
+/// A VM this host protects (it has a catalog), running or not: what its
+/// catalog says it shipped, per target.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProtectedVm {
+    pub vm_uuid: String,
+    pub vm_name: String,
+    /// Its cdpd answers on its control socket.
+    pub running: bool,
+    /// The newest record captured (0: none yet).
+    pub last_seq: u64,
+    pub last_ts_ns: u64,
+    pub targets: Vec<ProtectedTarget>,
+}
+
+/// A target of a [`ProtectedVm`]: its state as the shipper last saw it and
+/// the newest point shipped to it, per disk.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProtectedTarget {
+    pub target: String,
+    pub url: String,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub updated_ns: u64,
+    pub disks: Vec<ShippedPoint>,
+}
+
+/// The newest record of a disk a target holds (its newest shipped segment's last).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ShippedPoint {
+    pub disk: String,
+    pub seq: u64,
+    pub ts_ns: u64,
+}
+
+/// What the catalog of `uuid` says of the VM (run as the VM's user:
+/// root never opens a VM's catalog, docs/DESIGN.md "Trust boundaries").
+fn protected_vm(ctx: &Ctx, uuid: &str, running: bool) -> Result<ProtectedVm> {
+    let vm = uuid.to_string();
+    ctx.with_catalog(uuid, move |c| {
+        let (last_seq, last_ts_ns) = c.last_seq(&vm)?;
+        let segments = c.segments(&vm)?;
+        let local: std::collections::BTreeSet<(String, u64)> = c
+            .local_segments(&vm)?
+            .into_iter()
+            .map(|s| (s.disk, s.first_seq))
+            .collect();
+        let mut targets = Vec::new();
+        for t in c.targets(&vm)? {
+            let lacking: std::collections::BTreeSet<(String, u64)> = c
+                .unshipped(&vm, &t.target)?
+                .into_iter()
+                .map(|s| (s.disk, s.first_seq))
+                .collect();
+            // A segment no longer local was trimmed: every target had it.
+            let mut newest: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+            for s in segments.iter().filter(|s| s.sealed) {
+                let key = (s.disk.clone(), s.first_seq);
+                if local.contains(&key) && lacking.contains(&key) {
+                    continue;
+                }
+                let e = newest.entry(s.disk.clone()).or_default();
+                if s.last_seq >= e.0 {
+                    *e = (s.last_seq, s.last_ts_ns);
+                }
+            }
+            targets.push(ProtectedTarget {
+                target: t.target,
+                url: t.url,
+                state: t.state,
+                last_error: t.last_error,
+                updated_ns: t.updated_ns,
+                disks: newest
+                    .into_iter()
+                    .map(|(disk, (seq, ts_ns))| ShippedPoint { disk, seq, ts_ns })
+                    .collect(),
+            });
+        }
+        Ok(ProtectedVm {
+            vm_name: c.vm_name(&vm)?.unwrap_or_default(),
+            vm_uuid: vm,
+            running,
+            last_seq,
+            last_ts_ns,
+            targets,
+        })
+    })
+}
+
+/// Every VM with a catalog under the state directory, running or not.
+fn protected_vms(ctx: &Ctx, running: &[String]) -> Result<Vec<ProtectedVm>> {
+    let uuids = ctx
+        .state()
+        .vms_with_catalog()
+        .with_context(|| format!("listing {}", ctx.state().vms().display()))?;
+    let mut out = Vec::new();
+    for u in uuids {
+        let is_running = running.contains(&u);
+        match protected_vm(ctx, &u, is_running) {
+            Ok(v) => out.push(v),
+            Err(e) => eprintln!("cdpctl: VM {u}: its catalog cannot be read: {e:#}"),
+        }
+    }
+    Ok(out)
+}
+
+fn print_protected(vms: &[ProtectedVm]) {
+    println!("Protected VMs ({}):", vms.len());
+    for v in vms {
+        println!(
+            "VM {} ({})  {}  last seq {}{}",
+            v.vm_name,
+            v.vm_uuid,
+            if v.running { "running" } else { "not running" },
+            v.last_seq,
+            if v.last_seq > 0 {
+                format!(" ({})", cdp_core::time::fmt_ns(v.last_ts_ns))
+            } else {
+                String::new()
+            }
+        );
+        if v.targets.is_empty() {
+            println!("  no target has been shipped to yet");
+        }
+        for t in &v.targets {
+            let newest = if t.disks.is_empty() {
+                "nothing shipped yet".to_string()
+            } else {
+                t.disks
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} seq:{} ({})",
+                            p.disk,
+                            p.seq,
+                            cdp_core::time::fmt_ns(p.ts_ns)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "  target {:<10} {:<8} newest shipped: {newest}{}",
+                t.target,
+                t.state,
+                t.last_error
+                    .as_deref()
+                    .filter(|_| t.state != "up")
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
 pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
-    let uuids = match a.vm_uuid.as_ref().or(a.vm.as_ref()) {
+    let one = a.vm_uuid.as_ref().or(a.vm.as_ref());
+    let uuids = match one {
         Some(vm) => vec![ctx.resolve_vm(vm)?],
         None => ctx
             .run()
@@ -45,11 +200,16 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
     for u in &uuids {
         all.push(query(ctx, u)?);
     }
+    // Without a VM: every protected VM too, running or not (its catalog).
+    let protected = match one {
+        Some(_) => Vec::new(),
+        None => protected_vms(ctx, &uuids)?,
+    };
     if ctx.json {
-        if a.vm.is_some() || a.vm_uuid.is_some() {
+        if one.is_some() {
             return crate::print_json(&all[0]);
         }
-        return crate::print_json(&serde_json::json!({ "vms": all }));
+        return crate::print_json(&serde_json::json!({ "vms": all, "protected": protected }));
     }
     if all.is_empty() {
         println!(
@@ -57,7 +217,15 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
             ctx.run_dir.display()
         );
     }
-    for s in &all {
+    print_running(&all);
+    if one.is_none() {
+        print_protected(&protected);
+    }
+    Ok(())
+}
+
+fn print_running(all: &[Status]) {
+    for s in all {
         println!(
             "VM {} ({})  cdpd pid {}  last seq {}",
             s.vm_name, s.vm_uuid, s.pid, s.last_seq
@@ -110,7 +278,6 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// A disk's journal mode for an operator (docs/RELIABILITY.md, "A full
