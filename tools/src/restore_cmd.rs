@@ -239,6 +239,86 @@ fn unjournaled_since(ctx: &Ctx, vm: &str, disk: &str) -> Option<u64> {
     (h.since_ns != 0).then_some(h.since_ns)
 }
 
+/// A point refused as not restorable names the nearest restorable points
+/// before and after it (from `restore::restorable_ranges`, as seq and
+/// time): the one place restore and export say so.
+fn with_nearest(h: &History, point: &Point, e: restore::RestoreError) -> restore::RestoreError {
+    match e {
+        restore::RestoreError::Impossible {
+            disk,
+            point: p,
+            why,
+        } => {
+            let why = match nearest_restorable(h, point) {
+                Some(near) => format!("{why}; nearest restorable: {near}"),
+                None => why,
+            };
+            restore::RestoreError::Impossible {
+                disk,
+                point: p,
+                why,
+            }
+        }
+        other => other,
+    }
+}
+
+/// "seq:N (time) before, seq:M (time) after" around `point` (either side
+/// may be missing), or None when the disk has no restorable point or the
+/// point has no place in its history (a mark that is not there).
+fn nearest_restorable(h: &History, point: &Point) -> Option<String> {
+    let ranges = restore::restorable_ranges(h);
+    if ranges.is_empty() {
+        return Some("none (no point of this disk can be restored yet)".into());
+    }
+    // Restorable seqs <= lo are before the point, those >= hi after it.
+    let (lo, hi) = match point {
+        Point::Seq(x) => (x.checked_sub(1), x.saturating_add(1)),
+        Point::TimeNs(t) => {
+            let at = h
+                .entries()
+                .map(|(_, e)| e)
+                .filter(|e| e.ts_ns <= *t)
+                .last()
+                .map(|e| e.seq);
+            (at, at.map_or(0, |s| s + 1))
+        }
+        Point::Mark(_) | Point::Latest => return None,
+    };
+    let before = lo.and_then(|lo| {
+        ranges
+            .iter()
+            .filter(|(a, _)| *a <= lo)
+            .map(|(_, b)| (*b).min(lo))
+            .max()
+    });
+    let after = ranges
+        .iter()
+        .filter(|(_, b)| *b >= hi)
+        .map(|(a, _)| (*a).max(hi))
+        .min();
+    let show = |s: u64| {
+        let ts = h
+            .entries()
+            .map(|(_, e)| e)
+            .filter(|e| e.seq <= s)
+            .last()
+            .map_or(0, |e| e.ts_ns);
+        format!("seq:{s} ({})", fmt_ns(ts))
+    };
+    let mut parts = Vec::new();
+    if let Some(b) = before {
+        parts.push(format!("{} before", show(b)));
+    }
+    if let Some(a) = after {
+        parts.push(format!("{} after", show(a)));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(parts.join(", "))
+}
+
 fn describe_seq(h: &History, seq: u64) -> String {
     h.entries()
         .map(|(_, e)| e)
@@ -323,14 +403,18 @@ pub async fn prepare(
             store.url()
         );
     }
-    let seq = restore::resolve(&h, Some(store), point).await?;
+    let near = |e| with_nearest(&h, point, e);
+    let seq = restore::resolve(&h, Some(store), point)
+        .await
+        .map_err(near)?;
     // This host's cdpd may hold writes the journal does not (degraded
     // mode): no point from when its journal filled names a journaled state.
     if let Some(since) = unjournaled_since(ctx, vm, disk) {
-        restore::point::refuse_unjournaled(&h, point, seq, since)?;
+        restore::point::refuse_unjournaled(&h, point, seq, since)
+            .map_err(|e| with_nearest(&h, &Point::Seq(seq), e))?;
     }
     // Refuses a point that cannot be rebuilt exactly, saying why.
-    let plan = restore::plan(&h, seq, point)?;
+    let plan = restore::plan(&h, seq, point).map_err(|e| with_nearest(&h, &Point::Seq(seq), e))?;
     Ok(Prepared {
         history: h,
         seq,

@@ -227,6 +227,13 @@ fn export_of_each_point_equals_its_reference_copy_with_the_host_gone() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{at}: {err}");
+        if at == past {
+            // Names the nearest restorable point: the newest, before it.
+            assert!(
+                err.contains("nearest restorable: seq:") && err.trim_end().ends_with(") before"),
+                "{at}: {err}"
+            );
+        }
         assert!(!sock.exists());
     }
 }

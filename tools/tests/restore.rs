@@ -137,6 +137,27 @@ fn restores_by_seq_time_and_mark_equal_reference_copies_with_the_host_gone() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mark \"nope\""));
     assert!(!Path::new("/tmp/never").exists());
+    // A time before the first record: refused, naming the nearest restorable
+    // point (after it: the earliest one).
+    let out = run(Command::new(bin("cdpctl")).args([
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        "vda",
+        "--at",
+        "2001-01-01T00:00:00Z",
+        "--output",
+        "/tmp/never",
+        "--repo",
+        &url,
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("nearest restorable: seq:") && err.trim_end().ends_with(") after"),
+        "{err}"
+    );
+    assert!(!Path::new("/tmp/never").exists());
 }
 
 #[test]
