@@ -149,6 +149,7 @@ impl Host {
             "--at",
             "latest",
             "--in-place",
+            "--yes",
         ];
         args.extend_from_slice(extra);
         let mut c = cdpctl_cmd(&self.d, &self.cfg, &args);

@@ -50,6 +50,9 @@ pub struct RestoreArgs {
     /// never a path read from the repository or the catalog.
     #[arg(long, requires = "in_place")]
     pub target: Option<PathBuf>,
+    /// With --in-place: overwrite without asking (needed without a terminal: scripts, CI).
+    #[arg(long, requires = "in_place")]
+    pub yes: bool,
     /// libvirt connection URI where --in-place finds the VM's definition.
     #[arg(long, default_value = "qemu:///system")]
     pub connect: String,
@@ -478,7 +481,7 @@ async fn restore_leased(
         }
         let started = std::time::Instant::now();
         let stats = if let Some(t) = &target {
-            in_place(ctx, &store, &vm, t, &plan, &point).await?
+            in_place(ctx, &store, &vm, t, &plan, &point, a.yes).await?
         } else {
             to_file(&store, &plan, a.output.as_deref().unwrap(), &a.format).await?
         };
@@ -666,6 +669,32 @@ struct InPlaceTarget {
     named_by: String,
 }
 
+/// An in-place restore overwrites a disk: asked on a terminal; without
+/// one (scripts, CI) only with `--yes`. `what` names the file and the point.
+fn confirm_overwrite(what: &str, yes: bool) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        bail!(
+            "restore --in-place would overwrite {what}; there is no terminal to ask on: \
+             pass --yes to confirm (nothing was written)"
+        );
+    }
+    eprint!("overwrite {what}? Its current contents are lost. Type yes to go on: ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        bail!(
+            "not confirmed (answer {:?}): nothing was written",
+            answer.trim()
+        );
+    }
+    Ok(())
+}
+
 /// The file to overwrite: the operator's `--target`, else the disk's
 /// `<source>` in libvirt's definition of the VM. Never a path from the
 /// repository (`vm.json`) or the catalog: QEMU's user and whoever writes
@@ -763,6 +792,7 @@ async fn in_place(
     target: &InPlaceTarget,
     plan: &restore::Plan,
     point: &Point,
+    yes: bool,
 ) -> Result<restore::RestoreStats> {
     let ctl = ctx.run().vm(vm).control_socket();
     if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
@@ -781,13 +811,15 @@ async fn in_place(
             plan.size
         );
     }
-    eprintln!(
-        "overwriting {} ({} bytes, named by {}) with disk {} of VM {vm} at {point}",
+    let what = format!(
+        "{} ({} bytes, named by {}) with disk {} of VM {vm} at {point}",
         path.display(),
         img.size,
         target.named_by,
         target.disk
     );
+    confirm_overwrite(&what, yes)?;
+    eprintln!("overwriting {what}");
     let sink = Arc::new(restore::InPlace {
         file: img.file,
         changed: Default::default(),

@@ -252,6 +252,7 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
         "--at",
         &format!("mark:{}", s.mark),
         "--in-place",
+        "--yes",
         "--target",
     ])
     .arg(d.image("vda"))
@@ -269,21 +270,35 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
     );
     d.term();
     ship(&d, &cfg);
-    cdpctl(
-        &d,
-        &cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            &format!("mark:{}", s.mark),
-            "--in-place",
-            "--target",
-            d.image("vda").to_str().unwrap(),
-        ],
+    // Without a terminal and without --yes: refused, naming --yes, nothing written.
+    let before = std::fs::read(d.image("vda")).unwrap();
+    let at = format!("mark:{}", s.mark);
+    let image = d.image("vda");
+    let args = [
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        "vda",
+        "--at",
+        &at,
+        "--in-place",
+        "--target",
+        image.to_str().unwrap(),
+    ];
+    let out = cdp_tests::fixture::cdpctl_out(&d, &cfg, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--yes") && err.contains(d.image("vda").to_str().unwrap()),
+        "{err}"
     );
+    assert!(
+        std::fs::read(d.image("vda")).unwrap() == before,
+        "written without --yes"
+    );
+    let mut args = args.to_vec();
+    args.push("--yes");
+    cdpctl(&d, &cfg, &args);
     qemu_img_compare(d.image("vda").as_os_str(), s.copy.as_os_str());
     // The next capture session records that the disk left the journal's line.
     d.start();
