@@ -159,25 +159,7 @@ impl Drop for Tmpfs {
 /// repository `repo` alone, then the result must equal the disk's image.
 pub fn assert_repo_restores_image(d: &Daemon, cfg: &Path, repo: &Path, disk: &str) {
     let out = d.work_dir().join(format!("restored-{disk}.img"));
-    let _ = std::fs::remove_file(&out);
-    let url = format!("file://{}", repo.display());
-    cdpctl(
-        d,
-        cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            disk,
-            "--at",
-            "latest",
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ],
-    );
+    restore_from_repo_ok(d, cfg, repo, disk, "latest", &out);
     crate::assert_files_equal(&out, &d.image(disk));
 }
 
@@ -225,6 +207,17 @@ pub fn restore_from_repo(
         &url,
     ];
     cdpctl_out(d, cfg, &args)
+}
+
+/// [`restore_from_repo`] that must succeed.
+pub fn restore_from_repo_ok(d: &Daemon, cfg: &Path, repo: &Path, disk: &str, at: &str, out: &Path) {
+    let o = restore_from_repo(d, cfg, repo, disk, at, out);
+    assert!(
+        o.status.success(),
+        "cdpctl restore --at {at}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// qemu-io commands against a disk's export (writeback); every one must

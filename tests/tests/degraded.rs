@@ -260,24 +260,7 @@ fn ship(d: &Daemon, cfg: &Path) {
 }
 
 fn restore_at(d: &Daemon, cfg: &Path, repo: &Path, at: &str, out: &Path) {
-    let url = format!("file://{}", repo.display());
-    cdpctl(
-        d,
-        cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            at,
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &url,
-        ],
-    );
+    cdp_tests::fixture::restore_from_repo_ok(d, cfg, repo, "vda", at, out);
 }
 
 /// The whole way round with a repository: `journal_max` reached while the

@@ -139,24 +139,7 @@ fn generation(
 /// Restore `at` from the repository alone; it must equal the point's copy.
 fn restore_from_repo(d: &Daemon, cfg: &Path, repo: &Path, p: &Point, at: &str) {
     let out = d.work_dir().join(format!("restored-{}.img", p.label));
-    let _ = std::fs::remove_file(&out);
-    cdpctl(
-        d,
-        cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            at,
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &format!("file://{}", repo.display()),
-        ],
-    );
+    cdp_tests::fixture::restore_from_repo_ok(d, cfg, repo, "vda", at, &out);
     assert_files_equal(&out, &p.copy);
 }
 

@@ -67,24 +67,8 @@ fn resizes(d: &Daemon) -> Vec<(u64, u64, u64, u64)> {
 /// Restore `p` at its seq from the repository alone: the image as it was then.
 fn assert_restores(d: &Daemon, cfg: &Path, repo: &Path, p: &Point) {
     let out = d.work_dir().join(format!("restored-{}.img", p.label));
-    let _ = std::fs::remove_file(&out);
-    cdpctl(
-        d,
-        cfg,
-        &[
-            "restore",
-            &d.vm_uuid,
-            "--disk",
-            "vda",
-            "--at",
-            &format!("seq:{}", p.seq),
-            "--no-local",
-            "--output",
-            out.to_str().unwrap(),
-            "--repo",
-            &format!("file://{}", repo.display()),
-        ],
-    );
+    let at = format!("seq:{}", p.seq);
+    cdp_tests::fixture::restore_from_repo_ok(d, cfg, repo, "vda", &at, &out);
     assert_files_equal(&out, &p.copy);
 }
 
