@@ -159,3 +159,66 @@ fn an_unwritable_repository_is_a_failing_target_and_ships_once_writable() {
         .count();
     assert!(segs > 1, "something shipped");
 }
+
+/// The repository directory is QEMU's user's (the target checks fine), but
+/// its `cdp/` tree was made by root (a root `cdpctl baseline` before, say):
+/// the VM's objects cannot be created. The first pass had nothing sealed to
+/// ship, so the put of the VM definition was the first to fail: it ended the
+/// shipper before, with the target still "up". Now it is a failing target,
+/// the shipper keeps running, and the target ships once the tree is the
+/// user's.
+#[test]
+fn a_repository_tree_made_by_root_is_a_failing_target_not_a_dead_shipper() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::builder()
+        .disk_random("vda", 4 << 20, 4)
+        .args(["--segment-age", "50ms"])
+        .as_user(QEMU_UID, QEMU_UID)
+        .start();
+    let repo = d.root.join("repo");
+    let v1 = repo.join("cdp/v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::write(
+        repo.join(cdp_repo::format::FORMAT_KEY),
+        cdp_repo::format::format_marker(),
+    )
+    .unwrap();
+    for p in [repo.join("cdp"), v1.clone()] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::os::unix::fs::chown(&repo, Some(QEMU_UID), Some(QEMU_UID)).unwrap();
+    let cfg = config(&d, &repo);
+    let xml = d.root.join("domain.xml");
+    std::fs::write(&xml, "<domain><name>test-vm</name></domain>\n").unwrap();
+    let mut sh = spawn_shipper(&d, &cfg, &xml);
+
+    let t = wait_for(&d, &cfg, &mut sh, "primary failing", 10, |t| {
+        t["state"] == "failing"
+    });
+    eprintln!("failing: {t}");
+    // Still running a while later, still failing.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_for(&d, &cfg, &mut sh, "still failing", 1, |t| {
+        t["state"] == "failing"
+    });
+
+    let out = Command::new("chown")
+        .args(["-R", &format!("{QEMU_UID}:{QEMU_UID}")])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    qemu_io(&d, "vda", &["write -P 9 0 64k".into(), "flush".into()]);
+    wait_for(
+        &d,
+        &cfg,
+        &mut sh,
+        "primary up with nothing behind",
+        30,
+        |t| t["state"] == "up" && t["backlog_segments"] == 0,
+    );
+    assert!(
+        v1.join("vms").join(&d.vm_uuid).is_dir(),
+        "the VM's objects were created once writable"
+    );
+}
