@@ -473,8 +473,16 @@ fn record_session(
         vm.append_to_all(Kind::Gap, &serde_json::json!({ "reason": reason }))
             .map_err(jerr)?;
     }
+    // The RESYNCED heals from a floor made durable in the activity logs
+    // before the GAP: a second power loss before the dirty maps hold the
+    // extents leaves the logs as they were, and the next start's RESYNCED
+    // then heals this GAP as well as its own.
     let resync_seq = match &resync_gap {
-        Some(gap) => Some(vm.append_to_all(Kind::Gap, gap).map_err(jerr)?.0),
+        Some(gap) => {
+            let floor = vm.power_loss_gap_floor(vm.last_seq() + 1);
+            let seq = vm.append_to_all(Kind::Gap, gap).map_err(jerr)?.0;
+            Some(floor.map_or(seq, |f| f.min(seq)))
+        }
         None => None,
     };
     vm.sync_open_segments().map_err(jerr)?;

@@ -187,6 +187,23 @@ impl ActivityLog {
         }
     }
 
+    /// Before a power loss's resync GAP is journaled: the lowest seq that GAP
+    /// can have, made durable in the log's header (the first one given is
+    /// kept until [`ActivityLog::reset`]). Should the host lose power again
+    /// before the extents are durable in the dirty map, the next start
+    /// finds the log as it was and its RESYNCED heals that earlier GAP too.
+    /// Returns the floor in force; None without a log.
+    pub fn gap_floor(&mut self, disk: &str, floor: u64) -> Option<u64> {
+        let m = self.log.as_mut()?;
+        match m.set_gap_seq(floor).and_then(|()| m.sync()) {
+            Ok(()) => Some(m.header().gap_seq),
+            Err(e) => {
+                self.lose(disk, &e);
+                None
+            }
+        }
+    }
+
     /// Clear the log, durably (at start, once what it held is durable in the
     /// image or tracked in the dirty map).
     pub fn reset(&mut self, disk: &str) {
@@ -272,5 +289,27 @@ mod tests {
         // A log that does not check out bounds nothing.
         std::fs::write(&p, b"garbage").unwrap();
         assert!(ActivityLog::open(&p, "vda", size).found.is_none());
+    }
+
+    /// A power loss's floor is durable with the log's extents: a second
+    /// power loss before the log is reset finds both, and the floor given
+    /// first stays (the RESYNCED then heals the earlier GAP too); the reset
+    /// that follows a durable dirty map clears it.
+    #[test]
+    fn the_gap_floor_survives_with_the_extents_until_the_reset() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("activity.log");
+        let size = 64 * MIB;
+        let mut al = ActivityLog::open(&p, "vda", size);
+        al.cover_ranges("vda", [(EXTENT, 1)].into_iter());
+        assert_eq!(al.gap_floor("vda", 10), Some(10));
+        drop(al); // power lost again before the reset
+        let mut al = ActivityLog::open(&p, "vda", size);
+        assert_eq!(al.found, Some(vec![(EXTENT, EXTENT)]));
+        assert_eq!(al.gap_floor("vda", 17), Some(10), "the first floor stays");
+        al.reset("vda");
+        drop(al);
+        let mut al = ActivityLog::open(&p, "vda", size);
+        assert_eq!(al.gap_floor("vda", 30), Some(30), "a reset clears it");
     }
 }

@@ -416,6 +416,17 @@ impl Vm {
 
     /// Clear every disk's activity log, once what it held is durable in the
     /// image (recovery synced it) or tracked in the dirty map.
+    /// [`ActivityLog::gap_floor`] on every disk: the floor every RESYNCED
+    /// of this power loss names (the lowest in force), or None when a disk
+    /// keeps no log.
+    pub fn power_loss_gap_floor(&self, floor: u64) -> Option<u64> {
+        let mut lowest = u64::MAX;
+        for d in &self.disks {
+            lowest = lowest.min(d.lock_journal().al.gap_floor(&d.name, floor)?);
+        }
+        Some(lowest)
+    }
+
     pub fn reset_activity_logs(&self) {
         for d in &self.disks {
             d.lock_journal().al.reset(&d.name);
