@@ -242,6 +242,52 @@ pub fn is_fresh_history(catalog_last_seq: u64, journal_had_records: bool) -> boo
     catalog_last_seq == 0 && !journal_had_records
 }
 
+/// A disk of a VM recorded before cdpd first serves it: its image's path
+/// and size.
+#[derive(Debug, Clone, Copy)]
+pub struct OfflineDisk<'a> {
+    pub disk: &'a str,
+    pub path: &'a Path,
+    pub size: u64,
+}
+
+/// Start a VM's history in its catalog before cdpd ever served it, so a
+/// baseline taken now, offline, is exact at the base (docs/DESIGN.md,
+/// "Baselines"): when the history is fresh ([`is_fresh_history`]: no seq
+/// in the catalog, no segment in any journal), record the VM, its policy
+/// and its disks with their sizes and set the catalog's last seq to
+/// [`new_history_base`]`(now_ns)`. cdpd's start then finds a history that
+/// is not fresh: it journals no "new history" GAP and its first record is
+/// `base + 1`, right after the baseline. Returns the base, or `None` when
+/// the VM has a history already (nothing is changed).
+pub fn start_offline_history(
+    cat: &Catalog,
+    state: &StateDir,
+    vm: &str,
+    name: &str,
+    policy: &str,
+    disks: &[OfflineDisk<'_>],
+    now_ns: u64,
+) -> Result<Option<u64>, SessionError> {
+    let mut had_records = false;
+    for d in disks {
+        had_records |= !crate::journal::list_segments(&state.journal(vm, d.disk))
+            .map_err(RecoveryError::from)?
+            .is_empty();
+    }
+    if !is_fresh_history(cat.last_seq(vm)?.0, had_records) || cat.last_session(vm)?.is_some() {
+        return Ok(None);
+    }
+    let base = new_history_base(now_ns);
+    cat.upsert_vm(vm, name)?;
+    cat.set_vm_policy(vm, policy)?;
+    for d in disks {
+        cat.upsert_disk(vm, d.disk, d.path, d.size)?;
+    }
+    cat.set_last_seq(vm, base, now_ns)?;
+    Ok(Some(base))
+}
+
 /// The GAP reason that starts a fresh history at `base`.
 pub fn new_history_reason(base: u64) -> String {
     format!(
@@ -381,6 +427,40 @@ mod tests {
         assert!(!rec.had_records() && rec.journal_clean());
         assert_eq!(rec.previous_end(None, "b"), PreviousEnd::First);
         assert!(state.journal(&u.hyphenated().to_string(), "vda").is_dir());
+    }
+
+    /// An offline start of history records the disks and the base once,
+    /// and then the history is no longer fresh: cdpd continues it.
+    #[test]
+    fn an_offline_history_is_started_once_and_then_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let vm = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        std::fs::create_dir_all(state.vm(vm).path()).unwrap();
+        let cat = Catalog::open(dir.path(), vm).unwrap();
+        let disks = [OfflineDisk {
+            disk: "vda",
+            path: Path::new("/images/a.raw"),
+            size: 1 << 20,
+        }];
+        let now = 1_790_000_000_000_000_000u64;
+        let base = start_offline_history(&cat, &state, vm, "web", "gold", &disks, now)
+            .unwrap()
+            .unwrap();
+        assert_eq!(base, new_history_base(now));
+        assert_eq!(cat.last_seq(vm).unwrap().0, base);
+        assert!(!is_fresh_history(cat.last_seq(vm).unwrap().0, false));
+        assert_eq!(
+            cat.disks(vm).unwrap(),
+            vec![("vda".to_string(), "/images/a.raw".to_string(), 1 << 20)]
+        );
+        assert_eq!(cat.vm_name(vm).unwrap().as_deref(), Some("web"));
+        // A second call (or one after cdpd served the VM) changes nothing.
+        assert_eq!(
+            start_offline_history(&cat, &state, vm, "x", "y", &disks, now + 5_000_000).unwrap(),
+            None
+        );
+        assert_eq!(cat.last_seq(vm).unwrap().0, base);
     }
 
     #[test]
