@@ -1,11 +1,30 @@
 //! `cdpctl baseline VM [--disk D]`: a full, sparse-aware, content-addressed
 //! baseline of each disk into every target of the policy (the target with the
 //! most free space first). Online (the VM runs: fuzzy, no pause) or offline.
+//!
+//! A VM cdpd has never served gets its state here, as cdpd would make it
+//! (docs/DESIGN.md, "Baselines"): `<state>/vms/<uuid>` for the VM's QEMU
+//! user (0700), a catalog with its disks and a fresh history at
+//! `cdp_core::session::new_history_base`, and an exact offline baseline
+//! (s0 = s1 = the base) that the first protected boot's first write follows.
+//! Root opens the images (paths from the root-written `<uuid>.images` or
+//! libvirt's definition, never from the catalog) and the baseline reads them
+//! through those descriptors as the VM's user (docs/DESIGN.md, "Trust
+//! boundaries").
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use cdp_core::catalog::Catalog;
+use cdp_core::fsat::DirFd;
+use cdp_core::layout::StateDir;
+use cdp_core::privsep::VmIdentity;
+use cdp_core::session::{self, OfflineDisk};
+use cdp_shipper::baseline::BaselineResult;
 
 use crate::Ctx;
 
@@ -16,54 +35,327 @@ pub struct BaselineArgs {
     /// Only this disk.
     #[arg(long)]
     pub disk: Option<String>,
-    /// Policy whose targets receive the baseline.
-    #[arg(long, default_value = "default")]
-    pub policy: String,
+    /// Policy whose targets receive the baseline (default: the one of the
+    /// VM's libvirt definition, else "default").
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// libvirt connection URI (for a VM cdpd has never served).
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+}
+
+/// A VM as root knows it before touching its state: its images' paths
+/// (trusted: root's `<uuid>.images` or libvirt's definition) and, from
+/// libvirt, its name and policy.
+pub(crate) struct RootView {
+    pub uuid: String,
+    pub name: Option<String>,
+    pub policy: Option<String>,
+    pub images: BTreeMap<String, PathBuf>,
+}
+
+/// A disk's image opened by root, read by the baseline as the VM's user.
+struct RootImage {
+    disk: String,
+    path: PathBuf,
+    file: File,
+    size: u64,
 }
 
 pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
-    let vm = ctx.resolve_vm(&a.vm)?;
+    let view = root_view(ctx, a)?;
+    let policy = a
+        .policy
+        .clone()
+        .or_else(|| view.policy.clone())
+        .unwrap_or_else(|| "default".into());
+    let results = take(ctx, &view, &policy, a.disk.as_deref())?;
+    print_results(ctx, &results)
+}
+
+/// Where the VM's images are, without opening its state: `<uuid>.images`,
+/// else (for a VM without a catalog) libvirt's definition.
+fn root_view(ctx: &Ctx, a: &BaselineArgs) -> Result<RootView> {
+    let known = cdp_core::names::check_uuid(&a.vm)
+        .map(|u| u.hyphenated().to_string())
+        .ok()
+        .or_else(|| ctx.resolve_vm(&a.vm).ok());
+    if let Some(uuid) = &known {
+        if let Some(images) = cdp_core::image::root_images(&ctx.state(), uuid)? {
+            return Ok(RootView {
+                uuid: uuid.clone(),
+                name: None,
+                policy: None,
+                images,
+            });
+        }
+        if ctx.has_catalog(uuid) {
+            // Served before, started outside libvirt's hook: the catalog's
+            // paths, opened as the VM's user.
+            return Ok(RootView {
+                uuid: uuid.clone(),
+                name: None,
+                policy: None,
+                images: BTreeMap::new(),
+            });
+        }
+    }
+    let dom = known.as_deref().unwrap_or(&a.vm);
+    let xml = crate::protect_cmd::definition(&a.connect, dom).with_context(|| {
+        format!(
+            "VM {dom} has never been served by cdpd on this host and has no {}: \
+             its disks come from its libvirt definition (protect it with `cdpctl protect`)",
+            ctx.state()
+                .vm_images(known.as_deref().unwrap_or("<uuid>"))
+                .display()
+        )
+    })?;
+    view_of_definition(ctx, &xml)
+}
+
+/// The protected disks of a libvirt definition.
+pub(crate) fn view_of_definition(ctx: &Ctx, xml: &str) -> Result<RootView> {
+    let dom = cdp_hooks::domain::parse(xml)?;
+    let tagged = dom.tagged(&ctx.config)?;
+    if tagged.is_empty() {
+        bail!(
+            "{} protects no disk: run `cdpctl protect {} --disk …` first",
+            dom.name,
+            dom.name
+        );
+    }
+    Ok(RootView {
+        uuid: cdp_core::names::check_uuid(&dom.uuid)?
+            .hyphenated()
+            .to_string(),
+        name: Some(dom.name.clone()),
+        policy: tagged.first().map(|t| t.policy.clone()),
+        images: tagged
+            .into_iter()
+            .map(|t| (t.target, PathBuf::from(t.path)))
+            .collect(),
+    })
+}
+
+/// Take the baselines of `view` (only `only` when given) to every target
+/// of `policy`. This process ends as the VM's user: root's part (the VM's
+/// directory, the images, a missing `file://` target) comes first.
+pub(crate) fn take(
+    ctx: &Ctx,
+    view: &RootView,
+    policy: &str,
+    only: Option<&str>,
+) -> Result<Vec<(String, String, BaselineResult)>> {
+    let state = ctx.state();
+    let uuid = view.uuid.as_str();
+    let created = ensure_vm_state(ctx, &state, uuid)?;
+    let images = open_images(&view.images)?;
+    let id = VmIdentity::of(&state, uuid)?;
+    if nix::unistd::geteuid().is_root() {
+        file_targets(ctx, policy, (id.uid, id.gid))?;
+    }
     // A baseline is work on the VM's state: it runs as the VM's user
-    // (docs/DESIGN.md, "Trust boundaries"), reading the images that user
-    // can read and nothing else.
-    ctx.enter_vm(&vm)?;
-    let catalog = Arc::new(Mutex::new(Catalog::open(&ctx.state_dir, &vm)?));
-    let disks = catalog.lock().unwrap().disks(&vm)?;
-    let disks: Vec<_> = disks
+    // (docs/DESIGN.md, "Trust boundaries"), reading the images through the
+    // descriptors root opened, and nothing else.
+    id.enter()?;
+    let catalog = Catalog::open(&ctx.state_dir, uuid)?;
+    let offline: Vec<OfflineDisk> = images
+        .iter()
+        .map(|i| OfflineDisk {
+            disk: &i.disk,
+            path: &i.path,
+            size: i.size,
+        })
+        .collect();
+    let name = view.name.as_deref().unwrap_or(uuid);
+    let base = session::start_offline_history(
+        &catalog,
+        &state,
+        uuid,
+        name,
+        policy,
+        &offline,
+        cdp_core::time::now_ns(),
+    )?;
+    if let (Some(base), false) = (base, ctx.json) {
+        println!(
+            "{name}: {} for this VM: its history starts at seq {base}, the first protected boot's writes follow the baseline",
+            if created { "state created" } else { "first capture" }
+        );
+    }
+    let catalog = Arc::new(Mutex::new(catalog));
+    let disks: Vec<_> = catalog
+        .lock()
+        .unwrap()
+        .disks(uuid)?
         .into_iter()
-        .filter(|(d, _, _)| a.disk.as_ref().is_none_or(|x| x == d))
+        .filter(|(d, _, _)| only.is_none_or(|x| x == d))
         .collect();
     if disks.is_empty() {
         bail!(
-            "VM {vm} has no disk{} in the catalog: cdpd records disks when it first serves them",
-            a.disk.as_ref().map(|d| format!(" {d}")).unwrap_or_default()
+            "VM {uuid} has no disk{} in the catalog, and none in {} or its libvirt definition",
+            only.map(|d| format!(" {d}")).unwrap_or_default(),
+            state.vm_images(uuid).display()
         );
     }
+    upload(ctx, &catalog, uuid, policy, &disks, &images)
+}
+
+/// Each disk to each target of `policy`, the target with the most free
+/// space first.
+fn upload(
+    ctx: &Ctx,
+    catalog: &Arc<Mutex<Catalog>>,
+    vm: &str,
+    policy: &str,
+    disks: &[(String, String, u64)],
+    images: &[RootImage],
+) -> Result<Vec<(String, String, BaselineResult)>> {
     let rt = tokio::runtime::Runtime::new()?;
-    let results = rt.block_on(async {
-        let mut targets = cdp_shipper::open_targets(&ctx.config, &a.policy).await?;
+    rt.block_on(async {
+        let mut targets = cdp_shipper::open_targets(&ctx.config, policy).await?;
+        if targets.is_empty() {
+            bail!(
+                "policy {policy:?} has no targets: add one to the config, then take the baseline"
+            );
+        }
         targets.sort_by_key(|t| std::cmp::Reverse(t.store.free_space().unwrap_or(0)));
         let retry = cdp_repo::store::RetryPolicy::default();
         let mut out = Vec::new();
-        for (disk, path, _) in &disks {
+        for (disk, path, _) in disks {
+            let opened = images.iter().find(|i| &i.disk == disk);
+            let image = opened.map_or(Path::new(path), |i| i.path.as_path());
             for t in &targets {
                 let r = cdp_shipper::baseline::take(&cdp_shipper::baseline::BaselineJob {
                     store: &t.store,
                     target: &t.name,
                     retry: &retry,
-                    catalog: &catalog,
+                    catalog,
                     run_dir: &ctx.run_dir,
-                    vm: &vm,
+                    vm,
                     disk,
-                    image: std::path::Path::new(path),
-                    opened: None,
+                    image,
+                    opened: opened.map(|i| &i.file),
                 })
                 .await?;
                 out.push((disk.clone(), t.name.clone(), r));
             }
         }
         anyhow::Ok(out)
-    })?;
+    })
+}
+
+/// Open each image read-only (as root: its path is trusted) and find its size.
+fn open_images(images: &BTreeMap<String, PathBuf>) -> Result<Vec<RootImage>> {
+    let mut out = Vec::new();
+    for (disk, path) in images {
+        let mut file = File::open(path)
+            .with_context(|| format!("disk {disk}: opening its image {}", path.display()))?;
+        // A block device has no length in its metadata: its end.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("disk {disk}: the size of {}", path.display()))?;
+        out.push(RootImage {
+            disk: disk.clone(),
+            path: path.clone(),
+            file,
+            size,
+        });
+    }
+    Ok(out)
+}
+
+/// `<state>/vms/<uuid>` as the libvirt hook makes it when missing: in the
+/// root-owned `<state>/vms` (0755), given to the VM's QEMU user (the
+/// configured `qemu_user`) with mode 0700 through its descriptor. Whether
+/// it was created.
+fn ensure_vm_state(ctx: &Ctx, state: &StateDir, uuid: &str) -> Result<bool> {
+    match std::fs::symlink_metadata(state.vm(uuid).path()) {
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context(format!("{}", state.vm(uuid).path().display())),
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "{} does not exist: cdpd has never served this VM; run this as root to create it",
+            state.vm(uuid).path().display()
+        );
+    }
+    let owner = configured_owner(&ctx.config)?;
+    for dir in [state.path().to_path_buf(), state.vms()] {
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            DirFd::open(&dir)?.chmod(0o755)?;
+        }
+    }
+    let vms = DirFd::open(&state.vms())?;
+    vms.mkdir_at(uuid, 0o700)?;
+    let d = vms.open_at(uuid)?;
+    let found = d.owner()?.0;
+    if found != 0 && found != owner.0 {
+        bail!(
+            "{} belongs to uid {found}, not to QEMU's user (uid {}): left alone",
+            d.path().display(),
+            owner.0
+        );
+    }
+    d.chown(owner)?;
+    d.chmod(0o700)?;
+    Ok(true)
+}
+
+/// The VM's QEMU user as configured (`[libvirt] qemu_user`, `qemu_group`).
+fn configured_owner(c: &cdp_core::config::Config) -> Result<(u32, u32)> {
+    let user = c
+        .libvirt
+        .qemu_user
+        .clone()
+        .unwrap_or_else(|| cdp_core::config::DEFAULT_QEMU_USER.into());
+    let pw = nix::unistd::User::from_name(&user)?
+        .with_context(|| format!("no user {user:?} (QEMU's user, [libvirt] qemu_user)"))?;
+    let gid = match &c.libvirt.qemu_group {
+        Some(g) => {
+            nix::unistd::Group::from_name(g)?
+                .with_context(|| format!("no group {g:?} ([libvirt] qemu_group)"))?
+                .gid
+        }
+        None => pw.gid,
+    };
+    Ok((pw.uid.as_raw(), gid.as_raw()))
+}
+
+/// A missing `file://` target of `policy`, created for the VM's user as the
+/// libvirt hook does at start (0750); an existing one is the operator's.
+fn file_targets(ctx: &Ctx, policy: &str, owner: (u32, u32)) -> Result<()> {
+    let Some(p) = ctx.config.policy.get(policy) else {
+        return Ok(());
+    };
+    for name in &p.targets {
+        let Some(path) = ctx
+            .config
+            .target
+            .get(name)
+            .and_then(|t| t.url.strip_prefix("file://"))
+            .map(Path::new)
+        else {
+            continue;
+        };
+        let (Some(parent), Some(leaf)) = (path.parent(), path.file_name()) else {
+            continue;
+        };
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let dir = DirFd::open(parent)?;
+        if dir.mkdir_at(leaf, 0o750)? {
+            let d = dir.open_at(leaf)?;
+            d.chown(owner)?;
+            d.chmod(0o750)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_results(ctx: &Ctx, results: &[(String, String, BaselineResult)]) -> Result<()> {
     if ctx.json {
         let v: Vec<_> = results
             .iter()
@@ -73,13 +365,14 @@ pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
     }
     for (d, t, r) in results {
         println!(
-            "{d} → {t}: {} chunks ({} with data, {} uploaded, {}), consistent from seq {} (scan began after seq {})",
+            "{d} → {t}: {} chunks ({} with data, {} uploaded, {}), consistent from seq {} (scan began after seq {}){}",
             r.chunks_total,
             r.chunks_data,
             r.chunks_uploaded,
             crate::status::human(r.bytes_uploaded),
             r.s1,
-            r.s0
+            r.s0,
+            if r.s0 == r.s1 { ": exact" } else { "" }
         );
     }
     Ok(())

@@ -76,7 +76,7 @@ pub(crate) fn virsh(connect: &str, args: &[&str]) -> Result<String> {
 }
 
 /// The persistent definition, secrets included (so redefining loses none).
-fn definition(connect: &str, dom: &str) -> Result<String> {
+pub(crate) fn definition(connect: &str, dom: &str) -> Result<String> {
     virsh(connect, &["dumpxml", "--inactive", "--security-info", dom])
         .with_context(|| format!("reading the definition of {dom}"))
 }
