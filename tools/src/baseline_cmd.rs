@@ -52,6 +52,19 @@ pub(crate) struct RootView {
     pub name: Option<String>,
     pub policy: Option<String>,
     pub images: BTreeMap<String, PathBuf>,
+    /// QEMU's user from the definition's DAC label (`+uid:+gid`), as the
+    /// libvirt hook reads it; else the configured one.
+    pub owner: Option<(u32, u32)>,
+}
+
+/// What [`take`] did.
+pub(crate) struct Taken {
+    /// `<state>/vms/<uuid>` was created.
+    pub created: bool,
+    /// The VM's history was started at this seq (cdpd never served it).
+    pub base: Option<u64>,
+    /// (disk, target, baseline) for each baseline taken.
+    pub results: Vec<(String, String, BaselineResult)>,
 }
 
 /// A disk's image opened by root, read by the baseline as the VM's user.
@@ -69,8 +82,23 @@ pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
         .clone()
         .or_else(|| view.policy.clone())
         .unwrap_or_else(|| "default".into());
-    let results = take(ctx, &view, &policy, a.disk.as_deref())?;
-    print_results(ctx, &results)
+    let taken = take(ctx, &view, &policy, a.disk.as_deref())?;
+    if ctx.json {
+        return print_json(&taken.results);
+    }
+    if let Some(base) = taken.base {
+        println!(
+            "{}: {}; its history starts at seq {base}: the baseline is exact there, and the first protected boot's writes follow it.",
+            view.name.as_deref().unwrap_or(&view.uuid),
+            if taken.created {
+                "never served by cdpd: its state is created now"
+            } else {
+                "never captured before"
+            }
+        );
+    }
+    print_results(&taken.results);
+    Ok(())
 }
 
 /// Where the VM's images are, without opening its state: `<uuid>.images`,
@@ -87,6 +115,7 @@ fn root_view(ctx: &Ctx, a: &BaselineArgs) -> Result<RootView> {
                 name: None,
                 policy: None,
                 images,
+                owner: None,
             });
         }
         if ctx.has_catalog(uuid) {
@@ -97,6 +126,7 @@ fn root_view(ctx: &Ctx, a: &BaselineArgs) -> Result<RootView> {
                 name: None,
                 policy: None,
                 images: BTreeMap::new(),
+                owner: None,
             });
         }
     }
@@ -134,21 +164,34 @@ pub(crate) fn view_of_definition(ctx: &Ctx, xml: &str) -> Result<RootView> {
             .into_iter()
             .map(|t| (t.target, PathBuf::from(t.path)))
             .collect(),
+        owner: dac_label(xml),
     })
+}
+
+/// The numeric DAC label of a definition (`<seclabel model='dac'>` with
+/// `<label>+uid:+gid</label>`), the owner the libvirt hook gives the VM's
+/// directories.
+fn dac_label(xml: &str) -> Option<(u32, u32)> {
+    let at = xml
+        .find("model='dac'")
+        .or_else(|| xml.find("model=\"dac\""))?;
+    let rest = &xml[at..];
+    let end = rest.find("</seclabel>")?;
+    let rest = &rest[..end];
+    let label = &rest[rest.find("<label>")? + "<label>".len()..];
+    let label = &label[..label.find("</label>")?];
+    let (u, g) = label.trim().split_once(':')?;
+    let num = |s: &str| s.strip_prefix('+').and_then(|n| n.parse::<u32>().ok());
+    Some((num(u)?, num(g)?))
 }
 
 /// Take the baselines of `view` (only `only` when given) to every target
 /// of `policy`. This process ends as the VM's user: root's part (the VM's
 /// directory, the images, a missing `file://` target) comes first.
-pub(crate) fn take(
-    ctx: &Ctx,
-    view: &RootView,
-    policy: &str,
-    only: Option<&str>,
-) -> Result<Vec<(String, String, BaselineResult)>> {
+pub(crate) fn take(ctx: &Ctx, view: &RootView, policy: &str, only: Option<&str>) -> Result<Taken> {
     let state = ctx.state();
     let uuid = view.uuid.as_str();
-    let created = ensure_vm_state(ctx, &state, uuid)?;
+    let created = ensure_vm_state(ctx, &state, uuid, view.owner)?;
     let images = open_images(&view.images)?;
     let id = VmIdentity::of(&state, uuid)?;
     if nix::unistd::geteuid().is_root() {
@@ -177,12 +220,6 @@ pub(crate) fn take(
         &offline,
         cdp_core::time::now_ns(),
     )?;
-    if let (Some(base), false) = (base, ctx.json) {
-        println!(
-            "{name}: {} for this VM: its history starts at seq {base}, the first protected boot's writes follow the baseline",
-            if created { "state created" } else { "first capture" }
-        );
-    }
     let catalog = Arc::new(Mutex::new(catalog));
     let disks: Vec<_> = catalog
         .lock()
@@ -198,7 +235,11 @@ pub(crate) fn take(
             state.vm_images(uuid).display()
         );
     }
-    upload(ctx, &catalog, uuid, policy, &disks, &images)
+    Ok(Taken {
+        created,
+        base,
+        results: upload(ctx, &catalog, uuid, policy, &disks, &images)?,
+    })
 }
 
 /// Each disk to each target of `policy`, the target with the most free
@@ -266,10 +307,15 @@ fn open_images(images: &BTreeMap<String, PathBuf>) -> Result<Vec<RootImage>> {
 }
 
 /// `<state>/vms/<uuid>` as the libvirt hook makes it when missing: in the
-/// root-owned `<state>/vms` (0755), given to the VM's QEMU user (the
-/// configured `qemu_user`) with mode 0700 through its descriptor. Whether
+/// root-owned `<state>/vms` (0755), given to the VM's QEMU user (its
+/// definition's DAC label, else the configured `qemu_user`) with mode 0700 through its descriptor. Whether
 /// it was created.
-fn ensure_vm_state(ctx: &Ctx, state: &StateDir, uuid: &str) -> Result<bool> {
+fn ensure_vm_state(
+    ctx: &Ctx,
+    state: &StateDir,
+    uuid: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<bool> {
     match std::fs::symlink_metadata(state.vm(uuid).path()) {
         Ok(_) => return Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -281,7 +327,10 @@ fn ensure_vm_state(ctx: &Ctx, state: &StateDir, uuid: &str) -> Result<bool> {
             state.vm(uuid).path().display()
         );
     }
-    let owner = configured_owner(&ctx.config)?;
+    let owner = match owner {
+        Some(o) => o,
+        None => configured_owner(&ctx.config)?,
+    };
     for dir in [state.path().to_path_buf(), state.vms()] {
         if !dir.exists() {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -355,14 +404,17 @@ fn file_targets(ctx: &Ctx, policy: &str, owner: (u32, u32)) -> Result<()> {
     Ok(())
 }
 
-fn print_results(ctx: &Ctx, results: &[(String, String, BaselineResult)]) -> Result<()> {
-    if ctx.json {
-        let v: Vec<_> = results
-            .iter()
-            .map(|(d, t, r)| serde_json::json!({"disk": d, "target": t, "baseline": r}))
-            .collect();
-        return crate::print_json(&v);
-    }
+/// The baselines as JSON.
+pub(crate) fn print_json(results: &[(String, String, BaselineResult)]) -> Result<()> {
+    let v: Vec<_> = results
+        .iter()
+        .map(|(d, t, r)| serde_json::json!({"disk": d, "target": t, "baseline": r}))
+        .collect();
+    crate::print_json(&v)
+}
+
+/// One line per baseline.
+pub(crate) fn print_results(results: &[(String, String, BaselineResult)]) {
     for (d, t, r) in results {
         println!(
             "{d} → {t}: {} chunks ({} with data, {} uploaded, {}), consistent from seq {} (scan began after seq {}){}",
@@ -375,5 +427,20 @@ fn print_results(ctx: &Ctx, results: &[(String, String, BaselineResult)]) -> Res
             if r.s0 == r.s1 { ": exact" } else { "" }
         );
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dac_label_is_read_as_the_hook_reads_it() {
+        let xml = "<domain><seclabel type='static' model='dac' relabel='yes'>\
+                   <label>+1001:+1002</label></seclabel></domain>";
+        assert_eq!(dac_label(xml), Some((1001, 1002)));
+        let named = "<domain><seclabel type='static' model='dac'><label>qemu:kvm</label></seclabel></domain>";
+        assert_eq!(dac_label(named), None);
+        let selinux = "<domain><seclabel model='selinux'><label>+1:+2</label></seclabel></domain>";
+        assert_eq!(dac_label(selinux), None);
+    }
 }

@@ -144,6 +144,11 @@ struct ProtectReport {
     running: bool,
     disks: Vec<DiskReport>,
     gap_recorded: bool,
+    /// The full baseline taken now, offline, because the VM is shut off and
+    /// cdpd has never served it: (disk, target, baseline).
+    offline_baseline: Vec<(String, String, cdp_shipper::baseline::BaselineResult)>,
+    /// Why none was taken now although the VM is shut off.
+    offline_baseline_error: Option<String>,
 }
 
 pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
@@ -194,8 +199,10 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
         .unwrap_or_default();
     find_baselines(config, &targets, &uuid, &mut disks)?;
     let gap_recorded = record_gap(ctx, &uuid, &disks)?;
+    let fresh = !ctx.has_catalog(&uuid);
     define(&a.connect, &new)?;
-    let report = ProtectReport {
+    let running = is_running(&a.connect, &a.domain);
+    let mut report = ProtectReport {
         domain: dom.name.clone(),
         uuid,
         policy: a.policy.clone(),
@@ -205,15 +212,44 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
             .as_ref()
             .and_then(|p| p.emulator.clone())
             .unwrap_or_default(),
-        running: is_running(&a.connect, &a.domain),
+        running,
         disks,
         gap_recorded,
+        offline_baseline: Vec::new(),
+        offline_baseline_error: None,
     };
+    // Shut off and never served: the full baseline now, offline and exact,
+    // so the first boot is restorable from its first write (docs/DESIGN.md,
+    // "Baselines"). A VM with a history keeps it: the next start follows
+    // the unprotected time's GAP with a new baseline. This process works
+    // as the VM's user from here on.
+    if !running && fresh && !targets.is_empty() {
+        match offline_baseline(ctx, &new, &a.policy) {
+            Ok(results) => {
+                for d in &mut report.disks {
+                    d.baseline_in.append(&mut d.baseline_due_in);
+                }
+                report.offline_baseline = results;
+            }
+            Err(e) => report.offline_baseline_error = Some(format!("{e:#}")),
+        }
+    }
     if ctx.json {
         return crate::print_json(&report);
     }
     print_protected(&report, targets.is_empty());
     Ok(())
+}
+
+/// The full baseline of a shut-off VM cdpd has never served, from its new
+/// definition (`cdpctl baseline`'s offline path).
+fn offline_baseline(
+    ctx: &Ctx,
+    xml: &str,
+    policy: &str,
+) -> Result<Vec<(String, String, cdp_shipper::baseline::BaselineResult)>> {
+    let view = crate::baseline_cmd::view_of_definition(ctx, xml)?;
+    Ok(crate::baseline_cmd::take(ctx, &view, policy, None)?.results)
 }
 
 /// The wrapper and the programs it starts must be where protect points the VM.
@@ -296,9 +332,16 @@ fn print_protected(report: &ProtectReport, no_targets: bool) {
         report.domain, report.policy, report.emulator, report.real_emulator
     );
     if report.running {
-        println!("It is running: protection starts at its next start (shut it down, then start it; a reboot inside the guest is not enough).");
+        println!("It is running: protection starts at its next start (shut it down, then start it; a reboot inside the guest is not enough); that first start takes the full baseline online.");
     } else {
         println!("Protection starts when it next starts: every write from the first I/O of boot is journaled.");
+    }
+    if !report.offline_baseline.is_empty() {
+        println!("It is shut off: the full baseline was taken now, offline (exact), so its first boot is restorable from its first write:");
+        crate::baseline_cmd::print_results(&report.offline_baseline);
+    }
+    if let Some(e) = &report.offline_baseline_error {
+        println!("  warning: it is shut off, but the offline baseline failed ({e}): take it with `cdpctl baseline {}` before its first start, or the first start takes it online (its writes before that baseline cannot be restored).", report.uuid);
     }
     for d in &report.disks {
         if !d.baseline_due_in.is_empty() {
