@@ -96,8 +96,24 @@ pub fn settled(run_dir: &Path, catalog: &Mutex<Catalog>, vm: &str, disk: &str) -
     if cat.last_session(vm)?.is_some_and(|s| s.end_kind.is_none()) {
         return Err(ShipError::UnsettledImage { vm: vm.to_string() });
     }
+    let seq = cat.last_seq(vm)?.0;
+    // A gap a tool recorded while the VM was stopped (unprotected writes,
+    // an in-place restore) is journaled only at the next start: until
+    // then the image differs from every seq the journal has, and a
+    // baseline labelled with one would restore wrong bytes there.
+    if let Some((_, reason)) = cat
+        .gaps_after(vm, seq.saturating_sub(1))?
+        .into_iter()
+        .find(|(d, _)| d == disk)
+    {
+        return Err(ShipError::PendingGap {
+            vm: vm.to_string(),
+            disk: disk.to_string(),
+            reason,
+        });
+    }
     Ok(Settled {
-        seq: cat.last_seq(vm)?.0,
+        seq,
         times_degraded: 0,
     })
 }

@@ -106,6 +106,12 @@ pub enum ShipError {
     UnsettledImage { vm: String },
     #[error("VM {vm}, disk {disk}: its journal was full (degraded mode) during the baseline's scan: writes then reached the image without being journaled, so no seq would make the baseline exact; it is taken again once the journal takes writes again")]
     DegradedImage { vm: String, disk: String },
+    #[error("VM {vm}, disk {disk}: the disk changed while it was not captured ({reason}); those writes are in no journal yet, so no seq would make a baseline taken now exact: it is taken once the VM starts protected again (its first session journals the gap)")]
+    PendingGap {
+        vm: String,
+        disk: String,
+        reason: String,
+    },
 }
 
 fn config_file(p: &Option<PathBuf>) -> String {
@@ -130,7 +136,8 @@ impl ShipError {
             | ShipError::Io { .. }
             | ShipError::Task { .. }
             | ShipError::UnsettledImage { .. }
-            | ShipError::DegradedImage { .. } => Kind::Local,
+            | ShipError::DegradedImage { .. }
+            | ShipError::PendingGap { .. } => Kind::Local,
         }
     }
 
@@ -151,6 +158,8 @@ impl ShipError {
             // The journal takes writes again once the shipper trims or the
             // target comes back.
             ShipError::DegradedImage { .. } => true,
+            // The VM's next start journals the gap.
+            ShipError::PendingGap { .. } => true,
             _ => false,
         }
     }

@@ -500,7 +500,8 @@ fn protect_start_destroy_ship_restore_unprotect() {
             && metric_sum(&text, "cdp_vm_running", uuid) == Some(0.0)
     });
 
-    // Restore from the repository alone (state gone) at each marker seen, and
+    // Restore from the repository alone (state gone) at each marker seen (the
+    // first too: protect took the offline baseline before the first boot), and
     // the latest. The agent goes first: it scans the state every second and
     // would write into it while it is removed.
     lv.stop_agent();
@@ -515,7 +516,7 @@ fn protect_start_destroy_ship_restore_unprotect() {
             .args(["--repo", &url, "--state-dir"])
             .arg(d.join("empty-state")))
     };
-    for (k, t) in markers.iter().filter(|m| m.0 >= 2) {
+    for (k, t) in markers.iter().filter(|m| m.0 >= 1) {
         let out = d.join(format!("at-{k}.raw"));
         restore(t, &out);
         assert!(

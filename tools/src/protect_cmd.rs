@@ -316,8 +316,17 @@ fn record_gap(ctx: &Ctx, uuid: &str, disks: &[DiskReport]) -> Result<bool> {
         let mut gap_recorded = false;
         for d in &names {
             if known.iter().any(|(k, _, _)| k == d) {
-                let (seq, ts) = cat.last_seq(uuid)?;
-                cat.add_gap(uuid, d, seq, ts, "unprotected")?;
+                // After the last seq, as an in-place restore records it:
+                // the next cdpd start journals gaps recorded after its
+                // last seq (one AT it would never be journaled).
+                let (seq, _) = cat.last_seq(uuid)?;
+                cat.add_gap(
+                    uuid,
+                    d,
+                    seq + 1,
+                    cdp_core::time::now_ns(),
+                    "unprotected: the disk may have been written while it was not captured",
+                )?;
                 gap_recorded = true;
             }
         }

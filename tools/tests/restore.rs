@@ -300,6 +300,14 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
     args.push("--yes");
     cdpctl(&d, &cfg, &args);
     qemu_img_compare(d.image("vda").as_os_str(), s.copy.as_os_str());
+    // Until a capture session journals that gap, an offline baseline would
+    // label the restored disk with a seq it no longer matches: refused.
+    let out = cdp_tests::fixture::cdpctl_out(&d, &cfg, &["baseline", &d.vm_uuid]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not captured") && err.contains("in place"),
+        "a baseline of a disk changed outside capture: {err}"
+    );
     // The next capture session records that the disk left the journal's line.
     d.start();
     d.term();
@@ -315,6 +323,8 @@ fn in_place_restore_rewrites_only_what_differs_and_refuses_a_running_vm() {
         .as_str()
         .unwrap()
         .contains("in place"));
+    // Journaled now: the offline baseline is exact again.
+    cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
 }
 
 /// A time after the disk's newest record while capture still runs is
