@@ -294,7 +294,8 @@ pub fn new_history_reason(base: u64) -> String {
         "new history (generation {base}): this host has no earlier state for this VM \
          (a new VM, a lost state directory, or another host); its seqs start at {}, \
          above every earlier history's, so no repository object is reused; \
-         points before this one are restored from their own baselines, a new baseline is needed",
+         points before this one are restored from their own baselines; points after it from \
+         a baseline taken after it (the shipper takes one)",
         base + 1
     )
 }

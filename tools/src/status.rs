@@ -188,27 +188,20 @@ fn print_protected(vms: &[ProtectedVm]) {
 }
 
 pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
-    let one = a.vm_uuid.as_ref().or(a.vm.as_ref());
-    let uuids = match one {
-        Some(vm) => vec![ctx.resolve_vm(vm)?],
-        None => ctx
-            .run()
-            .vms_with_control_socket()
-            .with_context(|| format!("listing the run directory {}", ctx.run_dir.display()))?,
-    };
+    if let Some(vm) = a.vm_uuid.as_ref().or(a.vm.as_ref()) {
+        return status_of_one(ctx, &ctx.resolve_vm(vm)?);
+    }
+    let uuids = ctx
+        .run()
+        .vms_with_control_socket()
+        .with_context(|| format!("listing the run directory {}", ctx.run_dir.display()))?;
     let mut all = Vec::new();
     for u in &uuids {
         all.push(query(ctx, u)?);
     }
-    // Without a VM: every protected VM too, running or not (its catalog).
-    let protected = match one {
-        Some(_) => Vec::new(),
-        None => protected_vms(ctx, &uuids)?,
-    };
+    // Every protected VM too, running or not (its catalog).
+    let protected = protected_vms(ctx, &uuids)?;
     if ctx.json {
-        if one.is_some() {
-            return crate::print_json(&all[0]);
-        }
         return crate::print_json(&serde_json::json!({ "vms": all, "protected": protected }));
     }
     if all.is_empty() {
@@ -218,9 +211,31 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<()> {
         );
     }
     print_running(&all);
-    if one.is_none() {
-        print_protected(&protected);
+    print_protected(&protected);
+    Ok(())
+}
+
+/// One VM: its running cdpd's status, or, when none answers, what its
+/// catalog says (a stopped VM this host protects); an error only for a VM
+/// that is neither.
+fn status_of_one(ctx: &Ctx, uuid: &str) -> Result<()> {
+    let err = match query(ctx, uuid) {
+        Ok(s) if ctx.json => return crate::print_json(&s),
+        Ok(s) => {
+            print_running(&[s]);
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    if !ctx.has_catalog(uuid) {
+        return Err(err);
     }
+    let p = protected_vm(ctx, uuid, false)?;
+    if ctx.json {
+        return crate::print_json(&p);
+    }
+    println!("{uuid}: no cdpd answers (the VM is stopped, or its capture is down): what its catalog says:");
+    print_protected(&[p]);
     Ok(())
 }
 

@@ -55,6 +55,20 @@ fn status_lists_a_stopped_vm_with_its_newest_shipped_point() {
     let ts = p["ts_ns"].as_u64().unwrap();
     assert!(ts > 0 && ts <= vm["last_ts_ns"].as_u64().unwrap(), "{vm:#}");
 
+    // The one VM by name: what its catalog says, not an error.
+    let one: Value =
+        serde_json::from_str(&cdpctl(&d, &cfg, &["status", "stopped-vm", "--json"])).unwrap();
+    assert_eq!(
+        (&one["running"], one["last_seq"].as_u64()),
+        (&Value::Bool(false), Some(last_seq)),
+        "{one:#}"
+    );
+    let text = cdpctl(&d, &cfg, &["status", &d.vm_uuid]);
+    assert!(
+        text.contains("no cdpd answers") && text.contains("not running"),
+        "{text}"
+    );
+
     let text = cdpctl(&d, &cfg, &["status"]);
     assert!(
         text.contains("stopped-vm")
