@@ -15,6 +15,26 @@
 //! - **systemd** ([`sdnotify`]): Type=notify (READY=1 once the catalog is
 //!   open and the sockets listen), WATCHDOG=1, STATUS=…, STOPPING=1.
 
+/// A log line on stderr, `cdp-agent: ...`, prefixed with the UTC time
+/// unless stderr is the journal's (systemd sets `JOURNAL_STREAM` then, and
+/// the journal stamps each line itself): run by hand, every line says when.
+macro_rules! say {
+    ($($t:tt)*) => {
+        $crate::log_line(&format!($($t)*))
+    };
+}
+
+/// [`say!`]'s line.
+pub fn log_line(msg: &str) {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        eprintln!("cdp-agent: {msg}");
+    } else {
+        // RFC 3339 to the millisecond: 2026-11-27T23:20:38.123Z
+        let now = cdp_core::time::fmt_ns(cdp_core::time::now_ns());
+        eprintln!("{}Z cdp-agent: {msg}", &now[..now.len().min(23)]);
+    }
+}
+
 pub mod adopt;
 pub mod child;
 pub mod error;
@@ -180,7 +200,7 @@ impl Agent {
                 .set_targets_down(&uuid, &r.vm, &a.targets_down);
             if a.targets_down.is_empty() {
                 if self.last_error.remove(&uuid).is_some() {
-                    eprintln!("cdp-agent: VM {} ({uuid}): working again", r.vm);
+                    say!("VM {} ({uuid}): working again", r.vm);
                 }
             } else {
                 self.counters.error("target");
@@ -194,7 +214,7 @@ impl Agent {
             }
             if a.did_work() {
                 self.counters.adoption();
-                eprintln!("cdp-agent: VM {} ({uuid}): {}", r.vm, describe(&a));
+                say!("VM {} ({uuid}): {}", r.vm, describe(&a));
                 report.adopted.push(a);
             }
         }
@@ -204,7 +224,7 @@ impl Agent {
     /// Print an error once per change (a dead target is not a log line per scan).
     fn log_error(&mut self, key: &str, msg: &str) {
         if self.last_error.get(key).map(String::as_str) != Some(msg) {
-            eprintln!("cdp-agent: {msg}");
+            say!("{msg}");
             self.last_error.insert(key.to_string(), msg.to_string());
         }
     }
@@ -262,8 +282,8 @@ impl Agent {
                             + report.chunks_deleted
                             + report.other_deleted;
                         if deleted > 0 || report.synthetic_baselines > 0 {
-                            eprintln!(
-                                "cdp-agent: VM {} ({}) target {t}: retention kept {} point(s) before the window, wrote {} exact baseline(s), deleted {} segment(s), {} baseline(s), {} chunk(s), {} other object(s): {} byte(s) freed{}",
+                            say!(
+                                "VM {} ({}) target {t}: retention kept {} point(s) before the window, wrote {} exact baseline(s), deleted {} segment(s), {} baseline(s), {} chunk(s), {} other object(s): {} byte(s) freed{}",
                                 vm.name,
                                 uuid,
                                 report.kept_points,
@@ -502,8 +522,8 @@ pub async fn run(opts: &Options) -> Result<(), AgentError> {
             opts.state_dir.display(),
         ),
     );
-    eprintln!(
-        "cdp-agent: watching {} (scan every {:?}, retention every {:?}), notifications on {}, metrics on {metrics_on}",
+    say!(
+        "watching {} (scan every {:?}, retention every {:?}), notifications on {}, metrics on {metrics_on}",
         opts.state_dir.display(),
         opts.config.scan_interval(),
         opts.config.retention_interval(),
@@ -516,7 +536,7 @@ pub async fn run(opts: &Options) -> Result<(), AgentError> {
         t.abort();
     }
     let _ = std::fs::remove_file(cdp_core::notify::agent_socket(&opts.run_dir));
-    eprintln!("cdp-agent: stopped");
+    say!("stopped");
     Ok(())
 }
 

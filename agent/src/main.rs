@@ -68,7 +68,7 @@ fn main() {
         } => rt.block_on(adopt_vm(uuid, root_images, args)),
     };
     if let Err(e) = r {
-        eprintln!("cdp-agent: error: {e:#}");
+        cdp_agent::log_line(&format!("error: {e:#}"));
         std::process::exit(1);
     }
 }
