@@ -231,15 +231,40 @@ fn local_dir<'a>(ctx: &'a Ctx, a: &RepoArgs, vm: &str, disk: &str) -> Option<&'a
 /// check out: None (cdpd journals an unbounded GAP for a corrupt one).
 fn unjournaled_since(ctx: &Ctx, vm: &str, disk: &str) -> Option<u64> {
     use cdp_core::journal::dirty::{Header, MapKind, HEADER_LEN};
-    use std::io::Read;
     let state = cdp_core::layout::StateDir::new(&ctx.state_dir);
     let map = state.vm(vm).dirty_map(disk);
     let rel = map.strip_prefix(&ctx.state_dir).ok()?;
-    let dir = cdp_core::fsat::DirFd::open(&ctx.state_dir).ok()?;
-    let mut b = [0u8; HEADER_LEN];
-    dir.open_beneath(rel).ok()?.read_exact(&mut b).ok()?;
+    let b = read_head::<HEADER_LEN>(&ctx.state_dir, rel)?;
     let h = Header::decode(MapKind::Dirty, &b).ok()?;
     (h.since_ns != 0).then_some(h.since_ns)
+}
+
+/// The first `N` bytes of the regular file `rel` below `dir`, read as root
+/// from a tree QEMU's user writes: no link followed on the way (`openat2`
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), and opened `O_NONBLOCK`, so a
+/// FIFO planted there cannot hang the restore; what is not a regular file
+/// with one name is refused after `fstat` (docs/DESIGN.md, "Trust
+/// boundaries").
+fn read_head<const N: usize>(dir: &Path, rel: &Path) -> Option<[u8; N]> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use nix::sys::stat::SFlag;
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let d = std::fs::File::open(dir).ok()?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = nix::fcntl::openat2(d.as_raw_fd(), rel, how).ok()?;
+    // SAFETY: openat2 just returned `fd`, open and owned by nothing else.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(f.as_raw_fd()).ok()?;
+    let regular = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
+    if !regular || st.st_nlink != 1 {
+        return None;
+    }
+    let mut b = [0u8; N];
+    f.read_exact(&mut b).ok()?;
+    Some(b)
 }
 
 /// A point refused as not restorable names the nearest restorable points
@@ -1096,5 +1121,39 @@ fn print_timeline(vm: &str, store: &Store, out: &[serde_json::Value]) {
                 x["time"].as_str().unwrap()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dirty map QEMU's user replaced with a FIFO, a link or a directory
+    /// reads as no map, at once: the root-run restore neither hangs on it
+    /// nor follows it.
+    #[test]
+    fn a_planted_dirty_map_is_no_map_and_never_hangs() {
+        let t = tempfile::tempdir().unwrap();
+        let disk = t.path().join("vms/u/vda");
+        std::fs::create_dir_all(&disk).unwrap();
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, [7u8; 64]).unwrap();
+        let rel = Path::new("vms/u/vda/dirty.map");
+        nix::unistd::mkfifo(&disk.join("dirty.map"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = t.path().to_path_buf();
+        std::thread::spawn(move || tx.send(read_head::<16>(&dir, rel)).unwrap());
+        let r = rx.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(r, Ok(None), "a FIFO is refused at once");
+        std::fs::remove_file(disk.join("dirty.map")).unwrap();
+        std::os::unix::fs::symlink(&outside, disk.join("dirty.map")).unwrap();
+        assert_eq!(
+            read_head::<16>(t.path(), rel),
+            None,
+            "a link is not followed"
+        );
+        std::fs::remove_file(disk.join("dirty.map")).unwrap();
+        std::fs::write(disk.join("dirty.map"), [1u8; 64]).unwrap();
+        assert_eq!(read_head::<16>(t.path(), rel), Some([1u8; 16]));
     }
 }
