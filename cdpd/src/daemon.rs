@@ -293,7 +293,6 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
     } else {
         let seq = journal_resizes(
             &catalog,
-            &state,
             &uuid,
             &recorded,
             &mut disks,
@@ -333,7 +332,6 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
 /// starts (docs/DESIGN.md, "Capture sessions"). Returns the last seq.
 fn journal_resizes(
     catalog: &Catalog,
-    state: &StateDir,
     uuid: &uuid::Uuid,
     recorded: &std::collections::HashMap<String, u64>,
     disks: &mut [DiskSetup],
@@ -357,9 +355,9 @@ fn journal_resizes(
             old_size,
             new_size: d.image.size,
         };
+        // (A dirty map or activity log made for the old size that tracks
+        // nothing is made again for the new one when the capture opens it.)
         session::journal_resize(catalog, &d.journal_dir, uuid, &d.name, &r)?;
-        let map = state.vm(&uuid.hyphenated().to_string()).dirty_map(&d.name);
-        forget_clean_dirty_map(&map, old_size);
         eprintln!(
             "cdpd: disk {} was resized from {old_size} to {} bytes while the VM was stopped: \
              journaled as RESIZE at seq {seq}",
@@ -374,24 +372,6 @@ fn journal_resizes(
     }
     *last_ts = ts;
     Ok(seq)
-}
-
-/// A resized disk's dirty map is made for its old size; one that tracks
-/// nothing is removed, so that a new, empty one is made for the new size
-/// (a map of another size is never trusted: it would cost an unbounded GAP
-/// and a new baseline). One that tracks ranges is left to the capture's
-/// start, which journals that GAP.
-fn forget_clean_dirty_map(path: &Path, old_size: u64) {
-    use cdp_core::journal::dirty::{DirtyMap, Found};
-    if !path.exists() {
-        return;
-    }
-    if let Ok((map, Found::Clean)) = DirtyMap::open(path, old_size) {
-        drop(map);
-        if let Err(e) = std::fs::remove_file(path) {
-            eprintln!("cdpd: removing {} after a resize: {e}", path.display());
-        }
-    }
 }
 
 /// Start the session: SESSION_START in every journal, then a GAP for each

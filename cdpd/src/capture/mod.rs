@@ -611,7 +611,6 @@ impl Vm {
                     &d.name,
                     d.image.size,
                 );
-                let stats = DiskStats::default();
                 Arc::new(Disk {
                     index,
                     name: d.name,
@@ -628,7 +627,7 @@ impl Vm {
                         deg,
                         al,
                     }),
-                    stats,
+                    stats: DiskStats::default(),
                     sync_tx: Mutex::new(Some(tx)),
                 })
             })

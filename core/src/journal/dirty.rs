@@ -99,6 +99,10 @@ pub struct Header {
     pub bitmap_crc: u32,
 }
 
+/// The largest bitmap read from a map made for another disk size (to see
+/// whether it tracks anything): 16 MiB, a 8 PiB disk's dirty map.
+const MAX_OTHER_SIZE_BITMAP: usize = 16 << 20;
+
 /// Bytes of a dirty map's bitmap for a disk of `disk_size` bytes.
 pub fn bitmap_len(disk_size: u64) -> usize {
     bitmap_len_of(MapKind::Dirty, disk_size)
@@ -276,25 +280,51 @@ impl DirtyMap {
 
     /// Read and check the file into `self` (whose size is the disk's).
     fn load(&mut self, len: u64) -> Result<(), String> {
-        let mut buf = vec![0u8; len.min((HEADER_LEN + self.bits.len()) as u64) as usize];
+        let mut head = [0u8; HEADER_LEN];
+        if len < HEADER_LEN as u64 {
+            return Err("shorter than its header".into());
+        }
         self.file
-            .read_exact_at(&mut buf, 0)
+            .read_exact_at(&mut head, 0)
             .map_err(|e| format!("reading: {e}"))?;
-        let h = Header::decode(self.header.kind, &buf)?;
-        if h.disk_size != self.header.disk_size {
+        let h = Header::decode(self.header.kind, &head)?;
+        let resized = h.disk_size != self.header.disk_size;
+        let want = bitmap_len_of(self.header.kind, h.disk_size) as u64;
+        // Another size is read only to tell a clean map from one that
+        // tracks ranges, and only within what the file holds (its header
+        // is the VM user's to write: never an allocation it chooses).
+        if (resized && want > self.bits.len().max(MAX_OTHER_SIZE_BITMAP) as u64)
+            || len < HEADER_LEN as u64 + want
+        {
+            return Err(if resized {
+                format!(
+                    "made for a disk of {} bytes, the disk has {}",
+                    h.disk_size, self.header.disk_size
+                )
+            } else {
+                "shorter than its bitmap".into()
+            });
+        }
+        let mut bits = vec![0u8; want as usize];
+        self.file
+            .read_exact_at(&mut bits, HEADER_LEN as u64)
+            .map_err(|e| format!("reading: {e}"))?;
+        if crc32fast::hash(&bits) != h.bitmap_crc {
+            return Err("bitmap CRC mismatch".into());
+        }
+        if resized {
+            // The disk was resized while nothing ran: a map that tracks
+            // nothing is simply made again for the new size; one that
+            // tracks ranges is not trusted.
+            if bits.iter().all(|&b| b == 0) {
+                return Ok(());
+            }
             return Err(format!(
                 "made for a disk of {} bytes, the disk has {}",
                 h.disk_size, self.header.disk_size
             ));
         }
-        if buf.len() < HEADER_LEN + self.bits.len() {
-            return Err("shorter than its bitmap".into());
-        }
-        let bits = &buf[HEADER_LEN..];
-        if crc32fast::hash(bits) != h.bitmap_crc {
-            return Err("bitmap CRC mismatch".into());
-        }
-        self.bits.copy_from_slice(bits);
+        self.bits.copy_from_slice(&bits);
         self.count = self.bits.iter().map(|b| b.count_ones() as u64).sum();
         self.header = h;
         Ok(())
@@ -629,12 +659,25 @@ mod tests {
         // Replaced by a clean map that checks out.
         assert_eq!(DirtyMap::open(&p, 4 * MIB).unwrap().1, Found::Clean);
 
-        // A map made for another disk size is not trusted either.
+        // A map made for another disk size that tracks ranges is not
+        // trusted either; a clean one is made again for the new size (a
+        // resize while nothing ran).
         let (mut m, _) = DirtyMap::open(&p, 4 * MIB).unwrap();
         m.set(0, 1).unwrap();
         drop(m);
         let (_, found) = DirtyMap::open(&p, 8 * MIB).unwrap();
         assert!(matches!(&found, Found::Corrupt(w) if w.contains("disk of")));
+        let (m, found) = DirtyMap::open(&p, 8 * MIB).unwrap();
+        assert_eq!((found, m.count()), (Found::Clean, 0));
+        drop(m);
+        let (m, found) = DirtyMap::open(&p, 2 * MIB).unwrap();
+        assert_eq!((found, m.header().disk_size), (Found::Clean, 2 * MIB));
+        drop(m);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            (HEADER_LEN + bitmap_len(2 * MIB)) as u64,
+            "made again at the new size"
+        );
 
         // Garbage.
         std::fs::write(&p, b"not a map at all").unwrap();
