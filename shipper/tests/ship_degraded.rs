@@ -38,7 +38,7 @@ fn wait_for_mode(d: &Daemon, mode: &str) {
     let t0 = Instant::now();
     while journal_mode(d) != mode {
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
+            t0.elapsed() < Duration::from_secs(60),
             "vda's journal never became {mode}: {:#}",
             d.status_json()
         );

@@ -154,7 +154,7 @@ fn dead_s3_target_at_start_does_not_stop_the_file_target_and_gets_its_backlog_wh
     wait_for(
         &d,
         "local caught up while offsite fails",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         |disk| {
             let (Some(l), Some(o)) = (target(disk, "local"), target(disk, "offsite")) else {
                 return false;
@@ -194,7 +194,9 @@ fn dead_s3_target_at_start_does_not_stop_the_file_target_and_gets_its_backlog_wh
     wait_for(
         &d,
         "both targets caught up",
-        Duration::from_secs(60),
+        // The offsite target's failure backoff (10s at most) and its
+        // baseline backoff (doubling while it was down) both run out first.
+        Duration::from_secs(120),
         |disk| {
             ["local", "offsite"].iter().all(|t| {
                 target(disk, t).is_some_and(|t| t["backlog_segments"] == 0 && t["state"] == "up")

@@ -113,7 +113,7 @@ fn an_unwritable_repository_is_a_failing_target_and_ships_once_writable() {
     qemu_io(&d, "vda", &["write -P 7 0 64k".into(), "flush".into()]);
 
     let started = Instant::now();
-    let t = wait_for(&d, &cfg, &mut sh, "primary failing", 10, |t| {
+    let t = wait_for(&d, &cfg, &mut sh, "primary failing", 60, |t| {
         t["state"] == "failing"
     });
     let err = t["last_error"].as_str().unwrap_or_default().to_string();
@@ -146,7 +146,7 @@ fn an_unwritable_repository_is_a_failing_target_and_ships_once_writable() {
         &cfg,
         &mut sh,
         "primary up with nothing behind",
-        30,
+        60,
         |t| t["state"] == "up" && t["backlog_segments"] == 0,
     );
     assert!(
@@ -192,7 +192,7 @@ fn a_repository_tree_made_by_root_is_a_failing_target_not_a_dead_shipper() {
     std::fs::write(&xml, "<domain><name>test-vm</name></domain>\n").unwrap();
     let mut sh = spawn_shipper(&d, &cfg, &xml);
 
-    let t = wait_for(&d, &cfg, &mut sh, "primary failing", 10, |t| {
+    let t = wait_for(&d, &cfg, &mut sh, "primary failing", 60, |t| {
         t["state"] == "failing"
     });
     eprintln!("failing: {t}");
@@ -214,7 +214,7 @@ fn a_repository_tree_made_by_root_is_a_failing_target_not_a_dead_shipper() {
         &cfg,
         &mut sh,
         "primary up with nothing behind",
-        30,
+        60,
         |t| t["state"] == "up" && t["backlog_segments"] == 0,
     );
     assert!(

@@ -148,7 +148,7 @@ fn a_full_journal_degrades_then_resyncs_only_the_dirty_ranges() {
     let fs = Tmpfs::mount(&d.state_dir, "4M");
     d.start();
     write_mibs(&d, 0, 24, 0x40);
-    let s = wait_status(&d, 10, "degraded", degraded);
+    let s = wait_status(&d, 60, "degraded", degraded);
     let dirty = u(&s, "dirty_bytes");
     assert!(
         (16 * MIB..=24 * MIB).contains(&dirty),
@@ -195,7 +195,7 @@ fn a_kill_while_degraded_resumes_the_resync_from_the_map() {
     // Journaled first, then overwritten while degraded.
     write_mibs(&d, 0, 1, 0x10);
     write_mibs(&d, 8, 30, 0x20);
-    wait_status(&d, 10, "degraded", degraded);
+    wait_status(&d, 60, "degraded", degraded);
     write_mibs(&d, 0, 1, 0xa0);
     let dirty = u(&disk_status(&d), "dirty_bytes");
     assert!(dirty > 16 * MIB, "{dirty}");
@@ -232,7 +232,7 @@ fn journal_max_reached_degrades_the_same_way() {
     d.extra.extend(["--config".into(), small.into_os_string()]);
     d.start();
     write_mibs(&d, 0, 20, 0x30);
-    let s = wait_status(&d, 10, "degraded by journal_max", degraded);
+    let s = wait_status(&d, 60, "degraded by journal_max", degraded);
     let dirty = u(&s, "dirty_bytes");
     assert!(dirty >= 12 * MIB, "{s}");
     assert!(u(&s, "journal_bytes") <= 6 * MIB, "{s}");
@@ -287,7 +287,7 @@ fn points_before_and_after_the_window_restore_from_the_repository() {
     std::fs::copy(d.image("vda"), &before).unwrap();
 
     write_mibs(&d, 4, 24, 0x22);
-    wait_status(&d, 10, "degraded", degraded);
+    wait_status(&d, 60, "degraded", degraded);
     let t0 = Instant::now();
     loop {
         ship(&d, &cfg);
@@ -334,7 +334,7 @@ fn a_corrupt_dirty_map_falls_back_to_an_unbounded_gap() {
     bytes[64] ^= 0xff; // bits set behind the bitmap CRC's back
     std::fs::write(&map, &bytes).unwrap();
     d.start();
-    wait_status(&d, 10, "the GAP journaled", |_| {
+    wait_status(&d, 60, "the GAP journaled", |_| {
         records_of_kind(&d.journal_records(), "GAP")
             .iter()
             .any(|g| {

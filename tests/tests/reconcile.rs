@@ -90,7 +90,7 @@ fn a_failed_insert_is_retried_while_cdpd_runs() {
     });
     tx.rollback().unwrap();
     drop(lock);
-    cdp_tests::guest::wait_until("cdpd records the segment again", 30, || {
+    cdp_tests::guest::wait_until("cdpd records the segment again", 60, || {
         d.log()
             .contains("every sealed segment is recorded in the catalog again")
     });

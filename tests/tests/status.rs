@@ -226,7 +226,7 @@ fn status_shows_a_degraded_disk_and_restore_refuses_its_window() {
         if disk_status(&s, "vda")["journal_mode"] == "degraded" {
             break s;
         }
-        assert!(t0.elapsed().as_secs() < 10, "not degraded: {s:#}");
+        assert!(t0.elapsed().as_secs() < 60, "not degraded: {s:#}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     let v = disk_status(&s, "vda");

@@ -188,7 +188,7 @@ struct Qmp {
 
 impl Qmp {
     fn connect(path: &Path) -> Qmp {
-        wait_until("QEMU's monitor socket", 20, || {
+        wait_until("QEMU's monitor socket", 60, || {
             UnixStream::connect(path).is_ok()
         });
         let w = UnixStream::connect(path).unwrap();
@@ -264,7 +264,7 @@ fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
 fn a_killed_cdpd_is_restarted_and_qemus_io_goes_on() {
     let vm = Vm::new("3c9a1f0e-5b2d-4e8f-9a7c-6d5e4f3a2b1c");
     let mut qemu = vm.start();
-    vm.wait("cdpd to serve", 30, || vm.cdpd_pid().is_some());
+    vm.wait("cdpd to serve", 60, || vm.cdpd_pid().is_some());
     let first = vm.cdpd_pid().unwrap();
     let mut qmp = Qmp::connect(&vm.qmp_path());
     qmp.qemu_io("write -P 0x11 0 64k");
@@ -274,7 +274,7 @@ fn a_killed_cdpd_is_restarted_and_qemus_io_goes_on() {
     // SIGKILL cdpd; nobody restarts it by hand.
     sigkill(first as i32);
     let killed_at = Instant::now();
-    wait_until("the killed cdpd to be gone", 30, || {
+    wait_until("the killed cdpd to be gone", 60, || {
         cdp_core::proc::is_gone(first as i32)
     });
     // The promise is "within QEMU's reconnect delay" (60 s): a loaded
@@ -321,7 +321,7 @@ fn a_killed_cdpd_is_restarted_and_qemus_io_goes_on() {
     // cdpd exit, and the session ends cleanly.
     qemu.0.kill().unwrap();
     qemu.0.wait().unwrap();
-    vm.wait("the supervisor and cdpd to exit after QEMU", 30, || {
+    vm.wait("the supervisor and cdpd to exit after QEMU", 60, || {
         cdp_core::proc::is_gone(sup) && cdp_core::proc::is_gone(second as i32)
     });
     let s = vm.sessions();
@@ -356,7 +356,7 @@ fn a_killed_cdpd_is_restarted_and_qemus_io_goes_on() {
 fn restarts_are_bounded_and_giving_up_is_logged() {
     let vm = Vm::new("4d0b2e1f-6c3e-4f90-8b8d-7e6f5a4b3c2d");
     let mut qemu = vm.start();
-    vm.wait("cdpd to serve", 30, || vm.cdpd_pid().is_some());
+    vm.wait("cdpd to serve", 60, || vm.cdpd_pid().is_some());
     let first = vm.cdpd_pid().unwrap();
     // QEMU is up, connected to cdpd.
     let mut qmp = Qmp::connect(&vm.qmp_path());
@@ -368,7 +368,7 @@ fn restarts_are_bounded_and_giving_up_is_logged() {
     vm.wait("the supervisor to give up", 60, || {
         vm.log().contains("not restarted again")
     });
-    vm.wait("the supervisor to exit", 10, || {
+    vm.wait("the supervisor to exit", 60, || {
         cdp_core::proc::is_gone(sup)
     });
     let log = vm.log();

@@ -342,7 +342,12 @@ fn a_time_after_the_newest_record_needs_a_clean_stop() {
     let cfg = config(&d, &repo);
     cdpctl(&d, &cfg, &["baseline", &d.vm_uuid]);
     qemu_io(&d, "vda", &phase(0));
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    // Every record sealed (30 ms age, later on a loaded machine) before the
+    // pass: "latest" in the repository is then the image.
+    cdp_tests::guest::wait_until("every record sealed", 60, || {
+        let s = d.status_json()["disks"][0].clone();
+        s["open_segment_records"] == 0 && s["segments_waiting_seal"] == 0
+    });
     ship(&d, &cfg);
     let copy = d.work_dir().join("ref.img");
     std::fs::copy(d.image("vda"), &copy).unwrap();
