@@ -299,8 +299,11 @@ impl DirFd {
     /// one name (a hard link may be another file's second name).
     pub fn open_beneath(&self, rel: &Path) -> Result<File, FsatError> {
         use nix::fcntl::{OpenHow, ResolveFlag};
+        // O_NONBLOCK: a FIFO planted where a file is expected must not hang
+        // the opener (it is refused below as not a file); no effect on
+        // reading a regular file.
         let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
         let path = self.path.join(rel);
         let fd = nix::fcntl::openat2(self.fd.as_raw_fd(), rel, how).map_err(|e| {
@@ -335,7 +338,7 @@ impl DirFd {
     /// Open the regular file `name` for reading, not following a link.
     pub fn open_file(&self, name: impl AsRef<OsStr>) -> Result<File, FsatError> {
         let name = check_name(name.as_ref())?;
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         let fd = nix::fcntl::openat(Some(self.fd.as_raw_fd()), name, flags, Mode::empty())
             .map_err(|e| classify(Some(self), &self.path.join(name), e))?;
         let f = File::from(owned(fd));

@@ -246,22 +246,11 @@ fn unjournaled_since(ctx: &Ctx, vm: &str, disk: &str) -> Option<u64> {
 /// with one name is refused after `fstat` (docs/DESIGN.md, "Trust
 /// boundaries").
 fn read_head<const N: usize>(dir: &Path, rel: &Path) -> Option<[u8; N]> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
-    use nix::sys::stat::SFlag;
     use std::io::Read;
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let d = std::fs::File::open(dir).ok()?;
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK)
-        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-    let fd = nix::fcntl::openat2(d.as_raw_fd(), rel, how).ok()?;
-    // SAFETY: openat2 just returned `fd`, open and owned by nothing else.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    let st = nix::sys::stat::fstat(f.as_raw_fd()).ok()?;
-    let regular = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG;
-    if !regular || st.st_nlink != 1 {
-        return None;
-    }
+    let mut f = cdp_core::fsat::DirFd::open(dir)
+        .ok()?
+        .open_beneath(rel)
+        .ok()?;
     let mut b = [0u8; N];
     f.read_exact(&mut b).ok()?;
     Some(b)
