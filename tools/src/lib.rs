@@ -5,8 +5,11 @@
 
 pub mod baseline_cmd;
 pub mod export_cmd;
+pub mod files_cmd;
+pub mod gen_cmd;
 pub mod install;
 pub mod journal_cmd;
+pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;
 pub mod restore_cmd;
@@ -74,6 +77,8 @@ pub enum Cmd {
     Verify(verify_cmd::VerifyArgs),
     /// The VM definition as it was at a point, with storage paths remapped.
     RestoreConfig(verify_cmd::RestoreConfigArgs),
+    /// List or copy files of a disk as it was at a point (read-only, through libguestfs).
+    Files(files_cmd::FilesArgs),
     /// Inspect or replay a VM's local journal.
     #[command(subcommand)]
     Journal(journal_cmd::JournalCmd),
@@ -200,6 +205,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let ctx = Ctx::new(&cli.global)?;
     match cli.cmd {
+        Cmd::Files(a) => files_cmd::run(&ctx, &a),
         Cmd::Status(a) => status::status(&ctx, &a),
         Cmd::Mark(a) => status::mark(&ctx, &a),
         Cmd::Journal(c) => journal_cmd::run(&ctx, c),

@@ -1,0 +1,4 @@
+//! cdp-ui: the operator's views of cdpd as pure functions from data to
+//! markup. `cdp-agent` serves them (the status page) and `cdpctl points
+//! --svg` writes the timeline to a file; neither this crate nor its callers'
+//! renderers do any I/O here, so every view is unit- and property-tested.
