@@ -24,7 +24,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// What to look at when an S3 target cannot be reached.
 pub(super) const HINT: &str = "is the S3 endpoint up and its address right?";
 /// Query keys an `s3://` URL may carry.
-const QUERY_KEYS: &[&str] = &["endpoint", "region"];
+const QUERY_KEYS: &[&str] = &["endpoint", "region", "conditional_put"];
+/// `conditional_put=check-first`: for a server that ignores `If-None-Match`
+/// (Garage): read each key before a create-only put (docs/CREDENTIALS.md,
+/// "Servers without conditional writes").
+const CHECK_FIRST: &str = "check-first";
+/// The object the conditional-write probe writes, under the URL's prefix: a
+/// hidden name, never a repository object (listings skip hidden names).
+const PROBE_KEY: &str = ".cdp-probe/conditional-put";
+
+/// What a create-only PUT found.
+enum Created {
+    Yes,
+    /// The key exists (412, or 409 for a concurrent conditional write).
+    Exists(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
 
 pub(super) struct S3Backend {
     url: String,
@@ -33,6 +47,11 @@ pub(super) struct S3Backend {
     /// The URL's prefix without slashes at either end ("" for none).
     prefix: String,
     endpoint: String,
+    /// `conditional_put=check-first`: read the key before each create-only put.
+    check_first: bool,
+    /// Whether the server enforces `If-None-Match: *` (probed once, at the
+    /// first create-only put; not with `check_first`).
+    enforces_conditional: std::sync::OnceLock<bool>,
 }
 
 impl fmt::Debug for S3Backend {
@@ -81,10 +100,12 @@ impl S3Backend {
         }
         let mut endpoint = None;
         let mut region = None;
+        let mut conditional = None;
         for (k, v) in parsed.query_pairs() {
             let slot = match k.as_ref() {
                 "endpoint" => &mut endpoint,
                 "region" => &mut region,
+                "conditional_put" => &mut conditional,
                 other => {
                     return Err(config(format!(
                         "unknown query key {other:?} (known: {})",
@@ -105,6 +126,15 @@ impl S3Backend {
                 )));
             }
         }
+        let check_first = match conditional.as_deref() {
+            None | Some("required") => false,
+            Some(CHECK_FIRST) => true,
+            Some(other) => {
+                return Err(config(format!(
+                    "conditional_put={other:?}: the values are \"required\" (the default) and \"{CHECK_FIRST}\""
+                )))
+            }
+        };
         let region = region.unwrap_or_else(|| "us-east-1".to_string());
         let creds = match credentials_file {
             Some(p) => credentials::read_file(p).map_err(config)?,
@@ -149,6 +179,8 @@ impl S3Backend {
             bucket,
             prefix,
             endpoint: endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
+            check_first,
+            enforces_conditional: std::sync::OnceLock::new(),
         })
     }
 
@@ -391,19 +423,33 @@ impl S3Backend {
     /// A create-only PUT (`If-None-Match: *`). The server answers 412 (or
     /// 409 for a concurrent conditional write) when the key exists: then the
     /// object there is read and compared, equal bytes are success.
+    ///
+    /// A server that ignores the header would replace the object: the first
+    /// create-only put of this store probes for that (two conditional PUTs of
+    /// [`PROBE_KEY`]; the second must be refused) and, if so, every
+    /// create-only put is refused as a configuration error, unless the URL
+    /// says `conditional_put=check-first`: then each key is read first (an
+    /// existing object is compared as above, never overwritten by this
+    /// store; two writers racing on one key are not excluded, which the
+    /// server alone could do).
     async fn put_create(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        let path = self.path(key);
-        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
-        match self.store.put_opts(&path, data.clone().into(), opts).await {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { source, .. }) => {
+        if self.check_first {
+            match self.get(key, None, data.len() as u64).await {
+                Ok(there) if there == data => return Ok(()),
+                Ok(_) | Err(StoreError::TooLarge { .. }) => return Err(self.exists(key)),
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.require_conditional_writes().await?;
+        }
+        match self.conditional_put(key, data.clone()).await? {
+            Created::Yes => Ok(()),
+            Created::Exists(source) => {
                 let max = data.len() as u64;
                 match self.get(key, None, max).await {
                     Ok(there) if there == data => Ok(()),
-                    Ok(_) | Err(StoreError::TooLarge { .. }) => Err(StoreError::Exists {
-                        url: self.url.clone(),
-                        key: key.to_string(),
-                    }),
+                    Ok(_) | Err(StoreError::TooLarge { .. }) => Err(self.exists(key)),
                     // 409 of a conditional write still in flight elsewhere.
                     Err(StoreError::NotFound { .. }) => Err(StoreError::Server {
                         url: self.url.clone(),
@@ -415,6 +461,26 @@ impl S3Backend {
                     Err(e) => Err(e),
                 }
             }
+        }
+    }
+
+    fn exists(&self, key: &str) -> StoreError {
+        StoreError::Exists {
+            url: self.url.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    /// One PUT with `If-None-Match: *` (`key` relative to the prefix).
+    async fn conditional_put(&self, key: &str, data: Bytes) -> Result<Created, StoreError> {
+        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self
+            .store
+            .put_opts(&self.path(key), data.into(), opts)
+            .await
+        {
+            Ok(_) => Ok(Created::Yes),
+            Err(object_store::Error::AlreadyExists { source, .. }) => Ok(Created::Exists(source)),
             Err(e) => {
                 let text = e.to_string();
                 let code = s3_error_code(&text).unwrap_or_else(|| "HTTP 501".into());
@@ -432,6 +498,43 @@ impl S3Backend {
                 Err(self.err("put", key, e))
             }
         }
+    }
+
+    /// Whether the server refuses a second `If-None-Match: *` PUT of one key
+    /// (probed once per store). A server that accepts it would replace
+    /// objects: a permanent configuration error.
+    async fn require_conditional_writes(&self) -> Result<(), StoreError> {
+        let enforced = match self.enforces_conditional.get() {
+            Some(&e) => e,
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let nonce = |i: u8| Bytes::from(format!("{} {nanos} {i}\n", std::process::id()));
+                // The first creates it (or finds an earlier probe's); the
+                // second must be refused either way.
+                self.conditional_put(PROBE_KEY, nonce(0)).await?;
+                let e = matches!(
+                    self.conditional_put(PROBE_KEY, nonce(1)).await?,
+                    Created::Exists(_)
+                );
+                *self.enforces_conditional.get_or_init(|| e)
+            }
+        };
+        if enforced {
+            return Ok(());
+        }
+        Err(StoreError::Config {
+            url: self.url.clone(),
+            message: format!(
+                "the S3 server at {} ignores If-None-Match: * (a second conditional PUT of {PROBE_KEY} \
+                 replaced the first): a put there could replace an object, which shipping never \
+                 does. Use a server that enforces conditional writes, or add \
+                 conditional_put={CHECK_FIRST} to the target URL to read each key before writing \
+                 it (two writers racing on one key are then not excluded); see docs/CREDENTIALS.md",
+                self.endpoint
+            ),
+        })
     }
 }
 
@@ -514,6 +617,8 @@ impl Backend for S3Backend {
                 .try_collect()
                 .await
                 .map_err(|e| self.err("list", prefix, e))?;
+            // Hidden names (the conditional-write probe) are not objects,
+            // as on a file:// target.
             Ok(metas
                 .into_iter()
                 .filter_map(|m| {
@@ -522,6 +627,7 @@ impl Backend for S3Backend {
                         size: m.size as u64,
                     })
                 })
+                .filter(|o| !o.key.split('/').any(|c| c.starts_with('.')))
                 .collect())
         })
     }
