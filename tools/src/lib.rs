@@ -31,10 +31,12 @@ use clap::{Args, Parser, Subcommand};
     about = "cdpd's admin command line: protect VMs, restore their disks at any point, check and prune the repository",
     long_about = "cdpd's admin command line.\n\n\
         Get a disk back: restore (to a file or in place), export (an instant read-only NBD export), \
+        files (list or copy single files of a point, through libguestfs), \
         restore-config (the VM definition at a point), points (the timeline).\n\
         Check the repository: verify [--deep], prune (retention).\n\
         Protect VMs: install / uninstall (programs, hook, unit, AppArmor), protect / unprotect (a libvirt domain).\n\
-        Watch capture: status (RPO, backlog, targets), mark, baseline, journal (inspect or replay the local journal)."
+        Watch capture: status (RPO, backlog, targets), mark, baseline, journal (inspect or replay the local journal).\n\
+        Shell completions: `cdpctl completions bash|zsh|fish`; man pages: cdpctl(1), cdpctl-SUBCOMMAND(1)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -92,6 +94,11 @@ pub enum Cmd {
     Protect(protect_cmd::ProtectArgs),
     /// Undo `protect`: the definition as it was before.
     Unprotect(protect_cmd::UnprotectArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(gen_cmd::CompletionsArgs),
+    /// Write the man pages into a directory (used by scripts/package).
+    #[command(hide = true)]
+    Man(gen_cmd::ManArgs),
     /// The libvirt hook (run by /etc/libvirt/hooks/qemu.d/cdp; domain XML on stdin).
     #[command(hide = true)]
     LibvirtHook(protect_cmd::HookArgs),
@@ -197,6 +204,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
         Cmd::Install(a) => return install::install(&cli.global, a),
         Cmd::Uninstall(a) => return install::uninstall(&cli.global, a),
+        // Generated from the CLI definition alone.
+        Cmd::Completions(a) => return gen_cmd::completions(a),
+        Cmd::Man(a) => return gen_cmd::man(a),
         _ => {}
     }
     // Before the config is read: the hook must not fail a VM without CDP keys.
@@ -216,7 +226,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Verify(a) => verify_cmd::verify(&ctx, &a),
         Cmd::Prune(a) => prune_cmd::run(&ctx, &a),
         Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &a),
-        Cmd::Install(_) | Cmd::Uninstall(_) => unreachable!("handled before the config is read"),
+        Cmd::Install(_) | Cmd::Uninstall(_) | Cmd::Completions(_) | Cmd::Man(_) => {
+            unreachable!("handled before the config is read")
+        }
         Cmd::Protect(a) => protect_cmd::protect(&ctx, &a),
         Cmd::Unprotect(a) => protect_cmd::unprotect(&ctx, &a),
         Cmd::LibvirtHook(_) => unreachable!("handled above"),
