@@ -1,7 +1,8 @@
-//! One conformance suite for every storage backend: a real S3-compatible
-//! server (moto) on loopback, and a `file://` directory. Then how each fails:
-//! nothing listening, a server that dies and comes back, bad credentials, bad
-//! URLs.
+//! One conformance suite for every storage backend: two S3-compatible
+//! servers on loopback (moto, an emulator; Garage, a real object store, one
+//! node) and a `file://` directory. Then how each fails: nothing listening, a
+//! server that dies and comes back, bad credentials, bad URLs, a server that
+//! ignores conditional writes (Garage).
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdp_repo::store::{with_retry, RetryPolicy, Store, StoreError};
-use common::S3Server;
+use common::{GarageServer, S3Server};
 
 const BUCKET: &str = "cdp-test";
 const MIB: usize = 1 << 20;
@@ -21,6 +22,7 @@ const MIB: usize = 1 << 20;
 struct Fixture {
     store: Store,
     _server: Option<S3Server>,
+    _garage: Option<GarageServer>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -32,6 +34,24 @@ impl Fixture {
         Fixture {
             store,
             _server: Some(server),
+            _garage: None,
+            _dir: None,
+        }
+    }
+
+    /// Garage ignores `If-None-Match`: its URL says
+    /// `conditional_put=check-first` (see `garage_ignores_conditional_writes_*`).
+    fn garage() -> Fixture {
+        let garage = GarageServer::start(&[BUCKET]);
+        let url = format!(
+            "{}&conditional_put=check-first",
+            garage.url(BUCKET, "pre/fix")
+        );
+        let store = Store::open(&url, Some(&garage.credentials())).unwrap();
+        Fixture {
+            store,
+            _server: None,
+            _garage: Some(garage),
             _dir: None,
         }
     }
@@ -42,6 +62,7 @@ impl Fixture {
         Fixture {
             store,
             _server: None,
+            _garage: None,
             _dir: Some(dir),
         }
     }
@@ -65,7 +86,8 @@ fn keys(list: &[cdp_repo::store::ObjectMeta]) -> Vec<&str> {
     list.iter().map(|o| o.key.as_str()).collect()
 }
 
-/// Generate one test per check and backend: `s3::<check>`, `file::<check>`.
+/// Generate one test per check and backend: `s3::<check>` (moto),
+/// `garage::<check>`, `file::<check>`.
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod s3 {
@@ -73,6 +95,15 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $check() {
                     let f = super::Fixture::s3();
+                    super::$check(&f.store).await;
+                }
+            )*
+        }
+        mod garage {
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let f = super::Fixture::garage();
                     super::$check(&f.store).await;
                 }
             )*
@@ -105,6 +136,14 @@ conformance!(
 #[tokio::test]
 async fn s3_objects_are_created_never_replaced() {
     let f = Fixture::s3();
+    objects_are_created_never_replaced(&f.store).await;
+}
+
+/// On Garage, with `conditional_put=check-first`: create-only holds for
+/// one writer (the key is read before each put).
+#[tokio::test]
+async fn garage_objects_are_created_never_replaced() {
+    let f = Fixture::garage();
     objects_are_created_never_replaced(&f.store).await;
 }
 
@@ -826,4 +865,167 @@ async fn file_missing_root_fails_clearly() {
     let e = s.check().await.unwrap_err();
     assert!(e.to_string().contains("does not exist"), "{e}");
     assert!(matches!(s.get("k").await, Err(StoreError::NotFound { .. })));
+}
+
+// ---------------------------------------------------------------------------
+// Garage specifics: a real server keeps its objects over a crash, checks
+// keys and signatures, and ignores conditional writes.
+
+/// Garage 2.5 ignores `If-None-Match: *` on PUT (a second PUT replaces the
+/// object). Without `conditional_put=check-first` the store finds that out
+/// at its first create-only put and refuses every create-only put, a
+/// permanent configuration error naming the remedy; nothing was replaced
+/// and no object is listed. With it, create-only holds (see
+/// `garage_objects_are_created_never_replaced`).
+#[tokio::test]
+async fn garage_ignores_conditional_writes_and_is_refused_without_check_first() {
+    let g = GarageServer::start(&[BUCKET]);
+    let creds = g.credentials();
+    let plain = Store::open(&g.url(BUCKET, "p"), Some(&creds)).unwrap();
+    let e = plain
+        .put("cdp/v1/x", Bytes::from_static(b"one"))
+        .await
+        .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(e, StoreError::Config { .. }), "{e:?}");
+    assert!(!e.is_transient());
+    let msg = e.to_string();
+    assert!(msg.contains("ignores If-None-Match"), "{msg}");
+    assert!(msg.contains("conditional_put=check-first"), "{msg}");
+    // Refused again without another probe; nothing is an object.
+    let e = plain
+        .put("cdp/v1/x", Bytes::from_static(b"one"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Config { .. }), "{e:?}");
+    assert!(plain.list("").await.unwrap().is_empty());
+    // The probe object is there, under the prefix, with a hidden name.
+    let root = Store::open(
+        &format!("{}&conditional_put=check-first", g.url(BUCKET, "")),
+        Some(&creds),
+    )
+    .unwrap();
+    assert!(
+        root.list("").await.unwrap().is_empty(),
+        "hidden names listed"
+    );
+    // Replacing PUTs (retention's) still work on the plain URL.
+    plain
+        .replace("cdp/v1/r", Bytes::from_static(b"r1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.get("cdp/v1/r").await.unwrap(),
+        Bytes::from_static(b"r1")
+    );
+}
+
+/// A bad value of `conditional_put` is refused when the URL is opened.
+#[test]
+fn conditional_put_values_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id=a\naws_secret_access_key=b\n",
+    )
+    .unwrap();
+    let e = open_err(
+        "s3://b/p?endpoint=http://127.0.0.1:9000&conditional_put=maybe",
+        Some(&creds),
+    );
+    assert!(e.to_string().contains("conditional_put=\"maybe\""), "{e}");
+    for ok in ["required", "check-first"] {
+        Store::open(
+            &format!("s3://b/p?endpoint=http://127.0.0.1:9000&conditional_put={ok}"),
+            Some(&creds),
+        )
+        .unwrap();
+    }
+}
+
+/// Killed with SIGKILL and started again, Garage still has every object
+/// (moto, in memory, loses them); puts during the outage are retried until
+/// it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garage_killed_and_restarted_keeps_its_objects() {
+    let mut g = GarageServer::start(&[BUCKET]);
+    let url = format!("{}&conditional_put=check-first", g.url(BUCKET, "p"));
+    let s = Store::open(&url, Some(&g.credentials())).unwrap();
+    let big = pattern(3 * MIB + 17, 11);
+    s.put("before", big.clone()).await.unwrap();
+    g.stop();
+    let e = s.put("during", Bytes::from_static(b"2")).await.unwrap_err();
+    assert!(e.is_transient(), "{e:?}");
+    let restarter = std::thread::spawn(move || {
+        g.restart();
+        g
+    });
+    let policy = RetryPolicy {
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(500),
+        max_attempts: 400,
+        deadline: Duration::from_secs(60),
+        on_retry: None,
+    };
+    with_retry("put during", &policy, || {
+        s.put("during", Bytes::from_static(b"2"))
+    })
+    .await
+    .unwrap();
+    let _g = restarter.join().unwrap();
+    assert!(s.get("before").await.unwrap() == big, "lost over a restart");
+    assert_eq!(s.get("during").await.unwrap(), Bytes::from_static(b"2"));
+    assert_eq!(keys(&s.list("").await.unwrap()), ["before", "during"]);
+}
+
+/// Garage checks keys and signatures: an unknown key, a wrong secret and a
+/// key without write permission are refused, permanently (one attempt).
+#[tokio::test]
+async fn garage_bad_credentials() {
+    let g = GarageServer::start(&[BUCKET]);
+    let url = format!("{}&conditional_put=check-first", g.url(BUCKET, "p"));
+    let good = Store::open(&url, Some(&g.credentials())).unwrap();
+    good.put("k", Bytes::from_static(b"v")).await.unwrap();
+    let unknown = Store::open(
+        &url,
+        Some(&g.credentials_file("GK000000000000000000000000", &"0".repeat(64))),
+    )
+    .unwrap();
+    let wrong = Store::open(&url, Some(&g.credentials_file(&g.key_id, &"f".repeat(64)))).unwrap();
+    for (what, s) in [("unknown key", &unknown), ("wrong secret", &wrong)] {
+        let e = s.check().await.unwrap_err();
+        eprintln!("{what}: {e}");
+        assert!(matches!(e, StoreError::Auth { .. }), "{what}: {e:?}");
+        assert!(
+            e.to_string().contains("check AWS_ACCESS_KEY_ID"),
+            "{what}: {e}"
+        );
+        assert!(
+            matches!(s.get("k").await, Err(StoreError::Auth { .. })),
+            "{what}: get"
+        );
+        let n = AtomicU32::new(0);
+        let e = with_retry("put k2", &quick_retry(), || {
+            n.fetch_add(1, Ordering::Relaxed);
+            s.put("k2", Bytes::from_static(b"x"))
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(e, StoreError::Auth { .. }), "{what}: {e:?}");
+        assert_eq!(n.load(Ordering::Relaxed), 1, "{what}");
+    }
+    // A read-only key reads, and may not write or delete.
+    let ro = Store::open(&url, Some(&g.add_key(BUCKET, &["--read"]))).unwrap();
+    assert_eq!(ro.get("k").await.unwrap(), Bytes::from_static(b"v"));
+    let e = ro.put("k3", Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Auth { .. }), "{e:?}");
+    let e = ro.delete("k").await.unwrap_err();
+    assert!(matches!(e, StoreError::Auth { .. }), "{e:?}");
+    assert_eq!(keys(&good.list("").await.unwrap()), ["k"]);
+    // A bucket that does not exist.
+    let missing = Store::open(&g.url("no-such-bucket", "p"), Some(&g.credentials())).unwrap();
+    let e = missing.check().await.unwrap_err();
+    eprintln!("missing bucket: {e}");
+    assert!(!e.is_transient(), "{e:?}");
 }
