@@ -379,11 +379,26 @@ struct Vm<'a> {
 }
 
 /// Save the definition, start cdpd (through its supervisor) and wait until
-/// it serves every disk, start the shipper. The children become QEMU's after
-/// the exec (docs/DESIGN.md, "Processes").
+/// it serves every disk; the supervisor then starts the shipper. Both are
+/// the supervisor's children, so they are reaped (QEMU, after the exec,
+/// never waits for a child) (docs/DESIGN.md, "Processes").
 fn start_capture(vm: &Vm) -> Result<()> {
     let saved_xml = save_definition(vm)?;
-    let (mut sup, rd) = start_supervisor(vm)?;
+    let has_targets = vm
+        .config
+        .policy
+        .get(&vm.policy)
+        .is_some_and(|p| !p.targets.is_empty());
+    let shipper = if has_targets {
+        shipper_argv(vm, &saved_xml)
+    } else {
+        eprintln!(
+            "cdp-qemu: warning: policy {:?} has no targets: the journal stays on this host",
+            vm.policy
+        );
+        Vec::new()
+    };
+    let (mut sup, rd) = start_supervisor(vm, &shipper)?;
     if let Err(e) = wait_ready(rd, &mut sup) {
         stop(&mut [sup]);
         return Err(LaunchError::Unprotected {
@@ -391,34 +406,15 @@ fn start_capture(vm: &Vm) -> Result<()> {
             source: Box::new(e),
         });
     }
-    // The shipper follows the supervisor, which outlives every cdpd it restarts.
-    let sup_pid = sup.id();
-    let mut children = vec![sup];
-    let has_targets = vm
-        .config
-        .policy
-        .get(&vm.policy)
-        .is_some_and(|p| !p.targets.is_empty());
-    if has_targets {
-        match shipper_command(vm, &saved_xml, sup_pid).spawn() {
-            Ok(c) => children.push(c),
-            // Capture runs; the journal waits for cdp-agent or a restart.
-            Err(e) => eprintln!("cdp-qemu: warning: cdp-shipper did not start: {e}"),
-        }
-    } else {
-        eprintln!(
-            "cdp-qemu: warning: policy {:?} has no targets: the journal stays on this host",
-            vm.policy
-        );
-    }
-    // The children are QEMU's after the exec; they end with it.
-    std::mem::forget(children);
+    // The supervisor is QEMU's child after the exec; it ends with it.
+    std::mem::forget(sup);
     Ok(())
 }
 
 /// Start the supervisor (crate::supervise), which starts cdpd and relays its
-/// READY on the returned pipe. cdpd's command line goes to it on a pipe.
-fn start_supervisor(vm: &Vm) -> Result<(Child, OwnedFd)> {
+/// READY on the returned pipe. cdpd's command line goes to it on a pipe, and
+/// after an empty argument the shipper's (none: no shipper).
+fn start_supervisor(vm: &Vm, shipper: &[std::ffi::OsString]) -> Result<(Child, OwnedFd)> {
     use std::io::Write;
     let pipe = || {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -446,6 +442,13 @@ fn start_supervisor(vm: &Vm) -> Result<(Child, OwnedFd)> {
     for a in cdpd_argv(vm) {
         argv.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str()));
         argv.push(0);
+    }
+    if !shipper.is_empty() {
+        argv.push(0);
+        for a in shipper {
+            argv.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str()));
+            argv.push(0);
+        }
     }
     if let Err(e) = std::fs::File::from(args_wr).write_all(&argv) {
         stop(&mut [sup]);
@@ -501,23 +504,25 @@ fn cdpd_argv(vm: &Vm) -> Vec<std::ffi::OsString> {
     a
 }
 
-fn shipper_command(vm: &Vm, saved_xml: &Path, follow_pid: u32) -> Command {
-    let mut ship = Command::new(sibling("cdp-shipper"));
-    ship.arg("run")
-        .args(["--vm-uuid", &vm.uuid, "--policy", &vm.policy])
-        .arg("--state-dir")
-        .arg(vm.state.path())
-        .arg("--run-dir")
-        .arg(vm.run.path())
-        .arg("--vm-config")
-        .arg(saved_xml)
-        .args(["--follow-pid", &follow_pid.to_string()])
-        .stdin(Stdio::null());
-    if let Some(c) = &vm.config.source {
-        ship.arg("--config").arg(c);
+/// The shipper's program and arguments; the supervisor adds `--follow-pid`
+/// (itself) to each start.
+fn shipper_argv(vm: &Vm, saved_xml: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec![sibling("cdp-shipper").into(), "run".into()];
+    for (k, v) in [("--vm-uuid", &vm.uuid), ("--policy", &vm.policy)] {
+        a.push(k.into());
+        a.push(v.into());
     }
-    close_inherited(&mut ship, &[]);
-    ship
+    a.push("--state-dir".into());
+    a.push(vm.state.path().into());
+    a.push("--run-dir".into());
+    a.push(vm.run.path().into());
+    a.push("--vm-config".into());
+    a.push(saved_xml.into());
+    if let Some(c) = &vm.config.source {
+        a.push("--config".into());
+        a.push(c.into());
+    }
+    a
 }
 
 #[cfg(test)]

@@ -21,7 +21,17 @@
 //! Restarts are bounded: a cdpd that dies within [`STABLE`] of its start
 //! is a rapid failure; after [`MAX_RAPID`] rapid failures in a row the
 //! supervisor gives up and says so on stderr (the VM's log).
+//!
+//! The per-VM shipper is the supervisor's child too (its argv follows
+//! cdpd's on `R`, after an empty argument): QEMU never waits for a child, so
+//! a shipper forked by cdp-qemu before the exec stayed a zombie under QEMU
+//! once it died. The supervisor starts it after the first READY (with
+//! `--follow-pid` itself), reaps it, and starts it again when it dies while
+//! QEMU runs ([`shipper_backoff`]: 1 s, doubling to a minute), saying so in
+//! the VM's log. When QEMU ends the supervisor exits and the shipper, which
+//! follows it, ships what is sealed and exits on its own.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::io::Read;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
@@ -55,6 +65,14 @@ pub fn backoff(n: usize) -> Duration {
         0 | 1 => Duration::ZERO,
         n => Duration::from_millis(500 << (n - 2).min(3)),
     }
+}
+
+/// The wait before starting a shipper again after its `n`th (1-based)
+/// death in a row within [`STABLE`] of its start: 1 s, doubling, at most a
+/// minute. A shipper never gives up (its targets' failures are its own
+/// business, retried inside it), so neither does its restart.
+pub fn shipper_backoff(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// How long a stopping cdpd has to end its session before it is killed.
@@ -92,6 +110,75 @@ struct Supervisor {
     signals: SignalFd,
     /// QEMU: our parent when we started.
     qemu: Pid,
+    /// The shipper, when the VM's policy has targets.
+    shipper: RefCell<Option<ShipperSlot>>,
+}
+
+/// The per-VM shipper: our child, reaped and started again when it dies.
+struct ShipperSlot {
+    /// Its program and arguments (without `--follow-pid`).
+    argv: Vec<OsString>,
+    child: Option<Child>,
+    /// When to start it (again); `None` while it runs or before READY.
+    start_at: Option<Instant>,
+    started: Instant,
+    /// Deaths in a row, each within [`STABLE`] of its start.
+    rapid: u32,
+}
+
+impl ShipperSlot {
+    fn spawn(&self) -> std::io::Result<Child> {
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .args(["--follow-pid", &std::process::id().to_string()])
+            .stdin(Stdio::null());
+        close_inherited(&mut cmd, &[]);
+        unblock_signals(&mut cmd);
+        cmd.spawn()
+    }
+
+    /// Reap a shipper that exited and schedule its restart; start one whose
+    /// time has come.
+    fn tend(&mut self) {
+        if let Some(c) = &mut self.child {
+            let Ok(Some(status)) = c.try_wait() else {
+                return;
+            };
+            self.rapid = if self.started.elapsed() < STABLE {
+                self.rapid + 1
+            } else {
+                1
+            };
+            let wait = shipper_backoff(self.rapid);
+            say(&format!(
+                "cdp-shipper (pid {}) exited ({status}) while QEMU runs; starting it again in {wait:?} \
+                 (cdp-agent ships the journal meanwhile)",
+                c.id()
+            ));
+            self.child = None;
+            self.start_at = Some(Instant::now() + wait);
+        }
+        if self.start_at.is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        self.started = Instant::now();
+        match self.spawn() {
+            Ok(c) => {
+                say(&format!("cdp-shipper started (pid {})", c.id()));
+                self.start_at = None;
+                self.child = Some(c);
+            }
+            Err(e) => {
+                self.rapid += 1;
+                let wait = shipper_backoff(self.rapid);
+                say(&format!(
+                    "cdp-shipper did not start ({e}); trying again in {wait:?} \
+                     (cdp-agent ships the journal meanwhile)"
+                ));
+                self.start_at = Some(Instant::now() + wait);
+            }
+        }
+    }
 }
 
 fn say(msg: &str) {
@@ -113,8 +200,12 @@ impl Supervisor {
         getppid() != self.qemu || cdp_core::proc::is_gone(self.qemu.as_raw())
     }
 
-    /// Read pending signals: true when one asks us to stop.
+    /// Read pending signals: true when one asks us to stop. Every wake-up
+    /// of the supervisor passes here, so the shipper is tended here too.
     fn stop_requested(&self) -> bool {
+        if let Some(s) = self.shipper.borrow_mut().as_mut() {
+            s.tend();
+        }
         let mut stop = false;
         while let Ok(Some(info)) = self.signals.read_signal() {
             if info.ssi_signo != Signal::SIGCHLD as u32 {
@@ -368,21 +459,31 @@ fn own_fd(fd: RawFd) -> Result<OwnedFd, SuperviseError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// cdpd's argv, NUL-separated on `fd` until EOF.
-fn read_argv(fd: OwnedFd) -> Result<Vec<OsString>, SuperviseError> {
+/// cdpd's argv and, after an empty argument, the shipper's (if any), each
+/// argument NUL-terminated on `fd` until EOF.
+fn read_argv(fd: OwnedFd) -> Result<(Vec<OsString>, Vec<OsString>), SuperviseError> {
     let mut s = Vec::new();
     std::fs::File::from(fd)
         .read_to_end(&mut s)
         .map_err(SuperviseError::io("reading cdpd's arguments"))?;
-    let argv: Vec<OsString> = s
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| OsString::from_vec(a.to_vec()))
-        .collect();
-    if argv.is_empty() {
+    split_argv(&s)
+}
+
+fn split_argv(s: &[u8]) -> Result<(Vec<OsString>, Vec<OsString>), SuperviseError> {
+    let s = s.strip_suffix(&[0]).unwrap_or(s);
+    let mut parts = s.split(|b| *b == 0);
+    let take = |parts: &mut dyn Iterator<Item = &[u8]>| -> Vec<OsString> {
+        parts
+            .take_while(|a| !a.is_empty())
+            .map(|a| OsString::from_vec(a.to_vec()))
+            .collect()
+    };
+    let cdpd = take(&mut parts);
+    let shipper = take(&mut parts);
+    if cdpd.is_empty() {
         return Err(SuperviseError::Usage("no cdpd command on --args-fd".into()));
     }
-    Ok(argv)
+    Ok((cdpd, shipper))
 }
 
 /// The supervisor's whole life; returns its exit code. `args` follow [`FLAG`].
@@ -426,12 +527,20 @@ fn setup(args: &[String]) -> Result<(Supervisor, std::fs::File), SuperviseError>
         .map_err(|e| SuperviseError::io("creating a signalfd")(e.into()))?;
     cdp_core::proc::die_with_parent()
         .map_err(SuperviseError::io("setting the parent-death signal"))?;
-    let argv = read_argv(argv_fd)?;
+    let (argv, shipper) = read_argv(argv_fd)?;
+    let shipper = (!shipper.is_empty()).then(|| ShipperSlot {
+        argv: shipper,
+        child: None,
+        start_at: None,
+        started: Instant::now(),
+        rapid: 0,
+    });
     Ok((
         Supervisor {
             argv,
             signals,
             qemu,
+            shipper: RefCell::new(shipper),
         },
         std::fs::File::from(ready),
     ))
@@ -452,6 +561,11 @@ fn first_start(sup: &Supervisor, mut ready: std::fs::File) -> i32 {
         Event::Ready => {
             let _ = writeln!(ready, "READY");
             drop(ready);
+            // The shipper follows us: it starts once cdpd serves.
+            if let Some(s) = sup.shipper.borrow_mut().as_mut() {
+                s.start_at = Some(Instant::now());
+                s.tend();
+            }
             sup.run(child)
         }
         Event::Failed(m) => {
@@ -469,6 +583,19 @@ fn first_start(sup: &Supervisor, mut ready: std::fs::File) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shippers_argv_follows_cdpds_after_an_empty_argument() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let (c, s) = split_argv(b"cdpd\0run\0\0cdp-shipper\0run\0").unwrap();
+        assert_eq!((c, s), (os(&["cdpd", "run"]), os(&["cdp-shipper", "run"])));
+        let (c, s) = split_argv(b"cdpd\0run\0").unwrap();
+        assert_eq!((c, s), (os(&["cdpd", "run"]), vec![]));
+        assert!(split_argv(b"").is_err());
+        assert_eq!(shipper_backoff(1), Duration::from_secs(1));
+        assert_eq!(shipper_backoff(3), Duration::from_secs(4));
+        assert_eq!(shipper_backoff(40), Duration::from_secs(60));
+    }
 
     #[test]
     fn backoff_is_bounded_and_fits_the_reconnect_delay() {
