@@ -12,6 +12,7 @@
 //! - **Retention** every `[agent] retention_interval`, per VM and target of
 //!   its policy ([`Agent::retention_pass`], `cdp_repo::retention::apply`).
 //! - **Metrics** ([`metrics`]) on `[agent] metrics_listen`.
+//! - **Status page** ([`page`]) on the same listener: `GET /`.
 //! - **systemd** ([`sdnotify`]): Type=notify (READY=1 once the catalog is
 //!   open and the sockets listen), WATCHDOG=1, STATUS=…, STOPPING=1.
 
@@ -39,6 +40,7 @@ pub mod adopt;
 pub mod child;
 pub mod error;
 pub mod metrics;
+pub mod page;
 pub mod sdnotify;
 
 use std::collections::HashMap;
@@ -490,7 +492,9 @@ async fn start_metrics(
         run_dir: opts.run_dir.clone(),
         counters: agent.counters(),
     });
-    Ok(Some(tokio::spawn(metrics::serve(l, src))))
+    // The status page and the timelines share the listener (docs/AGENT.md).
+    let page = Arc::new(page::Page::new(src.clone(), opts.config.scan_interval()));
+    Ok(Some(tokio::spawn(page::serve(l, src, page))))
 }
 
 /// Ping systemd's watchdog, when it watches us.

@@ -429,7 +429,7 @@ pub async fn serve(listener: tokio::net::TcpListener, src: Arc<Source>) {
     }
 }
 
-async fn handle(
+pub(crate) async fn handle(
     req: Request<hyper::body::Incoming>,
     src: Arc<Source>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {

@@ -1,0 +1,681 @@
+//! The status page on the metrics listener: `GET /` (every protected VM
+//! of the host, running or not, its disks, targets, health, RPO and
+//! backlog, and each VM's timeline inline) and `GET /vm/<uuid>/timeline.svg`.
+//! `/metrics` and everything else go to [`crate::metrics`].
+//!
+//! A sampler refreshes one snapshot of the host every `[agent]
+//! scan_interval`: each VM's catalog and local journal are read by a child
+//! with the VM's identity (`cdp_core::privsep`, as the metrics do; the
+//! agent never opens them as root), and the RPO of each target is appended
+//! to a bounded in-memory history (the last [`RPO_KEEP`]). A VM's timeline
+//! is read again only when its catalog changed. Requests render the
+//! snapshot and never read a catalog, so the page answers fast with many
+//! VMs. Everything on the page that a VM can write (names, labels,
+//! reasons) is escaped by `cdp_ui`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cdp_core::catalog::{BaselineRow, Catalog, SegmentRow};
+use cdp_core::layout::StateDir;
+use cdp_core::privsep::VmIdentity;
+use cdp_core::time::now_ns;
+use cdp_repo::restore;
+use cdp_ui as ui;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::adopt::{cdpd_answers, targets_of};
+use crate::metrics::{Source, VmSnapshot};
+
+/// How far back the RPO history of a target goes.
+pub const RPO_KEEP: Duration = Duration::from_secs(6 * 3600);
+/// At most this many samples per target (older ones are dropped first).
+const RPO_SAMPLES: usize = 4096;
+
+/// The page's state: the last snapshot, the RPO history, cached timelines.
+pub struct Page {
+    src: Arc<Source>,
+    every: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    host: Option<ui::HostStatus>,
+    /// VM uuid → target → (time ns, RPO seconds), oldest first.
+    rpo: BTreeMap<String, BTreeMap<String, VecDeque<(u64, f64)>>>,
+    /// VM uuid → (catalog key, disk lanes).
+    lanes: BTreeMap<String, (String, Vec<ui::DiskTimeline>)>,
+}
+
+/// What the child with the VM's identity reads for the page.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct VmRead {
+    snap: VmSnapshot,
+    /// target → (url, state, last error)
+    targets: BTreeMap<String, (String, String, Option<String>)>,
+    /// target → oldest first timestamp of a segment it lacks (any disk).
+    oldest_missing: BTreeMap<String, Option<u64>>,
+    /// target → newest timestamp it holds (sealed segments older than its
+    /// oldest missing one).
+    newest_shipped: BTreeMap<String, Option<u64>>,
+    /// Changes whenever the timeline can have changed.
+    key: String,
+    /// None: `key` is the one the agent has cached.
+    lanes: Option<Vec<ui::DiskTimeline>>,
+}
+
+impl Page {
+    pub fn new(src: Arc<Source>, every: Duration) -> Page {
+        Page {
+            src,
+            every,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Read every VM once and replace the snapshot (blocking: children).
+    pub fn refresh(&self) {
+        let now = now_ns();
+        let vms = StateDir::new(&self.src.state_dir)
+            .vms_with_catalog()
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let mut host_targets: BTreeMap<String, (u64, ui::TargetStatus)> = BTreeMap::new();
+        for uuid in &vms {
+            let cached = self
+                .state
+                .lock()
+                .unwrap()
+                .lanes
+                .get(uuid)
+                .map(|c| c.0.clone());
+            let vm = match read_as_owner(&self.src, uuid, cached.as_deref()) {
+                Ok(Some(r)) => self.vm_status(uuid, r, now, &mut host_targets),
+                Ok(None) => continue,
+                Err(e) => {
+                    self.src.counters.error("catalog");
+                    ui::VmStatus {
+                        name: uuid.clone(),
+                        uuid: uuid.clone(),
+                        error: Some(format!("could not read its catalog: {e}")),
+                        ..Default::default()
+                    }
+                }
+            };
+            out.push(vm);
+        }
+        out.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+        let mut st = self.state.lock().unwrap();
+        st.rpo.retain(|u, _| vms.contains(u));
+        st.lanes.retain(|u, _| vms.contains(u));
+        st.host = Some(ui::HostStatus {
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            generated_ns: now,
+            refresh_s: self.every.as_secs().clamp(5, 300) as u32,
+            targets: host_targets.into_values().map(|(_, t)| t).collect(),
+            vms: out,
+        });
+    }
+
+    /// One VM's row of the page; notes its RPO samples and caches its lanes.
+    fn vm_status(
+        &self,
+        uuid: &str,
+        r: VmRead,
+        now: u64,
+        host_targets: &mut BTreeMap<String, (u64, ui::TargetStatus)>,
+    ) -> ui::VmStatus {
+        let status = cdpd_answers(&self.src.run_dir, uuid);
+        let mut names: Vec<String> = targets_of(&self.src.config, &r.snap.row).to_vec();
+        for t in r.targets.keys() {
+            if !names.contains(t) {
+                names.push(t.clone());
+            }
+        }
+        let mut targets = Vec::new();
+        for t in &names {
+            let health = match r.targets.get(t) {
+                Some((_, state, _)) if state == "up" => ui::Health::Up,
+                Some(_) => ui::Health::Failing,
+                None => ui::Health::Down,
+            };
+            let rpo_s = r
+                .oldest_missing
+                .get(t)
+                .copied()
+                .flatten()
+                .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e9);
+            let backlog_bytes = r
+                .snap
+                .disks
+                .iter()
+                .filter_map(|d| d.backlog.get(t))
+                .map(|b| b.1)
+                .sum();
+            targets.push(ui::VmTarget {
+                target: t.clone(),
+                health,
+                newest_shipped_ns: r.newest_shipped.get(t).copied().flatten(),
+                rpo_s,
+                backlog_bytes,
+            });
+            let updated = r.snap.targets.iter().find(|x| &x.0 == t).map_or(0, |x| x.1);
+            let (url, error) = match r.targets.get(t) {
+                Some((url, _, err)) => (url.clone(), err.clone()),
+                None => (
+                    self.src
+                        .config
+                        .target
+                        .get(t)
+                        .map_or(String::new(), |c| c.url.clone()),
+                    None,
+                ),
+            };
+            let e = host_targets
+                .entry(t.clone())
+                .or_insert((0, ui::TargetStatus::default()));
+            if e.1.name.is_empty() || updated >= e.0 {
+                *e = (
+                    updated,
+                    ui::TargetStatus {
+                        name: t.clone(),
+                        url,
+                        health,
+                        error,
+                    },
+                );
+            }
+        }
+        let disks = r
+            .snap
+            .disks
+            .iter()
+            .map(|d| {
+                let live = status
+                    .as_ref()
+                    .and_then(|s| s.disks.iter().find(|x| x.disk == d.disk));
+                ui::DiskStatus {
+                    disk: d.disk.clone(),
+                    rpo_s: match live {
+                        Some(x) => x.rpo_ms as f64 / 1000.0,
+                        None => d
+                            .oldest_unprotected_ns
+                            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9),
+                    },
+                    degraded: live.is_some_and(|x| x.degraded),
+                    backlog: d
+                        .backlog
+                        .iter()
+                        .map(|(t, (segments, bytes))| ui::Backlog {
+                            target: t.clone(),
+                            segments: *segments,
+                            bytes: *bytes,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let mut st = self.state.lock().unwrap();
+        let series = st.rpo.entry(uuid.to_string()).or_default();
+        series.retain(|t, _| names.contains(t));
+        for t in &targets {
+            push_sample(series.entry(t.target.clone()).or_default(), now, t.rpo_s);
+        }
+        let rpo = series
+            .iter()
+            .map(|(t, s)| ui::RpoSeries {
+                target: t.clone(),
+                samples: s.iter().copied().collect(),
+            })
+            .collect();
+        if let Some(l) = r.lanes {
+            st.lanes.insert(uuid.to_string(), (r.key, l));
+        }
+        let mut lanes = st.lanes.get(uuid).map(|c| c.1.clone()).unwrap_or_default();
+        drop(st);
+        // A running cdpd's degraded disk: unrestorable from then on, until
+        // its resync ends.
+        for d in status.iter().flat_map(|s| &s.disks).filter(|d| d.degraded) {
+            if let Some(l) = lanes.iter_mut().find(|l| l.disk == d.disk) {
+                l.degraded.push(ui::Window {
+                    from_ns: d.degraded_since_ns,
+                    to_ns: None,
+                    reason: "journal full (degraded mode): points from then on cannot be restored until the resync ends".into(),
+                });
+            }
+        }
+        ui::VmStatus {
+            name: r.snap.row.name.clone(),
+            uuid: uuid.to_string(),
+            running: status.is_some(),
+            disks,
+            targets,
+            timeline: Some(ui::Timeline {
+                vm_name: r.snap.row.name.clone(),
+                vm_uuid: uuid.to_string(),
+                now_ns: now,
+                disks: lanes,
+                rpo,
+            }),
+            error: None,
+        }
+    }
+
+    /// The last snapshot, refreshing first when there is none yet.
+    async fn host(self: &Arc<Self>) -> Option<ui::HostStatus> {
+        if let Some(h) = self.state.lock().unwrap().host.clone() {
+            return Some(h);
+        }
+        let p = self.clone();
+        tokio::task::spawn_blocking(move || p.refresh())
+            .await
+            .ok()?;
+        self.state.lock().unwrap().host.clone()
+    }
+}
+
+/// Append a sample; drop those older than [`RPO_KEEP`] and beyond
+/// [`RPO_SAMPLES`].
+fn push_sample(s: &mut VecDeque<(u64, f64)>, now: u64, v: f64) {
+    s.push_back((now, v));
+    let keep_from = now.saturating_sub(RPO_KEEP.as_nanos() as u64);
+    while s.front().is_some_and(|f| f.0 < keep_from) || s.len() > RPO_SAMPLES {
+        s.pop_front();
+    }
+}
+
+/// Read what the page needs of one VM, in a child with the identity of the
+/// VM's state directory; its lanes only when its key is not `cached`.
+fn read_as_owner(src: &Source, uuid: &str, cached: Option<&str>) -> Result<Option<VmRead>, String> {
+    let state = StateDir::new(&src.state_dir);
+    let id = VmIdentity::of(&state, uuid).map_err(|e| e.to_string())?;
+    let (dir, config) = (src.state_dir.clone(), src.config.clone());
+    let cached = cached.map(str::to_string);
+    id.run(state.vm(uuid).path(), || {
+        let cat = Catalog::open(&dir, uuid).map_err(|e| e.to_string())?;
+        let Some(snap) = VmSnapshot::read(&cat, uuid, &config).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        read_vm(&cat, &dir, snap, cached.as_deref()).map(Some)
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// [`read_as_owner`]'s work, as the VM's user.
+fn read_vm(
+    cat: &Catalog,
+    dir: &std::path::Path,
+    snap: VmSnapshot,
+    cached: Option<&str>,
+) -> Result<VmRead, String> {
+    let e = |e: cdp_core::catalog::CatalogError| e.to_string();
+    let uuid = snap.row.uuid.clone();
+    let targets: BTreeMap<_, _> = cat
+        .targets(&uuid)
+        .map_err(e)?
+        .into_iter()
+        .map(|t| (t.target, (t.url, t.state, t.last_error)))
+        .collect();
+    let segments = cat.segments(&uuid).map_err(e)?;
+    let baselines = cat.baselines(&uuid).map_err(e)?;
+    let mut oldest_missing = BTreeMap::new();
+    let mut newest_shipped = BTreeMap::new();
+    let names: Vec<String> = snap
+        .disks
+        .first()
+        .map(|d| d.backlog.keys().cloned().collect())
+        .unwrap_or_default();
+    for t in &names {
+        let mut oldest: Option<u64> = None;
+        for d in &snap.disks {
+            let (_, _, o) = cat.backlog(&uuid, &d.disk, t).map_err(e)?;
+            oldest = match (oldest, o) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        let newest = segments
+            .iter()
+            .filter(|s| s.sealed && oldest.is_none_or(|o| s.first_ts_ns < o))
+            .map(|s| s.last_ts_ns)
+            .max();
+        oldest_missing.insert(t.clone(), oldest);
+        newest_shipped.insert(
+            t.clone(),
+            if baselines.iter().any(|b| &b.target == t) {
+                newest
+            } else {
+                None
+            },
+        );
+    }
+    let key = format!(
+        "{}:{}:{}:{}",
+        snap.row.last_seq,
+        segments.len(),
+        segments.iter().map(|s| s.last_seq).max().unwrap_or(0),
+        baselines.iter().map(|b| b.chunks_uploaded).sum::<u64>()
+    );
+    let lanes = if cached == Some(key.as_str()) {
+        None
+    } else {
+        let mut out = Vec::new();
+        for (disk, _, _) in cat.disks(&uuid).map_err(e)? {
+            out.push(disk_lane(dir, &uuid, &disk, &baselines, &segments)?);
+        }
+        Some(out)
+    };
+    Ok(VmRead {
+        snap,
+        targets,
+        oldest_missing,
+        newest_shipped,
+        key,
+        lanes,
+    })
+}
+
+/// One disk's lane from this host's view: the complete baselines the
+/// catalog records, and the marks, GAPs and resyncs of the journal still on
+/// this host. Restorable: from a complete baseline on, until a GAP (a
+/// healed resync GAP resumes at its heal), to the newest record.
+/// `cdpctl points` shows the repository's authoritative list.
+fn disk_lane(
+    dir: &std::path::Path,
+    uuid: &str,
+    disk: &str,
+    baselines: &[BaselineRow],
+    segments: &[SegmentRow],
+) -> Result<ui::DiskTimeline, String> {
+    // Local reads only (no store): any executor will do, and this one needs
+    // no runtime (it runs in a forked child, or on a blocking thread).
+    let (h, marks, gaps) = futures::executor::block_on(async {
+        let h = restore::load_history(None, Some(dir), uuid, disk).await?;
+        let marks = restore::marks(&h, None).await?;
+        let gaps = restore::gaps(&h, None).await?;
+        Ok::<_, restore::RestoreError>((h, marks, gaps))
+    })
+    .map_err(|e| e.to_string())?;
+    let ts: Vec<(u64, u64)> = h.entries().map(|(_, e)| (e.seq, e.ts_ns)).collect();
+    let ts_of = |seq: u64| match ts.binary_search_by_key(&seq, |x| x.0) {
+        Ok(i) => Some(ts[i].1),
+        Err(i) => ts.get(i.saturating_sub(1)).filter(|_| i > 0).map(|x| x.1),
+    };
+    let newest = ts.last().map(|x| x.1).or_else(|| {
+        segments
+            .iter()
+            .filter(|s| s.disk == disk)
+            .map(|s| s.last_ts_ns)
+            .max()
+    });
+    let complete: Vec<ui::Baseline> = baselines
+        .iter()
+        .filter(|b| b.disk == disk && b.chunks_uploaded >= b.chunks_total)
+        .map(|b| ui::Baseline {
+            time_ns: ts_of(b.s1).unwrap_or(b.created_ns),
+            seq: b.s1,
+        })
+        .collect();
+    let mut lane = ui::DiskTimeline {
+        disk: disk.to_string(),
+        baselines: complete,
+        marks: marks
+            .into_iter()
+            .map(|(seq, time_ns, label)| ui::Mark {
+                time_ns,
+                seq,
+                label,
+                quiesced: false,
+            })
+            .collect(),
+        gaps: gaps
+            .iter()
+            .filter(|g| !h.resyncs.gaps.contains(&g.0))
+            .map(|(seq, time_ns, reason)| ui::Gap {
+                time_ns: *time_ns,
+                seq: *seq,
+                reason: reason.clone(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    for (seq, time_ns, reason) in gaps.iter().filter(|g| h.resyncs.gaps.contains(&g.0)) {
+        lane.degraded.push(ui::Window {
+            from_ns: *time_ns,
+            to_ns: h.resyncs.healed_by(*seq).and_then(ts_of),
+            reason: reason.clone(),
+        });
+    }
+    lane.restorable = restorable(&lane, newest);
+    Ok(lane)
+}
+
+/// Restorable spans from the lane's baselines, GAPs and resync windows.
+fn restorable(lane: &ui::DiskTimeline, newest: Option<u64>) -> Vec<ui::Span> {
+    // (time, +1 opens on a baseline, -1 closes on a GAP, 0 pauses a window)
+    let mut ev: Vec<(u64, i8)> = lane.baselines.iter().map(|b| (b.time_ns, 1)).collect();
+    ev.extend(lane.gaps.iter().map(|g| (g.time_ns, -1)));
+    ev.sort();
+    let end = newest.unwrap_or(0);
+    let mut open: Option<u64> = None;
+    let mut spans = Vec::new();
+    for (t, k) in ev {
+        match (k, open) {
+            (1, None) => open = Some(t),
+            (-1, Some(a)) => {
+                spans.push(ui::Span {
+                    from_ns: a,
+                    to_ns: t,
+                });
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(a) = open {
+        spans.push(ui::Span {
+            from_ns: a,
+            to_ns: end.max(a),
+        });
+    }
+    // Resync windows are cut out.
+    let mut out = Vec::new();
+    for s in spans {
+        let mut cur = Some(s);
+        for w in &lane.degraded {
+            let Some(c) = cur else { break };
+            let to = w.to_ns.unwrap_or(u64::MAX);
+            if w.from_ns >= c.to_ns || to <= c.from_ns {
+                continue;
+            }
+            if w.from_ns > c.from_ns {
+                out.push(ui::Span {
+                    from_ns: c.from_ns,
+                    to_ns: w.from_ns,
+                });
+            }
+            cur = (to < c.to_ns).then_some(ui::Span {
+                from_ns: to,
+                to_ns: c.to_ns,
+            });
+        }
+        out.extend(cur);
+    }
+    out
+}
+
+/// Sample every `every` while serving; the sampler and the listener end
+/// together when the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, src: Arc<Source>, page: Arc<Page>) {
+    let sampler = {
+        let page = page.clone();
+        async move {
+            loop {
+                let p = page.clone();
+                let _ = tokio::task::spawn_blocking(move || p.refresh()).await;
+                tokio::time::sleep(page.every).await;
+            }
+        }
+    };
+    let accept = async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (src, page) = (src.clone(), page.clone());
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let svc =
+                    hyper::service::service_fn(move |req| handle(req, src.clone(), page.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    };
+    tokio::join!(sampler, accept);
+}
+
+fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    let h = r.headers_mut();
+    h.insert(hyper::header::CONTENT_TYPE, ctype.parse().unwrap());
+    // Nothing from elsewhere, no script: even an unescaped name could not run.
+    h.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'"
+            .parse()
+            .unwrap(),
+    );
+    h.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        "nosniff".parse().unwrap(),
+    );
+    r
+}
+
+/// `GET /` and `GET /vm/<uuid>/timeline.svg`; the rest is the metrics'.
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    src: Arc<Source>,
+    page: Arc<Page>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let svg_of = path
+        .strip_prefix("/vm/")
+        .and_then(|p| p.strip_suffix("/timeline.svg"))
+        .map(str::to_string);
+    if path != "/" && svg_of.is_none() {
+        return crate::metrics::handle(req, src).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        ));
+    }
+    let Some(host) = page.host().await else {
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "no snapshot yet\n".into(),
+        ));
+    };
+    let Some(uuid) = svg_of else {
+        return Ok(reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            ui::status_page_html(&host),
+        ));
+    };
+    match host
+        .vms
+        .iter()
+        .find(|v| v.uuid == uuid)
+        .and_then(|v| v.timeline.as_ref())
+    {
+        Some(t) => Ok(reply(StatusCode::OK, "image/svg+xml", ui::timeline_svg(t))),
+        None => Ok(reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such protected VM\n".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn the_rpo_history_is_bounded_in_time_and_count() {
+        let mut s = VecDeque::new();
+        for i in 0..10_000u64 {
+            push_sample(&mut s, i * S, i as f64);
+        }
+        assert!(s.len() <= RPO_SAMPLES);
+        let mut s = VecDeque::new();
+        let hour = 3600 * S;
+        for i in 0..20u64 {
+            push_sample(&mut s, i * hour, 1.0);
+        }
+        assert_eq!(s.front().unwrap().0, 13 * hour, "{s:?}");
+    }
+
+    #[test]
+    fn restorable_spans_start_at_a_baseline_and_stop_at_gaps_and_windows() {
+        let lane = ui::DiskTimeline {
+            disk: "vda".into(),
+            baselines: vec![
+                ui::Baseline {
+                    time_ns: 10,
+                    seq: 1,
+                },
+                ui::Baseline {
+                    time_ns: 60,
+                    seq: 9,
+                },
+            ],
+            gaps: vec![ui::Gap {
+                time_ns: 40,
+                seq: 5,
+                reason: "x".into(),
+            }],
+            degraded: vec![ui::Window {
+                from_ns: 70,
+                to_ns: Some(80),
+                reason: "full".into(),
+            }],
+            ..Default::default()
+        };
+        let spans: Vec<(u64, u64)> = restorable(&lane, Some(100))
+            .iter()
+            .map(|s| (s.from_ns, s.to_ns))
+            .collect();
+        assert_eq!(spans, vec![(10, 40), (60, 70), (80, 100)]);
+        let open = ui::DiskTimeline {
+            degraded: vec![ui::Window {
+                from_ns: 70,
+                to_ns: None,
+                reason: "full".into(),
+            }],
+            ..lane
+        };
+        let spans: Vec<(u64, u64)> = restorable(&open, Some(100))
+            .iter()
+            .map(|s| (s.from_ns, s.to_ns))
+            .collect();
+        assert_eq!(spans, vec![(10, 40), (60, 70)]);
+    }
+}
