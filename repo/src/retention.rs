@@ -505,6 +505,8 @@ pub struct Report {
     pub unrestorable: Vec<(String, u64)>,
     /// The manifest written, if any.
     pub manifest: Option<String>,
+    /// Dry run: every object the prune would delete, in its order.
+    pub would_delete: Vec<String>,
 }
 
 /// Read a VM's marks, tolerating unreadable records (verify reports them).
@@ -684,6 +686,7 @@ struct Deleter<'a> {
     /// Deletions left (None: no limit).
     budget: Option<u64>,
     report: &'a mut Report,
+    progress: Option<restore::Ticker>,
 }
 
 impl Deleter<'_> {
@@ -704,9 +707,27 @@ impl Deleter<'_> {
         Ok(false)
     }
 
-    /// Delete `key`; false when deferred (counted).
+    /// The keys about to be deleted, for the progress: their bytes found.
+    fn found<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
+        let n = keys.into_iter().map(|k| self.size(k)).sum();
+        restore::tick_with(self.progress.as_ref(), restore::Tick::Found(n));
+    }
+
+    fn size(&self, key: &str) -> u64 {
+        self.sizes.get(key).copied().unwrap_or(0)
+    }
+
+    /// Delete `key`; false when deferred (counted). Its bytes are done for
+    /// the progress whatever became of it.
     async fn delete(&mut self, key: &str) -> Result<bool, RetentionError> {
+        let r = self.delete_inner(key).await;
+        restore::tick_with(self.progress.as_ref(), restore::Tick::Done(self.size(key)));
+        r
+    }
+
+    async fn delete_inner(&mut self, key: &str) -> Result<bool, RetentionError> {
         if self.report.dry_run {
+            self.report.would_delete.push(key.to_string());
             self.report.bytes_freed += self.sizes.get(key).copied().unwrap_or(0);
             return Ok(true);
         }
@@ -752,11 +773,24 @@ pub async fn apply(
 }
 
 /// Knobs of [`apply_with`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Options {
     /// Delete at most this many objects, the rest at the next prune (a
     /// prune stopped there leaves the repository as a crash there would).
     pub max_deletions: Option<u64>,
+    /// Where the bytes of the objects to delete are reported (their listed
+    /// sizes): found when chosen, done when deleted (dry run: counted;
+    /// deferred or left for the next prune: passed over).
+    pub progress: Option<restore::Ticker>,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("max_deletions", &self.max_deletions)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 /// [`apply`] with [`Options`].
@@ -817,6 +851,7 @@ pub async fn apply_with(
         deferred: false,
         budget: opts.max_deletions,
         report: &mut report,
+        progress: opts.progress.clone(),
     };
     // 3. Journal segments and 4. baselines no kept point uses.
     delete_history(&mut del, &p).await?;
@@ -912,6 +947,23 @@ async fn write_synthetic(
 /// uses.
 async fn delete_history(del: &mut Deleter<'_>, p: &RetentionPlan) -> Result<(), RetentionError> {
     let vm = del.vm;
+    let keys: Vec<String> = p
+        .disks
+        .iter()
+        .flat_map(|d| {
+            d.delete_segments
+                .iter()
+                .flat_map(|&(a, b)| {
+                    [
+                        rf::index_key(vm, &d.disk, a, b),
+                        rf::segment_key(vm, &d.disk, a, b),
+                    ]
+                })
+                .chain(d.delete_orphans.iter().cloned())
+                .chain(d.delete_baselines.iter().cloned())
+        })
+        .collect();
+    del.found(keys.iter().map(String::as_str));
     for d in &p.disks {
         for &(a, b) in &d.delete_segments {
             let i = del.delete(&rf::index_key(vm, &d.disk, a, b)).await?;
@@ -947,13 +999,20 @@ async fn delete_stale(del: &mut Deleter<'_>) -> Result<(), RetentionError> {
         .collect();
     ms.sort();
     ms.pop(); // the newest stays
+    let expired: Vec<String> = lease::list(store, vm)
+        .await?
+        .into_iter()
+        .filter(|(_, l)| l.as_ref().is_some_and(|l| l.expires_ns <= now))
+        .map(|(k, _)| k)
+        .collect();
+    del.found(ms.iter().chain(&expired).map(String::as_str));
     for k in ms {
         if del.delete(&k).await? {
             del.report.other_deleted += 1;
         }
     }
-    for (k, l) in lease::list(store, vm).await? {
-        if l.is_some_and(|l| l.expires_ns <= now) && del.delete(&k).await? {
+    for k in expired {
+        if del.delete(&k).await? {
             del.report.other_deleted += 1;
         }
     }
@@ -1025,8 +1084,11 @@ async fn gc_chunks(del: &mut Deleter<'_>, p: &RetentionPlan) -> Result<(), Reten
         }
         return Ok(());
     }
-    for o in garbage {
+    for o in &garbage {
         del.sizes.insert(o.key.clone(), o.size);
+    }
+    del.found(garbage.iter().map(|o| o.key.as_str()));
+    for o in garbage {
         if del.delete(&o.key).await? {
             del.report.chunks_deleted += 1;
         }

@@ -183,7 +183,12 @@ fn prepare_chunk(
 
 /// Read every chunk of the image and upload those the repository lacks,
 /// four at a time (read, hash and compress on blocking threads).
-async fn scan_image(job: &BaselineJob<'_>, f: File, size: u64) -> Result<Scan> {
+async fn scan_image(
+    job: &BaselineJob<'_>,
+    f: File,
+    size: u64,
+    progress: Option<cdp_repo::restore::Progress>,
+) -> Result<Scan> {
     let n = size.div_ceil(CHUNK_SIZE);
     let f = Arc::new(f);
     let have = Arc::new(existing_chunks(job).await?);
@@ -193,11 +198,16 @@ async fn scan_image(job: &BaselineJob<'_>, f: File, size: u64) -> Result<Scan> {
         .map(|i| {
             let (f, have, uploaded, image) =
                 (f.clone(), have.clone(), uploaded.clone(), image.clone());
+            let progress = progress.clone();
             async move {
                 let off = i * CHUNK_SIZE;
                 let len = CHUNK_SIZE.min(size - off);
                 let prepared = tokio::task::spawn_blocking(move || {
-                    prepare_chunk(&f, off, len, &have, &uploaded, &image)
+                    let r = prepare_chunk(&f, off, len, &have, &uploaded, &image);
+                    if let Some(p) = &progress {
+                        p(len);
+                    }
+                    r
                 })
                 .await
                 .map_err(|source| ShipError::Task {
@@ -261,6 +271,15 @@ async fn same_baseline(store: &Store, key: &str, b: &Baseline) -> bool {
 
 /// Take a baseline of `job.disk` to `job.store` and record it in the catalog.
 pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
+    take_with_progress(job, None).await
+}
+
+/// [`take`], reporting to `progress` the bytes of the image scanned (every
+/// chunk's length once, holes included: the disk's size in all).
+pub async fn take_with_progress(
+    job: &BaselineJob<'_>,
+    progress: Option<cdp_repo::restore::Progress>,
+) -> Result<BaselineResult> {
     let (vm, disk) = (job.vm, job.disk);
     let started = now_ns();
     // Retention deletes no chunk while this baseline counts on the ones it
@@ -288,7 +307,7 @@ pub async fn take(job: &BaselineJob<'_>) -> Result<BaselineResult> {
     let size = f
         .seek(SeekFrom::End(0))
         .map_err(ShipError::io("finding the size of", job.image))?;
-    let scan = scan_image(job, f, size).await?;
+    let scan = scan_image(job, f, size, progress).await?;
     let after = settled(job.run_dir, job.catalog, vm, disk)?;
     // Degraded (and back) during the scan: writes reached the image that no
     // record replays onto it (issue 12).

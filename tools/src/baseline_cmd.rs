@@ -262,12 +262,23 @@ fn upload(
         }
         targets.sort_by_key(|t| std::cmp::Reverse(t.store.free_space().unwrap_or(0)));
         let retry = cdp_repo::store::RetryPolicy::default();
+        // The progress: every disk's bytes, scanned once per target.
+        let size_of = |disk: &str, size: u64| {
+            images
+                .iter()
+                .find(|i| i.disk == disk)
+                .map_or(size, |i| i.size)
+        };
+        let total: u64 =
+            disks.iter().map(|(d, _, n)| size_of(d, *n)).sum::<u64>() * targets.len() as u64;
+        let meter =
+            crate::progress::Meter::new(crate::progress::Mode::of(ctx.json), "baseline", total);
         let mut out = Vec::new();
         for (disk, path, _) in disks {
             let opened = images.iter().find(|i| &i.disk == disk);
             let image = opened.map_or(Path::new(path), |i| i.path.as_path());
             for t in &targets {
-                let r = cdp_shipper::baseline::take(&cdp_shipper::baseline::BaselineJob {
+                let job = cdp_shipper::baseline::BaselineJob {
                     store: &t.store,
                     target: &t.name,
                     retry: &retry,
@@ -277,11 +288,14 @@ fn upload(
                     disk,
                     image,
                     opened: opened.map(|i| &i.file),
-                })
-                .await?;
+                };
+                let r = cdp_shipper::baseline::take_with_progress(&job, Some(meter.progress()))
+                    .await
+                    .inspect_err(|_| meter.clear())?;
                 out.push((disk.clone(), t.name.clone(), r));
             }
         }
+        meter.finish();
         anyhow::Ok(out)
     })
 }

@@ -18,8 +18,9 @@ use cdp_repo::restore::Point;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::stat::{umask, Mode};
 
+use crate::progress::{self, Meter, Mode as Show};
 use crate::restore_cmd::{
-    candidate_repos, prepare, resolve_vm, with_fallback, Prepared, RepoArgs, Used,
+    candidate_repos, prepare_with, resolve_vm, with_fallback, Prepared, RepoArgs, Used,
 };
 use crate::Ctx;
 
@@ -62,29 +63,37 @@ fn serve(ctx: &Ctx, a: &ExportArgs, signals: &SigSet) -> Result<()> {
     let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     let point_ref = &point;
+    // The progress of preparing: the bytes of the indexes and baselines
+    // read (one meter for every target tried).
+    let mode = Show::of(ctx.json);
+    let meter = Meter::new(mode, "export", 0);
+    let ticker = meter.ticker();
+    let ticker = &ticker;
     // The first target of the policy that answers and can rebuild the point.
-    let (store, used, (lease, prep)) =
-        rt.block_on(with_fallback(candidates, |store| async move {
-            let vm = resolve_vm(ctx, &store, &a.vm).await?;
-            // Retention deletes nothing of the VM while the export serves
-            // (refreshed in the background, removed when it stops).
-            let lease = cdp_repo::lease::acquire(
-                &store,
-                &vm,
-                "cdpctl export",
-                &format!("{} at {point_ref}", a.disk),
-                cdp_repo::lease::DEFAULT_TTL,
-            )
-            .await?;
-            match prepare(ctx, &a.repo, &a.disk, &store, &vm, point_ref).await {
-                Ok(p) => Ok((lease, p)),
-                Err(e) => {
-                    lease.release().await;
-                    Err(e)
-                }
+    let prepared = rt.block_on(with_fallback(candidates, |store| async move {
+        let vm = resolve_vm(ctx, &store, &a.vm).await?;
+        // Retention deletes nothing of the VM while the export serves
+        // (refreshed in the background, removed when it stops).
+        let lease = cdp_repo::lease::acquire(
+            &store,
+            &vm,
+            "cdpctl export",
+            &format!("{} at {point_ref}", a.disk),
+            cdp_repo::lease::DEFAULT_TTL,
+        )
+        .await?;
+        match prepare_with(ctx, &a.repo, &a.disk, &store, &vm, point_ref, Some(ticker)).await {
+            Ok(p) => Ok((lease, p)),
+            Err(e) => {
+                lease.release().await;
+                Err(e)
             }
-        }))?;
-    let r = serve_leased(a, signals, &rt, store, &used, prep, &point);
+        }
+    }));
+    meter.clear();
+    let (store, used, (lease, prep)) = prepared?;
+    meter.finish();
+    let r = serve_leased(a, signals, &rt, (store, &used), prep, (&point, mode));
     rt.block_on(lease.release());
     // Connections still open end with the process; do not wait for them.
     rt.shutdown_background();
@@ -95,10 +104,9 @@ fn serve_leased(
     a: &ExportArgs,
     signals: &SigSet,
     rt: &tokio::runtime::Runtime,
-    store: cdp_repo::store::Store,
-    used: &Used,
+    (store, used): (cdp_repo::store::Store, &Used),
     prep: Prepared,
-    point: &Point,
+    (point, mode): (&Point, Show),
 ) -> Result<()> {
     let seq = prep.seq;
     let at = prep
@@ -130,17 +138,26 @@ fn serve_leased(
     if let Some(fd) = a.ready_fd {
         cdp_core::proc::notify_ready(fd, "READY");
     }
-    eprintln!(
-        "serving {} at {point} ({at}) from {} on nbd+unix:///{}?socket={} (read-only; SIGTERM or ^C stops)",
-        a.disk,
-        match &used.target {
-            Some(t) => format!("target {t} ({})", used.repository),
-            None => used.repository.clone(),
-        },
-        a.disk,
-        socket.display()
+    let uri = format!("nbd+unix:///{}?socket={}", a.disk, socket.display());
+    progress::event(
+        mode,
+        serde_json::json!({"event": "ready", "op": "export", "uri": uri, "disk": a.disk,
+            "seq": seq, "at": at, "size": image.size(),
+            "target": used.target, "repository": used.repository}),
     );
-    say_cache(&image);
+    progress::say(
+        mode,
+        "export",
+        &format!(
+            "serving {} at {point} ({at}) from {} on {uri} (read-only; SIGTERM or ^C stops)",
+            a.disk,
+            match &used.target {
+                Some(t) => format!("target {t} ({})", used.repository),
+                None => used.repository.clone(),
+            },
+        ),
+    );
+    say_cache(&image, mode);
     let sig = wait_stop_signal(signals);
     stop.store(true, Ordering::Release);
     let woken = server::wake(&listener);
@@ -151,7 +168,7 @@ fn serve_leased(
     let st = server.stats();
     let (cached, hits, misses) = image.cache_stats();
     use std::sync::atomic::Ordering::Relaxed;
-    eprintln!(
+    let text = format!(
         "stopped ({sig}): {} connections, {} reads ({}), {} read errors, {} refused requests; cache {} held, {hits} hits, {misses} misses",
         st.connections.load(Relaxed),
         st.reads.load(Relaxed),
@@ -160,14 +177,15 @@ fn serve_leased(
         st.rejected.load(Relaxed),
         crate::status::human(cached),
     );
+    progress::say(mode, "export", &text);
     Ok(())
 }
 
 /// How much of the disk comes from journal records, and whether the cache
 /// holds it all.
-fn say_cache(image: &PointImage) {
+fn say_cache(image: &PointImage, mode: Show) {
     let (journal, cache) = (image.journal_bytes(), image.cache_bytes());
-    eprintln!(
+    let text = format!(
         "{} of the {} disk come from journal records; cache {}{}",
         crate::status::human(journal),
         crate::status::human(image.size()),
@@ -181,6 +199,7 @@ fn say_cache(image: &PointImage) {
             String::new()
         }
     );
+    progress::say(mode, "export", &text);
 }
 
 /// Listen on `path` (mode 0600), replacing a stale socket but never a live

@@ -76,25 +76,32 @@ pub fn run(ctx: &Ctx, a: &PruneArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Runtime::new()?;
     let mut reports = Vec::new();
+    // The bytes of the objects to delete (dry run: that would be), of
+    // every target, found as each target's prune chooses them.
+    let mode = crate::progress::Mode::of(ctx.json);
+    let meter = crate::progress::Meter::new(mode, "prune", 0);
     for name in &targets {
         let t = &config.target[name];
         // Retention's credential, never the shipper's when one is configured
         // (docs/CREDENTIALS.md).
         if let Some(w) = cdp_repo::store::shared_credential_warning(name, t) {
-            eprintln!("cdpctl prune: {w}");
+            crate::progress::say(mode, "prune", &format!("cdpctl prune: {w}"));
         }
         let store = Store::for_prune(t).with_context(|| format!("target {name} ({})", t.url))?;
         let r = rt.block_on(async {
             let vm = crate::restore_cmd::resolve_vm(ctx, &store, &a.vm).await?;
             let opts = retention::Options {
                 max_deletions: a.max_deletions,
+                progress: Some(meter.ticker()),
             };
             retention::apply_with(&store, &vm, &ret, now, a.dry_run, &opts)
                 .await
                 .with_context(|| format!("pruning VM {vm} in target {name} ({})", t.url))
-        })?;
+        });
+        let r = r.inspect_err(|_| meter.clear())?;
         reports.push((name.clone(), r));
     }
+    meter.finish();
     if ctx.json {
         let v: Vec<_> = reports
             .iter()

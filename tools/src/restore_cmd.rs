@@ -70,6 +70,14 @@ pub struct PointsArgs {
     /// Only this disk.
     #[arg(long)]
     pub disk: Option<String>,
+    /// List every flush point (by default: how many there are, and the
+    /// newest 10).
+    #[arg(long)]
+    pub all: bool,
+    /// Also write the timeline as an SVG picture to this file (disks,
+    /// restorable ranges, baselines, marks, gaps).
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }
@@ -412,8 +420,22 @@ pub async fn prepare(
     vm: &str,
     point: &Point,
 ) -> Result<Prepared> {
+    prepare_with(ctx, repo, disk, store, vm, point, None).await
+}
+
+/// [`prepare`], reporting the bytes of the indexes and baselines read to
+/// `tick` (`cdpctl export`'s progress).
+pub async fn prepare_with(
+    ctx: &Ctx,
+    repo: &RepoArgs,
+    disk: &str,
+    store: &Store,
+    vm: &str,
+    point: &Point,
+    tick: Option<&restore::Ticker>,
+) -> Result<Prepared> {
     let local = local_dir(ctx, repo, vm, disk);
-    let h = restore::load_history(Some(store), local, vm, disk).await?;
+    let h = restore::load_history_with(Some(store), local, vm, disk, tick).await?;
     if h.segments.is_empty() && h.baselines.is_empty() {
         bail!(
             "VM {vm} has no disk {disk} in {} (nor on this host)",
@@ -475,6 +497,7 @@ async fn restore_leased(
             "target": used.target,
             "repository": used.repository,
         });
+        let summary = with_reads(summary, &plan);
         if a.dry_run {
             if ctx.json {
                 return crate::print_json(&summary);
@@ -497,7 +520,8 @@ async fn restore_leased(
         let stats = if let Some(t) = &target {
             in_place(ctx, &store, &vm, t, &plan, &point, a.yes).await?
         } else {
-            to_file(&store, &plan, a.output.as_deref().unwrap(), &a.format).await?
+            let out = a.output.as_deref().unwrap();
+            to_file(&store, &plan, out, &a.format, ctx.json).await?
         };
         let secs = started.elapsed().as_secs_f64();
         if ctx.json {
@@ -523,20 +547,49 @@ async fn restore_leased(
     }
 }
 
-fn progress(total: u64) -> Option<(restore::Progress, indicatif::ProgressBar)> {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return None;
+/// The dry run's plan, with what it reads: the journal segments (their
+/// seq ranges, in the repository or on this host), the baseline chunks
+/// fetched and the bytes of the disk they give.
+fn with_reads(mut summary: serde_json::Value, plan: &restore::Plan) -> serde_json::Value {
+    use cdp_core::journal::extents::Source;
+    let mut used = std::collections::BTreeSet::new();
+    for (_, _, src) in plan.extents.iter() {
+        if let Source::Journal { segment, .. } = src {
+            used.insert(segment as usize);
+        }
     }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap(),
-    );
-    let b = bar.clone();
-    Some((Arc::new(move |n| b.inc(n)), bar))
+    let segments: Vec<_> = used
+        .into_iter()
+        .filter_map(|i| plan.segments.get(i))
+        .map(|s| {
+            let local = matches!(s.loc, restore::SegLoc::Local(_));
+            serde_json::json!({"first_seq": s.first_seq, "last_seq": s.last_seq,
+                "in": if local { "local" } else { "repository" }})
+        })
+        .collect();
+    let b = &plan.baseline;
+    let (mut chunks, mut chunk_bytes) = (0u64, 0u64);
+    for (i, c) in b.chunks.iter().enumerate() {
+        let start = i as u64 * b.chunk_size;
+        let end = (start + b.chunk_size).min(b.size).min(plan.size);
+        if c.is_none() || start >= end {
+            continue;
+        }
+        let gaps = plan.extents.uncovered(start, end);
+        if !gaps.is_empty() {
+            chunks += 1;
+            chunk_bytes += gaps.iter().map(|(s, e)| e - s).sum::<u64>();
+        }
+    }
+    summary["journal_segments"] = segments.into();
+    summary["baseline_chunks"] = chunks.into();
+    summary["baseline_bytes"] = chunk_bytes.into();
+    summary
+}
+
+/// The progress of a restore: `total` bytes of disk written once each.
+fn progress(json: bool, total: u64) -> crate::progress::Meter {
+    crate::progress::Meter::new(crate::progress::Mode::of(json), "restore", total)
 }
 
 /// Removes a file when dropped unless [`Scratch::keep`] was called: whatever
@@ -610,6 +663,7 @@ async fn to_file(
     plan: &restore::Plan,
     out: &Path,
     format: &str,
+    json: bool,
 ) -> Result<restore::RestoreStats> {
     if out.exists() {
         bail!(
@@ -629,17 +683,15 @@ async fn to_file(
     let (f, raw_scratch) = create_scratch(&raw_path)?;
     f.set_len(plan.size)
         .with_context(|| format!("sizing {}", raw_path.display()))?;
-    let bar = progress(plan.size);
+    let meter = progress(json, plan.size);
     let r = restore::execute(
         plan,
         Some(store),
         Arc::new(restore::FreshFile(f.try_clone()?)),
-        bar.as_ref().map(|b| b.0.clone()),
+        Some(meter.progress()),
     )
     .await;
-    if let Some((_, b)) = bar {
-        b.finish_and_clear();
-    }
+    meter.clear();
     let stats = r.with_context(|| {
         format!(
             "restore of {} at seq {} failed, {} was not written (`cdpctl verify --deep` checks the repository)",
@@ -651,6 +703,7 @@ async fn to_file(
     f.sync_all()
         .with_context(|| format!("writing {}", raw_path.display()))?;
     drop(f);
+    meter.finish();
     if format == "qcow2" {
         let (_, q_scratch) = create_scratch(&partial)?;
         let st = std::process::Command::new("qemu-img")
@@ -833,23 +886,18 @@ async fn in_place(
         target.disk
     );
     confirm_overwrite(&what, yes)?;
-    eprintln!("overwriting {what}");
+    let mode = crate::progress::Mode::of(ctx.json);
+    crate::progress::say(mode, "restore", &format!("overwriting {what}"));
     let sink = Arc::new(restore::InPlace {
         file: img.file,
         changed: Default::default(),
     });
-    let bar = progress(plan.size);
-    let stats = restore::execute(
-        plan,
-        Some(store),
-        sink.clone(),
-        bar.as_ref().map(|b| b.0.clone()),
-    )
-    .await?;
-    if let Some((_, b)) = bar {
-        b.finish_and_clear();
-    }
+    let meter = progress(ctx.json, plan.size);
+    let r = restore::execute(plan, Some(store), sink.clone(), Some(meter.progress())).await;
+    meter.clear();
+    let stats = r?;
     sink.file.sync_all()?;
+    meter.finish();
     // The disk no longer equals baseline + journal: the next capture
     // session records a GAP and the shipper takes a new baseline.
     if ctx.has_catalog(vm) {
@@ -859,9 +907,11 @@ async fn in_place(
             cat.add_gap(vm, &target.disk, last + 1, now_ns(), &reason)
         })?;
     }
-    eprintln!(
-        "{} bytes differed and were rewritten",
-        sink.changed.load(std::sync::atomic::Ordering::Relaxed)
+    let changed = sink.changed.load(std::sync::atomic::Ordering::Relaxed);
+    crate::progress::say(
+        mode,
+        "restore",
+        &format!("{changed} bytes differed and were rewritten"),
     );
     Ok(stats)
 }
@@ -870,21 +920,28 @@ pub fn points(ctx: &Ctx, a: &PointsArgs) -> Result<()> {
     let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let (store, used, (vm, out)) = with_fallback(candidates, |store| async move {
+        let (store, used, (vm, name, out)) = with_fallback(candidates, |store| async move {
             let vm = resolve_vm(ctx, &store, &a.vm).await?;
+            let name = crate::points_svg::vm_name(ctx, &store, &vm, &a.vm).await;
             let out = timelines(ctx, a, &store, &vm).await?;
-            Ok((vm, out))
+            Ok((vm, name, out))
         })
         .await?;
+        if let Some(path) = &a.svg {
+            let svg = crate::points_svg::svg(&vm, name.as_deref(), &out);
+            std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("timeline written to {}", path.display());
+        }
         if ctx.json {
             return crate::print_json(&serde_json::json!({
                 "vm_uuid": vm,
+                "vm_name": name,
                 "disks": out,
                 "target": used.target,
                 "repository": used.repository,
             }));
         }
-        print_timeline(&vm, &store, &out);
+        print_timeline(&vm, name.as_deref(), &store, &out, a.all);
         Ok(())
     })
 }
@@ -939,19 +996,20 @@ async fn disk_timeline(
     let ranges: Vec<_> = restore::restorable_ranges(&h)
         .into_iter()
         .map(|(a, b)| {
-            serde_json::json!({"from_seq": a, "from": fmt_ns(ts_of(a)), "to_seq": b, "to": fmt_ns(ts_of(b))})
+            serde_json::json!({"from_seq": a, "from": fmt_ns(ts_of(a)), "from_ns": ts_of(a),
+                "to_seq": b, "to": fmt_ns(ts_of(b)), "to_ns": ts_of(b)})
         })
         .collect();
     let flushes: Vec<_> = h
         .entries()
         .map(|(_, e)| e)
         .filter(|e| e.kind == cdp_core::journal::Kind::Flush)
-        .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns)}))
+        .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns), "time_ns": e.ts_ns}))
         .collect();
     let marks: Vec<_> = restore::marks(&h, Some(store))
         .await?
         .into_iter()
-        .map(|(s, t, l)| serde_json::json!({"seq": s, "time": fmt_ns(t), "label": l}))
+        .map(|(s, t, l)| serde_json::json!({"seq": s, "time": fmt_ns(t), "time_ns": t, "label": l}))
         .collect();
     let gaps: Vec<_> = restore::gaps(&h, Some(store))
         .await?
@@ -960,16 +1018,22 @@ async fn disk_timeline(
             // A GAP a resync heals: the points in [seq, healed_by_seq) are
             // not restorable, those after are (docs/DESIGN.md, "Restore").
             let healed = h.resyncs.healed_by(s);
-            serde_json::json!({"seq": s, "time": fmt_ns(t), "reason": r,
+            serde_json::json!({"seq": s, "time": fmt_ns(t), "time_ns": t, "reason": r,
                 "resync": h.resyncs.gaps.contains(&s),
                 "healed_by_seq": healed,
-                "healed_at": healed.map(|r| fmt_ns(ts_of(r)))})
+                "healed_at": healed.map(|r| fmt_ns(ts_of(r))),
+                "healed_at_ns": healed.map(ts_of)})
         })
         .collect();
     let baselines: Vec<_> = h
         .baselines
         .iter()
-        .map(|(k, b)| serde_json::json!({"key": k, "s0": b.s0, "s1": b.s1, "time": fmt_ns(b.finished_ns)}))
+        .map(|(k, b)| {
+            // The time of its point (s1), when the journal still has it.
+            let point = Some(ts_of(b.s1)).filter(|t| *t != 0);
+            serde_json::json!({"key": k, "s0": b.s0, "s1": b.s1, "time": fmt_ns(b.finished_ns),
+                "time_ns": b.finished_ns, "point_ns": point})
+        })
         .collect();
     let shipped_to = h
         .segments
@@ -1025,9 +1089,13 @@ fn print_gap(x: &serde_json::Value) {
     }
 }
 
-/// The timelines, for a human.
-fn print_timeline(vm: &str, store: &Store, out: &[serde_json::Value]) {
-    println!("VM {vm} (repository {})", store.url());
+/// The timelines, for a human: every flush point with `all`, else their
+/// count and the newest [`FLUSHES_SHOWN`].
+fn print_timeline(vm: &str, name: Option<&str>, store: &Store, out: &[serde_json::Value], all: bool) {
+    match name {
+        Some(n) => println!("VM {n} ({vm}), repository {}", store.url()),
+        None => println!("VM {vm} (repository {})", store.url()),
+    }
     for d in out {
         println!("disk {}", d["disk"].as_str().unwrap());
         let r = d["restorable"].as_array().unwrap();
@@ -1097,19 +1165,28 @@ fn print_timeline(vm: &str, store: &Store, out: &[serde_json::Value]) {
         for x in d["gaps"].as_array().unwrap() {
             print_gap(x);
         }
-        let f = d["flushes"].as_array().unwrap();
+        print_flushes(d["flushes"].as_array().unwrap(), all);
+    }
+}
+
+/// Flush points listed by default (`cdpctl points --all` lists every one).
+const FLUSHES_SHOWN: usize = 10;
+
+/// A disk's flush points, newest first: all, or the newest
+/// [`FLUSHES_SHOWN`] and how many more `--all` lists.
+fn print_flushes(f: &[serde_json::Value], all: bool) {
+    let shown = if all { f.len() } else { f.len().min(FLUSHES_SHOWN) };
+    match (f.len(), shown) {
+        (0, _) => println!("  0 flush points"),
+        (n, s) if s == n => println!("  {n} flush points, newest first:"),
+        (n, s) => println!("  {n} flush points, the newest {s} ({} more: --all lists every one):", n - s),
+    }
+    for x in f.iter().rev().take(shown) {
         println!(
-            "  {} flush points{}",
-            f.len(),
-            if f.is_empty() { "" } else { ", newest:" }
+            "  flush      seq {:>8} {}",
+            x["seq"],
+            x["time"].as_str().unwrap()
         );
-        for x in f.iter().rev().take(5) {
-            println!(
-                "  flush      seq {:>8} {}",
-                x["seq"],
-                x["time"].as_str().unwrap()
-            );
-        }
     }
 }
 

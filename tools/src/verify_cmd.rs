@@ -45,12 +45,20 @@ pub struct RestoreConfigArgs {
 pub fn verify(ctx: &Ctx, a: &VerifyArgs) -> Result<()> {
     let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
+    let mode = crate::progress::Mode::of(ctx.json);
     // The first target of the policy that answers and holds the VM; one
-    // that answers with problems is reported, not skipped.
-    let (_, used, report) = rt.block_on(with_fallback(candidates, |store| async move {
+    // that answers with problems is reported, not skipped. The progress:
+    // bytes of the segment objects and chunks checked (one meter for every
+    // target tried: its bytes never go back).
+    let meter = crate::progress::Meter::new(mode, "verify", 0);
+    let m = &meter;
+    let r = rt.block_on(with_fallback(candidates, |store| async move {
         let vm = resolve_vm(ctx, &store, &a.vm).await?;
-        anyhow::Ok(cdp_repo::verify::verify(&store, &vm, a.deep).await?)
-    }))?;
+        anyhow::Ok(cdp_repo::verify::verify_with(&store, &vm, a.deep, Some(m.ticker())).await?)
+    }));
+    meter.clear();
+    let (_, used, report) = r?;
+    meter.finish();
     if ctx.json {
         let mut v = serde_json::to_value(&report)?;
         v["target"] = serde_json::to_value(&used.target)?;

@@ -30,6 +30,27 @@ pub struct RestoreStats {
 
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// Progress of long work whose total is learnt on the way (loading a
+/// history, verify, retention): `Found(n)`, n more units of work are known
+/// (the total grows); `Done(n)`, n of them are finished. Every unit found
+/// is reported done once, whatever became of it. Called from any thread;
+/// the callback does no I/O of the work's (the caller's display only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tick {
+    Found(u64),
+    Done(u64),
+}
+
+/// The callback of [`Tick`]s.
+pub type Ticker = Arc<dyn Fn(Tick) + Send + Sync>;
+
+/// Report `t` to `ticker`, if any.
+pub fn tick_with(ticker: Option<&Ticker>, t: Tick) {
+    if let Some(f) = ticker {
+        f(t)
+    }
+}
+
 fn tick(progress: &Option<Progress>, n: u64) {
     if let Some(p) = progress {
         p(n)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use cdp_core::journal::format::{self as jf, IndexEntry, Kind};
 
+use super::execute::{tick_with, Tick, Ticker};
 use super::read::read_record;
 use super::RestoreError;
 use crate::format::{self as rf, Baseline, Frame};
@@ -301,12 +302,24 @@ pub async fn load_history(
     vm: &str,
     disk: &str,
 ) -> Result<History, RestoreError> {
+    load_history_with(store, state_dir, vm, disk, None).await
+}
+
+/// [`load_history`], reporting the bytes of the repository's indexes and
+/// baselines it reads (their listed sizes) to `tick`.
+pub async fn load_history_with(
+    store: Option<&Store>,
+    state_dir: Option<&Path>,
+    vm: &str,
+    disk: &str,
+    tick: Option<&Ticker>,
+) -> Result<History, RestoreError> {
     let mut by_first: BTreeMap<u64, SegRef> = BTreeMap::new();
     let mut baselines = Vec::new();
     let mut orphans = Vec::new();
     let mut retention = None;
     if let Some(store) = store {
-        let chain = load_repo_chain(store, vm, disk, &mut orphans).await?;
+        let chain = load_repo_chain(store, vm, disk, &mut orphans, tick).await?;
         for s in chain {
             by_first.insert(
                 s.meta.first_seq,
@@ -328,11 +341,17 @@ pub async fn load_history(
             .list(&rf::baseline_prefix(vm, disk))
             .await
             .map_err(ReadError::from)?;
+        let named = |o: &crate::store::ObjectMeta| {
+            rf::parse_baseline_name(o.key.rsplit('/').next().unwrap_or("")).is_some()
+        };
+        let found = list.iter().filter(|o| named(o)).map(|o| o.size).sum();
+        tick_with(tick, Tick::Found(found));
         for o in list {
-            if rf::parse_baseline_name(o.key.rsplit('/').next().unwrap_or("")).is_none() {
+            if !named(&o) {
                 continue;
             }
             let b = store.get(&o.key).await.map_err(ReadError::from)?;
+            tick_with(tick, Tick::Done(o.size));
             match Baseline::decode(&o.key, &b) {
                 Ok(bl) => baselines.push((o.key, bl)),
                 Err(_) => orphans.push(o.key),
@@ -467,8 +486,10 @@ async fn load_repo_chain(
     vm: &str,
     disk: &str,
     unusable: &mut Vec<String>,
+    tick: Option<&Ticker>,
 ) -> Result<Vec<rf::SegmentIndex>, RestoreError> {
-    let mut pairs: BTreeMap<(u64, u64), (Option<String>, Option<String>)> = BTreeMap::new();
+    type Pair = (Option<String>, Option<(String, u64)>);
+    let mut pairs: BTreeMap<(u64, u64), Pair> = BTreeMap::new();
     for o in store
         .list(&rf::journal_prefix(vm, disk))
         .await
@@ -477,20 +498,32 @@ async fn load_repo_chain(
         if let Some((a, b, is_idx)) = rf::parse_journal_name(o.key.rsplit('/').next().unwrap_or(""))
         {
             let e = pairs.entry((a, b)).or_default();
-            *(if is_idx { &mut e.1 } else { &mut e.0 }) = Some(o.key);
+            if is_idx {
+                e.1 = Some((o.key, o.size));
+            } else {
+                e.0 = Some(o.key);
+            }
         }
     }
+    // The indexes read: those with their segment.
+    let found = pairs
+        .values()
+        .filter_map(|p| p.0.as_ref().and(p.1.as_ref()))
+        .map(|(_, n)| n)
+        .sum();
+    tick_with(tick, Tick::Found(found));
     let mut out = Vec::new();
     for (_, pair) in pairs {
         match pair {
-            (Some(_), Some(idx)) => {
+            (Some(_), Some((idx, size))) => {
                 let b = store.get(&idx).await.map_err(ReadError::from)?;
+                tick_with(tick, Tick::Done(size));
                 match rf::SegmentIndex::decode(&idx, &b) {
                     Ok(i) => out.push(i),
                     Err(_) => unusable.push(idx),
                 }
             }
-            (Some(k), None) | (None, Some(k)) => unusable.push(k),
+            (Some(k), None) | (None, Some((k, _))) => unusable.push(k),
             (None, None) => {}
         }
     }

@@ -31,9 +31,10 @@ pub mod point;
 pub mod read;
 pub mod sink;
 
-pub use execute::{execute, Progress, RestoreStats};
+pub use execute::{execute, tick_with, Progress, RestoreStats, Tick, Ticker};
 pub use history::{
-    gaps, load_history, load_resyncs, load_retention, marks, History, Resyncs, SegLoc, SegRef,
+    gaps, load_history, load_history_with, load_resyncs, load_retention, marks, History, Resyncs,
+    SegLoc, SegRef,
 };
 pub use plan::{plan, restorable_ranges, Plan};
 pub use point::{resolve, Point};

@@ -9,6 +9,7 @@ use cdp_core::journal::format::{self as jf, RECORD_HEADER_LEN};
 use futures::StreamExt;
 
 use crate::format::{self as rf, Baseline, SegmentIndex};
+use crate::restore::{tick_with, Tick, Ticker};
 use crate::store::Store;
 
 use super::collect::DiskScanner;
@@ -317,6 +318,7 @@ pub(super) async fn chunks(
     deep: bool,
     scans: &mut [DiskScan],
     checked: &mut Checked,
+    tick: Option<&Ticker>,
 ) -> Result<(), VerifyError> {
     let referenced = referenced_chunks(scans);
     checked.chunks = referenced.len() as u64;
@@ -328,6 +330,12 @@ pub(super) async fn chunks(
         .into_iter()
         .map(|o| (last_component(&o.key).to_string(), o.size))
         .collect();
+    // The bytes of the chunks there: listed, and (quick) checked by it.
+    let found = referenced.keys().filter_map(|h| present.get(h)).sum();
+    tick_with(tick, Tick::Found(found));
+    if !deep {
+        tick_with(tick, Tick::Done(found));
+    }
     let mut bad: Vec<BadChunk> = Vec::new();
     for h in referenced.keys() {
         match present.get(h) {
@@ -342,7 +350,12 @@ pub(super) async fn chunks(
             .filter(|(h, _)| present.get(*h).is_some_and(|&n| n > 0))
             .map(|(h, (len, _))| (h.clone(), *len))
             .collect();
-        bad.extend(fetch_chunks(store, todo, checked).await?);
+        bad.extend(
+            fetch_chunks(store, todo, checked, &|h: &str| {
+                tick_with(tick, Tick::Done(present.get(h).copied().unwrap_or(0)))
+            })
+            .await?,
+        );
     }
     bad.sort();
     for (h, kind, what) in bad {
@@ -375,6 +388,7 @@ async fn fetch_chunks(
     store: &Store,
     todo: Vec<(String, usize)>,
     checked: &mut Checked,
+    done: &dyn Fn(&str),
 ) -> Result<Vec<BadChunk>, VerifyError> {
     let mut bad = Vec::new();
     let mut results = futures::stream::iter(todo.into_iter().map(|(h, len)| async move {
@@ -400,6 +414,7 @@ async fn fetch_chunks(
     .buffer_unordered(8);
     while let Some(r) = results.next().await {
         let (h, r) = r?;
+        done(&h);
         checked.fetched_objects += 1;
         match r {
             Ok(n) => checked.fetched_bytes += n,

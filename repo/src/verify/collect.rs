@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::{self as rf, Baseline, SegmentIndex};
-use crate::restore::{History, SegLoc, SegRef};
+use crate::restore::{tick_with, History, SegLoc, SegRef, Tick, Ticker};
 use crate::store::{ObjectMeta, Store};
 
 use super::{
@@ -120,6 +120,8 @@ pub(super) struct DiskScanner<'a> {
     pub(super) bad_records: Vec<u64>,
     /// The newest seq the repository's object names speak of.
     pub(super) last_named: Option<u64>,
+    /// Where the bytes of the segment objects checked are reported.
+    pub(super) tick: Option<Ticker>,
 }
 
 impl<'a> DiskScanner<'a> {
@@ -145,6 +147,7 @@ impl<'a> DiskScanner<'a> {
             problems: Vec::new(),
             bad_records: Vec::new(),
             last_named: None,
+            tick: None,
         }
     }
 
@@ -165,11 +168,15 @@ impl<'a> DiskScanner<'a> {
     /// history restore would build from those that can be used.
     pub(super) async fn scan(mut self) -> Result<DiskScan, VerifyError> {
         let pairs = self.list_journal().await?;
+        let listed = |seg: &Option<ObjectMeta>| seg.as_ref().map_or(0, |o| o.size);
+        let found = pairs.values().map(|(seg, _)| listed(seg)).sum();
+        tick_with(self.tick.as_ref(), Tick::Found(found));
         let mut segments: Vec<SegmentIndex> = Vec::new();
         for ((a, b), (seg, idx)) in pairs {
-            if let Some(index) = self.load_segment(a, b, seg, idx).await? {
-                segments.push(index);
-            }
+            let size = listed(&seg);
+            let index = self.load_segment(a, b, seg, idx).await?;
+            tick_with(self.tick.as_ref(), Tick::Done(size));
+            segments.extend(index);
         }
         let baselines = self.load_baselines().await?;
         // The history restore would see.

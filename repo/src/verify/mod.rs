@@ -39,7 +39,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::format as rf;
-use crate::restore::{self, History};
+use crate::restore::{self, History, Ticker};
 use crate::store::{with_retry, ObjectMeta, RetryPolicy, Store, StoreError};
 
 use collect::DiskScanner;
@@ -201,6 +201,18 @@ async fn list(store: &Store, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError
 
 /// Check a whole VM.
 pub async fn verify(store: &Store, vm: &str, deep: bool) -> Result<Report, VerifyError> {
+    verify_with(store, vm, deep, None).await
+}
+
+/// [`verify`], reporting to `tick` the bytes of the segment objects and
+/// chunks it checks (their listed sizes; `--deep` fetches each): found
+/// when listed, done when checked.
+pub async fn verify_with(
+    store: &Store,
+    vm: &str,
+    deep: bool,
+    tick: Option<Ticker>,
+) -> Result<Report, VerifyError> {
     let mut problems = Vec::new();
     let mut checked = Checked::default();
     collect::format_marker(store, &mut problems).await?;
@@ -222,10 +234,11 @@ pub async fn verify(store: &Store, vm: &str, deep: bool) -> Result<Report, Verif
     };
     let mut scans = Vec::new();
     for disk in &disks {
-        let scanner = DiskScanner::new(store, vm, disk, deep, &mut checked, retention.as_ref());
+        let mut scanner = DiskScanner::new(store, vm, disk, deep, &mut checked, retention.as_ref());
+        scanner.tick = tick.clone();
         scans.push(scanner.scan().await?);
     }
-    check::chunks(store, deep, &mut scans, &mut checked).await?;
+    check::chunks(store, deep, &mut scans, &mut checked, tick.as_ref()).await?;
     let mut out_disks = Vec::new();
     for s in scans {
         let (d, p) = reach::finish_disk(store, s).await;
