@@ -9,6 +9,7 @@ pub mod files_cmd;
 pub mod gen_cmd;
 pub mod install;
 pub mod journal_cmd;
+pub mod points_svg;
 pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;

@@ -1091,7 +1091,13 @@ fn print_gap(x: &serde_json::Value) {
 
 /// The timelines, for a human: every flush point with `all`, else their
 /// count and the newest [`FLUSHES_SHOWN`].
-fn print_timeline(vm: &str, name: Option<&str>, store: &Store, out: &[serde_json::Value], all: bool) {
+fn print_timeline(
+    vm: &str,
+    name: Option<&str>,
+    store: &Store,
+    out: &[serde_json::Value],
+    all: bool,
+) {
     match name {
         Some(n) => println!("VM {n} ({vm}), repository {}", store.url()),
         None => println!("VM {vm} (repository {})", store.url()),
@@ -1175,11 +1181,18 @@ const FLUSHES_SHOWN: usize = 10;
 /// A disk's flush points, newest first: all, or the newest
 /// [`FLUSHES_SHOWN`] and how many more `--all` lists.
 fn print_flushes(f: &[serde_json::Value], all: bool) {
-    let shown = if all { f.len() } else { f.len().min(FLUSHES_SHOWN) };
+    let shown = if all {
+        f.len()
+    } else {
+        f.len().min(FLUSHES_SHOWN)
+    };
     match (f.len(), shown) {
         (0, _) => println!("  0 flush points"),
         (n, s) if s == n => println!("  {n} flush points, newest first:"),
-        (n, s) => println!("  {n} flush points, the newest {s} ({} more: --all lists every one):", n - s),
+        (n, s) => println!(
+            "  {n} flush points, the newest {s} ({} more: --all lists every one):",
+            n - s
+        ),
     }
     for x in f.iter().rev().take(shown) {
         println!(
