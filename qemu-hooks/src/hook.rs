@@ -100,6 +100,16 @@ pub enum Outcome {
     },
 }
 
+/// QEMU's user for a VM, as the hook decides it: the definition's DAC label,
+/// else `[libvirt] qemu_user`/`qemu_group` (`cdpctl protect` prepares the
+/// repository for the same owner).
+pub fn vm_owner(c: &Config, xml: &str) -> Result<(u32, u32), HookError> {
+    match dac_label(xml) {
+        Some(o) => Ok(o),
+        None => configured_owner(c),
+    }
+}
+
 /// Owner from the domain's DAC label (`<seclabel model='dac'><label>+UID:+GID`),
 /// known from `start begin` on.
 fn dac_label(xml: &str) -> Option<(u32, u32)> {

@@ -8,6 +8,8 @@
 //! - [`launch`]: the processes (cdp-qemu).
 //! - [`supervise`]: the process that starts cdpd and restarts it while QEMU runs.
 //! - [`hook`]: the libvirt hook (`cdpctl libvirt-hook`, as root).
+//! - [`target_dir`]: a `file://` target's directory made ready for QEMU's
+//!   user (`cdpctl protect`).
 //! - [`protect`]: adding and removing the CDP keys in a definition (pure,
 //!   byte-preserving; `cdpctl protect` / `unprotect`).
 
@@ -17,3 +19,4 @@ pub mod hook;
 pub mod launch;
 pub mod protect;
 pub mod supervise;
+pub mod target_dir;

@@ -144,6 +144,8 @@ struct ProtectReport {
     running: bool,
     disks: Vec<DiskReport>,
     gap_recorded: bool,
+    /// `file://` target directories created for QEMU's user.
+    prepared: Vec<PathBuf>,
     /// The full baseline taken now, offline, because the VM is shut off and
     /// cdpd has never served it: (disk, target, baseline).
     offline_baseline: Vec<(String, String, cdp_shipper::baseline::BaselineResult)>,
@@ -173,6 +175,9 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
         print!("{new}");
         return Ok(());
     }
+    // Before anything changes: a repository the shipper cannot write is
+    // refused here, with the command that fixes it.
+    let prepared = prepare_repositories(ctx, &new, &dom.uuid, &a.policy)?;
     if !Path::new(HOOK_PATH).exists() {
         bail!(
             "the libvirt hook {HOOK_PATH} is not installed, so a protected VM could not start: run `cdpctl install --libvirt`, restart libvirtd, then protect"
@@ -215,6 +220,7 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
         running,
         disks,
         gap_recorded,
+        prepared,
         offline_baseline: Vec::new(),
         offline_baseline_error: None,
     };
@@ -239,6 +245,53 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
     }
     print_protected(&report, targets.is_empty());
     Ok(())
+}
+
+/// Each `file://` target of `policy` made ready for the VM's QEMU user, who
+/// runs its shipper (docs/LIBVIRT.md, "The repository's permissions"): a
+/// missing directory, or a missing `cdp/` tree in one the user cannot
+/// write, is created for the user (as root); a tree the user cannot write
+/// is refused with the command that fixes it. Nothing that exists is
+/// chowned ([`cdp_hooks::target_dir`]). The directories created.
+fn prepare_repositories(ctx: &Ctx, xml: &str, uuid: &str, policy: &str) -> Result<Vec<PathBuf>> {
+    use cdp_hooks::target_dir::{prepare, Prepared, QemuUser};
+    let config = &ctx.config;
+    let Some(p) = config.policy.get(policy) else {
+        return Ok(Vec::new());
+    };
+    let user = QemuUser::new(cdp_hooks::hook::vm_owner(config, xml)?);
+    let root = nix::unistd::geteuid().is_root();
+    let mut created = Vec::new();
+    for name in &p.targets {
+        let Some(dir) = config
+            .target
+            .get(name)
+            .and_then(|t| t.url.strip_prefix("file://"))
+            .map(Path::new)
+        else {
+            continue;
+        };
+        match prepare(dir, uuid, &user, root)
+            .with_context(|| format!("target {name}: preparing {}", dir.display()))?
+        {
+            Prepared::Ready => {}
+            Prepared::Created(d) => {
+                eprintln!(
+                    "cdpctl: target {name}: created {} for {} (mode 0750): its shipper writes there",
+                    d.display(),
+                    user.label
+                );
+                created.push(d);
+            }
+            Prepared::Refused { path, why, command } => bail!(
+                "target {name} ({}): {} {why}, and the VM's shipper runs as {}: run `{command}` as root, then protect again (nothing was changed)",
+                dir.display(),
+                path.display(),
+                user.label
+            ),
+        }
+    }
+    Ok(created)
 }
 
 /// The full baseline of a shut-off VM cdpd has never served, from its new
