@@ -585,6 +585,14 @@ fn debian_package_from_the_debug_build() {
     for p in PROGRAMS {
         link_or_copy(&bin(p), &target.join("release").join(p));
     }
+    // cdpctl's man pages and completions, assets of the package too.
+    run_ok(
+        Command::new("bash")
+            .arg(workspace().join("scripts/package"))
+            .arg("--gen-only")
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(workspace()),
+    );
     let out_dir = tmp.path().join("out");
     run_ok(
         Command::new("cargo")
@@ -622,6 +630,16 @@ fn debian_package_from_the_debug_build() {
         ("/usr/share/doc/cdpd/README.md", "-rw-r--r--"),
         ("/usr/share/doc/cdpd/packaging.md", "-rw-r--r--"),
         ("/usr/share/doc/cdpd/copyright", "-rw-r--r--"),
+        ("/usr/share/man/man1/cdpctl.1.gz", "-rw-r--r--"),
+        (
+            "/usr/share/bash-completion/completions/cdpctl",
+            "-rw-r--r--",
+        ),
+        ("/usr/share/zsh/vendor-completions/_cdpctl", "-rw-r--r--"),
+        (
+            "/usr/share/fish/vendor_completions.d/cdpctl.fish",
+            "-rw-r--r--",
+        ),
     ];
     for (p, mode) in expect {
         let (m, owner) = list
@@ -630,9 +648,10 @@ fn debian_package_from_the_debug_build() {
         assert_eq!(m, mode, "{p}");
         assert_eq!(owner, "0/0", "{p}: not owned by root");
     }
+    // One man page per subcommand besides cdpctl.1 (tools/tests/gen.rs checks them).
     let files: Vec<_> = list
         .iter()
-        .filter(|(_, (m, _))| !m.starts_with('d'))
+        .filter(|(p, (m, _))| !m.starts_with('d') && !p.starts_with("/usr/share/man/man1/cdpctl-"))
         .collect();
     assert_eq!(files.len(), expect.len(), "unexpected files: {files:#?}");
 
