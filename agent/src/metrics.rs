@@ -141,6 +141,7 @@ struct Families {
     backlog_segments: IntGaugeVec,
     shipped: IntCounterVec,
     target_up: IntGaugeVec,
+    vm_target_up: IntGaugeVec,
     errors: IntCounterVec,
     adoptions: prometheus::IntCounter,
     adoption_target_down: IntGaugeVec,
@@ -189,6 +190,12 @@ impl Families {
                 "cdp_target_up",
                 "1 when the target worked the last time a shipper used it, 0 when it was failing",
                 &["target"],
+            )?,
+            vm_target_up: int_gauge(
+                &r,
+                "cdp_vm_target_up",
+                "1 when the VM's shipper last shipped to the target, 0 while it is failing there (a repository its QEMU user cannot write, a target down), as the shipper recorded it in the VM's catalog",
+                &["vm", "vm_uuid", "target"],
             )?,
             errors: counter(
                 &r,
@@ -268,6 +275,9 @@ impl Families {
             if !target_names.contains(name) {
                 target_names.push(name.clone());
             }
+            self.vm_target_up
+                .with_label_values(&[&vm.name, &vm.uuid, name])
+                .set(*up as i64);
             let e = targets_seen.entry(name.clone()).or_insert((0, false));
             if *updated_ns >= e.0 {
                 *e = (*updated_ns, *up);
@@ -572,6 +582,14 @@ targets = ["primary", "offsite"]
             Some(1000.0)
         );
         assert_eq!(sample(&t, "cdp_target_up{target=\"primary\"}"), Some(1.0));
+        let per_vm = |target: &str| {
+            sample(
+                &t,
+                &format!("cdp_vm_target_up{{target=\"{target}\",vm=\"web\",vm_uuid=\"{VM}\"}}"),
+            )
+        };
+        assert_eq!(per_vm("primary"), Some(1.0), "{t}");
+        assert_eq!(per_vm("offsite"), Some(0.0), "{t}");
         assert_eq!(sample(&t, "cdp_target_up{target=\"offsite\"}"), Some(0.0));
         assert_eq!(sample(&t, "cdp_errors_total{kind=\"target\"}"), Some(2.0));
         assert_eq!(sample(&t, "cdp_agent_adoptions_total"), Some(1.0));
