@@ -82,6 +82,9 @@ pub struct Target {
     /// Whether systemd runs the target system (`/run/systemd/system`; never
     /// for a `--root`).
     pub systemd: bool,
+    /// The root is the running system (`/`), not an image under `--root`:
+    /// its services can be started (tests set it on a fake root).
+    pub live: bool,
 }
 
 impl Target {
@@ -111,7 +114,9 @@ impl Target {
             exe_dir,
             packaged: Vec::new(),
             systemd: false,
+            live: false,
         };
+        t.live = t.root == Path::new("/");
         t.systemd = t.real_root() && Path::new("/run/systemd/system").is_dir();
         // The package's cdpctl installs for the package's programs.
         t.bin_dir = match bin_dir {
@@ -137,7 +142,7 @@ impl Target {
     }
 
     fn real_root(&self) -> bool {
-        self.root == Path::new("/")
+        self.live
     }
 
     /// True when the programs are already where they are to be installed.
@@ -1083,6 +1088,33 @@ mod tests {
             .iter()
             .find(|s| s.item.path == Path::new(path))
             .unwrap_or_else(|| panic!("no step for {path}: {:#?}", p.steps))
+    }
+
+    /// A live host without systemd (no /run/systemd/system): the agent's
+    /// service is skipped and `next` says that nothing starts the agent and
+    /// the exact command line that runs it, with or without `--systemd`.
+    #[test]
+    fn a_host_without_systemd_is_told_how_to_run_the_agent() {
+        let h = host();
+        let mut t = h.target();
+        t.live = true;
+        t.systemd = false;
+        let hint = "nothing starts cdp-agent; run it as root";
+        let cmd = "/usr/local/bin/cdp-agent run";
+        for a in [all(), InstallArgs::default()] {
+            let p = install(&global(), &a, &t).unwrap();
+            let n = p.next.iter().filter(|n| n.contains(hint)).count();
+            assert_eq!(n, 1, "{:#?}", p.next);
+            assert!(p.next.iter().any(|n| n.ends_with(cmd)), "{:#?}", p.next);
+            if a.systemd {
+                let svc = step(&p, SERVICE);
+                assert_eq!((svc.item.action, svc.ops.len()), ("skipped", 0));
+                assert!(!p.next.iter().any(|n| n.contains("systemctl --root")));
+            }
+        }
+        // Under systemd, or for an image (--root), no such hint.
+        let p = install(&global(), &all(), &h.target()).unwrap();
+        assert!(!p.next.iter().any(|n| n.contains(hint)), "{:#?}", p.next);
     }
 
     #[test]
