@@ -366,9 +366,15 @@ fn read_vm(
     let lanes = if cached == Some(key.as_str()) {
         None
     } else {
+        let cat_view = CatalogView {
+            baselines: &baselines,
+            segments: &segments,
+            marks: &cat.marks(&uuid).map_err(e)?,
+            gaps: &cat.gaps(&uuid).map_err(e)?,
+        };
         let mut out = Vec::new();
         for (disk, _, _) in cat.disks(&uuid).map_err(e)? {
-            out.push(disk_lane(dir, &uuid, &disk, &baselines, &segments)?);
+            out.push(disk_lane(dir, &uuid, &disk, &cat_view)?);
         }
         Some(out)
     };
@@ -382,97 +388,124 @@ fn read_vm(
     })
 }
 
-/// One disk's lane from this host's view: the complete baselines the
-/// catalog records, and the marks, GAPs and resyncs of the journal still on
-/// this host. Restorable: from a complete baseline on, until a GAP (a
-/// healed resync GAP resumes at its heal), to the newest record.
-/// `cdpctl points` shows the repository's authoritative list.
+/// What the catalog records of a VM's history.
+struct CatalogView<'a> {
+    baselines: &'a [BaselineRow],
+    /// Every segment, trimmed ones too.
+    segments: &'a [SegmentRow],
+    /// (label, seq, ts_ns)
+    marks: &'a [(String, u64, u64)],
+    /// (disk, seq, ts_ns, reason)
+    gaps: &'a [(String, u64, u64, String)],
+}
+
+impl CatalogView<'_> {
+    /// The time of `seq` of `disk`, interpolated within its segment.
+    fn time_of(&self, disk: &str, seq: u64) -> Option<u64> {
+        let s = self
+            .segments
+            .iter()
+            .find(|s| s.disk == disk && s.first_seq <= seq && seq <= s.last_seq)?;
+        let span = (s.last_seq - s.first_seq).max(1) as u128;
+        let dt = s.last_ts_ns.saturating_sub(s.first_ts_ns) as u128;
+        Some(s.first_ts_ns + (dt * (seq - s.first_seq) as u128 / span) as u64)
+    }
+}
+
+/// One disk's lane from what this host knows: the catalog's complete
+/// baselines, marks, GAPs and segments (trimmed ones too), and the resyncs
+/// of the journal still on this host (a resync GAP is a window, healed
+/// where its RESYNCED is known). Restorable: from a complete baseline on,
+/// until a GAP, to the newest record. `cdpctl points` reads the
+/// repository and is the authoritative list.
 fn disk_lane(
     dir: &std::path::Path,
     uuid: &str,
     disk: &str,
-    baselines: &[BaselineRow],
-    segments: &[SegmentRow],
+    cv: &CatalogView<'_>,
 ) -> Result<ui::DiskTimeline, String> {
     // Local reads only (no store): any executor will do, and this one needs
     // no runtime (it runs in a forked child, or on a blocking thread).
-    let (h, marks, gaps) = futures::executor::block_on(async {
-        let h = restore::load_history(None, Some(dir), uuid, disk).await?;
-        let marks = restore::marks(&h, None).await?;
-        let gaps = restore::gaps(&h, None).await?;
-        Ok::<_, restore::RestoreError>((h, marks, gaps))
-    })
-    .map_err(|e| e.to_string())?;
-    let ts: Vec<(u64, u64)> = h.entries().map(|(_, e)| (e.seq, e.ts_ns)).collect();
-    let ts_of = |seq: u64| match ts.binary_search_by_key(&seq, |x| x.0) {
-        Ok(i) => Some(ts[i].1),
-        Err(i) => ts.get(i.saturating_sub(1)).filter(|_| i > 0).map(|x| x.1),
+    let h = futures::executor::block_on(restore::load_history(None, Some(dir), uuid, disk))
+        .map_err(|e| e.to_string())?;
+    let local_ts = |seq: u64| {
+        h.entries()
+            .map(|(_, e)| e)
+            .find(|e| e.seq >= seq)
+            .map(|e| e.ts_ns)
     };
-    let newest = ts.last().map(|x| x.1).or_else(|| {
-        segments
-            .iter()
-            .filter(|s| s.disk == disk)
-            .map(|s| s.last_ts_ns)
-            .max()
-    });
-    let complete: Vec<ui::Baseline> = baselines
+    let newest = cv
+        .segments
         .iter()
-        .filter(|b| b.disk == disk && b.chunks_uploaded >= b.chunks_total)
-        .map(|b| ui::Baseline {
-            time_ns: ts_of(b.s1).unwrap_or(b.created_ns),
-            seq: b.s1,
-        })
-        .collect();
+        .filter(|s| s.disk == disk)
+        .map(|s| s.last_ts_ns)
+        .max();
     let mut lane = ui::DiskTimeline {
         disk: disk.to_string(),
-        baselines: complete,
-        marks: marks
-            .into_iter()
-            .map(|(seq, time_ns, label)| ui::Mark {
-                time_ns,
-                seq,
-                label,
-                quiesced: false,
-            })
-            .collect(),
-        gaps: gaps
-            .iter()
-            .filter(|g| !h.resyncs.gaps.contains(&g.0))
-            .map(|(seq, time_ns, reason)| ui::Gap {
+        ..Default::default()
+    };
+    for b in cv
+        .baselines
+        .iter()
+        .filter(|b| b.disk == disk && b.chunks_uploaded >= b.chunks_total)
+    {
+        if !lane.baselines.iter().any(|x| x.seq == b.s1) {
+            lane.baselines.push(ui::Baseline {
+                time_ns: cv.time_of(disk, b.s1).unwrap_or(b.created_ns),
+                seq: b.s1,
+            });
+        }
+    }
+    lane.marks = cv
+        .marks
+        .iter()
+        .map(|(label, seq, time_ns)| ui::Mark {
+            time_ns: *time_ns,
+            seq: *seq,
+            label: label.clone(),
+            quiesced: false,
+        })
+        .collect();
+    for (_, seq, time_ns, reason) in cv.gaps.iter().filter(|g| g.0 == disk) {
+        if h.resyncs.gaps.contains(seq) {
+            lane.degraded.push(ui::Window {
+                from_ns: *time_ns,
+                to_ns: h.resyncs.healed_by(*seq).and_then(local_ts),
+                reason: reason.clone(),
+            });
+        } else {
+            lane.gaps.push(ui::Gap {
                 time_ns: *time_ns,
                 seq: *seq,
                 reason: reason.clone(),
-            })
-            .collect(),
-        ..Default::default()
-    };
-    for (seq, time_ns, reason) in gaps.iter().filter(|g| h.resyncs.gaps.contains(&g.0)) {
-        lane.degraded.push(ui::Window {
-            from_ns: *time_ns,
-            to_ns: h.resyncs.healed_by(*seq).and_then(ts_of),
-            reason: reason.clone(),
-        });
+            });
+        }
     }
     lane.restorable = restorable(&lane, newest);
     Ok(lane)
 }
 
-/// Restorable spans from the lane's baselines, GAPs and resync windows.
+/// Restorable spans, in seq order: a complete baseline opens one, a GAP
+/// closes it (a baseline at the GAP's seq or after opens the next), the
+/// newest record ends the last; resync windows are cut out.
 fn restorable(lane: &ui::DiskTimeline, newest: Option<u64>) -> Vec<ui::Span> {
-    // (time, +1 opens on a baseline, -1 closes on a GAP, 0 pauses a window)
-    let mut ev: Vec<(u64, i8)> = lane.baselines.iter().map(|b| (b.time_ns, 1)).collect();
-    ev.extend(lane.gaps.iter().map(|g| (g.time_ns, -1)));
+    // (seq, 0 = GAP closes / 1 = baseline opens, time)
+    let mut ev: Vec<(u64, u8, u64)> = lane
+        .baselines
+        .iter()
+        .map(|b| (b.seq, 1, b.time_ns))
+        .collect();
+    ev.extend(lane.gaps.iter().map(|g| (g.seq, 0, g.time_ns)));
     ev.sort();
-    let end = newest.unwrap_or(0);
     let mut open: Option<u64> = None;
     let mut spans = Vec::new();
-    for (t, k) in ev {
+    for (_, k, t) in ev {
         match (k, open) {
             (1, None) => open = Some(t),
-            (-1, Some(a)) => {
+            (0, Some(a)) => {
                 spans.push(ui::Span {
                     from_ns: a,
-                    to_ns: t,
+                    to_ns: t.max(a),
                 });
                 open = None;
             }
@@ -482,10 +515,9 @@ fn restorable(lane: &ui::DiskTimeline, newest: Option<u64>) -> Vec<ui::Span> {
     if let Some(a) = open {
         spans.push(ui::Span {
             from_ns: a,
-            to_ns: end.max(a),
+            to_ns: newest.unwrap_or(a).max(a),
         });
     }
-    // Resync windows are cut out.
     let mut out = Vec::new();
     for s in spans {
         let mut cur = Some(s);

@@ -566,6 +566,49 @@ impl Catalog {
         Ok(n > 0)
     }
 
+    /// Every mark of the VM, oldest first: (label, seq, ts_ns) (the status
+    /// page's timeline).
+    pub fn marks(&self, vm: &str) -> Result<Vec<(String, u64, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT label, seq, ts_ns FROM marks WHERE vm_uuid = ?1 ORDER BY seq")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    /// Every GAP recorded for the VM, oldest first: (disk, seq, ts_ns,
+    /// reason) (the status page's timeline).
+    pub fn gaps(&self, vm: &str) -> Result<Vec<(String, u64, u64, String)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT disk, seq, ts_ns, reason FROM gaps WHERE vm_uuid = ?1 ORDER BY disk, seq",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get(3)?,
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
     pub fn add_gap(&self, vm: &str, disk: &str, seq: u64, ts_ns: u64, reason: &str) -> Result<()> {
         self.conn
             .execute(
