@@ -248,9 +248,16 @@ struct Fish {
 }
 
 impl Fish {
-    fn start(fish: &Path, socket: &Path, disk: &str) -> Result<Fish> {
+    /// `tcg`: the appliance under TCG (libguestfs's direct backend), for a
+    /// host whose /dev/kvm does not work.
+    fn start(fish: &Path, socket: &Path, disk: &str, tcg: bool) -> Result<Fish> {
         let uri = format!("nbd:///{disk}?socket={}", socket.display());
-        let mut child = Command::new(fish)
+        let mut cmd = Command::new(fish);
+        if tcg {
+            cmd.env("LIBGUESTFS_BACKEND", "direct")
+                .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
+        }
+        let mut child = cmd
             .args(["--ro", "--no-progress-bars", "--format=raw", "-a"])
             .arg(&uri)
             .stdin(Stdio::piped())
@@ -320,11 +327,41 @@ impl Fish {
         if status.success() {
             return Ok(());
         }
-        bail!(
-            "libguestfs failed ({status}):\n{}{}",
-            stderr.trim_end(),
-            appliance_hint(&stderr)
-        )
+        bail!("libguestfs failed ({status}):\n{}", stderr.trim_end())
+    }
+}
+
+/// Start the appliance and list the disk's filesystems: the session and the
+/// list. Where the appliance does not start with KVM (a nested /dev/kvm
+/// that fails) and TCG was not asked for, tried once more under TCG.
+fn launch(fish: &Path, socket: &Path, disk: &str) -> Result<(Fish, Vec<String>)> {
+    let forced = std::env::var("LIBGUESTFS_BACKEND_SETTINGS")
+        .is_ok_and(|v| v.split(':').any(|s| s == "force_tcg"));
+    let mut tcg = false;
+    loop {
+        let mut f = Fish::start(fish, socket, disk, tcg)?;
+        f.send(&[
+            "run".into(),
+            "list-filesystems".into(),
+            format!("echo {END}"),
+        ])?;
+        if let Some(list) = f.read_until_end() {
+            return Ok((f, list));
+        }
+        let err = match f.finish() {
+            Ok(()) => anyhow::anyhow!("guestfish ended before listing the filesystems"),
+            Err(e) => e,
+        };
+        let kvm_failed = format!("{err:#}").contains("qemu-system");
+        if tcg || forced || !kvm_failed || !Path::new("/dev/kvm").exists() {
+            let text = format!("{err:#}");
+            bail!("{text}{}", appliance_hint(&text));
+        }
+        eprintln!(
+            "cdpctl: libguestfs's appliance did not start with KVM; trying again under TCG \
+             (slower; LIBGUESTFS_BACKEND_SETTINGS=force_tcg skips this attempt)"
+        );
+        tcg = true;
     }
 }
 
@@ -338,16 +375,7 @@ fn session(
     path: &str,
     dir: &Path,
 ) -> Result<Found> {
-    let mut f = Fish::start(fish, socket, disk)?;
-    f.send(&[
-        "run".into(),
-        "list-filesystems".into(),
-        format!("echo {END}"),
-    ])?;
-    let Some(list) = f.read_until_end() else {
-        f.finish()?;
-        bail!("guestfish ended before listing the filesystems");
-    };
+    let (mut f, list) = launch(fish, socket, disk)?;
     let dev = match choose_fs(&list, a.fs.as_deref(), disk) {
         Ok(d) => d,
         Err(e) => {
@@ -456,14 +484,14 @@ fn appliance_hint(stderr: &str) -> String {
                 .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz"))
         })
         .unwrap_or(false);
-    if std::env::var_os("SUPERMIN_KERNEL").is_none() && !has_kernel {
+    if stderr.contains("supermin") && std::env::var_os("SUPERMIN_KERNEL").is_none() && !has_kernel {
         hints.push(
             "libguestfs builds its appliance from this host's kernel and /boot has none: \
              install linux-image-amd64, or set SUPERMIN_KERNEL and SUPERMIN_MODULES to an \
              unpacked kernel (a container)",
         );
     }
-    if stderr.contains("kvm") || stderr.contains("KVM") {
+    if stderr.contains("kvm") || stderr.contains("KVM") || stderr.contains("qemu-system") {
         hints.push(
             "where /dev/kvm does not work (nested virtualisation), run with \
              LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg",
