@@ -1027,5 +1027,9 @@ async fn garage_bad_credentials() {
     let missing = Store::open(&g.url("no-such-bucket", "p"), Some(&g.credentials())).unwrap();
     let e = missing.check().await.unwrap_err();
     eprintln!("missing bucket: {e}");
-    assert!(!e.is_transient(), "{e:?}");
+    assert!(matches!(e, StoreError::Config { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("\"no-such-bucket\" does not exist"),
+        "{e}"
+    );
 }
