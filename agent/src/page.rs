@@ -481,8 +481,40 @@ fn disk_lane(
             });
         }
     }
+    // Writes since the journal filled that are not journaled yet (a VM
+    // stopped while degraded): unrestorable until its next start resyncs.
+    if let Some(since) = unjournaled_since(dir, uuid, disk) {
+        if !lane.degraded.iter().any(|w| w.to_ns.is_none()) {
+            lane.degraded.push(ui::Window {
+                from_ns: since,
+                to_ns: None,
+                reason:
+                    "writes not journaled since the journal filled: the next start resyncs them"
+                        .into(),
+            });
+        }
+    }
     lane.restorable = restorable(&lane, newest);
     Ok(lane)
+}
+
+/// The `since_ns` of the disk's dirty map, when writes since then are not
+/// journaled yet (docs/RELIABILITY.md, "A full journal"). Opened beneath the
+/// state directory, no link followed, `O_NONBLOCK`: a FIFO planted there
+/// cannot hang the page's reader. No map or a bad one: None.
+fn unjournaled_since(dir: &std::path::Path, uuid: &str, disk: &str) -> Option<u64> {
+    use cdp_core::journal::dirty::{Header, MapKind, HEADER_LEN};
+    use std::io::Read;
+    let map = StateDir::new(dir).vm(uuid).dirty_map(disk);
+    let rel = map.strip_prefix(dir).ok()?;
+    let mut f = cdp_core::fsat::DirFd::open(dir)
+        .ok()?
+        .open_beneath(rel)
+        .ok()?;
+    let mut b = [0u8; HEADER_LEN];
+    f.read_exact(&mut b).ok()?;
+    let h = Header::decode(MapKind::Dirty, &b).ok()?;
+    (h.since_ns != 0).then_some(h.since_ns)
 }
 
 /// Restorable spans, in seq order: a complete baseline opens one, a GAP
@@ -663,6 +695,30 @@ mod tests {
             push_sample(&mut s, i * hour, 1.0);
         }
         assert_eq!(s.front().unwrap().0, 13 * hour, "{s:?}");
+    }
+
+    /// A stopped degraded disk's dirty map names when its unjournaled
+    /// window began; a FIFO planted there is no map and does not hang.
+    #[test]
+    fn the_dirty_map_names_the_unjournaled_window_and_a_fifo_never_hangs() {
+        use cdp_core::journal::dirty::{Header, MapKind};
+        const VM: &str = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
+        let t = tempfile::tempdir().unwrap();
+        let map = StateDir::new(t.path()).vm(VM).dirty_map("vda");
+        std::fs::create_dir_all(map.parent().unwrap()).unwrap();
+        assert_eq!(unjournaled_since(t.path(), VM, "vda"), None);
+        let h = Header {
+            kind: MapKind::Dirty,
+            disk_size: 1 << 20,
+            since_ns: 77,
+            gap_seq: 5,
+            bitmap_crc: 0,
+        };
+        std::fs::write(&map, h.encode()).unwrap();
+        assert_eq!(unjournaled_since(t.path(), VM, "vda"), Some(77));
+        std::fs::remove_file(&map).unwrap();
+        nix::unistd::mkfifo(&map, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(unjournaled_since(t.path(), VM, "vda"), None);
     }
 
     #[test]
