@@ -139,89 +139,8 @@ impl Page {
                 names.push(t.clone());
             }
         }
-        let mut targets = Vec::new();
-        for t in &names {
-            let health = match r.targets.get(t) {
-                Some((_, state, _)) if state == "up" => ui::Health::Up,
-                Some(_) => ui::Health::Failing,
-                None => ui::Health::Down,
-            };
-            let rpo_s = r
-                .oldest_missing
-                .get(t)
-                .copied()
-                .flatten()
-                .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e9);
-            let backlog_bytes = r
-                .snap
-                .disks
-                .iter()
-                .filter_map(|d| d.backlog.get(t))
-                .map(|b| b.1)
-                .sum();
-            targets.push(ui::VmTarget {
-                target: t.clone(),
-                health,
-                newest_shipped_ns: r.newest_shipped.get(t).copied().flatten(),
-                rpo_s,
-                backlog_bytes,
-            });
-            let updated = r.snap.targets.iter().find(|x| &x.0 == t).map_or(0, |x| x.1);
-            let (url, error) = match r.targets.get(t) {
-                Some((url, _, err)) => (url.clone(), err.clone()),
-                None => (
-                    self.src
-                        .config
-                        .target
-                        .get(t)
-                        .map_or(String::new(), |c| c.url.clone()),
-                    None,
-                ),
-            };
-            let e = host_targets
-                .entry(t.clone())
-                .or_insert((0, ui::TargetStatus::default()));
-            if e.1.name.is_empty() || updated >= e.0 {
-                *e = (
-                    updated,
-                    ui::TargetStatus {
-                        name: t.clone(),
-                        url,
-                        health,
-                        error,
-                    },
-                );
-            }
-        }
-        let disks = r
-            .snap
-            .disks
-            .iter()
-            .map(|d| {
-                let live = status
-                    .as_ref()
-                    .and_then(|s| s.disks.iter().find(|x| x.disk == d.disk));
-                ui::DiskStatus {
-                    disk: d.disk.clone(),
-                    rpo_s: match live {
-                        Some(x) => x.rpo_ms as f64 / 1000.0,
-                        None => d
-                            .oldest_unprotected_ns
-                            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9),
-                    },
-                    degraded: live.is_some_and(|x| x.degraded),
-                    backlog: d
-                        .backlog
-                        .iter()
-                        .map(|(t, (segments, bytes))| ui::Backlog {
-                            target: t.clone(),
-                            segments: *segments,
-                            bytes: *bytes,
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
+        let targets = self.targets(&r, status.as_ref(), &names, now, host_targets);
+        let disks = disk_rows(&r, status.as_ref(), now);
         let mut st = self.state.lock().unwrap();
         let series = st.rpo.entry(uuid.to_string()).or_default();
         series.retain(|t, _| names.contains(t));
@@ -268,6 +187,85 @@ impl Page {
         }
     }
 
+    /// One VM's targets (health, RPO, backlog, newest point); notes the
+    /// freshest state of each in `host_targets`.
+    fn targets(
+        &self,
+        r: &VmRead,
+        status: Option<&cdp_core::control::Status>,
+        names: &[String],
+        now: u64,
+        host_targets: &mut BTreeMap<String, (u64, ui::TargetStatus)>,
+    ) -> Vec<ui::VmTarget> {
+        let mut targets = Vec::new();
+        for t in names {
+            let health = match r.targets.get(t) {
+                Some((_, state, _)) if state == "up" => ui::Health::Up,
+                Some(_) => ui::Health::Failing,
+                None => ui::Health::Down,
+            };
+            // Running: cdpd's lag of this target (unsealed records too);
+            // stopped: the age of the oldest sealed record it lacks.
+            let live = status
+                .into_iter()
+                .flat_map(|s| &s.disks)
+                .flat_map(|d| &d.targets)
+                .filter(|x| &x.target == t)
+                .map(|x| x.lag_ms)
+                .max();
+            let rpo_s = match live {
+                Some(ms) => ms as f64 / 1000.0,
+                None => r
+                    .oldest_missing
+                    .get(t)
+                    .copied()
+                    .flatten()
+                    .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e9),
+            };
+            let backlog_bytes = r
+                .snap
+                .disks
+                .iter()
+                .filter_map(|d| d.backlog.get(t))
+                .map(|b| b.1)
+                .sum();
+            targets.push(ui::VmTarget {
+                target: t.clone(),
+                health,
+                newest_shipped_ns: r.newest_shipped.get(t).copied().flatten(),
+                rpo_s,
+                backlog_bytes,
+            });
+            let updated = r.snap.targets.iter().find(|x| &x.0 == t).map_or(0, |x| x.1);
+            let (url, error) = match r.targets.get(t) {
+                Some((url, _, err)) => (url.clone(), err.clone()),
+                None => (
+                    self.src
+                        .config
+                        .target
+                        .get(t)
+                        .map_or(String::new(), |c| c.url.clone()),
+                    None,
+                ),
+            };
+            let e = host_targets
+                .entry(t.clone())
+                .or_insert((0, ui::TargetStatus::default()));
+            if e.1.name.is_empty() || updated >= e.0 {
+                *e = (
+                    updated,
+                    ui::TargetStatus {
+                        name: t.clone(),
+                        url,
+                        health,
+                        error,
+                    },
+                );
+            }
+        }
+        targets
+    }
+
     /// The last snapshot, refreshing first when there is none yet.
     async fn host(self: &Arc<Self>) -> Option<ui::HostStatus> {
         if let Some(h) = self.state.lock().unwrap().host.clone() {
@@ -279,6 +277,40 @@ impl Page {
             .ok()?;
         self.state.lock().unwrap().host.clone()
     }
+}
+
+/// One VM's disks: RPO (cdpd's when running), degraded, backlog per target.
+fn disk_rows(
+    r: &VmRead,
+    status: Option<&cdp_core::control::Status>,
+    now: u64,
+) -> Vec<ui::DiskStatus> {
+    r.snap
+        .disks
+        .iter()
+        .map(|d| {
+            let live = status.and_then(|s| s.disks.iter().find(|x| x.disk == d.disk));
+            ui::DiskStatus {
+                disk: d.disk.clone(),
+                rpo_s: match live {
+                    Some(x) => x.rpo_ms as f64 / 1000.0,
+                    None => d
+                        .oldest_unprotected_ns
+                        .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9),
+                },
+                degraded: live.is_some_and(|x| x.degraded),
+                backlog: d
+                    .backlog
+                    .iter()
+                    .map(|(t, (segments, bytes))| ui::Backlog {
+                        target: t.clone(),
+                        segments: *segments,
+                        bytes: *bytes,
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// Append a sample; drop those older than [`RPO_KEEP`] and beyond
