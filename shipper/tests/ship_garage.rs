@@ -184,6 +184,7 @@ fn ship_restore_export_verify_and_prune_against_garage() {
         std::thread::sleep(Duration::from_millis(5));
     }
     d.term();
+    let stopped = Instant::now();
     let xml = d.work_dir().join("domain.xml");
     std::fs::write(&xml, DOMAIN).unwrap();
     run_ok(
@@ -248,8 +249,10 @@ fn ship_restore_export_verify_and_prune_against_garage() {
     assert!(o.status.success(), "{v}");
     assert_eq!(v["ok"], true, "{v}");
 
-    // Prune, with the prune key: the writes are older than the 1 s window.
-    std::thread::sleep(Duration::from_millis(1200));
+    // Prune, with the prune key, once every write is older than the 1 s window.
+    if let Some(rest) = Duration::from_millis(1500).checked_sub(stopped.elapsed()) {
+        std::thread::sleep(rest);
+    }
     let p: Value = serde_json::from_str(&cdpctl(&d, &cfg, &["prune", &d.vm_uuid, "--json"]))
         .expect("prune --json");
     let t = &p["targets"][0];
