@@ -405,7 +405,7 @@ fn prepare(
         .collect();
     for t in &targets {
         if let Some(path) = t.url.strip_prefix("file://").map(Path::new) {
-            file_target(path, owner)?;
+            file_target(path, uuid, owner)?;
         }
     }
     let run_fd = config_dir(run.path())?;
@@ -423,19 +423,26 @@ fn prepare(
     })
 }
 
-/// A missing `file://` target directory, created for `owner` (an existing
-/// one, or anything else with its name, is the operator's and left alone).
-fn file_target(path: &Path, owner: (u32, u32)) -> Result<(), HookError> {
-    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
-        return Ok(());
-    };
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let p = DirFd::open(parent)?;
-    let name = name_of(path)?;
-    if p.mkdir_at(name, 0o750)? {
-        let d = p.open_at(name)?;
-        d.chown(owner)?;
-        d.chmod(0o750)?;
+/// A `file://` target made ready for the shipper of VM `uuid`, run by
+/// `owner`, as `cdpctl protect` does ([`crate::target_dir`]): a missing
+/// directory is created for it, a missing `cdp/` tree in a directory it
+/// cannot write too; an existing tree it cannot write is left alone and
+/// named in libvirt's log with the command that fixes it (the VM starts;
+/// its target is "failing" until then).
+fn file_target(path: &Path, uuid: &str, owner: (u32, u32)) -> Result<(), HookError> {
+    use crate::target_dir::{prepare, Prepared, QemuUser};
+    let user = QemuUser::new(owner);
+    if let Prepared::Refused {
+        path: p,
+        why,
+        command,
+    } = prepare(path, uuid, &user, true)?
+    {
+        eprintln!(
+            "cdp hook: warning: target {}: {} {why}: the VM's shipper fails there until you run `{command}` as root",
+            path.display(),
+            p.display()
+        );
     }
     Ok(())
 }
@@ -820,6 +827,37 @@ mod tests {
             Outcome::Ignored
         );
         assert!(run(&args("prepare", "begin"), DOM, Some(missing)).is_err());
+    }
+
+    /// A repository root made (0755) gets a `cdp/` tree for QEMU's user at
+    /// start, the directory staying root's; a missing one is created for it.
+    #[test]
+    fn a_file_target_is_prepared_for_qemus_user() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let cfg = d.path().join("cdp.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[paths]\nstate_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n\
+                 [target.t]\nurl = \"file://{0}/repo\"\n[target.u]\nurl = \"file://{0}/new/repo\"\n\
+                 [policy.default]\ntargets = [\"t\", \"u\"]\n",
+                d.path().display()
+            ),
+        )
+        .unwrap();
+        let repo = d.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let xml = DOM.replace("+0:+0", "+64055:+107");
+        run(&args("prepare", "begin"), &xml, Some(&cfg)).unwrap();
+        let mode = |p: &Path| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid(), m.mode() & 0o7777)
+        };
+        assert_eq!(mode(&repo), (0, 0, 0o755));
+        assert_eq!(mode(&repo.join("cdp")), (64055, 107, 0o750));
+        assert_eq!(mode(&d.path().join("new/repo")), (64055, 107, 0o750));
     }
 
     #[test]
