@@ -417,12 +417,23 @@ fn export_progress_is_the_indexes_and_baselines_read_then_ready() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // stderr's lines, read on a thread: a missing ready event fails the
+    // test after a minute instead of hanging it.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
     let mut events = Vec::new();
     loop {
-        let Some(Ok(l)) = lines.next() else {
+        let Ok(l) = rx.recv_timeout(Duration::from_secs(60)) else {
             let _ = child.kill();
-            panic!("export ended before it was ready: {events:?}");
+            let _ = child.wait();
+            panic!("export was not ready within a minute (or ended): {events:?}");
         };
         let e: Value = serde_json::from_str(&l)
             .unwrap_or_else(|err| panic!("stderr line is not JSON ({err}): {l:?}"));
@@ -457,11 +468,12 @@ fn export_progress_is_the_indexes_and_baselines_read_then_ready() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let mut stdout = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
     let st = wait_child(child, STOP_TIMEOUT).expect("export did not stop on SIGTERM");
     assert!(st.success(), "export: {st:?} (signal {:?})", st.signal());
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
     let after = events_of(&rest.join("\n"));
     assert!(
         after.iter().all(|e| e["event"] == "message"),
