@@ -15,6 +15,7 @@
 //! [`Meter::ticker`] (work found and done, for a total learnt on the way).
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,10 +36,16 @@ pub enum Mode {
     Quiet,
 }
 
+/// Set once a command chose [`Mode::Json`]: from then on this process's
+/// stderr is JSON lines, and [`note`] writes message events.
+static JSON_LINES: AtomicBool = AtomicBool::new(false);
+
 impl Mode {
-    /// `--json` → JSON; else a bar when stderr is a terminal.
+    /// `--json` → JSON (and [`note`] writes events from now on); else a bar
+    /// when stderr is a terminal.
     pub fn of(json: bool) -> Mode {
         if json {
+            JSON_LINES.store(true, Ordering::Relaxed);
             Mode::Json
         } else if std::io::stderr().is_terminal() {
             Mode::Bar
@@ -235,6 +242,17 @@ pub fn event(mode: Mode, v: Value) {
 pub fn say(mode: Mode, op: &str, text: &str) {
     if mode == Mode::Json {
         event(mode, json!({"event": "message", "op": op, "text": text}));
+    } else {
+        eprintln!("{text}");
+    }
+}
+
+/// A line for the operator from code shared by several commands (which
+/// target is read): an event when the command writes JSON lines on stderr
+/// ([`Mode::of`] with `--json`), else the text.
+pub fn note(text: &str) {
+    if JSON_LINES.load(Ordering::Relaxed) {
+        say(Mode::Json, "cdpctl", text);
     } else {
         eprintln!("{text}");
     }

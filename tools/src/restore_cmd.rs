@@ -175,7 +175,7 @@ where
         match r {
             Ok((store, v)) => {
                 if c.target.is_some() {
-                    eprintln!("cdpctl: reading from {desc}");
+                    crate::progress::note(&format!("cdpctl: reading from {desc}"));
                 }
                 let used = Used {
                     target: c.target,
@@ -186,7 +186,9 @@ where
             Err(e) if n == 1 => return Err(e),
             Err(e) => {
                 if i + 1 < n {
-                    eprintln!("cdpctl: {desc}: {e:#}; trying the next target of the policy");
+                    crate::progress::note(&format!(
+                        "cdpctl: {desc}: {e:#}; trying the next target of the policy"
+                    ));
                 }
                 errors.push(format!("{desc}: {e:#}"));
             }
@@ -369,6 +371,8 @@ fn keep_large_buffers() {
 
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     cdp_core::names::check_disk(&a.disk)?;
+    // With --json, stderr is JSON lines from here on (the target read too).
+    crate::progress::Mode::of(ctx.json);
     keep_large_buffers();
     let point = Point::parse(&a.at, now_ns())?;
     let candidates = candidate_repos(ctx, &a.repo)?;

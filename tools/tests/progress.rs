@@ -306,8 +306,17 @@ fn verify_progress_is_the_bytes_of_segments_and_chunks_checked() {
     let segments = sum_where(&l, |k| k.starts_with(&journal) && k.ends_with(".seg.zst"));
     let chunks = sum_where(&l, |k| k.starts_with(rf::CHUNKS_PREFIX));
     assert!(segments > 0 && chunks > 0, "{l:?}");
-    let quick = json_run(d, cfg, &["verify", &d.vm_uuid, "--repo", &f.url]);
+    // From the policy's target: which one is read is a message event too.
+    let quick = json_run(d, cfg, &["verify", &d.vm_uuid]);
     assert_eq!(quick.doc["ok"], true, "{}", quick.doc);
+    assert!(
+        quick.events.iter().any(|e| e["event"] == "message"
+            && e["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("reading from target primary"))),
+        "{:?}",
+        quick.events
+    );
     assert_eq!(check_progress(&quick.events, "verify"), segments + chunks);
     let deep = json_run(d, cfg, &["verify", &d.vm_uuid, "--deep", "--repo", &f.url]);
     assert_eq!(deep.doc["ok"], true, "{}", deep.doc);
