@@ -286,5 +286,11 @@ mod tests {
         m.finish();
         m.done(1);
         assert_eq!(m.counts(), (16, 15));
+        // The bar's template parses; a bar counts the same.
+        let b = Meter::new(Mode::Bar, "restore", 10);
+        b.found(2);
+        b.done(12);
+        assert_eq!(b.counts(), (12, 12));
+        b.finish();
     }
 }
