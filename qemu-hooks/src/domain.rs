@@ -83,7 +83,41 @@ pub struct Domain {
 pub struct Tagged {
     pub target: String,
     pub path: String,
+    /// The policy it is captured and shipped with: the VM's (a per-disk
+    /// `policy=` is not honoured, see [`Protection::unhonoured_policies`]).
     pub policy: String,
+}
+
+/// A `<cdp:disk policy=…>` naming another policy than the VM's. Per-disk
+/// policies are not honoured (docs/LIBVIRT.md, "Per-disk policy"): cdpd
+/// captures every disk of a VM with one policy and the shipper ships them
+/// to that policy's targets. `cdpctl protect` refuses such a definition;
+/// a VM that has one still starts, with this message in its log and in
+/// `cdpctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("disk {target} names policy {policy:?}, but per-disk policies are not supported: it is captured and shipped with the VM's policy {vm_policy:?} (remove policy=\"{policy}\" from <cdp:disk target=\"{target}\"/>, or give the whole VM that policy with `cdpctl protect VM --policy {policy}`; docs/LIBVIRT.md, \"Per-disk policy\")")]
+pub struct UnhonouredPolicy {
+    pub target: String,
+    pub policy: String,
+    pub vm_policy: String,
+}
+
+impl Protection {
+    /// The disks whose `policy=` differs from the VM's (those equal to it
+    /// change nothing).
+    pub fn unhonoured_policies(&self) -> Vec<UnhonouredPolicy> {
+        self.disks
+            .iter()
+            .filter_map(|(target, p)| {
+                let p = p.as_ref().filter(|p| **p != self.policy)?;
+                Some(UnhonouredPolicy {
+                    target: target.clone(),
+                    policy: p.clone(),
+                    vm_policy: self.policy.clone(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The `<domain>` element: the root, or inside libvirt's `<domstatus>`.
@@ -225,7 +259,22 @@ impl Domain {
             return Ok(Vec::new());
         };
         let mut out: Vec<Tagged> = Vec::new();
-        for (target, policy) in &p.disks {
+        // Every disk gets the VM's policy; a per-disk one is not honoured
+        // (Protection::unhonoured_policies says so).
+        let policy = &p.policy;
+        if policy != "default" && !config.policy.contains_key(policy) {
+            return Err(DomainError::UnknownPolicy {
+                target: p.disks.first().map(|d| d.0.clone()).unwrap_or_default(),
+                policy: policy.clone(),
+                config: config
+                    .source
+                    .as_ref()
+                    .map(|s| s.display().to_string())
+                    .unwrap_or_else(|| cdp_core::config::DEFAULT_CONFIG.into()),
+                known: config.policy.keys().cloned().collect(),
+            });
+        }
+        for (target, _) in &p.disks {
             if out.iter().any(|t| &t.target == target) {
                 return Err(DomainError::Duplicate {
                     target: target.clone(),
@@ -249,23 +298,10 @@ impl Domain {
                     path,
                 });
             }
-            let policy = policy.clone().unwrap_or_else(|| p.policy.clone());
-            if policy != "default" && !config.policy.contains_key(&policy) {
-                return Err(DomainError::UnknownPolicy {
-                    target: target.clone(),
-                    policy,
-                    config: config
-                        .source
-                        .as_ref()
-                        .map(|s| s.display().to_string())
-                        .unwrap_or_else(|| cdp_core::config::DEFAULT_CONFIG.into()),
-                    known: config.policy.keys().cloned().collect(),
-                });
-            }
             out.push(Tagged {
                 target: target.clone(),
                 path,
-                policy,
+                policy: policy.clone(),
             });
         }
         Ok(out)
@@ -348,6 +384,43 @@ mod tests {
             parse("<domain><name>x</name>"),
             Err(DomainError::Xml(_))
         ));
+    }
+
+    #[test]
+    fn per_disk_policy_is_reported_not_honoured() {
+        let mut c = cdp_core::config::Config::default();
+        c.policy.insert("gold".into(), Default::default());
+        let same = DOM.replace(
+            "<cdp:disk target=\"vda\"/>",
+            "<cdp:disk target=\"vda\" policy=\"default\"/>",
+        );
+        let d = parse(&same).unwrap();
+        assert!(d
+            .protection
+            .as_ref()
+            .unwrap()
+            .unhonoured_policies()
+            .is_empty());
+        let gold = DOM.replace(
+            "<cdp:disk target=\"vda\"/>",
+            "<cdp:disk target=\"vda\" policy=\"gold\"/>",
+        );
+        let d = parse(&gold).unwrap();
+        let u = d.protection.as_ref().unwrap().unhonoured_policies();
+        assert_eq!(u.len(), 1, "{u:?}");
+        let m = u[0].to_string();
+        assert!(
+            m.contains("disk vda names policy \"gold\"") && m.contains("VM's policy \"default\""),
+            "{m}"
+        );
+        // The disk is captured and shipped with the VM's policy.
+        assert_eq!(d.tagged(&c).unwrap()[0].policy, "default");
+        // An unknown per-disk policy does not stop the VM (it is reported).
+        let typo = gold.replace("policy=\"gold\"/>", "policy=\"gld\"/>");
+        assert_eq!(
+            parse(&typo).unwrap().tagged(&c).unwrap()[0].policy,
+            "default"
+        );
     }
 
     #[test]

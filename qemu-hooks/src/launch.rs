@@ -334,6 +334,12 @@ fn prepare(args: &[String]) -> Result<(PathBuf, Vec<String>)> {
         vm: dom.name.clone(),
         source,
     })?;
+    // Not honoured, said in the VM's log (libvirt's qemu/<name>.log is
+    // this process's stderr); the VM still starts (docs/LIBVIRT.md,
+    // "Per-disk policy"). `cdpctl status` says it too.
+    for u in protection.unhonoured_policies() {
+        eprintln!("cdp-qemu: warning: {}: {u}", dom.name);
+    }
     let vm = Vm {
         uuid: cdp_core::names::check_uuid(&dom.uuid)?
             .hyphenated()

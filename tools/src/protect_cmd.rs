@@ -156,6 +156,7 @@ struct ProtectReport {
 pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
     let config = &ctx.config;
     let before = definition(&a.connect, &a.domain)?;
+    refuse_per_disk_policies(&a.domain, &before)?;
     let wrapper = a.wrapper.clone().unwrap_or_else(default_wrapper);
     check_programs(&wrapper)?;
     let new = protect::protect(
@@ -245,6 +246,25 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
     }
     print_protected(&report, targets.is_empty());
     Ok(())
+}
+
+/// A definition whose `<cdp:disk>` keys name another policy than the VM's
+/// is refused: per-disk policies are not honoured, and protecting would
+/// drop them silently (docs/LIBVIRT.md, "Per-disk policy").
+fn refuse_per_disk_policies(vm: &str, before: &str) -> Result<()> {
+    let dom = domain::parse(before)?;
+    let Some(p) = &dom.protection else {
+        return Ok(());
+    };
+    let u = p.unhonoured_policies();
+    if u.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = u.iter().map(|u| format!("  {u}")).collect();
+    bail!(
+        "cannot protect {vm}: its definition has per-disk policies, which cdpd does not support (one policy per VM); remove them (virsh edit) and protect again:\n{}",
+        lines.join("\n")
+    )
 }
 
 /// Each `file://` target of `policy` made ready for the VM's QEMU user, who
