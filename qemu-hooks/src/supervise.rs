@@ -20,7 +20,9 @@
 //!
 //! Restarts are bounded: a cdpd that dies within [`STABLE`] of its start
 //! is a rapid failure; after [`MAX_RAPID`] rapid failures in a row the
-//! supervisor gives up and says so on stderr (the VM's log).
+//! supervisor gives up and says so on stderr (the VM's log). It then stays
+//! alive, QEMU's child, until QEMU ends (reminding the log once an hour):
+//! exited, it would be a zombie under QEMU for the VM's whole life.
 //!
 //! The per-VM shipper is the supervisor's child too (its argv follows
 //! cdpd's on `R`, after an empty argument): QEMU never waits for a child, so
@@ -74,6 +76,9 @@ pub fn backoff(n: usize) -> Duration {
 pub fn shipper_backoff(n: u32) -> Duration {
     Duration::from_secs(1u64 << n.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
+
+/// How often a supervisor that gave up on cdpd says so again in the VM's log.
+const GAVE_UP_REMINDER: Duration = Duration::from_secs(3600);
 
 /// How long a stopping cdpd has to end its session before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(120);
@@ -300,7 +305,8 @@ impl Supervisor {
         }
     }
 
-    /// Sleep `d`, unless asked to stop (then false).
+    /// Sleep `d`, unless asked to stop (then false). Wakes at least once a
+    /// second, so a shipper's restart is not held up by a long pause.
     fn pause(&self, d: Duration) -> bool {
         let until = Instant::now() + d;
         loop {
@@ -312,7 +318,8 @@ impl Supervisor {
                 return true;
             }
             let mut fds = [PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
-            let t = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let t =
+                PollTimeout::try_from(left.min(Duration::from_secs(1))).unwrap_or(PollTimeout::MAX);
             let _ = poll(&mut fds, t);
         }
     }
@@ -346,6 +353,7 @@ impl Supervisor {
                      after QEMU's reconnect delay ({} s); see cdpd's messages above",
                     crate::argv::RECONNECT_DELAY
                 ));
+                self.outlive_qemu_after_giving_up();
                 return 1;
             }
             let wait = backoff(rapid);
@@ -361,6 +369,26 @@ impl Supervisor {
                 Ok(c) => c,
                 Err(()) => return 0,
             };
+        }
+    }
+
+    /// After giving up: stay QEMU's child until QEMU ends, so that the
+    /// process tree still shows the supervisor (a process that exited here
+    /// would stay a zombie under QEMU, which never waits for a child), the
+    /// shipper (which follows us) goes on shipping what is sealed, and the
+    /// VM's log says once an hour that its disks are not served.
+    fn outlive_qemu_after_giving_up(&self) {
+        let since = Instant::now();
+        say(&format!(
+            "waiting for QEMU (pid {}) to end; destroy or restart the VM once cdpd can start again",
+            self.qemu
+        ));
+        while self.pause(GAVE_UP_REMINDER) {
+            say(&format!(
+                "cdpd is still not running ({} min since giving up): the VM's protected disks \
+                 get I/O errors; destroy or restart the VM once cdpd can start again",
+                since.elapsed().as_secs() / 60
+            ));
         }
     }
 

@@ -5,7 +5,8 @@
 //! and records the killed session as a crash; QEMU's I/O (`qemu-io` through
 //! its monitor) works again; when QEMU is killed, the supervisor and cdpd
 //! exit and the session ends cleanly. And restarts are bounded: a cdpd that
-//! cannot start any more is given up on, and the VM's log says so.
+//! cannot start any more is given up on, and the VM's log says so; the
+//! supervisor then stays QEMU's running child (never a zombie) until QEMU ends.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -368,9 +369,24 @@ fn restarts_are_bounded_and_giving_up_is_logged() {
     vm.wait("the supervisor to give up", 60, || {
         vm.log().contains("not restarted again")
     });
-    vm.wait("the supervisor to exit", 60, || {
-        cdp_core::proc::is_gone(sup)
+    // Having given up, the supervisor stays alive under QEMU (an exited one
+    // would be a zombie there: QEMU never waits for a child) and says why.
+    vm.wait("the supervisor to say it waits for QEMU", 30, || {
+        vm.log().contains("waiting for QEMU")
     });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        supervisor_of(qemu.0.id()),
+        Some(sup),
+        "no supervisor under QEMU any more: {}",
+        vm.log()
+    );
+    assert!(
+        running(sup),
+        "the supervisor is not running (state {:?}) after giving up: {}",
+        process_state(sup),
+        vm.log()
+    );
     let log = vm.log();
     // "… (rapid failure N of at most M)": M restarts, then none.
     let max: usize = log
@@ -388,4 +404,23 @@ fn restarts_are_bounded_and_giving_up_is_logged() {
     assert!(vm.cdpd_pid().is_none());
     // QEMU itself is untouched by all this.
     assert!(qemu.0.try_wait().unwrap().is_none(), "QEMU died: {log}");
+    // When QEMU ends, so does the supervisor.
+    qemu.0.kill().unwrap();
+    qemu.0.wait().unwrap();
+    vm.wait("the supervisor to exit after QEMU", 60, || {
+        cdp_core::proc::is_gone(sup)
+    });
+}
+
+/// The state letter of /proc/PID/stat (R, S, Z, …), None when there is no
+/// such process.
+fn process_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Alive and not a zombie: unlike `cdp_core::proc::is_gone`, a process that
+/// exited but was never reaped is not running.
+fn running(pid: i32) -> bool {
+    process_state(pid).is_some_and(|c| c != 'Z' && c != 'X')
 }
