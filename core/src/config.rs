@@ -70,6 +70,12 @@ pub struct Target {
     /// share a credential, with a warning).
     #[serde(default, alias = "prune_credentials")]
     pub prune_credentials_file: Option<PathBuf>,
+    /// The most the shipper uploads to this target, in bytes per second
+    /// ("20MiB" or a number of bytes), shared by that target's concurrent
+    /// uploads of segments and baselines (docs/DESIGN.md, "Shipping").
+    /// Absent: unlimited.
+    #[serde(default, deserialize_with = "opt_size")]
+    pub rate: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -324,6 +330,11 @@ impl Config {
                     t.url
                 )));
             }
+            if t.rate == Some(0) {
+                return Err(self.invalid(format!(
+                    "target.{name}.rate = 0: give bytes per second such as \"20MiB\", or remove the key for no limit"
+                )));
+            }
         }
         for (name, p) in &self.policy {
             for t in &p.targets {
@@ -534,6 +545,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn target_rate_is_a_size_per_second() {
+        let c = Config::parse("[target.t]\nurl = \"file:///r\"\nrate = \"20MiB\"\n").unwrap();
+        assert_eq!(c.target["t"].rate, Some(20 << 20));
+        let c = Config::parse("[target.t]\nurl = \"file:///r\"\nrate = \"1000\"\n").unwrap();
+        assert_eq!(c.target["t"].rate, Some(1000));
+        assert!(Config::parse("[target.t]\nurl = \"file:///r\"\nrate = \"fast\"\n").is_err());
+        assert!(Config::parse("[target.t]\nurl = \"file:///r\"\nrat = \"1MiB\"\n").is_err());
+        let zero = Config::parse("[target.t]\nurl = \"file:///r\"\nrate = \"0\"\n").unwrap();
+        let e = zero.validate().unwrap_err().to_string();
+        assert!(e.contains("target.t.rate = 0"), "{e}");
+    }
+
+    #[test]
     fn design_example_parses() {
         let c = Config::parse(
             r#"
@@ -682,6 +706,7 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.target["t"].delay, Some(Duration::from_secs(90)));
+        assert_eq!(c.target["t"].rate, None);
         assert_eq!(
             c.journal_settings("default").unwrap(),
             JournalSettings {

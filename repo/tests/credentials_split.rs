@@ -30,6 +30,7 @@ fn target(url: &str, creds: &Path, prune: Option<&Path>) -> Target {
         delay: None,
         credentials_file: Some(creds.to_path_buf()),
         prune_credentials_file: prune.map(Path::to_path_buf),
+        rate: None,
     }
 }
 

@@ -41,6 +41,8 @@ pub struct BaselineJob<'a> {
     pub store: &'a Store,
     /// The target's name (catalog rows and errors).
     pub target: &'a str,
+    /// The target's upload rate, shared with its other uploads.
+    pub throttle: &'a crate::throttle::Throttle,
     pub retry: &'a RetryPolicy,
     pub catalog: &'a Arc<Mutex<Catalog>>,
     /// Where the VM's cdpd listens (its settled seq, while it runs).
@@ -221,9 +223,12 @@ async fn scan_image(
                         let key = rf::chunk_key(&h);
                         let body = bytes::Bytes::from(body);
                         let nb = body.len() as u64;
-                        with_retry(&key, job.retry, || job.store.put(&key, body.clone()))
-                            .await
-                            .map_err(ShipError::store(job.target))?;
+                        with_retry(&key, job.retry, || async {
+                            job.throttle.acquire(nb).await;
+                            job.store.put(&key, body.clone()).await
+                        })
+                        .await
+                        .map_err(ShipError::store(job.target))?;
                         Ok((Some(h), nb))
                     }
                 }
@@ -332,7 +337,11 @@ pub async fn take_with_progress(
     };
     let key = rf::baseline_key(vm, disk, s1, s0);
     let body = bytes::Bytes::from(serde_json::to_vec(&b).expect("a baseline serializes"));
-    match with_retry(&key, job.retry, || job.store.put(&key, body.clone())).await {
+    let put = || async {
+        job.throttle.acquire(body.len() as u64).await;
+        job.store.put(&key, body.clone()).await
+    };
+    match with_retry(&key, job.retry, put).await {
         Ok(()) => {}
         // Taken again at the same point (a disk idle since): the baseline
         // there names the same chunks and is kept (objects are created,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod lock;
 pub mod service;
 pub mod ship;
+pub mod throttle;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,8 @@ pub struct Target {
     pub url: String,
     pub delay: Duration,
     pub store: Store,
+    /// Its `rate`, shared by all its uploads.
+    pub throttle: throttle::Throttle,
     /// Reachable and of our format once ([`Target::check`]); until then the
     /// target is retried with backoff and nothing else is sent to it.
     checked: bool,
@@ -199,6 +202,7 @@ pub fn policy_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
             url: t.url.clone(),
             delay,
             store,
+            throttle: throttle::Throttle::new(t.rate),
             checked: false,
             failures: 0,
             next_try: None,
@@ -482,6 +486,7 @@ impl Shipper {
                 let job = baseline::BaselineJob {
                     store: &t.store,
                     target: &t.name,
+                    throttle: &t.throttle,
                     retry: &self.retry,
                     catalog: &self.catalog,
                     run_dir: &self.opts.run_dir,
@@ -672,7 +677,7 @@ async fn ship_target(
         stats.waiting = waiting.len() as u64;
         let parallel = upload_parallelism(due.len(), max_parallel);
         let mut results = futures::stream::iter(due.into_iter().map(|row| async move {
-            let r = ship::ship_segment(&t.store, &t.name, retry, vm, &row).await;
+            let r = ship::ship_segment(&t.store, &t.name, &t.throttle, retry, vm, &row).await;
             (row, r)
         }))
         .buffered(parallel);

@@ -10,6 +10,7 @@ use cdp_repo::format::{self as rf, IndexMeta, SegmentIndex};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
 
 use crate::error::{Result, ShipError};
+use crate::throttle::Throttle;
 
 pub struct Shipped {
     pub key: String,
@@ -56,10 +57,11 @@ pub fn encode_segment(
 }
 
 /// Upload one sealed segment and its index to `store` (the target named
-/// `target`).
+/// `target`), each paid for to the target's `throttle` before every try.
 pub async fn ship_segment(
     store: &Store,
     target: &str,
+    throttle: &Throttle,
     retry: &RetryPolicy,
     vm: &str,
     row: &SegmentRow,
@@ -79,13 +81,19 @@ pub async fn ship_segment(
     let idx_key = rf::index_key(vm, &row.disk, m.first_seq, m.last_seq);
     let obj = bytes::Bytes::from(obj);
     let object_bytes = obj.len() as u64;
-    with_retry(&seg_key, retry, || store.put(&seg_key, obj.clone()))
-        .await
-        .map_err(ShipError::store(target))?;
+    with_retry(&seg_key, retry, || async {
+        throttle.acquire(object_bytes).await;
+        store.put(&seg_key, obj.clone()).await
+    })
+    .await
+    .map_err(ShipError::store(target))?;
     let ib = bytes::Bytes::from(idx.encode());
-    with_retry(&idx_key, retry, || store.put(&idx_key, ib.clone()))
-        .await
-        .map_err(ShipError::store(target))?;
+    with_retry(&idx_key, retry, || async {
+        throttle.acquire(ib.len() as u64).await;
+        store.put(&idx_key, ib.clone()).await
+    })
+    .await
+    .map_err(ShipError::store(target))?;
     Ok(Shipped {
         key: seg_key,
         object_bytes,

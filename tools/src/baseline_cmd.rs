@@ -281,6 +281,7 @@ fn upload(
                 let job = cdp_shipper::baseline::BaselineJob {
                     store: &t.store,
                     target: &t.name,
+                    throttle: &t.throttle,
                     retry: &retry,
                     catalog,
                     run_dir: &ctx.run_dir,
