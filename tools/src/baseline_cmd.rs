@@ -42,6 +42,12 @@ pub struct BaselineArgs {
     /// libvirt connection URI (for a VM cdpd has never served).
     #[arg(long, default_value = "qemu:///system")]
     pub connect: String,
+    /// The VM's definition as a libvirt domain XML file (the one given to
+    /// `cdp-qemu --vm-config`), for a VM that is not defined in libvirt and
+    /// that cdpd has never served: its protected disks and their images
+    /// come from this file. Root reads it: give only a file root trusts.
+    #[arg(long, value_name = "FILE")]
+    pub definition: Option<PathBuf>,
 }
 
 /// A VM as root knows it before touching its state: its images' paths
@@ -104,6 +110,25 @@ pub fn run(ctx: &Ctx, a: &BaselineArgs) -> Result<()> {
 /// Where the VM's images are, without opening its state: `<uuid>.images`,
 /// else (for a VM without a catalog) libvirt's definition.
 fn root_view(ctx: &Ctx, a: &BaselineArgs) -> Result<RootView> {
+    if let Some(file) = &a.definition {
+        let xml = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the definition {}", file.display()))?;
+        let view = view_of_definition(ctx, &xml)?;
+        let named = cdp_core::names::check_uuid(&a.vm)
+            .map(|u| u.hyphenated().to_string() == view.uuid)
+            .unwrap_or(false)
+            || view.name.as_deref() == Some(a.vm.as_str());
+        if !named {
+            bail!(
+                "{} describes VM {} ({}), not {:?}: give the VM's name or UUID as in the file",
+                file.display(),
+                view.name.as_deref().unwrap_or("?"),
+                view.uuid,
+                a.vm
+            );
+        }
+        return Ok(view);
+    }
     let known = cdp_core::names::check_uuid(&a.vm)
         .map(|u| u.hyphenated().to_string())
         .ok()
