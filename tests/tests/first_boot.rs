@@ -131,6 +131,23 @@ fn first_boot_is_restorable_from_its_first_write() {
     );
     assert!(m["seq"].as_u64().unwrap() > s1, "{m}");
 
+    // The timeline starts at the baseline's point, named by the time the
+    // baseline was taken (before every record: no record has its time).
+    let pts: serde_json::Value = serde_json::from_str(&cdpctl(
+        &d,
+        &cfg,
+        &["points", &d.vm_uuid, "--json", "--no-local"],
+    ))
+    .unwrap();
+    let disk = &pts["disks"][0];
+    let range = &disk["restorable"][0];
+    assert_eq!(range["from_seq"].as_u64(), Some(s1), "{pts}");
+    assert_eq!(
+        range["from_ns"], disk["baselines"][0]["time_ns"],
+        "the first point's time is the offline baseline's: {pts}"
+    );
+    assert_ne!(range["from_ns"].as_u64(), Some(0), "{pts}");
+
     let restored = d.work_dir().join("restored-first.img");
     restore_from_repo_ok(&d, &cfg, &repo, "vda", "mark:first", &restored);
     assert_files_equal(&restored, &reference);

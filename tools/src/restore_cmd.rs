@@ -995,7 +995,17 @@ async fn disk_timeline(
             .map(|(_, e)| e)
             .filter(|e| e.seq <= seq)
             .last()
-            .map_or(0, |e| e.ts_ns)
+            .map(|e| e.ts_ns)
+            // A point before every record: an offline baseline's (the
+            // disk as it was when that baseline was taken).
+            .or_else(|| {
+                h.baselines
+                    .iter()
+                    .filter(|(_, b)| b.s1 == seq)
+                    .map(|(_, b)| b.finished_ns)
+                    .min()
+            })
+            .unwrap_or(0)
     };
     let ranges: Vec<_> = restore::restorable_ranges(&h)
         .into_iter()
