@@ -10,6 +10,9 @@ measured alone). Prints markdown tables of the median over rounds:
      not counted in IOPS, the same for every server);
   2. per workload and server: server CPU seconds per GB of guest I/O, and device bytes
      written per guest byte written (the whole device, so noisy on a shared machine).
+     FLUSHes per 1000 writes as fio counted them: with --fsync=N at iodepth > 1 fio's
+     count differs between servers (not one per N writes), so compare those runs with
+     their FLUSH rate in view.
      /proc/<pid>/io write_bytes is kept in results.json only: it counts pages as they
      are dirtied (0 for a page dirty already) and, on kernel 6.18, several GB per
      second for a process calling fdatasync, so it is no measure of disk bytes.
@@ -50,6 +53,8 @@ def load_run(path: Path, counters: Path):
         "guest_bytes": x["io_bytes"],
         "flushes": job.get("sync", {}).get("total_ios", 0),
     }
+    if x["total_ios"] > 0:
+        r["flushes_per_1k"] = 1000 * r["flushes"] / x["total_ios"]
     if counters.exists():
         c = json.loads(counters.read_text())
         cpu_s = c["cpu_ticks"] / c["tick"]
@@ -142,9 +147,11 @@ def main() -> None:
         + " | ".join(f"{s} CPU s/GB" for s in servers)
         + " | "
         + " | ".join(f"{s} device bytes/guest byte" for s in servers)
-        + " |"
+        + " | FLUSHes per 1000 writes ("
+        + ", ".join(servers)
+        + ") |"
     )
-    print("|" + "---|" * (1 + 2 * len(servers)))
+    print("|" + "---|" * (2 + 2 * len(servers)))
     for wl, row in runs.items():
         cpu, wr = [], []
         for s in servers:
@@ -153,7 +160,11 @@ def main() -> None:
             cpu.append(f"{c:.2f}" if c is not None else "-")
             d = med(rs, "dev_wr_per_byte") if rs else None
             wr.append(f"{d:.2f}" if d is not None else "-")
-        print(f"| {wl} | " + " | ".join(cpu) + " | " + " | ".join(wr) + " |")
+        fl = []
+        for s in servers:
+            f = med(row[s], "flushes_per_1k") if row.get(s) else None
+            fl.append(f"{f:.0f}" if f else "-")
+        print(f"| {wl} | " + " | ".join(cpu) + " | " + " | ".join(wr) + " | " + ", ".join(fl) + " |")
     print()
     (out / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
 
