@@ -16,8 +16,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cdp_core::nbd::server::{self, Limits, Server};
@@ -26,6 +27,9 @@ use cdp_repo::export::PointImage;
 use cdp_repo::restore::Point;
 use cdp_repo::store::Store;
 use clap::{Args, Subcommand};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::Pid;
 
 use crate::restore_cmd::{candidate_repos, prepare, resolve_vm, with_fallback, Prepared, RepoArgs};
 use crate::Ctx;
@@ -44,6 +48,10 @@ pub struct FilesArgs {
     /// needed only when the disk holds several.
     #[arg(long)]
     pub fs: Option<String>,
+    /// Give up on libguestfs after this long (e.g. 90s, 10m): its appliance
+    /// is killed and its temporary files removed, as on ^C.
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    pub timeout: Duration,
     /// Memory for decompressed chunks and journal data, in MiB.
     #[arg(long, default_value_t = cdp_repo::export::DEFAULT_CACHE_BYTES >> 20)]
     pub cache_mib: u64,
@@ -106,6 +114,8 @@ pub fn run(ctx: &Ctx, a: &FilesArgs) -> Result<()> {
     }
     let point = Point::parse(&a.at, now_ns())?;
     let candidates = candidate_repos(ctx, &a.repo)?;
+    // Before the runtime's threads start, so that they inherit the mask.
+    let watch = Watchdog::start()?;
     let rt = tokio::runtime::Runtime::new()?;
     let point_ref = &point;
     let (store, _used, (disk, lease, prep)) =
@@ -134,13 +144,18 @@ pub fn run(ctx: &Ctx, a: &FilesArgs) -> Result<()> {
         .tempdir()
         .context("creating a private directory for the export's socket")?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+    // libguestfs's own temporary files (the appliance's overlay) go inside
+    // it too, so that removing it leaves nothing of a killed appliance.
+    std::fs::create_dir(dir.path().join("tmp"))?;
+    watch.arm(dir.path(), a.timeout);
     eprintln!(
         "cdpctl: {disk} at {point} (seq {}): starting libguestfs's appliance (about 30 s without KVM)",
         prep.seq
     );
     let r = with_export(&rt, store, &disk, prep, a.cache_mib, dir.path(), |socket| {
-        session(&fish, socket, &disk, a, &path, dir.path())
+        session(&fish, socket, &disk, a, &path, (dir.path(), &watch))
     });
+    let r = watch.finish(r);
     rt.block_on(lease.release());
     // Connections still open end with the process; do not wait for them.
     rt.shutdown_background();
@@ -250,9 +265,22 @@ struct Fish {
 impl Fish {
     /// `tcg`: the appliance under TCG (libguestfs's direct backend), for a
     /// host whose /dev/kvm does not work.
-    fn start(fish: &Path, socket: &Path, disk: &str, tcg: bool) -> Result<Fish> {
+    fn start(
+        fish: &Path,
+        socket: &Path,
+        disk: &str,
+        tcg: bool,
+        (dir, watch): (&Path, &Watchdog),
+    ) -> Result<Fish> {
         let uri = format!("nbd:///{disk}?socket={}", socket.display());
         let mut cmd = Command::new(fish);
+        // A process group of its own (the watchdog signals the group), and
+        // libguestfs's temporary files in our private directory.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.env("LIBGUESTFS_TMPDIR", dir.join("tmp"));
+        if let Some(why) = watch.fired() {
+            bail!("{why}");
+        }
         if tcg {
             cmd.env("LIBGUESTFS_BACKEND", "direct")
                 .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
@@ -265,6 +293,7 @@ impl Fish {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", fish.display()))?;
+        watch.started(child.id() as i32);
         let mut err = child.stderr.take().expect("piped");
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();
@@ -334,12 +363,17 @@ impl Fish {
 /// Start the appliance and list the disk's filesystems: the session and the
 /// list. Where the appliance does not start with KVM (a nested /dev/kvm
 /// that fails) and TCG was not asked for, tried once more under TCG.
-fn launch(fish: &Path, socket: &Path, disk: &str) -> Result<(Fish, Vec<String>)> {
+fn launch(
+    fish: &Path,
+    socket: &Path,
+    disk: &str,
+    priv_: (&Path, &Watchdog),
+) -> Result<(Fish, Vec<String>)> {
     let forced = std::env::var("LIBGUESTFS_BACKEND_SETTINGS")
         .is_ok_and(|v| v.split(':').any(|s| s == "force_tcg"));
     let mut tcg = false;
     loop {
-        let mut f = Fish::start(fish, socket, disk, tcg)?;
+        let mut f = Fish::start(fish, socket, disk, tcg, priv_)?;
         f.send(&[
             "run".into(),
             "list-filesystems".into(),
@@ -353,6 +387,9 @@ fn launch(fish: &Path, socket: &Path, disk: &str) -> Result<(Fish, Vec<String>)>
             Err(e) => e,
         };
         let kvm_failed = format!("{err:#}").contains("qemu-system");
+        if let Some(why) = priv_.1.fired() {
+            bail!("{why}");
+        }
         if tcg || forced || !kvm_failed || !Path::new("/dev/kvm").exists() {
             let text = format!("{err:#}");
             bail!("{text}{}", appliance_hint(&text));
@@ -373,9 +410,10 @@ fn session(
     disk: &str,
     a: &FilesArgs,
     path: &str,
-    dir: &Path,
+    priv_: (&Path, &Watchdog),
 ) -> Result<Found> {
-    let (mut f, list) = launch(fish, socket, disk)?;
+    let dir = priv_.0;
+    let (mut f, list) = launch(fish, socket, disk, priv_)?;
     let dev = match choose_fs(&list, a.fs.as_deref(), disk) {
         Ok(d) => d,
         Err(e) => {
@@ -501,6 +539,200 @@ fn appliance_hint(stderr: &str) -> String {
     format!("\n(hint: {})", hints.join("; "))
 }
 
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match cdp_core::config::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("a timeout of zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Stops a guestfish run that outlives `--timeout`, or on SIGINT/SIGTERM:
+/// guestfish's process group and the appliance (its QEMU, in a group of
+/// its own, found by our private directory on its command line) are
+/// killed, and the main thread's session ends with the reason. Before the
+/// session (reading the repository) a signal ends cdpctl at once.
+struct Watchdog {
+    shared: Arc<Watched>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    signals: SigSet,
+}
+
+#[derive(Default)]
+struct Watched {
+    /// guestfish's pid (= its process group), 0 when none was started.
+    pgid: AtomicI32,
+    /// The private directory and the deadline, once the session starts.
+    armed: Mutex<Option<(PathBuf, Instant, Duration)>>,
+    fired: Mutex<Option<String>>,
+    done: AtomicBool,
+}
+
+impl Watchdog {
+    fn start() -> Result<Watchdog> {
+        let mut signals = SigSet::empty();
+        signals.add(Signal::SIGINT);
+        signals.add(Signal::SIGTERM);
+        signals
+            .thread_block()
+            .context("blocking SIGINT and SIGTERM")?;
+        let fd =
+            SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC).context("creating a signalfd")?;
+        let shared = Arc::new(Watched::default());
+        let w = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("files-watchdog".into())
+            .spawn(move || w.watch(fd))?;
+        Ok(Watchdog {
+            shared,
+            thread: Some(thread),
+            signals,
+        })
+    }
+
+    fn arm(&self, dir: &Path, timeout: Duration) {
+        *self.shared.armed.lock().unwrap() = Some((dir.to_path_buf(), Instant::now(), timeout));
+    }
+
+    fn started(&self, pid: i32) {
+        self.shared.pgid.store(pid, Ordering::SeqCst);
+        // Fired between the check before the spawn and now: this one too.
+        if self.fired().is_some() {
+            self.shared.kill_all();
+        }
+    }
+
+    fn fired(&self) -> Option<String> {
+        self.shared.fired.lock().unwrap().clone()
+    }
+
+    /// The session's result, or why it was stopped; the watchdog ends and
+    /// ^C works as usual again.
+    fn finish<T>(mut self, r: Result<T>) -> Result<T> {
+        self.shared.done.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let fired = self.fired();
+        let _ = self.signals.thread_unblock();
+        match fired {
+            Some(why) => Err(match r {
+                Ok(_) => anyhow::anyhow!("{why}"),
+                Err(e) => e.context(why),
+            }),
+            None => r,
+        }
+    }
+}
+
+impl Watched {
+    fn watch(&self, signals: SignalFd) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        while !self.done.load(Ordering::SeqCst) {
+            let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            let got = poll(&mut fds, PollTimeout::from(200u16)).unwrap_or(0) > 0;
+            let sig = if got {
+                signals.read_signal().ok().flatten()
+            } else {
+                None
+            };
+            let armed = self.armed.lock().unwrap().clone();
+            let why = match (sig, &armed) {
+                (Some(s), None) => {
+                    // Nothing of ours to clean up yet.
+                    eprintln!("cdpctl: interrupted ({})", signal_name(s.ssi_signo));
+                    std::process::exit(130);
+                }
+                (Some(s), Some(_)) => format!(
+                    "interrupted ({}): libguestfs's appliance was stopped and its \
+                     temporary files removed",
+                    signal_name(s.ssi_signo)
+                ),
+                (None, Some((_, since, t))) if since.elapsed() >= *t => format!(
+                    "libguestfs did not finish within {t:?} (--timeout): its appliance was \
+                     killed and its temporary files removed"
+                ),
+                _ => continue,
+            };
+            if self.fired.lock().unwrap().is_none() {
+                *self.fired.lock().unwrap() = Some(why);
+                self.kill_all();
+            }
+        }
+    }
+
+    /// guestfish's group (TERM, then KILL), then any process whose command
+    /// line names our private directory (the appliance's QEMU), and the
+    /// libguestfs socket directories those named.
+    fn kill_all(&self) {
+        let pgid = self.pgid.load(Ordering::SeqCst);
+        if pgid > 0 {
+            let group = Pid::from_raw(-pgid);
+            let _ = kill(group, Signal::SIGTERM);
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until && kill(group, None).is_ok() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = kill(group, Signal::SIGKILL);
+        }
+        let Some((dir, _, _)) = self.armed.lock().unwrap().clone() else {
+            return;
+        };
+        for (pid, cmdline) in processes_naming(&dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            for sockdir in libguestfs_sockdirs(&cmdline) {
+                let _ = std::fs::remove_dir_all(sockdir);
+            }
+        }
+    }
+}
+
+fn signal_name(n: u32) -> &'static str {
+    Signal::try_from(n as i32).map_or("a signal", Signal::as_str)
+}
+
+/// Processes other than us whose command line contains `dir`.
+fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| *p != me)
+        .filter_map(|p| {
+            let c = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            c.contains(&needle).then_some((p, c))
+        })
+        .collect()
+}
+
+/// `/tmp/libguestfsXXXXXX` directories (libguestfs's sockets, made for
+/// root in /tmp whatever LIBGUESTFS_TMPDIR says) named in a command line.
+fn libguestfs_sockdirs(cmdline: &str) -> Vec<PathBuf> {
+    const PREFIX: &str = "/tmp/libguestfs";
+    let mut v = Vec::new();
+    let mut rest = cmdline;
+    while let Some(i) = rest.find(PREFIX) {
+        let tail = &rest[i + PREFIX.len()..];
+        let suffix: String = tail
+            .chars()
+            .take_while(char::is_ascii_alphanumeric)
+            .collect();
+        if suffix.len() == 6 && tail[6..].starts_with(['/', ' ', ',', ':']) {
+            let p = PathBuf::from(format!("{PREFIX}{suffix}"));
+            if !v.contains(&p) {
+                v.push(p);
+            }
+        }
+        rest = tail;
+    }
+    v
+}
+
 /// Print the listing, or copy the file out.
 fn output(ctx: &Ctx, a: &FilesArgs, path: &str, found: &Found) -> Result<()> {
     match (found, &a.op) {
@@ -593,6 +825,20 @@ mod tests {
         );
         assert!(choose_fs(&l(&["/dev/sda: unknown"]), None, "vda").is_err());
         assert!(choose_fs(&l(&["/dev/sda\u{1b}: ext4"]), None, "vda").is_err());
+    }
+
+    #[test]
+    fn libguestfs_socket_dirs_are_found_in_a_command_line() {
+        assert_eq!(
+            libguestfs_sockdirs(
+                "qemu -chardev socket,path=/tmp/libguestfsAb12Cd/guestfsd.sock,id=c \
+                 -serial unix:/tmp/libguestfsAb12Cd/console.sock /tmp/libguestfsXY"
+            ),
+            vec![PathBuf::from("/tmp/libguestfsAb12Cd")]
+        );
+        assert!(libguestfs_sockdirs("/tmp/libguestfs../etc/x").is_empty());
+        assert!(parse_timeout("0s").is_err());
+        assert_eq!(parse_timeout("90s").unwrap(), Duration::from_secs(90));
     }
 
     #[test]
