@@ -5,7 +5,10 @@
 //! shipping, restore at the guest's markers from the repository alone, and
 //! `cdpctl unprotect` gives back the definition byte for byte. Also: a VM
 //! without CDP keys starts untouched through the same hook even with a broken
-//! cdp.toml, and a protected one is then refused with the reason.
+//! cdp.toml, and a protected one is then refused with the reason. And the
+//! package route: the Debian package of the debug build installed with
+//! `dpkg -i`, the same journey, `dpkg --purge`, and every file of libvirt and
+//! AppArmor it may touch byte-identical after (the host put back by Drop).
 //!
 //! These tests own host-wide things (/etc/cdp/cdp.toml, libvirtd), so nextest
 //! runs them one at a time (.config/nextest.toml, group `libvirt`). They need
@@ -95,6 +98,9 @@ fn restore_host_config() {
 /// one is killed).
 struct Libvirt {
     agent: Option<Child>,
+    /// Installed by the Debian package instead of `cdpctl install`: the
+    /// host's files as they were before (purged and compared on drop).
+    package: Option<Snapshot>,
     /// The host's files install touches, as they were before it; and the
     /// config install was given (uninstall reads the same).
     host: HostFiles,
@@ -167,6 +173,11 @@ impl HostFiles {
 
 impl Libvirt {
     fn start(dir: &Path, config: &str) -> Libvirt {
+        Self::start_with(dir, config, None)
+    }
+
+    /// `deb`: install this package (`dpkg -i`) instead of `cdpctl install`.
+    fn start_with(dir: &Path, config: &str, deb: Option<&Path>) -> Libvirt {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the libvirt tests need root (libvirtd, /etc/libvirt/hooks, chown to libvirt-qemu)"
@@ -181,6 +192,8 @@ impl Libvirt {
             let _ = run(Command::new("chgrp").args(["kvm", "/dev/kvm"]));
             let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660));
         }
+        // Before anything is written (save_host_config may create /etc/cdp).
+        let snapshot = deb.map(|_| Snapshot::take());
         // From here on, Drop puts CONFIG back and stops libvirtd, even if a step fails.
         save_host_config();
         // The product as an operator installs it: programs and the hook
@@ -188,23 +201,17 @@ impl Libvirt {
         // Drop uninstalls it and checks the host is as before.
         let install_cfg = dir.join("install.toml");
         std::fs::write(&install_cfg, config_for(dir, 0)).unwrap();
-        let lv = Libvirt {
+        let mut lv = Libvirt {
             agent: None,
+            package: None,
             host: HostFiles::now(),
             dir: dir.to_path_buf(),
         };
-        let out = sh(Command::new(bin("cdpctl"))
-            .args(["install", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
-            .arg(&install_cfg));
-        eprintln!("cdpctl install --libvirt:\n{out}");
-        assert!(Path::new("/etc/libvirt/hooks/qemu.d/cdp").exists());
-        // Without systemd, install says how to run the agent instead.
-        if !Path::new("/run/systemd/system").exists() {
-            let run = "systemd is not running here (no /run/systemd/system)";
-            assert!(
-                out.contains(run) && out.contains(&format!("{BIN_DIR}/cdp-agent run")),
-                "{out}"
-            );
+        if let Some(deb) = deb {
+            lv.package = snapshot;
+            lv.dpkg_install(deb);
+        } else {
+            lv.cdpctl_install(&install_cfg);
         }
         std::fs::create_dir_all("/etc/cdp").unwrap();
         std::fs::write(CONFIG, config).unwrap();
@@ -219,6 +226,39 @@ impl Libvirt {
             virsh_try(&["version"]).status.success()
         });
         lv
+    }
+
+    /// The package route: `dpkg -i`, non-interactive (no conffile question).
+    fn dpkg_install(&self, deb: &Path) {
+        let out = run(Command::new("dpkg")
+            .args(["--force-confdef", "--force-confold", "-i"])
+            .arg(deb)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("dpkg -i:\n{text}");
+        assert!(out.status.success(), "dpkg -i failed: {text}");
+        assert!(Path::new("/etc/libvirt/hooks/qemu.d/cdp").exists());
+    }
+
+    fn cdpctl_install(&self, install_cfg: &Path) {
+        let out = sh(Command::new(bin("cdpctl"))
+            .args(["install", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
+            .arg(install_cfg));
+        eprintln!("cdpctl install --libvirt:\n{out}");
+        assert!(Path::new("/etc/libvirt/hooks/qemu.d/cdp").exists());
+        // Without systemd, install says how to run the agent instead.
+        if !Path::new("/run/systemd/system").exists() {
+            let run = "systemd is not running here (no /run/systemd/system)";
+            assert!(
+                out.contains(run) && out.contains(&format!("{BIN_DIR}/cdp-agent run")),
+                "{out}"
+            );
+        }
     }
 
     fn stop_libvirtd() {
@@ -272,8 +312,151 @@ impl Drop for Libvirt {
             let _ = virsh_try(&["destroy", &name]);
         }
         Self::stop_libvirtd();
-        restore_host_config();
-        self.uninstall();
+        match self.package.take() {
+            Some(before) => {
+                for d in ["state", "run"] {
+                    let _ = std::fs::remove_dir_all(self.dir.join(d));
+                }
+                let purge = run(Command::new("dpkg")
+                    .args(["--purge", "cdpd"])
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdin(Stdio::null()));
+                restore_host_config();
+                let diff = before.put_back();
+                let problem = if !purge.status.success() {
+                    Some(format!(
+                        "dpkg --purge cdpd failed: {}",
+                        String::from_utf8_lossy(&purge.stderr)
+                    ))
+                } else if !diff.is_empty() {
+                    Some(format!(
+                        "the package route left the host changed (now put back):\n{}",
+                        diff.join("\n")
+                    ))
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    if std::thread::panicking() {
+                        eprintln!("{p}");
+                    } else {
+                        panic!("{p}");
+                    }
+                }
+            }
+            None => {
+                restore_host_config();
+                self.uninstall();
+            }
+        }
+    }
+}
+
+/// Every file of the host that the package route may touch, with its mode
+/// and bytes (empty files included; `None`: absent), so that a test puts
+/// the host back exactly as it found it.
+struct Snapshot(Vec<(String, Option<Entry>)>);
+
+/// mode, and the bytes of a file (`None`: a directory).
+type Entry = (u32, Option<Vec<u8>>);
+
+impl Snapshot {
+    /// The package's files, libvirt's and AppArmor's files it may touch,
+    /// and the directories they are in.
+    fn paths() -> Vec<String> {
+        let mut v: Vec<String> = ["cdpd", "cdp-shipper", "cdp-qemu", "cdpctl", "cdp-agent"]
+            .iter()
+            .map(|b| format!("/usr/bin/{b}"))
+            .collect();
+        v.extend(
+            [
+                "/etc/libvirt/hooks/qemu.d/cdp",
+                "/etc/libvirt/hooks/qemu.d",
+                "/etc/libvirt/hooks",
+                "/etc/apparmor.d/local/abstractions/libvirt-qemu",
+                "/etc/apparmor.d/abstractions/libvirt-qemu",
+                "/etc/apparmor.d/libvirt/TEMPLATE.qemu",
+                "/etc/apparmor.d/local/usr.sbin.libvirtd",
+                "/etc/apparmor.d/usr.sbin.libvirtd",
+                "/etc/apparmor.d/cdpd",
+                "/etc/cdp/cdp.toml",
+                "/etc/cdp",
+                "/usr/lib/systemd/system/cdp-agent.service",
+                "/etc/systemd/system/cdp-agent.service",
+                "/etc/systemd/system/multi-user.target.wants/cdp-agent.service",
+                "/usr/share/man/man1/cdpctl.1.gz",
+                "/usr/share/man/man1/cdpctl-restore.1.gz",
+                "/usr/share/bash-completion/completions/cdpctl",
+                "/usr/share/zsh/vendor-completions/_cdpctl",
+                "/usr/share/fish/vendor_completions.d/cdpctl.fish",
+                "/usr/share/cdpd",
+                "/usr/share/doc/cdpd",
+                "/var/lib/cdp",
+                "/var/lib/cdpctl",
+                "/usr/local/bin/cdpctl",
+            ]
+            .map(String::from),
+        );
+        v
+    }
+
+    fn take() -> Snapshot {
+        use std::os::unix::fs::MetadataExt;
+        Snapshot(
+            Self::paths()
+                .into_iter()
+                .map(|p| {
+                    let m = std::fs::symlink_metadata(&p).ok().map(|m| {
+                        let bytes = (!m.is_dir()).then(|| std::fs::read(&p).unwrap());
+                        (m.mode(), bytes)
+                    });
+                    (p, m)
+                })
+                .collect(),
+        )
+    }
+
+    /// What differs now, one line a path; then each path is put back as it
+    /// was (a file written with its bytes and mode, what was absent removed).
+    fn put_back(&self) -> Vec<String> {
+        let now = Snapshot::take();
+        let show = |e: &Option<Entry>| match e {
+            None => "absent".to_string(),
+            Some((mode, None)) => format!("directory, mode {mode:o}"),
+            Some((mode, Some(b))) => format!("mode {mode:o}, {} bytes", b.len()),
+        };
+        let mut diff = Vec::new();
+        // Files first, directories last (deepest first): in reverse order.
+        for ((p, was), (_, is)) in self.0.iter().zip(&now.0).rev() {
+            if was == is {
+                continue;
+            }
+            // dpkg removes the empty directories of a purged package that no
+            // other package owns: qemu.d (libvirt's package ships only
+            // hooks/) is put back below but not counted.
+            if p != "/etc/libvirt/hooks/qemu.d" {
+                diff.push(format!("{p}: before {}, after {}", show(was), show(is)));
+            }
+            match was {
+                None if is.as_ref().is_some_and(|(_, b)| b.is_none()) => {
+                    let _ = std::fs::remove_dir_all(p);
+                }
+                None => {
+                    let _ = std::fs::remove_file(p);
+                }
+                Some((_, None)) => {
+                    let _ = std::fs::create_dir_all(p);
+                }
+                Some((mode, Some(bytes))) => {
+                    let _ = std::fs::write(p, bytes);
+                    let _ = std::fs::set_permissions(
+                        p,
+                        std::fs::Permissions::from_mode(*mode & 0o7777),
+                    );
+                }
+            }
+        }
+        diff
     }
 }
 
@@ -579,4 +762,139 @@ fn unprotected_vm_starts_untouched_through_the_hook() {
     assert!(err.contains("state_dri") || err.contains(CONFIG), "{err}");
     virsh(&["undefine", name]);
     drop(lv);
+}
+
+/// The Debian package of the debug build (the binaries the tests run),
+/// packaged by `cargo deb --no-build` as tests/tests/install.rs does.
+fn debug_deb(tmp: &Path) -> std::path::PathBuf {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let target = tmp.join("target");
+    std::fs::create_dir_all(target.join("release")).unwrap();
+    for p in ["cdpd", "cdp-shipper", "cdp-qemu", "cdpctl", "cdp-agent"] {
+        let to = target.join("release").join(p);
+        if std::fs::hard_link(bin(p), &to).is_err() {
+            std::fs::copy(bin(p), &to).unwrap();
+        }
+    }
+    run_ok(
+        Command::new("bash")
+            .arg(ws.join("scripts/package"))
+            .arg("--gen-only")
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(ws),
+    );
+    let out = tmp.join("deb");
+    run_ok(
+        Command::new("cargo")
+            .args(["deb", "-p", "cdp-tools", "--no-build", "--fast", "-o"])
+            .arg(&out)
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(ws),
+    );
+    std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("no .deb written")
+}
+
+/// The operator's journey by the package route: `dpkg -i` of the package,
+/// `cdpctl install` refused over it, protect, boot, write, ship, restore
+/// byte-exact at each marker, verify, unprotect, `dpkg --purge`: every file
+/// of libvirt and AppArmor the package may touch is byte-identical after
+/// (empty ones included) and nothing of the package is left (Drop checks it
+/// and puts the host back even when the test fails).
+#[test]
+fn package_route_install_protect_restore_verify_unprotect_purge() {
+    let t = std::time::Instant::now();
+    let dir = shared_tempdir();
+    let d = dir.path();
+    let deb = debug_deb(d);
+    eprintln!("package built in {:?}", t.elapsed());
+    let port = free_port();
+    let mut lv = Libvirt::start_with(d, &config_for(d, port), Some(&deb));
+    let cdpctl = || {
+        let mut c = Command::new("/usr/bin/cdpctl");
+        c.env(CONFIG_ENV, CONFIG);
+        c
+    };
+    // The reverse of the package over `cdpctl install`: a build's cdpctl
+    // copying its programs beside the package's is refused, explained.
+    let r = run(Command::new(bin("cdpctl"))
+        .args(["install", "--libvirt", "--bin-dir", BIN_DIR, "--config"])
+        .arg(d.join("install.toml")));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success(),
+        "cdpctl install over the package: {err}"
+    );
+    assert!(err.contains("the cdpd package is installed"), "{err}");
+
+    let name = "cdp-t-package";
+    let uuid = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d";
+    let _ = virsh_try(&["destroy", name]);
+    let _ = virsh_try(&["undefine", name]);
+    define(d, &domain_xml(name, uuid, d, "cdp.wait"));
+    let before = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+    sh(cdpctl().args(["protect", name, "--disk", "vda"]));
+    let protected = virsh(&["dumpxml", "--inactive", name]);
+    assert!(
+        protected.contains("<emulator>/usr/bin/cdp-qemu</emulator>"),
+        "{protected}"
+    );
+
+    // cdp-agent as the package's unit runs it.
+    let agent = Command::new("/usr/bin/cdp-agent")
+        .args(["run", "--config", CONFIG])
+        .env(CONFIG_ENV, CONFIG)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(d.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    lv.agent = Some(agent);
+    virsh(&["start", name]);
+    let mut markers = Vec::new();
+    follow_markers(&d.join("serial.log"), "CDP-MARKER 3", 120, &mut markers);
+    virsh(&["destroy", name]);
+    wait_until("an empty backlog after destroy", 90, || {
+        let text = metrics(port).unwrap_or_default();
+        metric_sum(&text, "cdp_backlog_segments", uuid) == Some(0.0)
+            && metric_sum(&text, "cdp_vm_running", uuid) == Some(0.0)
+    });
+    lv.stop_agent();
+
+    // From the repository alone: each marker byte-exact, then verify.
+    std::fs::remove_dir_all(d.join("state")).unwrap();
+    let url = format!("file://{}/repo", d.display());
+    for (k, at) in markers.iter().filter(|m| m.0 >= 1) {
+        let out = d.join(format!("at-{k}.raw"));
+        sh(cdpctl()
+            .args(["restore", uuid, "--disk", "vda", "--at", at, "--output"])
+            .arg(&out)
+            .args(["--repo", &url, "--state-dir"])
+            .arg(d.join("empty-state")));
+        assert!(
+            std::fs::read(&out).unwrap() == expected_wait(*k),
+            "restore at marker {k} ({at}) differs from what the guest wrote"
+        );
+    }
+    sh(cdpctl()
+        .args(["verify", uuid, "--deep", "--repo", &url, "--state-dir"])
+        .arg(d.join("empty-state")));
+
+    let out = sh(cdpctl().args(["unprotect", name]));
+    assert!(out.contains("no longer protected"), "{out}");
+    let after = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+    assert_eq!(before, after, "unprotect did not restore the definition");
+    virsh(&["undefine", name]);
+    // Drop: dpkg --purge, then every snapshotted file as before.
+    drop(lv);
+    assert!(
+        !run(Command::new("dpkg").args(["-s", "cdpd"]))
+            .status
+            .success(),
+        "the package is still installed"
+    );
+    eprintln!("package route: {:?}", t.elapsed());
 }
