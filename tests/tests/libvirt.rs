@@ -801,12 +801,12 @@ fn debug_deb(tmp: &Path) -> std::path::PathBuf {
 
 /// The operator's journey by the package route: `dpkg -i` of the package,
 /// `cdpctl install` refused over it, protect, boot, write, ship, restore
-/// byte-exact at each marker, verify, unprotect, `dpkg --purge`: every file
+/// byte-exact at each marker, export, verify, unprotect, `dpkg --purge`: every file
 /// of libvirt and AppArmor the package may touch is byte-identical after
 /// (empty ones included) and nothing of the package is left (Drop checks it
 /// and puts the host back even when the test fails).
 #[test]
-fn package_route_install_protect_restore_verify_unprotect_purge() {
+fn package_route_install_protect_restore_export_verify_unprotect_purge() {
     let t = std::time::Instant::now();
     let dir = shared_tempdir();
     let d = dir.path();
@@ -879,6 +879,47 @@ fn package_route_install_protect_restore_verify_unprotect_purge() {
             "restore at marker {k} ({at}) differs from what the guest wrote"
         );
     }
+    // export: the last marker's point over NBD, read back whole by qemu-img.
+    let (k, at) = markers.iter().max_by_key(|m| m.0).unwrap().clone();
+    let sock = d.join("export.sock");
+    let mut export = cdpctl()
+        .args(["export", uuid, "--disk", "vda", "--at", &at, "--socket"])
+        .arg(&sock)
+        .args(["--ready-fd", "1", "--repo", &url, "--state-dir"])
+        .arg(d.join("empty-state"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(d.join("export.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(export.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert!(
+        ready.starts_with("READY"),
+        "export: {ready:?} {}",
+        std::fs::read_to_string(d.join("export.log")).unwrap_or_default()
+    );
+    let exported = d.join("exported.raw");
+    sh(Command::new(require_tool("qemu-img"))
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd+unix:///vda?socket={}", sock.display()))
+        .arg(&exported));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(export.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st =
+        cdp_tests::wait_child(export, cdp_tests::STOP_TIMEOUT).expect("export ignored SIGTERM");
+    assert!(st.success(), "export exited with {st}");
+    assert!(
+        std::fs::read(&exported).unwrap() == expected_wait(k),
+        "the export at marker {k} ({at}) differs from what the guest wrote"
+    );
     sh(cdpctl()
         .args(["verify", uuid, "--deep", "--repo", &url, "--state-dir"])
         .arg(d.join("empty-state")));
