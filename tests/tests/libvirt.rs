@@ -800,7 +800,8 @@ fn debug_deb(tmp: &Path) -> std::path::PathBuf {
 }
 
 /// The operator's journey by the package route: `dpkg -i` of the package,
-/// `cdpctl install` refused over it, protect, boot, write, ship, restore
+/// `cdpctl install` refused over it, the package's own `cdpctl install
+/// --libvirt` (as postinst suggests for AppArmor), protect, boot, write, ship, restore
 /// byte-exact at each marker, export, verify, unprotect, `dpkg --purge`: every file
 /// of libvirt and AppArmor the package may touch is byte-identical after
 /// (empty ones included) and nothing of the package is left (Drop checks it
@@ -830,6 +831,9 @@ fn package_route_install_protect_restore_export_verify_unprotect_purge() {
         "cdpctl install over the package: {err}"
     );
     assert!(err.contains("the cdpd package is installed"), "{err}");
+    // What postinst tells an AppArmor host to run: the package's cdpctl adds
+    // its block to libvirt's files; purge (prerm) must take it back.
+    sh(cdpctl().args(["install", "--libvirt"]));
 
     let name = "cdp-t-package";
     let uuid = "5a4b3c2d-1e0f-4a9b-8c7d-6e5f4a3b2c1d";
