@@ -14,6 +14,7 @@ pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;
 pub mod restore_cmd;
+pub mod restore_vm;
 pub mod status;
 pub mod verify_cmd;
 

@@ -29,14 +29,14 @@ pub struct RepoArgs {
 pub struct RestoreArgs {
     /// VM name or UUID.
     pub vm: String,
-    /// The disk (target name, e.g. vda).
-    #[arg(long)]
+    /// The disk (target name, e.g. vda); or --all-disks.
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub disk: String,
     /// The point: RFC 3339 time, "10 minutes ago", seq:N, mark:LABEL or latest.
     #[arg(long)]
     pub at: String,
     /// Output file (created; never overwritten).
-    #[arg(long, required_unless_present_any = ["in_place", "dry_run"])]
+    #[arg(long, required_unless_present_any = ["in_place", "dry_run", "all_disks"])]
     pub output: Option<PathBuf>,
     /// Output format.
     #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
@@ -59,6 +59,13 @@ pub struct RestoreArgs {
     /// Show the plan only.
     #[arg(long)]
     pub dry_run: bool,
+    /// Every disk of the VM at one cut into --to DIR (DIR/<disk>.raw), plus
+    /// the VM definition of that point remapped to them (DIR/domain.xml).
+    #[arg(long, requires = "to", conflicts_with_all = ["disk", "output", "in_place", "dry_run"])]
+    pub all_disks: bool,
+    /// With --all-disks: the directory (created if missing; no file in it overwritten).
+    #[arg(long, value_name = "DIR", requires = "all_disks")]
+    pub to: Option<PathBuf>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }
@@ -346,7 +353,7 @@ fn nearest_restorable(h: &History, point: &Point) -> Option<String> {
     Some(parts.join(", "))
 }
 
-fn describe_seq(h: &History, seq: u64) -> String {
+pub(crate) fn describe_seq(h: &History, seq: u64) -> String {
     h.entries()
         .map(|(_, e)| e)
         .filter(|e| e.seq <= seq)
@@ -359,7 +366,7 @@ fn describe_seq(h: &History, seq: u64) -> String {
 /// fresh mmap()s (or trims them back to the kernel) by default, so each one
 /// is faulted in and zeroed again: a fifth of the CPU time of a restore.
 /// Keep them in the heap instead.
-fn keep_large_buffers() {
+pub(crate) fn keep_large_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt(3) takes two integers and only changes glibc's malloc
     // tunables (under its own lock); no pointer is passed, nothing is freed.
@@ -370,6 +377,12 @@ fn keep_large_buffers() {
 }
 
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
+    if a.all_disks {
+        return crate::restore_vm::restore_all_disks(ctx, a);
+    }
+    if a.disk.is_empty() {
+        bail!("give --disk NAME (or --all-disks --to DIR)");
+    }
     cdp_core::names::check_disk(&a.disk)?;
     // With --json, stderr is JSON lines from here on (the target read too).
     crate::progress::Mode::of(ctx.json);
@@ -662,7 +675,7 @@ fn publish(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn to_file(
+pub(crate) async fn to_file(
     store: &Store,
     plan: &restore::Plan,
     out: &Path,

@@ -346,16 +346,16 @@ async fn point_time(
 }
 
 /// The definition of a VM in force at a point, found in one repository.
-struct FoundDefinition {
-    vm: String,
-    at_desc: String,
-    key: String,
-    stored_ns: u64,
-    xml: Vec<u8>,
+pub(crate) struct FoundDefinition {
+    pub vm: String,
+    pub at_desc: String,
+    pub key: String,
+    pub stored_ns: u64,
+    pub xml: Vec<u8>,
 }
 
 /// Find the stored definition of `vm_arg` in force at `point` in `store`.
-async fn find_definition(
+pub(crate) async fn find_definition(
     ctx: &Ctx,
     store: &Store,
     a: &RestoreConfigArgs,
@@ -469,7 +469,7 @@ pub fn restore_config(ctx: &Ctx, a: &RestoreConfigArgs) -> Result<()> {
 }
 
 /// Create `path` (never replacing a file) with `data`; nothing is left on error.
-fn write_new(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_new(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = std::fs::File::options()
         .write(true)
         .create_new(true)
