@@ -3,7 +3,7 @@
 //! restored files (issue 14, "Whole-VM restore").
 //!
 //! One cut: the point is resolved once to one seq S of the VM's single
-//! sequence (docs/DESIGN.md, "One sequence per VM"), and every disk is
+//! sequence (docs/DESIGN.md, "Write path": one sequence per VM), and every disk is
 //! restored with exactly the writes journaled at seq <= S. A mark is at one
 //! seq in every disk; a time resolves in each disk to the newest
 //! restorable record not after it, and S is the newest of those, so no disk
