@@ -646,6 +646,9 @@ fn protect_start_destroy_ship_restore_unprotect() {
     let out = sh(host_cdpctl().args(["protect", name, "--disk", "vda"]));
     assert!(out.contains("next start"), "{out}");
     assert!(out.contains("full baseline"), "{out}");
+    // Shut off and never served: the baseline is taken now, offline, so the
+    // first boot is restorable from its first write.
+    assert!(out.contains("taken now, offline"), "{out}");
     let protected = virsh(&["dumpxml", "--inactive", name]);
     assert!(
         protected.contains("<emulator>/usr/local/bin/cdp-qemu</emulator>"),
@@ -699,7 +702,11 @@ fn protect_start_destroy_ship_restore_unprotect() {
             .args(["--repo", &url, "--state-dir"])
             .arg(d.join("empty-state")))
     };
-    for (k, t) in markers.iter().filter(|m| m.0 >= 1) {
+    // Every marker, the first included (the guest numbers them from 1).
+    let mut seen: Vec<u64> = markers.iter().map(|m| m.0).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=last_marker).collect::<Vec<_>>(), "{markers:?}");
+    for (k, t) in &markers {
         let out = d.join(format!("at-{k}.raw"));
         restore(t, &out);
         assert!(
@@ -721,6 +728,80 @@ fn protect_start_destroy_ship_restore_unprotect() {
     let after = virsh(&["dumpxml", "--inactive", "--security-info", name]);
     assert_eq!(before, after, "unprotect did not restore the definition");
     virsh(&["undefine", name]);
+}
+
+/// `xml` with CDP keys whose disk vda names policy "gold", the VM's being
+/// "default" (as `virsh edit` would leave it), and `emulator` as QEMU.
+fn with_per_disk_policy(xml: &str, uuid: &str, emulator: &str) -> String {
+    let qemu = require_tool("qemu-system-x86_64");
+    let keys = format!(
+        "<uuid>{uuid}</uuid>\n  <metadata><cdp:protection xmlns:cdp=\"urn:cdpd:protection:1\" policy=\"default\" emulator=\"{}\"><cdp:disk target=\"vda\" policy=\"gold\"/></cdp:protection></metadata>",
+        qemu.display()
+    );
+    xml.replacen(&format!("<uuid>{uuid}</uuid>"), &keys, 1)
+        .replacen(
+            &format!("<emulator>{}</emulator>", qemu.display()),
+            &format!("<emulator>{emulator}</emulator>"),
+            1,
+        )
+}
+
+/// Per-disk policy is refused, not silently dropped (docs/LIBVIRT.md,
+/// "Per-disk policy"): `cdpctl protect` refuses a definition whose disk names
+/// another policy than the VM's, naming the disk and both policies, and
+/// leaves it byte-identical; a VM already defined so (emulator cdp-qemu)
+/// still starts, and its log carries cdp-qemu's warning.
+#[test]
+fn per_disk_policy_refused_by_protect_and_warned_at_start() {
+    let dir = shared_tempdir();
+    let d = dir.path();
+    let config = format!(
+        "{}[policy.gold]\ntargets = [\"primary\"]\n",
+        config_for(d, free_port())
+    );
+    let lv = Libvirt::start(d, &config);
+    let name = "cdp-t-perdisk";
+    let uuid = "5e4d3c2b-1a0f-4e9d-8c7b-6a5f4e3d2c1b";
+    let _ = virsh_try(&["destroy", name]);
+    let _ = virsh_try(&["undefine", name]);
+    let plain = domain_xml(name, uuid, d, "cdp.wait");
+    let qemu = require_tool("qemu-system-x86_64");
+    define(
+        d,
+        &with_per_disk_policy(&plain, uuid, &qemu.display().to_string()),
+    );
+    let before = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+    assert!(before.contains("policy=\"gold\""), "{before}");
+    let r = run(host_cdpctl().args(["protect", name, "--disk", "vda"]));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "protect accepted a per-disk policy");
+    assert!(
+        err.contains("disk vda") && err.contains("\"gold\"") && err.contains("\"default\""),
+        "{err}"
+    );
+    let after = virsh(&["dumpxml", "--inactive", "--security-info", name]);
+    assert_eq!(before, after, "a refused protect changed the definition");
+
+    // Already defined with the key and cdp-qemu: it starts, and says so.
+    define(
+        d,
+        &with_per_disk_policy(&plain, uuid, &format!("{BIN_DIR}/cdp-qemu")),
+    );
+    let log = format!("/var/log/libvirt/qemu/{name}.log");
+    let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    virsh(&["start", name]);
+    let mut markers = Vec::new();
+    follow_markers(&d.join("serial.log"), "CDP-MARKER 1", 120, &mut markers);
+    // Captured by cdpd (with the VM's policy), not written around it.
+    assert!(d.join("run").join(uuid).join("vda.sock").exists());
+    let text = std::fs::read(&log).unwrap();
+    let text = String::from_utf8_lossy(&text[from as usize..]);
+    let warning = format!("cdp-qemu: warning: {name}: disk vda names policy \"gold\"");
+    assert!(text.contains(&warning), "no {warning:?} in {log}:\n{text}");
+    assert!(text.contains("VM's policy \"default\""), "{text}");
+    virsh(&["destroy", name]);
+    virsh(&["undefine", name]);
+    drop(lv);
 }
 
 #[test]
