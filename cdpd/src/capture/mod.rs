@@ -742,13 +742,13 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
             result = Err(nbd_errno(&e));
         }
     }
-    let (journal, image) = sync_concurrently(&files, &disk.image);
-    // Poisoned in the same order as when the syncs ran one after the other.
-    for e in &journal {
-        result = result.and(Err(nbd_errno(e)));
-        degraded::poison(disk, e);
+    for f in files.iter() {
+        if let Err(e) = f.sync_data() {
+            result = result.and(Err(nbd_errno(&e)));
+            degraded::poison(disk, &e);
+        }
     }
-    if let Err(e) = image {
+    if let Err(e) = disk.image.sync_data() {
         result = result.and(Err(nbd_errno(&e)));
         degraded::poison_image(disk, &e);
     }
@@ -764,38 +764,6 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
         }
     }
     result
-}
-
-/// `fdatasync` the journal files (on a scoped helper thread) and the image
-/// (on this one) at the same time: a FLUSH waits for the slower of the two,
-/// not for their sum (docs/DESIGN.md, "Write path"). Returns every journal
-/// file's error, in order, and the image's result; the caller poisons.
-fn sync_concurrently(files: &[Arc<File>], image: &File) -> (Vec<io::Error>, io::Result<()>) {
-    let sync_files = || {
-        files
-            .iter()
-            .filter_map(|f| f.sync_data().err())
-            .collect::<Vec<_>>()
-    };
-    if files.is_empty() {
-        return (Vec::new(), image.sync_data());
-    }
-    std::thread::scope(|s| {
-        let helper = std::thread::Builder::new()
-            .name("cdpd-sync-journal".into())
-            .spawn_scoped(s, sync_files);
-        match helper {
-            Ok(h) => {
-                let image = image.sync_data();
-                let journal = h
-                    .join()
-                    .unwrap_or_else(|_| vec![io::Error::other("the journal sync thread panicked")]);
-                (journal, image)
-            }
-            // No thread to be had: one after the other, as before.
-            Err(_) => (sync_files(), image.sync_data()),
-        }
-    })
 }
 
 #[cfg(test)]
