@@ -220,7 +220,9 @@ pub(crate) fn take(ctx: &Ctx, view: &RootView, policy: &str, only: Option<&str>)
     let images = open_images(&view.images)?;
     let id = VmIdentity::of(&state, uuid)?;
     if nix::unistd::geteuid().is_root() {
-        file_targets(ctx, policy, (id.uid, id.gid))?;
+        // As protect and the libvirt hook at start do (docs/LIBVIRT.md,
+        // "The repository's permissions").
+        crate::protect_cmd::prepare_repositories(ctx, (id.uid, id.gid), uuid, policy, "baseline")?;
     }
     // A baseline is work on the VM's state: it runs as the VM's user
     // (docs/DESIGN.md, "Trust boundaries"), reading the images through the
@@ -411,37 +413,6 @@ fn configured_owner(c: &cdp_core::config::Config) -> Result<(u32, u32)> {
         None => pw.gid,
     };
     Ok((pw.uid.as_raw(), gid.as_raw()))
-}
-
-/// A missing `file://` target of `policy`, created for the VM's user as the
-/// libvirt hook does at start (0750); an existing one is the operator's.
-fn file_targets(ctx: &Ctx, policy: &str, owner: (u32, u32)) -> Result<()> {
-    let Some(p) = ctx.config.policy.get(policy) else {
-        return Ok(());
-    };
-    for name in &p.targets {
-        let Some(path) = ctx
-            .config
-            .target
-            .get(name)
-            .and_then(|t| t.url.strip_prefix("file://"))
-            .map(Path::new)
-        else {
-            continue;
-        };
-        let (Some(parent), Some(leaf)) = (path.parent(), path.file_name()) else {
-            continue;
-        };
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-        let dir = DirFd::open(parent)?;
-        if dir.mkdir_at(leaf, 0o750)? {
-            let d = dir.open_at(leaf)?;
-            d.chown(owner)?;
-            d.chmod(0o750)?;
-        }
-    }
-    Ok(())
 }
 
 /// The baselines as JSON.

@@ -178,7 +178,8 @@ pub fn protect(ctx: &Ctx, a: &ProtectArgs) -> Result<()> {
     }
     // Before anything changes: a repository the shipper cannot write is
     // refused here, with the command that fixes it.
-    let prepared = prepare_repositories(ctx, &new, &dom.uuid, &a.policy)?;
+    let owner = cdp_hooks::hook::vm_owner(&ctx.config, &new)?;
+    let prepared = prepare_repositories(ctx, owner, &dom.uuid, &a.policy, "protect")?;
     if !Path::new(HOOK_PATH).exists() {
         bail!(
             "the libvirt hook {HOOK_PATH} is not installed, so a protected VM could not start: run `cdpctl install --libvirt`, restart libvirtd, then protect"
@@ -272,14 +273,21 @@ fn refuse_per_disk_policies(vm: &str, before: &str) -> Result<()> {
 /// missing directory, or a missing `cdp/` tree in one the user cannot
 /// write, is created for the user (as root); a tree the user cannot write
 /// is refused with the command that fixes it. Nothing that exists is
-/// chowned ([`cdp_hooks::target_dir`]). The directories created.
-fn prepare_repositories(ctx: &Ctx, xml: &str, uuid: &str, policy: &str) -> Result<Vec<PathBuf>> {
+/// chowned ([`cdp_hooks::target_dir`]). The directories created. `again`
+/// names the command to run again after a refusal (`protect`, `baseline`).
+pub(crate) fn prepare_repositories(
+    ctx: &Ctx,
+    owner: (u32, u32),
+    uuid: &str,
+    policy: &str,
+    again: &str,
+) -> Result<Vec<PathBuf>> {
     use cdp_hooks::target_dir::{prepare, Prepared, QemuUser};
     let config = &ctx.config;
     let Some(p) = config.policy.get(policy) else {
         return Ok(Vec::new());
     };
-    let user = QemuUser::new(cdp_hooks::hook::vm_owner(config, xml)?);
+    let user = QemuUser::new(owner);
     let root = nix::unistd::geteuid().is_root();
     let mut created = Vec::new();
     for name in &p.targets {
@@ -296,15 +304,15 @@ fn prepare_repositories(ctx: &Ctx, xml: &str, uuid: &str, policy: &str) -> Resul
         {
             Prepared::Ready => {}
             Prepared::Created(d) => {
-                eprintln!(
+                crate::progress::note(&format!(
                     "cdpctl: target {name}: created {} for {} (mode 0750): its shipper writes there",
                     d.display(),
                     user.label
-                );
+                ));
                 created.push(d);
             }
             Prepared::Refused { path, why, command } => bail!(
-                "target {name} ({}): {} {why}, and the VM's shipper runs as {}: run `{command}` as root, then protect again (nothing was changed)",
+                "target {name} ({}): {} {why}, and the VM's shipper runs as {}: run `{command}` as root, then {again} again (nothing was changed)",
                 dir.display(),
                 path.display(),
                 user.label
