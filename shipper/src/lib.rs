@@ -316,30 +316,15 @@ impl Shipper {
         let results = futures::future::join_all(
             self.targets
                 .iter_mut()
-                .filter(|t| !t.checked && t.next_try.is_none_or(|n| now >= n))
-                .map(|t| async move {
-                    let r = t.check().await;
-                    (t, r)
-                }),
+                .enumerate()
+                .filter(|(_, t)| !t.checked && t.next_try.is_none_or(|n| now >= n))
+                .map(|(i, t)| async move { (i, t.check().await) }),
         )
         .await;
-        let mut failing = Vec::new();
-        for (t, r) in results {
+        for (i, r) in results {
             if let Err(e) = r {
-                let msg = failure_text(&t.url, &e);
-                t.failed(e);
-                failing.push((t.name.clone(), t.url.clone(), msg));
+                self.target_failed(i, e)?;
             }
-        }
-        for (name, url, msg) in failing {
-            self.cat().set_target_state(
-                &self.opts.vm_uuid,
-                &name,
-                &url,
-                "failing",
-                Some(&msg),
-                now_ns(),
-            )?;
         }
         Ok(())
     }
