@@ -4,46 +4,17 @@
 //! directory is the user's, the target ships and is "up" again.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cdp_tests::fixture::{cdpctl_out, config, qemu_io};
-use cdp_tests::{bin, Daemon};
+use cdp_tests::fixture::{cdpctl_out, config, qemu_io, spawn_shipper_as, KillOnDrop as Shipper};
+use cdp_tests::Daemon;
 
 /// The VM's QEMU user on Debian (libvirt-qemu).
 const QEMU_UID: u32 = 64055;
 
-/// A shipper killed when dropped, so a failing test leaves none behind.
-struct Shipper(Child);
-
-impl Drop for Shipper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_shipper(d: &Daemon, cfg: &Path, xml: &Path) -> Shipper {
-    use std::os::unix::process::CommandExt;
-    let log = std::fs::File::create(d.root.join("shipper.log")).unwrap();
-    Shipper(
-        Command::new(bin("cdp-shipper"))
-            .args(["run", "--vm-uuid", &d.vm_uuid, "--poll", "50ms"])
-            .arg("--state-dir")
-            .arg(&d.state_dir)
-            .arg("--run-dir")
-            .arg(&d.run_dir)
-            .arg("--config")
-            .arg(cfg)
-            .arg("--vm-config")
-            .arg(xml)
-            .uid(QEMU_UID)
-            .gid(QEMU_UID)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+    spawn_shipper_as(d, cfg, xml, QEMU_UID, &d.root.join("shipper.log"))
 }
 
 fn shipper_log(d: &Daemon) -> String {

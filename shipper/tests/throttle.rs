@@ -37,22 +37,26 @@ fn config(dir: &Path, repo: &Path, rate: &str) -> PathBuf {
     p
 }
 
-/// 24 MiB of incompressible disk at `rate = "8MiB"`: a baseline of 24
+/// 24 MiB of incompressible disk at `rate = "4MiB"`: a baseline of 24
 /// chunks of 1 MiB. The bucket lets its burst (a quarter second of the
 /// rate) through at once; from then on each object leaves when the bytes
 /// before it are paid. So the rate is measured between the objects written
 /// after the burst and the last one (their write times in the repository),
 /// which leaves out the process's start, the scan's first reads and the
 /// burst, and holds on a loaded host as long as the shipper can read and
-/// compress faster than 8 MiB/s. The whole run may never beat the limit.
+/// compress far faster than 4 MiB/s (a rate low enough that a busy 2-core
+/// host still produces well above it, so a ratio under 0.9 is the limiter's
+/// fault, not the producer's). The whole run may never beat the limit.
 #[test]
 fn a_target_rate_holds_within_ten_percent() {
-    let rate = 8 * MIB;
+    let rate = 4 * MIB;
+    // The bucket's burst: a quarter second of the rate.
+    let burst = rate / 4;
     let mut d = Daemon::builder().disk_random("vda", 24 * MIB, 11).start();
     d.term();
     let repo = d.work_dir().join("repo");
     std::fs::create_dir_all(&repo).unwrap();
-    let cfg = config(&d.work_dir(), &repo, "8MiB");
+    let cfg = config(&d.work_dir(), &repo, "4MiB");
     let start = Instant::now();
     let out = run(&mut shipper_once_cmd(&d, &cfg));
     let elapsed = start.elapsed().as_secs_f64();
@@ -70,11 +74,11 @@ fn a_target_rate_holds_within_ten_percent() {
     objs.sort();
     let total: u64 = objs.iter().map(|o| o.1).sum();
     assert!(total >= 24 * MIB, "only {total} bytes in the repository");
-    // Never faster than the limit, startup burst (2 MiB) included.
-    let floor = (total - 2 * MIB) as f64 / rate as f64;
+    // Never faster than the limit, startup burst included.
+    let floor = (total - burst) as f64 / rate as f64;
     assert!(
         elapsed >= floor * 0.98,
-        "{total} bytes in {elapsed:.2}s: faster than 8 MiB/s (at least {floor:.2}s)"
+        "{total} bytes in {elapsed:.2}s: faster than 4 MiB/s (at least {floor:.2}s)"
     );
     // The paced part: the chunks (the VM's definition and the config are
     // not throttled, and are written after them), from the first written
@@ -86,7 +90,7 @@ fn a_target_rate_holds_within_ten_percent() {
         .iter()
         .position(|o| {
             cum += o.1;
-            cum > 3 * MIB
+            cum > burst + MIB
         })
         .unwrap();
     let (first, last) = (objs[k].0, objs.last().unwrap().0);
@@ -96,7 +100,7 @@ fn a_target_rate_holds_within_ten_percent() {
     let ratio = measured / rate as f64;
     assert!(
         (0.9..=1.1).contains(&ratio),
-        "{bytes} bytes in {secs:.3}s = {:.2} MiB/s, limit 8 MiB/s (ratio {ratio:.3}); whole run {elapsed:.2}s",
+        "{bytes} bytes in {secs:.3}s = {:.2} MiB/s, limit 4 MiB/s (ratio {ratio:.3}); whole run {elapsed:.2}s",
         measured / MIB as f64
     );
     eprintln!(

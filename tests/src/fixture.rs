@@ -257,3 +257,125 @@ pub fn disk_status_u64(d: &Daemon, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("status has no {key}: {s}"))
 }
+
+/// A child killed (and reaped) when dropped, so a failing test leaves no
+/// QEMU, shipper or agent running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Write at `path` a libvirt domain definition named `name` with `uuid`,
+/// protecting its one raw disk `vda` backed by the file `disk`.
+pub fn write_protected_domain_xml(path: &Path, name: &str, uuid: &str, disk: &Path) {
+    std::fs::write(
+        path,
+        format!(
+            r#"<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <metadata>
+    <cdp:protection xmlns:cdp="urn:cdpd:protection:1"><cdp:disk target="vda"/></cdp:protection>
+  </metadata>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>"#,
+            disk.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// `cdp-shipper run --poll 50ms` for this daemon's VM as `uid:uid`, with
+/// `cfg` and the VM definition `xml`; its stderr to `log`.
+pub fn spawn_shipper_as(d: &Daemon, cfg: &Path, xml: &Path, uid: u32, log: &Path) -> KillOnDrop {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(log).unwrap();
+    KillOnDrop(
+        Command::new(bin("cdp-shipper"))
+            .args(["run", "--vm-uuid", &d.vm_uuid, "--poll", "50ms"])
+            .arg("--state-dir")
+            .arg(&d.state_dir)
+            .arg("--run-dir")
+            .arg(&d.run_dir)
+            .arg("--config")
+            .arg(cfg)
+            .arg("--vm-config")
+            .arg(xml)
+            .uid(uid)
+            .gid(uid)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// QEMU's monitor, over QMP.
+pub struct Qmp {
+    w: std::os::unix::net::UnixStream,
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Qmp {
+    /// Connect once QEMU's monitor socket `path` accepts (at most 60 s),
+    /// read the greeting and negotiate capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        use std::os::unix::net::UnixStream;
+        crate::guest::wait_until("QEMU's monitor socket", 60, || {
+            UnixStream::connect(path).is_ok()
+        });
+        let w = UnixStream::connect(path).unwrap();
+        // Long enough for QEMU's NBD client to reconnect (it waits up to 60 s).
+        w.set_read_timeout(Some(std::time::Duration::from_secs(90)))
+            .unwrap();
+        let mut q = Qmp {
+            r: std::io::BufReader::new(w.try_clone().unwrap()),
+            w,
+        };
+        let greeting = q.line();
+        assert!(greeting.contains("\"QMP\""), "{greeting}");
+        q.call(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut s = String::new();
+        self.r.read_line(&mut s).unwrap();
+        s
+    }
+
+    /// Send one command; its reply (events skipped).
+    pub fn call(&mut self, cmd: &str) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.w, "{cmd}").unwrap();
+        loop {
+            let v: serde_json::Value = serde_json::from_str(&self.line()).unwrap();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    }
+
+    /// Run a qemu-io command on node `d0`; panics on a monitor error (what
+    /// qemu-io itself prints goes to QEMU's stdout).
+    pub fn qemu_io(&mut self, cmd: &str) {
+        let hmp = format!("qemu-io d0 \"{cmd}\"");
+        let v = self.call(
+            &serde_json::json!({"execute":"human-monitor-command",
+                                "arguments":{"command-line": hmp}})
+            .to_string(),
+        );
+        assert!(v.get("error").is_none(), "qemu-io {cmd:?}: {v}");
+    }
+}

@@ -10,23 +10,15 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cdp_tests::fixture::{assert_repo_restores_image, cdpctl_out, qemu_io};
+use cdp_tests::fixture::{
+    assert_repo_restores_image, cdpctl_out, qemu_io, spawn_shipper_as, KillOnDrop as Killed,
+};
 use cdp_tests::{bin, Daemon};
 
 const QEMU_UID: u32 = 64055;
-
-/// A child killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -37,28 +29,9 @@ fn free_port() -> u16 {
 }
 
 fn spawn_shipper(d: &Daemon, cfg: &Path) -> Killed {
-    use std::os::unix::process::CommandExt;
     let xml = d.work_dir().join("domain.xml");
     std::fs::write(&xml, "<domain><name>test-vm</name></domain>\n").unwrap();
-    let log = std::fs::File::create(d.work_dir().join("shipper.log")).unwrap();
-    Killed(
-        Command::new(bin("cdp-shipper"))
-            .args(["run", "--vm-uuid", &d.vm_uuid, "--poll", "50ms"])
-            .arg("--state-dir")
-            .arg(&d.state_dir)
-            .arg("--run-dir")
-            .arg(&d.run_dir)
-            .arg("--config")
-            .arg(cfg)
-            .arg("--vm-config")
-            .arg(&xml)
-            .uid(QEMU_UID)
-            .gid(QEMU_UID)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+    spawn_shipper_as(d, cfg, &xml, QEMU_UID, &d.work_dir().join("shipper.log"))
 }
 
 fn spawn_agent(d: &Daemon, cfg: &Path) -> Killed {
@@ -162,17 +135,17 @@ fn an_unwritable_repository_is_failing_within_seconds_and_up_once_writable() {
     let t0 = Instant::now();
 
     // Failing, in status and in the metrics, within seconds.
-    poll(&d, &mut sh, "status: failing", 20, || {
+    poll(&d, &mut sh, "status: failing", 30, || {
         status(&d, &cfg).1["state"] == "failing"
     });
     let in_status = t0.elapsed();
-    poll(&d, &mut sh, "metrics: cdp_vm_target_up 0", 20, || {
+    poll(&d, &mut sh, "metrics: cdp_vm_target_up 0", 30, || {
         metric_up(port, &d.vm_uuid) == Some(0.0)
     });
     let in_metrics = t0.elapsed();
     eprintln!("failing in status after {in_status:?}, in the metrics after {in_metrics:?}");
     assert!(
-        in_metrics < Duration::from_secs(10),
+        in_metrics < Duration::from_secs(30),
         "{in_metrics:?}\n{}",
         logs(&d)
     );
@@ -189,12 +162,13 @@ fn an_unwritable_repository_is_failing_within_seconds_and_up_once_writable() {
         "{text}"
     );
 
-    // A write while failing; every sample for 3 s says failing (the
-    // shipper keeps retrying; never "up" meanwhile).
+    // A write while failing; every sample for 3 s (and at least 3 samples,
+    // however slow each is on a loaded host) says failing (the shipper
+    // keeps retrying; never "up" meanwhile).
     qemu_io(&d, "vda", &["write -P 8 1M 64k".into(), "flush".into()]);
     let until = Instant::now() + Duration::from_secs(3);
     let mut samples = 0;
-    while Instant::now() < until {
+    while Instant::now() < until || samples < 3 {
         assert!(sh.0.try_wait().unwrap().is_none(), "{}", logs(&d));
         let (_, t) = status(&d, &cfg);
         assert_eq!(t["state"], "failing", "{t}\n{}", logs(&d));

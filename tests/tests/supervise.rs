@@ -8,28 +8,17 @@
 //! cannot start any more is given up on, and the VM's log says so; the
 //! supervisor then stays QEMU's running child (never a zombie) until QEMU ends.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cdp_core::control::Client;
 use cdp_core::layout::{RunDir, StateDir};
+use cdp_tests::fixture::{write_protected_domain_xml, KillOnDrop, Qmp};
 use cdp_tests::guest::wait_until;
 use cdp_tests::{bin, require_tool, run_ok};
 
 const MIB: u64 = 1 << 20;
-
-/// A child killed when dropped, so a failing test leaves no QEMU running.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Vm {
     dir: tempfile::TempDir,
@@ -56,27 +45,7 @@ impl Vm {
             ),
         )
         .unwrap();
-        std::fs::write(
-            d.join("domain.xml"),
-            format!(
-                r#"<domain type='qemu'>
-  <name>supervised</name>
-  <uuid>{uuid}</uuid>
-  <metadata>
-    <cdp:protection xmlns:cdp="urn:cdpd:protection:1"><cdp:disk target="vda"/></cdp:protection>
-  </metadata>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>"#,
-                disk.display()
-            ),
-        )
-        .unwrap();
+        write_protected_domain_xml(&d.join("domain.xml"), "supervised", uuid, &disk);
         Vm {
             dir,
             uuid,
@@ -114,7 +83,7 @@ impl Vm {
     /// QEMU (paused before its first instruction: only the block layer and
     /// the monitor work; `-machine none` would be taken for a probe),
     /// started through cdp-qemu. Its stderr is "the VM's log".
-    fn start(&self) -> Guard {
+    fn start(&self) -> KillOnDrop {
         let qemu = Command::new(bin("cdp-qemu"))
             .arg("--vm-config")
             .arg(self.dir.path().join("domain.xml"))
@@ -146,7 +115,7 @@ impl Vm {
             .stderr(std::fs::File::create(self.dir.path().join("qemu.log")).unwrap())
             .spawn()
             .unwrap();
-        Guard(qemu)
+        KillOnDrop(qemu)
     }
 
     fn control(&self) -> Client {
@@ -178,60 +147,6 @@ impl Vm {
             .map(Result::unwrap)
             .collect();
         rows
-    }
-}
-
-/// QEMU's monitor, over QMP.
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        wait_until("QEMU's monitor socket", 60, || {
-            UnixStream::connect(path).is_ok()
-        });
-        let w = UnixStream::connect(path).unwrap();
-        // Long enough for QEMU's NBD client to reconnect (it waits up to 60 s).
-        w.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(w.try_clone().unwrap()),
-            w,
-        };
-        let greeting = q.line();
-        assert!(greeting.contains("\"QMP\""), "{greeting}");
-        q.call(r#"{"execute":"qmp_capabilities"}"#);
-        q
-    }
-
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.r.read_line(&mut s).unwrap();
-        s
-    }
-
-    /// Send one command; its reply (events skipped).
-    fn call(&mut self, cmd: &str) -> serde_json::Value {
-        writeln!(self.w, "{cmd}").unwrap();
-        loop {
-            let v: serde_json::Value = serde_json::from_str(&self.line()).unwrap();
-            if v.get("return").is_some() || v.get("error").is_some() {
-                return v;
-            }
-        }
-    }
-
-    /// Run a qemu-io command on node `d0`; panics on a monitor error (what
-    /// qemu-io itself says goes to QEMU's stdout: see [`Vm::qemu_io_log`]).
-    fn qemu_io(&mut self, cmd: &str) {
-        let hmp = format!("qemu-io d0 \"{cmd}\"");
-        let v = self.call(
-            &serde_json::json!({"execute":"human-monitor-command",
-                                "arguments":{"command-line": hmp}})
-            .to_string(),
-        );
-        assert!(v.get("error").is_none(), "qemu-io {cmd:?}: {v}");
     }
 }
 
@@ -371,7 +286,7 @@ fn restarts_are_bounded_and_giving_up_is_logged() {
     });
     // Having given up, the supervisor stays alive under QEMU (an exited one
     // would be a zombie there: QEMU never waits for a child) and says why.
-    vm.wait("the supervisor to say it waits for QEMU", 30, || {
+    vm.wait("the supervisor to say it waits for QEMU", 60, || {
         vm.log().contains("waiting for QEMU")
     });
     std::thread::sleep(Duration::from_secs(2));

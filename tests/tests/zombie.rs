@@ -7,28 +7,17 @@
 //! (the VM's log says so), and the restarted shipper ships what is written
 //! after the kill.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cdp_core::control::Client;
 use cdp_core::layout::RunDir;
+use cdp_tests::fixture::{write_protected_domain_xml, KillOnDrop, Qmp};
 use cdp_tests::guest::wait_until;
 use cdp_tests::{bin, require_tool};
 
 const UUID: &str = "5e1c2d3f-7a8b-4c9d-8e0f-1a2b3c4d5e6f";
-
-/// A child killed when dropped, so a failing test leaves no QEMU running.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The process state letter of `pid` (`None`: no such process).
 fn state(pid: i32) -> Option<String> {
@@ -86,52 +75,6 @@ fn zombies_under(root: i32) -> Vec<(i32, String)> {
     out
 }
 
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        wait_until("QEMU's monitor socket", 60, || {
-            UnixStream::connect(path).is_ok()
-        });
-        let w = UnixStream::connect(path).unwrap();
-        w.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(w.try_clone().unwrap()),
-            w,
-        };
-        let mut greeting = String::new();
-        q.r.read_line(&mut greeting).unwrap();
-        assert!(greeting.contains("\"QMP\""), "{greeting}");
-        q.call(r#"{"execute":"qmp_capabilities"}"#);
-        q
-    }
-
-    fn call(&mut self, cmd: &str) -> serde_json::Value {
-        writeln!(self.w, "{cmd}").unwrap();
-        loop {
-            let mut s = String::new();
-            self.r.read_line(&mut s).unwrap();
-            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-            if v.get("return").is_some() || v.get("error").is_some() {
-                return v;
-            }
-        }
-    }
-
-    fn qemu_io(&mut self, cmd: &str) {
-        let hmp = format!("qemu-io d0 \"{cmd}\"");
-        let v = self.call(
-            &serde_json::json!({"execute":"human-monitor-command",
-                                "arguments":{"command-line": hmp}})
-            .to_string(),
-        );
-        assert!(v.get("error").is_none(), "qemu-io {cmd:?}: {v}");
-    }
-}
-
 fn setup(d: &Path) -> (PathBuf, PathBuf) {
     let disk = d.join("vda.raw");
     std::fs::File::create(&disk)
@@ -151,32 +94,12 @@ fn setup(d: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     std::fs::create_dir(d.join("repo")).unwrap();
-    std::fs::write(
-        d.join("domain.xml"),
-        format!(
-            r#"<domain type='qemu'>
-  <name>zombie</name>
-  <uuid>{UUID}</uuid>
-  <metadata>
-    <cdp:protection xmlns:cdp="urn:cdpd:protection:1"><cdp:disk target="vda"/></cdp:protection>
-  </metadata>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
-</domain>"#,
-            disk.display()
-        ),
-    )
-    .unwrap();
+    write_protected_domain_xml(&d.join("domain.xml"), "zombie", UUID, &disk);
     (disk, cfg)
 }
 
-fn start_qemu(d: &Path, disk: &Path, cfg: &Path) -> Guard {
-    Guard(
+fn start_qemu(d: &Path, disk: &Path, cfg: &Path) -> KillOnDrop {
+    KillOnDrop(
         Command::new(bin("cdp-qemu"))
             .arg("--vm-config")
             .arg(d.join("domain.xml"))
@@ -250,13 +173,13 @@ fn a_killed_shipper_is_reaped_and_started_again_under_qemu() {
     )
     .unwrap();
     // Reaped: the pid is gone, not a zombie (polled; a zombie never goes).
-    wait_until("the killed shipper to be reaped", 10, || {
+    wait_until("the killed shipper to be reaped", 60, || {
         state(first).is_none()
     });
     assert_eq!(zombies_under(qemu_pid), vec![], "{}", log());
 
     // Started again by its parent within seconds, and it ships.
-    wait_until("a new shipper", 30, || {
+    wait_until("a new shipper", 60, || {
         shippers().iter().any(|p| *p != first)
     });
     let second = shippers()[0];

@@ -133,7 +133,7 @@ impl Setup {
     fn assert_nothing_left(&self) {
         for m in ["fish.pid", "appliance.pid"] {
             let pid: i32 = self.mark(m).parse().unwrap();
-            wait_until(&format!("{m} ({pid}) to be gone"), 10, || {
+            wait_until(&format!("{m} ({pid}) to be gone"), 30, || {
                 cdp_core::proc::is_gone(pid)
             });
         }
