@@ -682,7 +682,9 @@ impl Watched {
         for (pid, cmdline) in processes_naming(&dir) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             for sockdir in libguestfs_sockdirs(&cmdline) {
-                let _ = std::fs::remove_dir_all(sockdir);
+                if ours_dir(&sockdir) {
+                    let _ = std::fs::remove_dir_all(sockdir);
+                }
             }
         }
     }
@@ -692,9 +694,13 @@ fn signal_name(n: u32) -> &'static str {
     Signal::try_from(n as i32).map_or("a signal", Signal::as_str)
 }
 
-/// Processes other than us whose command line contains `dir`.
+/// Processes other than us, of our own uid, whose command line contains
+/// `dir`. Anyone can run a process naming our private directory (its path
+/// is on the appliance's command line): only ours are killed, and only
+/// their command lines name socket directories to remove.
 fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
     let me = std::process::id() as i32;
+    let uid = nix::unistd::geteuid().as_raw();
     let needle = dir.to_string_lossy().into_owned();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -702,12 +708,29 @@ fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
     rd.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|p| *p != me)
+        .filter(|p| real_uid(*p) == Some(uid))
         .filter_map(|p| {
             let c = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
             let c = String::from_utf8_lossy(&c).replace('\0', " ");
             c.contains(&needle).then_some((p, c))
         })
         .collect()
+}
+
+/// The real uid of process `pid` (`/proc/PID/status`; the owner of
+/// `/proc/PID` is root for any non-dumpable process, so it is not used).
+fn real_uid(pid: i32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// A directory (not a link) that we own: only such a socket directory is
+/// removed. Another user cannot swap it afterwards (/tmp is sticky).
+fn ours_dir(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    p.symlink_metadata()
+        .is_ok_and(|m| m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw())
 }
 
 /// `/tmp/libguestfsXXXXXX` directories (libguestfs's sockets, made for
@@ -839,6 +862,53 @@ mod tests {
         assert!(libguestfs_sockdirs("/tmp/libguestfs../etc/x").is_empty());
         assert!(parse_timeout("0s").is_err());
         assert_eq!(parse_timeout("90s").unwrap(), Duration::from_secs(90));
+    }
+
+    /// A process of another user naming our private directory is neither
+    /// killed nor believed; a socket directory another user owns, or a
+    /// link, is not removed.
+    #[test]
+    fn only_our_own_processes_and_directories_are_touched() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let needle = dir.path().join("tmp");
+        let spawn = |uid: Option<u32>| {
+            let mut c = Command::new("sleep");
+            c.arg0(&needle).arg("30");
+            if let Some(u) = uid {
+                c.uid(u).gid(u);
+            }
+            c.spawn().unwrap()
+        };
+        let root = nix::unistd::geteuid().is_root();
+        if !root {
+            eprintln!("not root: another user's process and directory are not tried");
+        }
+        let mut mine = spawn(None);
+        let mut other = root.then(|| spawn(Some(65534)));
+        std::thread::sleep(Duration::from_millis(200));
+        let found: Vec<i32> = processes_naming(dir.path()).iter().map(|p| p.0).collect();
+        let _ = mine.kill();
+        let _ = mine.wait();
+        if let Some(o) = other.as_mut() {
+            let _ = o.kill();
+            let _ = o.wait();
+        }
+        assert!(found.contains(&(mine.id() as i32)), "{found:?}");
+        if let Some(o) = &other {
+            assert!(!found.contains(&(o.id() as i32)), "{found:?}");
+        }
+
+        let d = dir.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        assert!(ours_dir(&d));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        assert!(!ours_dir(&link));
+        if root {
+            std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+            assert!(!ours_dir(&d));
+        }
     }
 
     #[test]
