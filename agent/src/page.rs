@@ -67,6 +67,10 @@ struct VmRead {
     key: String,
     /// None: `key` is the one the agent has cached.
     lanes: Option<Vec<ui::DiskTimeline>>,
+    /// cdpd's answer on the VM's control socket, asked by the child: the
+    /// socket is in `<run>/<uuid>`, which QEMU's user can write, so root
+    /// never connects by that path.
+    status: Option<cdp_core::control::Status>,
 }
 
 impl Page {
@@ -132,7 +136,7 @@ impl Page {
         now: u64,
         host_targets: &mut BTreeMap<String, (u64, ui::TargetStatus)>,
     ) -> ui::VmStatus {
-        let status = cdpd_answers(&self.src.run_dir, uuid);
+        let status = r.status.clone();
         let mut names: Vec<String> = targets_of(&self.src.config, &r.snap.row).to_vec();
         for t in r.targets.keys() {
             if !names.contains(t) {
@@ -335,7 +339,9 @@ fn read_as_owner(src: &Source, uuid: &str, cached: Option<&str>) -> Result<Optio
         let Some(snap) = VmSnapshot::read(&cat, uuid, &config).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        read_vm(&cat, &dir, snap, cached.as_deref()).map(Some)
+        let mut r = read_vm(&cat, &dir, snap, cached.as_deref())?;
+        r.status = cdpd_answers(&src.run_dir, uuid);
+        Ok(Some(r))
     })
     .map_err(|e| e.to_string())
 }
@@ -417,6 +423,7 @@ fn read_vm(
         newest_shipped,
         key,
         lanes,
+        status: None,
     })
 }
 
