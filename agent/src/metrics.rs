@@ -266,7 +266,7 @@ impl Families {
         targets_seen: &mut BTreeMap<String, (u64, bool)>,
     ) {
         let vm = &snap.row;
-        let status = cdpd_answers(&src.run_dir, &vm.uuid);
+        let status = snap.status.as_ref();
         self.running
             .with_label_values(&[&vm.name, &vm.uuid])
             .set(status.is_some() as i64);
@@ -330,6 +330,11 @@ pub struct VmSnapshot {
     pub targets: Vec<(String, u64, bool)>,
     pub disks: Vec<DiskSnapshot>,
     pub shipped: Vec<(String, u64)>,
+    /// cdpd's answer on the VM's control socket (None: not running), asked
+    /// by the same child: the socket is in `<run>/<uuid>`, which QEMU's user
+    /// can write, so root never connects by that path (docs/DESIGN.md,
+    /// "Trust boundaries").
+    pub status: Option<cdp_core::control::Status>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -341,12 +346,14 @@ pub struct DiskSnapshot {
 }
 
 impl VmSnapshot {
-    /// Read one VM's catalog (as its user). `targets` are the policy's
-    /// targets (those with a backlog even before anything was shipped).
+    /// Read one VM's catalog and ask its cdpd (as the VM's user). `targets`
+    /// are the policy's targets (those with a backlog even before anything
+    /// was shipped).
     pub fn read(
         cat: &Catalog,
         uuid: &str,
         config: &Config,
+        run_dir: &std::path::Path,
     ) -> Result<Option<VmSnapshot>, CatalogError> {
         let Some(row) = cat.vms()?.into_iter().find(|r| r.uuid == uuid) else {
             return Ok(None);
@@ -382,6 +389,7 @@ impl VmSnapshot {
             targets,
             disks,
             shipped,
+            status: cdpd_answers(run_dir, uuid),
         }))
     }
 
@@ -392,7 +400,7 @@ impl VmSnapshot {
         let (dir, config) = (src.state_dir.clone(), src.config.clone());
         let snap = id.run(state.vm(uuid).path(), || {
             let cat = Catalog::open(&dir, uuid).map_err(|e| e.to_string())?;
-            VmSnapshot::read(&cat, uuid, &config).map_err(|e| e.to_string())
+            VmSnapshot::read(&cat, uuid, &config, &src.run_dir).map_err(|e| e.to_string())
         })?;
         Ok(snap)
     }
@@ -488,6 +496,7 @@ mod tests {
     use super::*;
     use cdp_core::catalog::Shipment;
     use cdp_core::journal::writer::SealedSegment;
+    use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
     const VM: &str = "0b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d";
@@ -624,19 +633,9 @@ targets = ["primary", "offsite"]
         assert_eq!(sample(&t, "cdp_errors_total{kind=\"catalog\"}"), Some(0.0));
     }
 
-    /// A running cdpd (a fake control socket) whose vda is degraded: the
-    /// degraded-mode series come from its status.
-    #[test]
-    fn a_degraded_disk_is_exported_from_cdpd_status() {
-        use cdp_core::control::{DiskStatus, Reply, Status};
-        use std::io::{BufRead, Write};
-        let dir = tempfile::tempdir().unwrap();
-        let src = source(dir.path());
-        let sock = cdp_core::layout::RunDir::new(&src.run_dir)
-            .vm(VM)
-            .control_socket();
-        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
-        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    /// cdpd's status with a degraded vda and a normal vdb.
+    fn fake_status() -> cdp_core::control::Status {
+        use cdp_core::control::{DiskStatus, Status};
         let disk = |name: &str, degraded: bool| DiskStatus {
             disk: name.into(),
             path: format!("/img/{name}"),
@@ -670,7 +669,7 @@ targets = ["primary", "offsite"]
             resync_bytes_journaled: 7 << 20,
             resyncs_done: 1,
         };
-        let status = Status {
+        Status {
             vm_uuid: VM.into(),
             vm_name: "web".into(),
             pid: 1,
@@ -678,14 +677,33 @@ targets = ["primary", "offsite"]
             segment_size: 1 << 20,
             segment_age_ms: 1000,
             disks: vec![disk("vda", true), disk("vdb", false)],
-        };
-        let server = std::thread::spawn(move || {
+        }
+    }
+
+    /// A fake cdpd on `sock`: answers one request with [`fake_status`].
+    fn serve_status_once(sock: &Path) -> std::thread::JoinHandle<()> {
+        use std::io::{BufRead, Write};
+        let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
             let (s, _) = l.accept().unwrap();
             let mut line = String::new();
             std::io::BufReader::new(&s).read_line(&mut line).unwrap();
-            (&s).write_all(Reply::status(status).to_line().as_bytes())
-                .unwrap();
-        });
+            let reply = cdp_core::control::Reply::status(fake_status());
+            (&s).write_all(reply.to_line().as_bytes()).unwrap();
+        })
+    }
+
+    /// A running cdpd (a fake control socket) whose vda is degraded: the
+    /// degraded-mode series come from its status.
+    #[test]
+    fn a_degraded_disk_is_exported_from_cdpd_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let sock = cdp_core::layout::RunDir::new(&src.run_dir)
+            .vm(VM)
+            .control_socket();
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        let server = serve_status_once(&sock);
         let t = render(&src).unwrap();
         server.join().unwrap();
         let vm = format!("vm=\"web\",vm_uuid=\"{VM}\"");
@@ -697,6 +715,47 @@ targets = ["primary", "offsite"]
         assert_eq!(at("cdp_disk_dirty_bytes", "vdb"), Some(0.0), "{t}");
         let read = at("cdp_disk_resync_bytes_read_total", "vda");
         assert_eq!(read, Some(7340032.0), "{t}");
+    }
+
+    /// A VM's user links its control socket to a socket only root can
+    /// reach (here a fake cdpd in a root-only directory, standing for
+    /// another VM's cdpd or any root socket): the agent asks cdpd as the
+    /// VM's user, so the link leads nowhere and the VM is not running.
+    #[test]
+    fn a_control_socket_link_planted_by_the_vms_user_reaches_nothing_of_roots() {
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let vm_dir = StateDir::new(dir.path()).vm(VM);
+        for e in std::fs::read_dir(vm_dir.path()).unwrap() {
+            std::os::unix::fs::chown(e.unwrap().path(), Some(65534), Some(65534)).unwrap();
+        }
+        std::os::unix::fs::chown(vm_dir.path(), Some(65534), Some(65534)).unwrap();
+        let sock = cdp_core::layout::RunDir::new(&src.run_dir)
+            .vm(VM)
+            .control_socket();
+        let run_vm = sock.parent().unwrap();
+        std::fs::create_dir_all(run_vm).unwrap();
+        std::os::unix::fs::chown(run_vm, Some(65534), Some(65534)).unwrap();
+        let private = dir.path().join("roots");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let target = private.join("cdpd.sock");
+        // Not joined: with the fix nobody connects.
+        let _server = serve_status_once(&target);
+        std::os::unix::fs::symlink(&target, &sock).unwrap();
+        let t = render(&src).unwrap();
+        let vm = format!("vm=\"web\",vm_uuid=\"{VM}\"");
+        assert_eq!(
+            sample(&t, &format!("cdp_vm_running{{{vm}}}")),
+            Some(0.0),
+            "root followed the VM user's link to a root-only socket: {t}"
+        );
+        assert_eq!(
+            sample(&t, &format!("cdp_disk_degraded{{disk=\"vda\",{vm}}}")),
+            None,
+            "{t}"
+        );
     }
 
     #[test]

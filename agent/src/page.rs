@@ -28,7 +28,7 @@ use cdp_ui as ui;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::adopt::{cdpd_answers, targets_of};
+use crate::adopt::targets_of;
 use crate::metrics::{Source, VmSnapshot};
 
 /// How far back the RPO history of a target goes.
@@ -67,10 +67,6 @@ struct VmRead {
     key: String,
     /// None: `key` is the one the agent has cached.
     lanes: Option<Vec<ui::DiskTimeline>>,
-    /// cdpd's answer on the VM's control socket, asked by the child: the
-    /// socket is in `<run>/<uuid>`, which QEMU's user can write, so root
-    /// never connects by that path.
-    status: Option<cdp_core::control::Status>,
 }
 
 impl Page {
@@ -136,7 +132,7 @@ impl Page {
         now: u64,
         host_targets: &mut BTreeMap<String, (u64, ui::TargetStatus)>,
     ) -> ui::VmStatus {
-        let status = r.status.clone();
+        let status = r.snap.status.clone();
         let mut names: Vec<String> = targets_of(&self.src.config, &r.snap.row).to_vec();
         for t in r.targets.keys() {
             if !names.contains(t) {
@@ -336,12 +332,12 @@ fn read_as_owner(src: &Source, uuid: &str, cached: Option<&str>) -> Result<Optio
     let cached = cached.map(str::to_string);
     id.run(state.vm(uuid).path(), || {
         let cat = Catalog::open(&dir, uuid).map_err(|e| e.to_string())?;
-        let Some(snap) = VmSnapshot::read(&cat, uuid, &config).map_err(|e| e.to_string())? else {
+        let Some(snap) =
+            VmSnapshot::read(&cat, uuid, &config, &src.run_dir).map_err(|e| e.to_string())?
+        else {
             return Ok(None);
         };
-        let mut r = read_vm(&cat, &dir, snap, cached.as_deref())?;
-        r.status = cdpd_answers(&src.run_dir, uuid);
-        Ok(Some(r))
+        read_vm(&cat, &dir, snap, cached.as_deref()).map(Some)
     })
     .map_err(|e| e.to_string())
 }
@@ -423,7 +419,6 @@ fn read_vm(
         newest_shipped,
         key,
         lanes,
-        status: None,
     })
 }
 
