@@ -18,6 +18,7 @@
 
 pub mod fixture;
 pub mod guest;
+pub mod libvirt;
 pub mod nbd;
 
 use std::ffi::{OsStr, OsString};
