@@ -76,6 +76,12 @@ pub struct Target {
     /// Absent: unlimited.
     #[serde(default, deserialize_with = "opt_size")]
     pub rate: Option<u64>,
+    /// What the target may hold in all, in bytes ("2TiB"), for targets that
+    /// cannot report their free space (S3): free space is this minus what
+    /// the repository holds. It orders a policy's secondaries
+    /// (docs/DESIGN.md, "Plans"). Absent on S3: such a target comes last.
+    #[serde(default, deserialize_with = "opt_size")]
+    pub capacity: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -101,7 +107,20 @@ pub struct Policy {
     pub journal_min_free: Option<MinFree>,
     /// What the repository keeps (absent: everything, forever).
     pub retention: Option<RetentionConfig>,
+    /// Secondaries (every target after the first) receive a segment only
+    /// once the primary has it (plus their own delay), in order of free
+    /// space (docs/DESIGN.md, "Plans"). Default false: all at once.
+    #[serde(default)]
+    pub cascade: bool,
+    /// With `cascade`: how long a segment waits for a primary that does not
+    /// take it (down, refusing) before the secondaries receive it anyway,
+    /// e.g. "15m" (the default, [`DEFAULT_CASCADE_WAIT`]).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub cascade_wait: Option<Duration>,
 }
+
+/// How long a segment waits for the primary under `cascade` by default.
+pub const DEFAULT_CASCADE_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// `[policy.P.retention]`: every point within `any_point`, then one point
 /// per `every` for as long as `keep` (measured from now), tier by tier.

@@ -31,6 +31,7 @@ fn target(url: &str, creds: &Path, prune: Option<&Path>) -> Target {
         credentials_file: Some(creds.to_path_buf()),
         prune_credentials_file: prune.map(Path::to_path_buf),
         rate: None,
+        capacity: None,
     }
 }
 
