@@ -111,6 +111,13 @@ CREATE TABLE IF NOT EXISTS gaps(
     ts_ns INTEGER NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS uploads(
+    vm_uuid TEXT NOT NULL,
+    target TEXT NOT NULL,
+    in_flight INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    PRIMARY KEY(vm_uuid, target)
+);
 ";
 
 #[derive(Debug, Error)]
@@ -852,6 +859,35 @@ impl Catalog {
             )
             .map_err(self.err())?;
         Ok(())
+    }
+
+    /// How many uploads the VM's shipper has in flight to `target` now
+    /// (the agent's `cdp_uploads_in_flight`).
+    pub fn set_in_flight(&self, vm: &str, target: &str, n: u64, now_ns: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO uploads(vm_uuid, target, in_flight, updated_ns) VALUES(?1, ?2, ?3, ?4)
+                 ON CONFLICT(vm_uuid, target) DO UPDATE SET in_flight = excluded.in_flight,
+                    updated_ns = excluded.updated_ns",
+                params![vm, target, n as i64, now_ns as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Per target: the uploads in flight as the shipper last recorded them.
+    pub fn in_flight(&self, vm: &str) -> Result<Vec<(String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT target, in_flight FROM uploads WHERE vm_uuid = ?1 ORDER BY target",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
     }
 
     pub fn targets(&self, vm: &str) -> Result<Vec<TargetRow>> {
