@@ -9,11 +9,13 @@
 pub mod baseline;
 pub mod error;
 pub mod lock;
+pub mod plan;
 pub mod service;
 pub mod ship;
 pub mod throttle;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,14 @@ pub struct Target {
     pub store: Store,
     /// Its `rate`, shared by all its uploads.
     pub throttle: throttle::Throttle,
+    /// Its `capacity` (free space = capacity - what the repository holds).
+    pub capacity: Option<u64>,
+    /// What the repository held when last listed, and when (`capacity` only).
+    used: Option<(Instant, u64)>,
+    /// Segment uploads in flight to it now.
+    in_flight: AtomicU64,
+    /// The text of its last failure (the catalog's message for it).
+    failure_text: Option<String>,
     /// Reachable and of our format once ([`Target::check`]); until then the
     /// target is retried with backoff and nothing else is sent to it.
     checked: bool,
@@ -48,6 +58,9 @@ pub struct Target {
     /// again every pass).
     baseline_backoff: std::collections::HashMap<String, (Instant, Duration)>,
 }
+
+/// How often a target with a `capacity` is listed for what it holds.
+pub const USAGE_REFRESH: Duration = Duration::from_secs(300);
 
 /// The first wait after a failed baseline, doubled after each failure.
 const BASELINE_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -140,7 +153,11 @@ pub type ImageFds = std::collections::BTreeMap<String, (std::fs::File, PathBuf)>
 
 pub struct Shipper {
     pub opts: Options,
+    /// The policy's targets; the first is the primary.
     pub targets: Vec<Target>,
+    /// `cascade = true`: how long a segment waits for the primary before
+    /// the secondaries receive it anyway (docs/DESIGN.md, "Plans").
+    pub cascade: Option<Duration>,
     pub catalog: Arc<Mutex<Catalog>>,
     pub retry: RetryPolicy,
 }
@@ -156,8 +173,12 @@ pub struct PassStats {
     pub holes: u64,
     pub failed_targets: u64,
     pub baselines: u64,
-    /// Segments still waiting (a failing target, or a delay not yet over).
+    /// Segments still waiting (a failing target, or a delay not yet over,
+    /// or a primary that does not have them yet under `cascade`).
     pub waiting: u64,
+    /// Segments a secondary received without the primary (`cascade`: the
+    /// primary lacked them for `cascade_wait`).
+    pub without_primary: u64,
 }
 
 /// The delay of the target `name` (zero for a target without one): how
@@ -173,8 +194,9 @@ pub fn target_delay(config: &Config, name: &str) -> Result<Duration> {
 
 /// May the sealed segment `row` go to a target of delay `delay` at `now_ns`:
 /// is its newest record at least `delay` old?
+/// ([`plan::due`] without a cascade.)
 pub fn is_due(row: &SegmentRow, delay: Duration, now_ns: u64) -> bool {
-    row.last_ts_ns <= now_ns.saturating_sub(delay.as_nanos() as u64)
+    plan::due(row.last_ts_ns, delay, now_ns, None).ships()
 }
 
 /// Open every target of a policy without touching it: the configuration
@@ -203,6 +225,10 @@ pub fn policy_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
             delay,
             store,
             throttle: throttle::Throttle::new(t.rate),
+            capacity: t.capacity,
+            used: None,
+            in_flight: AtomicU64::new(0),
+            failure_text: None,
             checked: false,
             failures: 0,
             next_try: None,
@@ -244,6 +270,26 @@ impl Target {
         Ok(())
     }
 
+    /// Its free space for the plan ([`plan::free_space`]): what its
+    /// filesystem reports, and with a `capacity`, that minus what the
+    /// repository holds (listed at most every [`USAGE_REFRESH`], and only
+    /// while the target is up).
+    pub async fn free_space(&mut self) -> Option<u64> {
+        let stale = self
+            .used
+            .is_none_or(|(at, _)| at.elapsed() >= USAGE_REFRESH);
+        if self.capacity.is_some() && stale && self.checked && self.next_try.is_none() {
+            if let Ok(list) = self.store.list(&format!("{}/", rf::ROOT)).await {
+                self.used = Some((Instant::now(), list.iter().map(|o| o.size).sum()));
+            }
+        }
+        plan::free_space(
+            self.store.free_space(),
+            self.capacity,
+            self.used.map(|(_, u)| u),
+        )
+    }
+
     /// Has [`Target::check`] succeeded (the target was reachable once)?
     pub fn is_checked(&self) -> bool {
         self.checked
@@ -261,6 +307,7 @@ impl Target {
                 self.name, self.failures
             );
         }
+        self.failure_text = Some(failure_text(&self.url, &e));
         self.last_error = Some(e);
         backoff
     }
@@ -292,9 +339,18 @@ impl Shipper {
         // the catalog says it lacks) once it answers (docs/RELIABILITY.md,
         // "A target is down").
         let targets = policy_targets(config, &opts.policy)?;
+        let cascade = config
+            .policy
+            .get(&opts.policy)
+            .filter(|p| p.cascade)
+            .map(|p| {
+                p.cascade_wait
+                    .unwrap_or(cdp_core::config::DEFAULT_CASCADE_WAIT)
+            });
         let mut s = Shipper {
             opts,
             targets,
+            cascade,
             catalog: Arc::new(Mutex::new(catalog)),
             // Short: a pass gives up on a target quickly and the per-target
             // backoff of the loop takes over, so the others keep moving.
@@ -304,6 +360,11 @@ impl Shipper {
                 ..RetryPolicy::default()
             },
         };
+        // A shipper killed mid-upload left its count behind.
+        for t in &s.targets {
+            s.cat()
+                .set_in_flight(&s.opts.vm_uuid, &t.name, 0, now_ns())?;
+        }
         s.check_targets().await?;
         Ok(s)
     }
@@ -336,52 +397,9 @@ impl Shipper {
     /// One pass: ship what is due to every target, trim, baseline, config.
     pub async fn pass(&mut self) -> Result<PassStats> {
         let mut stats = PassStats::default();
-        let vm = self.opts.vm_uuid.clone();
         self.publish_vm_json().await?;
         self.check_targets().await?;
-        // Targets are served at once, so a slow or dead one never holds
-        // back the others.
-        let now = Instant::now();
-        let due: Vec<usize> = (0..self.targets.len())
-            .filter(|&i| {
-                let t = &self.targets[i];
-                t.checked && t.next_try.is_none_or(|n| now >= n)
-            })
-            .collect();
-        stats.failed_targets += (self.targets.len() - due.len()) as u64;
-        let results = futures::future::join_all(due.iter().map(|&i| {
-            ship_target(
-                &self.targets[i],
-                &self.catalog,
-                &vm,
-                self.opts.max_parallel,
-                &self.retry,
-            )
-        }))
-        .await;
-        for (&i, (r, st)) in due.iter().zip(results) {
-            stats.shipped += st.shipped;
-            stats.shipped_bytes += st.shipped_bytes;
-            stats.waiting += st.waiting;
-            let t = &mut self.targets[i];
-            let (state, msg) = match r {
-                Ok(()) => {
-                    t.failures = 0;
-                    t.next_try = None;
-                    t.last_error = None;
-                    ("up", None)
-                }
-                Err(e) => {
-                    stats.failed_targets += 1;
-                    let msg = failure_text(&t.url, &e);
-                    t.failed(e);
-                    ("failing", Some(msg))
-                }
-            };
-            let (name, url) = (t.name.clone(), t.url.clone());
-            self.cat()
-                .set_target_state(&vm, &name, &url, state, msg.as_deref(), now_ns())?;
-        }
+        self.ship_due(&mut stats).await?;
         stats.holes = self.record_holes()?;
         stats.trimmed = self.trim()?;
         if self.opts.auto_baseline {
@@ -389,6 +407,152 @@ impl Shipper {
         }
         stats.failed_targets += self.publish_config().await?;
         Ok(stats)
+    }
+
+    /// Ship to each target that is up what is due to it (docs/DESIGN.md,
+    /// "Plans"). Without `cascade` every target at once, so a slow or dead
+    /// one never holds back the others. With it the primary first, then the
+    /// secondaries one after the other, the most free space first, each
+    /// only what the primary holds (or what waited `cascade_wait` for it).
+    async fn ship_due(&mut self, stats: &mut PassStats) -> Result<()> {
+        let vm = self.opts.vm_uuid.clone();
+        let now = Instant::now();
+        let up: Vec<usize> = (0..self.targets.len())
+            .filter(|&i| {
+                let t = &self.targets[i];
+                t.checked && t.next_try.is_none_or(|n| now >= n)
+            })
+            .collect();
+        stats.failed_targets += (self.targets.len() - up.len()) as u64;
+        let Some(wait) = self.cascade else {
+            let results = futures::future::join_all(up.iter().map(|&i| {
+                ship_target(
+                    &self.targets[i],
+                    &self.catalog,
+                    &vm,
+                    self.opts.max_parallel,
+                    &self.retry,
+                    None,
+                )
+            }))
+            .await;
+            for (&i, r) in up.iter().zip(results) {
+                self.shipped_to(i, r, stats)?;
+            }
+            return Ok(());
+        };
+        for i in self.plan_order().await {
+            if !up.contains(&i) {
+                continue;
+            }
+            let cascade = if i == 0 {
+                None
+            } else {
+                let primary = &self.targets[0].name;
+                let primary_lacks = self
+                    .cat()
+                    .unshipped(&vm, primary)?
+                    .into_iter()
+                    .map(|r| (r.disk, r.first_seq))
+                    .collect();
+                Some(CascadeFrom {
+                    primary_lacks,
+                    wait,
+                })
+            };
+            let r = ship_target(
+                &self.targets[i],
+                &self.catalog,
+                &vm,
+                self.opts.max_parallel,
+                &self.retry,
+                cascade.as_ref(),
+            )
+            .await;
+            self.shipped_to(i, r, stats)?;
+        }
+        if stats.without_primary > 0 {
+            self.note_without_primary(stats.without_primary, wait)?;
+        }
+        Ok(())
+    }
+
+    /// Target `i` was shipped to: its state ("up", or "failing" with why)
+    /// into the catalog, its figures into `stats`.
+    fn shipped_to(
+        &mut self,
+        i: usize,
+        (r, st): (Result<()>, PassStats),
+        stats: &mut PassStats,
+    ) -> Result<()> {
+        stats.shipped += st.shipped;
+        stats.shipped_bytes += st.shipped_bytes;
+        stats.waiting += st.waiting;
+        stats.without_primary += st.without_primary;
+        let t = &mut self.targets[i];
+        let (state, msg) = match r {
+            Ok(()) => {
+                t.failures = 0;
+                t.next_try = None;
+                t.last_error = None;
+                t.failure_text = None;
+                ("up", None)
+            }
+            Err(e) => {
+                stats.failed_targets += 1;
+                let msg = failure_text(&t.url, &e);
+                t.failed(e);
+                ("failing", Some(msg))
+            }
+        };
+        let (name, url) = (t.name.clone(), t.url.clone());
+        self.cat().set_target_state(
+            &self.opts.vm_uuid,
+            &name,
+            &url,
+            state,
+            msg.as_deref(),
+            now_ns(),
+        )?;
+        Ok(())
+    }
+
+    /// Secondaries received `n` segments the primary lacked: said in the
+    /// log and on the primary's row of the catalog (`cdpctl status`, the
+    /// agent's page), with why the primary lacks them.
+    fn note_without_primary(&mut self, n: u64, wait: Duration) -> Result<()> {
+        let p = &self.targets[0];
+        let why = p.failure_text.as_deref().unwrap_or("it has not taken them");
+        let msg = format!(
+            "{why}; cascade: the secondaries received {n} segment(s) without the primary \
+             (each waited cascade_wait = {wait:?} for it)"
+        );
+        eprintln!("cdp-shipper: target {}: {msg}", p.name);
+        let state = if p.failure_text.is_some() {
+            "failing"
+        } else {
+            "up"
+        };
+        let (name, url) = (p.name.clone(), p.url.clone());
+        self.cat().set_target_state(
+            &self.opts.vm_uuid,
+            &name,
+            &url,
+            state,
+            Some(&msg),
+            now_ns(),
+        )?;
+        Ok(())
+    }
+
+    /// The order targets are served in ([`plan::order`]): the primary, then
+    /// the secondaries by free space (a target in its backoff is not asked).
+    async fn plan_order(&mut self) -> Vec<usize> {
+        let mut free = Vec::with_capacity(self.targets.len());
+        for t in &mut self.targets {
+            free.push(t.free_space().await);
+        }
+        plan::order(&free)
     }
 
     /// Check each disk's chain of segments in the catalog (docs/DESIGN.md,
@@ -441,12 +605,11 @@ impl Shipper {
     }
 
     /// Take a baseline of each disk that has none newer than its last GAP,
-    /// on every target, the target with the most free space first.
+    /// on every target, in the plan's order ([`plan::order`]).
     async fn baselines_due(&mut self) -> Result<u64> {
         let vm = self.opts.vm_uuid.clone();
         let disks = self.cat().disks(&vm)?;
-        let mut order: Vec<usize> = (0..self.targets.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(self.targets[i].store.free_space().unwrap_or(0)));
+        let order = self.plan_order().await;
         let mut n = 0;
         for (disk, path, _) in disks {
             let gap = self.cat().last_gap_seq(&vm, &disk)?;
@@ -645,28 +808,81 @@ impl Shipper {
     }
 }
 
-/// Ship to one target what is due to it. Returns how it went and what it did.
+/// What a secondary of a cascading policy needs to know of the primary.
+struct CascadeFrom {
+    /// (disk, first_seq) of every segment the primary lacks.
+    primary_lacks: std::collections::HashSet<(String, u64)>,
+    wait: Duration,
+}
+
+/// One segment upload in flight to a target: counted while it lives, the
+/// count recorded in the catalog for the agent's `cdp_uploads_in_flight`
+/// (a metric: a catalog that refuses the row does not fail the upload).
+struct InFlight<'a> {
+    t: &'a Target,
+    catalog: &'a Mutex<Catalog>,
+    vm: &'a str,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(t: &'a Target, catalog: &'a Mutex<Catalog>, vm: &'a str) -> InFlight<'a> {
+        let n = t.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let f = InFlight { t, catalog, vm };
+        f.record(n);
+        f
+    }
+
+    fn record(&self, n: u64) {
+        if let Ok(c) = self.catalog.lock() {
+            let _ = c.set_in_flight(self.vm, &self.t.name, n, now_ns());
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.t.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.record(n);
+    }
+}
+
+/// Ship to one target what is due to it ([`plan::due`]: its delay, and
+/// under `cascade` the primary first), as many at once as the backlog's
+/// count and bytes call for ([`plan::upload_parallelism`]). Returns how it
+/// went and what it did.
 async fn ship_target(
     t: &Target,
     catalog: &Mutex<Catalog>,
     vm: &str,
     max_parallel: usize,
     retry: &RetryPolicy,
+    cascade: Option<&CascadeFrom>,
 ) -> (Result<()>, PassStats) {
     let mut stats = PassStats::default();
     let r = async {
         let rows = catalog.lock().unwrap().unshipped(vm, &t.name)?;
         let now = now_ns();
-        let (due, waiting): (Vec<_>, Vec<_>) =
-            rows.into_iter().partition(|r| is_due(r, t.delay, now));
-        stats.waiting = waiting.len() as u64;
-        let parallel = upload_parallelism(due.len(), max_parallel);
-        let mut results = futures::stream::iter(due.into_iter().map(|row| async move {
+        let mut due = Vec::new();
+        for row in rows {
+            let c = cascade.map(|c| plan::Cascade {
+                primary_has: !c.primary_lacks.contains(&(row.disk.clone(), row.first_seq)),
+                wait: c.wait,
+            });
+            match plan::due(row.last_ts_ns, t.delay, now, c) {
+                plan::Due::Now => due.push((row, false)),
+                plan::Due::WithoutPrimary => due.push((row, true)),
+                plan::Due::Delay | plan::Due::Primary => stats.waiting += 1,
+            }
+        }
+        let bytes = due.iter().map(|(r, _)| r.size_bytes).sum();
+        let parallel = plan::upload_parallelism(due.len(), bytes, max_parallel);
+        let mut results = futures::stream::iter(due.into_iter().map(|(row, alone)| async move {
+            let _counted = InFlight::start(t, catalog, vm);
             let r = ship::ship_segment(&t.store, &t.name, &t.throttle, retry, vm, &row).await;
-            (row, r)
+            (row, alone, r)
         }))
         .buffered(parallel);
-        while let Some((row, r)) = results.next().await {
+        while let Some((row, alone, r)) = results.next().await {
             let shipped = r?;
             catalog.lock().unwrap().record_shipment(
                 vm,
@@ -681,6 +897,7 @@ async fn ship_target(
             )?;
             stats.shipped += 1;
             stats.shipped_bytes += shipped.object_bytes;
+            stats.without_primary += alone as u64;
         }
         Ok::<_, ShipError>(())
     }
@@ -688,15 +905,9 @@ async fn ship_target(
     (r, stats)
 }
 
-/// Uploads in flight for a backlog of `backlog` segments: one when caught up,
-/// more when behind (one per two segments waiting), never over `max`.
-pub fn upload_parallelism(backlog: usize, max: usize) -> usize {
-    backlog.div_ceil(2).clamp(1, max.max(1))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{backoff, upload_parallelism};
+    use super::backoff;
     use std::time::Duration;
 
     #[test]
@@ -708,16 +919,6 @@ mod tests {
         assert_eq!(backoff(40, true), Duration::from_secs(10));
         // A permanent error waits the most from the first failure.
         assert_eq!(backoff(1, false), Duration::from_secs(10));
-    }
-
-    #[test]
-    fn parallelism_scales_with_backlog() {
-        assert_eq!(upload_parallelism(0, 8), 1);
-        assert_eq!(upload_parallelism(1, 8), 1);
-        assert_eq!(upload_parallelism(2, 8), 1);
-        assert_eq!(upload_parallelism(5, 8), 3);
-        assert_eq!(upload_parallelism(100, 8), 8);
-        assert_eq!(upload_parallelism(100, 0), 1);
     }
 }
 
