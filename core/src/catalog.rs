@@ -861,6 +861,30 @@ impl Catalog {
         Ok(())
     }
 
+    /// Every shipment: (disk, first_seq, target, shipped_ns), in the order
+    /// they were recorded (the plan's order, docs/DESIGN.md "Plans").
+    pub fn shipments(&self, vm: &str) -> Result<Vec<(String, u64, String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT disk, first_seq, target, shipped_ns FROM shipments WHERE vm_uuid = ?1
+                 ORDER BY shipped_ns, rowid",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)? as u64,
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
     /// How many uploads the VM's shipper has in flight to `target` now
     /// (the agent's `cdp_uploads_in_flight`).
     pub fn set_in_flight(&self, vm: &str, target: &str, n: u64, now_ns: u64) -> Result<()> {
