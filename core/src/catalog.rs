@@ -263,10 +263,15 @@ impl Catalog {
                 "INSERT OR IGNORE INTO main.vms SELECT * FROM old.vms WHERE uuid = ?1",
                 params![uuid],
             )?;
+            // Marks by column: the legacy catalog has no `quiesced`.
+            tx.execute(
+                "INSERT OR IGNORE INTO main.marks(vm_uuid, label, seq, ts_ns)
+                 SELECT vm_uuid, label, seq, ts_ns FROM old.marks WHERE vm_uuid = ?1",
+                params![uuid],
+            )?;
             for t in [
                 "disks",
                 "segments",
-                "marks",
                 "shipments",
                 "targets",
                 "baselines",
@@ -344,6 +349,18 @@ impl Catalog {
         if !has_policy {
             self.conn
                 .execute_batch("ALTER TABLE vms ADD COLUMN policy TEXT")
+                .map_err(self.err())?;
+        }
+        // Quiesced marks (issue 14): a column an older cdpd leaves at its
+        // default (0, crash-consistent) when it inserts by column.
+        let has_quiesced = self
+            .conn
+            .prepare("SELECT 1 FROM pragma_table_info('marks') WHERE name = 'quiesced'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(self.err())?;
+        if !has_quiesced {
+            self.conn
+                .execute_batch("ALTER TABLE marks ADD COLUMN quiesced INTEGER NOT NULL DEFAULT 0")
                 .map_err(self.err())?;
         }
         Ok(())
@@ -552,13 +569,38 @@ impl Catalog {
     }
 
     pub fn add_mark(&self, vm: &str, label: &str, seq: u64, ts_ns: u64) -> Result<()> {
+        self.add_mark_as(vm, label, seq, ts_ns, false)
+    }
+
+    /// A mark, `quiesced` when the guest's filesystems were frozen through
+    /// its guest agent while it was taken (`cdpctl mark --quiesce`).
+    pub fn add_mark_as(
+        &self,
+        vm: &str,
+        label: &str,
+        seq: u64,
+        ts_ns: u64,
+        quiesced: bool,
+    ) -> Result<()> {
         self.conn
             .execute(
-                "INSERT INTO marks(vm_uuid, label, seq, ts_ns) VALUES(?1, ?2, ?3, ?4)",
-                params![vm, label, seq as i64, ts_ns as i64],
+                "INSERT INTO marks(vm_uuid, label, seq, ts_ns, quiesced) VALUES(?1, ?2, ?3, ?4, ?5)",
+                params![vm, label, seq as i64, ts_ns as i64, quiesced],
             )
             .map_err(self.err())?;
         Ok(())
+    }
+
+    /// The labels of the VM's quiesced marks.
+    pub fn quiesced_marks(&self, vm: &str) -> Result<std::collections::HashSet<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT label FROM marks WHERE vm_uuid = ?1 AND quiesced != 0")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map(params![vm], |r| r.get(0))
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
     }
 
     pub fn mark_exists(&self, vm: &str, label: &str) -> Result<bool> {
@@ -1178,6 +1220,38 @@ mod tests {
         assert_eq!(c.vms().unwrap()[0].policy, None);
         c.set_vm_policy("u1", "gold").unwrap();
         assert_eq!(c.vms().unwrap()[0].policy.as_deref(), Some("gold"));
+    }
+
+    /// A catalog whose marks table predates `quiesced` gains the column;
+    /// its marks read as crash-consistent, new ones keep the flag.
+    #[test]
+    fn marks_without_the_quiesced_column_read_as_not_quiesced() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let vm = crate::layout::StateDir::new(dir.path()).vm(U);
+            std::fs::create_dir_all(vm.path()).unwrap();
+            let conn = Connection::open(vm.catalog()).unwrap();
+            conn.execute_batch(&format!(
+                "CREATE TABLE marks(vm_uuid TEXT NOT NULL, label TEXT NOT NULL,
+                    seq INTEGER NOT NULL, ts_ns INTEGER NOT NULL, PRIMARY KEY(vm_uuid, label));
+                 INSERT INTO marks VALUES('{U}', 'old', 5, 6);
+                 PRAGMA user_version = 2;"
+            ))
+            .unwrap();
+        }
+        let c = Catalog::open(dir.path(), U).unwrap();
+        assert!(c.quiesced_marks(U).unwrap().is_empty());
+        c.add_mark_as(U, "frozen", 7, 8, true).unwrap();
+        c.add_mark(U, "plain", 9, 10).unwrap();
+        assert_eq!(
+            c.quiesced_marks(U).unwrap().into_iter().collect::<Vec<_>>(),
+            vec!["frozen".to_string()]
+        );
+        assert_eq!(c.marks(U).unwrap().len(), 3);
+        drop(c);
+        // Opening again migrates nothing twice.
+        let c = Catalog::open(dir.path(), U).unwrap();
+        assert_eq!(c.quiesced_marks(U).unwrap().len(), 1);
     }
 
     #[test]

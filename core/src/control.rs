@@ -5,6 +5,8 @@
 //! ```text
 //! {"cmd":"status"}             → {"ok":true,"status":{…}}
 //! {"cmd":"mark","label":"L"}   → {"ok":true,"seq":N,"ts_ns":T}
+//! {"cmd":"mark","label":"L","quiesced":true}
+//!                              → {"ok":true,"seq":N,"ts_ns":T,"quiesced":true}
 //! anything else                → {"ok":false,"error":"…"}
 //! ```
 
@@ -105,7 +107,20 @@ pub struct Status {
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Mark { label: String },
+    /// `quiesced`: the caller froze the guest's filesystems for this mark
+    /// (`cdpctl mark --quiesce`). Absent on the wire when false, so an
+    /// ordinary mark is the same line as before; a cdpd older than the
+    /// field refuses a quiesced one (unknown field) instead of recording
+    /// it as crash-consistent.
+    Mark {
+        label: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        quiesced: bool,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What a MARK recorded.
@@ -113,15 +128,30 @@ pub enum Request {
 pub struct Marked {
     pub seq: u64,
     pub ts_ns: u64,
+    /// The mark says the guest was quiesced (false from an older cdpd).
+    #[serde(default)]
+    pub quiesced: bool,
 }
 
 /// A reply, as sent on the wire (`ok` plus the fields of one variant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Reply {
-    Status { ok: bool, status: Box<Status> },
-    Marked { ok: bool, seq: u64, ts_ns: u64 },
-    Error { ok: bool, error: String },
+    Status {
+        ok: bool,
+        status: Box<Status>,
+    },
+    Marked {
+        ok: bool,
+        seq: u64,
+        ts_ns: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        quiesced: bool,
+    },
+    Error {
+        ok: bool,
+        error: String,
+    },
 }
 
 impl Reply {
@@ -137,6 +167,7 @@ impl Reply {
             ok: true,
             seq: m.seq,
             ts_ns: m.ts_ns,
+            quiesced: m.quiesced,
         }
     }
 
@@ -226,11 +257,26 @@ impl Client {
     }
 
     pub fn mark(&self, label: &str) -> Result<Marked, ControlError> {
+        self.mark_as(label, false)
+    }
+
+    /// A mark that says whether the guest was quiesced for it.
+    pub fn mark_as(&self, label: &str, quiesced: bool) -> Result<Marked, ControlError> {
         let req = Request::Mark {
             label: label.to_string(),
+            quiesced,
         };
         match self.call(&req)? {
-            Reply::Marked { seq, ts_ns, .. } => Ok(Marked { seq, ts_ns }),
+            Reply::Marked {
+                seq,
+                ts_ns,
+                quiesced,
+                ..
+            } => Ok(Marked {
+                seq,
+                ts_ns,
+                quiesced,
+            }),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -297,11 +343,19 @@ mod tests {
         );
         assert_eq!(
             parse_request(r#"{"cmd":"mark","label":"x"}"#).unwrap(),
-            Request::Mark { label: "x".into() }
+            Request::Mark {
+                label: "x".into(),
+                quiesced: false
+            }
         );
         assert!(parse_request(r#"{"cmd":"mark"}"#).is_err());
         assert_eq!(
-            Reply::marked(Marked { seq: 3, ts_ns: 4 }).to_line(),
+            Reply::marked(Marked {
+                seq: 3,
+                ts_ns: 4,
+                quiesced: false
+            })
+            .to_line(),
             "{\"ok\":true,\"seq\":3,\"ts_ns\":4}\n"
         );
         assert_eq!(
@@ -312,6 +366,51 @@ mod tests {
         assert_eq!(r, Reply::error("e"));
     }
 
+    /// A quiesced mark on the wire, and the forms of peers older than the
+    /// flag: an ordinary mark's request and reply lines are unchanged, an
+    /// old reply reads as not quiesced.
+    #[test]
+    fn quiesced_marks_on_the_wire_stay_compatible() {
+        let q = Request::Mark {
+            label: "db".into(),
+            quiesced: true,
+        };
+        let line = serde_json::to_string(&q).unwrap();
+        assert_eq!(line, r#"{"cmd":"mark","label":"db","quiesced":true}"#);
+        assert_eq!(parse_request(&line).unwrap(), q);
+        let plain = Request::Mark {
+            label: "db".into(),
+            quiesced: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"cmd":"mark","label":"db"}"#
+        );
+        assert!(parse_request(r#"{"cmd":"mark","label":"db","frozen":true}"#).is_err());
+        let m = Marked {
+            seq: 5,
+            ts_ns: 6,
+            quiesced: true,
+        };
+        assert_eq!(
+            Reply::marked(m).to_line(),
+            "{\"ok\":true,\"seq\":5,\"ts_ns\":6,\"quiesced\":true}\n"
+        );
+        let old: Reply = serde_json::from_str(r#"{"ok":true,"seq":5,"ts_ns":6}"#).unwrap();
+        assert!(
+            matches!(
+                old,
+                Reply::Marked {
+                    quiesced: false,
+                    ..
+                }
+            ),
+            "{old:?}"
+        );
+        let old: Marked = serde_json::from_str(r#"{"seq":5,"ts_ns":6}"#).unwrap();
+        assert!(!old.quiesced);
+    }
+
     #[test]
     fn client_against_a_one_shot_server() {
         use std::os::unix::net::UnixListener;
@@ -320,7 +419,11 @@ mod tests {
         let l = UnixListener::bind(&p).unwrap();
         let h = std::thread::spawn(move || {
             for reply in [
-                Reply::marked(Marked { seq: 7, ts_ns: 9 }),
+                Reply::marked(Marked {
+                    seq: 7,
+                    ts_ns: 9,
+                    quiesced: false,
+                }),
                 Reply::error("bad label"),
             ] {
                 let (s, _) = l.accept().unwrap();
@@ -328,13 +431,23 @@ mod tests {
                 BufReader::new(&s).read_line(&mut line).unwrap();
                 assert_eq!(
                     parse_request(&line).unwrap(),
-                    Request::Mark { label: "m".into() }
+                    Request::Mark {
+                        label: "m".into(),
+                        quiesced: false
+                    }
                 );
                 (&s).write_all(reply.to_line().as_bytes()).unwrap();
             }
         });
         let c = Client::new(&p);
-        assert_eq!(c.mark("m").unwrap(), Marked { seq: 7, ts_ns: 9 });
+        assert_eq!(
+            c.mark("m").unwrap(),
+            Marked {
+                seq: 7,
+                ts_ns: 9,
+                quiesced: false
+            }
+        );
         let e = c.mark("m").unwrap_err();
         assert!(matches!(e, ControlError::Refused { ref message, .. } if message == "bad label"));
         assert!(!e.is_transient());

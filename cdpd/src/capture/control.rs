@@ -147,8 +147,12 @@ impl Vm {
     fn handle_control(&self, line: &str) -> Reply {
         match parse_request(line) {
             Ok(Request::Status) => Reply::status(self.status()),
-            Ok(Request::Mark { label }) => match self.mark(&label) {
-                Ok((seq, ts_ns)) => Reply::marked(Marked { seq, ts_ns }),
+            Ok(Request::Mark { label, quiesced }) => match self.mark(&label, quiesced) {
+                Ok((seq, ts_ns)) => Reply::marked(Marked {
+                    seq,
+                    ts_ns,
+                    quiesced,
+                }),
                 Err(e) => Reply::error(e.to_string()),
             },
             Err(e) => Reply::error(e),

@@ -394,7 +394,10 @@ impl Vm {
     }
 
     /// `cdpctl mark`: a MARK in every disk at one sequence number.
-    pub fn mark(&self, label: &str) -> Result<(u64, u64), MarkError> {
+    /// `quiesced`: the caller froze the guest's filesystems for it; the
+    /// payload says so (`"quiesced": true`, absent otherwise:
+    /// docs/JOURNAL_FORMAT.md, "Record kinds"), and so does the catalog.
+    pub fn mark(&self, label: &str, quiesced: bool) -> Result<(u64, u64), MarkError> {
         cdp_core::names::check_label(label)?;
         if self
             .catalog
@@ -405,12 +408,15 @@ impl Vm {
             return Err(MarkError::Exists(label.to_string()));
         }
         let (seq, ts) = self
-            .append_to_all(Kind::Mark, &serde_json::json!({ "label": label }))
+            .append_to_all(
+                Kind::Mark,
+                &cdp_core::journal::mark_payload(label, quiesced),
+            )
             .map_err(MarkError::Journal)?;
         self.catalog
             .lock()
             .unwrap()
-            .add_mark(&self.uuid_str, label, seq, ts)?;
+            .add_mark_as(&self.uuid_str, label, seq, ts, quiesced)?;
         Ok((seq, ts))
     }
 

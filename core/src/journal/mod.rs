@@ -8,6 +8,7 @@
 pub mod dirty;
 pub mod extents;
 pub mod format;
+pub mod mark;
 pub mod recovery;
 pub mod writer;
 
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub use format::{FormatError, IndexEntry, Kind, RecordHeader, Scan, Tail};
+pub use mark::{mark_payload, MarkPayload};
 
 /// Errors reading or applying a journal, with the file and position.
 #[derive(Debug, Error)]
