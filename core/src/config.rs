@@ -82,6 +82,15 @@ pub struct Target {
     /// (docs/DESIGN.md, "Plans"). Absent on S3: such a target comes last.
     #[serde(default, deserialize_with = "opt_size")]
     pub capacity: Option<u64>,
+    /// The key file that unwraps an encrypted repository's key (made by
+    /// `cdpctl repo init --encrypt --key-file`); readable by its owner (root
+    /// or the reader) only, or root-owned and group-readable (0640).
+    /// docs/REPOSITORY_FORMAT.md, "Encryption".
+    pub key_file: Option<PathBuf>,
+    /// The file holding the passphrase that unwraps an encrypted repository's
+    /// key (argon2id); same rules as `key_file`, of which it is the
+    /// alternative.
+    pub passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]

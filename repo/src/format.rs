@@ -679,9 +679,49 @@ pub fn compress_chunk(data: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// How a repository names its chunks: the BLAKE3 of the plain chunk, or in
+/// an encrypted repository its keyed BLAKE3, so that names reveal nothing
+/// of the content (docs/REPOSITORY_FORMAT.md, "Encryption").
+#[derive(Clone, PartialEq, Eq)]
+pub enum ChunkNamer {
+    Plain,
+    Keyed([u8; 32]),
+}
+
+impl std::fmt::Debug for ChunkNamer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChunkNamer::Plain => "Plain",
+            ChunkNamer::Keyed(_) => "Keyed(..)",
+        })
+    }
+}
+
+impl ChunkNamer {
+    /// The name (64 lowercase hex digits) of a chunk holding `data`.
+    pub fn name(&self, data: &[u8]) -> String {
+        match self {
+            ChunkNamer::Plain => blake3::hash(data),
+            ChunkNamer::Keyed(k) => blake3::keyed_hash(k, data),
+        }
+        .to_hex()
+        .to_string()
+    }
+}
+
 /// Decompress a chunk and check it against its name (the BLAKE3 of the
 /// plain data).
 pub fn decompress_chunk(
+    hash_hex: &str,
+    obj: &[u8],
+    expect_len: usize,
+) -> Result<Vec<u8>, RepoFormatError> {
+    decompress_chunk_named(&ChunkNamer::Plain, hash_hex, obj, expect_len)
+}
+
+/// Decompress a chunk and check it against its name as `namer` names it.
+pub fn decompress_chunk_named(
+    namer: &ChunkNamer,
     hash_hex: &str,
     obj: &[u8],
     expect_len: usize,
@@ -694,7 +734,7 @@ pub fn decompress_chunk(
         ));
     }
     let out = decompress_bounded(&key, obj, expect_len)?;
-    if blake3::hash(&out).to_hex().as_str() != hash_hex {
+    if namer.name(&out) != hash_hex {
         return Err(corrupt(&key, "content does not match its hash"));
     }
     Ok(out)

@@ -4,6 +4,7 @@
 //! - [`store`]: the storage backends behind one small interface (S3-compatible
 //!   through object_store, and `file://`), plus retry with backoff above them.
 
+pub mod crypto;
 pub mod export;
 pub mod format;
 pub mod lease;

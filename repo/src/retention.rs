@@ -644,6 +644,10 @@ async fn rebuild_touched(
         .await
         .map_err(err)?;
     let retry = RetryPolicy::default();
+    // Keyed in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
+    let namer = with_retry("chunk names", &retry, || store.chunk_namer())
+        .await
+        .map_err(store_err("read", "the repository key"))?;
     for &i in touched {
         let off = i as u64 * cs;
         let len = cs.min(plan.size - off) as usize;
@@ -653,7 +657,7 @@ async fn rebuild_touched(
             chunks[i] = None;
             continue;
         }
-        let hash = blake3::hash(&buf).to_hex().to_string();
+        let hash = namer.name(&buf);
         if have.insert(hash.clone()) {
             let body = Bytes::from(rf::compress_chunk(&buf).map_err(scratch_err)?);
             let key = rf::chunk_key(&hash);

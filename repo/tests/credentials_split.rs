@@ -32,6 +32,8 @@ fn target(url: &str, creds: &Path, prune: Option<&Path>) -> Target {
         prune_credentials_file: prune.map(Path::to_path_buf),
         rate: None,
         capacity: None,
+        key_file: None,
+        passphrase_file: None,
     }
 }
 
@@ -101,6 +103,7 @@ async fn ship_history(s: &Store, work: &Path) {
             raw_size: raw.len() as u64,
             object_size: obj.len() as u64,
             object_blake3: blake3::hash(&obj).to_hex().to_string(),
+            prev: None,
         },
         frames,
         entries: seg.index.clone(),

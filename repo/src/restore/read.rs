@@ -129,5 +129,7 @@ pub async fn fetch_chunk(store: &Store, hash: &str, len: usize) -> Result<Vec<u8
     let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
         .await
         .map_err(ReadError::from)?;
-    Ok(rf::decompress_chunk(hash, &obj, len).map_err(ReadError::from)?)
+    // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
+    let namer = store.chunk_namer().await.map_err(ReadError::from)?;
+    Ok(rf::decompress_chunk_named(&namer, hash, &obj, len).map_err(ReadError::from)?)
 }

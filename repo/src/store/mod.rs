@@ -40,6 +40,7 @@ use futures::future::BoxFuture;
 use thiserror::Error;
 
 mod credentials;
+mod encrypted;
 mod file;
 pub mod retry;
 mod s3;
@@ -125,6 +126,16 @@ pub enum StoreError {
     #[error("{url}: {key} exists with other contents: objects are created, never replaced; the repository already holds a different object under this name (two writers, or a damaged or hostile repository)")]
     Exists { url: String, key: String },
 
+    /// An object of an encrypted repository that does not open: changed,
+    /// copied from another name, cut short, or sealed with another key.
+    /// Permanent.
+    #[error("{url}: {detail}")]
+    Sealed {
+        url: String,
+        key: String,
+        detail: String,
+    },
+
     /// Anything else (a full disk, a bad request, a range outside the
     /// object). Permanent.
     #[error("{url}: {op} {key}: {detail}")]
@@ -159,6 +170,7 @@ impl StoreError {
             | StoreError::InvalidKey { url, .. }
             | StoreError::TooLarge { url, .. }
             | StoreError::Exists { url, .. }
+            | StoreError::Sealed { url, .. }
             | StoreError::Other { url, .. } => url,
         }
     }
@@ -220,17 +232,27 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
 pub struct Store {
     url: Arc<str>,
     backend: Arc<dyn Backend>,
+    /// What unwraps the repository key, if the repository has one.
+    key_source: Option<crate::crypto::KeySource>,
+    /// The repository's keys, once read (docs/REPOSITORY_FORMAT.md, "Encryption").
+    keys: encrypted::KeyState,
 }
 
-/// How long `check()` may take before the target counts as unreachable.
 /// How long `check()` may take before the target counts as unreachable.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Store {
     /// Open a configured target (`[target.NAME]`: its URL and credentials
     /// file) for shipping and reading. Never reads `prune_credentials_file`.
+    /// The repository key, if the repository has one, is unwrapped with the
+    /// target's `key_file` or `passphrase_file` (else `CDP_KEY_FILE` /
+    /// `CDP_PASSPHRASE_FILE`).
     pub fn for_target(t: &cdp_core::config::Target) -> Result<Store, StoreError> {
-        Store::open(&t.url, t.credentials_file.as_deref())
+        let s = Store::open(&t.url, t.credentials_file.as_deref())?;
+        Ok(match target_key_source(t) {
+            Some(k) => s.with_key_source(Some(k)),
+            None => s,
+        })
     }
 
     /// Open a configured target for retention and prune: with its
@@ -244,7 +266,11 @@ impl Store {
                     url: t.url.clone(),
                     message,
                 })?;
-                Store::open(&t.url, Some(p))
+                let s = Store::open(&t.url, Some(p))?;
+                Ok(match target_key_source(t) {
+                    Some(k) => s.with_key_source(Some(k)),
+                    None => s,
+                })
             }
             None => Store::for_target(t),
         }
@@ -258,7 +284,8 @@ impl Store {
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`;
     /// never from the URL. Unknown query keys are an error. Opening does no
     /// I/O on S3 (see [`Store::check`]); a `file://` root must be an existing
-    /// directory.
+    /// directory. The key of an encrypted repository comes from
+    /// `CDP_KEY_FILE` or `CDP_PASSPHRASE_FILE` (see [`Store::with_key_source`]).
     pub fn open(url: &str, credentials_file: Option<&Path>) -> Result<Store, StoreError> {
         let config = |message: String| StoreError::Config {
             url: url.to_string(),
@@ -282,6 +309,8 @@ impl Store {
         Ok(Store {
             url: url.into(),
             backend,
+            key_source: encrypted::env_key_source(),
+            keys: encrypted::KeyState::default(),
         })
     }
 
@@ -296,6 +325,7 @@ impl Store {
     /// left as it was. Everything shipping writes goes through here.
     pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         self.valid_key(key)?;
+        let data = self.seal(key, data).await?;
         self.backend.put(key, data, PutMode::Create).await
     }
 
@@ -303,6 +333,7 @@ impl Store {
     /// for retention (with the prune credential): shipping never replaces.
     pub async fn replace(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
         self.valid_key(key)?;
+        let data = self.seal(key, data).await?;
         self.backend.put(key, data, PutMode::Replace).await
     }
 
@@ -311,9 +342,7 @@ impl Store {
     /// [`StoreError::TooLarge`], and is not read.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.valid_key(key)?;
-        self.backend
-            .get(key, None, crate::format::object_cap(key))
-            .await
+        self.get_open(key, crate::format::object_cap(key)).await
     }
 
     /// Bytes `range` of the object; the range must lie inside the object.
@@ -340,7 +369,7 @@ impl Store {
                 max,
             });
         }
-        self.backend.get(key, Some(range), max).await
+        self.get_range_open(key, range, max).await
     }
 
     /// All objects whose key starts with `prefix`, sorted by key, with
@@ -353,6 +382,7 @@ impl Store {
         out.retain(|o| o.key.starts_with(prefix));
         out.sort();
         out.dedup_by(|a, b| a.key == b.key);
+        self.plain_sizes(&mut out).await?;
         Ok(out)
     }
 
@@ -404,6 +434,16 @@ impl Store {
             reason,
         })
     }
+}
+
+/// The key source a target names (`key_file` first), else the
+/// environment's.
+fn target_key_source(t: &cdp_core::config::Target) -> Option<crate::crypto::KeySource> {
+    use crate::crypto::KeySource;
+    t.key_file
+        .clone()
+        .map(KeySource::KeyFile)
+        .or_else(|| t.passphrase_file.clone().map(KeySource::PassphraseFile))
 }
 
 /// The one-line warning for a target whose retention and prune use the

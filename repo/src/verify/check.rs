@@ -397,7 +397,9 @@ async fn fetch_chunks(
             Ok(None) => Err((Kind::Missing, "chunk missing".to_string(), 0)),
             Ok(Some(obj)) => {
                 let n = obj.len() as u64;
-                match rf::decompress_chunk(&h, &obj, len) {
+                // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
+                let namer = store.chunk_namer().await?;
+                match rf::decompress_chunk_named(&namer, &h, &obj, len) {
                     Ok(d) if d.len() == len => Ok(n),
                     Ok(d) => Err((
                         Kind::Corrupt,
