@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS segments(
     path TEXT NOT NULL,
     -- 0 once the shipper trimmed the local file (every target has it).
     local INTEGER NOT NULL DEFAULT 1,
+    -- BLAKE3 of the segment's repository index, once the shipper built it
+    -- (the next segment's index names it: docs/REPOSITORY_FORMAT.md,
+    -- 'Chain of indexes'). NULL: not built yet, or shipped before the chain.
+    index_blake3 TEXT,
     PRIMARY KEY(vm_uuid, disk, first_seq)
 );
 CREATE TABLE IF NOT EXISTS sessions(
@@ -269,9 +273,17 @@ impl Catalog {
                  SELECT vm_uuid, label, seq, ts_ns FROM old.marks WHERE vm_uuid = ?1",
                 params![uuid],
             )?;
+            // Segments by column: the legacy catalog has no `index_blake3`.
+            tx.execute(
+                "INSERT OR IGNORE INTO main.segments(vm_uuid, disk, first_seq, last_seq,
+                     first_ts_ns, last_ts_ns, records, record_base, size_bytes, sealed, path, local)
+                 SELECT vm_uuid, disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records,
+                     record_base, size_bytes, sealed, path, local FROM old.segments
+                 WHERE vm_uuid = ?1",
+                params![uuid],
+            )?;
             for t in [
                 "disks",
-                "segments",
                 "shipments",
                 "targets",
                 "baselines",
@@ -341,6 +353,18 @@ impl Catalog {
     /// Bring a catalog of an older version up to this one. `CREATE TABLE IF
     /// NOT EXISTS` leaves existing tables alone, so new columns come here.
     fn migrate(&mut self) -> Result<()> {
+        // The chain of indexes: a nullable column older builds never
+        // select (they insert segments by column), so no version change.
+        let has_index_hash = self
+            .conn
+            .prepare("SELECT 1 FROM pragma_table_info('segments') WHERE name = 'index_blake3'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(self.err())?;
+        if !has_index_hash {
+            self.conn
+                .execute_batch("ALTER TABLE segments ADD COLUMN index_blake3 TEXT")
+                .map_err(self.err())?;
+        }
         let has_policy = self
             .conn
             .prepare("SELECT 1 FROM pragma_table_info('vms') WHERE name = 'policy'")
@@ -843,6 +867,93 @@ impl Catalog {
                     ))
                 },
             )
+            .map_err(self.err())
+    }
+
+    /// The BLAKE3 of segment `first_seq`'s repository index, once recorded.
+    pub fn segment_index_hash(
+        &self,
+        vm: &str,
+        disk: &str,
+        first_seq: u64,
+    ) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT index_blake3 FROM segments WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq = ?3",
+                params![vm, disk, first_seq as i64],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.err())
+    }
+
+    /// Record the BLAKE3 of segment `first_seq`'s repository index (the
+    /// first one recorded stays).
+    pub fn set_segment_index_hash(
+        &self,
+        vm: &str,
+        disk: &str,
+        first_seq: u64,
+        hash: &str,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE segments SET index_blake3 = ?4
+                 WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq = ?3 AND index_blake3 IS NULL",
+                params![vm, disk, first_seq as i64, hash],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The segment of `disk` right before `first_seq` (trimmed or not):
+    /// its row, whether its local file is still there, and its index hash
+    /// if recorded.
+    pub fn previous_segment(
+        &self,
+        vm: &str,
+        disk: &str,
+        first_seq: u64,
+    ) -> Result<Option<(SegmentRow, bool, Option<String>)>> {
+        self.conn
+            .query_row(
+                "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
+                        size_bytes, sealed, path, local, index_blake3 FROM segments
+                 WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq < ?3
+                 ORDER BY first_seq DESC LIMIT 1",
+                params![vm, disk, first_seq as i64],
+                |r| {
+                    let row = SegmentRow {
+                        disk: r.get(0)?,
+                        first_seq: r.get::<_, i64>(1)? as u64,
+                        last_seq: r.get::<_, i64>(2)? as u64,
+                        first_ts_ns: r.get::<_, i64>(3)? as u64,
+                        last_ts_ns: r.get::<_, i64>(4)? as u64,
+                        records: r.get::<_, i64>(5)? as u64,
+                        record_base: r.get::<_, i64>(6)? as u64,
+                        size_bytes: r.get::<_, i64>(7)? as u64,
+                        sealed: r.get::<_, i64>(8)? != 0,
+                        path: r.get(9)?,
+                    };
+                    Ok((
+                        row,
+                        r.get::<_, i64>(10)? != 0,
+                        r.get::<_, Option<String>>(11)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Has any target received segment `first_seq` of `disk`?
+    pub fn shipped_anywhere(&self, vm: &str, disk: &str, first_seq: u64) -> Result<bool> {
+        self.conn
+            .prepare_cached(
+                "SELECT 1 FROM shipments WHERE vm_uuid = ?1 AND disk = ?2 AND first_seq = ?3",
+            )
+            .and_then(|mut st| st.exists(params![vm, disk, first_seq as i64]))
             .map_err(self.err())
     }
 

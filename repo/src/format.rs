@@ -436,6 +436,29 @@ pub struct IndexMeta {
     pub object_size: u64,
     /// BLAKE3 hex of the `.seg.zst` object.
     pub object_blake3: String,
+    /// The previous segment of the same disk (docs/REPOSITORY_FORMAT.md,
+    /// "Chain of indexes"): absent in indexes written before the chain
+    /// existed, and in the first segment of a disk's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<ChainLink>,
+}
+
+/// What an index says of the segment before it: its seq range and the
+/// BLAKE3 of its whole `.idx` object (which names the BLAKE3 of its
+/// `.seg.zst`), so deleting, reordering or replacing a segment breaks the
+/// link from the one after it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChainLink {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub index_blake3: String,
+}
+
+/// The BLAKE3 hex of an index object's bytes: what the next index's
+/// [`ChainLink::index_blake3`] names.
+pub fn index_blake3(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
 }
 
 /// A frame of a segment object: where its raw bytes begin, and where its
@@ -544,6 +567,17 @@ impl SegmentIndex {
         }
         if !is_chunk_hash(&m.object_blake3) {
             return Err("object_blake3 is not a BLAKE3 hash".into());
+        }
+        if let Some(l) = &m.prev {
+            if !is_chunk_hash(&l.index_blake3)
+                || l.first_seq > l.last_seq
+                || l.last_seq >= m.first_seq
+            {
+                return Err(format!(
+                    "the link to the previous segment (seq {}-{}) is not a valid link",
+                    l.first_seq, l.last_seq
+                ));
+            }
         }
         if (self.frames.len() as u64) != m.raw_size.div_ceil(FRAME_RAW as u64) {
             return Err(format!(
@@ -759,6 +793,7 @@ mod tests {
                 raw_size: 100_000,
                 object_size: 50,
                 object_blake3: "ab".repeat(32),
+                prev: None,
             },
             frames: vec![Frame {
                 raw_offset: 0,

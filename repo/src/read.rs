@@ -195,6 +195,7 @@ mod tests {
                 raw_size: 0,
                 object_size: 0,
                 object_blake3: "0".repeat(64),
+                prev: None,
             },
             frames: Vec::new(),
             entries: Vec::new(),

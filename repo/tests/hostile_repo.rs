@@ -334,6 +334,7 @@ impl HostileRepo {
                 raw_size: raw.len() as u64,
                 object_size: obj.len() as u64,
                 object_blake3: blake3::hash(&obj).to_hex().to_string(),
+                prev: None,
             },
             frames,
             entries: seg.index.clone(),
@@ -491,6 +492,7 @@ fn malformed_index(object: &[u8]) -> Vec<u8> {
             raw_size: 1 << 60,
             object_size: object.len() as u64,
             object_blake3: blake3::hash(object).to_hex().to_string(),
+            prev: None,
         },
         frames: vec![rf::Frame {
             raw_offset: 0,

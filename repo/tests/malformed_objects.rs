@@ -29,6 +29,7 @@ fn make_index() -> Vec<u8> {
             raw_size: raw.len() as u64,
             object_size: obj.len() as u64,
             object_blake3: blake3::hash(&obj).to_hex().to_string(),
+            prev: None,
         },
         frames,
         entries: (1..=2)

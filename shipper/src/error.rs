@@ -87,6 +87,16 @@ pub enum ShipError {
     #[error("segment {path} is not sealed")]
     NotSealed { path: PathBuf },
 
+    /// A segment's index built again differs from the one built first,
+    /// whose hash the next segment's index names (docs/REPOSITORY_FORMAT.md,
+    /// "Chain of indexes"): not uploaded, so every target holds one chain.
+    #[error("segment {path}: its repository index encodes to other bytes (BLAKE3 {built}) than when it was first built (BLAKE3 {recorded}, which the next segment's index names): not uploaded, so every target holds the same chain; was the shipper upgraded while a target lagged? Ship from the build that began")]
+    ChainMismatch {
+        path: PathBuf,
+        built: String,
+        recorded: String,
+    },
+
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -133,6 +143,7 @@ impl ShipError {
             ShipError::Catalog(_) => Kind::Catalog,
             ShipError::Segment { .. }
             | ShipError::NotSealed { .. }
+            | ShipError::ChainMismatch { .. }
             | ShipError::Io { .. }
             | ShipError::Task { .. }
             | ShipError::UnsettledImage { .. }

@@ -878,7 +878,8 @@ async fn ship_target(
         let parallel = plan::upload_parallelism(due.len(), bytes, max_parallel);
         let mut results = futures::stream::iter(due.into_iter().map(|(row, alone)| async move {
             let _counted = InFlight::start(t, catalog, vm);
-            let r = ship::ship_segment(&t.store, &t.name, &t.throttle, retry, vm, &row).await;
+            let r =
+                ship::ship_segment(&t.store, &t.name, &t.throttle, retry, vm, &row, catalog).await;
             (row, alone, r)
         }))
         .buffered(parallel);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use cdp_core::journal::format::{self as jf, IndexEntry, Kind};
 
+use super::chain;
 use super::execute::{tick_with, Tick, Ticker};
 use super::read::read_record;
 use super::RestoreError;
@@ -519,7 +520,7 @@ async fn load_repo_chain(
                 let b = store.get(&idx).await.map_err(ReadError::from)?;
                 tick_with(tick, Tick::Done(size));
                 match rf::SegmentIndex::decode(&idx, &b) {
-                    Ok(i) => out.push(i),
+                    Ok(i) => out.push((i, rf::index_blake3(&b), idx)),
                     Err(_) => unusable.push(idx),
                 }
             }
@@ -527,7 +528,47 @@ async fn load_repo_chain(
             (None, None) => {}
         }
     }
-    Ok(out)
+    let pruned_to = load_retention(store, vm)
+        .await?
+        .and_then(|m| m.disk(disk).map(|d| d.journal_from_seq));
+    Ok(drop_unvouched(out, pruned_to, unusable))
+}
+
+/// The segments the chain of indexes vouches for (docs/REPOSITORY_FORMAT.md,
+/// "Chain of indexes"): one whose successor names another index (deleted,
+/// reordered or replaced history) goes to `unusable` like a damaged
+/// object, so no point is planned through it.
+fn drop_unvouched(
+    segs: Vec<(rf::SegmentIndex, String, String)>,
+    pruned_to: Option<u64>,
+    unusable: &mut Vec<String>,
+) -> Vec<rf::SegmentIndex> {
+    let linked: Vec<chain::Linked<'_>> = segs
+        .iter()
+        .map(|(i, h, _)| chain::Linked {
+            first_seq: i.meta.first_seq,
+            last_seq: i.meta.last_seq,
+            record_base: i.meta.record_base,
+            records: i.meta.records,
+            prev: i.meta.prev.as_ref(),
+            index_blake3: h,
+        })
+        .collect();
+    let damaged: Vec<(u64, u64)> = unusable
+        .iter()
+        .filter_map(|k| rf::parse_journal_name(k.rsplit('/').next().unwrap_or("")))
+        .map(|(a, b, _)| (a, b))
+        .collect();
+    let c = chain::check(&linked, pruned_to, &damaged);
+    let mut out = Vec::with_capacity(segs.len());
+    for (k, (i, _, key)) in segs.into_iter().enumerate() {
+        if c.suspect.contains_key(&k) {
+            unusable.push(key);
+        } else {
+            out.push(i);
+        }
+    }
+    out
 }
 
 /// Unusable repository objects of the journal whose seq range meets

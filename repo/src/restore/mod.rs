@@ -24,6 +24,7 @@ use thiserror::Error;
 
 use crate::read::ReadError;
 
+pub mod chain;
 pub mod execute;
 pub mod history;
 pub mod plan;

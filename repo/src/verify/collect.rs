@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::{self as rf, Baseline, SegmentIndex};
-use crate::restore::{tick_with, History, SegLoc, SegRef, Tick, Ticker};
+use crate::restore::{chain, tick_with, History, SegLoc, SegRef, Tick, Ticker};
 use crate::store::{ObjectMeta, Store};
 
 use super::{
@@ -171,13 +171,18 @@ impl<'a> DiskScanner<'a> {
         let listed = |seg: &Option<ObjectMeta>| seg.as_ref().map_or(0, |o| o.size);
         let found = pairs.values().map(|(seg, _)| listed(seg)).sum();
         tick_with(self.tick.as_ref(), Tick::Found(found));
-        let mut segments: Vec<SegmentIndex> = Vec::new();
+        let mut loaded: Vec<(SegmentIndex, String)> = Vec::new();
+        let mut damaged = Vec::new();
         for ((a, b), (seg, idx)) in pairs {
             let size = listed(&seg);
             let index = self.load_segment(a, b, seg, idx).await?;
             tick_with(self.tick.as_ref(), Tick::Done(size));
-            segments.extend(index);
+            match index {
+                Some(i) => loaded.push(i),
+                None => damaged.push((a, b)),
+            }
         }
+        let (segments, chain_notes) = self.check_links(loaded, &damaged);
         let baselines = self.load_baselines().await?;
         // The history restore would see.
         let segs: Vec<SegRef> = segments
@@ -219,7 +224,71 @@ impl<'a> DiskScanner<'a> {
             bad_baselines: BTreeSet::new(),
             bad_records: self.bad_records,
             last_named: self.last_named,
+            chain_notes,
         })
+    }
+
+    /// The chain of indexes (docs/REPOSITORY_FORMAT.md, "Chain of
+    /// indexes"): each segment nothing vouches for although the chain was
+    /// recorded is a problem and is left out (as restore leaves it out);
+    /// a first segment that follows on from a missing one is a problem.
+    /// Returns the segments kept and what the chain covers, for people.
+    fn check_links(
+        &mut self,
+        loaded: Vec<(SegmentIndex, String)>,
+        damaged: &[(u64, u64)],
+    ) -> (Vec<SegmentIndex>, Vec<String>) {
+        let linked: Vec<chain::Linked<'_>> = loaded
+            .iter()
+            .map(|(i, h)| chain::Linked {
+                first_seq: i.meta.first_seq,
+                last_seq: i.meta.last_seq,
+                record_base: i.meta.record_base,
+                records: i.meta.records,
+                prev: i.meta.prev.as_ref(),
+                index_blake3: h,
+            })
+            .collect();
+        let c = chain::check(&linked, self.thinned_to.map(|(f, _)| f), damaged);
+        let mut notes = Vec::new();
+        match (c.recorded_from, loaded.first()) {
+            (_, None) => {}
+            (None, Some(_)) => notes.push(
+                "chain of indexes not recorded (indexes written before it carry no link): deleted or replaced segments show only as record-chain breaks".to_string(),
+            ),
+            (Some(f), Some((first, _))) if f > first.meta.first_seq => notes.push(format!(
+                "chain of indexes not recorded before seq {f} (indexes written before it carry no link)"
+            )),
+            _ => {}
+        }
+        for (a, b) in &c.unvouched {
+            notes.push(format!(
+                "seq {a}-{b} is vouched for by no index: the segment after it is damaged (reported above)"
+            ));
+        }
+        for (a, b) in &c.heads {
+            notes.push(format!(
+                "chain head not anchored: nothing in the repository vouches for the newest segment of the chain (seq {a}-{b}); its deletion or replacement shows only against the host's catalog or another target"
+            ));
+        }
+        if let Some(why) = c.start_missing.clone() {
+            self.report(None, Kind::Chain, why, None);
+        }
+        let mut kept = Vec::with_capacity(loaded.len());
+        for (k, (i, _)) in loaded.into_iter().enumerate() {
+            match c.suspect.get(&k) {
+                Some(why) => {
+                    let key = rf::index_key(self.vm, self.disk, i.meta.first_seq, i.meta.last_seq);
+                    let what = format!(
+                        "{why}: the segment (seq {}-{}) cannot be used",
+                        i.meta.first_seq, i.meta.last_seq
+                    );
+                    self.report(Some(key), Kind::Chain, what, Some(i.meta.first_seq));
+                }
+                None => kept.push(i),
+            }
+        }
+        (kept, notes)
     }
 
     /// The disk's journal objects, paired by name; a name that is not a
@@ -252,7 +321,7 @@ impl<'a> DiskScanner<'a> {
         b: u64,
         seg: Option<ObjectMeta>,
         idx: Option<ObjectMeta>,
-    ) -> Result<Option<SegmentIndex>, VerifyError> {
+    ) -> Result<Option<(SegmentIndex, String)>, VerifyError> {
         // Half of a segment a prune was deleting when it stopped: below
         // what retention keeps, nothing needs it (the next prune removes it).
         if (seg.is_none() || idx.is_none()) && self.thinned_to.is_some_and(|(f, _)| b <= f) {
@@ -265,18 +334,19 @@ impl<'a> DiskScanner<'a> {
             return Ok(None);
         };
         self.checked.segments += 1;
-        self.check_segment(&index, listed_size).await?;
+        self.check_segment(&index.0, listed_size).await?;
         Ok(Some(index))
     }
 
-    /// The index of segment `a`-`b`, decoded and consistent.
+    /// The index of segment `a`-`b`, decoded and consistent, and the
+    /// BLAKE3 of its bytes.
     async fn load_index(
         &mut self,
         a: u64,
         b: u64,
         seg: Option<&ObjectMeta>,
         idx: Option<&ObjectMeta>,
-    ) -> Result<Option<SegmentIndex>, VerifyError> {
+    ) -> Result<Option<(SegmentIndex, String)>, VerifyError> {
         let seg_key = rf::segment_key(self.vm, self.disk, a, b);
         let idx_key = rf::index_key(self.vm, self.disk, a, b);
         // With only the segment listed, perhaps an upload in flight (the
@@ -301,7 +371,7 @@ impl<'a> DiskScanner<'a> {
             .map_err(|e| strip_key(&e.to_string(), &idx_key))
             .and_then(|i| check::index(&i, self.vm, self.disk, a, b).map(|_| i))
         {
-            Ok(i) => Ok(Some(i)),
+            Ok(i) => Ok(Some((i, rf::index_blake3(&ib)))),
             Err(what) => {
                 let what = if (ib.len() as u64) < idx.map_or(0, |o| o.size) {
                     format!("{what} (the object is shorter than listed)")

@@ -125,6 +125,9 @@ pub struct DiskReport {
     pub unrestorable: Vec<SeqRange>,
     pub marks: Vec<Mark>,
     pub gaps: Vec<Gap>,
+    /// What the chain of indexes covers and cannot show
+    /// (docs/REPOSITORY_FORMAT.md, "Chain of indexes"); not problems.
+    pub chain: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -275,4 +278,6 @@ struct DiskScan {
     bad_records: Vec<u64>,
     /// The newest seq the repository's object names speak of.
     last_named: Option<u64>,
+    /// What the chain of indexes covers (for [`DiskReport::chain`]).
+    chain_notes: Vec<String>,
 }

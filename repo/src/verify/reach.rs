@@ -387,6 +387,7 @@ impl Reach {
             unrestorable: self.lost.iter().map(|&r| self.range(r)).collect(),
             marks: self.marks,
             gaps: self.gaps,
+            chain: s.chain_notes.clone(),
         }
     }
 }
