@@ -144,6 +144,9 @@ fn print_report(r: &Report) {
         for g in &d.gaps {
             println!("  GAP           seq {} ({}): {}", g.seq, g.time, g.reason);
         }
+        for n in &d.chain {
+            println!("  chain         {n}");
+        }
     }
     if r.problems.is_empty() {
         println!("OK: no problem found");

@@ -193,6 +193,10 @@ fn verify_and_restore_catch_edited_history() {
     // from the second segment and its head is said to be unanchored.
     let (ok, v) = f.verify(&f.repo);
     assert!(ok, "{v}");
+    let url = format!("file://{}", f.repo.display());
+    let text = cdpctl_out(&f.d, &f.cfg, &["verify", &f.d.vm_uuid, "--repo", &url]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("chain head not anchored"), "{text}");
     let notes = v["disks"][0]["chain"].to_string();
     assert!(notes.contains("chain head not anchored"), "{notes}");
     assert!(!notes.contains("not recorded"), "{notes}");
