@@ -163,6 +163,7 @@ fn prepare_chunk(
     have: &HashSet<String>,
     uploaded: &Mutex<HashSet<String>>,
     image: &Path,
+    namer: &rf::ChunkNamer,
 ) -> Result<Prepared> {
     if is_hole(f, off, len) {
         return Ok(None);
@@ -173,7 +174,8 @@ fn prepare_chunk(
     if buf.iter().all(|&b| b == 0) {
         return Ok(None);
     }
-    let h = blake3::hash(&buf).to_hex().to_string();
+    // Keyed in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
+    let h = namer.name(&buf);
     let fresh = !have.contains(&h) && uploaded.lock().unwrap().insert(h.clone());
     let body = if fresh {
         Some(rf::compress_chunk(&buf).map_err(ShipError::io("compressing a chunk of", image))?)
@@ -194,18 +196,22 @@ async fn scan_image(
     let n = size.div_ceil(CHUNK_SIZE);
     let f = Arc::new(f);
     let have = Arc::new(existing_chunks(job).await?);
+    let namer = with_retry("chunk names", job.retry, || job.store.chunk_namer())
+        .await
+        .map_err(ShipError::store(job.target))?;
     let uploaded = Arc::new(Mutex::new(HashSet::<String>::new()));
     let image = Arc::new(job.image.to_path_buf());
     let results: Vec<Result<(Option<String>, u64)>> = futures::stream::iter(0..n)
         .map(|i| {
             let (f, have, uploaded, image) =
                 (f.clone(), have.clone(), uploaded.clone(), image.clone());
+            let namer = namer.clone();
             let progress = progress.clone();
             async move {
                 let off = i * CHUNK_SIZE;
                 let len = CHUNK_SIZE.min(size - off);
                 let prepared = tokio::task::spawn_blocking(move || {
-                    let r = prepare_chunk(&f, off, len, &have, &uploaded, &image);
+                    let r = prepare_chunk(&f, off, len, &have, &uploaded, &image, &namer);
                     if let Some(p) = &progress {
                         p(len);
                     }

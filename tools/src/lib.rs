@@ -13,6 +13,7 @@ pub mod points_svg;
 pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;
+pub mod repo_cmd;
 pub mod restore_cmd;
 pub mod restore_vm;
 pub mod status;
@@ -88,6 +89,9 @@ pub enum Cmd {
     Journal(journal_cmd::JournalCmd),
     /// Apply the VM's retention policy to its targets: thin old points, compact, delete.
     Prune(prune_cmd::PruneArgs),
+    /// Create a repository (with --encrypt: an encrypted one).
+    #[command(subcommand)]
+    Repo(repo_cmd::RepoCmd),
     /// Install cdpd's programs, config, libvirt hook and systemd unit (idempotent).
     Install(install::InstallArgs),
     /// Remove what `install` wrote (config and state kept unless --purge).
@@ -209,6 +213,8 @@ pub fn run(cli: Cli) -> Result<()> {
         // Generated from the CLI definition alone.
         Cmd::Completions(a) => return gen_cmd::completions(a),
         Cmd::Man(a) => return gen_cmd::man(a),
+        // Works on a URL, without a config.
+        Cmd::Repo(c) => return repo_cmd::run(cli.global.json, c),
         _ => {}
     }
     // Before the config is read: the hook must not fail a VM without CDP keys.
@@ -228,7 +234,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Verify(a) => verify_cmd::verify(&ctx, &a),
         Cmd::Prune(a) => prune_cmd::run(&ctx, &a),
         Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &a),
-        Cmd::Install(_) | Cmd::Uninstall(_) | Cmd::Completions(_) | Cmd::Man(_) => {
+        Cmd::Install(_)
+        | Cmd::Uninstall(_)
+        | Cmd::Completions(_)
+        | Cmd::Man(_)
+        | Cmd::Repo(_) => {
             unreachable!("handled before the config is read")
         }
         Cmd::Protect(a) => protect_cmd::protect(&ctx, &a),

@@ -249,12 +249,14 @@ async fn restore_chunk(
     let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
         .await
         .map_err(ReadError::from)?;
+    // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
+    let namer = store.chunk_namer().await.map_err(ReadError::from)?;
     // Decompressing, hashing and writing run on the blocking pool: in
     // parallel, off the thread that fetches.
     let (hash, disk) = (hash.clone(), plan.disk.clone());
     tokio::task::spawn_blocking(move || {
         let len = (end - start) as usize;
-        let data = rf::decompress_chunk(&hash, &obj, len).map_err(ReadError::from)?;
+        let data = rf::decompress_chunk_named(&namer, &hash, &obj, len).map_err(ReadError::from)?;
         if data.len() != len {
             return Err(RestoreError::Corrupt {
                 what: key,

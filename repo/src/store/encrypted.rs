@@ -48,6 +48,20 @@ impl Store {
         self
     }
 
+    /// This target with its objects as stored: nothing sealed or opened,
+    /// whatever the repository holds (for tests and tools that handle the
+    /// sealed bytes themselves, such as a copy between repositories).
+    pub fn raw(&self) -> Store {
+        let keys = KeyState::default();
+        keys.set(None).expect("a new cell is empty");
+        Store {
+            url: self.url.clone(),
+            backend: self.backend.clone(),
+            key_source: None,
+            keys,
+        }
+    }
+
     /// The repository's keys: None for a clear repository. Read once per
     /// store (a failure is not kept: the next call tries again).
     pub(super) async fn keys(&self) -> Result<Option<&Keys>, StoreError> {
