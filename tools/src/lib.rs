@@ -4,6 +4,8 @@
 //! through `cdp_core::layout`.
 
 pub mod baseline_cmd;
+pub mod boot_cmd;
+pub mod define;
 pub mod export_cmd;
 pub mod files_cmd;
 pub mod gen_cmd;
@@ -13,6 +15,7 @@ pub mod points_svg;
 pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;
+pub mod quiesce;
 pub mod repo_cmd;
 pub mod restore_cmd;
 pub mod restore_vm;
@@ -78,6 +81,8 @@ pub enum Cmd {
     Points(restore_cmd::PointsArgs),
     /// Serve a point as a read-only NBD export, at once, without copying it.
     Export(export_cmd::ExportArgs),
+    /// Boot a point as a new VM at once: NBD exports, qcow2 overlays, a remapped definition.
+    Boot(boot_cmd::BootArgs),
     /// Check that every point can be rebuilt and (--deep) every object is intact.
     Verify(verify_cmd::VerifyArgs),
     /// The VM definition as it was at a point, with storage paths remapped.
@@ -231,6 +236,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Restore(a) => restore_cmd::restore(&ctx, &a),
         Cmd::Points(a) => restore_cmd::points(&ctx, &a),
         Cmd::Export(a) => export_cmd::run(&ctx, &a),
+        Cmd::Boot(a) => boot_cmd::run(&ctx, cli.global.config.as_deref(), &a),
         Cmd::Verify(a) => verify_cmd::verify(&ctx, &a),
         Cmd::Prune(a) => prune_cmd::run(&ctx, &a),
         Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &a),

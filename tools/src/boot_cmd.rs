@@ -1,0 +1,1131 @@
+//! `cdpctl boot VM --at POINT --name NEW [--dir DIR] [--start]`: instant
+//! boot of any point (issue 14, "Instant boot of any point"). Every disk of
+//! the VM at one cut is served read-only over NBD by a detached `cdpctl
+//! export` per disk; a qcow2 overlay per disk in DIR has that export as its
+//! backing; the definition of the point, remapped to the overlays with a new
+//! name, UUID and MACs, is defined in libvirt. Nothing is copied first: the
+//! VM boots within seconds, its writes go to the overlays only, and the
+//! repository and the original VM are never written.
+//!
+//! `cdpctl boot NEW --stop` destroys and undefines NEW, stops its exports and
+//! removes (or keeps, `--keep-overlays`) its overlays. What a boot made is
+//! listed in DIR/boot.json; the exports' process ids are in it.
+//!
+//! The definition comes from the repository: untrusted. Only what can be
+//! remapped into DIR is kept (see [`boot_definition`]); anything else that
+//! names a host file or device is refused before anything is created.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cdp_core::time::now_ns;
+use cdp_repo::restore::Point;
+use serde::{Deserialize, Serialize};
+
+use crate::protect_cmd::virsh;
+use crate::restore_cmd::{
+    candidate_repos, prepare, resolve_vm, with_fallback, Prepared, RepoArgs, Used,
+};
+use crate::verify_cmd::{find_definition, write_new, RestoreConfigArgs};
+use crate::Ctx;
+
+/// Where a boot's files go without --dir: DIR/<name> (libvirt's default
+/// image directory, which QEMU's user can already search).
+const DEFAULT_PARENT: &str = "/var/lib/libvirt/images";
+/// The record of a boot, in DIR.
+const RECORD: &str = "boot.json";
+/// How long the exports may take to load the point's history.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(clap::Args)]
+pub struct BootArgs {
+    /// The protected VM (name or UUID); with --stop, the booted VM's name.
+    pub vm: String,
+    /// The point: RFC 3339 time, "10 minutes ago", seq:N, mark:LABEL or latest.
+    #[arg(long, required_unless_present = "stop")]
+    pub at: Option<String>,
+    /// The new VM's name in libvirt (must not exist).
+    #[arg(long, required_unless_present = "stop")]
+    pub name: Option<String>,
+    /// Directory of the overlays, the NBD sockets and boot.json
+    /// (default /var/lib/libvirt/images/NAME; created if missing).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Start the new VM once defined.
+    #[arg(long, conflicts_with = "stop")]
+    pub start: bool,
+    /// Make the exports, overlays and DIR/NAME.xml, but do not define the VM
+    /// (define it yourself: `virsh define DIR/NAME.xml`).
+    #[arg(long, conflicts_with_all = ["start", "stop"])]
+    pub no_define: bool,
+    /// Undo a boot: destroy and undefine VM, stop its exports, remove its files.
+    #[arg(long, conflicts_with_all = ["at", "name", "start"])]
+    pub stop: bool,
+    /// With --stop: keep the overlays (qcow2 files) and the definition in DIR.
+    #[arg(long, requires = "stop")]
+    pub keep_overlays: bool,
+    /// libvirt connection URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Memory of each export for decompressed chunks and journal data, in MiB.
+    #[arg(long, default_value_t = cdp_repo::export::DEFAULT_CACHE_BYTES >> 20)]
+    pub cache_mib: u64,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+}
+
+/// One disk of a boot.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct BootDisk {
+    pub disk: String,
+    pub size: u64,
+    pub overlay: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    /// The detached `cdpctl export` serving it.
+    pub pid: i32,
+}
+
+/// DIR/boot.json: what a boot made, read by `--stop`.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BootRecord {
+    pub name: String,
+    pub uuid: String,
+    pub from_vm: String,
+    pub point: String,
+    pub seq: u64,
+    pub dir: PathBuf,
+    /// Whether the boot created DIR (then --stop removes it when empty).
+    pub created_dir: bool,
+    pub sockets: PathBuf,
+    pub disks: Vec<BootDisk>,
+}
+
+pub fn run(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
+    if a.stop {
+        return stop(ctx, a);
+    }
+    boot(ctx, config, a)
+}
+
+// ---------------------------------------------------------------------------
+// The definition
+
+/// What the booted VM's definition is remapped to.
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    pub uuid: &'a str,
+    /// Disk target → its overlay.
+    pub overlays: &'a BTreeMap<String, PathBuf>,
+    /// Where character devices' files and sockets go.
+    pub dir: &'a Path,
+}
+
+/// A libvirt domain name we accept for a new VM: what a shell, a path and
+/// libvirt all take as is.
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '+'));
+    if !ok {
+        bail!("--name {name:?}: use 1 to 64 letters, digits, '-', '_', '.', '+' (not first '-' or '.')");
+    }
+    Ok(())
+}
+
+fn esc(s: &str) -> String {
+    quick_xml::escape::escape(s).into_owned()
+}
+
+/// A random locally administered MAC in QEMU's range (52:54:00:…).
+fn random_mac() -> Result<String> {
+    let mut b = [0u8; 3];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2]))
+}
+
+/// A random (version 4) UUID.
+fn random_uuid() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
+}
+
+/// Replace byte ranges (non-overlapping) with new text.
+fn splice(text: &str, mut edits: Vec<(std::ops::Range<usize>, String)>) -> String {
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = text.to_string();
+    for (r, s) in edits {
+        out.replace_range(r, &s);
+    }
+    out
+}
+
+type Edits = Vec<(std::ops::Range<usize>, String)>;
+
+/// The booted VM's definition: `xml` (the stored definition of the point,
+/// unprotected) with
+/// - a new `<name>`, `<uuid>` (and SMBIOS uuid entry), and a new MAC on
+///   every `<interface>` that has one;
+/// - each disk of `new.overlays` made a qcow2 file disk whose source is its
+///   overlay (its `<backingStore>` dropped: the overlay names its backing);
+/// - file and socket paths of serial, console, parallel and channel devices
+///   (and their `<log file>`) moved into `new.dir`.
+///
+/// Refused (nothing can be remapped safely): a disk (not a cdrom or floppy)
+/// with no history at the point, a disk of the point that is not a file or
+/// block device, `<nvram>`, `<filesystem>`, `<hostdev>`, `<shmem>`, a
+/// passthrough `<tpm>`, and character devices on a host device or pipe.
+pub fn boot_definition(
+    xml: &str,
+    new: &NewVm,
+    mac: &mut dyn FnMut() -> Result<String>,
+) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml).context("the stored definition is not valid XML")?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" {
+        bail!("the stored definition is not a libvirt <domain>");
+    }
+    let mut edits: Edits = Vec::new();
+    let mut found: Vec<String> = Vec::new();
+    for n in root.children().filter(|n| n.is_element()) {
+        match n.tag_name().name() {
+            "name" => edits.push((n.range(), format!("<name>{}</name>", esc(new.name)))),
+            "uuid" => edits.push((n.range(), format!("<uuid>{}</uuid>", new.uuid))),
+            "os" => {
+                if let Some(nv) = n.children().find(|c| c.has_tag_name("nvram")) {
+                    bail!("the definition has <nvram> ({}): firmware variables cannot be shared with the original VM; not booted", nv.text().unwrap_or("").trim());
+                }
+            }
+            "sysinfo" => {
+                for e in n.descendants().filter(|e| {
+                    e.has_tag_name("entry")
+                        && e.attribute("name") == Some("uuid")
+                        && e.parent().is_some_and(|p| p.has_tag_name("system"))
+                }) {
+                    edits.push((
+                        e.range(),
+                        format!("<entry name='uuid'>{}</entry>", new.uuid),
+                    ));
+                }
+            }
+            "devices" => devices(n, new, mac, &mut edits, &mut found)?,
+            _ => {}
+        }
+    }
+    let missing: Vec<&String> = new.overlays.keys().filter(|d| !found.contains(d)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "the definition of the point has no disk {}: cannot attach its overlay",
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let out = splice(xml, edits);
+    roxmltree::Document::parse(&out)
+        .context("internal error: the remapped definition is not XML")?;
+    Ok(out)
+}
+
+fn devices(
+    devs: roxmltree::Node,
+    new: &NewVm,
+    mac: &mut dyn FnMut() -> Result<String>,
+    edits: &mut Edits,
+    found: &mut Vec<String>,
+) -> Result<()> {
+    // Original char device path → its path in DIR (a console and its serial
+    // name the same file).
+    let mut moved: BTreeMap<String, String> = BTreeMap::new();
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in devs.children().filter(|n| n.is_element()) {
+        let kind = n.tag_name().name();
+        match kind {
+            "disk" => {
+                if let Some(t) = disk(n, new, edits)? {
+                    found.push(t);
+                }
+            }
+            "interface" => {
+                for m in n.children().filter(|c| c.has_tag_name("mac")) {
+                    if let Some(a) = m.attribute_node("address") {
+                        edits.push((a.range_value(), mac()?));
+                    }
+                }
+            }
+            "filesystem" | "hostdev" | "shmem" => {
+                bail!("the definition has a <{kind}> device: host resources cannot be given to a booted copy; not booted")
+            }
+            "tpm"
+                if n.descendants().any(|b| {
+                    b.has_tag_name("backend") && b.attribute("type") == Some("passthrough")
+                }) =>
+            {
+                bail!("the definition has a passthrough <tpm>: not booted");
+            }
+            "serial" | "console" | "parallel" | "channel" => {
+                let i = count.entry(kind).or_default();
+                chardev(n, kind, *i, new.dir, &mut moved, edits)?;
+                *i += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Remap one `<disk>`: its target, if the point has it.
+fn disk(n: roxmltree::Node, new: &NewVm, edits: &mut Edits) -> Result<Option<String>> {
+    let target = n
+        .children()
+        .find(|c| c.has_tag_name("target"))
+        .and_then(|t| t.attribute("dev"))
+        .unwrap_or("")
+        .to_string();
+    let device = n.attribute("device").unwrap_or("disk");
+    let Some(overlay) = new.overlays.get(&target) else {
+        if matches!(device, "cdrom" | "floppy") {
+            return Ok(None);
+        }
+        bail!("disk {target:?} of the definition has no history at this point: the booted VM would share the original's disk; not booted (protect it, or detach it first)");
+    };
+    let ty = n.attribute("type").unwrap_or("file");
+    if !matches!(ty, "file" | "block") {
+        bail!("disk {target} is a {ty:?} disk: only file and block disks are remapped; not booted");
+    }
+    if let Some(a) = n.attribute_node("type") {
+        edits.push((a.range_value(), "file".into()));
+    }
+    let path = overlay
+        .to_str()
+        .context("an overlay path that is not UTF-8")?;
+    let source = format!("<source file='{}'/>", esc(path));
+    let Some(src) = n.children().find(|c| c.has_tag_name("source")) else {
+        bail!("disk {target} has no <source>: not booted");
+    };
+    match n.children().find(|c| c.has_tag_name("driver")) {
+        Some(d) => {
+            match d.attribute_node("type") {
+                Some(a) => edits.push((a.range_value(), "qcow2".into())),
+                None => {
+                    let at = d.range().start + "<driver".len();
+                    edits.push((at..at, " type='qcow2'".into()));
+                }
+            }
+            edits.push((src.range(), source));
+        }
+        None => edits.push((
+            src.range(),
+            format!("<driver name='qemu' type='qcow2'/>{source}"),
+        )),
+    }
+    for c in n
+        .children()
+        .filter(|c| c.has_tag_name("backingStore") || c.has_tag_name("mirror"))
+    {
+        edits.push((c.range(), String::new()));
+    }
+    Ok(Some(target))
+}
+
+/// Move a character device's file or socket into `dir`.
+fn chardev(
+    n: roxmltree::Node,
+    kind: &str,
+    i: usize,
+    dir: &Path,
+    moved: &mut BTreeMap<String, String>,
+    edits: &mut Edits,
+) -> Result<()> {
+    let ty = n.attribute("type").unwrap_or("pty");
+    if matches!(ty, "dev" | "pipe") {
+        bail!("<{kind} type='{ty}'> uses a host device or pipe: not booted");
+    }
+    let mut to = |old: &str, ext: &str| {
+        let n = moved.len();
+        moved
+            .entry(old.to_string())
+            .or_insert_with(|| {
+                dir.join(format!("{kind}{i}-{n}.{ext}"))
+                    .display()
+                    .to_string()
+            })
+            .clone()
+    };
+    for c in n.children().filter(|c| c.is_element()) {
+        let (attr, ext) = match (c.tag_name().name(), ty) {
+            ("source", "file") => ("path", "log"),
+            ("source", "unix") => ("path", "sock"),
+            ("log", _) => ("file", "log"),
+            _ => continue,
+        };
+        if let Some(a) = c.attribute_node(attr) {
+            if ty == "unix" && c.attribute("mode") == Some("connect") {
+                bail!(
+                    "<{kind} type='unix'> connects to a host socket ({}): not booted",
+                    a.value()
+                );
+            }
+            let new = to(a.value(), ext);
+            edits.push((a.range_value(), esc(&new)));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Boot
+
+/// The point resolved at one cut, and the definition of that cut.
+struct Planned {
+    vm: String,
+    seq: u64,
+    /// (disk, size)
+    disks: Vec<(String, u64)>,
+    xml: String,
+    used: Used,
+}
+
+/// Resolve `point` in every disk of the VM, take the newest seq as the cut
+/// (as `restore --all-disks`: docs/DESIGN.md, "Write path", one sequence
+/// per VM), check every disk rebuilds at it, and find the definition.
+async fn plan_cut(ctx: &Ctx, a: &BootArgs, point: &Point) -> Result<Planned> {
+    let candidates = candidate_repos(ctx, &a.repo)?;
+    let (store, used, (vm, seq, disks)) = with_fallback(candidates, |store| async move {
+        let vm = resolve_vm(ctx, &store, &a.vm).await?;
+        let mut names = cdp_repo::read::list_disks(&store, &vm).await?;
+        if !a.repo.no_local {
+            names.extend(cdp_core::journal::list_disks(&ctx.state_dir, &vm).unwrap_or_default());
+        }
+        names.sort();
+        names.dedup();
+        let mut preps: Vec<(String, Prepared)> = Vec::new();
+        for d in names {
+            cdp_core::names::check_disk(&d).with_context(|| format!("disk name {d:?}"))?;
+            let p = prepare(ctx, &a.repo, &d, &store, &vm, point)
+                .await
+                .with_context(|| format!("disk {d}"))?;
+            preps.push((d, p));
+        }
+        if preps.is_empty() {
+            bail!("VM {vm} has no disk in {}", store.url());
+        }
+        let seq = preps.iter().map(|(_, p)| p.seq).max().unwrap_or(0);
+        let mut disks = Vec::new();
+        for (d, p) in preps {
+            let size = if p.seq == seq {
+                p.plan.size
+            } else {
+                prepare(ctx, &a.repo, &d, &store, &vm, &Point::Seq(seq))
+                    .await
+                    .with_context(|| format!("disk {d} at the cut seq:{seq} of {point}"))?
+                    .plan
+                    .size
+            };
+            disks.push((d, size));
+        }
+        Ok((vm, seq, disks))
+    })
+    .await?;
+    let args = RestoreConfigArgs {
+        vm: vm.clone(),
+        at: format!("seq:{seq}"),
+        remaps: Vec::new(),
+        output: PathBuf::new(),
+        repo: a.repo.clone(),
+    };
+    let found = find_definition(ctx, &store, &args, &Point::Seq(seq)).await?;
+    let xml = String::from_utf8(found.xml).context("the stored definition is not UTF-8")?;
+    Ok(Planned {
+        vm,
+        seq,
+        disks,
+        xml,
+        used,
+    })
+}
+
+/// The stored definition without the CDP keys (the booted copy is not
+/// protected: its disks are overlays, its emulator the real QEMU).
+fn unprotected(xml: &str) -> Result<String> {
+    let dom = cdp_hooks::domain::parse(xml).context("the stored definition")?;
+    if dom.protection.is_none() {
+        return Ok(xml.to_string());
+    }
+    cdp_hooks::protect::unprotect(xml).context("removing the CDP keys")
+}
+
+/// A path QEMU's nbd+unix URI takes as is.
+fn check_uri_path(p: &Path) -> Result<&str> {
+    let s = p.to_str().context("a path that is not UTF-8")?;
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.' | '+'))
+    {
+        bail!("{s}: use a --dir of letters, digits and / - _ . + only (it goes into an NBD URI)");
+    }
+    Ok(s)
+}
+
+fn boot(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let name = a.name.as_deref().context("--name NEW")?;
+    check_name(name)?;
+    if !a.no_define && virsh(&a.connect, &["domstate", name]).is_ok() {
+        bail!("a domain named {name} exists already: choose another --name");
+    }
+    let at = a.at.as_deref().context("--at POINT")?;
+    let point = Point::parse(at, now_ns())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let planned = rt.block_on(plan_cut(ctx, a, &point))?;
+    drop(rt);
+    let dir = std::path::absolute(
+        a.dir
+            .clone()
+            .unwrap_or_else(|| Path::new(DEFAULT_PARENT).join(name)),
+    )?;
+    check_uri_path(&dir)?;
+    let sockets = dir.join(format!("{name}.nbd"));
+    let overlays: BTreeMap<String, PathBuf> = planned
+        .disks
+        .iter()
+        .map(|(d, _)| (d.clone(), dir.join(format!("{name}-{d}.qcow2"))))
+        .collect();
+    let uuid = random_uuid()?;
+    // The definition first: what cannot be remapped creates nothing.
+    let new = NewVm {
+        name,
+        uuid: &uuid,
+        overlays: &overlays,
+        dir: &dir,
+    };
+    let xml = boot_definition(&unprotected(&planned.xml)?, &new, &mut || random_mac())?;
+    let owner = cdp_hooks::hook::vm_owner(&ctx.config, &xml)?;
+    let mut made = Made::default();
+    let job = Job {
+        ctx,
+        config,
+        a,
+        planned: &planned,
+        dir: &dir,
+        sockets: &sockets,
+        overlays: &overlays,
+        owner,
+    };
+    let r = make(&job, &mut made).and_then(|disks| {
+        let record = BootRecord {
+            name: name.to_string(),
+            uuid: uuid.clone(),
+            from_vm: planned.vm.clone(),
+            point: point.to_string(),
+            seq: planned.seq,
+            dir: dir.clone(),
+            created_dir: made.dir,
+            sockets: sockets.clone(),
+            disks,
+        };
+        finish(a, &record, &xml, &mut made)?;
+        Ok(record)
+    });
+    let record = match r {
+        Ok(rec) => rec,
+        Err(e) => {
+            made.undo(&a.connect);
+            return Err(e);
+        }
+    };
+    report(ctx, a, &record, &planned.used, t0.elapsed())
+}
+
+/// Everything a boot makes, from the plan.
+struct Job<'a> {
+    ctx: &'a Ctx,
+    config: Option<&'a Path>,
+    a: &'a BootArgs,
+    planned: &'a Planned,
+    dir: &'a Path,
+    sockets: &'a Path,
+    overlays: &'a BTreeMap<String, PathBuf>,
+    /// QEMU's user and group for the new VM.
+    owner: (u32, u32),
+}
+
+/// What a boot has made so far: undone when a later step fails.
+#[derive(Default)]
+struct Made {
+    dir: bool,
+    sockets: Option<PathBuf>,
+    files: Vec<PathBuf>,
+    pids: Vec<i32>,
+    defined: Option<String>,
+}
+
+impl Made {
+    fn undo(&mut self, connect: &str) {
+        if let Some(n) = self.defined.take() {
+            let _ = virsh(connect, &["destroy", &n]);
+            let _ = virsh(connect, &["undefine", &n]);
+        }
+        for pid in self.pids.drain(..) {
+            stop_pid(pid);
+        }
+        for f in self.files.drain(..) {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Some(s) = self.sockets.take() {
+            let _ = std::fs::remove_dir_all(s);
+        }
+    }
+}
+
+/// Make DIR, the socket directory, the exports and the overlays.
+fn make(job: &Job, made: &mut Made) -> Result<Vec<BootDisk>> {
+    let dir = job.dir;
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("{} exists and is not a directory", dir.display()),
+        Err(_) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            // QEMU's user needs to search it, nothing more.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+            made.dir = true;
+        }
+    }
+    let name = job.a.name.as_deref().unwrap_or_default();
+    let fixed = [
+        dir.join(RECORD),
+        dir.join(format!("{name}.xml")),
+        job.sockets.to_path_buf(),
+    ];
+    let there: Vec<String> = fixed
+        .iter()
+        .chain(job.overlays.values())
+        .filter(|p| p.symlink_metadata().is_ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !there.is_empty() {
+        bail!(
+            "{} already there: a boot never overwrites a file; `cdpctl boot {name} --stop` or choose another --dir",
+            there.join(", ")
+        );
+    }
+    // Root's alone while the exports bind; QEMU's user's (0700) after.
+    std::fs::create_dir(job.sockets)
+        .with_context(|| format!("creating {}", job.sockets.display()))?;
+    made.sockets = Some(job.sockets.to_path_buf());
+    std::fs::set_permissions(job.sockets, std::fs::Permissions::from_mode(0o700))?;
+    let mut waits = Vec::new();
+    let mut disks = Vec::new();
+    for (disk, size) in &job.planned.disks {
+        let socket = job.sockets.join(format!("{disk}.sock"));
+        let log = dir.join(format!("{name}-{disk}.export.log"));
+        made.files.push(log.clone());
+        let (pid, ready) = spawn_export(job, disk, &socket, &log)?;
+        made.pids.push(pid);
+        waits.push((disk.clone(), ready, log.clone()));
+        disks.push(BootDisk {
+            disk: disk.clone(),
+            size: *size,
+            overlay: job.overlays[disk].clone(),
+            socket,
+            log,
+            pid,
+        });
+    }
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for (disk, ready, log) in waits {
+        wait_ready(&disk, ready, deadline, &log)?;
+    }
+    let (uid, gid) = job.owner;
+    for d in &disks {
+        std::os::unix::fs::lchown(&d.socket, Some(uid), Some(gid))
+            .with_context(|| format!("giving {} to QEMU's user", d.socket.display()))?;
+    }
+    std::os::unix::fs::chown(job.sockets, Some(uid), Some(gid))?;
+    for d in &disks {
+        overlay(d, made, job.owner)?;
+    }
+    Ok(disks)
+}
+
+/// The NBD URI of a disk's export.
+fn nbd_uri(d: &BootDisk) -> Result<String> {
+    Ok(format!(
+        "nbd+unix:///{}?socket={}",
+        d.disk,
+        check_uri_path(&d.socket)?
+    ))
+}
+
+/// `qemu-img create` the disk's overlay on its export (not opened: `-u`
+/// with the size known), QEMU's user's, mode 0600.
+fn overlay(d: &BootDisk, made: &mut Made, (uid, gid): (u32, u32)) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b"])
+        .arg(nbd_uri(d)?)
+        .arg(&d.overlay)
+        .arg(d.size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .context("running qemu-img (install qemu-utils)")?;
+    if d.overlay.symlink_metadata().is_ok() {
+        made.files.push(d.overlay.clone());
+    }
+    if !out.status.success() {
+        bail!(
+            "qemu-img create {}: {}",
+            d.overlay.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::os::unix::fs::lchown(&d.overlay, Some(uid), Some(gid))?;
+    std::fs::set_permissions(&d.overlay, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Start a detached `cdpctl export` of `disk` at the cut (its own process
+/// group: it outlives this command and a ^C of it). Returns its pid and the
+/// read end of its `--ready-fd` pipe.
+fn spawn_export(job: &Job, disk: &str, socket: &Path, log: &Path) -> Result<(i32, OwnedFd)> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // Only the write end is inherited (at its number, named by --ready-fd).
+    fcntl(w.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let logf = std::fs::File::options()
+        .create_new(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("creating {}", log.display()))?;
+    let mut c = Command::new(std::env::current_exe()?);
+    if let Some(cfg) = job.config {
+        c.arg("--config").arg(cfg);
+    }
+    c.arg("--state-dir")
+        .arg(&job.ctx.state_dir)
+        .arg("--run-dir")
+        .arg(&job.ctx.run_dir)
+        .args(["export", &job.planned.vm, "--disk", disk, "--at"])
+        .arg(format!("seq:{}", job.planned.seq))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--ready-fd")
+        .arg(w.as_raw_fd().to_string())
+        .arg("--cache-mib")
+        .arg(job.a.cache_mib.to_string())
+        .args(["--policy", &job.a.repo.policy]);
+    if let Some(r) = &job.a.repo.repo {
+        c.args(["--repo", r]);
+    }
+    if job.a.repo.no_local {
+        c.arg("--no-local");
+    }
+    let child = c
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .context("starting cdpctl export")?;
+    drop(w);
+    Ok((child.id() as i32, r))
+}
+
+/// Wait for an export's READY (or its error, or its death) until `deadline`.
+fn wait_ready(disk: &str, ready: OwnedFd, deadline: Instant, log: &Path) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(ready).read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let tail = || {
+        let t = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    };
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(s) if s.starts_with("READY") => Ok(()),
+        Ok(s) if s.starts_with("ERROR ") => bail!("export of {disk}: {}", s[6..].trim()),
+        Ok(_) => bail!("export of {disk} ended before it was ready:\n{}", tail()),
+        Err(_) => bail!(
+            "export of {disk} not ready after {} s (see {})",
+            READY_TIMEOUT.as_secs(),
+            log.display()
+        ),
+    }
+}
+
+/// Is `pid` an export this boot started (serving `socket`)? Guards against
+/// a pid reused by another process since.
+fn is_our_export(pid: i32, socket: Option<&Path>) -> bool {
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    args.contains(&b"export".as_slice())
+        && socket.is_none_or(|s| args.contains(&s.as_os_str().as_encoded_bytes()))
+}
+
+/// SIGTERM, then SIGKILL after 15 s; returns once it is gone.
+fn stop_pid(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    let p = nix::unistd::Pid::from_raw(pid);
+    let _ = kill(p, Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(15);
+    while !cdp_core::proc::is_gone(pid) {
+        if Instant::now() > until {
+            let _ = kill(p, Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reap it if it is still our child (the rollback of a failed boot).
+    let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+}
+
+/// Write the definition and the record, define (and start) the VM.
+fn finish(a: &BootArgs, rec: &BootRecord, xml: &str, made: &mut Made) -> Result<()> {
+    let def = rec.dir.join(format!("{}.xml", rec.name));
+    write_new(&def, xml.as_bytes())?;
+    made.files.push(def.clone());
+    let record = rec.dir.join(RECORD);
+    write_new(&record, &serde_json::to_vec_pretty(rec)?)?;
+    made.files.push(record);
+    if a.no_define {
+        *made = Made::default();
+        return Ok(());
+    }
+    virsh(&a.connect, &["define", &def.display().to_string()])?;
+    made.defined = Some(rec.name.clone());
+    if a.start {
+        virsh(&a.connect, &["start", &rec.name])?;
+    }
+    // Done: nothing to undo.
+    *made = Made::default();
+    Ok(())
+}
+
+fn report(ctx: &Ctx, a: &BootArgs, rec: &BootRecord, used: &Used, took: Duration) -> Result<()> {
+    let secs = took.as_secs_f64();
+    if ctx.json {
+        return crate::print_json(&serde_json::json!({
+            "booted": rec, "started": a.start, "defined": !a.no_define, "seconds": secs,
+            "target": used.target, "repository": used.repository,
+        }));
+    }
+    println!(
+        "booted {} (uuid {}) from VM {} at {} (seq {}) in {secs:.2} s: defined{}",
+        rec.name,
+        rec.uuid,
+        rec.from_vm,
+        rec.point,
+        rec.seq,
+        if a.start {
+            " and started".to_string()
+        } else if a.no_define {
+            format!(
+                " NOT defined (define it: virsh define {})",
+                rec.dir.join(format!("{}.xml", rec.name)).display()
+            )
+        } else {
+            format!(" (start it: virsh start {})", rec.name)
+        }
+    );
+    for d in &rec.disks {
+        println!(
+            "  {}: {} on {} (export pid {}, log {})",
+            d.disk,
+            d.overlay.display(),
+            nbd_uri(d)?,
+            d.pid,
+            d.log.display()
+        );
+    }
+    println!(
+        "Its writes go to the overlays only: the repository and VM {} are not touched.",
+        rec.from_vm
+    );
+    println!("The exports serve until `cdpctl boot {} --stop` (which destroys and undefines it, and removes the overlays unless --keep-overlays).", rec.name);
+    let d0 = rec.disks.first().map(|d| d.disk.as_str()).unwrap_or("vda");
+    println!(
+        "To keep it: while it runs, `virsh blockpull {} {d0} --wait` for each disk copies the point into its overlay (it then needs no export); then `cdpctl boot {} --stop --keep-overlays` and `virsh define {}`. Or copy the point itself: `cdpctl restore {} --all-disks --at seq:{} --to DIR`.",
+        rec.name,
+        rec.name,
+        rec.dir.join(format!("{}.xml", rec.name)).display(),
+        rec.from_vm,
+        rec.seq
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Stop
+
+/// DIR of the boot named `name`: --dir, else the directory of its overlays
+/// (from libvirt's definition), else the default.
+fn boot_dir(a: &BootArgs, name: &str) -> PathBuf {
+    if let Some(d) = &a.dir {
+        return d.clone();
+    }
+    if let Ok(xml) = virsh(&a.connect, &["dumpxml", "--inactive", name]) {
+        if let Ok(doc) = roxmltree::Document::parse(&xml) {
+            let found = doc
+                .descendants()
+                .filter(|n| {
+                    n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("disk"))
+                })
+                .filter_map(|n| n.attribute("file"))
+                .filter_map(|f| Path::new(f).parent())
+                .find(|p| p.join(RECORD).is_file());
+            if let Some(p) = found {
+                return p.to_path_buf();
+            }
+        }
+    }
+    Path::new(DEFAULT_PARENT).join(name)
+}
+
+fn stop(ctx: &Ctx, a: &BootArgs) -> Result<()> {
+    let name = a.vm.as_str();
+    check_name(name)?;
+    let dir = boot_dir(a, name);
+    let path = dir.join(RECORD);
+    let rec: BootRecord = serde_json::from_slice(
+        &std::fs::read(&path)
+            .with_context(|| format!("reading {} (give --dir)", path.display()))?,
+    )
+    .with_context(|| format!("{}", path.display()))?;
+    if rec.name != name {
+        bail!(
+            "{} records a boot of {}, not {name}",
+            path.display(),
+            rec.name
+        );
+    }
+    let mut vm = "not defined";
+    if let Ok(state) = virsh(&a.connect, &["domstate", name]) {
+        if state.trim() != "shut off" {
+            virsh(&a.connect, &["destroy", name])?;
+        }
+        virsh(&a.connect, &["undefine", name])?;
+        vm = "destroyed and undefined";
+    }
+    let mut stopped = Vec::new();
+    for d in &rec.disks {
+        if is_our_export(d.pid, Some(&d.socket)) {
+            stop_pid(d.pid);
+            stopped.push(d.pid);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&rec.sockets);
+    if !a.keep_overlays {
+        for d in &rec.disks {
+            let _ = std::fs::remove_file(&d.overlay);
+            let _ = std::fs::remove_file(&d.log);
+        }
+        let _ = std::fs::remove_file(rec.dir.join(format!("{name}.xml")));
+        let _ = std::fs::remove_file(&path);
+        if rec.created_dir {
+            let _ = std::fs::remove_dir(&rec.dir);
+        }
+    }
+    if ctx.json {
+        return crate::print_json(&serde_json::json!({
+            "name": name, "vm": vm, "exports_stopped": stopped,
+            "overlays_kept": a.keep_overlays, "dir": rec.dir,
+        }));
+    }
+    println!("{name}: {vm}; {} export(s) stopped", stopped.len());
+    if a.keep_overlays {
+        println!(
+            "kept in {}: the overlays and {name}.xml (an overlay still backed by its export reads nothing now: `virsh blockpull` it before --stop)",
+            rec.dir.display()
+        );
+    } else {
+        println!(
+            "removed the overlays and the files of the boot in {}",
+            rec.dir.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stored (live, protected) definition as the hook saves it.
+    const STORED: &str = r#"<domain type='qemu' id='3'>
+  <name>web</name>
+  <uuid>3f6c1d2e-9a8b-4c7d-8e6f-5a4b3c2d1e0f</uuid>
+  <metadata>
+    <cdp:protection xmlns:cdp="urn:cdpd:protection:1" policy="default" emulator="/usr/bin/qemu-system-x86_64"><cdp:disk target="vda"/></cdp:protection>
+  </metadata>
+  <sysinfo type='smbios'><system><entry name='uuid'>3f6c1d2e-9a8b-4c7d-8e6f-5a4b3c2d1e0f</entry></system></sysinfo>
+  <devices>
+    <emulator>/usr/local/bin/cdp-qemu</emulator>
+    <disk type='block' device='disk'>
+      <driver name='qemu' type='raw' cache='none'/>
+      <source dev='/dev/vg/web'/>
+      <backingStore/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <source file='/img/web-b.raw'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <source file='/iso/x.iso'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <interface type='network'><mac address='52:54:00:11:22:33'/><source network='default'/></interface>
+    <serial type='file'><source path='/var/log/web&amp;serial.log'/></serial>
+    <console type='file'><source path='/var/log/web&amp;serial.log'/><target type='serial'/></console>
+    <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+  </devices>
+</domain>
+"#;
+
+    fn rewrite(xml: &str, disks: &[&str]) -> Result<String> {
+        let overlays: BTreeMap<String, PathBuf> = disks
+            .iter()
+            .map(|d| (d.to_string(), PathBuf::from(format!("/b/new-{d}.qcow2"))))
+            .collect();
+        let new = NewVm {
+            name: "new",
+            uuid: "11111111-2222-4333-8444-555555555555",
+            overlays: &overlays,
+            dir: Path::new("/b"),
+        };
+        let mut n = 0;
+        boot_definition(&unprotected(xml)?, &new, &mut || {
+            n += 1;
+            Ok(format!("52:54:00:aa:bb:{n:02x}"))
+        })
+    }
+
+    #[test]
+    fn the_definition_is_remapped_to_the_overlays_with_a_new_identity() {
+        let out = rewrite(STORED, &["vda", "vdb"]).unwrap();
+        let doc = roxmltree::Document::parse(&out).unwrap();
+        let text = |tag: &str| {
+            doc.descendants()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(str::to_string)
+        };
+        assert_eq!(text("name").as_deref(), Some("new"));
+        assert_eq!(
+            text("uuid").as_deref(),
+            Some("11111111-2222-4333-8444-555555555555")
+        );
+        assert_eq!(
+            text("entry").as_deref(),
+            Some("11111111-2222-4333-8444-555555555555")
+        );
+        // Not protected: the real QEMU, no keys.
+        assert_eq!(
+            text("emulator").as_deref(),
+            Some("/usr/bin/qemu-system-x86_64")
+        );
+        assert!(!out.contains("urn:cdpd"), "{out}");
+        let disks: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect();
+        for (d, dev) in disks.iter().take(2).zip(["vda", "vdb"]) {
+            assert_eq!(d.attribute("type"), Some("file"), "{out}");
+            let drv = d.children().find(|c| c.has_tag_name("driver")).unwrap();
+            assert_eq!(drv.attribute("type"), Some("qcow2"), "{out}");
+            let src = d.children().find(|c| c.has_tag_name("source")).unwrap();
+            assert_eq!(
+                src.attribute("file"),
+                Some(format!("/b/new-{dev}.qcow2").as_str())
+            );
+            assert_eq!(src.attribute("dev"), None);
+            assert!(!d.children().any(|c| c.has_tag_name("backingStore")));
+        }
+        // vda keeps its other driver attributes.
+        assert!(
+            out.contains("<driver name='qemu' type='qcow2' cache='none'/>"),
+            "{out}"
+        );
+        // The cdrom stays as it was (read-only media).
+        assert!(out.contains("<source file='/iso/x.iso'/>"), "{out}");
+        assert!(out.contains("address='52:54:00:aa:bb:01'"), "{out}");
+        assert!(!out.contains("11:22:33"));
+        // Serial and console share one file, moved into DIR.
+        let paths: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source"))
+            .filter_map(|n| n.attribute("path"))
+            .collect();
+        assert_eq!(paths, ["/b/serial0-0.log", "/b/serial0-0.log"], "{out}");
+        assert!(!out.contains("/var/log/web"));
+    }
+
+    #[test]
+    fn what_cannot_be_remapped_is_refused() {
+        // A disk without history at the point would be shared.
+        let e = rewrite(STORED, &["vda"]).unwrap_err().to_string();
+        assert!(e.contains("\"vdb\"") && e.contains("not booted"), "{e}");
+        // A disk of the point the definition lacks.
+        let e = rewrite(STORED, &["vda", "vdb", "vdc"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no disk vdc"), "{e}");
+        for (what, bad) in [
+            ("nvram", "<os><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>"),
+            ("filesystem", "<devices><filesystem type='mount'><source dir='/srv'/><target dir='s'/></filesystem></devices>"),
+            ("hostdev", "<devices><hostdev mode='subsystem' type='pci'/></devices>"),
+            ("dev", "<devices><serial type='dev'><source path='/dev/ttyS0'/></serial></devices>"),
+            ("connects", "<devices><channel type='unix'><source mode='connect' path='/root/s'/></channel></devices>"),
+            ("network", "<devices><disk type='network'><source protocol='nbd' name='x'/><target dev='vda'/></disk></devices>"),
+        ] {
+            let xml = format!("<domain><name>a</name><uuid>u</uuid>{bad}</domain>");
+            let e = rewrite(&xml, &["vda"]).unwrap_err().to_string();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        assert!(rewrite("<notadomain/>", &[]).is_err());
+        assert!(rewrite("<domain><name>a</name", &[]).is_err());
+    }
+
+    #[test]
+    fn names_and_paths_are_checked() {
+        assert!(check_name("web-copy_1.2").is_ok());
+        for bad in ["", "-x", ".x", "a/b", "a b", "a'b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_uri_path(Path::new("/var/lib/x-1/y.sock")).is_ok());
+        assert!(check_uri_path(Path::new("/tmp/a?b")).is_err());
+        assert!(check_uri_path(Path::new("/tmp/a b")).is_err());
+        let u = random_uuid().unwrap();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(random_mac().unwrap().starts_with("52:54:00:"));
+    }
+}
