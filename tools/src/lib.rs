@@ -5,7 +5,6 @@
 
 pub mod baseline_cmd;
 pub mod boot_cmd;
-pub mod define;
 pub mod export_cmd;
 pub mod files_cmd;
 pub mod gen_cmd;
@@ -15,7 +14,6 @@ pub mod points_svg;
 pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;
-pub mod quiesce;
 pub mod repo_cmd;
 pub mod restore_cmd;
 pub mod restore_vm;
