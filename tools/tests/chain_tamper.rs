@@ -28,6 +28,7 @@ struct Fixture {
 fn build() -> Fixture {
     let d = Daemon::builder()
         .disk_random("vda", 8 * MIB, 41)
+        .disk_random("vdb", 8 * MIB, 42)
         .args(["--segment-age", "30ms"])
         .start();
     let repo = d.work_dir().join("repo");
@@ -37,6 +38,7 @@ fn build() -> Fixture {
     let mut marks = Vec::new();
     for i in 0..6 {
         qemu_io(&d, "vda", &phase(i));
+        qemu_io(&d, "vdb", &phase(i + 7));
         let label = format!("m{i}");
         cdpctl(&d, &cfg, &["mark", &d.vm_uuid, &label]);
         let seq = d.status_json()["last_seq"].as_u64().unwrap();
@@ -261,7 +263,34 @@ fn verify_and_restore_catch_edited_history() {
     f.restore(&r, 4)
         .expect_err("restored through swapped segments");
 
-    // 4. Indexes without links (a repository written before the chain):
+    // 4. A valid segment of another disk (vdb) put into vda's journal, its
+    //    index saying vda (checksum recomputed).
+    let r = f.copy("foreign");
+    let vdb = r.join("cdp/v1/vms").join(&f.d.vm_uuid).join("vdb/journal");
+    let foreign: (u64, u64) = std::fs::read_dir(&vdb)
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            let (a, b, idx) = rf::parse_journal_name(&n)?;
+            idx.then_some((a, b))
+        })
+        .filter(|s| s.0 > segs[k].1 && s.1 < segs[k + 2].0)
+        .min()
+        .expect("a vdb segment between two vda segments");
+    for ext in ["idx", "seg.zst"] {
+        let name = format!("{:020}-{:020}.{ext}", foreign.0, foreign.1);
+        std::fs::copy(vdb.join(&name), f.journal(&r).join(&name)).unwrap();
+    }
+    f.rewrite_index(&r, foreign, |i| i.meta.disk = "vda".into());
+    let (ok, v) = f.verify(&r);
+    assert!(
+        !ok && names_seq(&v, foreign.0, foreign.1),
+        "foreign segment not seen: {v}"
+    );
+    f.restore(&r, 5)
+        .expect_err("restored through another disk's segment");
+
+    // 5. Indexes without links (a repository written before the chain):
     //    verify passes and says where the chain is not recorded.
     // (Later indexes linked again to the new bytes, as a shipper upgraded
     // after segment k writes them.)
