@@ -140,6 +140,35 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight, E: Clone> Cache<K, V, E> {
     /// The value of `key`, loaded with `load` if no other thread has it or
     /// is loading it. Every thread that waited gets the same error.
     pub fn get(&self, key: &K, load: impl FnOnce() -> Result<V, E>) -> Result<V, E> {
+        self.get_evicting(key, load).0
+    }
+
+    /// The value of `key` if it is loaded (counted as a hit and made the
+    /// most recently used), without loading it.
+    pub fn peek(&self, key: &K) -> Option<V> {
+        let mut l = lock(&self.inner);
+        l.tick += 1;
+        let tick = l.tick;
+        let slot = l.map.get_mut(key)?;
+        let v = match slot.cell.get() {
+            Some(Ok(v)) => v.clone(),
+            _ => return None,
+        };
+        let old = std::mem::replace(&mut slot.tick, tick);
+        l.order.remove(&old);
+        l.order.insert(tick, key.clone());
+        l.hits += 1;
+        Some(v)
+    }
+
+    /// [`Cache::get`], also returning the entries this load pushed out of
+    /// the cache (for the caller to keep elsewhere, outside the lock).
+    pub fn get_evicting(
+        &self,
+        key: &K,
+        load: impl FnOnce() -> Result<V, E>,
+    ) -> (Result<V, E>, Vec<(K, V)>) {
+        let mut evicted = Vec::new();
         let cell = {
             let mut l = lock(&self.inner);
             l.tick += 1;
@@ -185,7 +214,7 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight, E: Clone> Cache<K, V, E> {
                         let size = v.weight();
                         l.map.get_mut(key).unwrap().size = size;
                         l.used += size;
-                        l.evict(key);
+                        evicted = l.evict(key);
                     }
                     Err(_) => {
                         let slot = l.map.remove(key).unwrap();
@@ -194,7 +223,7 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight, E: Clone> Cache<K, V, E> {
                 }
             }
         }
-        r
+        (r, evicted)
     }
 
     /// (bytes held, hits, misses).
@@ -204,29 +233,35 @@ impl<K: Hash + Eq + Clone, V: Clone + Weight, E: Clone> Cache<K, V, E> {
     }
 }
 
-impl<K: Hash + Eq + Clone, V, E> Lru<K, V, E> {
+impl<K: Hash + Eq + Clone, V: Clone, E> Lru<K, V, E> {
     /// Drop the least recently used entries until the cache fits, keeping
     /// `keep` (the entry just loaded) even if it alone is over the bound.
-    fn evict(&mut self, keep: &K) {
+    /// Returns the entries dropped.
+    fn evict(&mut self, keep: &K) -> Vec<(K, V)> {
+        let mut out = Vec::new();
         while self.used > self.cap {
             // Entries still loading weigh nothing yet: never evicted.
             let loaded = |k: &K| self.map.get(k).is_some_and(|s| s.size > 0);
             let Some((&t, k)) = self.order.iter().find(|(_, k)| *k != keep && loaded(k)) else {
-                return;
+                break;
             };
             let k = k.clone();
             self.order.remove(&t);
             if let Some(s) = self.map.remove(&k) {
                 self.used -= s.size;
+                if let Some(Ok(v)) = s.cell.get() {
+                    out.push((k, v.clone()));
+                }
             }
         }
+        out
     }
 }
 
 // ---------------------------------------------------------------------------
 // Reading a plan
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
     /// A baseline chunk, by the first chunk index with its hash.
     Chunk(u32),
@@ -273,6 +308,82 @@ impl Val {
     }
 }
 
+/// Decoded journal bytes (frames, whole records) pushed out of the cache,
+/// kept in an unlinked temporary file so that they are never fetched and
+/// decompressed again: a full sequential read of a disk whose journal
+/// records are scattered over many frames would otherwise decode each
+/// frame again for every part of the disk it holds records of (issue 13).
+/// A record read from here is CRC-checked again before any of its bytes
+/// is served, like a record read from the repository. The file grows to at
+/// most the journal frames the plan reads; a write that fails (no space)
+/// only stops spilling.
+struct Spill {
+    file: File,
+    next: std::sync::atomic::AtomicU64,
+    full: std::sync::atomic::AtomicBool,
+    /// Key → (offset in the file, raw segment position of its first byte,
+    /// length).
+    at: Mutex<HashMap<Key, (u64, u64, u64)>>,
+}
+
+impl Spill {
+    /// An unlinked file (`O_TMPFILE`, mode 0600) in `$TMPDIR`, else
+    /// `/var/tmp` (on disk, where `/tmp` may be memory). None where neither
+    /// can have one: the export then works without spilling.
+    fn new() -> Option<Spill> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dirs = [
+            std::env::var_os("TMPDIR").map(std::path::PathBuf::from),
+            Some("/var/tmp".into()),
+            Some(std::env::temp_dir()),
+        ];
+        let file = dirs.into_iter().flatten().find_map(|d| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+                .open(d)
+                .ok()
+        })?;
+        Some(Spill {
+            file,
+            next: Default::default(),
+            full: Default::default(),
+            at: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Keep `data`, the raw segment bytes from position `base`, as `key`.
+    fn put(&self, key: Key, base: u64, data: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.full.load(Relaxed) || lock(&self.at).contains_key(&key) {
+            return;
+        }
+        let off = self.next.fetch_add(data.len() as u64, Relaxed);
+        match self.file.write_all_at(data, off) {
+            Ok(()) => {
+                lock(&self.at).insert(key, (off, base, data.len() as u64));
+            }
+            Err(_) => self.full.store(true, Relaxed),
+        }
+    }
+
+    /// The raw segment bytes `range`, if the entry `key` kept them.
+    fn get(&self, key: &Key, range: std::ops::Range<u64>) -> Option<io::Result<Vec<u8>>> {
+        let (off, base, len) = *lock(&self.at).get(key)?;
+        if range.start < base || range.end > base + len {
+            return None;
+        }
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        Some(
+            self.file
+                .read_exact_at(&mut buf, off + (range.start - base))
+                .map(|()| buf),
+        )
+    }
+}
+
 /// A plan, readable at any byte range.
 pub struct PointImage {
     plan: Plan,
@@ -284,6 +395,8 @@ pub struct PointImage {
     /// The local segment files the plan reads, opened once: a shipper that
     /// trims them while the export runs does not take their bytes away.
     local: HashMap<u32, File>,
+    /// Where decoded journal bytes go when the cache drops them.
+    spill: Option<Spill>,
     reported: Mutex<HashSet<String>>,
 }
 
@@ -333,6 +446,7 @@ impl PointImage {
             cache: Cache::new(cache_bytes),
             chunk_ids,
             local,
+            spill: Spill::new(),
             reported: Mutex::new(HashSet::new()),
         })
     }
@@ -422,8 +536,7 @@ impl PointImage {
                 Some(Some(hash)) => {
                     let len = (c_end - c_start) as usize;
                     let data = self
-                        .cache
-                        .get(&Key::Chunk(self.chunk_ids[i as usize]), || {
+                        .load(Key::Chunk(self.chunk_ids[i as usize]), || {
                             self.fetch_chunk(hash, len)
                                 .map(Val::Bytes)
                                 .map_err(Arc::new)
@@ -483,8 +596,18 @@ impl PointImage {
             let f0 = frame_of(frames, hpos);
             let f1 = frame_of(frames, pend - 1);
             if let (Some(f0), true) = (f0, f0 == f1) {
-                // The whole record is in one frame: served from the frame.
-                let fr = self.frame(segment, seg, f0)?;
+                // The whole record is in one frame: served from the frame
+                // if it is cached, else from the spill file if the frame
+                // went there, else from the frame fetched.
+                let key = Key::Frame(segment, f0 as u32);
+                let cached = self.cache.peek(&key).map(Val::frame);
+                if cached.is_none() && self.serve_spilled(&key, r, off, out)? {
+                    return Ok(());
+                }
+                let fr = match cached {
+                    Some(fr) => fr,
+                    None => self.frame(segment, seg, f0)?,
+                };
                 let base = frames[f0].raw_offset;
                 let (a, b) = ((hpos - base) as usize, (pend - base) as usize);
                 let at = || format!("{disk} at payload {pos}");
@@ -504,9 +627,12 @@ impl PointImage {
             }
         }
         // A local segment, or a record across frames: the record, whole.
+        let key = Key::Record(segment, r.payload_pos);
+        if self.cache.peek(&key).is_none() && self.serve_spilled(&key, r, off, out)? {
+            return Ok(());
+        }
         let rec = self
-            .cache
-            .get(&Key::Record(segment, r.payload_pos), || {
+            .load(key, || {
                 self.fetch_record(segment, seg, r)
                     .map(Val::Bytes)
                     .map_err(Arc::new)
@@ -516,6 +642,76 @@ impl PointImage {
         let p = RECORD_HEADER_LEN + off;
         out.copy_from_slice(&rec[p..p + out.len()]);
         Ok(())
+    }
+
+    /// The cache's entry `key`, loaded with `load` if missing; decoded
+    /// journal bytes it pushes out go to the spill file.
+    fn load(
+        &self,
+        key: Key,
+        load: impl FnOnce() -> Result<Val, Arc<RestoreError>>,
+    ) -> Result<Val, Arc<RestoreError>> {
+        let (r, evicted) = self.cache.get_evicting(&key, load);
+        if let Some(spill) = &self.spill {
+            for (k, v) in evicted {
+                match (k, v) {
+                    (Key::Frame(s, f), Val::Frame(fr)) => {
+                        let base = match self.plan.segments.get(s as usize).map(|x| &x.loc) {
+                            Some(SegLoc::Repo { frames, .. }) => frames.get(f as usize),
+                            _ => None,
+                        };
+                        if let Some(b) = base {
+                            spill.put(k, b.raw_offset, &fr.data);
+                        }
+                    }
+                    (Key::Record(_, ppos), Val::Bytes(b)) => {
+                        spill.put(k, ppos - RECORD_HEADER_LEN as u64, &b);
+                    }
+                    // Chunks are fetched again: a sequential read needs
+                    // each once.
+                    _ => {}
+                }
+            }
+        }
+        r
+    }
+
+    /// Serve `out` (record `r`'s payload from `off`) from the spill file if
+    /// the entry `key` went there: the record read whole and its CRC
+    /// checked first. False if the spill file does not have it.
+    fn serve_spilled(
+        &self,
+        key: &Key,
+        r: &IndexEntry,
+        off: usize,
+        out: &mut [u8],
+    ) -> Result<bool, ImageError> {
+        let Some(spill) = &self.spill else {
+            return Ok(false);
+        };
+        let hpos = r.payload_pos - RECORD_HEADER_LEN as u64;
+        let Some(got) = spill.get(key, hpos..r.payload_pos + r.length) else {
+            return Ok(false);
+        };
+        let at = || {
+            format!(
+                "{} at payload {}",
+                self.plan.disk,
+                r.payload_pos + off as u64
+            )
+        };
+        let raw = got.map_err(|source| {
+            let e = RestoreError::Io {
+                path: "export spill file".into(),
+                source,
+            };
+            fetch_err(at())(Arc::new(e))
+        })?;
+        restore::check_record(&self.plan.disk, r, &raw)
+            .map_err(|e| fetch_err(at())(Arc::new(e)))?;
+        let p = RECORD_HEADER_LEN + off;
+        out.copy_from_slice(&raw[p..p + out.len()]);
+        Ok(true)
     }
 
     fn fetch_record(
@@ -554,8 +750,7 @@ impl PointImage {
     /// Frame `f` of a repository segment, decompressed.
     fn frame(&self, segment: u32, seg: &SegRef, f: usize) -> Result<Arc<FrameBuf>, ImageError> {
         let v = self
-            .cache
-            .get(&Key::Frame(segment, f as u32), || {
+            .load(Key::Frame(segment, f as u32), || {
                 self.fetch_frame(seg, f).map(Val::Frame).map_err(Arc::new)
             })
             .map_err(fetch_err(format!("{} segment frame", self.plan.disk)))?;
@@ -684,6 +879,45 @@ mod tests {
         c.get(&9, || bytes(1000)).unwrap();
         assert_eq!(c.stats().0, 1000);
         c.get(&9, || panic!("9 is cached")).unwrap();
+    }
+
+    #[test]
+    fn a_load_hands_back_what_it_pushed_out_and_peek_never_loads() {
+        let c: Cache<u32, Arc<Vec<u8>>, String> = Cache::new(200);
+        assert!(c.get_evicting(&1, || bytes(100)).1.is_empty());
+        assert!(c.get_evicting(&2, || bytes(100)).1.is_empty());
+        assert!(c.peek(&3).is_none(), "3 was never loaded");
+        // Peeking 1 makes 2 the least recently used: 3 pushes 2 out.
+        assert!(c.peek(&1).is_some());
+        let (v, out) = c.get_evicting(&3, || bytes(100));
+        assert_eq!(v.unwrap().len(), 100);
+        assert_eq!(out.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![2]);
+        assert!(c.peek(&2).is_none());
+        assert_eq!(c.stats().0, 200);
+    }
+
+    #[test]
+    fn the_spill_file_gives_back_exactly_what_was_put_and_nothing_else() {
+        let Some(sp) = Spill::new() else {
+            panic!("no O_TMPFILE in $TMPDIR, /var/tmp or the temp dir");
+        };
+        let a: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let b = vec![9u8; 3000];
+        sp.put(Key::Frame(1, 2), 1 << 20, &a);
+        sp.put(Key::Record(3, 700), 600, &b);
+        // Put twice: the first stays.
+        sp.put(Key::Frame(1, 2), 1 << 20, &b);
+        let got = sp.get(&Key::Frame(1, 2), (1 << 20) + 10..(1 << 20) + 4010);
+        assert!(got.unwrap().unwrap() == a[10..4010]);
+        assert_eq!(sp.get(&Key::Record(3, 700), 600..3600).unwrap().unwrap(), b);
+        // Outside what was kept, or never kept: not there.
+        assert!(sp
+            .get(&Key::Frame(1, 2), (1 << 20) + 4000..(1 << 20) + 5001)
+            .is_none());
+        assert!(sp
+            .get(&Key::Frame(1, 2), (1 << 20) - 1..(1 << 20) + 1)
+            .is_none());
+        assert!(sp.get(&Key::Frame(1, 3), 0..1).is_none());
     }
 
     #[test]

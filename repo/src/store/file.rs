@@ -560,8 +560,16 @@ fn file_get(root_path: &Path, key: &str, range: Option<Range<u64>>, max: u64) ->
     let len = usize::try_from(want)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too large"))?;
     f.seek(SeekFrom::Start(range.start))?;
-    let mut buf = vec![0u8; len];
-    f.read_exact(&mut buf)?;
+    // Read into the spare capacity: `read_to_end` does not zero it first
+    // (a memset of every byte fetched was ~10 % of a restore's CPU).
+    let mut buf = Vec::with_capacity(len);
+    f.take(want).read_to_end(&mut buf)?;
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("object ended after {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(Got::Data(Bytes::from(buf)))
 }
 
