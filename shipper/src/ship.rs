@@ -4,9 +4,12 @@
 //! upload writes the same bytes under the same names: a restart duplicates
 //! nothing.
 
-use cdp_core::catalog::SegmentRow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cdp_core::catalog::{Catalog, SegmentRow};
 use cdp_core::journal::format::{read_index, SegmentHeader};
-use cdp_repo::format::{self as rf, IndexMeta, SegmentIndex};
+use cdp_repo::format::{self as rf, ChainLink, IndexMeta, SegmentIndex};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
 
 use crate::error::{Result, ShipError};
@@ -17,12 +20,15 @@ pub struct Shipped {
     pub object_bytes: u64,
 }
 
-/// Build the `.seg.zst` object and its index from a raw sealed segment.
+/// Build the `.seg.zst` object and its index from a raw sealed segment;
+/// `prev` is what the index says of the disk's previous segment
+/// ([`chain_link`]).
 pub fn encode_segment(
     vm: &str,
     disk: &str,
     path: &str,
     raw: &[u8],
+    prev: Option<ChainLink>,
 ) -> Result<(Vec<u8>, SegmentIndex)> {
     let bad = |source| ShipError::Segment {
         path: path.into(),
@@ -45,6 +51,7 @@ pub fn encode_segment(
         raw_size: raw.len() as u64,
         object_size: obj.len() as u64,
         object_blake3: blake3::hash(&obj).to_hex().to_string(),
+        prev,
     };
     Ok((
         obj,
@@ -91,6 +98,9 @@ fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>)> {
 
 /// Upload one sealed segment and its index to `store` (the target named
 /// `target`), each paid for to the target's `throttle` before every try.
+/// The index links to the disk's previous segment ([`chain_link`]); its
+/// hash is recorded in `catalog` before anything is uploaded, so the next
+/// segment links to it on every target.
 pub async fn ship_segment(
     store: &Store,
     target: &str,
@@ -98,20 +108,11 @@ pub async fn ship_segment(
     retry: &RetryPolicy,
     vm: &str,
     row: &SegmentRow,
+    catalog: &Mutex<Catalog>,
 ) -> Result<Shipped> {
-    let raw = tokio::fs::read(&row.path)
-        .await
-        .map_err(ShipError::io("reading", &row.path))?;
-    let (vm2, disk, path) = (vm.to_string(), row.disk.clone(), row.path.clone());
-    let (obj, idx) = tokio::task::spawn_blocking(move || encode_segment(&vm2, &disk, &path, &raw))
-        .await
-        .map_err(|source| ShipError::Task {
-            what: "encoding a segment",
-            source,
-        })??;
-    let m = &idx.meta;
-    let seg_key = rf::segment_key(vm, &row.disk, m.first_seq, m.last_seq);
-    let idx_key = rf::index_key(vm, &row.disk, m.first_seq, m.last_seq);
+    let (obj, ib) = encode_linked(catalog, vm, row).await?;
+    let seg_key = rf::segment_key(vm, &row.disk, row.first_seq, row.last_seq);
+    let idx_key = rf::index_key(vm, &row.disk, row.first_seq, row.last_seq);
     let obj = bytes::Bytes::from(obj);
     let object_bytes = obj.len() as u64;
     with_retry(&seg_key, retry, || async {
@@ -120,7 +121,7 @@ pub async fn ship_segment(
     })
     .await
     .map_err(ShipError::store(target))?;
-    let ib = bytes::Bytes::from(idx.encode());
+    let ib = bytes::Bytes::from(ib);
     with_retry(&idx_key, retry, || async {
         throttle.acquire(ib.len() as u64).await;
         store.put(&idx_key, ib.clone()).await
@@ -131,6 +132,116 @@ pub async fn ship_segment(
         key: seg_key,
         object_bytes,
     })
+}
+
+/// Encode segment `row` with its link to the disk's previous segment and
+/// record its index's hash; the object and the index bytes. One segment
+/// of a disk at a time (the next one needs this one's hash): the uploads
+/// stay parallel.
+async fn encode_linked(
+    catalog: &Mutex<Catalog>,
+    vm: &str,
+    row: &SegmentRow,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let lock = disk_lock(vm, &row.disk);
+    let _one_at_a_time = lock.lock().await;
+    let prev = chain_link(catalog, vm, row).await?;
+    let (obj, idx) = encode_file(vm, row, prev).await?;
+    let ib = idx.encode();
+    let hash = rf::index_blake3(&ib);
+    let recorded = {
+        let c = catalog.lock().unwrap();
+        c.set_segment_index_hash(vm, &row.disk, row.first_seq, &hash)?;
+        c.segment_index_hash(vm, &row.disk, row.first_seq)?
+    };
+    match recorded {
+        Some(recorded) if recorded != hash => Err(ShipError::ChainMismatch {
+            path: row.path.clone().into(),
+            built: hash,
+            recorded,
+        }),
+        _ => Ok((obj, ib)),
+    }
+}
+
+/// Read and encode a sealed segment file.
+async fn encode_file(
+    vm: &str,
+    row: &SegmentRow,
+    prev: Option<ChainLink>,
+) -> Result<(Vec<u8>, SegmentIndex)> {
+    let raw = tokio::fs::read(&row.path)
+        .await
+        .map_err(ShipError::io("reading", &row.path))?;
+    let (vm2, disk, path) = (vm.to_string(), row.disk.clone(), row.path.clone());
+    tokio::task::spawn_blocking(move || encode_segment(&vm2, &disk, &path, &raw, prev))
+        .await
+        .map_err(|source| ShipError::Task {
+            what: "encoding a segment",
+            source,
+        })?
+}
+
+/// The lock that makes a disk's segments encode one at a time.
+fn disk_lock(vm: &str, disk: &str) -> Arc<tokio::sync::Mutex<()>> {
+    type Locks = Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>;
+    static LOCKS: OnceLock<Locks> = OnceLock::new();
+    let mut m = LOCKS.get_or_init(Default::default).lock().unwrap();
+    m.entry((vm.to_string(), disk.to_string()))
+        .or_default()
+        .clone()
+}
+
+/// What segment `row`'s index says of the disk's previous segment
+/// (docs/REPOSITORY_FORMAT.md, "Chain of indexes"), the same for every
+/// target and after a restart: the previous segment's index hash as the
+/// catalog recorded it when that index was first built. Nothing when
+/// `row` reached a target before the chain existed (its index there has
+/// no link), when it is the disk's first segment, or when the previous
+/// one left the host before the chain existed. A previous segment still
+/// on the host whose hash is not recorded yet (it is being shipped at the
+/// same time, or was shipped before the chain existed) is encoded here to
+/// learn it, and recorded.
+pub async fn chain_link(
+    catalog: &Mutex<Catalog>,
+    vm: &str,
+    row: &SegmentRow,
+) -> Result<Option<ChainLink>> {
+    let link = |p: &SegmentRow, h: String| ChainLink {
+        first_seq: p.first_seq,
+        last_seq: p.last_seq,
+        index_blake3: h,
+    };
+    // Walk back to a segment whose link is known, then build forward.
+    let mut pending: Vec<SegmentRow> = Vec::new();
+    let mut cur = row.first_seq;
+    let mut known = loop {
+        let c = catalog.lock().unwrap();
+        let before_chain = c.segment_index_hash(vm, &row.disk, cur)?.is_none()
+            && c.shipped_anywhere(vm, &row.disk, cur)?;
+        if before_chain {
+            break None;
+        }
+        match c.previous_segment(vm, &row.disk, cur)? {
+            None | Some((_, false, None)) => break None,
+            Some((p, _, Some(h))) => break Some(link(&p, h)),
+            Some((p, true, None)) => {
+                cur = p.first_seq;
+                pending.push(p);
+            }
+        }
+    };
+    for p in pending.into_iter().rev() {
+        let (_, idx) = encode_file(vm, &p, known).await?;
+        let hash = rf::index_blake3(&idx.encode());
+        let c = catalog.lock().unwrap();
+        c.set_segment_index_hash(vm, &p.disk, p.first_seq, &hash)?;
+        let h = c
+            .segment_index_hash(vm, &p.disk, p.first_seq)?
+            .unwrap_or(hash);
+        known = Some(link(&p, h));
+    }
+    Ok(known)
 }
 
 #[cfg(test)]
