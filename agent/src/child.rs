@@ -278,3 +278,27 @@ pub async fn adopt_vm(
 pub fn own_exe() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cdp-agent"))
 }
+
+/// Parent side of the definition watch ([`crate::definition_watch`]): write `xml`
+/// (libvirt's persistent definition, read by root from libvirtd) as the
+/// VM's `<state>/vms/<uuid>/domain.xml` when it differs, in a forked child
+/// with the VM's identity: root never opens anything in the VM's tree.
+pub async fn store_definition_in_child(
+    opts: &Options,
+    uuid: &str,
+    xml: Vec<u8>,
+) -> Result<crate::definition_watch::Stored, String> {
+    let state = StateDir::new(&opts.state_dir);
+    let id = VmIdentity::of(&state, uuid).map_err(|e| e.to_string())?;
+    let (state_dir, run_dir) = (opts.state_dir.clone(), opts.run_dir.clone());
+    let uuid = uuid.to_string();
+    tokio::task::spawn_blocking(move || {
+        let what = state.vm(&uuid).definition();
+        id.run(&what, || {
+            crate::definition_watch::store_definition(&state_dir, &run_dir, &uuid, &xml)
+        })
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("the definition watch's task: {e}"))?
+}

@@ -38,6 +38,7 @@ pub fn log_line(msg: &str) {
 
 pub mod adopt;
 pub mod child;
+pub mod definition_watch;
 pub mod error;
 pub mod metrics;
 pub mod page;
@@ -563,8 +564,9 @@ impl Agent {
         while !*stop.borrow() {
             if Instant::now() >= next_scan {
                 let r = self.scan(None).await;
+                let w = self.watch_definitions().await;
                 next_scan = Instant::now() + scan_every;
-                say(notifier, &format!("STATUS={}", summary(&r)));
+                say(notifier, &format!("STATUS={}{}", summary(&r), w.status()));
                 for a in &r.adopted {
                     notified.remove(&a.vm_uuid);
                 }
