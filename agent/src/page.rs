@@ -404,6 +404,7 @@ fn read_vm(
             baselines: &baselines,
             segments: &segments,
             marks: &cat.marks(&uuid).map_err(e)?,
+            quiesced: &cat.quiesced_marks(&uuid).map_err(e)?,
             gaps: &cat.gaps(&uuid).map_err(e)?,
         };
         let mut out = Vec::new();
@@ -429,6 +430,8 @@ struct CatalogView<'a> {
     segments: &'a [SegmentRow],
     /// (label, seq, ts_ns)
     marks: &'a [(String, u64, u64)],
+    /// Labels of the quiesced marks (`cdpctl mark --quiesce`).
+    quiesced: &'a std::collections::HashSet<String>,
     /// (disk, seq, ts_ns, reason)
     gaps: &'a [(String, u64, u64, String)],
 }
@@ -497,7 +500,7 @@ fn disk_lane(
             time_ns: *time_ns,
             seq: *seq,
             label: label.clone(),
-            quiesced: false,
+            quiesced: cv.quiesced.contains(label),
         })
         .collect();
     for (_, seq, time_ns, reason) in cv.gaps.iter().filter(|g| g.0 == disk) {

@@ -14,6 +14,7 @@ pub mod points_svg;
 pub mod progress;
 pub mod protect_cmd;
 pub mod prune_cmd;
+pub mod quiesce;
 pub mod repo_cmd;
 pub mod restore_cmd;
 pub mod restore_vm;

@@ -65,7 +65,7 @@ pub fn lane(d: &Value) -> ui::DiskTimeline {
             time_ns: ns(&m["time_ns"]),
             seq: ns(&m["seq"]),
             label: text(&m["label"]),
-            quiesced: false,
+            quiesced: m["quiesced"] == true,
         });
     }
     for g in list("gaps") {

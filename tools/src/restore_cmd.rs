@@ -1033,10 +1033,15 @@ async fn disk_timeline(
         .filter(|e| e.kind == cdp_core::journal::Kind::Flush)
         .map(|e| serde_json::json!({"seq": e.seq, "time": fmt_ns(e.ts_ns), "time_ns": e.ts_ns}))
         .collect();
-    let marks: Vec<_> = restore::marks(&h, Some(store))
+    // "quiesced": the guest's filesystems were frozen for the mark
+    // (`cdpctl mark --quiesce`); false: crash-consistent.
+    let marks: Vec<_> = restore::history::mark_records(&h, Some(store))
         .await?
         .into_iter()
-        .map(|(s, t, l)| serde_json::json!({"seq": s, "time": fmt_ns(t), "time_ns": t, "label": l}))
+        .map(|m| {
+            serde_json::json!({"seq": m.seq, "time": fmt_ns(m.ts_ns), "time_ns": m.ts_ns,
+                "label": m.label, "quiesced": m.quiesced})
+        })
         .collect();
     let gaps: Vec<_> = restore::gaps(&h, Some(store))
         .await?
@@ -1189,10 +1194,15 @@ fn print_timeline(
         }
         for m in d["marks"].as_array().unwrap() {
             println!(
-                "  mark       seq {:>8} {}  {}",
+                "  mark       seq {:>8} {}  {}  ({})",
                 m["seq"],
                 m["time"].as_str().unwrap(),
-                m["label"].as_str().unwrap()
+                m["label"].as_str().unwrap(),
+                if m["quiesced"] == true {
+                    "quiesced"
+                } else {
+                    "crash-consistent"
+                }
             );
         }
         for x in d["gaps"].as_array().unwrap() {

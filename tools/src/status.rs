@@ -21,6 +21,27 @@ pub struct MarkArgs {
     pub vm: String,
     /// The label of the mark (restore with --at mark:LABEL).
     pub label: String,
+    /// Freeze the guest's file systems through the QEMU guest agent (via
+    /// libvirt: virsh domfsfreeze) while the mark is written, then thaw
+    /// (always, also on a failure, a timeout or ^C). The mark says it is
+    /// quiesced. Refused when the freeze fails: no mark is made.
+    #[arg(long)]
+    pub quiesce: bool,
+    /// Like --quiesce, but when the freeze fails make a crash-consistent
+    /// mark (saying so) instead of none.
+    #[arg(long, conflicts_with = "quiesce")]
+    pub quiesce_or_crash: bool,
+    /// libvirt connection URI (with --quiesce).
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Seconds the freeze may take (virsh domfsfreeze is killed after them,
+    /// and a thaw is asked for anyway).
+    #[arg(long, default_value_t = 20, value_name = "SECS")]
+    pub freeze_timeout: u64,
+    /// Seconds cdpd may take to write a quiesced mark while the guest is
+    /// frozen; then the guest is thawed and no quiesced mark is claimed.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub mark_timeout: u64,
 }
 
 fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
@@ -360,28 +381,117 @@ fn journal_mode(d: &control::DiskStatus) -> String {
 pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
     let uuid = ctx.resolve_vm(&a.vm)?;
     let sock = ctx.run().vm(&uuid).control_socket();
-    let marked = match control::Client::new(&sock).mark(&a.label) {
-        Ok(m) => m,
-        Err(e @ control::ControlError::Refused { .. }) => bail!("mark refused: {e}"),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "VM {uuid} has no running cdpd (control socket {})",
-                    sock.display()
-                )
-            })
-        }
+    let client = control::Client::new(&sock);
+    let (marked, note) = if a.quiesce || a.quiesce_or_crash {
+        quiesced_mark(a, &uuid, &client)?
+    } else {
+        (send_mark(&client, &uuid, &a.label, false)?, None)
     };
     if ctx.json {
         return crate::print_json(&control::Reply::marked(marked));
     }
+    if let Some(n) = note {
+        eprintln!("cdpctl: {n}");
+    }
     println!(
-        "mark {:?} at seq {} ({})",
+        "mark {:?} at seq {} ({}), {}",
         a.label,
         marked.seq,
-        cdp_core::time::fmt_ns(marked.ts_ns)
+        cdp_core::time::fmt_ns(marked.ts_ns),
+        if marked.quiesced {
+            "quiesced"
+        } else {
+            "crash-consistent"
+        }
     );
     Ok(())
+}
+
+fn send_mark(
+    client: &control::Client,
+    uuid: &str,
+    label: &str,
+    quiesced: bool,
+) -> Result<control::Marked> {
+    match client.mark_as(label, quiesced) {
+        Ok(m) => Ok(m),
+        Err(e @ control::ControlError::Refused { .. }) => bail!("mark refused: {e}"),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "VM {uuid} has no running cdpd (control socket {})",
+                client.path().display()
+            )
+        }),
+    }
+}
+
+/// `--quiesce`: cdpd answers, the guest is frozen, the quiesced mark is
+/// written within `--mark-timeout`, the guest is thawed (always: see
+/// [`crate::quiesce`]). A failed freeze refuses, or with
+/// `--quiesce-or-crash` makes a crash-consistent mark and says why (the
+/// note). A signal while the guest may be frozen ends cdpctl after the thaw.
+fn quiesced_mark(
+    a: &MarkArgs,
+    uuid: &str,
+    client: &control::Client,
+) -> Result<(control::Marked, Option<String>)> {
+    cdp_core::names::check_label(&a.label).map_err(|e| anyhow::anyhow!("mark refused: {e}"))?;
+    // Never freeze a guest for a cdpd that is not there.
+    client
+        .clone()
+        .with_timeout(std::time::Duration::from_secs(5))
+        .status()
+        .with_context(|| format!("VM {uuid} has no running cdpd: not freezing its guest"))?;
+    let q = crate::quiesce::Quiesce {
+        connect: a.connect.clone(),
+        domain: uuid.to_string(),
+        freeze_timeout: std::time::Duration::from_secs(a.freeze_timeout),
+        thaw_timeout: std::time::Duration::from_secs(10),
+    };
+    let mut signals = crate::quiesce::HeldSignals::hold()?;
+    let mut frozen = match q.freeze() {
+        Ok(f) => f,
+        Err(e) if a.quiesce_or_crash && signals.arrived().is_none() => {
+            drop(signals);
+            let m = send_mark(client, uuid, &a.label, false)?;
+            return Ok((m, Some(format!("{e:#}; made a crash-consistent mark"))));
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(sig) = signals.arrived() {
+        frozen.thaw()?;
+        bail!("interrupted by {sig} while the guest was frozen: thawed, no mark made");
+    }
+    let r = send_mark(
+        &client
+            .clone()
+            .with_timeout(std::time::Duration::from_secs(a.mark_timeout)),
+        uuid,
+        &a.label,
+        true,
+    );
+    let thawed = frozen.thaw();
+    let sig = signals.arrived();
+    drop(signals);
+    let marked = r.context("the guest was frozen and is thawed again; no quiesced mark")?;
+    if !marked.quiesced {
+        bail!("cdpd wrote mark {:?} at seq {} but does not record quiesced marks (an older cdpd): it stands as crash-consistent", a.label, marked.seq);
+    }
+    // A failed thaw (or, on Windows, VSS's 10 s limit passed) is loud.
+    thawed.with_context(|| {
+        format!(
+            "mark {:?} was written at seq {} while the guest was frozen",
+            a.label, marked.seq
+        )
+    })?;
+    if let Some(sig) = sig {
+        bail!(
+            "interrupted by {sig}: mark {:?} was written at seq {} (quiesced) and the guest is thawed",
+            a.label,
+            marked.seq
+        );
+    }
+    Ok((marked, None))
 }
 
 pub fn human(n: u64) -> String {

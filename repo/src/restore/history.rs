@@ -639,6 +639,42 @@ pub async fn marks(
     texts_of(h, store, Kind::Mark, "label").await
 }
 
+/// A MARK record of a disk, with whether the guest was quiesced for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkRecord {
+    pub seq: u64,
+    pub ts_ns: u64,
+    pub label: String,
+    /// The payload says `"quiesced": true` (docs/JOURNAL_FORMAT.md,
+    /// "Record kinds"); marks of earlier versions are crash-consistent.
+    pub quiesced: bool,
+}
+
+/// The MARK records of a disk, oldest first ("?" for a payload that names
+/// no label, as [`marks`]).
+pub async fn mark_records(
+    h: &History,
+    store: Option<&Store>,
+) -> Result<Vec<MarkRecord>, RestoreError> {
+    let records: Vec<(usize, IndexEntry)> = h
+        .entries()
+        .filter(|(_, e)| e.kind == Kind::Mark)
+        .map(|(i, e)| (i, *e))
+        .collect();
+    let mut out = Vec::new();
+    for (i, e) in records {
+        let (_, payload) = read_record(store, &h.vm, &h.disk, &h.segments[i], &e, None).await?;
+        let m = cdp_core::journal::MarkPayload::parse(&payload);
+        out.push(MarkRecord {
+            seq: e.seq,
+            ts_ns: e.ts_ns,
+            label: m.as_ref().map_or("?", |m| m.label.as_str()).to_string(),
+            quiesced: m.is_some_and(|m| m.quiesced),
+        });
+    }
+    Ok(out)
+}
+
 /// GAP records of a disk: (seq, ts, reason). The reason of a GAP a resync
 /// heals (or will) says which points it leaves unrestorable
 /// ([`History::gap_note`]).
