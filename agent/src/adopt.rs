@@ -13,7 +13,7 @@ use cdp_core::image;
 use cdp_core::layout::{RunDir, StateDir};
 use cdp_core::session::{self, DiskImage};
 use cdp_core::time::now_ns;
-use cdp_shipper::lock;
+use cdp_shipper::{lock, plan};
 
 use crate::error::AdoptError;
 
@@ -207,13 +207,44 @@ pub fn needs_shipping(
     targets: &[String],
 ) -> Result<bool, AdoptError> {
     let now = now_ns();
+    // Under `cascade`, a secondary may have only what the primary holds
+    // (or what waited cascade_wait for it): the shipper's rule, plan::due.
+    let policy = cat
+        .vms()?
+        .into_iter()
+        .find(|r| r.uuid == vm)
+        .and_then(|r| config.policy.get(policy_of(&r)).cloned());
+    let (cascade_wait, primary) = match policy.filter(|p| p.cascade) {
+        Some(p) => (
+            Some(
+                p.cascade_wait
+                    .unwrap_or(cdp_core::config::DEFAULT_CASCADE_WAIT),
+            ),
+            p.targets.first().cloned(),
+        ),
+        None => (None, None),
+    };
+    let primary_lacks: std::collections::HashSet<(String, u64)> = match &primary {
+        Some(p) => cat
+            .unshipped(vm, p)?
+            .into_iter()
+            .map(|s| (s.disk, s.first_seq))
+            .collect(),
+        None => Default::default(),
+    };
     for t in targets {
         let delay = cdp_shipper::target_delay(config, t)?;
-        if cat
-            .unshipped(vm, t)?
-            .iter()
-            .any(|s| cdp_shipper::is_due(s, delay, now))
-        {
+        let secondary = primary.as_ref().is_some_and(|p| p != t);
+        let due = cat.unshipped(vm, t)?.iter().any(|s| {
+            let c = cascade_wait
+                .filter(|_| secondary)
+                .map(|wait| plan::Cascade {
+                    primary_has: !primary_lacks.contains(&(s.disk.clone(), s.first_seq)),
+                    wait,
+                });
+            plan::due(s.last_ts_ns, delay, now, c).ships()
+        });
+        if due {
             return Ok(true);
         }
     }
@@ -233,6 +264,47 @@ pub fn needs_shipping(
         }
     }
     Ok(false)
+}
+
+/// The order and the width of a scan: the VMs to adopt, the most behind
+/// first, and how many at once ([`plan::adoption_parallelism`], sized to
+/// the host's total backlog: several lagging VMs ship side by side).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPlan {
+    pub vms: Vec<String>,
+    pub parallel: usize,
+}
+
+/// A VM's backlog for the plan: (segments, bytes) summed over its disks,
+/// each disk counted by the target that lacks the most of it.
+pub fn vm_backlog(snap: &crate::metrics::VmSnapshot) -> (u64, u64) {
+    snap.disks.iter().fold((0, 0), |(n, b), d| {
+        let (dn, db) = d
+            .backlog
+            .values()
+            .fold((0, 0), |(x, y), &(n, b)| (x.max(n), y.max(b)));
+        (n + dn, b + db)
+    })
+}
+
+/// Plan a scan of `vms`, given each one's backlog (`None`: unknown, adopted
+/// after the known ones, as if it had none).
+pub fn plan_scan(vms: Vec<(String, Option<(u64, u64)>)>, max: usize) -> ScanPlan {
+    let mut vms = vms;
+    // Stable: equal backlogs keep the listing's order.
+    vms.sort_by_key(|(_, b)| std::cmp::Reverse(b.unwrap_or((0, 0))));
+    let lagging = vms
+        .iter()
+        .filter(|(_, b)| b.is_some_and(|b| b.0 > 0))
+        .count();
+    let (segments, bytes) = vms
+        .iter()
+        .filter_map(|(_, b)| *b)
+        .fold((0, 0), |(n, b), (dn, db)| (n + dn, b + db));
+    ScanPlan {
+        parallel: plan::adoption_parallelism(lagging, segments, bytes, max),
+        vms: vms.into_iter().map(|(u, _)| u).collect(),
+    }
 }
 
 /// Adopt one VM: see the module documentation. `stop` turns true on SIGTERM:
@@ -539,6 +611,62 @@ targets = ["now", "later"]
             ..Default::default()
         };
         assert!(b.did_work());
+    }
+
+    #[test]
+    fn a_scan_adopts_the_most_behind_first_and_several_at_once() {
+        let vm = |u: &str, b: Option<(u64, u64)>| (u.to_string(), b);
+        let p = plan_scan(vec![vm("a", Some((0, 0))), vm("b", Some((2, 10)))], 4);
+        assert_eq!(p.vms, ["b", "a"]);
+        assert_eq!(p.parallel, 1, "one small backlog: one at a time");
+        let p = plan_scan(
+            vec![
+                vm("a", Some((10, 1 << 20))),
+                vm("u", None),
+                vm("b", Some((30, 1 << 20))),
+                vm("c", Some((20, 1 << 20))),
+                vm("d", Some((0, 0))),
+            ],
+            4,
+        );
+        assert_eq!(p.vms, ["b", "c", "a", "u", "d"]);
+        assert_eq!(p.parallel, 3, "60 segments over 3 lagging VMs");
+        let many = (0..10)
+            .map(|i| vm(&i.to_string(), Some((100, 1 << 30))))
+            .collect();
+        assert_eq!(plan_scan(many, 4).parallel, 4, "bounded");
+    }
+
+    #[test]
+    fn under_cascade_a_secondary_waits_for_the_primary() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = catalog(dir.path(), &dir.path().join("gone.img"));
+        let c = Config::parse(
+            r#"
+[target.p]
+url = "file:///srv/p"
+[target.s]
+url = "file:///srv/s"
+[policy.default]
+targets = ["p", "s"]
+cascade = true
+cascade_wait = "1h"
+"#,
+        )
+        .unwrap();
+        seal(&cat, 1, now_ns());
+        let s = targets(&["s"]);
+        assert!(!needs_shipping(&cat, &c, VM, &s).unwrap(), "p lacks it");
+        assert!(needs_shipping(&cat, &c, VM, &targets(&["p"])).unwrap());
+        ship(&cat, "p", 1);
+        assert!(
+            needs_shipping(&cat, &c, VM, &s).unwrap(),
+            "s may have it now"
+        );
+        // Past cascade_wait, s may have it without p.
+        seal(&cat, 11, now_ns() - 2 * HOUR);
+        ship(&cat, "s", 1);
+        assert!(needs_shipping(&cat, &c, VM, &s).unwrap(), "waited 2h > 1h");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! cdp-agent: the host-wide service (docs/DESIGN.md, "Processes").
 //!
 //! - **Adoption** ([`adopt`]): ships the journals nobody ships, those of VMs
-//!   that stopped or whose shipper died. One VM at a time, under the VM's
+//!   that stopped or whose shipper died. Several VMs at once, as many as
+//!   the host's backlog calls for ([`adopt::plan_scan`]), each under the VM's
 //!   shipper lock (`<state>/vms/<uuid>/shipper.lock`, see
 //!   [`cdp_shipper::lock`]), never waiting for it: a VM whose own shipper
 //!   runs is left alone. A journal a killed cdpd left open is sealed first,
@@ -53,6 +54,7 @@ use std::time::Duration;
 use cdp_core::config::Config;
 use cdp_core::layout::StateDir;
 use tokio::sync::watch;
+use futures::StreamExt;
 use tokio::time::Instant;
 
 pub use adopt::{Adoption, Dirs, TargetDown};
@@ -151,7 +153,7 @@ impl Agent {
         StateDir::new(&self.opts.state_dir).vms_with_catalog()
     }
 
-    /// Adopt every VM that needs it (or only `only`), one at a time.
+    /// Adopt every VM that needs it (or only `only`), several at once.
     pub async fn scan(&mut self, only: Option<&str>) -> ScanReport {
         let mut report = ScanReport::default();
         let vms = match self.vms() {
@@ -170,16 +172,29 @@ impl Agent {
             }
         };
         self.last_error.remove("catalog");
-        for uuid in vms {
-            if only.is_some_and(|u| u != uuid) {
-                continue;
-            }
-            if *self.stop.borrow() {
-                break;
-            }
+        let vms: Vec<String> = vms
+            .into_iter()
+            .filter(|u| only.is_none_or(|o| o == u))
+            .collect();
+        // Several lagging VMs at once, sized to the host's backlog, the
+        // most behind first (docs/DESIGN.md, "Plans").
+        let plan = self.scan_plan(vms).await;
+        let (opts, stop) = (&self.opts, &self.stop);
+        let results: Vec<(String, child::ChildReport)> = futures::stream::iter(plan.vms)
+            .map(|uuid| async move {
+                if *stop.borrow() {
+                    return None;
+                }
+                let mut stop = stop.clone();
+                let r = child::adopt_in_child(opts, &uuid, &mut stop).await;
+                Some((uuid, r))
+            })
+            .buffer_unordered(plan.parallel)
+            .filter_map(|r| async move { r })
+            .collect()
+            .await;
+        for (uuid, r) in results {
             report.vms += 1;
-            let mut stop = self.stop.clone();
-            let r = child::adopt_in_child(&self.opts, &uuid, &mut stop).await;
             if !r.vm.is_empty() {
                 let known = KnownVm {
                     name: r.vm.clone(),
@@ -222,6 +237,35 @@ impl Agent {
             }
         }
         report
+    }
+
+    /// The order and width of a scan of `vms` ([`adopt::plan_scan`]): each
+    /// VM's backlog is read by a child with its identity, as the metrics
+    /// read it; one VM (a notification) is adopted at once without asking.
+    async fn scan_plan(&self, vms: Vec<String>) -> adopt::ScanPlan {
+        if vms.len() <= 1 {
+            return adopt::ScanPlan { vms, parallel: 1 };
+        }
+        let src = metrics::Source {
+            state_dir: self.opts.state_dir.clone(),
+            config: self.config.clone(),
+            run_dir: self.opts.run_dir.clone(),
+            counters: self.counters.clone(),
+        };
+        let listed = vms.clone();
+        let backlogs = tokio::task::spawn_blocking(move || {
+            listed
+                .into_iter()
+                .map(|u| {
+                    let snap = metrics::VmSnapshot::read_as_owner(&src, &u);
+                    let b = snap.ok().flatten().map(|s| adopt::vm_backlog(&s));
+                    (u, b)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|_| vms.into_iter().map(|u| (u, None)).collect());
+        adopt::plan_scan(backlogs, cdp_shipper::plan::MAX_ADOPTIONS)
     }
 
     /// Print an error once per change (a dead target is not a log line per scan).

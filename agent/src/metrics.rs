@@ -148,6 +148,7 @@ struct Families {
     degraded: IntGaugeVec,
     dirty_bytes: IntGaugeVec,
     resync_bytes_read: IntCounterVec,
+    uploads_in_flight: IntGaugeVec,
 }
 
 impl Families {
@@ -231,6 +232,12 @@ impl Families {
                 "Bytes the resyncs read from the image since cdpd started (only the dirty ranges)",
                 &["vm", "vm_uuid", "disk"],
             )?,
+            uploads_in_flight: int_gauge(
+                &r,
+                "cdp_uploads_in_flight",
+                "Segment uploads in flight from the VM's shipper (or the agent's adoption of it) to the target now, as the shipper records them in the VM's catalog; sized to the backlog's segments and bytes (docs/DESIGN.md, \"Plans\")",
+                &["vm", "vm_uuid", "target"],
+            )?,
             registry: r,
         };
         f.registry.register(Box::new(f.adoptions.clone()))?;
@@ -313,6 +320,11 @@ impl Families {
                 .with_label_values(&l)
                 .inc_by(d.resync_bytes_read);
         }
+        for (t, n) in &snap.in_flight {
+            self.uploads_in_flight
+                .with_label_values(&[&vm.name, &vm.uuid, t])
+                .set(*n as i64);
+        }
         for (t, bytes) in &snap.shipped {
             self.shipped
                 .with_label_values(&[&vm.name, &vm.uuid, t])
@@ -330,6 +342,9 @@ pub struct VmSnapshot {
     pub targets: Vec<(String, u64, bool)>,
     pub disks: Vec<DiskSnapshot>,
     pub shipped: Vec<(String, u64)>,
+    /// (target, segment uploads in flight), as the shipper recorded them.
+    #[serde(default)]
+    pub in_flight: Vec<(String, u64)>,
     /// cdpd's answer on the VM's control socket (None: not running), asked
     /// by the same child: the socket is in `<run>/<uuid>`, which QEMU's user
     /// can write, so root never connects by that path (docs/DESIGN.md,
@@ -384,11 +399,13 @@ impl VmSnapshot {
             });
         }
         let shipped = cat.shipped_bytes(uuid)?;
+        let in_flight = cat.in_flight(uuid)?;
         Ok(Some(VmSnapshot {
             row,
             targets,
             disks,
             shipped,
+            in_flight,
             status: cdpd_answers(run_dir, uuid),
         }))
     }
@@ -538,6 +555,7 @@ mod tests {
             .unwrap();
         cat.set_target_state(VM, "offsite", "s3://o", "failing", Some("down"), 6)
             .unwrap();
+        cat.set_in_flight(VM, "primary", 3, 7).unwrap();
         let config = Config::parse(
             r#"
 [target.primary]
@@ -599,6 +617,14 @@ targets = ["primary", "offsite"]
         };
         assert_eq!(per_vm("primary"), Some(1.0), "{t}");
         assert_eq!(per_vm("offsite"), Some(0.0), "{t}");
+        assert_eq!(
+            sample(
+                &t,
+                &format!("cdp_uploads_in_flight{{target=\"primary\",{vm}}}")
+            ),
+            Some(3.0),
+            "{t}"
+        );
         assert_eq!(sample(&t, "cdp_target_up{target=\"offsite\"}"), Some(0.0));
         assert_eq!(sample(&t, "cdp_errors_total{kind=\"target\"}"), Some(2.0));
         assert_eq!(sample(&t, "cdp_agent_adoptions_total"), Some(1.0));
