@@ -53,8 +53,8 @@ use std::time::Duration;
 
 use cdp_core::config::Config;
 use cdp_core::layout::StateDir;
-use tokio::sync::watch;
 use futures::StreamExt;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use adopt::{Adoption, Dirs, TargetDown};
