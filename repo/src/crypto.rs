@@ -53,9 +53,10 @@ const ARGON2_MAX_T: u32 = 32;
 const ARGON2_MAX_P: u32 = 16;
 
 /// Whether `key` is stored in clear in an encrypted repository: the format
-/// marker and the key object.
+/// marker, the key object, and anything outside `cdp/v1/` (not a repository
+/// object).
 pub fn is_clear_key(key: &str) -> bool {
-    key == KEY_OBJECT || key == "cdp/v1/FORMAT"
+    key == KEY_OBJECT || key == "cdp/v1/FORMAT" || !key.starts_with("cdp/v1/")
 }
 
 /// What went wrong with keys or sealed bytes.
