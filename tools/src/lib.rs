@@ -5,6 +5,7 @@
 
 pub mod baseline_cmd;
 pub mod boot_cmd;
+pub mod define;
 pub mod export_cmd;
 pub mod files_cmd;
 pub mod gen_cmd;

@@ -66,6 +66,14 @@ pub struct RestoreArgs {
     /// With --all-disks: the directory (created if missing; no file in it overwritten).
     #[arg(long, value_name = "DIR", requires = "all_disks")]
     pub to: Option<PathBuf>,
+    /// With --all-disks: define the restored VM in libvirt (--connect) as a new VM NAME: a new
+    /// UUID and MACs, its disks the restored ones, not protected (docs/LIBVIRT.md, "Whole-VM restore").
+    #[arg(long, value_name = "NAME", requires = "all_disks")]
+    pub define: Option<String>,
+    /// With --all-disks: restore each volume disk of libvirt pool OLD into a new volume of the
+    /// same name in pool NEW (and point the definition at it). Repeatable.
+    #[arg(long = "remap-pool", value_name = "OLD=NEW", requires = "all_disks")]
+    pub remap_pools: Vec<String>,
     #[command(flatten)]
     pub repo: RepoArgs,
 }

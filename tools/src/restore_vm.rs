@@ -17,11 +17,15 @@ use cdp_core::time::now_ns;
 use cdp_repo::restore::Point;
 use cdp_repo::store::Store;
 
+use crate::define::{self, CloneReport, DiskDest, Identity};
 use crate::restore_cmd::{
     candidate_repos, describe_seq, keep_large_buffers, prepare, resolve_vm, to_file, with_fallback,
     Prepared, RestoreArgs,
 };
-use crate::verify_cmd::{find_definition, remap_disk_sources, write_new, RestoreConfigArgs};
+use crate::verify_cmd::{
+    find_definition, parse_remaps, remap_disk_pools, remap_disk_sources, write_new,
+    RestoreConfigArgs,
+};
 use crate::Ctx;
 
 /// The file the definition is written to, in DIR.
@@ -126,14 +130,15 @@ fn disk_sources(xml: &[u8]) -> Result<Vec<(String, String)>> {
 }
 
 /// The definition of the cut with each restored disk's source replaced by
-/// its file in `dir`: (the XML, the JSON report of it).
+/// its file in `dir` and each `--remap-pool` applied: (the definition as
+/// stored, the remapped XML, the JSON report of it).
 async fn definition(
     ctx: &Ctx,
     a: &RestoreArgs,
     store: &Store,
     cut: &Cut,
     dir: &Path,
-) -> Result<(Vec<u8>, serde_json::Value)> {
+) -> Result<(Vec<u8>, Vec<u8>, serde_json::Value)> {
     let args = RestoreConfigArgs {
         vm: a.vm.clone(),
         at: format!("seq:{}", cut.seq),
@@ -149,6 +154,7 @@ async fn definition(
         .map(|(t, s)| (s, out_path(dir, &t).display().to_string()))
         .collect();
     let (xml, what) = remap_disk_sources(&found.xml, &remaps)?;
+    let (xml, pools) = remap_disk_pools(&xml, &parse_remaps(&a.remap_pools)?)?;
     // A remap is a whole path: one that only began another path would
     // point that disk at the wrong file.
     if let Some(r) = what
@@ -167,9 +173,10 @@ async fn definition(
         "stored": cdp_core::time::fmt_ns(found.stored_ns),
         "in_force_at": found.at_desc,
         "remapped": what.remapped,
+        "pools_remapped": pools.remapped,
         "kept": what.kept,
     });
-    Ok((xml, report))
+    Ok((found.xml, xml, report))
 }
 
 fn out_path(dir: &Path, disk: &str) -> PathBuf {
@@ -196,6 +203,14 @@ pub fn restore_all_disks(ctx: &Ctx, a: &RestoreArgs) -> Result<()> {
     }
     let dir = a.to.as_deref().context("--all-disks needs --to DIR")?;
     let point = Point::parse(&a.at, now_ns())?;
+    parse_remaps(&a.remap_pools).context("--remap-pool")?;
+    if let Some(name) = &a.define {
+        define::check_name(name)?;
+        define::output(define::virsh(&a.connect).arg("uri")).context("--define needs libvirt")?;
+        if define::exists(&a.connect, name)? {
+            bail!("libvirt already has a VM named {name}: --define names a NEW VM; choose another name");
+        }
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let candidates = candidate_repos(ctx, &a.repo)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -245,9 +260,11 @@ async fn write_cut(
 ) -> Result<serde_json::Value> {
     let outs: Vec<PathBuf> = cut.disks.iter().map(|(d, _)| out_path(dir, d)).collect();
     let domain = dir.join(DOMAIN_XML);
+    let clone_file = a.define.as_ref().map(|n| dir.join(format!("{n}.xml")));
     let there: Vec<String> = outs
         .iter()
         .chain([&domain])
+        .chain(clone_file.as_ref())
         .filter(|p| p.symlink_metadata().is_ok())
         .map(|p| p.display().to_string())
         .collect();
@@ -258,8 +275,14 @@ async fn write_cut(
             dir.display()
         );
     }
-    // The definition first: a point without one writes nothing.
-    let (xml, def_report) = definition(ctx, a, store, cut, dir).await?;
+    // The definition first: a point without one, or a new VM that could
+    // not be defined, writes nothing.
+    let (stored, xml, def_report) = definition(ctx, a, store, cut, dir).await?;
+    let pools = pool_disks(a, &stored, cut)?;
+    let clone = match &a.define {
+        Some(name) => Some(new_vm(a, vm, &stored, cut, dir, &pools, name)?),
+        None => None,
+    };
     let mut created = Created(Vec::new());
     let mut disks = Vec::new();
     for ((disk, p), out) in cut.disks.iter().zip(&outs) {
@@ -281,6 +304,20 @@ async fn write_cut(
             "stats": stats,
         }));
     }
+    for pd in &pools {
+        let (_, p) = cut
+            .disks
+            .iter()
+            .find(|(d, _)| *d == pd.disk)
+            .expect("a restored disk");
+        upload_to_pool(&a.connect, pd, &out_path(dir, &pd.disk), p.plan.size)?;
+        if !ctx.json {
+            println!(
+                "{} is now volume {} of pool {}",
+                pd.disk, pd.volume, pd.pool
+            );
+        }
+    }
     write_new(&domain, &xml)?;
     created.0.clear();
     if !ctx.json {
@@ -291,11 +328,201 @@ async fn write_cut(
             dir.display()
         );
     }
-    Ok(serde_json::json!({
+    let mut report = serde_json::json!({
         "vm_uuid": vm,
         "point": point.to_string(),
         "seq": cut.seq,
         "disks": disks,
         "definition": def_report,
+        "pools": pools.iter().map(|p| serde_json::json!({
+            "disk": p.disk, "pool": p.pool, "volume": p.volume,
+        })).collect::<Vec<_>>(),
+    });
+    if let (Some(c), Some(file)) = (clone, clone_file) {
+        report["defined"] = define_new_vm(ctx, a, c, &file)?;
+    }
+    Ok(report)
+}
+
+/// A restored disk that goes into a new volume of a libvirt pool
+/// (`--remap-pool OLD=NEW`: its definition's `<source pool='OLD' volume='V'>`).
+struct PoolDisk {
+    disk: String,
+    pool: String,
+    volume: String,
+}
+
+/// The restored disks `--remap-pool` moves into a pool, checked before
+/// anything is written: the pool exists, the volume does not, and each
+/// remap applies to some restored disk.
+fn pool_disks(a: &RestoreArgs, stored: &[u8], cut: &Cut) -> Result<Vec<PoolDisk>> {
+    let remaps = parse_remaps(&a.remap_pools)?;
+    if remaps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let infos = define::disks_of(stored)?;
+    let mut out = Vec::new();
+    for (disk, _) in &cut.disks {
+        let Some(info) = infos.iter().find(|i| &i.target == disk) else {
+            continue;
+        };
+        let Some((_, new)) = remaps.iter().find(|(old, _)| *old == info.pool) else {
+            continue;
+        };
+        if info.kind != "volume" {
+            continue;
+        }
+        define::check_name(new).context("--remap-pool: the new pool's name")?;
+        define::check_name(&info.volume)
+            .with_context(|| format!("disk {disk}'s volume name in the stored definition"))?;
+        define::output(define::virsh(&a.connect).args(["pool-info", new]))
+            .with_context(|| format!("--remap-pool: libvirt has no pool {new}"))?;
+        let there = define::virsh(&a.connect)
+            .args(["vol-info", "--pool", new, &info.volume])
+            .output()?;
+        if there.status.success() {
+            bail!(
+                "pool {new} already has a volume {}: restore never overwrites; remove it or remap to another pool",
+                info.volume
+            );
+        }
+        out.push(PoolDisk {
+            disk: disk.clone(),
+            pool: new.clone(),
+            volume: info.volume.clone(),
+        });
+    }
+    for (old, _) in &remaps {
+        if !infos.iter().any(|i| {
+            i.kind == "volume" && i.pool == *old && cut.disks.iter().any(|(d, _)| *d == i.target)
+        }) {
+            bail!("--remap-pool {old}=…: no restored disk is a volume of pool {old}");
+        }
+    }
+    Ok(out)
+}
+
+/// Create the volume (raw, the disk's size) and upload the restored image
+/// into it, then remove the image; the volume is deleted if the upload fails.
+fn upload_to_pool(connect: &str, pd: &PoolDisk, file: &Path, size: u64) -> Result<()> {
+    define::output(define::virsh(connect).args([
+        "vol-create-as",
+        &pd.pool,
+        &pd.volume,
+        &size.to_string(),
+        "--format",
+        "raw",
+    ]))?;
+    let up = define::output(
+        define::virsh(connect)
+            .args(["vol-upload", "--sparse", "--pool", &pd.pool, &pd.volume])
+            .arg(file),
+    );
+    if let Err(e) = up {
+        let _ = define::virsh(connect)
+            .args(["vol-delete", "--pool", &pd.pool, &pd.volume])
+            .output();
+        return Err(e);
+    }
+    std::fs::remove_file(file).with_context(|| format!("removing {}", file.display()))
+}
+
+/// The new VM's definition (docs/SECURITY.md, "Defining a restored VM"):
+/// made before anything is written, so a refused one writes nothing.
+struct NewVm {
+    identity: Identity,
+    xml: Vec<u8>,
+    report: CloneReport,
+}
+
+fn new_vm(
+    a: &RestoreArgs,
+    vm: &str,
+    stored: &[u8],
+    cut: &Cut,
+    dir: &Path,
+    pools: &[PoolDisk],
+    name: &str,
+) -> Result<NewVm> {
+    let identity = Identity::random(name)?;
+    let disks = cut
+        .disks
+        .iter()
+        .map(|(d, _)| {
+            let dest = match pools.iter().find(|p| p.disk == *d) {
+                Some(p) => DiskDest::Volume {
+                    pool: p.pool.clone(),
+                    volume: p.volume.clone(),
+                },
+                None => DiskDest::File(out_path(dir, d)),
+            };
+            (d.clone(), dest)
+        })
+        .collect();
+    let (kind, arch) = define::domain_kind(stored)?;
+    let emulator = define::host_emulator(&a.connect, &kind, arch.as_deref())?;
+    let trusted = define::trusted_paths(&a.connect, vm)?;
+    let spec = define::CloneSpec {
+        identity: &identity,
+        disks: &disks,
+        emulator: &emulator,
+        trusted_paths: &trusted,
+        char_dir: dir,
+    };
+    let (xml, report) = define::clone_definition(stored, &spec, &mut define::random_mac)
+        .context("the stored definition cannot be defined as a new VM")?;
+    Ok(NewVm {
+        identity,
+        xml,
+        report,
+    })
+}
+
+/// Write DIR/NAME.xml and define it; say what it is and how to protect it.
+fn define_new_vm(ctx: &Ctx, a: &RestoreArgs, c: NewVm, file: &Path) -> Result<serde_json::Value> {
+    write_new(file, &c.xml)?;
+    define::define(&a.connect, file).with_context(|| {
+        format!(
+            "the restored disks and {} are kept: fix what libvirt says and `virsh define` it",
+            file.display()
+        )
+    })?;
+    let Identity { name, uuid } = &c.identity;
+    let mut disks: Vec<&str> = c.report.disks.iter().map(|(d, _)| d.as_str()).collect();
+    disks.sort();
+    let protect = format!(
+        "cdpctl protect {name}{}",
+        disks
+            .iter()
+            .map(|d| format!(" --disk {d}"))
+            .collect::<String>()
+    );
+    if !ctx.json {
+        println!(
+            "defined VM {name} in libvirt (UUID {uuid}) from {}:",
+            file.display()
+        );
+        for (d, at) in &c.report.disks {
+            println!("  disk {d}: {at}");
+        }
+        for (old, new) in &c.report.macs {
+            println!("  MAC {old} → {new}");
+        }
+        for (old, new) in &c.report.chardevs {
+            println!("  console {old} → {new}");
+        }
+        for n in &c.report.notes {
+            println!("  {n}");
+        }
+        println!("{name} is NOT protected (a restored copy starts its own history only when asked): `{protect}`");
+        println!("start it: virsh start {name}");
+    }
+    Ok(serde_json::json!({
+        "name": name,
+        "uuid": uuid,
+        "file": file,
+        "changes": c.report,
+        "protected": false,
+        "protect": protect,
     }))
 }

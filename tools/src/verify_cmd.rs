@@ -178,7 +178,7 @@ fn print_report(r: &Report) {
 }
 
 /// `OLD=NEW` pairs; OLD must not be empty.
-fn parse_remaps(v: &[String]) -> Result<Vec<(String, String)>> {
+pub(crate) fn parse_remaps(v: &[String]) -> Result<Vec<(String, String)>> {
     v.iter()
         .map(|s| match s.split_once('=') {
             Some((old, new)) if !old.is_empty() => Ok((old.to_string(), new.to_string())),
@@ -212,12 +212,69 @@ pub fn remap_disk_sources(
     xml: &[u8],
     remaps: &[(String, String)],
 ) -> Result<(Vec<u8>, RemapResult)> {
+    let mut result = RemapResult::default();
+    let out = edit_disk_sources(xml, &[b"file", b"dev"], &mut |key, value| {
+        let best = remaps
+            .iter()
+            .filter(|(old, _)| value.starts_with(old.as_str()))
+            .max_by_key(|(old, _)| old.len());
+        match best {
+            Some((old, new)) => {
+                let nv = format!("{new}{}", &value[old.len()..]);
+                result.remapped.push(Remapped {
+                    attribute: String::from_utf8_lossy(key).into_owned(),
+                    old: value.to_string(),
+                    new: nv.clone(),
+                });
+                Some(nv)
+            }
+            None => {
+                result.kept.push(value.to_string());
+                None
+            }
+        }
+    })?;
+    Ok((out, result))
+}
+
+/// In a libvirt domain XML, rewrite the `pool=` attribute of each disk's
+/// `<source>` equal to a remap's OLD into its NEW (`--remap-pool OLD=NEW`);
+/// every other byte stays as it was.
+pub fn remap_disk_pools(xml: &[u8], remaps: &[(String, String)]) -> Result<(Vec<u8>, RemapResult)> {
+    let mut result = RemapResult::default();
+    let out = edit_disk_sources(xml, &[b"pool"], &mut |_, value| match remaps
+        .iter()
+        .find(|(old, _)| old == value)
+    {
+        Some((old, new)) => {
+            result.remapped.push(Remapped {
+                attribute: "pool".into(),
+                old: old.clone(),
+                new: new.clone(),
+            });
+            Some(new.clone())
+        }
+        None => {
+            result.kept.push(value.to_string());
+            None
+        }
+    })?;
+    Ok((out, result))
+}
+
+/// Rewrite the attributes named `keys` of each `<source>` inside a `<disk>`
+/// to what `edit(key, value)` returns (`None`: unchanged), splicing the
+/// document at the parser's byte ranges.
+fn edit_disk_sources(
+    xml: &[u8],
+    keys: &[&[u8]],
+    edit: &mut dyn FnMut(&[u8], &str) -> Option<String>,
+) -> Result<Vec<u8>> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_reader(xml);
     let base = xml.as_ptr() as usize;
     // (start, end) of each attribute value to replace, and its new text.
     let mut edits: Vec<(usize, usize, String)> = Vec::new();
-    let mut result = RemapResult::default();
     let mut stack: Vec<Vec<u8>> = Vec::new();
     loop {
         let pos = reader.buffer_position();
@@ -240,7 +297,7 @@ pub fn remap_disk_sources(
             for attr in e.attributes() {
                 let attr = attr.context("bad attribute in the stored definition")?;
                 let key = attr.key.as_ref();
-                if key != b"file" && key != b"dev" {
+                if !keys.contains(&key) {
                     continue;
                 }
                 let raw: &[u8] = &attr.value;
@@ -251,25 +308,12 @@ pub fn remap_disk_sources(
                 let value = attr
                     .unescape_value()
                     .context("bad attribute value in the stored definition")?;
-                let best = remaps
-                    .iter()
-                    .filter(|(old, _)| value.starts_with(old.as_str()))
-                    .max_by_key(|(old, _)| old.len());
-                match best {
-                    Some((old, new)) => {
-                        let nv = format!("{new}{}", &value[old.len()..]);
-                        edits.push((
-                            start,
-                            start + raw.len(),
-                            quick_xml::escape::escape(nv.as_str()).into_owned(),
-                        ));
-                        result.remapped.push(Remapped {
-                            attribute: String::from_utf8_lossy(key).into_owned(),
-                            old: value.into_owned(),
-                            new: nv,
-                        });
-                    }
-                    None => result.kept.push(value.into_owned()),
+                if let Some(nv) = edit(key, &value) {
+                    edits.push((
+                        start,
+                        start + raw.len(),
+                        quick_xml::escape::escape(nv.as_str()).into_owned(),
+                    ));
                 }
             }
         }
@@ -285,7 +329,7 @@ pub fn remap_disk_sources(
         at = e;
     }
     out.extend_from_slice(&xml[at..]);
-    Ok((out, result))
+    Ok(out)
 }
 
 /// The time of a point: a time is itself; a seq or mark is the time of that
@@ -587,6 +631,21 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "<domain><devices><disk><source file='/b&lt;&apos;c&apos;&gt;/x.img'/></disk></devices></domain>"
         );
+    }
+
+    #[test]
+    fn remaps_disk_pools_only() {
+        let xml = "<domain><devices><disk type='volume'><source pool='default' volume='v'/></disk><pool name='default'/></devices></domain>";
+        let (out, r) = remap_disk_pools(
+            xml.as_bytes(),
+            &remaps(&[("default", "restored"), ("defaul", "x")]),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            xml.replacen("pool='default'", "pool='restored'", 1)
+        );
+        assert_eq!(r.remapped.len(), 1);
     }
 
     #[test]
