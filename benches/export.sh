@@ -21,6 +21,10 @@
 #    Both read warm files: the repository and the image were just written
 #    and fit in the page cache. `qemu-img compare` then checks the export
 #    against the image (CHECK=0 skips it).
+# 4. In the same run, `cdpctl restore --at latest --no-local` of the same
+#    point from the same repository to a fresh file (+ its fsync): issue 13
+#    asks the export's full read for >= 0.5x the restore's throughput.
+# Every timing of 3. and 4. is the median of READS runs (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,12 +32,13 @@ SIZE_GIB="${SIZE_GIB:-10}"
 DATA_GIB="${DATA_GIB:-1}"
 JOURNAL_GIB="${JOURNAL_GIB:-1}"
 RUNS="${RUNS:-3}"
+READS="${READS:-3}"
 BIG_CACHE_MIB="${BIG_CACHE_MIB:-2048}"
 CHECK="${CHECK:-1}"
 W="${BENCH_DIR:-/var/tmp/cdpd-export-bench}"
 
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bins
-BIN="$ROOT/target/release"
+BIN="${BIN_DIR:-$ROOT/target/release}" # BIN_DIR: a copy of the binaries (before/after runs)
 for t in fio nbdcopy qemu-img python3; do
     command -v $t >/dev/null || { echo "missing $t: bash scripts/install-deps" >&2; exit 1; }
 done
@@ -156,17 +161,41 @@ secs() { # command… → elapsed seconds
     python3 -c "print(round($t1 - $t0, 2))"
 }
 URI="nbd+unix:///vda?socket=$W/export.sock"
+median() { python3 -c 'import sys,statistics; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
 cat "$IMG" >/dev/null # warm, like the repository
-cat_s=$(secs cat "$IMG")
-start_export 256
-def_s=$(secs nbdcopy "$URI" null:)
-stop_export
-start_export "$BIG_CACHE_MIB"
-big_s=$(secs nbdcopy "$URI" null:)
+ts=(); for _ in $(seq "$READS"); do ts+=("$(secs cat "$IMG")"); done
+echo "   cat: ${ts[*]} s" >&2
+cat_s=$(median "${ts[@]}")
+ts=()
+for _ in $(seq "$READS"); do
+    rm -f "$W/restored.raw"
+    ts+=("$(secs "$BIN/cdpctl" restore $U --disk vda --at latest --output "$W/restored.raw" \
+        --repo "file://$W/repo" --no-local --state-dir "$W/state" --config "$CFG")")
+done
+rm -f "$W/restored.raw"
+echo "   restore: ${ts[*]} s" >&2
+restore_s=$(median "${ts[@]}")
+ts=()
+for _ in $(seq "$READS"); do
+    start_export 256
+    ts+=("$(secs nbdcopy "$URI" null:)")
+    stop_export
+done
+echo "   export, default cache: ${ts[*]} s" >&2
+def_s=$(median "${ts[@]}")
+ts=()
+for _ in $(seq "$READS"); do
+    start_export "$BIG_CACHE_MIB"
+    ts+=("$(secs nbdcopy "$URI" null:)")
+    stop_export
+done
+echo "   export, cache $BIG_CACHE_MIB MiB: ${ts[*]} s" >&2
+big_s=$(median "${ts[@]}")
 if [ "$CHECK" = 1 ]; then
+    start_export 256
     qemu-img compare -U -f raw -F raw "$IMG" "$URI" >&2
+    stop_export
 fi
-stop_export
 tail -n 2 "$W/export.log" >&2
 
 echo "date:     $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -174,20 +203,22 @@ echo "commit:   $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git d
 echo "machine:  nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "repository: ${SIZE_GIB} GiB disk, ${DATA_GIB} GiB of data in the baseline, $nseg segments, journal $((jbytes >> 20)) MiB compressed + $((ibytes >> 20)) MiB of indexes"
 echo
-python3 - "$W/startup.txt" "$SIZE_GIB" "$cat_s" "$def_s" "$big_s" "$BIG_CACHE_MIB" <<'EOF'
+python3 - "$W/startup.txt" "$SIZE_GIB" "$cat_s" "$def_s" "$big_s" "$BIG_CACHE_MIB" "$restore_s" "$READS" <<'EOF'
 import statistics, sys
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]) if l.strip()]
 size = int(sys.argv[2]) * (1 << 30) / 1e6
 cat, d, big = map(float, sys.argv[3:6])
+rs = float(sys.argv[7])
 print("| run | start → READY | start → first 4 KiB read answered | then a cold 4 KiB read in a baseline chunk | then a cold 1 MiB read of journal data (~25 records) |")
 print("|---|---|---|---|---|")
 for i, r in enumerate(rows, 1):
     print(f"| {i} | {r[0]:.0f} ms | {r[1]:.0f} ms | {r[2]:.1f} ms | {r[3]:.1f} ms |")
 print(f"| median | {statistics.median(r[0] for r in rows):.0f} ms | {statistics.median(r[1] for r in rows):.0f} ms | | |")
 print()
-print(f"| sequential read of {size/1000:.1f} GB | time | MB/s | / cat |")
-print("|---|---|---|---|")
-print(f"| `cat disk.raw` (warm) | {cat:.1f} s | {size/cat:.0f} | 1.00× |")
-print(f"| export, `nbdcopy URI null:`, cache 256 MiB | {d:.1f} s | {size/d:.0f} | {cat/d:.2f}× |")
-print(f"| export, `nbdcopy URI null:`, cache {sys.argv[6]} MiB | {big:.1f} s | {size/big:.0f} | {cat/big:.2f}× |")
+print(f"| whole disk, {size/1000:.1f} GB (median of {sys.argv[8]}) | time | MB/s | / cat | / restore |")
+print("|---|---|---|---|---|")
+print(f"| `cat disk.raw` (warm) | {cat:.2f} s | {size/cat:.0f} | 1.00× | {rs/cat:.2f}× |")
+print(f"| `cdpctl restore --no-local` to a new file | {rs:.2f} s | {size/rs:.0f} | {cat/rs:.2f}× | 1.00× |")
+print(f"| export, `nbdcopy URI null:`, cache 256 MiB (default) | {d:.2f} s | {size/d:.0f} | {cat/d:.2f}× | {rs/d:.2f}× |")
+print(f"| export, `nbdcopy URI null:`, cache {sys.argv[6]} MiB | {big:.2f} s | {size/big:.0f} | {cat/big:.2f}× | {rs/big:.2f}× |")
 EOF

@@ -30,7 +30,7 @@ RANDOM_MAP="${RANDOM_MAP:-1}"
 BENCH_DIR="${BENCH_DIR:-/var/tmp/cdpd-restore-bench}"
 
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bins
-BIN="$ROOT/target/release"
+BIN="${BIN_DIR:-$ROOT/target/release}" # BIN_DIR: a copy of the binaries (before/after runs)
 for t in fio cmp python3; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
 
 rm -rf "$BENCH_DIR"

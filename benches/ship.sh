@@ -10,6 +10,8 @@
 # 2. RPO under load: fio writes RATE of 64 KiB random writes for RUNTIME seconds
 #    while the shipper runs; `cdpctl status --json` is sampled every 100 ms for the
 #    disk's rpo_ms (age of the oldest record no target has). Prints p50/p99/max.
+# S3=0 skips the S3 target of 1. (no moto needed), RPO=0 skips 2.; ROUNDS=n
+# repeats the fill, cp and file:// timings of 1. (medians shown).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,11 +19,14 @@ RUNTIME="${RUNTIME:-20}"
 RATE="${RATE:-50m}"
 GB="${GB:-2}"
 BENCH_DIR="${BENCH_DIR:-/var/tmp/cdpd-ship-bench}"
+S3="${S3:-1}"
+RPO="${RPO:-1}"
+ROUNDS="${ROUNDS:-1}"
 
 [ "${SKIP_DEPS:-0}" = 1 ] || bash scripts/install-deps
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bins
-BIN="$ROOT/target/release"
-MOTO="$(bash scripts/s3-server install)"
+BIN="${BIN_DIR:-$ROOT/target/release}" # BIN_DIR: a copy of the binaries (before/after runs)
+[ "$S3" = 0 ] && [ "$RPO" = 0 ] || MOTO="$(bash scripts/s3-server install)"
 
 rm -rf "$BENCH_DIR"
 mkdir -p "$BENCH_DIR"
@@ -39,10 +44,12 @@ IMG="$W/disk.raw"
 truncate -s 4G "$IMG"
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$MOTO" -H 127.0.0.1 -p "$port" >"$W/moto.log" 2>&1 &
-PIDS+=($!)
-until curl -s -o /dev/null "http://127.0.0.1:$port/"; do sleep 0.1; done
-curl -s -X PUT "http://127.0.0.1:$port/bench" >/dev/null
+if [ -n "${MOTO:-}" ]; then
+    "$MOTO" -H 127.0.0.1 -p "$port" >"$W/moto.log" 2>&1 &
+    PIDS+=($!)
+    until curl -s -o /dev/null "http://127.0.0.1:$port/"; do sleep 0.1; done
+    curl -s -X PUT "http://127.0.0.1:$port/bench" >/dev/null
+fi
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
 
 cat >"$W/file.toml" <<EOF
@@ -85,25 +92,42 @@ secs() { # command… → elapsed seconds
     t1=$(date +%s.%N)
     python3 -c "print(round($t1 - $t0, 3))"
 }
-fill "$W/state"
-raw=$(du -sb "$W/state/vms" | cut -f1)
-sync
-cp_s=$(secs bash -c "cp -r '$W/state/vms' '$W/cp-copy' && sync")
-file_s=$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
-    --state-dir "$W/state" --run-dir "$W/run" --config "$W/file.toml")
-fill "$W/state-s3"
-sync
-s3_s=$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
-    --state-dir "$W/state-s3" --run-dir "$W/run" --config "$W/s3.toml")
-python3 - "$raw" "$cp_s" "$file_s" "$s3_s" <<'EOF'
+median() { python3 -c 'import sys,statistics; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
+cps=(); files=()
+for r in $(seq "$ROUNDS"); do
+    # A fresh journal each round (the shipper trims what it shipped).
+    rm -rf "$W/state" "$W/repo-file"/*
+    fill "$W/state"
+    raw=$(du -sb "$W/state/vms" | cut -f1)
+    sync
+    cps+=("$(secs bash -c "cp -r '$W/state/vms' '$W/cp-copy' && sync")")
+    rm -rf "$W/cp-copy"
+    sync
+    files+=("$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+        --state-dir "$W/state" --run-dir "$W/run" --config "$W/file.toml")")
+done
+echo "   cp -r + sync: ${cps[*]} s; ship to file://: ${files[*]} s" >&2
+cp_s=$(median "${cps[@]}")
+file_s=$(median "${files[@]}")
+s3_s=0
+if [ "$S3" = 1 ]; then
+    fill "$W/state-s3"
+    sync
+    s3_s=$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+        --state-dir "$W/state-s3" --run-dir "$W/run" --config "$W/s3.toml")
+fi
+python3 - "$raw" "$cp_s" "$file_s" "$s3_s" "$ROUNDS" <<'EOF'
 import sys
-raw, cp, f, s3 = int(sys.argv[1]), *map(float, sys.argv[2:])
+raw, cp, f, s3 = int(sys.argv[1]), *map(float, sys.argv[2:5])
+print(f"(median of {sys.argv[5]} round(s) for cp and file://)")
 mb = raw / 1e6
 print(f"| journal bytes | cp -r + sync | ship to file:// | ship to S3 (moto) | file:// / cp |")
 print(f"|---|---|---|---|---|")
-print(f"| {mb:.0f} MB | {mb/cp:.0f} MB/s ({cp:.1f} s) | {mb/f:.0f} MB/s ({f:.1f} s) | {mb/s3:.0f} MB/s ({s3:.1f} s) | {cp/f:.2f}× |")
+s3c = f"{mb/s3:.0f} MB/s ({s3:.1f} s)" if s3 > 0 else "not run"
+print(f"| {mb:.0f} MB | {mb/cp:.0f} MB/s ({cp:.2f} s) | {mb/f:.0f} MB/s ({f:.2f} s) | {s3c} | {cp/f:.2f}× |")
 EOF
 rm -rf "$W/cp-copy" "$W/state-s3" "$W/state" "$W/repo-file"/*
+[ "$RPO" = 1 ] || exit 0
 
 echo "== 2. RPO at $RATE of guest writes for ${RUNTIME}s (shipper to file:// and S3)" >&2
 cat >"$W/both.toml" <<EOF
