@@ -44,6 +44,9 @@ pub struct Target {
     in_flight: AtomicU64,
     /// The text of its last failure (the catalog's message for it).
     failure_text: Option<String>,
+    /// (The primary under `cascade`:) segments the secondaries received
+    /// without it since it last worked, and the wait; said in its message.
+    bypassed: Option<(u64, Duration)>,
     /// Reachable and of our format once ([`Target::check`]); until then the
     /// target is retried with backoff and nothing else is sent to it.
     checked: bool,
@@ -229,6 +232,7 @@ pub fn policy_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
             used: None,
             in_flight: AtomicU64::new(0),
             failure_text: None,
+            bypassed: None,
             checked: false,
             failures: 0,
             next_try: None,
@@ -290,6 +294,17 @@ impl Target {
         )
     }
 
+    /// `msg`, plus what the secondaries received without this primary.
+    fn with_bypassed(&self, msg: String) -> String {
+        match self.bypassed {
+            Some((n, wait)) => format!(
+                "{msg}; cascade: the secondaries received {n} segment(s) without the primary \
+                 (each waited cascade_wait = {wait:?} for it)"
+            ),
+            None => msg,
+        }
+    }
+
     /// Has [`Target::check`] succeeded (the target was reachable once)?
     pub fn is_checked(&self) -> bool {
         self.checked
@@ -307,7 +322,7 @@ impl Target {
                 self.name, self.failures
             );
         }
-        self.failure_text = Some(failure_text(&self.url, &e));
+        self.failure_text = Some(self.with_bypassed(failure_text(&self.url, &e)));
         self.last_error = Some(e);
         backoff
     }
@@ -496,13 +511,15 @@ impl Shipper {
                 t.next_try = None;
                 t.last_error = None;
                 t.failure_text = None;
+                if i == 0 {
+                    t.bypassed = None;
+                }
                 ("up", None)
             }
             Err(e) => {
                 stats.failed_targets += 1;
-                let msg = failure_text(&t.url, &e);
                 t.failed(e);
-                ("failing", Some(msg))
+                ("failing", t.failure_text.clone())
             }
         };
         let (name, url) = (t.name.clone(), t.url.clone());
@@ -521,12 +538,17 @@ impl Shipper {
     /// log and on the primary's row of the catalog (`cdpctl status`, the
     /// agent's page), with why the primary lacks them.
     fn note_without_primary(&mut self, n: u64, wait: Duration) -> Result<()> {
-        let p = &self.targets[0];
-        let why = p.failure_text.as_deref().unwrap_or("it has not taken them");
-        let msg = format!(
-            "{why}; cascade: the secondaries received {n} segment(s) without the primary \
-             (each waited cascade_wait = {wait:?} for it)"
-        );
+        let p = &mut self.targets[0];
+        let total = p.bypassed.map_or(0, |(m, _)| m) + n;
+        p.bypassed = Some((total, wait));
+        let why = p
+            .failure_text
+            .as_deref()
+            .map_or("it has not taken them", |w| {
+                w.split("; cascade: ").next().unwrap_or(w)
+            });
+        let msg = p.with_bypassed(why.to_string());
+        p.failure_text = p.failure_text.as_ref().map(|_| msg.clone());
         eprintln!("cdp-shipper: target {}: {msg}", p.name);
         let state = if p.failure_text.is_some() {
             "failing"
@@ -769,8 +791,8 @@ impl Shipper {
     /// with the error and what to do.
     fn target_failed(&mut self, i: usize, e: ShipError) -> Result<()> {
         let t = &mut self.targets[i];
-        let msg = failure_text(&t.url, &e);
         t.failed(e);
+        let msg = t.failure_text.clone().unwrap_or_default();
         let (name, url) = (t.name.clone(), t.url.clone());
         self.cat().set_target_state(
             &self.opts.vm_uuid,
