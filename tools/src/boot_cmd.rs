@@ -543,7 +543,7 @@ fn boot(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
             point: point.to_string(),
             seq: planned.seq,
             dir: dir.clone(),
-            created_dir: made.dir,
+            created_dir: made.dir.is_some(),
             sockets: sockets.clone(),
             disks,
         };
@@ -576,7 +576,8 @@ struct Job<'a> {
 /// What a boot has made so far: undone when a later step fails.
 #[derive(Default)]
 struct Made {
-    dir: bool,
+    /// DIR, when this boot created it (removed on undo if left empty).
+    dir: Option<PathBuf>,
     sockets: Option<PathBuf>,
     files: Vec<PathBuf>,
     pids: Vec<i32>,
@@ -598,6 +599,9 @@ impl Made {
         if let Some(s) = self.sockets.take() {
             let _ = std::fs::remove_dir_all(s);
         }
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 }
 
@@ -611,7 +615,7 @@ fn make(job: &Job, made: &mut Made) -> Result<Vec<BootDisk>> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             // QEMU's user needs to search it, nothing more.
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-            made.dir = true;
+            made.dir = Some(dir.to_path_buf());
         }
     }
     let name = job.a.name.as_deref().unwrap_or_default();
