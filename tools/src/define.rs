@@ -577,6 +577,10 @@ impl Rewriter<'_, '_> {
                 let depth = rest.len();
                 self.device_child(e, &name, &dev, depth)
             }
+            // A cgroup partition (libvirt writes /machine), not a file.
+            ["domain", "resource"] if name == "partition" => {
+                Ok(Action::Keep(self.checked(e, &name)?, Text::Free))
+            }
             ["domain", "sysinfo", ..] if name == "entry" => {
                 if attr(e, "name")?.as_deref() == Some("uuid") {
                     return Ok(Action::Skip);
@@ -1040,6 +1044,7 @@ mod tests {
     <cdp:protection xmlns:cdp="urn:cdpd:protection:1" policy="default" emulator="/usr/bin/qemu-system-x86_64"><cdp:disk target="vda"/></cdp:protection>
   </metadata>
   <memory unit='MiB'>256</memory>
+  <resource><partition>/machine</partition></resource>
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>/srv/vm/vmlinuz</kernel>
