@@ -192,7 +192,9 @@ fn say_cache(image: &PointImage, mode: Show) {
         crate::status::human(cache),
         if journal > cache {
             format!(
-                " (a full sequential read will fetch journal data again: --cache-mib {} holds it all)",
+                " (what the cache drops goes to an unlinked file in $TMPDIR or /var/tmp, up to {}, \
+                 and is read back from there; --cache-mib {} keeps it all in memory)",
+                crate::status::human(journal),
                 (journal >> 20) + 256
             )
         } else {
