@@ -351,6 +351,22 @@ fn disk(n: roxmltree::Node, new: &NewVm, edits: &mut Edits) -> Result<Option<Str
     Ok(Some(target))
 }
 
+/// A name [`chardev`] gives: `<kind><i>-<n>.log|sock`.
+fn is_chardev_file(name: &str) -> bool {
+    let Some((stem, ext)) = name.rsplit_once('.') else {
+        return false;
+    };
+    let Some((kind, n)) = stem.split_once('-') else {
+        return false;
+    };
+    let num = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    matches!(ext, "log" | "sock")
+        && num(n)
+        && ["serial", "console", "parallel", "channel"]
+            .iter()
+            .any(|k| kind.strip_prefix(k).is_some_and(num))
+}
+
 /// Move a character device's file or socket into `dir`.
 fn chardev(
     n: roxmltree::Node,
@@ -952,6 +968,12 @@ fn stop(ctx: &Ctx, a: &BootArgs) -> Result<()> {
         }
         let _ = std::fs::remove_file(rec.dir.join(format!("{name}.xml")));
         let _ = std::fs::remove_file(&path);
+        // The character devices' files and sockets `chardev` moved into DIR.
+        for e in std::fs::read_dir(&rec.dir).into_iter().flatten().flatten() {
+            if is_chardev_file(&e.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         if rec.created_dir {
             let _ = std::fs::remove_dir(&rec.dir);
         }
@@ -1131,5 +1153,15 @@ mod tests {
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert!(random_mac().unwrap().starts_with("52:54:00:"));
+        assert!(is_chardev_file("serial0-0.log") && is_chardev_file("channel2-13.sock"));
+        for n in [
+            "serial.log",
+            "serial0-0.qcow2",
+            "x0-0.log",
+            "serial0-.log",
+            "new-vda.qcow2",
+        ] {
+            assert!(!is_chardev_file(n), "{n}");
+        }
     }
 }
