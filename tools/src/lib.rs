@@ -240,11 +240,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Verify(a) => verify_cmd::verify(&ctx, &a),
         Cmd::Prune(a) => prune_cmd::run(&ctx, &a),
         Cmd::RestoreConfig(a) => verify_cmd::restore_config(&ctx, &a),
-        Cmd::Install(_)
-        | Cmd::Uninstall(_)
-        | Cmd::Completions(_)
-        | Cmd::Man(_)
-        | Cmd::Repo(_) => {
+        Cmd::Install(_) | Cmd::Uninstall(_) | Cmd::Completions(_) | Cmd::Man(_) | Cmd::Repo(_) => {
             unreachable!("handled before the config is read")
         }
         Cmd::Protect(a) => protect_cmd::protect(&ctx, &a),
