@@ -1,5 +1,7 @@
 //! A restored VM defined in libvirt as a NEW VM (issue 14, "Whole-VM
-//! restore"; `cdpctl restore --all-disks --define NAME`, and `cdpctl boot`).
+//! restore"; `cdpctl restore --all-disks --define NAME`, and `cdpctl boot`,
+//! whose disks are qcow2 overlays: [`DiskDest::Qcow2`]). Both commands go
+//! through [`clone_definition`]: one rule, one implementation.
 //!
 //! The definition comes from the repository: the shipper of the VM uploaded
 //! it, and the VM's QEMU user (so whoever broke out of the guest) could have
@@ -48,6 +50,9 @@ pub enum DiskDest {
     File(PathBuf),
     /// A raw volume of a libvirt storage pool.
     Volume { pool: String, volume: String },
+    /// A qcow2 file (an instant boot's overlay, which names its own
+    /// backing): the disk's driver type becomes qcow2.
+    Qcow2(PathBuf),
 }
 
 /// The new VM's identity.
@@ -145,6 +150,8 @@ pub struct DiskInfo {
     pub kind: String,
     pub pool: String,
     pub volume: String,
+    /// Whether it has a `<driver>` element.
+    pub driver: bool,
 }
 
 /// Every `<devices><disk>` of a domain XML, in document order.
@@ -177,6 +184,11 @@ pub fn disks_of(xml: &[u8]) -> Result<Vec<DiskInfo>> {
             ([b"domain", b"devices", b"disk"], b"target") => {
                 if let Some(d) = out.last_mut() {
                     d.target = attr(&e, "dev")?.unwrap_or_default();
+                }
+            }
+            ([b"domain", b"devices", b"disk"], b"driver") => {
+                if let Some(d) = out.last_mut() {
+                    d.driver = true;
                 }
             }
             ([b"domain", b"devices", b"disk"], b"source") => {
@@ -736,7 +748,7 @@ impl Rewriter<'_, '_> {
             }
         }
         let kind = match dest {
-            Some(DiskDest::File(p)) => {
+            Some(DiskDest::File(p) | DiskDest::Qcow2(p)) => {
                 self.report
                     .disks
                     .push((info.target.clone(), p.display().to_string()));
@@ -843,6 +855,17 @@ impl Rewriter<'_, '_> {
                 let s = element("source", &[("file".into(), p.display().to_string())]);
                 Ok(Action::Replace(vec![Event::Empty(s)]))
             }
+            ("source", Some(DiskDest::Qcow2(p))) => {
+                let s = element("source", &[("file".into(), p.display().to_string())]);
+                let mut evs = vec![Event::Empty(s)];
+                if !info.driver {
+                    // Without one libvirt would read the qcow2 file as raw.
+                    let d = [("name", "qemu"), ("type", "qcow2")]
+                        .map(|(k, v)| (k.to_string(), v.to_string()));
+                    evs.insert(0, Event::Empty(element("driver", &d)));
+                }
+                Ok(Action::Replace(evs))
+            }
             ("source", Some(DiskDest::Volume { pool, volume })) => {
                 let s = element(
                     "source",
@@ -856,10 +879,14 @@ impl Rewriter<'_, '_> {
             // An ejected medium.
             ("source", None) => Ok(Action::Skip),
             ("backingStore" | "mirror" | "auth", _) => Ok(Action::Skip),
-            ("driver", Some(_)) => {
+            ("driver", Some(d)) => {
                 let mut a: Vec<(String, String)> =
                     attrs(e)?.into_iter().filter(|(k, _)| k != "type").collect();
-                a.push(("type".into(), "raw".into()));
+                let format = match d {
+                    DiskDest::Qcow2(_) => "qcow2",
+                    _ => "raw",
+                };
+                a.push(("type".into(), format.into()));
                 let e = element("driver", &a);
                 Ok(Action::Keep(self.checked(&e, name)?, Text::Plain))
             }
@@ -1271,6 +1298,32 @@ mod tests {
         assert!(clone(DOMAIN, &d).is_err());
         // A disk it has that was not restored.
         assert!(format!("{:#}", clone(DOMAIN, &both()[..1]).unwrap_err()).contains("vdb"));
+    }
+
+    /// `cdpctl boot`'s disks: qcow2 overlays, the driver type set (and a
+    /// driver added where the definition had none: libvirt would read the
+    /// overlay as raw).
+    #[test]
+    fn qcow2_overlays_get_a_qcow2_driver() {
+        let q = |p: &str| DiskDest::Qcow2(PathBuf::from(p));
+        let (out, r) = clone(
+            DOMAIN,
+            &[("vda", q("/b/a.qcow2")), ("vdb", q("/b/b.qcow2"))],
+        )
+        .unwrap();
+        assert!(
+            out.contains(r#"<driver name="qemu" cache="none" type="qcow2"/>"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"<driver name="qemu" type="qcow2"/><source file="/b/b.qcow2"/>"#),
+            "{out}"
+        );
+        assert!(
+            !out.contains("type=\"raw\"") && !out.contains("web-data"),
+            "{out}"
+        );
+        assert_eq!(r.disks[0], ("vda".into(), "/b/a.qcow2".into()));
     }
 
     #[test]

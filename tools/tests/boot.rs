@@ -163,7 +163,7 @@ fn boot_serves_every_disk_of_a_point_through_overlays_and_stop_cleans_up() {
     for k in ["vda", "vdb"] {
         let o = dir.join(format!("t-boot-{k}.qcow2"));
         assert!(
-            def.contains(&format!("<source file='{}'/>", o.display())),
+            def.contains(&format!("<source file=\"{}\"/>", o.display())),
             "{def}"
         );
     }
