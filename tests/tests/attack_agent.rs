@@ -251,7 +251,7 @@ fn trimming_never_deletes_a_file_the_catalog_names() {
     sql(
         &h.d,
         &format!(
-            "INSERT INTO segments VALUES('{u}', 'vda', 900000, 900009, 1, 2, 10, 900000, 100, 1, '{p}', 1);
+            "INSERT INTO segments(vm_uuid, disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base, size_bytes, sealed, path, local) VALUES('{u}', 'vda', 900000, 900009, 1, 2, 10, 900000, 100, 1, '{p}', 1);
              INSERT INTO shipments VALUES('{u}', 'vda', 900000, 'primary', 'k', 1, 100);",
             u = h.d.vm_uuid,
             p = v.display()
@@ -286,7 +286,7 @@ fn dot_dot_and_absolute_names_in_the_catalog_reach_nothing() {
             &h.d,
             &format!(
                 "INSERT INTO disks VALUES('{u}', '{disk}', '{img}', 4096);
-                 INSERT INTO segments VALUES('{u}', '{disk}', 900000, 900009, 1, 2, 10, 900000, 100, 1, '{p}', 1);
+                 INSERT INTO segments(vm_uuid, disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base, size_bytes, sealed, path, local) VALUES('{u}', '{disk}', 900000, 900009, 1, 2, 10, 900000, 100, 1, '{p}', 1);
                  INSERT INTO shipments VALUES('{u}', '{disk}', 900000, 'primary', 'k', 1, 100);",
                 u = h.d.vm_uuid,
                 img = v.display(),

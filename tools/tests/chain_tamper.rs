@@ -274,7 +274,10 @@ fn verify_and_restore_catch_edited_history() {
             let (a, b, idx) = rf::parse_journal_name(&n)?;
             idx.then_some((a, b))
         })
-        .filter(|s| s.0 > segs[k].1 && s.1 < segs[k + 2].0)
+        // Between two vda segments after segment k; where exactly depends on
+        // when the 30 ms segment age sealed (a loaded machine splits a
+        // phase's write and its mark into two segments).
+        .filter(|s| s.0 > segs[k].1 && segs.windows(3).any(|w| s.0 > w[0].1 && s.1 < w[2].0))
         .min()
         .expect("a vdb segment between two vda segments");
     for ext in ["idx", "seg.zst"] {
