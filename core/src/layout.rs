@@ -7,7 +7,7 @@
 //! <state>/vms/<uuid>/                         one VM's state, owned by its QEMU user (0700)
 //! <state>/vms/<uuid>/catalog.sqlite           the VM's catalog (SQLite, WAL)
 //! <state>/vms/<uuid>.images                   root's copy of the VM's image paths (the hook, 0644)
-//! <state>/vms/<uuid>/domain.xml               the definition cdp-qemu saved at start (0600)
+//! <state>/vms/<uuid>/domain.xml               the definition (cdp-qemu at start; cdp-agent's watch after) (0600)
 //! <state>/vms/<uuid>/shipper.lock             flock held by the VM's shipper (or cdp-agent)
 //! <state>/vms/<uuid>/<disk>/journal/          one disk's journal segments
 //! <state>/vms/<uuid>/<disk>/journal/<seq>.seg a segment, named by its first record's seq
@@ -137,7 +137,8 @@ impl VmStateDir {
         self.0.join(SHIPPER_LOCK)
     }
 
-    /// `<state>/vms/<uuid>/domain.xml`: the definition cdp-qemu saved.
+    /// `<state>/vms/<uuid>/domain.xml`: the definition cdp-qemu saved at start, replaced
+    /// by cdp-agent's definition watch (docs/AGENT.md) when libvirt's changes.
     pub fn definition(&self) -> PathBuf {
         self.0.join(DEFINITION)
     }
