@@ -186,6 +186,12 @@ fn an_unwritable_repository_is_failing_within_seconds_and_up_once_writable() {
             && disk["open_segment_records"] == 0
             && disk["segments_waiting_seal"] == 0
     });
+    // The baseline goes up in its own step after the target's backoff (it may
+    // come after the segments): a restore needs it.
+    let baselines = repo.join(format!("cdp/v1/vms/{}/vda/baselines", d.vm_uuid));
+    poll(&d, &mut sh, "a baseline in the repository", 120, || {
+        std::fs::read_dir(&baselines).is_ok_and(|mut e| e.next().is_some())
+    });
     poll(&d, &mut sh, "metrics: cdp_vm_target_up 1", 30, || {
         metric_up(port, &d.vm_uuid) == Some(1.0)
     });
