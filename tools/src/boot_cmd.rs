@@ -400,7 +400,7 @@ impl Made {
 fn make(job: &Job, made: &mut Made) -> Result<Vec<BootDisk>> {
     let dir = job.dir;
     match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {}
+        Ok(m) if m.is_dir() => check_only_we_write(dir, &m)?,
         Ok(_) => bail!("{} exists and is not a directory", dir.display()),
         Err(_) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -703,16 +703,55 @@ fn boot_dir(a: &BootArgs, name: &str) -> PathBuf {
     Path::new(DEFAULT_PARENT).join(name)
 }
 
-fn stop(ctx: &Ctx, a: &BootArgs) -> Result<()> {
-    let name = a.vm.as_str();
-    define::check_name(name)?;
-    let dir = boot_dir(a, name);
+/// DIR (`meta`: its lstat) holds a boot's record, which `--stop` acts on
+/// as root: only this user may write DIR, or another user (QEMU's, which
+/// owns the overlays) could rewrite the record to name any file of the host.
+fn check_only_we_write(dir: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is owned by uid {} with mode {:o}: a boot's directory must be writable by uid {me} alone \
+             (its record names what `--stop` removes); choose another --dir or fix its owner and mode",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Read the record of the boot `name` in `dir`: DIR and the record writable by
+/// this user alone (never through a symlink), and every path the record
+/// names inside DIR, as a boot writes them. Anything else is refused.
+fn read_record(dir: &Path, name: &str) -> Result<BootRecord> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let dir = std::path::absolute(dir)?;
+    let meta = std::fs::symlink_metadata(&dir)
+        .with_context(|| format!("{} (give --dir)", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    check_only_we_write(&dir, &meta)?;
     let path = dir.join(RECORD);
-    let rec: BootRecord = serde_json::from_slice(
-        &std::fs::read(&path)
-            .with_context(|| format!("reading {} (give --dir)", path.display()))?,
-    )
-    .with_context(|| format!("{}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&path)
+        .with_context(|| format!("reading {} (give --dir)", path.display()))?;
+    let m = f.metadata()?;
+    if !m.is_file() || m.uid() != meta.uid() || m.mode() & 0o022 != 0 {
+        bail!(
+            "{} is not a regular file written by uid {} alone: not a record of cdpctl boot",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mut bytes = Vec::new();
+    f.by_ref().take(1 << 20).read_to_end(&mut bytes)?;
+    let rec: BootRecord =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
     if rec.name != name {
         bail!(
             "{} records a boot of {}, not {name}",
@@ -720,6 +759,54 @@ fn stop(ctx: &Ctx, a: &BootArgs) -> Result<()> {
             rec.name
         );
     }
+    check_record_paths(&rec, &dir).with_context(|| format!("{}", path.display()))?;
+    Ok(rec)
+}
+
+/// Every path of `rec` is the one a boot of `rec.name` in `dir` writes.
+fn check_record_paths(rec: &BootRecord, dir: &Path) -> Result<()> {
+    let name = &rec.name;
+    define::check_name(name)?;
+    let expect = |p: &Path, file: String| -> Result<()> {
+        if p != dir.join(&file) {
+            bail!(
+                "names {} where a boot writes {}: refused",
+                p.display(),
+                dir.join(file).display()
+            );
+        }
+        Ok(())
+    };
+    if rec.dir != dir {
+        bail!(
+            "records the directory {}, not {}: refused",
+            rec.dir.display(),
+            dir.display()
+        );
+    }
+    expect(&rec.sockets, format!("{name}.nbd"))?;
+    for d in &rec.disks {
+        if d.disk.is_empty()
+            || !d
+                .disk
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            bail!("names a disk {:?}: refused", d.disk);
+        }
+        expect(&d.overlay, format!("{name}-{}.qcow2", d.disk))?;
+        expect(&d.log, format!("{name}-{}.export.log", d.disk))?;
+        expect(&d.socket, format!("{name}.nbd/{}.sock", d.disk))?;
+    }
+    Ok(())
+}
+
+fn stop(ctx: &Ctx, a: &BootArgs) -> Result<()> {
+    let name = a.vm.as_str();
+    define::check_name(name)?;
+    let dir = boot_dir(a, name);
+    let rec = read_record(&dir, name)?;
+    let path = rec.dir.join(RECORD);
     let mut vm = "not defined";
     if let Ok(state) = virsh(&a.connect, &["domstate", name]) {
         if state.trim() != "shut off" {

@@ -184,3 +184,87 @@ fn boot_serves_every_disk_of_a_point_through_overlays_and_stop_cleans_up() {
     assert!(!dir.exists(), "{} is left", dir.display());
     assert!(files(&repo) == repo_before, "the repository changed");
 }
+
+/// Attack: QEMU's user owns a directory given as `--dir` and writes a
+/// `boot.json` there naming a file of root's as an overlay, log and socket
+/// directory. `cdpctl boot NAME --stop` (root) refuses the directory and
+/// touches nothing; a record in a root-only directory naming paths outside
+/// it is refused too.
+#[test]
+fn stop_refuses_a_record_another_user_could_have_written() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = Daemon::builder().disk_random("vda", MIB, 5).start();
+    let cfg = config(&d, &d.work_dir().join("repo"));
+    let base = PathBuf::from(format!("/tmp/cdp-boot-attack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victims = base.join("victims");
+    std::fs::create_dir(&victims).unwrap();
+    let victim = victims.join("precious");
+    std::fs::write(&victim, b"root's data").unwrap();
+    let record = |dir: &Path| {
+        serde_json::json!({
+            "name": "evil", "uuid": "u", "from_vm": "v", "point": "p", "seq": 1,
+            "dir": dir, "created_dir": true, "sockets": victims,
+            "disks": [{"disk": "vda", "size": 1, "overlay": victim, "socket": victim,
+                       "log": victim, "pid": 1}],
+        })
+        .to_string()
+    };
+    let stop = |dir: &Path| {
+        let out = cdp_tests::fixture::cdpctl_out(
+            &d,
+            &cfg,
+            &[
+                "boot",
+                "evil",
+                "--stop",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--connect",
+                "test:///default",
+            ],
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let intact = || {
+        assert_eq!(std::fs::read(&victim).unwrap(), b"root's data");
+        assert_eq!(std::fs::metadata(&victims).unwrap().uid(), 0);
+    };
+
+    // QEMU's user's directory, its record written by QEMU's user.
+    let theirs = base.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(64055), Some(64055)).unwrap();
+    let script = format!(
+        "cat > {}/boot.json <<'X'\n{}\nX\n",
+        theirs.display(),
+        record(&theirs)
+    );
+    cdp_tests::fixture::as_user(64055, 64055, &script);
+    let (ok, err) = stop(&theirs);
+    assert!(
+        !ok && err.contains("must be writable by uid 0 alone"),
+        "{err}"
+    );
+    intact();
+
+    // Root's directory, a record naming paths outside it.
+    let ours = base.join("ours");
+    std::fs::create_dir(&ours).unwrap();
+    std::fs::write(ours.join("boot.json"), record(&ours)).unwrap();
+    let (ok, err) = stop(&ours);
+    assert!(!ok && err.contains("refused"), "{err}");
+    intact();
+    // A symlink for the record is not followed.
+    std::fs::remove_file(ours.join("boot.json")).unwrap();
+    std::os::unix::fs::symlink(theirs.join("boot.json"), ours.join("boot.json")).unwrap();
+    let (ok, err) = stop(&ours);
+    assert!(!ok, "{err}");
+    intact();
+    std::fs::remove_dir_all(&base).unwrap();
+}
