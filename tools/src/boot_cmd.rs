@@ -613,7 +613,7 @@ fn finish(a: &BootArgs, rec: &BootRecord, xml: &str, made: &mut Made) -> Result<
         *made = Made::default();
         return Ok(());
     }
-    virsh(&a.connect, &["define", &def.display().to_string()])?;
+    define::define(&a.connect, &def)?;
     made.defined = Some(rec.name.clone());
     if a.start {
         virsh(&a.connect, &["start", &rec.name])?;
