@@ -125,6 +125,25 @@ impl VmIdentity {
         Ok(VmIdentity { uid, gid })
     }
 
+    /// The owner of `<run>/<uuid>` (the VM's run directory, where its cdpd's
+    /// sockets are), under the same rule as [`VmIdentity::of`]: `<run>` must
+    /// belong to root or to the caller and be writable by nobody else.
+    pub fn of_run(run: &crate::layout::RunDir, vm_uuid: &str) -> Result<VmIdentity, PrivsepError> {
+        let run_fd = DirFd::open(run.path())?;
+        check_trusted(&run_fd.stat()?, run.path())?;
+        let vm = run_fd.open_at(vm_uuid)?;
+        let (uid, gid) = vm.owner()?;
+        let me = nix::unistd::geteuid().as_raw();
+        if me != 0 && me != uid {
+            return Err(PrivsepError::NotPermitted {
+                path: vm.path().to_path_buf(),
+                owner: uid,
+                me,
+            });
+        }
+        Ok(VmIdentity { uid, gid })
+    }
+
     /// Is this process already this identity (nothing to drop)?
     pub fn is_current(&self) -> bool {
         nix::unistd::geteuid().as_raw() == self.uid

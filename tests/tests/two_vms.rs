@@ -563,3 +563,82 @@ fn one_vms_qemu_user_cannot_reach_another_vms_sockets_journal_or_catalog() {
     a.check_replay_invariant("vda");
     b.check_replay_invariant("vda");
 }
+
+/// Attack: VM A's QEMU user replaces its control socket with a symlink to a
+/// socket only root may reach. `cdpctl status` and `cdpctl mark` (root)
+/// talk to a VM's cdpd as the VM's user (the socket lies in a directory
+/// that user owns), so the root-only socket is never connected to; once
+/// the real socket is back, both work again.
+#[test]
+fn root_never_connects_through_a_control_socket_path_a_vm_owns() {
+    use std::os::unix::net::UnixListener;
+    let host = tempfile::tempdir().unwrap();
+    chmod(host.path(), 0o755);
+    let (state, run_dir) = (host.path().join("state"), host.path().join("run"));
+    let a = Daemon::builder()
+        .vm_name("vm-a")
+        .disk_random("vda", MIB, 31)
+        .host_dirs(&state, &run_dir)
+        .as_user(A.0, A.1)
+        .start();
+    // Root's own service: a socket in a directory only root may search.
+    let secret_dir = host.path().join("root-only");
+    fs::create_dir(&secret_dir).unwrap();
+    chmod(&secret_dir, 0o700);
+    let secret = secret_dir.join("service.sock");
+    let listener = UnixListener::bind(&secret).unwrap();
+    listener.set_nonblocking(true).unwrap();
+
+    let sock = control_socket(&a);
+    let moved = sock.with_extension("real");
+    let out = run_as(
+        A,
+        Command::new("sh").arg("-ec").arg(format!(
+            "mv {0} {1} && ln -s {2} {0}",
+            sock.display(),
+            moved.display(),
+            secret.display()
+        )),
+    );
+    assert!(out.status.success(), "the attacker failed: {}", text(&out));
+    let root_cdpctl = |args: &[&str]| {
+        run(Command::new(bin("cdpctl"))
+            .args(args)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--state-dir")
+            .arg(&state))
+    };
+    let status = ["status", "--json", "--vm-uuid", &a.vm_uuid];
+    let mark = ["mark", &a.vm_uuid, "m1"];
+    for args in [&status[..], &mark[..]] {
+        let out = root_cdpctl(args);
+        // status falls back to A's catalog (not running); mark fails.
+        let refused = if args[0] == "status" {
+            String::from_utf8_lossy(&out.stdout).contains("\"running\": false")
+        } else {
+            !out.status.success()
+        };
+        assert!(refused, "{args:?}: {}", text(&out));
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!(
+                "cdpctl {args:?} as root reached root's socket through A's symlink: {other:?}"
+            ),
+        }
+    }
+    // The real socket back: root reaches A's cdpd (as A's user) again.
+    fs::remove_file(&sock).unwrap();
+    fs::rename(&moved, &sock).unwrap();
+    for args in [&status[..], &mark[..]] {
+        let out = root_cdpctl(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let out = root_cdpctl(&status);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("\"running\": false"),
+        "{}",
+        text(&out)
+    );
+    assert!(listener.accept().is_err());
+}

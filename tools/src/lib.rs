@@ -197,6 +197,20 @@ impl Ctx {
         })?)
     }
 
+    /// Talk to the VM's cdpd over its control socket from a child with the
+    /// identity of `<run>/<uuid>`: the socket's path lies in a
+    /// directory QEMU's user owns, so root never connects through it (a
+    /// symlink there could point root's request at any socket of the host).
+    pub fn with_control<T, F>(&self, uuid: &str, f: F) -> Result<T>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        F: FnOnce(&cdp_core::control::Client) -> Result<T, String>,
+    {
+        let id = VmIdentity::of_run(&self.run(), uuid)?;
+        let sock = self.run().vm(uuid).control_socket();
+        Ok(id.run(&sock, || f(&cdp_core::control::Client::new(&sock)))?)
+    }
+
     /// Drop this whole process to the VM's identity, for a command that
     /// works only on that VM's state and needs nothing of root afterwards.
     pub fn enter_vm(&self, uuid: &str) -> Result<()> {

@@ -887,7 +887,13 @@ async fn in_place(
     yes: bool,
 ) -> Result<restore::RestoreStats> {
     let ctl = ctx.run().vm(vm).control_socket();
-    if std::os::unix::net::UnixStream::connect(&ctl).is_ok() {
+    // As the VM's user (the socket lies in its run directory); no run
+    // directory, no cdpd of it on this host.
+    let running = ctx.run().vm(vm).path().exists()
+        && ctx.with_control(vm, |c| {
+            Ok(std::os::unix::net::UnixStream::connect(c.path()).is_ok())
+        })?;
+    if running {
         bail!(
             "VM {vm} is running (cdpd answers on {}): stop the VM before restoring in place",
             ctl.display()

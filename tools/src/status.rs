@@ -46,12 +46,13 @@ pub struct MarkArgs {
 
 fn query(ctx: &Ctx, uuid: &str) -> Result<Status> {
     let sock = ctx.run().vm(uuid).control_socket();
-    control::Client::new(&sock).status().with_context(|| {
-        format!(
-            "VM {uuid} has no running cdpd that answers this user (control socket {}): is the VM running and protected (--run-dir)? cdpd serves only its own user and root: run cdpctl as root",
-            sock.display()
-        )
-    })
+    ctx.with_control(uuid, |c| c.status().map_err(|e| e.to_string()))
+        .with_context(|| {
+            format!(
+                "VM {uuid} has no running cdpd that answers this user (control socket {}): is the VM running and protected (--run-dir)? cdpd serves only its own user and root: run cdpctl as root",
+                sock.display()
+            )
+        })
 }
 
 /// A VM this host protects (it has a catalog), running or not: what its
@@ -380,12 +381,10 @@ fn journal_mode(d: &control::DiskStatus) -> String {
 
 pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
     let uuid = ctx.resolve_vm(&a.vm)?;
-    let sock = ctx.run().vm(&uuid).control_socket();
-    let client = control::Client::new(&sock);
     let (marked, note) = if a.quiesce || a.quiesce_or_crash {
-        quiesced_mark(a, &uuid, &client)?
+        quiesced_mark(ctx, a, &uuid)?
     } else {
-        (send_mark(&client, &uuid, &a.label, false)?, None)
+        (send_mark(ctx, &uuid, &a.label, false, None)?, None)
     };
     if ctx.json {
         return crate::print_json(&control::Reply::marked(marked));
@@ -407,22 +406,35 @@ pub fn mark(ctx: &Ctx, a: &MarkArgs) -> Result<()> {
     Ok(())
 }
 
+/// Ask the VM's cdpd for a mark (as the VM's user: `Ctx::with_control`),
+/// waiting at most `timeout` when given.
 fn send_mark(
-    client: &control::Client,
+    ctx: &Ctx,
     uuid: &str,
     label: &str,
     quiesced: bool,
+    timeout: Option<std::time::Duration>,
 ) -> Result<control::Marked> {
-    match client.mark_as(label, quiesced) {
-        Ok(m) => Ok(m),
-        Err(e @ control::ControlError::Refused { .. }) => bail!("mark refused: {e}"),
-        Err(e) => Err(e).with_context(|| {
+    let sock = ctx.run().vm(uuid).control_socket();
+    let r: Result<control::Marked, String> = ctx
+        .with_control(uuid, |c| {
+            let c = match timeout {
+                Some(t) => c.clone().with_timeout(t),
+                None => c.clone(),
+            };
+            match c.mark_as(label, quiesced) {
+                Ok(m) => Ok(Ok(m)),
+                Err(e @ control::ControlError::Refused { .. }) => Ok(Err(e.to_string())),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .with_context(|| {
             format!(
                 "VM {uuid} has no running cdpd (control socket {})",
-                client.path().display()
+                sock.display()
             )
-        }),
-    }
+        })?;
+    r.map_err(|e| anyhow::anyhow!("mark refused: {e}"))
 }
 
 /// `--quiesce`: cdpd answers, the guest is frozen, the quiesced mark is
@@ -430,18 +442,16 @@ fn send_mark(
 /// [`crate::quiesce`]). A failed freeze refuses, or with
 /// `--quiesce-or-crash` makes a crash-consistent mark and says why (the
 /// note). A signal while the guest may be frozen ends cdpctl after the thaw.
-fn quiesced_mark(
-    a: &MarkArgs,
-    uuid: &str,
-    client: &control::Client,
-) -> Result<(control::Marked, Option<String>)> {
+fn quiesced_mark(ctx: &Ctx, a: &MarkArgs, uuid: &str) -> Result<(control::Marked, Option<String>)> {
     cdp_core::names::check_label(&a.label).map_err(|e| anyhow::anyhow!("mark refused: {e}"))?;
     // Never freeze a guest for a cdpd that is not there.
-    client
-        .clone()
-        .with_timeout(std::time::Duration::from_secs(5))
-        .status()
-        .with_context(|| format!("VM {uuid} has no running cdpd: not freezing its guest"))?;
+    ctx.with_control(uuid, |c| {
+        c.clone()
+            .with_timeout(std::time::Duration::from_secs(5))
+            .status()
+            .map_err(|e| e.to_string())
+    })
+    .with_context(|| format!("VM {uuid} has no running cdpd: not freezing its guest"))?;
     let q = crate::quiesce::Quiesce {
         connect: a.connect.clone(),
         domain: uuid.to_string(),
@@ -453,7 +463,7 @@ fn quiesced_mark(
         Ok(f) => f,
         Err(e) if a.quiesce_or_crash && signals.arrived().is_none() => {
             drop(signals);
-            let m = send_mark(client, uuid, &a.label, false)?;
+            let m = send_mark(ctx, uuid, &a.label, false, None)?;
             return Ok((m, Some(format!("{e:#}; made a crash-consistent mark"))));
         }
         Err(e) => return Err(e),
@@ -463,12 +473,11 @@ fn quiesced_mark(
         bail!("interrupted by {sig} while the guest was frozen: thawed, no mark made");
     }
     let r = send_mark(
-        &client
-            .clone()
-            .with_timeout(std::time::Duration::from_secs(a.mark_timeout)),
+        ctx,
         uuid,
         &a.label,
         true,
+        Some(std::time::Duration::from_secs(a.mark_timeout)),
     );
     let thawed = frozen.thaw();
     let sig = signals.arrived();
