@@ -19,8 +19,10 @@
 //! running as the state's owner), each of these is a plain call.
 
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sys::stat::FileStat;
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -60,6 +62,13 @@ pub enum PrivsepError {
         path: PathBuf,
         uid: u32,
         status: String,
+    },
+    #[error("the child working as uid {uid} for {path} gave no answer within {secs} s (or more than {cap} bytes): killed; a process of uid {uid} may be holding it up (stopped, or a lock held): check `ps -u {uid}`")]
+    Stuck {
+        path: PathBuf,
+        uid: u32,
+        secs: u64,
+        cap: usize,
     },
     #[error("{path} (as uid {uid}): {message}")]
     Failed {
@@ -187,6 +196,16 @@ impl VmIdentity {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<T, String>,
     {
+        self.run_within(what, CHILD_DEADLINE, f)
+    }
+
+    /// [`VmIdentity::run`] with its own deadline: a child that has not
+    /// answered by then is killed ([`PrivsepError::Stuck`]).
+    pub fn run_within<T, F>(&self, what: &Path, limit: Duration, f: F) -> Result<T, PrivsepError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<T, String>,
+    {
         // One at a time in a process: a fork never happens while another
         // thread is inside SQLite (the child could inherit a held lock).
         static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -225,7 +244,24 @@ impl VmIdentity {
             ForkResult::Parent { child } => {
                 drop(tx);
                 let mut buf = Vec::new();
-                let read = std::fs::File::from(rx).read_to_end(&mut buf);
+                let read = read_answer(rx, &mut buf, Instant::now() + limit);
+                if matches!(read, Answer::Stuck) {
+                    // The child runs as the VM's user, who may stop it (a
+                    // signal is theirs to send) or hold a lock it waits on:
+                    // never let that hold up root's work for other VMs.
+                    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                    let _ = waitpid(child, None);
+                    return Err(PrivsepError::Stuck {
+                        path: what.to_path_buf(),
+                        uid: self.uid,
+                        secs: limit.as_secs(),
+                        cap: ANSWER_CAP,
+                    });
+                }
+                let read: std::io::Result<()> = match read {
+                    Answer::Done => Ok(()),
+                    _ => Err(std::io::ErrorKind::Other.into()),
+                };
                 let status = waitpid(child, None).map_err(|e| child_err("waitpid", e))?;
                 let died = || PrivsepError::ChildDied {
                     path: what.to_path_buf(),
@@ -242,6 +278,57 @@ impl VmIdentity {
                     message,
                 })
             }
+        }
+    }
+}
+
+/// How long a child of [`VmIdentity::run`] may take (catalog reads and
+/// writes, a control request, storing a definition: work of milliseconds
+/// to seconds).
+pub const CHILD_DEADLINE: Duration = Duration::from_secs(120);
+/// The largest answer a child may send back.
+pub const ANSWER_CAP: usize = 64 << 20;
+
+enum Answer {
+    Done,
+    Failed,
+    Stuck,
+}
+
+/// Read the child's answer from `rx` until EOF, the deadline or the cap.
+fn read_answer(rx: OwnedFd, buf: &mut Vec<u8>, deadline: Instant) -> Answer {
+    use std::os::fd::AsRawFd;
+    let mut f = std::fs::File::from(rx);
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Answer::Stuck;
+        }
+        let ms = left.as_millis().clamp(1, 60_000) as libc::c_int;
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd on the stack for the call's
+        // duration, and its fd stays open (owned by `f`).
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            0 => continue,
+            n if n < 0 => {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Answer::Failed;
+            }
+            _ => {}
+        }
+        match f.read(&mut chunk) {
+            Ok(0) => return Answer::Done,
+            Ok(n) if buf.len() + n > ANSWER_CAP => return Answer::Stuck,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Answer::Failed,
         }
     }
 }
@@ -307,6 +394,33 @@ mod tests {
             std::fs::read(&secret).map_err(|e| e.to_string())
         });
         assert!(r.unwrap_err().to_string().contains("Permission denied"));
+    }
+
+    #[test]
+    fn a_child_held_up_by_the_vms_user_is_killed_at_the_deadline() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // needs root to drop to another uid
+        }
+        let (_d, s) = state(Some((65534, 65534)));
+        let id = VmIdentity::of(&s, VM).unwrap();
+        let t = Instant::now();
+        // The VM's user may stop the child (it runs as that user): here it
+        // stops itself.
+        let r = id.run_within::<(), _>(s.path(), Duration::from_millis(500), || {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+            Ok(())
+        });
+        let e = r.unwrap_err();
+        assert!(matches!(e, PrivsepError::Stuck { uid: 65534, .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        // An answer over the cap is refused too.
+        let r = id.run_within(s.path(), Duration::from_secs(60), || {
+            Ok("x".repeat(ANSWER_CAP))
+        });
+        assert!(matches!(r, Err(PrivsepError::Stuck { .. })), "{r:?}");
+        // And the next call works.
+        let v: u32 = id.run(s.path(), || Ok(7)).unwrap();
+        assert_eq!(v, 7);
     }
 
     #[test]
