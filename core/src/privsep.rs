@@ -121,17 +121,7 @@ impl VmIdentity {
         check_trusted(&state_fd.stat()?, state.path())?;
         let vms = state_fd.open_at(crate::layout::VMS)?;
         check_trusted(&vms.stat()?, vms.path())?;
-        let vm = vms.open_at(vm_uuid)?;
-        let (uid, gid) = vm.owner()?;
-        let me = nix::unistd::geteuid().as_raw();
-        if me != 0 && me != uid {
-            return Err(PrivsepError::NotPermitted {
-                path: vm.path().to_path_buf(),
-                owner: uid,
-                me,
-            });
-        }
-        Ok(VmIdentity { uid, gid })
+        Self::owner_of(&vms.open_at(vm_uuid)?)
     }
 
     /// The owner of `<run>/<uuid>` (the VM's run directory, where its cdpd's
@@ -140,7 +130,11 @@ impl VmIdentity {
     pub fn of_run(run: &crate::layout::RunDir, vm_uuid: &str) -> Result<VmIdentity, PrivsepError> {
         let run_fd = DirFd::open(run.path())?;
         check_trusted(&run_fd.stat()?, run.path())?;
-        let vm = run_fd.open_at(vm_uuid)?;
+        Self::owner_of(&run_fd.open_at(vm_uuid)?)
+    }
+
+    /// The owner of `vm`, when this process is root or that owner.
+    fn owner_of(vm: &DirFd) -> Result<VmIdentity, PrivsepError> {
         let (uid, gid) = vm.owner()?;
         let me = nix::unistd::geteuid().as_raw();
         if me != 0 && me != uid {
