@@ -23,6 +23,33 @@ pub struct RepoArgs {
     /// Ignore this host's local journal (repository only).
     #[arg(long)]
     pub no_local: bool,
+    /// The key file of an encrypted repository (`cdpctl repo init --encrypt`);
+    /// overrides the target's `key_file` and CDP_KEY_FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// A file holding the passphrase of an encrypted repository; overrides
+    /// the target's `passphrase_file` and CDP_PASSPHRASE_FILE.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl RepoArgs {
+    /// The key source given on the command line, if any.
+    fn key_source(&self) -> Option<cdp_repo::crypto::KeySource> {
+        use cdp_repo::crypto::KeySource;
+        self.key_file
+            .clone()
+            .map(KeySource::KeyFile)
+            .or_else(|| self.passphrase_file.clone().map(KeySource::PassphraseFile))
+    }
+
+    /// `store` with the command line's key source, when one was given.
+    fn keyed(&self, store: Store) -> Store {
+        match self.key_source() {
+            Some(k) => store.with_key_source(Some(k)),
+            None => store,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -140,7 +167,9 @@ pub fn candidate_repos(ctx: &Ctx, a: &RepoArgs) -> Result<Vec<Candidate>> {
         return Ok(vec![Candidate {
             target: None,
             url: url.clone(),
-            store: Store::open(url, None).with_context(|| format!("repository {url}")),
+            store: Store::open(url, None)
+                .map(|s| a.keyed(s))
+                .with_context(|| format!("repository {url}")),
         }]);
     }
     let config = &ctx.config;
@@ -160,7 +189,9 @@ pub fn candidate_repos(ctx: &Ctx, a: &RepoArgs) -> Result<Vec<Candidate>> {
             Candidate {
                 target: Some(name.clone()),
                 url: t.url.clone(),
-                store: Store::for_target(t).with_context(|| format!("target {name} ({})", t.url)),
+                store: Store::for_target(t)
+                    .map(|s| a.keyed(s))
+                    .with_context(|| format!("target {name} ({})", t.url)),
             }
         })
         .collect())

@@ -221,6 +221,43 @@ fn scenario(enc: Repo, enc_creds: Option<&Path>) {
     };
     out_fails(&no_key, "no key", &["key_file"]);
     out_fails(&wrong_key, "wrong key", &["does not unwrap"]);
+    // The key on the command line: over a target without one, and for a
+    // repository given by URL (verify); a wrong one is refused the same way.
+    let with_flag = |cfg: &Path, args: &[&str], key: &Path| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--key-file", key.to_str().unwrap()]);
+        let o = cdpctl_out(&d, cfg, &all);
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let restore_args = [
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        "vda",
+        "--at",
+        "mark:after",
+        "--output",
+        out.to_str().unwrap(),
+        "--no-local",
+    ];
+    let (ok, err) = with_flag(&no_key, &restore_args, &key);
+    assert!(ok, "--key-file: {err}");
+    qemu_img_compare(out.as_os_str(), reference.as_os_str());
+    std::fs::remove_file(&out).unwrap();
+    let (ok, err) = with_flag(&no_key, &restore_args, &wrong);
+    assert!(
+        !ok && err.contains("does not unwrap") && !out.exists(),
+        "{err}"
+    );
+    // (--repo takes no credentials file: the file:// case.)
+    if enc.url.starts_with("file://") {
+        let verify_args = ["verify", &d.vm_uuid, "--no-local", "--repo", &enc.url];
+        let (ok, err) = with_flag(&no_key, &verify_args, &key);
+        assert!(ok, "verify --repo --key-file: {err}");
+    }
     let v = cdpctl_out(
         &d,
         &with_key,

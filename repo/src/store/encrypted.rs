@@ -22,7 +22,7 @@ static UNWRAPPED: Mutex<Vec<([u8; 32], Keys)>> = Mutex::new(Vec::new());
 /// What a store knows of its repository's key, once loaded.
 pub(super) type KeyState = Arc<tokio::sync::OnceCell<Option<Keys>>>;
 
-const HOW: &str = "set key_file or passphrase_file in the target's [target.NAME] section (or CDP_KEY_FILE / CDP_PASSPHRASE_FILE for a repository given by URL)";
+const HOW: &str = "set key_file or passphrase_file in the target's [target.NAME] section (or cdpctl --key-file / --passphrase-file, or CDP_KEY_FILE / CDP_PASSPHRASE_FILE for a repository given by URL)";
 
 /// The key source from `CDP_KEY_FILE` or `CDP_PASSPHRASE_FILE`, if set.
 pub(super) fn env_key_source() -> Option<KeySource> {
