@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -52,10 +52,10 @@ pub struct BootArgs {
     /// The protected VM (name or UUID); with --stop, the booted VM's name.
     pub vm: String,
     /// The point: RFC 3339 time, "10 minutes ago", seq:N, mark:LABEL or latest.
-    #[arg(long, required_unless_present = "stop")]
+    #[arg(long, required_unless_present_any = ["stop", "resume"])]
     pub at: Option<String>,
     /// The new VM's name in libvirt (must not exist).
-    #[arg(long, required_unless_present = "stop")]
+    #[arg(long, required_unless_present_any = ["stop", "resume"])]
     pub name: Option<String>,
     /// Directory of the overlays, the NBD sockets and boot.json
     /// (default /var/lib/libvirt/images/NAME; created if missing).
@@ -71,6 +71,11 @@ pub struct BootArgs {
     /// Undo a boot: destroy and undefine VM, stop its exports, remove its files.
     #[arg(long, conflicts_with_all = ["at", "name", "start"])]
     pub stop: bool,
+    /// Serve a boot's exports again (after the host rebooted, or an export
+    /// died): the same point, sockets and overlays, from the record in DIR;
+    /// with --start, start the VM too.
+    #[arg(long, conflicts_with_all = ["at", "name", "stop", "no_define"])]
+    pub resume: bool,
     /// With --stop: keep the overlays (qcow2 files) and the definition in DIR.
     #[arg(long, requires = "stop")]
     pub keep_overlays: bool,
@@ -97,7 +102,7 @@ pub struct BootDisk {
 }
 
 /// DIR/boot.json: what a boot made, read by `--stop`.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct BootRecord {
     pub name: String,
     pub uuid: String,
@@ -109,11 +114,59 @@ pub struct BootRecord {
     pub created_dir: bool,
     pub sockets: PathBuf,
     pub disks: Vec<BootDisk>,
+    /// Where the exports read the point (for --resume).
+    #[serde(default)]
+    pub source: ExportSource,
+}
+
+/// The repository arguments the exports of a boot were started with.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ExportSource {
+    pub repo: Option<String>,
+    pub policy: String,
+    pub no_local: bool,
+    pub cache_mib: u64,
+}
+
+impl Default for ExportSource {
+    fn default() -> Self {
+        ExportSource {
+            repo: None,
+            policy: "default".into(),
+            no_local: false,
+            cache_mib: cdp_repo::export::DEFAULT_CACHE_BYTES >> 20,
+        }
+    }
+}
+
+impl ExportSource {
+    fn of(a: &BootArgs) -> ExportSource {
+        ExportSource {
+            repo: a.repo.repo.clone(),
+            policy: a.repo.policy.clone(),
+            no_local: a.repo.no_local,
+            cache_mib: a.cache_mib,
+        }
+    }
+}
+
+/// What an export of a boot serves, and from where.
+struct ExportJob<'a> {
+    ctx: &'a Ctx,
+    config: Option<&'a Path>,
+    vm: &'a str,
+    seq: u64,
+    source: &'a ExportSource,
+    /// The key flags of this command line, passed on.
+    keys: &'a RepoArgs,
 }
 
 pub fn run(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
     if a.stop {
         return stop(ctx, a);
+    }
+    if a.resume {
+        return resume(ctx, config, a);
     }
     boot(ctx, config, a)
 }
@@ -316,6 +369,7 @@ fn boot(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
     let xml = boot_definition(&planned.xml, &spec, &mut define::random_mac)?;
     let owner = cdp_hooks::hook::vm_owner(&ctx.config, &xml)?;
     let mut made = Made::default();
+    let source = ExportSource::of(a);
     let job = Job {
         ctx,
         config,
@@ -325,6 +379,7 @@ fn boot(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
         sockets: &sockets,
         overlays: &overlays,
         owner,
+        source: &source,
     };
     let r = make(&job, &mut made).and_then(|disks| {
         let record = BootRecord {
@@ -337,6 +392,7 @@ fn boot(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
             created_dir: made.dir.is_some(),
             sockets: sockets.clone(),
             disks,
+            source: source.clone(),
         };
         finish(a, &record, &xml, &mut made)?;
         Ok(record)
@@ -362,6 +418,20 @@ struct Job<'a> {
     overlays: &'a BTreeMap<String, PathBuf>,
     /// QEMU's user and group for the new VM.
     owner: (u32, u32),
+    source: &'a ExportSource,
+}
+
+impl Job<'_> {
+    fn export(&self) -> ExportJob<'_> {
+        ExportJob {
+            ctx: self.ctx,
+            config: self.config,
+            vm: &self.planned.vm,
+            seq: self.planned.seq,
+            source: self.source,
+            keys: &self.a.repo,
+        }
+    }
 }
 
 /// What a boot has made so far: undone when a later step fails.
@@ -427,42 +497,58 @@ fn make(job: &Job, made: &mut Made) -> Result<Vec<BootDisk>> {
             there.join(", ")
         );
     }
-    // Root's alone while the exports bind; QEMU's user's (0700) after.
-    std::fs::create_dir(job.sockets)
-        .with_context(|| format!("creating {}", job.sockets.display()))?;
-    made.sockets = Some(job.sockets.to_path_buf());
-    std::fs::set_permissions(job.sockets, std::fs::Permissions::from_mode(0o700))?;
-    let mut waits = Vec::new();
-    let mut disks = Vec::new();
-    for (disk, size) in &job.planned.disks {
-        let socket = job.sockets.join(format!("{disk}.sock"));
-        let log = dir.join(format!("{name}-{disk}.export.log"));
-        made.files.push(log.clone());
-        let (pid, ready) = spawn_export(job, disk, &socket, &log)?;
-        made.pids.push(pid);
-        waits.push((disk.clone(), ready, log.clone()));
-        disks.push(BootDisk {
+    let disks: Vec<BootDisk> = job
+        .planned
+        .disks
+        .iter()
+        .map(|(disk, size)| BootDisk {
             disk: disk.clone(),
             size: *size,
             overlay: job.overlays[disk].clone(),
-            socket,
-            log,
-            pid,
-        });
+            socket: job.sockets.join(format!("{disk}.sock")),
+            log: dir.join(format!("{name}-{disk}.export.log")),
+            pid: 0,
+        })
+        .collect();
+    let disks = serve(&job.export(), job.sockets, disks, job.owner, made)?;
+    for d in &disks {
+        overlay(d, made, job.owner)?;
+    }
+    Ok(disks)
+}
+
+/// Make the socket directory `sockets` (root's alone while the exports
+/// bind; QEMU's user's, 0700, after), start an export per disk there and
+/// wait until each serves; the disks with their exports' pids.
+fn serve(
+    job: &ExportJob,
+    sockets: &Path,
+    mut disks: Vec<BootDisk>,
+    (uid, gid): (u32, u32),
+    made: &mut Made,
+) -> Result<Vec<BootDisk>> {
+    std::fs::create_dir(sockets).with_context(|| format!("creating {}", sockets.display()))?;
+    made.sockets = Some(sockets.to_path_buf());
+    std::fs::set_permissions(sockets, std::fs::Permissions::from_mode(0o700))?;
+    let mut waits = Vec::new();
+    for d in &mut disks {
+        if d.log.symlink_metadata().is_err() {
+            made.files.push(d.log.clone());
+        }
+        let (pid, ready) = spawn_export(job, &d.disk, &d.socket, &d.log)?;
+        made.pids.push(pid);
+        d.pid = pid;
+        waits.push((d.disk.clone(), ready, d.log.clone()));
     }
     let deadline = Instant::now() + READY_TIMEOUT;
     for (disk, ready, log) in waits {
         wait_ready(&disk, ready, deadline, &log)?;
     }
-    let (uid, gid) = job.owner;
     for d in &disks {
         std::os::unix::fs::lchown(&d.socket, Some(uid), Some(gid))
             .with_context(|| format!("giving {} to QEMU's user", d.socket.display()))?;
     }
-    std::os::unix::fs::chown(job.sockets, Some(uid), Some(gid))?;
-    for d in &disks {
-        overlay(d, made, job.owner)?;
-    }
+    std::os::unix::fs::lchown(sockets, Some(uid), Some(gid))?;
     Ok(disks)
 }
 
@@ -504,14 +590,16 @@ fn overlay(d: &BootDisk, made: &mut Made, (uid, gid): (u32, u32)) -> Result<()> 
 /// Start a detached `cdpctl export` of `disk` at the cut (its own process
 /// group: it outlives this command and a ^C of it). Returns its pid and the
 /// read end of its `--ready-fd` pipe.
-fn spawn_export(job: &Job, disk: &str, socket: &Path, log: &Path) -> Result<(i32, OwnedFd)> {
+fn spawn_export(job: &ExportJob, disk: &str, socket: &Path, log: &Path) -> Result<(i32, OwnedFd)> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     // Only the write end is inherited (at its number, named by --ready-fd).
     fcntl(w.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    // A resumed export appends to the log of the first (DIR is root's).
     let logf = std::fs::File::options()
-        .create_new(true)
+        .create(true)
         .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(log)
         .with_context(|| format!("creating {}", log.display()))?;
     let mut c = Command::new(std::env::current_exe()?);
@@ -522,19 +610,25 @@ fn spawn_export(job: &Job, disk: &str, socket: &Path, log: &Path) -> Result<(i32
         .arg(&job.ctx.state_dir)
         .arg("--run-dir")
         .arg(&job.ctx.run_dir)
-        .args(["export", &job.planned.vm, "--disk", disk, "--at"])
-        .arg(format!("seq:{}", job.planned.seq))
+        .args(["export", job.vm, "--disk", disk, "--at"])
+        .arg(format!("seq:{}", job.seq))
         .arg("--socket")
         .arg(socket)
         .arg("--ready-fd")
         .arg(w.as_raw_fd().to_string())
         .arg("--cache-mib")
-        .arg(job.a.cache_mib.to_string())
-        .args(["--policy", &job.a.repo.policy]);
-    if let Some(r) = &job.a.repo.repo {
+        .arg(job.source.cache_mib.to_string())
+        .args(["--policy", &job.source.policy]);
+    if let Some(r) = &job.source.repo {
         c.args(["--repo", r]);
     }
-    if job.a.repo.no_local {
+    if let Some(k) = &job.keys.key_file {
+        c.arg("--key-file").arg(k);
+    }
+    if let Some(k) = &job.keys.passphrase_file {
+        c.arg("--passphrase-file").arg(k);
+    }
+    if job.source.no_local {
         c.arg("--no-local");
     }
     let child = c
@@ -663,7 +757,7 @@ fn report(ctx: &Ctx, a: &BootArgs, rec: &BootRecord, used: &Used, took: Duration
         "Its writes go to the overlays only: the repository and VM {} are not touched.",
         rec.from_vm
     );
-    println!("The exports serve until `cdpctl boot {} --stop` (which destroys and undefines it, and removes the overlays unless --keep-overlays).", rec.name);
+    println!("The exports serve until `cdpctl boot {0} --stop` (which destroys and undefines it, and removes the overlays unless --keep-overlays); after a reboot of the host, `cdpctl boot {0} --resume --dir {1}` serves them again.", rec.name, rec.dir.display());
     let d0 = rec.disks.first().map(|d| d.disk.as_str()).unwrap_or("vda");
     println!(
         "To keep it: while it runs, `virsh blockpull {} {d0} --wait` for each disk copies the point into its overlay (it then needs no export); then `cdpctl boot {} --stop --keep-overlays` and `virsh define {}`. Or copy the point itself: `cdpctl restore {} --all-disks --at seq:{} --to DIR`.",
@@ -726,7 +820,7 @@ fn check_only_we_write(dir: &Path, meta: &std::fs::Metadata) -> Result<()> {
 /// names inside DIR, as a boot writes them. Anything else is refused.
 fn read_record(dir: &Path, name: &str) -> Result<BootRecord> {
     use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let dir = std::path::absolute(dir)?;
     let meta = std::fs::symlink_metadata(&dir)
         .with_context(|| format!("{} (give --dir)", dir.display()))?;
@@ -859,6 +953,93 @@ fn stop(ctx: &Ctx, a: &BootArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Resume
+
+/// `--resume`: serve a boot's exports again (the host rebooted, or an
+/// export died). The record is read under `--stop`'s rule; exports of it
+/// still running are stopped first, so a half-served boot comes back whole;
+/// the socket directory is made anew; the record gets the new pids.
+fn resume(ctx: &Ctx, config: Option<&Path>, a: &BootArgs) -> Result<()> {
+    let name = a.vm.as_str();
+    define::check_name(name)?;
+    let rec = read_record(&boot_dir(a, name), name)?;
+    let owner = overlay_owner(&rec)?;
+    for d in &rec.disks {
+        if is_our_export(d.pid, Some(&d.socket)) {
+            stop_pid(d.pid);
+        }
+    }
+    // In DIR, which is root's alone; its content is QEMU's user's (no link
+    // in it is followed).
+    match std::fs::remove_dir_all(&rec.sockets) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", rec.sockets.display()))
+        }
+        _ => {}
+    }
+    let job = ExportJob {
+        ctx,
+        config,
+        vm: &rec.from_vm,
+        seq: rec.seq,
+        source: &rec.source,
+        keys: &a.repo,
+    };
+    let mut made = Made::default();
+    let disks = match serve(&job, &rec.sockets, rec.disks.clone(), owner, &mut made) {
+        Ok(d) => d,
+        Err(e) => {
+            made.undo(&a.connect);
+            return Err(e);
+        }
+    };
+    let rec = BootRecord { disks, ..rec };
+    replace_record(&rec)?;
+    if a.start {
+        virsh(&a.connect, &["start", name])?;
+    }
+    if ctx.json {
+        return crate::print_json(&serde_json::json!({ "resumed": rec }));
+    }
+    println!(
+        "{name}: {} export(s) of {} at seq {} serve again{}",
+        rec.disks.len(),
+        rec.from_vm,
+        rec.seq,
+        if a.start { "; started" } else { "" }
+    );
+    for d in &rec.disks {
+        println!("  {}: {} (export pid {})", d.disk, nbd_uri(d)?, d.pid);
+    }
+    Ok(())
+}
+
+/// QEMU's user and group: the owner of the boot's overlays (in DIR, root's).
+fn overlay_owner(rec: &BootRecord) -> Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let d = rec.disks.first().context("the record names no disk")?;
+    let m = std::fs::symlink_metadata(&d.overlay).with_context(|| {
+        format!(
+            "{} (kept with --stop --keep-overlays?)",
+            d.overlay.display()
+        )
+    })?;
+    if !m.is_file() {
+        bail!("{} is not a regular file", d.overlay.display());
+    }
+    Ok((m.uid(), m.gid()))
+}
+
+/// Replace DIR/boot.json (DIR is root's alone): a new file, synced, renamed.
+fn replace_record(rec: &BootRecord) -> Result<()> {
+    let path = rec.dir.join(RECORD);
+    let tmp = rec.dir.join(format!(".{RECORD}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, &serde_json::to_vec_pretty(rec)?)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
 }
 
 #[cfg(test)]

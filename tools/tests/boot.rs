@@ -172,6 +172,76 @@ fn boot_serves_every_disk_of_a_point_through_overlays_and_stop_cleans_up() {
         "{def}"
     );
 
+    // The host "reboots": every export dies. The overlays read nothing;
+    // --resume serves the same point again, the overlays' writes kept.
+    for p in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for p in &pids {
+        cdp_tests::guest::wait_until(&format!("export {p} to die"), 10, || {
+            cdp_core::proc::is_gone(*p)
+        });
+    }
+    let o0 = dir.join("t-boot-vda.qcow2");
+    let dead = Command::new(require_tool("qemu-img"))
+        .args(["convert", "-O", "raw", "-f", "qcow2"])
+        .arg(&o0)
+        .arg(d.work_dir().join("dead.raw"))
+        .output()
+        .unwrap();
+    assert!(!dead.status.success(), "an overlay read without its export");
+    let out = cdpctl(
+        &d,
+        &cfg,
+        &[
+            "--json",
+            "boot",
+            "t-boot",
+            "--resume",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let resumed: Value = serde_json::from_str(&out).unwrap();
+    let pids: Vec<i32> = resumed["resumed"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["pid"].as_i64().unwrap() as i32)
+        .collect();
+    assert_eq!(pids.len(), 2, "{resumed:#}");
+    for (k, want) in &refs {
+        let got = qcow2_bytes(
+            dir.join(format!("t-boot-{k}.qcow2")).to_str().unwrap(),
+            &d.work_dir().join("read.raw"),
+        );
+        assert!(
+            got[..MIB as usize].iter().all(|b| *b == 0x77),
+            "{k} after --resume"
+        );
+        assert!(
+            got[MIB as usize..] == want[MIB as usize..],
+            "{k} after --resume"
+        );
+    }
+    // Resuming what serves already restarts it whole.
+    cdpctl(
+        &d,
+        &cfg,
+        &["boot", "t-boot", "--resume", "--dir", dir.to_str().unwrap()],
+    );
+    let rec: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("boot.json")).unwrap()).unwrap();
+    let pids: Vec<i32> = rec["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["pid"].as_i64().unwrap() as i32)
+        .collect();
+
     let out = cdpctl(
         &d,
         &cfg,
