@@ -141,6 +141,15 @@ impl Batch {
             .count()
     }
 
+    /// WRITE payload bytes of the batch.
+    pub fn write_bytes(&self) -> u64 {
+        self.reqs
+            .iter()
+            .filter(|r| r.op == Op::Journal(Kind::Write))
+            .map(|r| r.length)
+            .sum()
+    }
+
     /// The journal records of the batch, in order; their payloads are in `buf`.
     pub fn records<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = Record<'b>> + 'b {
         self.reqs.iter().filter_map(move |r| r.record(buf))

@@ -23,6 +23,7 @@
 //! image write of a batch makes the image's write order the sequence order.
 
 pub(crate) mod activity;
+pub(crate) mod applier;
 pub(crate) mod batch;
 pub(crate) mod conn;
 pub(crate) mod control;
@@ -51,7 +52,7 @@ use cdp_core::names::NameError;
 use cdp_core::nbd::proto::nbd_errno;
 use cdp_core::time::now_ns;
 
-use batch::{Batch, Op};
+use batch::{Batch, Op, Req};
 
 /// Counters of one disk, updated once per batch, never logged per request.
 #[derive(Default)]
@@ -82,6 +83,10 @@ pub struct JournalState {
     pub to_seal: Vec<OpenSegment>,
     /// Files of segments not yet made durable by the sealer; a FLUSH syncs them.
     pub unsynced: Vec<Arc<File>>,
+    /// A segment was created (renamed into place) since the journal
+    /// directory was last synced: a FLUSH or a seal syncs it first
+    /// ([`OpenSegment::create_unsynced_name`]).
+    pub names_unsynced: bool,
     pub last_seq: u64,
     /// Degraded mode: the dirty map, the room left (docs/RELIABILITY.md,
     /// "A full journal").
@@ -128,6 +133,9 @@ pub struct Disk {
     pub journal: Mutex<JournalState>,
     pub stats: DiskStats,
     sync_tx: Mutex<Option<Sender<SyncJob>>>,
+    /// Writes a large batch to the image while the journal append runs,
+    /// and syncs the image while a FLUSH syncs the journal.
+    applier: applier::Applier,
 }
 
 /// Sequence numbers and timestamps, one sequence per VM.
@@ -223,13 +231,15 @@ impl Vm {
             self.switch(st);
         }
         if st.open.is_none() {
-            let seg = OpenSegment::create(
+            // The directory's sync waits for a FLUSH or the seal.
+            let seg = OpenSegment::create_unsynced_name(
                 &disk.journal_dir,
                 *self.uuid.as_bytes(),
                 first_seq,
                 st.next_base,
                 ts,
             )?;
+            st.names_unsynced = true;
             st.open = Some(seg);
         }
         Ok(st.open.as_mut().unwrap())
@@ -260,6 +270,13 @@ impl Vm {
             return;
         }
         let (seq0, ts) = self.reserve(n);
+        // A large batch goes to the image on the helper while it is
+        // appended here (see [`applier`]); waited for before anything else.
+        let overlapped = if batch.write_bytes() >= applier::OVERLAP_MIN_BYTES {
+            disk.applier.start_apply(disk, batch, buf)
+        } else {
+            None
+        };
         let appended = self
             .ensure_open(disk, st, seq0, ts, n as usize)
             .and_then(|seg| {
@@ -267,6 +284,8 @@ impl Vm {
                 seg.append(seq0, ts, batch.records(buf))
                     .map(|()| seg.pos - at)
             });
+        let failed = overlapped.map(applier::Pending::wait_apply);
+        let applied = failed.map(|errors| set_results(batch, &errors));
         match appended {
             Ok(bytes) => st.deg.appended += bytes,
             Err(e) => {
@@ -278,7 +297,7 @@ impl Vm {
             }
         }
         st.last_seq = seq0 + n - 1;
-        if !apply(disk, batch, buf) {
+        if !applied.unwrap_or_else(|| apply(disk, batch, buf)) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.resync_failed(disk, st, batch);
         }
@@ -447,6 +466,23 @@ impl Vm {
                 }
                 std::mem::take(&mut st.to_seal)
             };
+            if !to_seal.is_empty() {
+                if let Err(e) = sync_names(disk) {
+                    // Sealed only once named durably: try again soon.
+                    if disk.stats.seal_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!(
+                            "cdpd: syncing {}: {e} (will retry)",
+                            disk.journal_dir.display()
+                        );
+                    }
+                    next = next.min(Duration::from_millis(100));
+                    let mut st = disk.lock_journal();
+                    let mut failed = to_seal;
+                    failed.append(&mut st.to_seal);
+                    st.to_seal = failed;
+                    continue;
+                }
+            }
             let mut failed = Vec::new();
             for seg in to_seal {
                 match seg.seal(now_ns()) {
@@ -629,12 +665,14 @@ impl Vm {
                         next_base: d.next_base,
                         to_seal: Vec::new(),
                         unsynced: Vec::new(),
+                        names_unsynced: false,
                         last_seq: d.last_seq,
                         deg,
                         al,
                     }),
                     stats: DiskStats::default(),
                     sync_tx: Mutex::new(Some(tx)),
+                    applier: applier::Applier::default(),
                 })
             })
             .collect();
@@ -673,6 +711,7 @@ impl Vm {
     /// Make every open segment durable (used at start, after SESSION_START).
     pub fn sync_open_segments(&self) -> io::Result<()> {
         for d in &self.disks {
+            sync_names(d)?;
             let st = d.lock_journal();
             if let Some(s) = &st.open {
                 s.file.sync_data()?;
@@ -680,6 +719,19 @@ impl Vm {
         }
         Ok(())
     }
+}
+
+/// Make the segment names of a disk's journal directory durable, if a
+/// segment was created since they last were.
+fn sync_names(disk: &Disk) -> io::Result<()> {
+    if !std::mem::take(&mut disk.lock_journal().names_unsynced) {
+        return Ok(());
+    }
+    let r = cdp_core::journal::writer::sync_dir(&disk.journal_dir);
+    if r.is_err() {
+        disk.lock_journal().names_unsynced = true;
+    }
+    r
 }
 
 /// Switch out the open segment for the sealer (which the caller wakes, or
@@ -697,8 +749,23 @@ fn switch_out(st: &mut JournalState) -> bool {
 /// Apply the journaled changes of a batch to the image, in order. A failed
 /// write sets its request's result. Returns false when one failed.
 fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
-    let mut ok = true;
-    for r in &mut batch.reqs {
+    let mut errors = Vec::new();
+    apply_reqs(disk, &batch.reqs, buf, &mut errors);
+    set_results(batch, &errors)
+}
+
+/// Give the requests that failed their NBD error; true when none did.
+fn set_results(batch: &mut Batch, errors: &[(usize, u32)]) -> bool {
+    for &(i, e) in errors {
+        batch.reqs[i].result = e;
+    }
+    errors.is_empty()
+}
+
+/// Write the journaled changes of `reqs` to the image, in order; the
+/// failed ones go to `errors` as (index, NBD error).
+fn apply_reqs(disk: &Disk, reqs: &[Req], buf: &[u8], errors: &mut Vec<(usize, u32)>) {
+    for (i, r) in reqs.iter().enumerate() {
         let written = match r.op {
             Op::Journal(Kind::Write) => disk.image.write_all_at(r.payload(buf), r.offset),
             Op::Journal(kind @ (Kind::Zero | Kind::Trim)) => cdp_core::journal::zero_range(
@@ -710,16 +777,15 @@ fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
             _ => continue,
         };
         if let Err(e) = written {
-            r.result = nbd_errno(&e);
-            ok = false;
+            errors.push((i, nbd_errno(&e)));
         }
     }
-    ok
 }
 
-/// Make the journal and the image of a disk durable: every segment file
-/// not yet synced by the sealer, then the image. The NBD error of the first
-/// failure.
+/// Make the journal and the image of a disk durable: the journal
+/// directory's names, every segment file not yet synced by the sealer, and,
+/// at the same time on the disk's helper thread when it is free, the image.
+/// The NBD error of the first failure.
 ///
 /// While degraded or resyncing, the dirty map is synced first. A journal
 /// file that fails to sync poisons the journal ([`degraded::poison`]), and
@@ -742,11 +808,16 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
             .collect();
         (map, files)
     };
+    // The image syncs on the helper while the journal syncs here.
+    let image_sync = disk.applier.start_sync(disk);
     let mut result = Ok(());
     for f in map.iter() {
         if let Err(e) = f.sync_data() {
             result = Err(nbd_errno(&e));
         }
+    }
+    if let Err(e) = sync_names(disk) {
+        result = result.and(Err(nbd_errno(&e)));
     }
     for f in files.iter() {
         if let Err(e) = f.sync_data() {
@@ -754,7 +825,11 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
             degraded::poison(disk, &e);
         }
     }
-    if let Err(e) = disk.image.sync_data() {
+    let image = match image_sync {
+        Some(p) => p.wait_sync(),
+        None => disk.image.sync_data(),
+    };
+    if let Err(e) = image {
         result = result.and(Err(nbd_errno(&e)));
         degraded::poison_image(disk, &e);
     }

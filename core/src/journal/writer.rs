@@ -76,6 +76,30 @@ impl OpenSegment {
         record_base: u64,
         now_ns: u64,
     ) -> io::Result<OpenSegment> {
+        let seg = Self::create_unsynced_name(dir, vm_uuid, first_seq, record_base, now_ns)?;
+        // The new name is durable before any record in it is acknowledged
+        // as flushed (a FLUSH syncs the file, not its directory).
+        sync_dir(dir)?;
+        Ok(seg)
+    }
+
+    /// [`OpenSegment::create`] without the directory sync at the end: the
+    /// header is durable before the name exists, but the name itself is
+    /// durable only once the caller has called [`sync_dir`], which it must
+    /// do before any record in the segment is acknowledged as flushed, and
+    /// before the segment is sealed. A crash before that may lose the file
+    /// or leave it under its temporary name, which recovery removes: no
+    /// FLUSH covered its records (and the activity log covers their image
+    /// writes); a killed process loses nothing (the rename is done). Keeps
+    /// the directory's sync, which waits behind the device's queue, off the
+    /// data path (issue 13).
+    pub fn create_unsynced_name(
+        dir: &Path,
+        vm_uuid: [u8; 16],
+        first_seq: u64,
+        record_base: u64,
+        now_ns: u64,
+    ) -> io::Result<OpenSegment> {
         let path = dir.join(segment_file_name(first_seq));
         let temp = dir.join(temp_segment_file_name(first_seq));
         let file = OpenOptions::new()
@@ -98,9 +122,6 @@ impl OpenSegment {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
-        // The new name is durable before any record in it is acknowledged
-        // as flushed (a FLUSH syncs the file, not its directory).
-        File::open(dir)?.sync_all()?;
         Ok(OpenSegment {
             file: Arc::new(file),
             path,
@@ -233,6 +254,12 @@ impl OpenSegment {
             size_bytes: self.pos + seal.len() as u64,
         })
     }
+}
+
+/// Make the names in a journal directory durable (after
+/// [`OpenSegment::create_unsynced_name`]).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Rename `from` to `to`, failing with `AlreadyExists` if `to` exists.
