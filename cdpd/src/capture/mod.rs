@@ -238,9 +238,15 @@ impl Vm {
                 first_seq,
                 st.next_base,
                 ts,
-            )?;
+            );
+            if !st.to_seal.is_empty() {
+                // A segment that filled up is sealed once its successor
+                // exists: the new header's sync does not queue behind the
+                // seal's writeback of the full segment.
+                self.wake_sealer();
+            }
+            st.open = Some(seg?);
             st.names_unsynced = true;
-            st.open = Some(seg);
         }
         Ok(st.open.as_mut().unwrap())
     }
@@ -306,7 +312,9 @@ impl Vm {
             .as_ref()
             .is_some_and(|s| s.pos >= self.settings.segment_size)
         {
-            self.switch(st);
+            // The sealer is woken when the next segment is created (see
+            // `ensure_open`), or finds it at its next pass.
+            switch_out(st);
         }
         if st.deg.appended >= st.deg.room {
             self.enter_degraded(
