@@ -267,6 +267,10 @@ mod tests {
     const SIZE: u64 = 4 << 20;
 
     fn vm(dir: &std::path::Path, writable: bool) -> Arc<Vm> {
+        vm_with(dir, writable, JournalSettings::default().segment_size)
+    }
+
+    fn vm_with(dir: &std::path::Path, writable: bool, segment_size: u64) -> Arc<Vm> {
         let img = dir.join("disk.raw");
         std::fs::write(&img, vec![7u8; SIZE as usize]).unwrap();
         let file = File::options()
@@ -296,6 +300,7 @@ mod tests {
                 last_seq: 0,
             }],
             settings: JournalSettings {
+                segment_size,
                 segment_age: Duration::from_secs(3600),
                 ..JournalSettings::default()
             },
@@ -402,5 +407,56 @@ mod tests {
         assert!(disk.lock_journal().names_unsynced);
         super::super::make_durable(disk).unwrap();
         assert!(!disk.lock_journal().names_unsynced);
+    }
+
+    /// Once a segment fills up while the disk is busy, the sealer prepares
+    /// the file of the one after; the next switch takes it (the segment
+    /// names follow the records, no temporary file is seen as a segment),
+    /// and a stop removes a spare left unused.
+    #[test]
+    fn the_sealer_prepares_the_next_segment_and_a_stop_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = vm_with(dir.path(), true, 64 << 10);
+        let disk = &vm.disks[0];
+        let jdir = disk.journal_dir.clone();
+        let write = |i: u64| {
+            let mut buf = Vec::new();
+            let mut b = batch(&[(proto::CMD_WRITE, i * (40 << 10), 40 << 10)], &mut buf);
+            vm.journal_and_apply(disk, &mut b, &buf);
+            assert_eq!(b.reqs[0].result, 0);
+        };
+        let spare = || disk.lock_journal().spare.is_some();
+        // Two writes fill a segment; the third opens the next.
+        write(0);
+        write(1);
+        write(2);
+        vm.seal_pass(false);
+        assert!(spare(), "a segment filled up while the next one is open");
+        write(3);
+        write(4);
+        assert!(!spare(), "the switch took the spare");
+        vm.seal_pass(false);
+        assert!(spare());
+        vm.seal_pass(true);
+        assert!(!spare());
+        let mut names: Vec<String> = std::fs::read_dir(&jdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(
+            names
+                .iter()
+                .all(|n| journal::parse_segment_file_name(n).is_some()),
+            "{names:?}"
+        );
+        let copy = dir.path().join("replayed.raw");
+        std::fs::write(&copy, vec![7u8; SIZE as usize]).unwrap();
+        let f = File::options().read(true).write(true).open(&copy).unwrap();
+        let state = dir.path().join("state");
+        let stats = journal::replay_disk(&state, UUID, "vda", &f, &copy, Upto::All).unwrap();
+        assert_eq!(stats.records_applied, 5);
+        assert!(std::fs::read(&copy).unwrap() == std::fs::read(&disk.path).unwrap());
     }
 }

@@ -46,7 +46,7 @@ use cdp_core::catalog::{Catalog, CatalogError};
 use cdp_core::config::JournalSettings;
 use cdp_core::image;
 use cdp_core::journal::format::Kind;
-use cdp_core::journal::writer::{OpenSegment, Record, SealedSegment};
+use cdp_core::journal::writer::{OpenSegment, Record, SealedSegment, SpareSegment};
 use cdp_core::layout::RunDir;
 use cdp_core::names::NameError;
 use cdp_core::nbd::proto::nbd_errno;
@@ -87,6 +87,8 @@ pub struct JournalState {
     /// directory was last synced: a FLUSH or a seal syncs it first
     /// ([`OpenSegment::create_unsynced_name`]).
     pub names_unsynced: bool,
+    /// A file the sealer prepared for the next segment (off the data path).
+    pub spare: Option<SpareSegment>,
     pub last_seq: u64,
     /// Degraded mode: the dirty map, the room left (docs/RELIABILITY.md,
     /// "A full journal").
@@ -231,14 +233,30 @@ impl Vm {
             self.switch(st);
         }
         if st.open.is_none() {
-            // The directory's sync waits for a FLUSH or the seal.
-            let seg = OpenSegment::create_unsynced_name(
-                &disk.journal_dir,
-                *self.uuid.as_bytes(),
-                first_seq,
-                st.next_base,
-                ts,
-            );
+            // The directory's sync waits for a FLUSH or the seal; the file
+            // is the spare the sealer prepared, if there is one.
+            let uuid = *self.uuid.as_bytes();
+            let seg = match st.spare.take() {
+                Some(spare) => {
+                    OpenSegment::create_from_spare(spare, uuid, first_seq, st.next_base, ts)
+                        .or_else(|_| {
+                            OpenSegment::create_unsynced_name(
+                                &disk.journal_dir,
+                                uuid,
+                                first_seq,
+                                st.next_base,
+                                ts,
+                            )
+                        })
+                }
+                None => OpenSegment::create_unsynced_name(
+                    &disk.journal_dir,
+                    uuid,
+                    first_seq,
+                    st.next_base,
+                    ts,
+                ),
+            };
             if !st.to_seal.is_empty() {
                 // A segment that filled up is sealed once its successor
                 // exists: the new header's sync does not queue behind the
@@ -462,7 +480,7 @@ impl Vm {
             next = next.min(Duration::from_secs(1));
         }
         for disk in &self.disks {
-            let to_seal = {
+            let (to_seal, want_spare) = {
                 let mut st = disk.lock_journal();
                 if let Some(seg) = &st.open {
                     let elapsed = seg.opened.elapsed();
@@ -472,8 +490,23 @@ impl Vm {
                         next = next.min(age - elapsed);
                     }
                 }
-                std::mem::take(&mut st.to_seal)
+                if force_all {
+                    if let Some(spare) = st.spare.take() {
+                        spare.discard();
+                    }
+                }
+                // A segment filled up and its successor is open: the disk
+                // is busy, prepare the file of the one after.
+                let want_spare = !force_all
+                    && st.spare.is_none()
+                    && st.open.is_some()
+                    && !st.to_seal.is_empty()
+                    && st.deg.mode == degraded::Mode::Normal;
+                (std::mem::take(&mut st.to_seal), want_spare)
             };
+            if want_spare {
+                self.prepare_spare(disk);
+            }
             if !to_seal.is_empty() {
                 if let Err(e) = sync_names(disk) {
                     // Sealed only once named durably: try again soon.
@@ -519,6 +552,19 @@ impl Vm {
             }
         }
         next
+    }
+
+    /// Prepare the file of a disk's next segment off the data path (best
+    /// effort: without one, the data path creates it).
+    fn prepare_spare(&self, disk: &Disk) {
+        // Room for a whole segment and the batch that passes its size.
+        let room = self.settings.segment_size + (4 << 20);
+        if let Ok(spare) = SpareSegment::prepare(&disk.journal_dir, room) {
+            // Only this thread prepares, and only when there was none.
+            let mut st = disk.lock_journal();
+            debug_assert!(st.spare.is_none());
+            st.spare = Some(spare);
+        }
     }
 
     fn record_sealed(&self, disk: &Disk, s: &SealedSegment) {
@@ -674,6 +720,7 @@ impl Vm {
                         to_seal: Vec::new(),
                         unsynced: Vec::new(),
                         names_unsynced: false,
+                        spare: None,
                         last_seq: d.last_seq,
                         deg,
                         al,

@@ -100,7 +100,6 @@ impl OpenSegment {
         record_base: u64,
         now_ns: u64,
     ) -> io::Result<OpenSegment> {
-        let path = dir.join(segment_file_name(first_seq));
         let temp = dir.join(temp_segment_file_name(first_seq));
         let file = OpenOptions::new()
             .read(true)
@@ -108,6 +107,37 @@ impl OpenSegment {
             .create_new(true)
             .mode(0o600)
             .open(&temp)?;
+        Self::place(file, temp, dir, vm_uuid, first_seq, record_base, now_ns)
+    }
+
+    /// [`OpenSegment::create_unsynced_name`] from a file prepared off the
+    /// data path ([`SpareSegment::prepare`]): only the header's write and
+    /// sync and the rename are left to do, and the appends find their
+    /// blocks allocated.
+    pub fn create_from_spare(
+        spare: SpareSegment,
+        vm_uuid: [u8; 16],
+        first_seq: u64,
+        record_base: u64,
+        now_ns: u64,
+    ) -> io::Result<OpenSegment> {
+        let dir = spare.temp.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let SpareSegment { file, temp } = spare;
+        Self::place(file, temp, &dir, vm_uuid, first_seq, record_base, now_ns)
+    }
+
+    /// Write the header into `file` (at `temp`), sync it, and rename it
+    /// into place; on failure remove `temp`.
+    fn place(
+        file: File,
+        temp: PathBuf,
+        dir: &Path,
+        vm_uuid: [u8; 16],
+        first_seq: u64,
+        record_base: u64,
+        now_ns: u64,
+    ) -> io::Result<OpenSegment> {
+        let path = dir.join(segment_file_name(first_seq));
         let header = SegmentHeader {
             vm_uuid,
             first_seq,
@@ -242,6 +272,7 @@ impl OpenSegment {
     pub fn seal(&self, now_ns: u64) -> io::Result<SealedSegment> {
         let seal = format::encode_seal(&self.index, self.pos, self.last_seq, now_ns);
         self.file.write_all_at(&seal, self.pos)?;
+        release_past_end(&self.file, self.pos + seal.len() as u64);
         self.file.sync_data()?;
         Ok(SealedSegment {
             path: self.path.clone(),
@@ -256,10 +287,68 @@ impl OpenSegment {
     }
 }
 
+/// A file made ready for the next segment off the data path: created under
+/// a temporary name (`.<0:020>.seg.tmp`: sequence 0 starts no segment, and
+/// recovery removes every temporary file), its name durable, its blocks
+/// allocated (beyond its end: it stays empty until a header is written).
+pub struct SpareSegment {
+    file: File,
+    temp: PathBuf,
+}
+
+impl SpareSegment {
+    /// Prepare a spare in `dir` with `room` bytes allocated (best effort:
+    /// without room, e.g. on a full disk or a filesystem without
+    /// `fallocate`, it is still a spare).
+    pub fn prepare(dir: &Path, room: u64) -> io::Result<SpareSegment> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        use std::os::fd::AsRawFd;
+        let temp = dir.join(temp_segment_file_name(0));
+        match std::fs::remove_file(&temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        let spare = SpareSegment { file, temp };
+        let _ = fallocate(
+            spare.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            room.min(i64::MAX as u64) as libc::off_t,
+        );
+        sync_dir(dir).inspect_err(|_| spare.discard())?;
+        Ok(spare)
+    }
+
+    /// Remove the spare (at stop, or when it is not wanted any more).
+    pub fn discard(&self) {
+        let _ = std::fs::remove_file(&self.temp);
+    }
+}
+
 /// Make the names in a journal directory durable (after
 /// [`OpenSegment::create_unsynced_name`]).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Give back blocks allocated past `end`, the file's size (a segment made
+/// from a [`SpareSegment`] has room for a whole segment; one sealed early
+/// by age uses less): a truncate to the same size frees them (punching
+/// past the end does not, on ext4). Best effort.
+fn release_past_end(f: &File, end: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(alloc) = f.metadata().map(|m| m.blocks() * 512) else {
+        return;
+    };
+    if alloc > end.next_multiple_of(1 << 20) {
+        let _ = f.set_len(end);
+    }
 }
 
 /// Rename `from` to `to`, failing with `AlreadyExists` if `to` exists.
@@ -386,6 +475,35 @@ mod tests {
         let bytes = std::fs::read(&next.path).unwrap();
         assert_eq!(bytes.len(), SEGMENT_HEADER_LEN);
         assert_eq!(SegmentHeader::decode(&bytes).unwrap().first_seq, 2);
+    }
+
+    /// A segment made from a spare: the spare's temporary name is gone,
+    /// the segment reads back like any other, and the room allocated past
+    /// its end is given back at the seal.
+    #[test]
+    fn a_segment_from_a_spare_is_a_segment_without_its_spare_room() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spare = SpareSegment::prepare(dir.path(), 8 << 20).unwrap();
+        let temp = dir.path().join(temp_segment_file_name(0));
+        assert_eq!(std::fs::metadata(&temp).unwrap().len(), 0);
+        let mut seg = OpenSegment::create_from_spare(spare, [3; 16], 5, 2, 1).unwrap();
+        assert!(!temp.exists());
+        assert_eq!(seg.path, dir.path().join(segment_file_name(5)));
+        seg.append(5, 10, [write(0, &[7; 4096])]).unwrap();
+        let sealed = seg.seal(20).unwrap();
+        let meta = std::fs::metadata(&seg.path).unwrap();
+        assert_eq!(meta.len(), sealed.size_bytes);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "{} bytes still allocated",
+            meta.blocks() * 512
+        );
+        let bytes = std::fs::read(&seg.path).unwrap();
+        let scan = format::scan_segment(&bytes).unwrap();
+        assert_eq!((scan.header.first_seq, scan.header.record_base), (5, 2));
+        assert!(matches!(scan.tail, format::Tail::Sealed(_)));
+        assert_eq!(scan.records[0].payload(&bytes), &[7; 4096][..]);
     }
 
     #[test]
