@@ -12,6 +12,9 @@
 #    disk's rpo_ms (age of the oldest record no target has). Prints p50/p99/max.
 # S3=0 skips the S3 target of 1. (no moto needed), RPO=0 skips 2.; ROUNDS=n
 # repeats the fill, cp and file:// timings of 1. (medians shown).
+# BIN_B=DIR: A/B in one run: each round also ships the same journal with
+# DIR/cdp-shipper (before or after BIN_DIR's, alternating), and 2. runs
+# once with each (BIN_DIR's first); the load average is printed per round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -88,25 +91,46 @@ fill() { # state-dir
 secs() { # command… → elapsed seconds
     local t0 t1
     t0=$(date +%s.%N)
-    "$@" >/dev/null
+    "$@" >/dev/null || return 1
     t1=$(date +%s.%N)
     python3 -c "print(round($t1 - $t0, 3))"
 }
 median() { python3 -c 'import sys,statistics; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
-cps=(); files=()
+ship_file() { # bin-dir state-dir → elapsed seconds
+    secs "$1/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+        --state-dir "$2" --run-dir "$W/run" --config "$W/file.toml"
+}
+cps=(); files=(); files_b=()
 for r in $(seq "$ROUNDS"); do
     # A fresh journal each round (the shipper trims what it shipped).
-    rm -rf "$W/state" "$W/repo-file"/*
+    rm -rf "$W/state" "$W/state-b" "$W/repo-file"/*
     fill "$W/state"
     raw=$(du -sb "$W/state/vms" | cut -f1)
+    [ -z "${BIN_B:-}" ] || cp -a "$W/state" "$W/state-b"
     sync
     cps+=("$(secs bash -c "cp -r '$W/state/vms' '$W/cp-copy' && sync")")
     rm -rf "$W/cp-copy"
     sync
-    files+=("$(secs "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
-        --state-dir "$W/state" --run-dir "$W/run" --config "$W/file.toml")")
+    # (The catalog names the segments by path: the second shipper gets the
+    # saved copy back in place.)
+    again() { rm -rf "$W/repo-file"/* "$W/state"; mv "$W/state-b" "$W/state"; sync; }
+    if [ -z "${BIN_B:-}" ]; then
+        files+=("$(ship_file "$BIN" "$W/state")")
+    elif [ $((r % 2)) = 1 ]; then
+        files+=("$(ship_file "$BIN" "$W/state")")
+        again
+        files_b+=("$(ship_file "$BIN_B" "$W/state")")
+    else
+        files_b+=("$(ship_file "$BIN_B" "$W/state")")
+        again
+        files+=("$(ship_file "$BIN" "$W/state")")
+    fi
+    for v in "${cps[-1]}" "${files[-1]}" ${BIN_B:+"${files_b[-1]}"}; do
+        [ -n "$v" ] || { echo "round $r: a command failed" >&2; exit 1; }
+    done
+    echo "   round $r: cp ${cps[-1]} s, file:// ${files[-1]} s${BIN_B:+, B ${files_b[-1]} s}; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 done
-echo "   cp -r + sync: ${cps[*]} s; ship to file://: ${files[*]} s" >&2
+echo "   cp -r + sync: ${cps[*]} s; ship to file://: ${files[*]} s${BIN_B:+; B: ${files_b[*]} s}" >&2
 cp_s=$(median "${cps[@]}")
 file_s=$(median "${files[@]}")
 s3_s=0
@@ -126,42 +150,67 @@ print(f"|---|---|---|---|---|")
 s3c = f"{mb/s3:.0f} MB/s ({s3:.1f} s)" if s3 > 0 else "not run"
 print(f"| {mb:.0f} MB | {mb/cp:.0f} MB/s ({cp:.2f} s) | {mb/f:.0f} MB/s ({f:.2f} s) | {s3c} | {cp/f:.2f}× |")
 EOF
-rm -rf "$W/cp-copy" "$W/state-s3" "$W/state" "$W/repo-file"/*
+if [ -n "${BIN_B:-}" ]; then
+    fb=$(median "${files_b[@]}")
+    python3 -c "import sys; mb,cp,f=int(sys.argv[1])/1e6,*map(float,sys.argv[2:]); print(f'| B: {mb:.0f} MB | {mb/cp:.0f} MB/s ({cp:.2f} s) | {mb/f:.0f} MB/s ({f:.2f} s) | not run | {cp/f:.2f}× |')" "$raw" "$cp_s" "$fb"
+fi
+rm -rf "$W/cp-copy" "$W/state-s3" "$W/state" "$W/state-b" "$W/repo-file"/*
 [ "$RPO" = 1 ] || exit 0
 
-echo "== 2. RPO at $RATE of guest writes for ${RUNTIME}s (shipper to file:// and S3)" >&2
-cat >"$W/both.toml" <<EOF
+AGES="${RPO_AGES:-default}" # segment_age values to run 2. with ("default": the built-in one)
+rpo_run() { # bin-dir segment_age n
+    local bin=$1 age=$2 n=$3 ship fio
+    rm -rf "$W/state" "$W/repo-file"/*
+    cat >"$W/both.toml" <<EOF
 [target.primary]
 url = "file://$W/repo-file"
 [target.offsite]
-url = "s3://bench/rpo?endpoint=http://127.0.0.1:$port&region=us-east-1"
+url = "s3://bench/rpo$n?endpoint=http://127.0.0.1:$port&region=us-east-1"
 [policy.default]
 targets = ["primary", "offsite"]
 EOF
-start_cdpd "$W/state"
-"$BIN/cdp-shipper" run --vm-uuid $U --state-dir "$W/state" --run-dir "$W/run" \
-    --config "$W/both.toml" --no-auto-baseline 2>>"$W/shipper.log" &
-SHIP=$!
-PIDS+=($SHIP)
-fio --name=rpo --ioengine=nbd --uri="$URI" --rw=randwrite --bs=64k --iodepth=4 \
-    --rate="$RATE" --size=4g --time_based --runtime="$RUNTIME" --output-format=terse >/dev/null 2>&1 &
-FIO=$!
-: >"$W/rpo.txt"
-while kill -0 $FIO 2>/dev/null; do
-    "$BIN/cdpctl" status --vm-uuid $U --run-dir "$W/run" --state-dir "$W/state" --json \
-        | python3 -c 'import json,sys; d=json.load(sys.stdin)["disks"][0]; print(d["rpo_ms"], max([t["lag_ms"] for t in d["targets"]] or [0]))' \
-        >>"$W/rpo.txt" || true
-    sleep 0.1
-done
-kill -TERM $SHIP; wait $SHIP || true
-kill -TERM $CDPD; wait $CDPD
-python3 - "$W/rpo.txt" "$RATE" "$RUNTIME" <<'EOF'
+    [ "$age" = default ] || echo "segment_age = \"$age\"" >>"$W/both.toml"
+    mkfifo "$W/ready"
+    "$bin/cdpd" run --vm-uuid $U --vm-name bench --disk "vda=$IMG" --state-dir "$W/state" \
+        --run-dir "$W/run" --config "$W/both.toml" --ready-fd 3 3>"$W/ready" 2>>"$W/cdpd.log" &
+    CDPD=$!
+    read -r line <"$W/ready"
+    rm -f "$W/ready"
+    [ "$line" = READY ] || { cat "$W/cdpd.log"; exit 1; }
+    "$bin/cdp-shipper" run --vm-uuid $U --state-dir "$W/state" --run-dir "$W/run" \
+        --config "$W/both.toml" --no-auto-baseline 2>>"$W/shipper.log" &
+    ship=$!
+    PIDS+=($ship)
+    fio --name=rpo --ioengine=nbd --uri="$URI" --rw=randwrite --bs=64k --iodepth=4 \
+        --rate="$RATE" --size=4g --time_based --runtime="$RUNTIME" --output-format=terse >/dev/null 2>&1 &
+    fio=$!
+    : >"$W/rpo.txt"
+    while kill -0 $fio 2>/dev/null; do
+        "$bin/cdpctl" status --vm-uuid $U --run-dir "$W/run" --state-dir "$W/state" --json \
+            | python3 -c 'import json,sys; d=json.load(sys.stdin)["disks"][0]; print(d["rpo_ms"], max([t["lag_ms"] for t in d["targets"]] or [0]))' \
+            >>"$W/rpo.txt" || true
+        sleep 0.1
+    done
+    local load
+    load=$(cut -d' ' -f1-3 /proc/loadavg)
+    kill -TERM $ship; wait $ship || true
+    kill -TERM $CDPD; wait $CDPD
+    python3 - "$W/rpo.txt" "$RATE" "$RUNTIME" "$bin" "$age" "$load" <<'EOF'
 import sys
 rows = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
 def pct(v, p):
     v = sorted(v); return v[min(len(v) - 1, int(len(v) * p))]
 rpo = [r[0] for r in rows]; lag = [r[1] for r in rows]
-print(f"| guest writes | samples | RPO p50 | RPO p99 | RPO max | slowest target lag p99 |")
-print(f"|---|---|---|---|---|---|")
-print(f"| {sys.argv[2]}B/s for {sys.argv[3]} s | {len(rows)} | {pct(rpo,.5)} ms | {pct(rpo,.99)} ms | {max(rpo)} ms | {pct(lag,.99)} ms |")
+print(f"| {sys.argv[4]} | {sys.argv[5]} | {sys.argv[2]}B/s for {sys.argv[3]} s | {len(rows)} | {pct(rpo,.5)} ms | {pct(rpo,.99)} ms | {max(rpo)} ms | {pct(lag,.99)} ms | {sys.argv[6]} |")
 EOF
+}
+echo "== 2. RPO at $RATE of guest writes for ${RUNTIME}s (shipper to file:// and S3)" >&2
+echo "| binaries | segment_age | guest writes | samples | RPO p50 | RPO p99 | RPO max | slowest target lag p99 | load |"
+echo "|---|---|---|---|---|---|---|---|---|"
+n=0
+for age in $AGES; do
+    for bin in "$BIN" ${BIN_B:+"$BIN_B"}; do
+        n=$((n + 1))
+        rpo_run "$bin" "$age" $n
+    done
+done

@@ -439,17 +439,13 @@ impl Shipper {
             })
             .collect();
         stats.failed_targets += (self.targets.len() - up.len()) as u64;
+        let first = FirstBatches::new(up.len());
         let Some(wait) = self.cascade else {
-            let results = futures::future::join_all(up.iter().map(|&i| {
-                ship_target(
-                    &self.targets[i],
-                    &self.catalog,
-                    &vm,
-                    self.opts.max_parallel,
-                    &self.retry,
-                    None,
-                )
-            }))
+            let ctx = self.pass_ctx(&vm, Some(&first));
+            let results = futures::future::join_all(
+                up.iter()
+                    .map(|&i| ship_target(&self.targets[i], &ctx, None)),
+            )
             .await;
             for (&i, r) in up.iter().zip(results) {
                 self.shipped_to(i, r, stats)?;
@@ -475,21 +471,27 @@ impl Shipper {
                     wait,
                 })
             };
-            let r = ship_target(
-                &self.targets[i],
-                &self.catalog,
-                &vm,
-                self.opts.max_parallel,
-                &self.retry,
-                cascade.as_ref(),
-            )
-            .await;
+            let ctx = self.pass_ctx(&vm, None);
+            let r = ship_target(&self.targets[i], &ctx, cascade.as_ref()).await;
             self.shipped_to(i, r, stats)?;
         }
         if stats.without_primary > 0 {
             self.note_without_primary(stats.without_primary, wait)?;
         }
         Ok(())
+    }
+
+    /// What [`ship_target`] needs of this shipper for a pass.
+    fn pass_ctx<'a>(&'a self, vm: &'a str, first: Option<&'a FirstBatches>) -> PassCtx<'a> {
+        PassCtx {
+            catalog: &self.catalog,
+            vm,
+            max_parallel: self.opts.max_parallel,
+            retry: &self.retry,
+            targets: self.targets.len(),
+            first,
+            poll: self.opts.poll,
+        }
     }
 
     /// Target `i` was shipped to: its state ("up", or "failing" with why)
@@ -868,64 +870,143 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Ship to one target what is due to it ([`plan::due`]: its delay, and
-/// under `cascade` the primary first), as many at once as the backlog's
-/// count and bytes call for ([`plan::upload_parallelism`]). Returns how it
-/// went and what it did.
+/// What the targets shipped to in one pass share.
+struct PassCtx<'a> {
+    catalog: &'a Mutex<Catalog>,
+    vm: &'a str,
+    max_parallel: usize,
+    retry: &'a RetryPolicy,
+    /// The policy's targets (each segment goes to all of them).
+    targets: usize,
+    /// Without `cascade`: the targets still on their first batch of the
+    /// pass ([`ship_target`]).
+    first: Option<&'a FirstBatches>,
+    poll: Duration,
+}
+
+/// How many targets of a pass are still on their first batch, and the
+/// wake when the last one is done.
+struct FirstBatches {
+    left: AtomicU64,
+    done: tokio::sync::Notify,
+}
+
+impl FirstBatches {
+    fn new(n: usize) -> FirstBatches {
+        FirstBatches {
+            left: AtomicU64::new(n as u64),
+            done: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn finished_one(&self) {
+        if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.done.notify_waiters();
+        }
+    }
+
+    /// Wait `poll`, or less if the last first batch ends; false once none
+    /// is left.
+    async fn others_busy(&self, poll: Duration) -> bool {
+        let done = self.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if self.left.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        tokio::select! {
+            _ = done => false,
+            _ = tokio::time::sleep(poll) => self.left.load(Ordering::SeqCst) > 0,
+        }
+    }
+}
+
+/// Ship to one target what is due to it ([`ship_batch`]). Without
+/// `cascade`, once its first batch is done, it goes on shipping what is
+/// sealed meanwhile for as long as another target of the pass is still on
+/// its first batch: a slow target (S3 far away) never holds back a fast
+/// one (the RPO is the fastest target's), and the pass still ends after
+/// every target's first batch (trimming, baselines and the definition come
+/// after it).
 async fn ship_target(
     t: &Target,
-    catalog: &Mutex<Catalog>,
-    vm: &str,
-    max_parallel: usize,
-    retry: &RetryPolicy,
+    ctx: &PassCtx<'_>,
     cascade: Option<&CascadeFrom>,
 ) -> (Result<()>, PassStats) {
     let mut stats = PassStats::default();
-    let r = async {
-        let rows = catalog.lock().unwrap().unshipped(vm, &t.name)?;
-        let now = now_ns();
-        let mut due = Vec::new();
-        for row in rows {
-            let c = cascade.map(|c| plan::Cascade {
-                primary_has: !c.primary_lacks.contains(&(row.disk.clone(), row.first_seq)),
-                wait: c.wait,
-            });
-            match plan::due(row.last_ts_ns, t.delay, now, c) {
-                plan::Due::Now => due.push((row, false)),
-                plan::Due::WithoutPrimary => due.push((row, true)),
-                plan::Due::Delay | plan::Due::Primary => stats.waiting += 1,
+    let mut r = ship_batch(t, ctx, cascade, &mut stats).await;
+    if let Some(first) = ctx.first {
+        first.finished_one();
+        while r.is_ok() {
+            let before = stats.shipped;
+            r = ship_batch(t, ctx, cascade, &mut stats).await;
+            if stats.shipped == before && !first.others_busy(ctx.poll).await {
+                break;
             }
         }
-        let bytes = due.iter().map(|(r, _)| r.size_bytes).sum();
-        let parallel = plan::upload_parallelism(due.len(), bytes, max_parallel);
-        let mut results = futures::stream::iter(due.into_iter().map(|(row, alone)| async move {
-            let _counted = InFlight::start(t, catalog, vm);
-            let r =
-                ship::ship_segment(&t.store, &t.name, &t.throttle, retry, vm, &row, catalog).await;
-            (row, alone, r)
-        }))
-        .buffered(parallel);
-        while let Some((row, alone, r)) = results.next().await {
-            let shipped = r?;
-            catalog.lock().unwrap().record_shipment(
-                vm,
-                &Shipment {
-                    disk: &row.disk,
-                    first_seq: row.first_seq,
-                    target: &t.name,
-                    key: &shipped.key,
-                    object_bytes: shipped.object_bytes,
-                    shipped_ns: now_ns(),
-                },
-            )?;
-            stats.shipped += 1;
-            stats.shipped_bytes += shipped.object_bytes;
-            stats.without_primary += alone as u64;
-        }
-        Ok::<_, ShipError>(())
     }
-    .await;
     (r, stats)
+}
+
+/// Ship to one target what is due to it now ([`plan::due`]: its delay,
+/// and under `cascade` the primary first), as many at once as the
+/// backlog's count and bytes call for ([`plan::upload_parallelism`]);
+/// counted in `stats` (`waiting`: what is not due yet, as of this batch).
+async fn ship_batch(
+    t: &Target,
+    ctx: &PassCtx<'_>,
+    cascade: Option<&CascadeFrom>,
+    stats: &mut PassStats,
+) -> Result<()> {
+    let (catalog, vm) = (ctx.catalog, ctx.vm);
+    let rows = catalog.lock().unwrap().unshipped(vm, &t.name)?;
+    let now = now_ns();
+    let mut due = Vec::new();
+    stats.waiting = 0;
+    for row in rows {
+        let c = cascade.map(|c| plan::Cascade {
+            primary_has: !c.primary_lacks.contains(&(row.disk.clone(), row.first_seq)),
+            wait: c.wait,
+        });
+        match plan::due(row.last_ts_ns, t.delay, now, c) {
+            plan::Due::Now => due.push((row, false)),
+            plan::Due::WithoutPrimary => due.push((row, true)),
+            plan::Due::Delay | plan::Due::Primary => stats.waiting += 1,
+        }
+    }
+    let bytes = due.iter().map(|(r, _)| r.size_bytes).sum();
+    let parallel = plan::upload_parallelism(due.len(), bytes, ctx.max_parallel);
+    let to = ship::Upload {
+        store: &t.store,
+        target: &t.name,
+        throttle: &t.throttle,
+        retry: ctx.retry,
+    };
+    let to = &to;
+    let mut results = futures::stream::iter(due.into_iter().map(|(row, alone)| async move {
+        let _counted = InFlight::start(t, catalog, vm);
+        let r = ship::ship_segment(to, vm, &row, catalog, ctx.targets).await;
+        (row, alone, r)
+    }))
+    .buffered(parallel);
+    while let Some((row, alone, r)) = results.next().await {
+        let shipped = r?;
+        catalog.lock().unwrap().record_shipment(
+            vm,
+            &Shipment {
+                disk: &row.disk,
+                first_seq: row.first_seq,
+                target: &t.name,
+                key: &shipped.key,
+                object_bytes: shipped.object_bytes,
+                shipped_ns: now_ns(),
+            },
+        )?;
+        stats.shipped += 1;
+        stats.shipped_bytes += shipped.object_bytes;
+        stats.without_primary += alone as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

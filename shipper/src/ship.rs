@@ -38,7 +38,8 @@ pub fn encode_segment(
     let Some(entries) = read_index(raw).map_err(bad)? else {
         return Err(ShipError::NotSealed { path: path.into() });
     };
-    let (obj, frames) = compress_parallel(raw).map_err(ShipError::io("compressing", path))?;
+    let (obj, frames, object_blake3) =
+        compress_parallel(raw).map_err(ShipError::io("compressing", path))?;
     let meta = IndexMeta {
         vm_uuid: vm.to_string(),
         disk: disk.to_string(),
@@ -50,7 +51,7 @@ pub fn encode_segment(
         last_ts_ns: entries.last().map_or(0, |e| e.ts_ns),
         raw_size: raw.len() as u64,
         object_size: obj.len() as u64,
-        object_blake3: blake3::hash(&obj).to_hex().to_string(),
+        object_blake3: object_blake3.to_hex().to_string(),
         prev,
     };
     Ok((
@@ -63,71 +64,136 @@ pub fn encode_segment(
     ))
 }
 
-/// [`rf::compress_segment`] on every core: the segment cut into one piece
-/// per core at frame boundaries, the pieces compressed at once and joined
-/// (frames are independent, so the object and its frame table are the
-/// same bytes as one thread's). Compression was most of a shipper's time.
-fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let frames = raw.len().div_ceil(rf::FRAME_RAW);
-    let per = frames.div_ceil(cores.min(frames).max(1)).max(1) * rf::FRAME_RAW;
-    if cores < 2 || raw.len() <= per {
-        return rf::compress_segment(raw);
-    }
-    let parts = std::thread::scope(|s| {
-        let hs: Vec<_> = raw
-            .chunks(per)
-            .map(|piece| s.spawn(move || rf::compress_segment(piece)))
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("compressing thread panicked"))
-            .collect::<std::io::Result<Vec<_>>>()
-    })?;
-    let mut obj = Vec::with_capacity(parts.iter().map(|p| p.0.len()).sum());
-    let mut table = Vec::with_capacity(frames);
-    for (i, (o, fs)) in parts.into_iter().enumerate() {
-        let (raw_base, obj_base) = ((i * per) as u64, obj.len() as u64);
-        table.extend(fs.into_iter().map(|f| rf::Frame {
-            raw_offset: f.raw_offset + raw_base,
-            object_offset: f.object_offset + obj_base,
-        }));
-        obj.extend_from_slice(&o);
-    }
-    Ok((obj, table))
+/// The zstd level of a segment object's frames. A fast (negative) level:
+/// no Huffman coding of literals and a sparser match search. On journal
+/// data that hardly compresses (fio's buffers, encrypted or compressed
+/// guest files) it keeps level 1's ratio at about 2.4 times its speed; on
+/// data that compresses well (binaries, text) its objects are ~5 % larger
+/// at 1.6 times the speed (BENCHMARKS.md, "Shipper: throughput and RPO").
+/// The format does not depend on it: any zstd frame decodes.
+pub const SEGMENT_LEVEL: i32 = -1;
+
+/// A segment's object on every core: the segment cut into [`rf::FRAME_RAW`]
+/// frames, each an independent zstd frame with zstd's content checksum
+/// (docs/REPOSITORY_FORMAT.md, "Segment objects"), compressed by workers
+/// that take the next frame as they finish one (a core busy with other
+/// work only takes fewer). This thread joins the frames in order and
+/// hashes the object (BLAKE3) as they arrive, while the workers compress
+/// the next ones. Returns the object, its frame table and its hash.
+fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>, blake3::Hash)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let n = raw.len().div_ceil(rf::FRAME_RAW);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |c| c.get())
+        .min(n)
+        .max(1);
+    let piece = |i: usize| &raw[i * rf::FRAME_RAW..((i + 1) * rf::FRAME_RAW).min(raw.len())];
+    let next = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, std::io::Result<Vec<u8>>)>();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let (tx, next) = (tx.clone(), &next);
+            s.spawn(move || {
+                let mut ctx = None;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let r = compress_frame(&mut ctx, piece(i));
+                    let failed = r.is_err();
+                    // The receiver gone (it failed): stop.
+                    if tx.send((i, r)).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut obj = Vec::with_capacity(raw.len() + raw.len() / 64 + 4096);
+        let mut frames = Vec::with_capacity(n);
+        let mut hasher = blake3::Hasher::new();
+        let mut early = std::collections::BTreeMap::new();
+        for (i, r) in rx {
+            early.insert(i, r?);
+            while let Some(f) = early.remove(&frames.len()) {
+                frames.push(rf::Frame {
+                    raw_offset: (frames.len() * rf::FRAME_RAW) as u64,
+                    object_offset: obj.len() as u64,
+                });
+                hasher.update(&f);
+                obj.extend_from_slice(&f);
+            }
+        }
+        if frames.len() != n {
+            return Err(std::io::Error::other(format!(
+                "compressing: {} of {n} frames came back",
+                frames.len()
+            )));
+        }
+        Ok((obj, frames, hasher.finalize()))
+    })
 }
 
-/// Upload one sealed segment and its index to `store` (the target named
-/// `target`), each paid for to the target's `throttle` before every try.
-/// The index links to the disk's previous segment ([`chain_link`]); its
-/// hash is recorded in `catalog` before anything is uploaded, so the next
-/// segment links to it on every target.
+/// One frame: a zstd frame of `piece` at [`SEGMENT_LEVEL`] with zstd's
+/// content checksum, compressed in one call (the whole frame is in memory:
+/// no streaming window to manage); `ctx` is the worker's context, made on
+/// its first frame and reused.
+fn compress_frame(
+    ctx: &mut Option<zstd::bulk::Compressor<'static>>,
+    piece: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let c = match ctx {
+        Some(c) => c,
+        None => {
+            let mut c = zstd::bulk::Compressor::new(SEGMENT_LEVEL)?;
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+            ctx.insert(c)
+        }
+    };
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(piece.len()));
+    c.compress_to_buffer(piece, &mut out)?;
+    Ok(out)
+}
+
+/// Where a segment goes: a target's store, its name, its `rate` and the
+/// retry policy.
+pub struct Upload<'a> {
+    pub store: &'a Store,
+    pub target: &'a str,
+    pub throttle: &'a Throttle,
+    pub retry: &'a RetryPolicy,
+}
+
+/// Upload one sealed segment and its index to `to.store`, each paid for to
+/// the target's throttle before every try. The index links to the disk's
+/// previous segment ([`chain_link`]); its hash is recorded in `catalog`
+/// before anything is uploaded, so the next segment links to it on every
+/// target. `takers` targets take this segment: the encoded object is kept
+/// for the others ([`Encoded`]) instead of being compressed again.
 pub async fn ship_segment(
-    store: &Store,
-    target: &str,
-    throttle: &Throttle,
-    retry: &RetryPolicy,
+    to: &Upload<'_>,
     vm: &str,
     row: &SegmentRow,
     catalog: &Mutex<Catalog>,
+    takers: usize,
 ) -> Result<Shipped> {
-    let (obj, ib) = encode_linked(catalog, vm, row).await?;
+    let (obj, ib) = encode_linked(catalog, vm, row, takers).await?;
     let seg_key = rf::segment_key(vm, &row.disk, row.first_seq, row.last_seq);
     let idx_key = rf::index_key(vm, &row.disk, row.first_seq, row.last_seq);
-    let obj = bytes::Bytes::from(obj);
     let object_bytes = obj.len() as u64;
-    with_retry(&seg_key, retry, || async {
-        throttle.acquire(object_bytes).await;
-        store.put(&seg_key, obj.clone()).await
+    with_retry(&seg_key, to.retry, || async {
+        to.throttle.acquire(object_bytes).await;
+        to.store.put(&seg_key, obj.clone()).await
     })
     .await
-    .map_err(ShipError::store(target))?;
-    let ib = bytes::Bytes::from(ib);
-    with_retry(&idx_key, retry, || async {
-        throttle.acquire(ib.len() as u64).await;
-        store.put(&idx_key, ib.clone()).await
+    .map_err(ShipError::store(to.target))?;
+    with_retry(&idx_key, to.retry, || async {
+        to.throttle.acquire(ib.len() as u64).await;
+        to.store.put(&idx_key, ib.clone()).await
     })
     .await
-    .map_err(ShipError::store(target))?;
+    .map_err(ShipError::store(to.target))?;
     Ok(Shipped {
         key: seg_key,
         object_bytes,
@@ -137,14 +203,26 @@ pub async fn ship_segment(
 /// Encode segment `row` with its link to the disk's previous segment and
 /// record its index's hash; the object and the index bytes. One segment
 /// of a disk at a time (the next one needs this one's hash): the uploads
-/// stay parallel.
+/// stay parallel. A segment another target just had encoded is taken from
+/// [`Encoded`] when its index is the one the catalog recorded.
 async fn encode_linked(
     catalog: &Mutex<Catalog>,
     vm: &str,
     row: &SegmentRow,
-) -> Result<(Vec<u8>, Vec<u8>)> {
+    takers: usize,
+) -> Result<(bytes::Bytes, bytes::Bytes)> {
     let lock = disk_lock(vm, &row.disk);
     let _one_at_a_time = lock.lock().await;
+    let key = (vm.to_string(), row.disk.clone(), row.first_seq);
+    if let Some((obj, ib)) = Encoded::take(&key) {
+        let recorded = catalog
+            .lock()
+            .unwrap()
+            .segment_index_hash(vm, &row.disk, row.first_seq)?;
+        if recorded.as_deref() == Some(rf::index_blake3(&ib).as_str()) {
+            return Ok((obj, ib));
+        }
+    }
     let prev = chain_link(catalog, vm, row).await?;
     let (obj, idx) = encode_file(vm, row, prev).await?;
     let ib = idx.encode();
@@ -160,7 +238,62 @@ async fn encode_linked(
             built: hash,
             recorded,
         }),
-        _ => Ok((obj, ib)),
+        _ => {
+            let (obj, ib) = (bytes::Bytes::from(obj), bytes::Bytes::from(ib));
+            Encoded::keep(key, &obj, &ib, takers.saturating_sub(1));
+            Ok((obj, ib))
+        }
+    }
+}
+
+/// Segments encoded for one target and kept for the others of the policy
+/// (a segment's object is the same bytes for every target: compressing it
+/// once per target doubled the shipper's CPU with two targets). An entry
+/// goes once every other target took it, or when the entries pass
+/// [`ENCODED_MAX_BYTES`] (oldest first: a target that lags far behind
+/// encodes again).
+struct Encoded {
+    key: (String, String, u64),
+    obj: bytes::Bytes,
+    ib: bytes::Bytes,
+    left: usize,
+}
+
+/// The most bytes [`Encoded`] keeps.
+const ENCODED_MAX_BYTES: usize = 256 << 20;
+
+impl Encoded {
+    fn all() -> std::sync::MutexGuard<'static, std::collections::VecDeque<Encoded>> {
+        static ALL: OnceLock<Mutex<std::collections::VecDeque<Encoded>>> = OnceLock::new();
+        ALL.get_or_init(Default::default).lock().unwrap()
+    }
+
+    fn keep(key: (String, String, u64), obj: &bytes::Bytes, ib: &bytes::Bytes, left: usize) {
+        if left == 0 || obj.len() > ENCODED_MAX_BYTES {
+            return;
+        }
+        let mut all = Self::all();
+        all.retain(|e| e.key != key);
+        while all.iter().map(|e| e.obj.len()).sum::<usize>() + obj.len() > ENCODED_MAX_BYTES {
+            all.pop_front();
+        }
+        all.push_back(Encoded {
+            key,
+            obj: obj.clone(),
+            ib: ib.clone(),
+            left,
+        });
+    }
+
+    fn take(key: &(String, String, u64)) -> Option<(bytes::Bytes, bytes::Bytes)> {
+        let mut all = Self::all();
+        let i = all.iter().position(|e| &e.key == key)?;
+        all[i].left -= 1;
+        let got = (all[i].obj.clone(), all[i].ib.clone());
+        if all[i].left == 0 {
+            all.remove(i);
+        }
+        Some(got)
     }
 }
 
@@ -248,8 +381,10 @@ pub async fn chain_link(
 mod tests {
     use super::*;
 
+    /// The object decodes to the segment, frame by frame and as a whole;
+    /// every frame carries zstd's checksum; the hash is the object's.
     #[test]
-    fn parallel_compression_gives_the_bytes_and_frames_of_one_thread() {
+    fn parallel_compression_makes_frames_that_decode_to_the_segment() {
         for len in [
             0,
             1,
@@ -260,13 +395,39 @@ mod tests {
             let raw: Vec<u8> = (0..len)
                 .map(|i| (i * 7 % 251) as u8 ^ (i >> 12) as u8)
                 .collect();
-            let one = rf::compress_segment(&raw).unwrap();
-            let par = compress_parallel(&raw).unwrap();
-            assert!(one.0 == par.0, "object bytes differ at {len}");
-            let f = |v: &[rf::Frame]| -> Vec<(u64, u64)> {
-                v.iter().map(|f| (f.raw_offset, f.object_offset)).collect()
-            };
-            assert_eq!(f(&one.1), f(&par.1), "frame table at {len}");
+            let (obj, frames, hash) = compress_parallel(&raw).unwrap();
+            assert_eq!(hash, blake3::hash(&obj), "hash at {len}");
+            assert_eq!(frames.len(), len.div_ceil(rf::FRAME_RAW));
+            if len > 0 {
+                let whole = rf::decompress_segment("k", &obj, frames.len()).unwrap();
+                assert!(whole == raw, "object at {len}");
+            }
+            for (i, f) in frames.iter().enumerate() {
+                assert_eq!(f.raw_offset, (i * rf::FRAME_RAW) as u64);
+                let end = frames
+                    .get(i + 1)
+                    .map_or(obj.len(), |g| g.object_offset as usize);
+                let frame = &obj[f.object_offset as usize..end];
+                // Frame header descriptor: the content checksum flag (bit 2).
+                assert_eq!(&frame[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+                assert!(frame[4] & 4 != 0, "frame {i} at {len}: no checksum");
+                let piece = rf::decompress_segment("k", frame, 1).unwrap();
+                let r0 = i * rf::FRAME_RAW;
+                assert!(piece[..] == raw[r0..(r0 + rf::FRAME_RAW).min(len)]);
+            }
         }
+    }
+
+    /// A damaged frame is refused (its checksum), never decoded into other
+    /// bytes.
+    #[test]
+    fn a_damaged_frame_is_refused() {
+        let raw: Vec<u8> = (0..rf::FRAME_RAW as u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+            .collect();
+        let (mut obj, _, _) = compress_parallel(&raw).unwrap();
+        let mid = obj.len() / 2;
+        obj[mid] ^= 1;
+        assert!(rf::decompress_segment("k", &obj, 1).is_err());
     }
 }

@@ -407,7 +407,9 @@ fn file_put(root_path: &Path, key: &str, data: &[u8], mode: PutMode) -> io::Resu
         )?;
         let mut f = std::fs::File::from(fd);
         f.write_all(data)?;
-        f.sync_all()?;
+        // fdatasync: the bytes and the size that finds them (a new file);
+        // its times need not survive a crash before it is linked.
+        f.sync_data()?;
         drop(f);
         let (dir, leaf) = split_key(key);
         let parent = open_dir_beneath(root_path, &root, dir, Some(&owner))?;
