@@ -211,18 +211,27 @@ async fn encode_linked(
     row: &SegmentRow,
     takers: usize,
 ) -> Result<(bytes::Bytes, bytes::Bytes)> {
-    let lock = disk_lock(vm, &row.disk);
-    let _one_at_a_time = lock.lock().await;
     let key = (vm.to_string(), row.disk.clone(), row.first_seq);
-    if let Some((obj, ib)) = Encoded::take(&key) {
-        let recorded = catalog
-            .lock()
-            .unwrap()
-            .segment_index_hash(vm, &row.disk, row.first_seq)?;
-        if recorded.as_deref() == Some(rf::index_blake3(&ib).as_str()) {
-            return Ok((obj, ib));
-        }
+    let (recorded, hit) = encoded_for(catalog, vm, row, &key)?;
+    if let Some(hit) = hit {
+        return Ok(hit);
     }
+    // Only a first encode needs the disk's lock (it records the hash the
+    // next segment links to). Encoding again for a target that lags (its
+    // index must be the recorded one) never waits behind the segments
+    // another target is encoding for the first time.
+    let lock = disk_lock(vm, &row.disk);
+    let _one_at_a_time = match recorded {
+        Some(_) => None,
+        None => {
+            let g = lock.lock().await;
+            // Another target may have encoded it while this one waited.
+            if let (_, Some(hit)) = encoded_for(catalog, vm, row, &key)? {
+                return Ok(hit);
+            }
+            Some(g)
+        }
+    };
     let prev = chain_link(catalog, vm, row).await?;
     let (obj, idx) = encode_file(vm, row, prev).await?;
     let ib = idx.encode();
@@ -244,6 +253,26 @@ async fn encode_linked(
             Ok((obj, ib))
         }
     }
+}
+
+/// A segment's object and index bytes.
+type Objects = (bytes::Bytes, bytes::Bytes);
+
+/// The index hash the catalog recorded for `row`, and the object and index
+/// [`Encoded`] kept for it when that index is the recorded one.
+fn encoded_for(
+    catalog: &Mutex<Catalog>,
+    vm: &str,
+    row: &SegmentRow,
+    key: &(String, String, u64),
+) -> Result<(Option<String>, Option<Objects>)> {
+    let recorded = catalog
+        .lock()
+        .unwrap()
+        .segment_index_hash(vm, &row.disk, row.first_seq)?;
+    let hit = Encoded::take(key)
+        .filter(|(_, ib)| recorded.as_deref() == Some(rf::index_blake3(ib).as_str()));
+    Ok((recorded, hit))
 }
 
 /// Segments encoded for one target and kept for the others of the policy
