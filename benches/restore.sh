@@ -18,6 +18,11 @@
 # two journals differ (the short one touches ~63% of the region).
 # Each timing is the median of RUNS; page caches are left warm for both sides
 # (DROP_CACHES=1 drops them before every timed run: both then read from disk).
+# BIN_DIR_B=DIR (A/B in one run): the 1-pass journal is restored by $BIN_DIR's cdpctl
+# ("A", e.g. a copy of the old binaries) and by DIR's ("B") over the same repository,
+# both checked with cmp; each of RUNS rounds times A, B, cp+sync and dd back to back,
+# so all four see the same load; (c) prints the medians and B/A. LOOPS=1: the 1-pass
+# case only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,6 +36,7 @@ BENCH_DIR="${BENCH_DIR:-/var/tmp/cdpd-restore-bench}"
 
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bins
 BIN="${BIN_DIR:-$ROOT/target/release}" # BIN_DIR: a copy of the binaries (before/after runs)
+BIN_B="${BIN_DIR_B:-}"                 # BIN_DIR_B: a second cdpctl, timed interleaved with BIN's
 for t in fio cmp python3; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
 
 rm -rf "$BENCH_DIR"
@@ -66,7 +72,10 @@ head -c "${SIZE_MB}M" /dev/urandom >"$W/disk.raw"
 
 # One case: a disk with a baseline and $1 passes of 4 KiB random writes over the region.
 declare -A T JOURNAL RECORDS
-for loops in 1 "$LOOPS"; do
+AB_A=() AB_B=() AB_CP=() AB_DD=()
+CASES=(1)
+[ "$LOOPS" = 1 ] || CASES+=("$LOOPS")
+for loops in "${CASES[@]}"; do
     C="$W/case-$loops"
     mkdir -p "$C/repo" "$W/run"
     cp --sparse=never "$W/disk.raw" "$C/disk.raw"
@@ -95,16 +104,38 @@ EOF
     "$BIN/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U --state-dir "$C/state" \
         --run-dir "$W/run" --config "$C/cdp.toml" >/dev/null
     JOURNAL[$loops]=$(du -sb "$C/repo/cdp/v1/vms/$U/vda/journal" | cut -f1)
-    restore() {
-        "$BIN/cdpctl" restore $U --disk vda --at latest --output "$C/restored.raw" \
+    restore() { # [cdpctl's directory]
+        "${1:-$BIN}/cdpctl" restore $U --disk vda --at latest --output "$C/restored.raw" \
             --repo "file://$C/repo" --no-local --state-dir "$C/state" --config "$C/cdp.toml" --json
     }
     # Once for the numbers and a byte-for-byte check, then the timed runs.
     restore >"$C/restore.json"
     RECORDS[$loops]=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["journal_records"])' "$C/restore.json")
     cmp "$C/restored.raw" "$C/disk.raw" || { echo "restore differs from the image" >&2; exit 1; }
+    if [ -n "$BIN_B" ] && [ "$loops" = 1 ]; then
+        rm -f "$C/restored.raw"
+        restore "$BIN_B" >/dev/null
+        cmp "$C/restored.raw" "$C/disk.raw" || { echo "B's restore differs from the image" >&2; exit 1; }
+        for r in $(seq "$RUNS"); do
+            rm -f "$C/restored.raw"
+            settle
+            AB_A+=("$(secs restore)")
+            rm -f "$C/restored.raw"
+            settle
+            AB_B+=("$(secs restore "$BIN_B")")
+            rm -f "$C/restored.raw"
+            settle
+            AB_CP+=("$(secs bash -c "cp --sparse=never '$C/disk.raw' '$W/copy.raw' && sync '$W/copy.raw'")")
+            rm -f "$W/copy.raw"
+            settle
+            AB_DD+=("$(secs dd if="$C/disk.raw" of="$W/copy.raw" bs=4M conv=fsync status=none)")
+            rm -f "$W/copy.raw"
+            echo "   round $r (load $(cut -d' ' -f1 /proc/loadavg)): A ${AB_A[-1]} s, B ${AB_B[-1]} s, cp+sync ${AB_CP[-1]} s, dd ${AB_DD[-1]} s" >&2
+        done
+    fi
     times=()
-    for _ in $(seq "$RUNS"); do
+    [ "$loops" != 1 ] || times=("${AB_A[@]}")
+    [ "${#times[@]}" -gt 0 ] || for _ in $(seq "$RUNS"); do
         rm -f "$C/restored.raw"
         settle
         times+=("$(secs restore)")
@@ -114,6 +145,25 @@ EOF
     T[$loops]=$(median "${times[@]}")
     rm -f "$C/disk.raw"
 done
+
+if [ -n "$BIN_B" ]; then
+    python3 - "$SIZE_MB" "$(median "${AB_A[@]}")" "$(median "${AB_B[@]}")" "$(median "${AB_CP[@]}")" \
+        "$(median "${AB_DD[@]}")" <<'EOF'
+import sys
+size = int(sys.argv[1])
+a, b, cp, dd = map(float, sys.argv[2:6])
+mb = size * 2**20 / 1e6
+print(f"(c) A/B, interleaved rounds, 1-pass journal, {size} MiB (medians)")
+print()
+print("| | time | MB/s | / cp+sync | / dd |")
+print("|---|---|---|---|---|")
+for name, t in (("restore A", a), ("restore B", b), ("cp + sync FILE", cp), ("dd bs=4M conv=fsync", dd)):
+    print(f"| {name} | {t:.2f} s | {mb/t:.0f} | {cp/t:.2f}× | {dd/t:.2f}× |")
+print()
+print(f"B / A: {a/b:.2f}× the throughput; target restore ≥ 0.9× cp+sync")
+EOF
+fi
+[ "$LOOPS" != 1 ] || exit 0
 
 echo "== plain sequential copies of the ${SIZE_MB} MiB raw image" >&2
 cps=()

@@ -10,9 +10,10 @@ use cdp_core::journal::extents::Source;
 use cdp_core::journal::format::{IndexEntry, RECORD_HEADER_LEN};
 use futures::StreamExt;
 
+use super::aligned::AlignedBuf;
 use super::history::SegRef;
 use super::plan::Plan;
-use super::read::{check_record, read_raw};
+use super::read::{check_record, decompress_chunk_into, read_raw};
 use super::sink::Sink;
 use super::{io_err, RestoreError};
 use crate::format as rf;
@@ -68,6 +69,7 @@ pub async fn execute(
     progress: Option<Progress>,
 ) -> Result<RestoreStats, RestoreError> {
     let mut stats = RestoreStats::default();
+    sink.will_write(&data_ranges(plan));
     // 1. Journal extents, grouped by segment; each referenced record is read
     //    whole and its CRC checked.
     let by_seg = journal_extents(plan, sink.as_ref(), &progress)?;
@@ -98,6 +100,35 @@ pub async fn execute(
     }
     stats.bytes = plan.size;
     Ok(stats)
+}
+
+/// The ranges of the disk the plan writes data to (journal extents and
+/// what is left of the baseline's non-zero chunks), sorted, adjacent ones
+/// merged.
+fn data_ranges(plan: &Plan) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = plan
+        .extents
+        .iter()
+        .filter(|(_, _, src)| matches!(src, Source::Journal { .. }))
+        .map(|(s, e, _)| (s, e))
+        .collect();
+    let b = &plan.baseline;
+    for (i, c) in b.chunks.iter().enumerate() {
+        let start = i as u64 * b.chunk_size;
+        let end = (start + b.chunk_size).min(b.size).min(plan.size);
+        if c.is_some() && start < end {
+            v.extend(plan.extents.uncovered(start, end));
+        }
+    }
+    v.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match merged.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
 }
 
 /// The plan's journal extents grouped by segment; the zero extents are
@@ -252,17 +283,14 @@ async fn restore_chunk(
     // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
     let namer = store.chunk_namer().await.map_err(ReadError::from)?;
     // Decompressing, hashing and writing run on the blocking pool: in
-    // parallel, off the thread that fetches.
+    // parallel, off the thread that fetches. The chunk is decompressed
+    // into an aligned buffer (chunks start at aligned offsets), so a
+    // [`super::DirectFile`] writes it to the device as it is.
     let (hash, disk) = (hash.clone(), plan.disk.clone());
     tokio::task::spawn_blocking(move || {
-        let len = (end - start) as usize;
-        let data = rf::decompress_chunk_named(&namer, &hash, &obj, len).map_err(ReadError::from)?;
-        if data.len() != len {
-            return Err(RestoreError::Corrupt {
-                what: key,
-                why: format!("chunk is {} bytes, expected {len}", data.len()),
-            });
-        }
+        let mut data = AlignedBuf::take((end - start) as usize);
+        decompress_chunk_into(&namer, &hash, &obj, &mut data)?;
+        drop(obj);
         for (s, e) in gaps {
             sink.write(s, &data[(s - start) as usize..(e - start) as usize])
                 .map_err(io_err(Path::new(&disk)))?;

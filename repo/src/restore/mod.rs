@@ -24,6 +24,7 @@ use thiserror::Error;
 
 use crate::read::ReadError;
 
+pub mod aligned;
 pub mod chain;
 pub mod execute;
 pub mod history;
@@ -40,7 +41,7 @@ pub use history::{
 pub use plan::{plan, restorable_ranges, Plan};
 pub use point::{resolve, Point};
 pub use read::{check_record, fetch_chunk, read_raw, read_record};
-pub use sink::{FreshFile, InPlace, Sink};
+pub use sink::{DirectFile, FreshFile, InPlace, Sink};
 
 #[derive(Debug, Error)]
 pub enum RestoreError {

@@ -133,3 +133,100 @@ pub async fn fetch_chunk(store: &Store, hash: &str, len: usize) -> Result<Vec<u8
     let namer = store.chunk_namer().await.map_err(ReadError::from)?;
     Ok(rf::decompress_chunk_named(&namer, hash, &obj, len).map_err(ReadError::from)?)
 }
+
+/// Decompress chunk object `obj` (named `hash` by `namer`) into `out`,
+/// which must be exactly the chunk's length, and check it against its
+/// name. One pass straight into `out` (no stream window in between, so a
+/// stored incompressible block is copied once); a frame that holds more
+/// than `out` is an error, never more memory.
+pub fn decompress_chunk_into(
+    namer: &rf::ChunkNamer,
+    hash: &str,
+    obj: &[u8],
+    out: &mut [u8],
+) -> Result<(), RestoreError> {
+    use std::cell::RefCell;
+    thread_local! {
+        static DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { RefCell::new(None) };
+    }
+    let key = rf::chunk_key(hash);
+    let corrupt = |what: String| {
+        RestoreError::Read(ReadError::Format(rf::RepoFormatError::Corrupt {
+            key: key.clone(),
+            what,
+        }))
+    };
+    if out.len() as u64 > rf::CHUNK_SIZE {
+        return Err(corrupt(format!(
+            "a chunk of {} bytes: chunks are at most {}",
+            out.len(),
+            rf::CHUNK_SIZE
+        )));
+    }
+    let max = out.len();
+    let n = DCTX
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            d.as_mut().expect("just set").decompress_to_buffer(obj, out)
+        })
+        .map_err(|e| {
+            let bomb = |what: String| {
+                corrupt(format!(
+                    "{what} the {max} bytes it may have: damaged, or a decompression bomb"
+                ))
+            };
+            match zstd::zstd_safe::get_frame_content_size(obj) {
+                Ok(Some(n)) if n > max as u64 => bomb(format!("declares {n} bytes, more than")),
+                _ if e.to_string().contains("too small") => {
+                    bomb("decompresses to more than".into())
+                }
+                _ => corrupt(format!("decompressing: {e}")),
+            }
+        })?;
+    if n != out.len() {
+        return Err(corrupt(format!(
+            "chunk is {n} bytes, expected {}",
+            out.len()
+        )));
+    }
+    if namer.name(out) != hash {
+        return Err(corrupt("content does not match its hash".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_decompresses_into_its_buffer_only_if_it_is_what_its_name_says() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let obj = rf::compress_chunk(&data).unwrap();
+        let hash = rf::ChunkNamer::Plain.name(&data);
+        let mut out = vec![0u8; data.len()];
+        decompress_chunk_into(&rf::ChunkNamer::Plain, &hash, &obj, &mut out).unwrap();
+        assert_eq!(out, data);
+        // The same bytes under another name, a buffer too short or too
+        // long, a damaged object, a keyed namer: all refused.
+        let other = rf::ChunkNamer::Plain.name(b"other");
+        let plain = rf::ChunkNamer::Plain;
+        assert!(decompress_chunk_into(&plain, &other, &obj, &mut out).is_err());
+        let mut short = vec![0u8; data.len() - 1];
+        assert!(decompress_chunk_into(&plain, &hash, &obj, &mut short).is_err());
+        let mut long = vec![0u8; data.len() + 1];
+        assert!(decompress_chunk_into(&plain, &hash, &obj, &mut long).is_err());
+        let mut bad = obj.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        assert!(decompress_chunk_into(&plain, &hash, &bad, &mut out).is_err());
+        let keyed = rf::ChunkNamer::Keyed([7; 32]);
+        assert!(decompress_chunk_into(&keyed, &hash, &obj, &mut out).is_err());
+        let mut huge = vec![0u8; rf::CHUNK_SIZE as usize + 1];
+        assert!(decompress_chunk_into(&plain, &hash, &obj, &mut huge).is_err());
+    }
+}
