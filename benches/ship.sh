@@ -15,6 +15,8 @@
 # BIN_B=DIR: A/B in one run: each round also ships the same journal with
 # DIR/cdp-shipper (before or after BIN_DIR's, alternating), and 2. runs
 # once with each (BIN_DIR's first); the load average is printed per round.
+# RPO_AGES="1s 500ms": run 2. with each segment_age (set in the policy cdpd
+# and the shipper read; "default" = cdpd's built-in one, the default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
