@@ -188,27 +188,32 @@ fn scenario(enc: Repo, enc_creds: Option<&Path>) {
     std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
     let wrong_key = write_config(&d, "wrong.toml", &[("enc", &enc, Some(&wrong))]);
     let out = d.work_dir().join("restored.img");
-    let restore = |cfg: &Path| {
-        let _ = std::fs::remove_file(&out);
-        let o = cdpctl_out(
-            &d,
-            cfg,
-            &[
-                "restore",
-                &d.vm_uuid,
-                "--disk",
-                "vda",
-                "--at",
-                "mark:after",
-                "--output",
-                out.to_str().unwrap(),
-                "--no-local",
-            ],
-        );
+    let restore_args = [
+        "restore",
+        &d.vm_uuid,
+        "--disk",
+        "vda",
+        "--at",
+        "mark:after",
+        "--output",
+        out.to_str().unwrap(),
+        "--no-local",
+    ];
+    // `cdpctl ARGS [--key-file KEY]` with config `cfg`: (success, stderr).
+    let run = |cfg: &Path, args: &[&str], key: Option<&Path>| {
+        let mut all: Vec<&str> = args.to_vec();
+        if let Some(k) = key {
+            all.extend(["--key-file", k.to_str().unwrap()]);
+        }
+        let o = cdpctl_out(&d, cfg, &all);
         (
             o.status.success(),
             String::from_utf8_lossy(&o.stderr).into_owned(),
         )
+    };
+    let restore = |cfg: &Path| {
+        let _ = std::fs::remove_file(&out);
+        run(cfg, &restore_args, None)
     };
     let (ok, err) = restore(&with_key);
     assert!(ok, "{err}");
@@ -223,31 +228,11 @@ fn scenario(enc: Repo, enc_creds: Option<&Path>) {
     out_fails(&wrong_key, "wrong key", &["does not unwrap"]);
     // The key on the command line: over a target without one, and for a
     // repository given by URL (verify); a wrong one is refused the same way.
-    let with_flag = |cfg: &Path, args: &[&str], key: &Path| {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--key-file", key.to_str().unwrap()]);
-        let o = cdpctl_out(&d, cfg, &all);
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
-    let restore_args = [
-        "restore",
-        &d.vm_uuid,
-        "--disk",
-        "vda",
-        "--at",
-        "mark:after",
-        "--output",
-        out.to_str().unwrap(),
-        "--no-local",
-    ];
-    let (ok, err) = with_flag(&no_key, &restore_args, &key);
+    let (ok, err) = run(&no_key, &restore_args, Some(&key));
     assert!(ok, "--key-file: {err}");
     qemu_img_compare(out.as_os_str(), reference.as_os_str());
     std::fs::remove_file(&out).unwrap();
-    let (ok, err) = with_flag(&no_key, &restore_args, &wrong);
+    let (ok, err) = run(&no_key, &restore_args, Some(&wrong));
     assert!(
         !ok && err.contains("does not unwrap") && !out.exists(),
         "{err}"
@@ -255,7 +240,7 @@ fn scenario(enc: Repo, enc_creds: Option<&Path>) {
     // (--repo takes no credentials file: the file:// case.)
     if enc.url.starts_with("file://") {
         let verify_args = ["verify", &d.vm_uuid, "--no-local", "--repo", &enc.url];
-        let (ok, err) = with_flag(&no_key, &verify_args, &key);
+        let (ok, err) = run(&no_key, &verify_args, Some(&key));
         assert!(ok, "verify --repo --key-file: {err}");
     }
     let v = cdpctl_out(
