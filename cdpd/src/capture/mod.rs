@@ -199,6 +199,10 @@ impl Disk {
     }
 }
 
+/// Journal bytes appended before their writeback is started: the device
+/// writes the journal as it grows (see [`OpenSegment::start_writeback`]).
+const WRITEBACK_WINDOW: u64 = 4 << 20;
+
 impl Vm {
     /// Reserve `n` sequence numbers and one timestamp for them. The clock
     /// never goes backwards.
@@ -321,6 +325,9 @@ impl Vm {
             }
         }
         st.last_seq = seq0 + n - 1;
+        if let Some(seg) = st.open.as_mut() {
+            seg.start_writeback(WRITEBACK_WINDOW);
+        }
         if !applied.unwrap_or_else(|| apply(disk, batch, buf)) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.resync_failed(disk, st, batch);
