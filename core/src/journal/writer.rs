@@ -216,50 +216,16 @@ impl OpenSegment {
         ts_ns: u64,
         mut records: impl Iterator<Item = Record<'p>>,
     ) -> io::Result<()> {
-        let mut seq = first_seq;
-        let mut pos = self.pos;
-        let mut more = true;
+        let mut at = (first_seq, self.pos);
+        // Most batches hold a few records: a first chunk whose arrays cost
+        // next to nothing to set up (a 512-record chunk's are 40 KiB, set
+        // up per call: measurable per 4 KiB write); a large batch goes on
+        // in chunks of MAX_IOV / 2 records.
+        let mut more = self.append_chunk::<16, 32>(&mut records, ts_ns, &mut at)?;
         while more {
-            // Headers and iovecs of one pwritev, on the stack: no allocation.
-            let mut headers = [[0u8; RECORD_HEADER_LEN]; MAX_IOV / 2];
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n_iov = 0;
-            let mut total = 0u64;
-            more = false;
-            for hb in headers.iter_mut() {
-                let Some(rec) = records.next() else {
-                    break;
-                };
-                more = true;
-                let h = RecordHeader {
-                    kind: rec.kind,
-                    flags: rec.flags,
-                    seq,
-                    ts_ns,
-                    offset: rec.offset,
-                    length: rec.length,
-                    payload_len: rec.payload.len() as u32,
-                    crc: 0,
-                };
-                h.encode_unsealed(hb);
-                format::seal_crc(hb, rec.payload);
-                self.index
-                    .push(h.index_entry(pos + total + RECORD_HEADER_LEN as u64));
-                iov[n_iov] = IoSlice::new(&hb[..]);
-                n_iov += 1;
-                if !rec.payload.is_empty() {
-                    iov[n_iov] = IoSlice::new(rec.payload);
-                    n_iov += 1;
-                }
-                total += (RECORD_HEADER_LEN + rec.payload.len()) as u64;
-                seq += 1;
-            }
-            if n_iov == 0 {
-                break;
-            }
-            pwritev_all(&self.file, &mut iov[..n_iov], pos)?;
-            pos += total;
+            more = self.append_chunk::<{ MAX_IOV / 2 }, MAX_IOV>(&mut records, ts_ns, &mut at)?;
         }
+        let (seq, pos) = at;
         if seq > first_seq {
             if self.first_ts_ns == 0 {
                 self.first_ts_ns = ts_ns;
@@ -269,6 +235,57 @@ impl OpenSegment {
         }
         self.pos = pos;
         Ok(())
+    }
+
+    /// Encode up to `H` records (`V` = 2 × `H` iovecs) and write them with
+    /// one `pwritev` at `at.1`; `at` moves past them. True when `H` were
+    /// taken (the iterator may hold more).
+    fn append_chunk<'p, const H: usize, const V: usize>(
+        &mut self,
+        records: &mut impl Iterator<Item = Record<'p>>,
+        ts_ns: u64,
+        at: &mut (u64, u64),
+    ) -> io::Result<bool> {
+        let (mut seq, pos) = *at;
+        // Headers and iovecs of one pwritev, on the stack: no allocation.
+        let mut headers = [[0u8; RECORD_HEADER_LEN]; H];
+        let mut iov = [IoSlice::new(&[]); V];
+        let mut n_iov = 0;
+        let mut total = 0u64;
+        let mut taken = 0;
+        for hb in headers.iter_mut() {
+            let Some(rec) = records.next() else {
+                break;
+            };
+            taken += 1;
+            let h = RecordHeader {
+                kind: rec.kind,
+                flags: rec.flags,
+                seq,
+                ts_ns,
+                offset: rec.offset,
+                length: rec.length,
+                payload_len: rec.payload.len() as u32,
+                crc: 0,
+            };
+            h.encode_unsealed(hb);
+            format::seal_crc(hb, rec.payload);
+            self.index
+                .push(h.index_entry(pos + total + RECORD_HEADER_LEN as u64));
+            iov[n_iov] = IoSlice::new(&hb[..]);
+            n_iov += 1;
+            if !rec.payload.is_empty() {
+                iov[n_iov] = IoSlice::new(rec.payload);
+                n_iov += 1;
+            }
+            total += (RECORD_HEADER_LEN + rec.payload.len()) as u64;
+            seq += 1;
+        }
+        if n_iov > 0 {
+            pwritev_all(&self.file, &mut iov[..n_iov], pos)?;
+        }
+        *at = (seq, pos + total);
+        Ok(taken == H)
     }
 
     /// Start the device writing what was appended since the last call, once
@@ -482,6 +499,37 @@ mod tests {
         );
         let index = format::read_index(&bytes).unwrap().unwrap();
         assert_eq!(index, seg.index);
+    }
+
+    /// Batches at and around the chunk sizes (16, then 512 records per
+    /// `pwritev`) come back whole and in order.
+    #[test]
+    fn batches_at_chunk_boundaries_are_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = OpenSegment::create(dir.path(), [3; 16], 1, 0, 1).unwrap();
+        let mut seq = 1;
+        let mut want = Vec::new();
+        for n in [1usize, 15, 16, 17, 528, 529, 1040] {
+            let ps: Vec<Vec<u8>> = (0..n)
+                .map(|i| vec![(seq as usize + i) as u8; 1 + i % 5])
+                .collect();
+            seg.append(
+                seq,
+                seq,
+                ps.iter().enumerate().map(|(i, p)| write(i as u64, p)),
+            )
+            .unwrap();
+            seq += n as u64;
+            want.extend(ps);
+        }
+        assert_eq!(seg.last_seq, seq - 1);
+        seg.seal(9).unwrap();
+        let bytes = std::fs::read(&seg.path).unwrap();
+        let scan = format::scan_segment(&bytes).unwrap();
+        assert_eq!(scan.records.len(), want.len());
+        for (i, (r, p)) in scan.records.iter().zip(&want).enumerate() {
+            assert_eq!((r.header.seq, r.payload(&bytes)), (i as u64 + 1, &p[..]));
+        }
     }
 
     /// Writeback is started once a window's worth waits, from where the
