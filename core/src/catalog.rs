@@ -992,6 +992,17 @@ impl Catalog {
             .map_err(self.err())
     }
 
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection
+    /// (cdpd sealing a segment) committed to the catalog since this one last
+    /// asked; never for this connection's own writes. A cheap read (no
+    /// query of any table): the shipper's idle wake-up.
+    pub fn data_version(&self) -> Result<u64> {
+        self.conn
+            .pragma_query_value(None, "data_version", |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+            .map_err(self.err())
+    }
+
     pub fn set_target_state(
         &self,
         vm: &str,

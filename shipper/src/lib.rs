@@ -60,6 +60,33 @@ pub struct Target {
     /// after that try fails too (a baseline reads the whole disk: never
     /// again every pass).
     baseline_backoff: std::collections::HashMap<String, (Instant, Duration)>,
+    /// The state and message last written to the catalog for it, and when
+    /// ([`state_write_due`]).
+    written: Option<(String, Option<String>, Instant)>,
+}
+
+/// How often an unchanged target state is written again: its `updated_ns`
+/// tells readers (the agent's metrics and page pick each target's freshest
+/// observation across VMs) that the shipper still sees it so; rewriting it
+/// on every pass cost an idle shipper a catalog commit every poll.
+pub const TARGET_STATE_REFRESH: Duration = Duration::from_secs(10);
+
+/// Must the target state `state` (with `msg`) be written at `now`, given
+/// what was last written (`prev`: state, message, when)? When it differs,
+/// when nothing was written yet by this shipper, and as a refresh every
+/// [`TARGET_STATE_REFRESH`]; never else.
+pub fn state_write_due(
+    prev: Option<(&str, Option<&str>, Instant)>,
+    state: &str,
+    msg: Option<&str>,
+    now: Instant,
+) -> bool {
+    match prev {
+        None => true,
+        Some((s, m, at)) => {
+            s != state || m != msg || now.saturating_duration_since(at) >= TARGET_STATE_REFRESH
+        }
+    }
 }
 
 /// How often a target with a `capacity` is listed for what it holds.
@@ -239,6 +266,7 @@ pub fn policy_targets(config: &Config, policy: &str) -> Result<Vec<Target>> {
             vm_json: None,
             baseline_backoff: Default::default(),
             last_error: None,
+            written: None,
         });
     }
     Ok(out)
@@ -524,16 +552,52 @@ impl Shipper {
                 ("failing", t.failure_text.clone())
             }
         };
-        let (name, url) = (t.name.clone(), t.url.clone());
-        self.cat().set_target_state(
-            &self.opts.vm_uuid,
-            &name,
-            &url,
-            state,
-            msg.as_deref(),
-            now_ns(),
-        )?;
+        self.record_state(i, state, msg.as_deref())
+    }
+
+    /// Write target `i`'s state into the catalog when it changed, or as the
+    /// refresh of [`TARGET_STATE_REFRESH`] ([`state_write_due`]): an idle
+    /// pass commits nothing.
+    fn record_state(&mut self, i: usize, state: &str, msg: Option<&str>) -> Result<()> {
+        let now = Instant::now();
+        let t = &self.targets[i];
+        let prev = t
+            .written
+            .as_ref()
+            .map(|(s, m, at)| (s.as_str(), m.as_deref(), *at));
+        if !state_write_due(prev, state, msg, now) {
+            return Ok(());
+        }
+        self.cat()
+            .set_target_state(&self.opts.vm_uuid, &t.name, &t.url, state, msg, now_ns())?;
+        self.targets[i].written = Some((state.to_string(), msg.map(str::to_string), now));
         Ok(())
+    }
+
+    /// The soonest time-driven work of an idle shipper: a target's backoff
+    /// or a baseline's ending (only those still ahead). The service wakes
+    /// for it, for a catalog change (a sealed segment), and at least every
+    /// [`service::IDLE_PASS`].
+    pub fn next_wake(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let baselines = self
+            .targets
+            .iter()
+            .filter(|_| self.opts.auto_baseline)
+            .flat_map(|t| t.baseline_backoff.values().map(|(at, _)| *at));
+        self.targets
+            .iter()
+            .filter_map(|t| t.next_try)
+            .chain(baselines)
+            .filter(|&at| at > now)
+            .min()
+    }
+
+    /// The catalog's data version ([`Catalog::data_version`]): it changes
+    /// when another process (cdpd sealing a segment) committed to it.
+    /// `None` when it cannot be read (the caller then runs a pass).
+    pub fn catalog_version(&self) -> Option<u64> {
+        self.cat().data_version().ok()
     }
 
     /// Secondaries received `n` segments the primary lacked: said in the
@@ -557,16 +621,7 @@ impl Shipper {
         } else {
             "up"
         };
-        let (name, url) = (p.name.clone(), p.url.clone());
-        self.cat().set_target_state(
-            &self.opts.vm_uuid,
-            &name,
-            &url,
-            state,
-            Some(&msg),
-            now_ns(),
-        )?;
-        Ok(())
+        self.record_state(0, state, Some(&msg))
     }
 
     /// The order targets are served in ([`plan::order`]): the primary, then
@@ -795,16 +850,7 @@ impl Shipper {
         let t = &mut self.targets[i];
         t.failed(e);
         let msg = t.failure_text.clone().unwrap_or_default();
-        let (name, url) = (t.name.clone(), t.url.clone());
-        self.cat().set_target_state(
-            &self.opts.vm_uuid,
-            &name,
-            &url,
-            "failing",
-            Some(&msg),
-            now_ns(),
-        )?;
-        Ok(())
+        self.record_state(i, "failing", Some(&msg))
     }
 
     /// Is there anything left to ship to a target that is up?
@@ -1023,6 +1069,47 @@ mod tests {
         assert_eq!(backoff(40, true), Duration::from_secs(10));
         // A permanent error waits the most from the first failure.
         assert_eq!(backoff(1, false), Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    /// The target state is written when it changes, the first time, and as
+    /// a refresh every TARGET_STATE_REFRESH; never on an unchanged pass.
+    #[test]
+    fn an_unchanged_state_is_written_only_as_a_refresh() {
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(100);
+        let later = t0 + TARGET_STATE_REFRESH;
+        assert!(state_write_due(None, "up", None, t0));
+        assert!(!state_write_due(Some(("up", None, t0)), "up", None, soon));
+        assert!(state_write_due(Some(("up", None, t0)), "up", None, later));
+        assert!(state_write_due(
+            Some(("up", None, t0)),
+            "failing",
+            Some("x"),
+            soon
+        ));
+        assert!(!state_write_due(
+            Some(("failing", Some("x"), t0)),
+            "failing",
+            Some("x"),
+            soon
+        ));
+        assert!(state_write_due(
+            Some(("failing", Some("x"), t0)),
+            "failing",
+            Some("y"),
+            soon
+        ));
+        assert!(state_write_due(
+            Some(("failing", Some("x"), t0)),
+            "up",
+            None,
+            soon
+        ));
     }
 }
 

@@ -4,7 +4,7 @@
 //! exited, and drain what is sealed before leaving (docs/DESIGN.md,
 //! "Processes").
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -13,6 +13,35 @@ use thiserror::Error;
 use crate::error::ShipError;
 use crate::lock::{self, LockError};
 use crate::{PassStats, Shipper};
+
+/// The longest an idle shipper goes without a whole pass (the VM
+/// definition, the free space, delayed segments coming due): between them
+/// it only looks every `poll` whether the catalog changed (a cheap read, no
+/// write), and passes at once when it did (cdpd sealed a segment).
+pub const IDLE_PASS: Duration = Duration::from_secs(1);
+
+/// Wait, idle, until `woken()` (asked every `poll`: the catalog changed,
+/// the followed cdpd exited) or `until`; true when `stop` came instead.
+pub async fn idle_wait(
+    poll: Duration,
+    until: Instant,
+    stop: &mut watch::Receiver<bool>,
+    mut woken: impl FnMut() -> bool,
+) -> bool {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|v| *v) => return true,
+            _ = tokio::time::sleep(poll.min(left)) => {}
+        }
+        if woken() {
+            return false;
+        }
+    }
+}
 
 /// How `run` ends.
 #[derive(Debug, Clone, Copy, Default)]
@@ -89,6 +118,8 @@ pub async fn run(
             );
             break;
         }
+        // Read before the pass: a segment sealed while it ran wakes the next.
+        let seen = s.catalog_version();
         // A pass that fails as a whole (the catalog, a local file) does not
         // end the shipper: said, then tried again after a backoff (a dead
         // shipper ships nothing and tells nobody). A target's own failure
@@ -100,7 +131,15 @@ pub async fn run(
             }
             Ok(_) => {
                 failures = 0;
-                poll
+                let mut until = Instant::now() + IDLE_PASS.max(poll);
+                if let Some(w) = s.next_wake() {
+                    until = until.min(w);
+                }
+                let woken = || follow_gone() || seen.is_none() || s.catalog_version() != seen;
+                if idle_wait(poll, until, &mut stop, woken).await {
+                    break;
+                }
+                continue;
             }
             Err(e) => {
                 failures += 1;
@@ -126,4 +165,37 @@ pub async fn run(
     );
     drop(lock);
     Ok(Outcome::Drained(st))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Woken on the third look: back after about three polls, long before
+    /// `until`.
+    #[tokio::test]
+    async fn idle_wait_returns_when_woken() {
+        let (_tx, mut stop) = watch::channel(false);
+        let looks = AtomicU32::new(0);
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(30);
+        let woken = || looks.fetch_add(1, Ordering::SeqCst) + 1 >= 3;
+        assert!(!idle_wait(Duration::from_millis(10), until, &mut stop, woken).await);
+        assert_eq!(looks.load(Ordering::SeqCst), 3);
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    }
+
+    /// Never woken: back at `until`; a stop ends the wait and says so.
+    #[tokio::test]
+    async fn idle_wait_ends_at_until_or_on_stop() {
+        let (tx, mut stop) = watch::channel(false);
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_millis(150);
+        assert!(!idle_wait(Duration::from_millis(20), until, &mut stop, || false).await);
+        assert!(t0.elapsed() >= Duration::from_millis(150));
+        tx.send(true).unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        assert!(idle_wait(Duration::from_millis(20), until, &mut stop, || false).await);
+    }
 }
