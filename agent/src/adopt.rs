@@ -157,12 +157,12 @@ pub fn recover_if_dead(
         })
         .collect();
     let state = StateDir::new(&dirs.state_dir);
-    let rec = session::recover_journals(cat, &state, &uuid, &disk_images)?;
     let boot_id =
         cdp_core::time::boot_id(&dirs.boot_id_file).map_err(|source| AdoptError::BootId {
             path: dirs.boot_id_file.clone(),
             source,
         })?;
+    let rec = session::recover_journals(cat, &state, &uuid, &disk_images, &boot_id)?;
     // As cdpd's start: a crash on this boot lost nothing; after a reboot
     // the next cdpd start journals a GAP (it sees this same end kind).
     let prev = rec.previous_end(Some(&last), &boot_id);

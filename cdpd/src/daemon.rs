@@ -265,7 +265,7 @@ fn recover(opts: &RunOptions) -> Result<Recovery, DaemonError> {
             file: &img.file,
         })
         .collect();
-    let recovered = session::recover_journals(&catalog, &state, &uuid, &disk_images)?;
+    let recovered = session::recover_journals(&catalog, &state, &uuid, &disk_images, &boot_id)?;
     drop(disk_images);
     let mut disks = Vec::new();
     for (((name, path), img), rec) in opts.disks.iter().zip(images).zip(&recovered.disks) {

@@ -133,14 +133,19 @@ impl VmRecovery {
 }
 
 /// Recover each disk's journal onto its image and record in the catalog the
-/// segments recovery sealed or removed.
+/// segments recovery sealed or removed. `boot_id`: this boot's; when the
+/// catalog's last session ran on another boot (or there is none), the host
+/// may have lost power since the journals were written
+/// ([`recovery::recover_disk_skipping`]'s `rebooted`).
 pub fn recover_journals(
     cat: &Catalog,
     state: &StateDir,
     vm_uuid: &uuid::Uuid,
     disks: &[DiskImage<'_>],
+    boot_id: &str,
 ) -> Result<VmRecovery, SessionError> {
     let vm = vm_uuid.hyphenated().to_string();
+    let rebooted = cat.last_session(&vm)?.is_none_or(|s| s.boot_id != boot_id);
     let mut out = VmRecovery::default();
     for d in disks {
         let dir = state.journal(&vm, d.disk);
@@ -153,7 +158,8 @@ pub fn recover_journals(
             .ok()
             .flatten()
             .filter(|m| m.count() > 0);
-        let rec = recovery::recover_disk_skipping(&dir, vm_uuid, d.file, d.path, map.as_ref())?;
+        let rec =
+            recovery::recover_disk_skipping(&dir, vm_uuid, d.file, d.path, map.as_ref(), rebooted)?;
         for s in &rec.sealed {
             cat.put_segment(&vm, d.disk, s, true)?;
         }
@@ -422,6 +428,7 @@ mod tests {
                 path: &img_path,
                 file: &img,
             }],
+            "boot-1",
         )
         .unwrap();
         assert_eq!(rec.disks.len(), 1);
@@ -558,6 +565,7 @@ mod tests {
                 path: &img_path,
                 file: &img,
             }],
+            "boot-1",
         )
         .unwrap();
         assert_eq!((rec.disks[0].redone, rec.disks[0].skipped), (1, 1));

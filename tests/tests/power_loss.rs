@@ -216,3 +216,126 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
         String::from_utf8_lossy(&r.stdout)
     );
 }
+
+fn catalog_segments(d: &Daemon) -> u64 {
+    let conn = rusqlite::Connection::open_with_flags(
+        d.catalog_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.query_row("SELECT count(*) FROM segments WHERE sealed = 1", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap() as u64
+}
+
+/// A segment is created on the data path without a sync (issue 13): its
+/// header reaches the disk with the first FLUSH or its seal. A power loss
+/// before either can leave it under its name with a header of zeros; the
+/// next start (another boot) removes it, says so, and the activity log's
+/// resync journals what the image holds there: the replay equals the image
+/// again, and what was written after the resync restores.
+#[test]
+fn a_segment_created_after_the_last_flush_and_lost_is_removed_and_resynced() {
+    let size = 64 * MIB;
+    let mut d = Daemon::builder().disk_random("vda", size, 52).prepare();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config_without_space_floor(&d, &repo);
+    let boot1 = write_boot_id(&d, "boot-id-1");
+    let boot2 = write_boot_id(&d, "boot-id-2");
+    // Segments switch at 1 MiB; no age sealing.
+    d.extra = vec![
+        "--boot-id-file".into(),
+        boot1.into(),
+        "--segment-age".into(),
+        "1h".into(),
+        "--segment-size".into(),
+        "1MiB".into(),
+    ];
+    d.start();
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    qemu_io_ok(
+        &d,
+        "vda",
+        &[format!("write -P 0x42 {} 64k", 2 * EXTENT), "flush".into()],
+    );
+    // A write past the segment size: that segment is switched out and
+    // sealed; the next write goes to a segment created after the FLUSH.
+    let sealed = catalog_segments(&d);
+    qemu_io_ok(&d, "vda", &[format!("write -P 0x45 {} 1m", 5 * EXTENT)]);
+    let t0 = Instant::now();
+    while catalog_segments(&d) <= sealed {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no seal\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qemu_io_ok(&d, "vda", &[format!("write -P 0x49 {} 64k", 9 * EXTENT)]);
+    let lost = newest_segment(&d);
+    let loaded = LoadedSegment::load(&lost).unwrap();
+    assert!(
+        loaded
+            .scan
+            .records
+            .iter()
+            .any(|r| r.header.offset == 9 * EXTENT),
+        "the last write is in the newest segment"
+    );
+    d.kill9();
+
+    // The power loss: the new segment's header never reached the disk; the
+    // image got other bytes in extent 9.
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lost)
+        .unwrap()
+        .write_all_at(&[0u8; cdp_core::journal::format::SEGMENT_HEADER_LEN], 0)
+        .unwrap();
+    let img = d.image("vda");
+    write_image(&img, 9 * EXTENT + 4096, &[0x9a; 4096]);
+
+    d.extra = vec!["--boot-id-file".into(), boot2.into()];
+    d.start();
+    let t0 = Instant::now();
+    loop {
+        let s = disk_status(&d);
+        if s["journal_mode"] == "normal" && u(&s, "resyncs_done") >= 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no resync after the power loss: {s}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        d.log().contains("its header never reached the disk"),
+        "the removal is said: {}",
+        d.log()
+    );
+    qemu_io_ok(
+        &d,
+        "vda",
+        &[format!("write -P 0x55 {} 4k", 20 * MIB), "flush".into()],
+    );
+    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "after"]);
+    let after = d.work_dir().join("after.img");
+    std::fs::copy(&img, &after).unwrap();
+    d.term();
+
+    let recs = d.journal_records();
+    let starts = records_of_kind(&recs, "SESSION_START");
+    assert_eq!(starts.last().unwrap()["info"]["previous_end"], "power-loss");
+    assert_eq!(records_of_kind(&recs, "RESYNCED").len(), 1);
+    d.check_replay_invariant("vda");
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let out = d.work_dir().join("restored.img");
+    let r = restore_from_repo(&d, &cfg, &repo, "vda", "mark:after", &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    cdp_tests::assert_files_equal(&out, &after);
+}

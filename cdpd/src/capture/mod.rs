@@ -45,7 +45,7 @@ use thiserror::Error;
 use cdp_core::catalog::{Catalog, CatalogError};
 use cdp_core::config::JournalSettings;
 use cdp_core::image;
-use cdp_core::journal::format::Kind;
+use cdp_core::journal::format::{Kind, SegmentHeader};
 use cdp_core::journal::writer::{OpenSegment, Record, SealedSegment, SpareSegment};
 use cdp_core::layout::RunDir;
 use cdp_core::names::NameError;
@@ -85,7 +85,7 @@ pub struct JournalState {
     pub unsynced: Vec<Arc<File>>,
     /// A segment was created (renamed into place) since the journal
     /// directory was last synced: a FLUSH or a seal syncs it first
-    /// ([`OpenSegment::create_unsynced_name`]).
+    /// ([`OpenSegment::create_unsynced`]).
     pub names_unsynced: bool,
     /// A file the sealer prepared for the next segment (off the data path).
     pub spare: Option<SpareSegment>,
@@ -239,27 +239,16 @@ impl Vm {
         if st.open.is_none() {
             // The directory's sync waits for a FLUSH or the seal; the file
             // is the spare the sealer prepared, if there is one.
-            let uuid = *self.uuid.as_bytes();
+            let header = SegmentHeader {
+                vm_uuid: *self.uuid.as_bytes(),
+                first_seq,
+                record_base: st.next_base,
+                created_ns: ts,
+            };
             let seg = match st.spare.take() {
-                Some(spare) => {
-                    OpenSegment::create_from_spare(spare, uuid, first_seq, st.next_base, ts)
-                        .or_else(|_| {
-                            OpenSegment::create_unsynced_name(
-                                &disk.journal_dir,
-                                uuid,
-                                first_seq,
-                                st.next_base,
-                                ts,
-                            )
-                        })
-                }
-                None => OpenSegment::create_unsynced_name(
-                    &disk.journal_dir,
-                    uuid,
-                    first_seq,
-                    st.next_base,
-                    ts,
-                ),
+                Some(spare) => OpenSegment::create_from_spare(spare, header)
+                    .or_else(|_| OpenSegment::create_unsynced(&disk.journal_dir, header)),
+                None => OpenSegment::create_unsynced(&disk.journal_dir, header),
             };
             if !st.to_seal.is_empty() {
                 // A segment that filled up is sealed once its successor

@@ -119,17 +119,23 @@ pub fn recover_disk(
     image: &File,
     image_path: &Path,
 ) -> Result<Recovered, RecoveryError> {
-    recover_disk_skipping(dir, vm_uuid, image, image_path, None)
+    recover_disk_skipping(dir, vm_uuid, image, image_path, None, false)
 }
 
 /// [`recover_disk`], redoing no record whose range touches a set bit of
-/// `dirty` (the disk's valid dirty map).
+/// `dirty` (the disk's valid dirty map). `rebooted`: the host may have lost
+/// power since the journal was written (the boot id changed, or is not
+/// known); then a newest segment whose header is all zeros is a create
+/// that no FLUSH or seal made durable ([`OpenSegment::create_unsynced`]):
+/// it is removed, and the journal counts as not ended cleanly, so the
+/// power-loss resync covers what its records wrote.
 pub fn recover_disk_skipping(
     dir: &Path,
     vm_uuid: &uuid::Uuid,
     image: &File,
     image_path: &Path,
     dirty: Option<&DirtyMap>,
+    rebooted: bool,
 ) -> Result<Recovered, RecoveryError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let segs = journal::list_segments(dir)?;
@@ -142,7 +148,11 @@ pub fn recover_disk_skipping(
     // A sealed segment whose last record we have not read yet.
     let mut last_sealed: Option<PathBuf> = None;
     remove_temp_segments(dir, &mut r)?;
+    let lost_create = rebooted && remove_unsynced_creates(&segs, &mut r)?;
     for (first, path) in &segs {
+        if r.removed.contains(first) {
+            continue;
+        }
         if remove_aborted_create(path, *first, &mut r)? {
             continue;
         }
@@ -184,27 +194,7 @@ pub fn recover_disk_skipping(
             seg.scan.header.record_base,
             seg.scan.records.len() as u64,
         );
-        for rec in &seg.scan.records {
-            let h = &rec.header;
-            if h.kind.changes_data() && dirty.is_some_and(|m| m.intersects(h.offset, h.length)) {
-                r.skipped += 1;
-            } else if h.kind.changes_data() {
-                journal::apply_record(image, h, rec.payload(&seg.bytes)).map_err(|source| {
-                    JournalError::Apply {
-                        path: image_path.to_path_buf(),
-                        seq: h.seq,
-                        kind: h.kind.name(),
-                        offset: h.offset,
-                        length: h.length,
-                        source,
-                    }
-                })?;
-                r.redone += 1;
-            }
-            r.last_seq = r.last_seq.max(h.seq);
-            r.last_ts_ns = r.last_ts_ns.max(h.ts_ns);
-            last_kind = Some(h.kind);
-        }
+        last_kind = redo(&seg, (image, image_path), dirty, &mut r)?.or(last_kind);
         last_sealed = None;
         r.had_records = true;
         // Seal it where the valid records end.
@@ -239,7 +229,46 @@ pub fn recover_disk_skipping(
     image.sync_data().map_err(io_err(image_path))?;
     r.next_base = expected_base.unwrap_or(0);
     r.ended_clean = !r.had_records || last_kind == Some(Kind::SessionEnd);
+    if lost_create {
+        // Records were written after whatever the journal now ends with.
+        r.had_records = true;
+        r.ended_clean = false;
+    }
     Ok(r)
+}
+
+/// Redo the data records of an unsealed segment onto the image (skipping
+/// those a dirty map covers), counting them into `r`. The kind of its last
+/// record.
+fn redo(
+    seg: &LoadedSegment,
+    (image, image_path): (&File, &Path),
+    dirty: Option<&DirtyMap>,
+    r: &mut Recovered,
+) -> Result<Option<Kind>, RecoveryError> {
+    let mut last_kind = None;
+    for rec in &seg.scan.records {
+        let h = &rec.header;
+        if h.kind.changes_data() && dirty.is_some_and(|m| m.intersects(h.offset, h.length)) {
+            r.skipped += 1;
+        } else if h.kind.changes_data() {
+            journal::apply_record(image, h, rec.payload(&seg.bytes)).map_err(|source| {
+                JournalError::Apply {
+                    path: image_path.to_path_buf(),
+                    seq: h.seq,
+                    kind: h.kind.name(),
+                    offset: h.offset,
+                    length: h.length,
+                    source,
+                }
+            })?;
+            r.redone += 1;
+        }
+        r.last_seq = r.last_seq.max(h.seq);
+        r.last_ts_ns = r.last_ts_ns.max(h.ts_ns);
+        last_kind = Some(h.kind);
+    }
+    Ok(last_kind)
 }
 
 /// A segment file too short to hold a record (0 bytes, or no whole valid
@@ -274,6 +303,54 @@ fn remove_aborted_create(
     );
     r.removed.push(first);
     r.aborted_creates.push(path.to_path_buf());
+    Ok(true)
+}
+
+/// After a power loss: the first segment with room for records but a
+/// header of zeros, and every segment after it, when none of them is
+/// sealed. Such a header was never written back: the segment was created
+/// without a sync (see [`OpenSegment::create_unsynced`]) and no FLUSH or
+/// seal synced it, which every FLUSH since its create would have done (it
+/// syncs every unsealed segment file); so no record in it or in a later
+/// segment was acknowledged as durable. They are removed, and said so.
+/// A header that is not all zeros, or a sealed segment after it, is never
+/// taken for this (corruption: refused further on). True when removed.
+fn remove_unsynced_creates(
+    segs: &[(u64, PathBuf)],
+    r: &mut Recovered,
+) -> Result<bool, RecoveryError> {
+    use std::os::unix::fs::FileExt;
+    let mut from = None;
+    for (i, (_, path)) in segs.iter().enumerate() {
+        let f = File::open(path).map_err(io_err(path))?;
+        let len = f.metadata().map_err(io_err(path))?.len();
+        if len <= SEGMENT_HEADER_LEN as u64 {
+            continue;
+        }
+        let mut hb = [0u8; SEGMENT_HEADER_LEN];
+        f.read_exact_at(&mut hb, 0).map_err(io_err(path))?;
+        if hb.iter().all(|&b| b == 0) {
+            from = Some(i);
+            break;
+        }
+    }
+    let Some(from) = from else {
+        return Ok(false);
+    };
+    for (_, path) in &segs[from + 1..] {
+        if read_sealed_bounds(path)?.is_some() {
+            return Ok(false);
+        }
+    }
+    for (first, path) in &segs[from..] {
+        std::fs::remove_file(path).map_err(io_err(path))?;
+        eprintln!(
+            "cdp: recovery: removed {}: created after the last FLUSH before the power loss, its header never reached the disk (no record in it was acknowledged as durable; the activity log's extents are resynced)",
+            path.display()
+        );
+        r.removed.push(*first);
+        r.aborted_creates.push(path.clone());
+    }
     Ok(true)
 }
 
@@ -503,6 +580,70 @@ mod tests {
         assert_eq!((again.last_seq, again.next_base), (4, 3));
     }
 
+    /// After a power loss, segments from the first whose header is all
+    /// zeros (created unsynced, lost before any FLUSH or seal) are removed
+    /// and the journal counts as not ended cleanly; their records are not
+    /// redone. On the same boot (no power loss) such a header is refused,
+    /// and so is one followed by a sealed segment, or a garbage header.
+    #[test]
+    fn segments_from_an_unsynced_create_lost_in_a_power_loss_are_removed() {
+        let setup = |d: &Path, zero: &[u8], later_sealed: bool| {
+            let jdir = d.join("journal");
+            std::fs::create_dir(&jdir).unwrap();
+            let mut a = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+            a.append(1, 10, [write(0, &[1; 512]), meta(Kind::SessionEnd)])
+                .unwrap();
+            a.seal(11).unwrap();
+            let h = |first_seq, record_base| SegmentHeader {
+                vm_uuid: VM,
+                first_seq,
+                record_base,
+                created_ns: 12,
+            };
+            let mut b = OpenSegment::create_unsynced(&jdir, h(3, 2)).unwrap();
+            b.append(3, 13, [write(4096, &[2; 512])]).unwrap();
+            let mut c = OpenSegment::create_unsynced(&jdir, h(4, 3)).unwrap();
+            c.append(4, 14, [write(8192, &[3; 512])]).unwrap();
+            if later_sealed {
+                c.seal(15).unwrap();
+            }
+            b.file.write_all_at(zero, 0).unwrap();
+            (jdir, b.path, c.path)
+        };
+        let zeros = [0u8; SEGMENT_HEADER_LEN];
+
+        let d = tempfile::tempdir().unwrap();
+        let (jdir, b, c) = setup(d.path(), &zeros, false);
+        let (img, img_path) = image(d.path());
+        let uuid = uuid::Uuid::from_bytes(VM);
+        let err = recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, false).unwrap_err();
+        assert!(
+            err.to_string().contains("magic"),
+            "same boot: refused: {err}"
+        );
+        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true).unwrap();
+        assert!(!b.exists() && !c.exists());
+        assert_eq!(r.removed, vec![3, 4]);
+        assert_eq!(r.aborted_creates, vec![b, c]);
+        assert!(!r.ended_clean, "records were lost after the SESSION_END");
+        assert!(r.had_records);
+        assert_eq!(r.last_seq, 2);
+        assert_eq!(r.redone, 0);
+        assert_eq!(read(&img, 4096, 512), vec![0; 512], "not redone");
+
+        let d = tempfile::tempdir().unwrap();
+        let (jdir, b, _) = setup(d.path(), &zeros, true);
+        let (img, img_path) = image(d.path());
+        assert!(recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true).is_err());
+        assert!(b.exists(), "a sealed segment after it: corruption, refused");
+
+        let d = tempfile::tempdir().unwrap();
+        let (jdir, b, _) = setup(d.path(), b"XXXX", false);
+        let (img, img_path) = image(d.path());
+        assert!(recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true).is_err());
+        assert!(b.exists(), "a garbage header: refused");
+    }
+
     /// A last segment with room for records but no valid header is not an
     /// aborted create: recovery refuses rather than drop what it may hold.
     #[test]
@@ -564,7 +705,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let uuid = uuid::Uuid::from_bytes(VM);
-        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, Some(&map)).unwrap();
+        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, Some(&map), false).unwrap();
         assert_eq!((r.redone, r.skipped), (1, 1));
         assert_eq!(read(&img, 0, 4096), vec![0xdd; 4096], "newer data kept");
         assert_eq!(read(&img, 2 * g, 512), vec![0xbb; 512], "redone");

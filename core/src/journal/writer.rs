@@ -63,14 +63,15 @@ pub struct SealedSegment {
 }
 
 impl OpenSegment {
-    /// Create `<dir>/<first-seq>.seg` with its header. Fails if it exists.
+    /// Create `<dir>/<first-seq>.seg` with its header, all of it durable.
+    /// Fails if it exists.
     ///
     /// The header is written and synced under a temporary name
     /// ([`temp_segment_file_name`]), which is renamed into place (never
-    /// replacing a file) and the directory synced: a segment's name never
-    /// stands for a file without a whole header. A failed create (ENOSPC
-    /// while writing the header) removes the temporary file and leaves
-    /// nothing (docs/RELIABILITY.md, "A full disk while creating a segment").
+    /// replacing a file) and the directory synced: the name never stands
+    /// for a file without a whole header. A failed create (ENOSPC while
+    /// writing the header) removes the temporary file and leaves nothing
+    /// (docs/RELIABILITY.md, "A full disk while creating a segment").
     pub fn create(
         dir: &Path,
         vm_uuid: [u8; 16],
@@ -78,30 +79,51 @@ impl OpenSegment {
         record_base: u64,
         now_ns: u64,
     ) -> io::Result<OpenSegment> {
-        let seg = Self::create_unsynced_name(dir, vm_uuid, first_seq, record_base, now_ns)?;
-        // The new name is durable before any record in it is acknowledged
-        // as flushed (a FLUSH syncs the file, not its directory).
+        let header = SegmentHeader {
+            vm_uuid,
+            first_seq,
+            record_base,
+            created_ns: now_ns,
+        };
+        let seg = Self::place(Self::new_temp(dir, first_seq)?, dir, header, true)?;
         sync_dir(dir)?;
         Ok(seg)
     }
 
-    /// [`OpenSegment::create`] without the directory sync at the end: the
-    /// header is durable before the name exists, but the name itself is
-    /// durable only once the caller has called [`sync_dir`], which it must
-    /// do before any record in the segment is acknowledged as flushed, and
-    /// before the segment is sealed. A crash before that may lose the file
-    /// or leave it under its temporary name, which recovery removes: no
-    /// FLUSH covered its records (and the activity log covers their image
-    /// writes); a killed process loses nothing (the rename is done). Keeps
-    /// the directory's sync, which waits behind the device's queue, off the
-    /// data path (issue 13).
-    pub fn create_unsynced_name(
-        dir: &Path,
-        vm_uuid: [u8; 16],
-        first_seq: u64,
-        record_base: u64,
-        now_ns: u64,
+    /// The writer's create (docs/DESIGN.md, "Write path"; issue 13):
+    /// [`OpenSegment::create`] with nothing synced, neither the header nor
+    /// the name. Both become durable with the first FLUSH round or the
+    /// seal, whichever comes first: a FLUSH syncs the file (header
+    /// included) and, when the caller says names are unsynced, the
+    /// directory ([`sync_dir`], which the caller must call before any
+    /// record in the segment is acknowledged as flushed, and before it is
+    /// sealed). A killed process loses nothing (header and rename are
+    /// done, in the page cache). A power loss before the first FLUSH may
+    /// leave the file under its temporary name (recovery removes it), or
+    /// under its name with a header of zeros (never written back): recovery
+    /// removes such a newest segment after a reboot
+    /// ([`super::recovery`]). Either way no FLUSH covered its records, and
+    /// the activity log covers their image writes. Keeps two syncs that
+    /// wait behind the device's queue (tens of ms under load) off the data
+    /// path.
+    pub fn create_unsynced(dir: &Path, header: SegmentHeader) -> io::Result<OpenSegment> {
+        Self::place(Self::new_temp(dir, header.first_seq)?, dir, header, false)
+    }
+
+    /// [`OpenSegment::create_unsynced`] from a file prepared off the data
+    /// path ([`SpareSegment::prepare`]): only the header's write and the
+    /// rename are left to do, and the appends find their blocks allocated.
+    pub fn create_from_spare(
+        spare: SpareSegment,
+        header: SegmentHeader,
     ) -> io::Result<OpenSegment> {
+        let dir = spare.temp.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let SpareSegment { file, temp } = spare;
+        Self::place((file, temp), &dir, header, false)
+    }
+
+    /// A new temporary file for the segment starting at `first_seq`.
+    fn new_temp(dir: &Path, first_seq: u64) -> io::Result<(File, PathBuf)> {
         let temp = dir.join(temp_segment_file_name(first_seq));
         let file = OpenOptions::new()
             .read(true)
@@ -109,46 +131,27 @@ impl OpenSegment {
             .create_new(true)
             .mode(0o600)
             .open(&temp)?;
-        Self::place(file, temp, dir, vm_uuid, first_seq, record_base, now_ns)
+        Ok((file, temp))
     }
 
-    /// [`OpenSegment::create_unsynced_name`] from a file prepared off the
-    /// data path ([`SpareSegment::prepare`]): only the header's write and
-    /// sync and the rename are left to do, and the appends find their
-    /// blocks allocated.
-    pub fn create_from_spare(
-        spare: SpareSegment,
-        vm_uuid: [u8; 16],
-        first_seq: u64,
-        record_base: u64,
-        now_ns: u64,
-    ) -> io::Result<OpenSegment> {
-        let dir = spare.temp.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let SpareSegment { file, temp } = spare;
-        Self::place(file, temp, &dir, vm_uuid, first_seq, record_base, now_ns)
-    }
-
-    /// Write the header into `file` (at `temp`), sync it, and rename it
-    /// into place; on failure remove `temp`.
+    /// Write the header into the temporary file, sync it if `sync_header`,
+    /// and rename it into place; on failure remove the temporary file.
     fn place(
-        file: File,
-        temp: PathBuf,
+        (file, temp): (File, PathBuf),
         dir: &Path,
-        vm_uuid: [u8; 16],
-        first_seq: u64,
-        record_base: u64,
-        now_ns: u64,
+        header: SegmentHeader,
+        sync_header: bool,
     ) -> io::Result<OpenSegment> {
-        let path = dir.join(segment_file_name(first_seq));
-        let header = SegmentHeader {
-            vm_uuid,
-            first_seq,
-            record_base,
-            created_ns: now_ns,
-        };
+        let path = dir.join(segment_file_name(header.first_seq));
         let placed = file
             .write_all_at(&header.encode(), 0)
-            .and_then(|()| file.sync_data())
+            .and_then(|()| {
+                if sync_header {
+                    file.sync_data()
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| rename_noreplace(&temp, &path));
         if let Err(e) = placed {
             let _ = std::fs::remove_file(&temp);
@@ -157,8 +160,8 @@ impl OpenSegment {
         Ok(OpenSegment {
             file: Arc::new(file),
             path,
-            first_seq,
-            record_base,
+            first_seq: header.first_seq,
+            record_base: header.record_base,
             pos: SEGMENT_HEADER_LEN as u64,
             index: Vec::with_capacity(1024),
             first_ts_ns: 0,
@@ -382,7 +385,7 @@ impl SpareSegment {
 }
 
 /// Make the names in a journal directory durable (after
-/// [`OpenSegment::create_unsynced_name`]).
+/// [`OpenSegment::create_unsynced`]).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -596,7 +599,16 @@ mod tests {
         let spare = SpareSegment::prepare(dir.path(), 8 << 20).unwrap();
         let temp = dir.path().join(temp_segment_file_name(0));
         assert_eq!(std::fs::metadata(&temp).unwrap().len(), 0);
-        let mut seg = OpenSegment::create_from_spare(spare, [3; 16], 5, 2, 1).unwrap();
+        let mut seg = OpenSegment::create_from_spare(
+            spare,
+            SegmentHeader {
+                vm_uuid: [3; 16],
+                first_seq: 5,
+                record_base: 2,
+                created_ns: 1,
+            },
+        )
+        .unwrap();
         assert!(!temp.exists());
         assert_eq!(seg.path, dir.path().join(segment_file_name(5)));
         seg.append(5, 10, [write(0, &[7; 4096])]).unwrap();
