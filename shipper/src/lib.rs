@@ -13,6 +13,7 @@ pub mod plan;
 pub mod service;
 pub mod ship;
 pub mod throttle;
+pub mod wake;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

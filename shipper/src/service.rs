@@ -6,12 +6,14 @@
 
 use std::time::{Duration, Instant};
 
+use cdp_core::layout::StateDir;
 use tokio::sync::watch;
 
 use thiserror::Error;
 
 use crate::error::ShipError;
 use crate::lock::{self, LockError};
+use crate::wake::StateWatch;
 use crate::{PassStats, Shipper};
 
 /// The longest an idle shipper goes without a whole pass (the VM
@@ -20,12 +22,15 @@ use crate::{PassStats, Shipper};
 /// write), and passes at once when it did (cdpd sealed a segment).
 pub const IDLE_PASS: Duration = Duration::from_secs(1);
 
-/// Wait, idle, until `woken()` (asked every `poll`: the catalog changed,
-/// the followed cdpd exited) or `until`; true when `stop` came instead.
+/// Wait, idle, until `woken()` or `until`; true when `stop` came instead.
+/// `woken()` (the catalog changed, the followed cdpd exited) is asked when
+/// the VM's state directory changed (`watch`), or every `poll` without a
+/// watch.
 pub async fn idle_wait(
     poll: Duration,
     until: Instant,
     stop: &mut watch::Receiver<bool>,
+    watch: Option<&StateWatch>,
     mut woken: impl FnMut() -> bool,
 ) -> bool {
     loop {
@@ -33,9 +38,16 @@ pub async fn idle_wait(
         if left.is_zero() {
             return false;
         }
+        let look = async {
+            match watch {
+                Some(w) if w.changed().await.is_ok() => {}
+                _ => tokio::time::sleep(poll.min(left)).await,
+            }
+        };
         tokio::select! {
             _ = stop.wait_for(|v| *v) => return true,
-            _ = tokio::time::sleep(poll.min(left)) => {}
+            _ = tokio::time::sleep(left) => return false,
+            _ = look => {}
         }
         if woken() {
             return false;
@@ -109,6 +121,11 @@ pub async fn run(
     if mode.once {
         return Ok(Outcome::Once(s.pass().await?));
     }
+    // Woken by a change in the VM's state directory (no watch: every poll).
+    let watch = cdp_core::names::check_uuid(&s.opts.vm_uuid)
+        .ok()
+        .map(|u| StateDir::new(&s.opts.state_dir).vm(&u.hyphenated().to_string()))
+        .and_then(|dir| StateWatch::new(dir.path()).ok());
     let mut failures = 0u32;
     loop {
         if follow_gone() {
@@ -136,7 +153,7 @@ pub async fn run(
                     until = until.min(w);
                 }
                 let woken = || follow_gone() || seen.is_none() || s.catalog_version() != seen;
-                if idle_wait(poll, until, &mut stop, woken).await {
+                if idle_wait(poll, until, &mut stop, watch.as_ref(), woken).await {
                     break;
                 }
                 continue;
@@ -181,7 +198,7 @@ mod tests {
         let t0 = Instant::now();
         let until = t0 + Duration::from_secs(30);
         let woken = || looks.fetch_add(1, Ordering::SeqCst) + 1 >= 3;
-        assert!(!idle_wait(Duration::from_millis(10), until, &mut stop, woken).await);
+        assert!(!idle_wait(Duration::from_millis(10), until, &mut stop, None, woken).await);
         assert_eq!(looks.load(Ordering::SeqCst), 3);
         assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     }
@@ -192,10 +209,30 @@ mod tests {
         let (tx, mut stop) = watch::channel(false);
         let t0 = Instant::now();
         let until = t0 + Duration::from_millis(150);
-        assert!(!idle_wait(Duration::from_millis(20), until, &mut stop, || false).await);
+        assert!(!idle_wait(Duration::from_millis(20), until, &mut stop, None, || false).await);
         assert!(t0.elapsed() >= Duration::from_millis(150));
         tx.send(true).unwrap();
         let until = Instant::now() + Duration::from_secs(30);
-        assert!(idle_wait(Duration::from_millis(20), until, &mut stop, || false).await);
+        assert!(idle_wait(Duration::from_millis(20), until, &mut stop, None, || false).await);
+    }
+
+    /// With a watch, the look comes when the directory changes, however
+    /// long the poll: a write 50 ms in wakes a wait of 30 s polls.
+    #[tokio::test]
+    async fn idle_wait_with_a_watch_looks_when_the_directory_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = StateWatch::new(dir.path()).unwrap();
+        let (_tx, mut stop) = watch::channel(false);
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(60);
+        let file = dir.path().join("catalog.sqlite-wal");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::fs::write(file, b"x").unwrap();
+        });
+        let woken = || true;
+        let poll = Duration::from_secs(30);
+        assert!(!idle_wait(poll, until, &mut stop, Some(&w), woken).await);
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     }
 }
