@@ -71,6 +71,24 @@ fn write_image(path: &Path, offset: u64, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// cdpd on a random disk, started on boot "boot-id-1" with `extra` flags,
+/// its baseline shipped to a file:// repository. Returns the daemon, the
+/// repository, the shipper's config and the boot id file of the start after
+/// the power loss.
+fn start_on_boot_1(size: u64, seed: u64, extra: &[&str]) -> (Daemon, PathBuf, PathBuf, PathBuf) {
+    let mut d = Daemon::builder().disk_random("vda", size, seed).prepare();
+    let repo = d.work_dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let cfg = config_without_space_floor(&d, &repo);
+    let boot1 = write_boot_id(&d, "boot-id-1");
+    let boot2 = write_boot_id(&d, "boot-id-2");
+    d.extra = vec!["--boot-id-file".into(), boot1.into()];
+    d.extra.extend(extra.iter().map(|a| a.into()));
+    d.start();
+    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    (d, repo, cfg, boot2)
+}
+
 fn catalog_gaps(d: &Daemon) -> Vec<String> {
     let conn = rusqlite::Connection::open_with_flags(
         d.catalog_path(),
@@ -85,24 +103,11 @@ fn catalog_gaps(d: &Daemon) -> Vec<String> {
 #[test]
 fn a_power_loss_resyncs_only_the_activity_log_extents() {
     let size = 256 * MIB;
-    let mut d = Daemon::builder().disk_random("vda", size, 51).prepare();
-    let repo = d.work_dir().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    let cfg = config_without_space_floor(&d, &repo);
-    let boot1 = write_boot_id(&d, "boot-id-1");
-    let boot2 = write_boot_id(&d, "boot-id-2");
     // No age sealing before the power loss: the unflushed writes stay in
     // the segment the test cuts (a seal between them, 1 s by default, is
     // likely on a loaded machine).
-    d.extra = vec![
-        "--boot-id-file".into(),
-        boot1.into(),
-        "--segment-age".into(),
-        "1h".into(),
-    ];
-    d.start();
-    // The baseline, before the power loss.
-    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    // The baseline is shipped before the power loss.
+    let (mut d, repo, cfg, boot2) = start_on_boot_1(size, 51, &["--segment-age", "1h"]);
     let gaps_before = catalog_gaps(&d);
 
     // Extents 2, 5 and 9 written and flushed; then two more writes in
@@ -237,24 +242,12 @@ fn catalog_segments(d: &Daemon) -> u64 {
 /// again, and what was written after the resync restores.
 #[test]
 fn a_segment_created_after_the_last_flush_and_lost_is_removed_and_resynced() {
-    let size = 64 * MIB;
-    let mut d = Daemon::builder().disk_random("vda", size, 52).prepare();
-    let repo = d.work_dir().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    let cfg = config_without_space_floor(&d, &repo);
-    let boot1 = write_boot_id(&d, "boot-id-1");
-    let boot2 = write_boot_id(&d, "boot-id-2");
     // Segments switch at 1 MiB; no age sealing.
-    d.extra = vec![
-        "--boot-id-file".into(),
-        boot1.into(),
-        "--segment-age".into(),
-        "1h".into(),
-        "--segment-size".into(),
-        "1MiB".into(),
-    ];
-    d.start();
-    run_ok(&mut shipper_once_cmd(&d, &cfg));
+    let (mut d, repo, cfg, boot2) = start_on_boot_1(
+        64 * MIB,
+        52,
+        &["--segment-age", "1h", "--segment-size", "1MiB"],
+    );
     qemu_io_ok(
         &d,
         "vda",
