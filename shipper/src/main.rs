@@ -53,7 +53,10 @@ struct RunArgs {
     /// left and exit.
     #[arg(long)]
     follow_pid: Option<i32>,
-    /// How often to look for new sealed segments.
+    /// How often to look at the catalog for new sealed segments when the
+    /// state directory cannot be watched (inotify); with the watch, a seal
+    /// wakes the shipper at once and this is the longest it sleeps between
+    /// looks at the catalog's data version.
     #[arg(long, default_value = "100ms", value_parser = cdp_core::config::parse_duration)]
     poll: Duration,
 }
