@@ -99,7 +99,8 @@ secs() { # command… → elapsed seconds
 }
 median() { python3 -c 'import sys,statistics; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
 ship_file() { # bin-dir state-dir → elapsed seconds
-    secs "$1/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
+    # SHIP_WRAP: a command prefix for profiling, e.g. "perf record -g -o /tmp/ship.perf --".
+    secs ${SHIP_WRAP:-} "$1/cdp-shipper" run --once --no-auto-baseline --vm-uuid $U \
         --state-dir "$2" --run-dir "$W/run" --config "$W/file.toml"
 }
 cps=(); files=(); files_b=()
