@@ -56,7 +56,7 @@ impl Split {
 /// Buffers given back, for the next [`AlignedBuf::take`] (at most
 /// [`POOL_MAX`], each of [`POOL_LEN`] bytes).
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-const POOL_MAX: usize = 32;
+const POOL_MAX: usize = 64;
 /// The size of pooled buffers: a baseline chunk.
 pub const POOL_LEN: usize = crate::format::CHUNK_SIZE as usize;
 

@@ -10,7 +10,8 @@ use cdp_core::journal::extents::Source;
 use cdp_core::journal::format::{IndexEntry, RECORD_HEADER_LEN};
 use futures::StreamExt;
 
-use super::aligned::AlignedBuf;
+use super::aligned::{AlignedBuf, POOL_LEN};
+use super::gather::{Gather, RUN_LEN};
 use super::history::SegRef;
 use super::plan::Plan;
 use super::read::{check_record, decompress_chunk_into, read_raw};
@@ -82,24 +83,64 @@ pub async fn execute(
         .collect::<Vec<_>>();
     // 2. The rest from the baseline's chunks, at the same time (the
     //    ranges are disjoint).
-    let chunk_jobs = (0..plan.baseline.chunks.len())
-        .map(|i| restore_chunk(plan, store, i, sink.clone(), progress.clone()));
-    let chunks = futures::stream::iter(chunk_jobs)
-        .buffered(8)
-        .collect::<Vec<_>>();
+    let chunks = restore_chunks(plan, store, sink.clone(), progress.clone());
     let (journal, chunks) = futures::join!(journal, chunks);
     for r in journal {
         let (n, b) = r?;
         stats.journal_records += n;
         stats.journal_bytes += b;
     }
-    for r in chunks {
-        let (n, bytes) = r?;
-        stats.chunks_fetched += n;
-        stats.chunk_bytes += bytes;
-    }
+    (stats.chunks_fetched, stats.chunk_bytes) = chunks?;
     stats.bytes = plan.size;
     Ok(stats)
+}
+
+/// Every chunk of the baseline the plan needs, fetched and decoded 8 at a
+/// time, in disk order. Pieces are written by the thread that decoded
+/// them; whole chunks, if the sink [gathers](Sink::gathers), by its one
+/// writer ([`Gather`]), which has written all of them when this returns
+/// Ok. Returns (chunks fetched, bytes).
+async fn restore_chunks(
+    plan: &Plan,
+    store: Option<&Store>,
+    sink: Arc<dyn Sink>,
+    progress: Option<Progress>,
+) -> Result<(u64, u64), RestoreError> {
+    let mut gather = sink
+        .gathers()
+        .then(|| Gather::start(sink.clone(), progress.clone()));
+    let whole = gather.is_some();
+    let jobs = (0..plan.baseline.chunks.len())
+        .map(|i| restore_chunk(plan, store, i, whole, sink.clone(), progress.clone()));
+    let mut stream = futures::stream::iter(jobs).buffered(8);
+    let mut done = (0, 0);
+    let mut failed = None;
+    while let Some(r) = stream.next().await {
+        match r {
+            Ok((n, bytes, buf)) => {
+                done.0 += n;
+                done.1 += bytes;
+                if let (Some(g), Some((at, buf))) = (gather.as_mut(), buf) {
+                    if !g.push(at, buf).await {
+                        break; // The writer failed: finish() says why.
+                    }
+                }
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    drop(stream);
+    let written = match gather {
+        Some(g) => g.finish().await.map_err(io_err(Path::new(&plan.disk))),
+        None => Ok(()),
+    };
+    match failed {
+        Some(e) => Err(e),
+        None => written.map(|()| done),
+    }
 }
 
 /// The ranges of the disk the plan writes data to (journal extents and
@@ -179,19 +220,69 @@ async fn restore_segment(
             let b = (r.payload_pos + r.length - lo) as usize;
             check_record(&disk, r, &raw[a..b])?;
         }
-        let mut bytes = 0;
-        for &(s, e, pos) in &extents {
+        let piece = |&(s, e, pos): &(u64, u64, u64)| {
             let (lo, raw) = at(pos);
             let a = (pos - lo) as usize;
-            sink.write(s, &raw[a..a + (e - s) as usize])
-                .map_err(io_err(Path::new(&disk)))?;
-            bytes += e - s;
-            tick(&progress, e - s);
-        }
+            &raw[a..a + (e - s) as usize]
+        };
+        let bytes = write_extents(sink.as_ref(), &extents, piece, &progress)
+            .map_err(io_err(Path::new(&disk)))?;
         Ok::<_, RestoreError>((recs.len() as u64, bytes))
     })
     .await
     .expect("restore worker panicked")
+}
+
+/// Write a segment's extents (sorted by disk offset, disjoint), `piece`
+/// giving each one's bytes. Extents that follow on on the disk are copied
+/// together into runs of aligned buffers of up to [`RUN_LEN`] bytes and
+/// written with one [`Sink::write_gathered`]: a journal of small records
+/// costs a few large writes, not one write (and one wait on the file's
+/// lock) per record. Returns the bytes written.
+fn write_extents<'a>(
+    sink: &dyn Sink,
+    extents: &'a [(u64, u64, u64)],
+    piece: impl Fn(&'a (u64, u64, u64)) -> &'a [u8],
+    progress: &Option<Progress>,
+) -> std::io::Result<u64> {
+    let mut bytes = 0;
+    let mut i = 0;
+    while i < extents.len() {
+        let start = extents[i].0;
+        let mut j = i + 1;
+        while j < extents.len()
+            && extents[j].0 == extents[j - 1].1
+            && extents[j].1 - start <= RUN_LEN
+        {
+            j += 1;
+        }
+        let end = extents[j - 1].1;
+        if j == i + 1 {
+            sink.write(start, piece(&extents[i]))?;
+        } else {
+            let mut bufs: Vec<AlignedBuf> = Vec::new();
+            let mut filled = 0;
+            let mut at = start;
+            for x in &extents[i..j] {
+                let mut src = piece(x);
+                while !src.is_empty() {
+                    if bufs.is_empty() || filled == POOL_LEN {
+                        bufs.push(AlignedBuf::take(POOL_LEN.min((end - at) as usize)));
+                        filled = 0;
+                    }
+                    let buf = bufs.last_mut().expect("just pushed");
+                    let n = src.len().min(buf.len() - filled);
+                    buf[filled..filled + n].copy_from_slice(&src[..n]);
+                    (filled, at, src) = (filled + n, at + n as u64, &src[n..]);
+                }
+            }
+            sink.write_gathered(start, &bufs)?;
+        }
+        bytes += end - start;
+        tick(progress, end - start);
+        i = j;
+    }
+    Ok(bytes)
 }
 
 /// The records a segment's extents come from, in segment order, once each.
@@ -243,33 +334,39 @@ async fn read_runs(
     .collect()
 }
 
+/// A chunk decoded and checked, not written yet: its offset and bytes.
+type WholeChunk = Option<(u64, AlignedBuf)>;
+
 /// Chunk `i` of the baseline, for the ranges no journal extent covers: zeros
 /// for a chunk that is all zeros, else fetched, checked against its name and
-/// written. Returns (chunks fetched, bytes).
+/// written; with `whole`, a chunk needed whole and aligned is returned
+/// instead, for the caller to write. Returns (chunks fetched, bytes, that
+/// chunk).
 async fn restore_chunk(
     plan: &Plan,
     store: Option<&Store>,
     i: usize,
+    whole: bool,
     sink: Arc<dyn Sink>,
     progress: Option<Progress>,
-) -> Result<(u64, u64), RestoreError> {
+) -> Result<(u64, u64, WholeChunk), RestoreError> {
     let b = &plan.baseline;
     let start = i as u64 * b.chunk_size;
     let end = (start + b.chunk_size).min(b.size);
     // Of a disk shrunk since the baseline, only what is left of it.
     if start >= plan.size {
-        return Ok((0, 0));
+        return Ok((0, 0, None));
     }
     let gaps = plan.extents.uncovered(start, end.min(plan.size));
     if gaps.is_empty() {
-        return Ok((0, 0));
+        return Ok((0, 0, None));
     }
     let Some(hash) = &b.chunks[i] else {
         for (s, e) in gaps {
             sink.zero(s, e - s).map_err(io_err(Path::new(&plan.disk)))?;
             tick(&progress, e - s);
         }
-        return Ok((0, 0));
+        return Ok((0, 0, None));
     };
     let store = store.ok_or_else(|| RestoreError::Corrupt {
         what: rf::chunk_key(hash),
@@ -287,17 +384,91 @@ async fn restore_chunk(
     // into an aligned buffer (chunks start at aligned offsets), so a
     // [`super::DirectFile`] writes it to the device as it is.
     let (hash, disk) = (hash.clone(), plan.disk.clone());
+    let a = super::aligned::align() as u64;
+    let whole = whole
+        && gaps == [(start, end)]
+        && start.is_multiple_of(a)
+        && (end - start).is_multiple_of(a);
     tokio::task::spawn_blocking(move || {
         let mut data = AlignedBuf::take((end - start) as usize);
         decompress_chunk_into(&namer, &hash, &obj, &mut data)?;
         drop(obj);
+        if whole {
+            return Ok((1, end - start, Some((start, data))));
+        }
         for (s, e) in gaps {
             sink.write(s, &data[(s - start) as usize..(e - start) as usize])
                 .map_err(io_err(Path::new(&disk)))?;
             tick(&progress, e - s);
         }
-        Ok((1, end - start))
+        Ok((1, end - start, None))
     })
     .await
     .expect("restore worker panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records every write and gathered write it is given.
+    #[derive(Default)]
+    struct Log(Mutex<Vec<(u64, Vec<u8>, usize)>>);
+
+    impl Sink for Log {
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((offset, data.to_vec(), 1));
+            Ok(())
+        }
+        fn zero(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_gathered(&self, offset: u64, bufs: &[AlignedBuf]) -> std::io::Result<()> {
+            let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.0.lock().unwrap().push((offset, data, bufs.len()));
+            Ok(())
+        }
+    }
+
+    /// Extents that follow on on the disk are written together (at most
+    /// RUN_LEN at a time), with the right bytes; the others one by one.
+    #[test]
+    fn adjacent_extents_are_written_together() {
+        let k = 4096u64;
+        // Disk offsets: 0..3 blocks adjacent; a gap; one block; then
+        // RUN_LEN + 2 blocks adjacent (two runs); payload positions
+        // deliberately out of order.
+        let mut extents = vec![(0, k, 9 * k), (k, 2 * k, 0), (2 * k, 3 * k, 5 * k)];
+        extents.push((10 * k, 11 * k, 3 * k));
+        let base = 20 * k;
+        let n = RUN_LEN / k + 2;
+        extents.extend((0..n).map(|i| (base + i * k, base + (i + 1) * k, (i % 7) * k)));
+        let payload = |pos: u64| -> Vec<u8> { (0..k).map(|i| (pos / k * 31 + i) as u8).collect() };
+        let pieces: Vec<Vec<u8>> = extents.iter().map(|x| payload(x.2)).collect();
+        let log = Log::default();
+        let piece = |x: &(u64, u64, u64)| {
+            let i = extents.iter().position(|y| y == x).unwrap();
+            &pieces[i][..]
+        };
+        let bytes = write_extents(&log, &extents, piece, &None).unwrap();
+        assert_eq!(bytes, extents.iter().map(|x| x.1 - x.0).sum::<u64>());
+        let writes = log.0.into_inner().unwrap();
+        let starts: Vec<u64> = writes.iter().map(|w| w.0).collect();
+        let run2 = base + RUN_LEN;
+        assert_eq!(starts, vec![0, 10 * k, base, run2]);
+        assert_eq!(writes[0].2, 1, "3 blocks fit one buffer");
+        assert_eq!(writes[1].2, 1);
+        assert_eq!(writes[2].1.len() as u64, RUN_LEN);
+        assert_eq!(writes[3].1.len() as u64, 2 * k);
+        // Every byte where it belongs.
+        for (at, data, _) in &writes {
+            for (x, p) in extents.iter().zip(&pieces) {
+                if x.0 >= *at && x.1 <= at + data.len() as u64 {
+                    let a = (x.0 - at) as usize;
+                    assert_eq!(&data[a..a + k as usize], &p[..]);
+                }
+            }
+        }
+    }
 }

@@ -27,6 +27,7 @@ use crate::read::ReadError;
 pub mod aligned;
 pub mod chain;
 pub mod execute;
+pub mod gather;
 pub mod history;
 pub mod plan;
 pub mod point;

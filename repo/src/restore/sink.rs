@@ -16,6 +16,22 @@ pub trait Sink: Send + Sync {
     /// Told once, before any write, the sorted disjoint ranges that will be
     /// written with data (not zeros). A hint: nothing by default.
     fn will_write(&self, _ranges: &[(u64, u64)]) {}
+    /// True if the sink would rather be given whole aligned chunks in disk
+    /// order, gathered into runs, by one writer ([`Sink::write_gathered`])
+    /// than pieces from many threads at once.
+    fn gathers(&self) -> bool {
+        false
+    }
+    /// Write `bufs` one after the other from `offset` (consecutive ranges
+    /// of the disk, each given once). By default one [`Sink::write`] each.
+    fn write_gathered(&self, offset: u64, bufs: &[AlignedBuf]) -> std::io::Result<()> {
+        let mut at = offset;
+        for b in bufs {
+            self.write(at, b)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 /// A new sparse file: zeros are holes, nothing to write.
@@ -110,6 +126,12 @@ impl DirectFile {
 /// ones cost more than copying them.
 const DIRECT_MIN: usize = 128 << 10;
 
+/// Gathered runs smaller than this go through the page cache: a direct
+/// write waits for the device, and a run of a few journal records (broken
+/// where another segment holds the next block) is written faster by the
+/// flusher, which merges neighbouring runs into large requests.
+const DIRECT_RUN_MIN: usize = 4 << 20;
+
 /// `file` opened again, write-only, with `O_DIRECT` (through
 /// `/proc/self/fd`, so the same inode whatever happened to its name since);
 /// None where that is refused.
@@ -175,6 +197,63 @@ impl Sink for DirectFile {
         Ok(())
     }
     fn zero(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Whole chunks, gathered, go to the device in one request of several
+    /// MiB (this disk serves 1 MiB direct writes much worse than 4 MiB
+    /// ones: BENCHMARKS.md, "Restore").
+    fn gathers(&self) -> bool {
+        self.is_direct()
+    }
+    /// One `pwritev` of all of `bufs` on the `O_DIRECT` descriptor when
+    /// they are all aligned (memory, length, offset) and at least
+    /// [`DIRECT_RUN_MIN`] bytes, else through the page cache; `EINVAL`
+    /// turns direct writes off as in [`Sink::write`].
+    fn write_gathered(&self, offset: u64, bufs: &[AlignedBuf]) -> std::io::Result<()> {
+        let a = align();
+        let aligned = offset.is_multiple_of(a as u64)
+            && bufs
+                .iter()
+                .all(|b| b.len().is_multiple_of(a) && (b.as_ptr() as usize).is_multiple_of(a));
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let direct = match &self.direct {
+            Some(d)
+                if aligned && total >= DIRECT_RUN_MIN && self.direct_ok.load(Ordering::Relaxed) =>
+            {
+                d
+            }
+            _ => {
+                let mut at = offset;
+                for b in bufs {
+                    write_back_soon(&self.file, at, b)?;
+                    at += b.len() as u64;
+                }
+                return Ok(());
+            }
+        };
+        let mut slices: Vec<std::io::IoSlice> =
+            bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        let mut at = offset;
+        while !rest.is_empty() {
+            match nix::sys::uio::pwritev(direct, rest, at as libc::off_t) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    at += n as u64;
+                    std::io::IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EINVAL) => {
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                    for s in rest.iter() {
+                        write_back_soon(&self.file, at, s)?;
+                        at += s.len() as u64;
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 }
@@ -275,6 +354,62 @@ mod tests {
                 7,
                 1,
             );
+        }
+    }
+
+    /// Runs given to `write_gathered`, large (direct where allowed) and
+    /// small (buffered), aligned or not, through both sinks: the file holds
+    /// exactly the bytes given, once.
+    #[test]
+    fn gathered_runs_give_the_disk() {
+        let mb = 1 << 20;
+        let size = 12 * mb + 8192;
+        let disk: Vec<u8> = (0..size).map(|i| (i * 13 + i / 4096) as u8 | 1).collect();
+        // (offset, lengths of the buffers): a run of 5 MiB (direct), one of
+        // 2 MiB (buffered), one starting unaligned, one with a short tail.
+        let runs: [(usize, &[usize]); 4] = [
+            (0, &[mb; 5]),
+            (5 * mb, &[mb, mb]),
+            (7 * mb, &[100]),
+            (7 * mb + 100, &[mb - 100, mb, mb, mb, mb, 4096]),
+        ];
+        for d in dirs() {
+            for direct in [true, false] {
+                let path = d.path().join(format!("g{direct}"));
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .unwrap();
+                f.set_len(size as u64).unwrap();
+                let sink: Box<dyn Sink> = if direct {
+                    Box::new(DirectFile::new(f.try_clone().unwrap()))
+                } else {
+                    Box::new(FreshFile(f.try_clone().unwrap()))
+                };
+                sink.will_write(&[(0, size as u64)]);
+                let mut written = 0;
+                for (at, lens) in runs {
+                    let mut pos = at;
+                    let bufs: Vec<AlignedBuf> = lens
+                        .iter()
+                        .map(|&n| {
+                            let mut b = AlignedBuf::take(n);
+                            b.copy_from_slice(&disk[pos..pos + n]);
+                            pos += n;
+                            b
+                        })
+                        .collect();
+                    sink.write_gathered(at as u64, &bufs).unwrap();
+                    written = pos;
+                }
+                assert_eq!(written, size - 4096);
+                sink.write((size - 4096) as u64, &disk[size - 4096..])
+                    .unwrap();
+                f.sync_all().unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), disk, "direct {direct}");
+            }
         }
     }
 
