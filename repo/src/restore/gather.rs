@@ -129,3 +129,90 @@ impl Gather {
         first
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records gathered runs; fails every write at or after `fail_at`.
+    struct Runs {
+        got: Mutex<Vec<(u64, Vec<u8>)>>,
+        fail_at: u64,
+    }
+
+    impl Sink for Runs {
+        fn write(&self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+            unreachable!("gathered chunks come through write_gathered")
+        }
+        fn zero(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_gathered(&self, offset: u64, bufs: &[AlignedBuf]) -> std::io::Result<()> {
+            if offset >= self.fail_at {
+                return Err(std::io::Error::other("disk full"));
+            }
+            let data = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.got.lock().unwrap().push((offset, data));
+            Ok(())
+        }
+    }
+
+    fn chunk(i: u64) -> AlignedBuf {
+        let mut b = AlignedBuf::take(1 << 20);
+        b.fill(i as u8 + 1);
+        b
+    }
+
+    /// Chunks 0..20 but 12 (covered by the journal): runs of at most
+    /// RUN_LEN, broken at the gap, every chunk once with its bytes, and
+    /// progress told of every byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chunks_become_runs_and_are_all_written() {
+        let sink = Arc::new(Runs {
+            got: Mutex::new(Vec::new()),
+            fail_at: u64::MAX,
+        });
+        let told = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let t = told.clone();
+        let progress: Progress = Arc::new(move |n| {
+            t.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        });
+        let mut g = Gather::start(sink.clone(), Some(progress));
+        let mb = 1u64 << 20;
+        for i in (0..20).filter(|&i| i != 12) {
+            assert!(g.push(i * mb, chunk(i)).await);
+        }
+        g.finish().await.unwrap();
+        let mut got = sink.got.lock().unwrap().clone();
+        got.sort_by_key(|r| r.0);
+        let runs: Vec<(u64, u64)> = got.iter().map(|r| (r.0, r.1.len() as u64)).collect();
+        assert_eq!(runs, vec![(0, 8 * mb), (8 * mb, 4 * mb), (13 * mb, 7 * mb)]);
+        for (at, data) in &got {
+            for (k, c) in data.chunks(mb as usize).enumerate() {
+                let i = at / mb + k as u64;
+                assert!(c.iter().all(|&b| b == i as u8 + 1), "chunk {i}");
+            }
+        }
+        assert_eq!(told.load(std::sync::atomic::Ordering::Relaxed), 19 * mb);
+    }
+
+    /// A failed write stops the gathering and finish() reports it: a
+    /// restore never ends Ok with chunks not written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_is_reported() {
+        let mb = 1u64 << 20;
+        let sink = Arc::new(Runs {
+            got: Mutex::new(Vec::new()),
+            fail_at: 8 * mb,
+        });
+        let mut g = Gather::start(sink, None);
+        for i in 0..64 {
+            if !g.push(i * mb, chunk(i)).await {
+                break;
+            }
+        }
+        let e = g.finish().await.unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+    }
+}
