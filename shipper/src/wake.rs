@@ -28,12 +28,16 @@ pub struct StateWatch {
 }
 
 impl StateWatch {
-    /// Watch `dir` (not its subdirectories). Needs a tokio runtime.
+    /// Watch `dir` (not its subdirectories). Needs a tokio runtime. A
+    /// symlink in its place is not followed (the tree is the VM's), and
+    /// anything but a directory is refused.
     pub fn new(dir: &Path) -> io::Result<StateWatch> {
         let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
         ino.add_watch(
             dir,
-            AddWatchFlags::IN_MODIFY
+            AddWatchFlags::IN_DONT_FOLLOW
+                | AddWatchFlags::IN_ONLYDIR
+                | AddWatchFlags::IN_MODIFY
                 | AddWatchFlags::IN_CREATE
                 | AddWatchFlags::IN_MOVED_TO
                 | AddWatchFlags::IN_CLOSE_WRITE,
@@ -89,5 +93,23 @@ mod tests {
             .await
             .expect("not woken by a write in the directory")
             .unwrap();
+    }
+
+    /// A symlink in the directory's place is not followed, and a file is
+    /// not a directory: no watch (the shipper then polls).
+    #[test]
+    fn a_symlink_or_a_file_is_not_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        assert!(StateWatch::new(&dir.path().join("real")).is_ok());
+        assert!(StateWatch::new(&dir.path().join("link")).is_err());
+        assert!(StateWatch::new(&dir.path().join("file")).is_err());
     }
 }
