@@ -11,7 +11,6 @@ use cdp_core::journal::format::{IndexEntry, RECORD_HEADER_LEN};
 use futures::StreamExt;
 
 use super::aligned::{AlignedBuf, POOL_LEN};
-use super::gather::{Gather, RUN_LEN};
 use super::history::SegRef;
 use super::plan::Plan;
 use super::read::{check_record, decompress_chunk_into, read_raw};
@@ -70,7 +69,6 @@ pub async fn execute(
     progress: Option<Progress>,
 ) -> Result<RestoreStats, RestoreError> {
     let mut stats = RestoreStats::default();
-    sink.will_write(&data_ranges(plan));
     // 1. Journal extents, grouped by segment; each referenced record is read
     //    whole and its CRC checked.
     let by_seg = journal_extents(plan, sink.as_ref(), &progress)?;
@@ -95,82 +93,29 @@ pub async fn execute(
     Ok(stats)
 }
 
-/// Every chunk of the baseline the plan needs, fetched and decoded 8 at a
-/// time, in disk order. Pieces are written by the thread that decoded
-/// them; whole chunks, if the sink [gathers](Sink::gathers), by its one
-/// writer ([`Gather`]), which has written all of them when this returns
-/// Ok. Returns (chunks fetched, bytes).
+/// Every chunk of the baseline the plan needs, fetched, decoded and
+/// written 8 at a time. Returns (chunks fetched, bytes).
 async fn restore_chunks(
     plan: &Plan,
     store: Option<&Store>,
     sink: Arc<dyn Sink>,
     progress: Option<Progress>,
 ) -> Result<(u64, u64), RestoreError> {
-    let mut gather = sink
-        .gathers()
-        .then(|| Gather::start(sink.clone(), progress.clone()));
-    let whole = gather.is_some();
     let jobs = (0..plan.baseline.chunks.len())
-        .map(|i| restore_chunk(plan, store, i, whole, sink.clone(), progress.clone()));
+        .map(|i| restore_chunk(plan, store, i, sink.clone(), progress.clone()));
     let mut stream = futures::stream::iter(jobs).buffered(8);
     let mut done = (0, 0);
-    let mut failed = None;
     while let Some(r) = stream.next().await {
-        match r {
-            Ok((n, bytes, buf)) => {
-                done.0 += n;
-                done.1 += bytes;
-                if let (Some(g), Some((at, buf))) = (gather.as_mut(), buf) {
-                    if !g.push(at, buf).await {
-                        break; // The writer failed: finish() says why.
-                    }
-                }
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
+        let (n, bytes) = r?;
+        done.0 += n;
+        done.1 += bytes;
     }
-    drop(stream);
-    let written = match gather {
-        Some(g) => g.finish().await.map_err(io_err(Path::new(&plan.disk))),
-        None => Ok(()),
-    };
-    match failed {
-        Some(e) => Err(e),
-        None => written.map(|()| done),
-    }
+    Ok(done)
 }
 
-/// The ranges of the disk the plan writes data to (journal extents and
-/// what is left of the baseline's non-zero chunks), sorted, adjacent ones
-/// merged.
-fn data_ranges(plan: &Plan) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = plan
-        .extents
-        .iter()
-        .filter(|(_, _, src)| matches!(src, Source::Journal { .. }))
-        .map(|(s, e, _)| (s, e))
-        .collect();
-    let b = &plan.baseline;
-    for (i, c) in b.chunks.iter().enumerate() {
-        let start = i as u64 * b.chunk_size;
-        let end = (start + b.chunk_size).min(b.size).min(plan.size);
-        if c.is_some() && start < end {
-            v.extend(plan.extents.uncovered(start, end));
-        }
-    }
-    v.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (s, e) in v {
-        match merged.last_mut() {
-            Some(l) if s <= l.1 => l.1 = l.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    merged
-}
+/// Journal extents that follow on on the disk are written together, in
+/// runs of at most this many bytes.
+const RUN_LEN: u64 = 8 << 20;
 
 /// The plan's journal extents grouped by segment; the zero extents are
 /// given to the sink right away.
@@ -334,39 +279,33 @@ async fn read_runs(
     .collect()
 }
 
-/// A chunk decoded and checked, not written yet: its offset and bytes.
-type WholeChunk = Option<(u64, AlignedBuf)>;
-
 /// Chunk `i` of the baseline, for the ranges no journal extent covers: zeros
 /// for a chunk that is all zeros, else fetched, checked against its name and
-/// written; with `whole`, a chunk needed whole and aligned is returned
-/// instead, for the caller to write. Returns (chunks fetched, bytes, that
-/// chunk).
+/// written. Returns (chunks fetched, bytes).
 async fn restore_chunk(
     plan: &Plan,
     store: Option<&Store>,
     i: usize,
-    whole: bool,
     sink: Arc<dyn Sink>,
     progress: Option<Progress>,
-) -> Result<(u64, u64, WholeChunk), RestoreError> {
+) -> Result<(u64, u64), RestoreError> {
     let b = &plan.baseline;
     let start = i as u64 * b.chunk_size;
     let end = (start + b.chunk_size).min(b.size);
     // Of a disk shrunk since the baseline, only what is left of it.
     if start >= plan.size {
-        return Ok((0, 0, None));
+        return Ok((0, 0));
     }
     let gaps = plan.extents.uncovered(start, end.min(plan.size));
     if gaps.is_empty() {
-        return Ok((0, 0, None));
+        return Ok((0, 0));
     }
     let Some(hash) = &b.chunks[i] else {
         for (s, e) in gaps {
             sink.zero(s, e - s).map_err(io_err(Path::new(&plan.disk)))?;
             tick(&progress, e - s);
         }
-        return Ok((0, 0, None));
+        return Ok((0, 0));
     };
     let store = store.ok_or_else(|| RestoreError::Corrupt {
         what: rf::chunk_key(hash),
@@ -380,28 +319,18 @@ async fn restore_chunk(
     // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
     let namer = store.chunk_namer().await.map_err(ReadError::from)?;
     // Decompressing, hashing and writing run on the blocking pool: in
-    // parallel, off the thread that fetches. The chunk is decompressed
-    // into an aligned buffer (chunks start at aligned offsets), so a
-    // [`super::DirectFile`] writes it to the device as it is.
+    // parallel, off the thread that fetches, into a pooled buffer.
     let (hash, disk) = (hash.clone(), plan.disk.clone());
-    let a = super::aligned::align() as u64;
-    let whole = whole
-        && gaps == [(start, end)]
-        && start.is_multiple_of(a)
-        && (end - start).is_multiple_of(a);
     tokio::task::spawn_blocking(move || {
         let mut data = AlignedBuf::take((end - start) as usize);
         decompress_chunk_into(&namer, &hash, &obj, &mut data)?;
         drop(obj);
-        if whole {
-            return Ok((1, end - start, Some((start, data))));
-        }
         for (s, e) in gaps {
             sink.write(s, &data[(s - start) as usize..(e - start) as usize])
                 .map_err(io_err(Path::new(&disk)))?;
             tick(&progress, e - s);
         }
-        Ok((1, end - start, None))
+        Ok((1, end - start))
     })
     .await
     .expect("restore worker panicked")

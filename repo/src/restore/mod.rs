@@ -27,7 +27,6 @@ use crate::read::ReadError;
 pub mod aligned;
 pub mod chain;
 pub mod execute;
-pub mod gather;
 pub mod history;
 pub mod plan;
 pub mod point;
@@ -42,7 +41,7 @@ pub use history::{
 pub use plan::{plan, restorable_ranges, Plan};
 pub use point::{resolve, Point};
 pub use read::{check_record, fetch_chunk, read_raw, read_record};
-pub use sink::{DirectFile, FreshFile, InPlace, Sink};
+pub use sink::{FreshFile, InPlace, Sink};
 
 #[derive(Debug, Error)]
 pub enum RestoreError {
