@@ -96,6 +96,7 @@ async fn run(a: RunArgs) -> Result<()> {
     let mode = Mode {
         once: a.once,
         follow_pid: a.follow_pid,
+        idle_pass: None,
     };
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -63,6 +63,10 @@ pub struct Mode {
     /// Follow this process (the VM's cdpd): when it has exited, ship what is
     /// left and return.
     pub follow_pid: Option<i32>,
+    /// The longest an idle shipper goes without a whole pass (None:
+    /// [`IDLE_PASS`]); a test sets it to hours to see that a seal, not the
+    /// timer, wakes the shipper.
+    pub idle_pass: Option<Duration>,
 }
 
 #[derive(Debug, Error)]
@@ -148,7 +152,7 @@ pub async fn run(
             }
             Ok(_) => {
                 failures = 0;
-                let mut until = Instant::now() + IDLE_PASS.max(poll);
+                let mut until = Instant::now() + mode.idle_pass.unwrap_or(IDLE_PASS).max(poll);
                 if let Some(w) = s.next_wake() {
                     until = until.min(w);
                 }

@@ -448,8 +448,8 @@ fn service_waits_for_the_lock_then_follows_cdpd_to_the_end() {
         .unwrap();
     let (_tx, stop) = tokio::sync::watch::channel(false);
     let mode = Mode {
-        once: false,
         follow_pid: Some(pid),
+        ..Mode::default()
     };
     let out = rt.block_on(service::run(s, mode, stop)).unwrap();
     let Outcome::Drained(st) = out else {

@@ -97,10 +97,9 @@ fn idle_passes_commit_nothing_to_the_catalog() {
     );
 }
 
-/// The service loop idles without writing (a whole pass at most every
-/// `IDLE_PASS`, a cheap look at the catalog every poll) and ships a segment
-/// sealed meanwhile quickly: it is woken by the catalog's change, not by the
-/// next whole pass.
+/// The service loop idles without writing (a cheap look at the catalog
+/// every poll) and ships a segment sealed meanwhile: it is woken by the
+/// catalog's change, not by the next whole pass (set an hour away).
 #[test]
 fn the_idle_service_writes_nothing_and_ships_a_new_segment_at_once() {
     let d = Daemon::builder()
@@ -119,7 +118,12 @@ fn the_idle_service_writes_nothing_and_ships_a_new_segment_at_once() {
         ))
         .unwrap();
     let (tx, stop) = tokio::sync::watch::channel(false);
-    let svc = rt.spawn(service::run(s, Mode::default(), stop));
+    // No whole pass for an hour: only the seal can wake it.
+    let mode = Mode {
+        idle_pass: Some(Duration::from_secs(3600)),
+        ..Mode::default()
+    };
+    let svc = rt.spawn(service::run(s, mode, stop));
     let observer = Catalog::open(&d.state_dir, &d.vm_uuid).unwrap();
     let up = Instant::now();
     while observer.targets(&d.vm_uuid).unwrap().is_empty() {
@@ -135,10 +139,10 @@ fn the_idle_service_writes_nothing_and_ships_a_new_segment_at_once() {
         v,
         "an idle shipper committed to the catalog"
     );
-    // A write, sealed after 20 ms, is shipped well before the next whole
-    // pass would have come (IDLE_PASS after the last), three times in a row
-    // (a shipper that only passed every IDLE_PASS would manage that by luck
-    // about once in 10).
+    // A write, sealed after 20 ms, is shipped long before the next whole
+    // pass would come (an hour after the last), three times in a row: the
+    // seal woke the shipper. (No tight timing: a loaded machine only makes
+    // each round slower.)
     let sealed = |c: &Catalog| {
         c.segments(&d.vm_uuid)
             .unwrap()
@@ -146,7 +150,6 @@ fn the_idle_service_writes_nothing_and_ships_a_new_segment_at_once() {
             .filter(|s| s.sealed)
             .count()
     };
-    let mut lags = Vec::new();
     for round in 0..3 {
         let before = sealed(&observer);
         qemu_io(&d, "vda", &writes(1, 2 + round));
@@ -161,16 +164,14 @@ fn the_idle_service_writes_nothing_and_ships_a_new_segment_at_once() {
             .unwrap()
             .is_empty()
         {
-            assert!(t1.elapsed() < Duration::from_secs(10), "never shipped");
+            assert!(
+                t1.elapsed() < Duration::from_secs(60),
+                "round {round}: not shipped: the seal did not wake the shipper"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
-        lags.push(t1.elapsed());
     }
     tx.send(true).unwrap();
     let out = rt.block_on(svc).unwrap().unwrap();
     assert!(matches!(out, Outcome::Drained(_)), "{out:?}");
-    assert!(
-        lags.iter().all(|l| *l < service::IDLE_PASS * 2 / 5),
-        "shipped {lags:?} after the seal: not woken by it"
-    );
 }
