@@ -89,6 +89,24 @@ fn start_on_boot_1(size: u64, seed: u64, extra: &[&str]) -> (Daemon, PathBuf, Pa
     (d, repo, cfg, boot2)
 }
 
+/// Wait for the start after the power loss to finish its resync; its
+/// disk status then.
+fn resynced(d: &Daemon) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = disk_status(d);
+        if s["journal_mode"] == "normal" && u(&s, "resyncs_done") >= 1 {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no resync after the power loss: {s}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn catalog_gaps(d: &Daemon) -> Vec<String> {
     let conn = rusqlite::Connection::open_with_flags(
         d.catalog_path(),
@@ -144,19 +162,7 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
 
     d.extra = vec!["--boot-id-file".into(), boot2.into()];
     d.start();
-    let t0 = Instant::now();
-    let s = loop {
-        let s = disk_status(&d);
-        if s["journal_mode"] == "normal" && u(&s, "resyncs_done") >= 1 {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no resync after the power loss: {s}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let s = resynced(&d);
     let read = u(&s, "resync_bytes_read");
     assert_eq!(
         read,
@@ -293,19 +299,7 @@ fn a_segment_created_after_the_last_flush_and_lost_is_removed_and_resynced() {
 
     d.extra = vec!["--boot-id-file".into(), boot2.into()];
     d.start();
-    let t0 = Instant::now();
-    loop {
-        let s = disk_status(&d);
-        if s["journal_mode"] == "normal" && u(&s, "resyncs_done") >= 1 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no resync after the power loss: {s}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    resynced(&d);
     assert!(
         d.log().contains("its header never reached the disk"),
         "the removal is said: {}",

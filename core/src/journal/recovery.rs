@@ -319,10 +319,16 @@ fn remove_unsynced_creates(
     segs: &[(u64, PathBuf)],
     r: &mut Recovered,
 ) -> Result<bool, RecoveryError> {
-    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let mut from = None;
     for (i, (_, path)) in segs.iter().enumerate() {
-        let f = File::open(path).map_err(io_err(path))?;
+        // Not through a link: the tree is the VM's (its user may be root's
+        // only neighbour here).
+        let f = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(io_err(path))?;
         let len = f.metadata().map_err(io_err(path))?.len();
         if len <= SEGMENT_HEADER_LEN as u64 {
             continue;
