@@ -10,6 +10,7 @@ pub mod baseline;
 pub mod error;
 pub mod lock;
 pub mod plan;
+pub mod pool;
 pub mod service;
 pub mod ship;
 pub mod throttle;

@@ -22,6 +22,11 @@ use crate::{PassStats, Shipper};
 /// write), and passes at once when it did (cdpd sealed a segment).
 pub const IDLE_PASS: Duration = Duration::from_secs(1);
 
+/// A shipper that shipped nothing for this long gives its encoding
+/// buffers back ([`crate::pool::release`]); a busy disk seals more often
+/// and keeps them from one segment to the next.
+pub const RELEASE_BUFFERS_AFTER: Duration = Duration::from_secs(2);
+
 /// Wait, idle, until `woken()` or `until`; true when `stop` came instead.
 /// `woken()` (the catalog changed, the followed cdpd exited) is asked when
 /// the VM's state directory changed (`watch`), or every `poll` without a
@@ -131,6 +136,7 @@ pub async fn run(
         .map(|u| StateDir::new(&s.opts.state_dir).vm(&u.hyphenated().to_string()))
         .and_then(|dir| StateWatch::new(dir.path()).ok());
     let mut failures = 0u32;
+    let mut last_shipped = Instant::now();
     loop {
         if follow_gone() {
             eprintln!(
@@ -148,10 +154,16 @@ pub async fn run(
         let wait = match s.pass().await {
             Ok(st) if st.shipped > 0 => {
                 failures = 0;
+                last_shipped = Instant::now();
                 continue;
             }
             Ok(_) => {
                 failures = 0;
+                // Idle for a while (not between two segments of a busy
+                // disk): the encoding buffers go back to the allocator.
+                if last_shipped.elapsed() >= RELEASE_BUFFERS_AFTER {
+                    crate::pool::release();
+                }
                 let mut until = Instant::now() + mode.idle_pass.unwrap_or(IDLE_PASS).max(poll);
                 if let Some(w) = s.next_wake() {
                     until = until.min(w);

@@ -13,6 +13,7 @@ use cdp_repo::format::{self as rf, ChainLink, IndexMeta, SegmentIndex};
 use cdp_repo::store::{with_retry, RetryPolicy, Store};
 
 use crate::error::{Result, ShipError};
+use crate::pool;
 use crate::throttle::Throttle;
 
 pub struct Shipped {
@@ -29,7 +30,7 @@ pub fn encode_segment(
     path: &str,
     raw: &[u8],
     prev: Option<ChainLink>,
-) -> Result<(Vec<u8>, SegmentIndex)> {
+) -> Result<(bytes::Bytes, SegmentIndex)> {
     let bad = |source| ShipError::Segment {
         path: path.into(),
         source,
@@ -79,8 +80,11 @@ pub const SEGMENT_LEVEL: i32 = -1;
 /// that take the next frame as they finish one (a core busy with other
 /// work only takes fewer). This thread joins the frames in order and
 /// hashes the object (BLAKE3) as they arrive, while the workers compress
-/// the next ones. Returns the object, its frame table and its hash.
-fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>, blake3::Hash)> {
+/// the next ones. Returns the object, its frame table and its hash. Every
+/// buffer is pooled ([`crate::pool`]): no fresh pages per segment, and the
+/// object starts on a page boundary (the `file://` backend writes it with
+/// `O_DIRECT`).
+fn compress_parallel(raw: &[u8]) -> std::io::Result<(bytes::Bytes, Vec<rf::Frame>, blake3::Hash)> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let n = raw.len().div_ceil(rf::FRAME_RAW);
     let workers = std::thread::available_parallelism()
@@ -110,7 +114,7 @@ fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>, bl
             });
         }
         drop(tx);
-        let mut obj = Vec::with_capacity(raw.len() + raw.len() / 64 + 4096);
+        let mut obj = pool::Object::with_capacity(raw.len() + raw.len() / 64 + 4096);
         let mut frames = Vec::with_capacity(n);
         let mut hasher = blake3::Hasher::new();
         let mut early = std::collections::BTreeMap::new();
@@ -123,6 +127,7 @@ fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>, bl
                 });
                 hasher.update(&f);
                 obj.extend_from_slice(&f);
+                pool::FRAMES.give(f);
             }
         }
         if frames.len() != n {
@@ -131,7 +136,7 @@ fn compress_parallel(raw: &[u8]) -> std::io::Result<(Vec<u8>, Vec<rf::Frame>, bl
                 frames.len()
             )));
         }
-        Ok((obj, frames, hasher.finalize()))
+        Ok((obj.freeze(), frames, hasher.finalize()))
     })
 }
 
@@ -151,7 +156,7 @@ fn compress_frame(
             ctx.insert(c)
         }
     };
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(piece.len()));
+    let mut out = pool::FRAMES.take(zstd::zstd_safe::compress_bound(piece.len()));
     c.compress_to_buffer(piece, &mut out)?;
     Ok(out)
 }
@@ -248,7 +253,7 @@ async fn encode_linked(
             recorded,
         }),
         _ => {
-            let (obj, ib) = (bytes::Bytes::from(obj), bytes::Bytes::from(ib));
+            let ib = bytes::Bytes::from(ib);
             Encoded::keep(key, &obj, &ib, takers.saturating_sub(1));
             Ok((obj, ib))
         }
@@ -326,22 +331,29 @@ impl Encoded {
     }
 }
 
-/// Read and encode a sealed segment file.
+/// Read and encode a sealed segment file (into a pooled buffer:
+/// [`crate::pool::RAW`]).
 async fn encode_file(
     vm: &str,
     row: &SegmentRow,
     prev: Option<ChainLink>,
-) -> Result<(Vec<u8>, SegmentIndex)> {
-    let raw = tokio::fs::read(&row.path)
-        .await
-        .map_err(ShipError::io("reading", &row.path))?;
+) -> Result<(bytes::Bytes, SegmentIndex)> {
     let (vm2, disk, path) = (vm.to_string(), row.disk.clone(), row.path.clone());
-    tokio::task::spawn_blocking(move || encode_segment(&vm2, &disk, &path, &raw, prev))
-        .await
-        .map_err(|source| ShipError::Task {
-            what: "encoding a segment",
-            source,
-        })?
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut raw = pool::RAW.take(0);
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut raw))
+            .map_err(ShipError::io("reading", &path))?;
+        let r = encode_segment(&vm2, &disk, &path, &raw, prev);
+        pool::RAW.give(raw);
+        r
+    })
+    .await
+    .map_err(|source| ShipError::Task {
+        what: "encoding a segment",
+        source,
+    })?
 }
 
 /// The lock that makes a disk's segments encode one at a time.
@@ -447,6 +459,24 @@ mod tests {
         }
     }
 
+    /// A segment's object starts on a page boundary (so the `file://`
+    /// backend writes it with O_DIRECT) and its buffer is reused by the
+    /// next segment once dropped (no fresh pages per segment).
+    #[test]
+    fn objects_are_aligned_and_their_buffers_reused() {
+        let raw: Vec<u8> = (0..3 * rf::FRAME_RAW).map(|i| (i % 13) as u8).collect();
+        let (obj, _, _) = compress_parallel(&raw).unwrap();
+        assert_eq!(obj.as_ptr() as usize % pool::ALIGN, 0);
+        let first = obj.as_ptr();
+        drop(obj);
+        let (obj, _, _) = compress_parallel(&raw).unwrap();
+        assert_eq!(obj.as_ptr(), first, "the object's buffer was not reused");
+        assert!(!pool::FRAMES.is_empty(), "frame buffers not pooled");
+        drop(obj);
+        pool::release();
+        assert!(pool::OBJECTS.is_empty() && pool::FRAMES.is_empty() && pool::RAW.is_empty());
+    }
+
     /// A damaged frame is refused (its checksum), never decoded into other
     /// bytes.
     #[test]
@@ -454,7 +484,7 @@ mod tests {
         let raw: Vec<u8> = (0..rf::FRAME_RAW as u64)
             .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
             .collect();
-        let (mut obj, _, _) = compress_parallel(&raw).unwrap();
+        let mut obj = compress_parallel(&raw).unwrap().0.to_vec();
         let mid = obj.len() / 2;
         obj[mid] ^= 1;
         assert!(rf::decompress_segment("k", &obj, 1).is_err());

@@ -393,7 +393,6 @@ enum Put {
 /// linked into place. Create only: `linkat` never replaces (an object there
 /// is compared, equal bytes are success). Replace: `renameat`.
 fn file_put(root_path: &Path, key: &str, data: &[u8], mode: PutMode) -> io::Result<Put> {
-    use std::io::Write;
     let root = open_root(root_path)?;
     let owner = Owner::of(&root)?;
     let staging = open_staging(root_path, &root, &owner)?;
@@ -406,7 +405,7 @@ fn file_put(root_path: &Path, key: &str, data: &[u8], mode: PutMode) -> io::Resu
             Mode::from_bits_truncate(0o666),
         )?;
         let mut f = std::fs::File::from(fd);
-        f.write_all(data)?;
+        write_object(&mut f, data)?;
         // fdatasync: the bytes and the size that finds them (a new file);
         // its times need not survive a crash before it is linked.
         f.sync_data()?;
@@ -444,6 +443,59 @@ fn file_put(root_path: &Path, key: &str, data: &[u8], mode: PutMode) -> io::Resu
         UnlinkatFlags::NoRemoveDir,
     );
     result
+}
+
+/// The smallest object [`write_object`] writes with `O_DIRECT`.
+const DIRECT_MIN: usize = 1 << 20;
+/// The alignment `O_DIRECT` needs of the buffer, offset and length (the
+/// page size: a multiple of the device's logical block size).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Write `data` into `f`, a new empty file. A large object whose bytes
+/// start on a page boundary (the shipper's segment objects) has its whole
+/// pages written with `O_DIRECT`: no copy into the page cache and no
+/// writeback after it (the put syncs it anyway; that copy was 16 % of
+/// shipping's time, BENCHMARKS.md, "Shipper: throughput and RPO"); the
+/// tail goes through the page cache. Anything else, and a file system
+/// without `O_DIRECT` (tmpfs, or one that refuses the write), is written
+/// through the page cache. Whether `O_DIRECT` was used.
+fn write_object(f: &mut std::fs::File, data: &[u8]) -> io::Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let direct = data.len() >= DIRECT_MIN
+        && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        && set_direct(f, true).is_ok();
+    if !direct {
+        f.write_all(data)?;
+        return Ok(false);
+    }
+    let r = f.write_all_at(&data[..whole], 0);
+    set_direct(f, false)?;
+    match r {
+        Ok(()) => {
+            f.write_all_at(&data[whole..], whole as u64)?;
+            Ok(true)
+        }
+        // Refused (a file system that takes the flag but not the write):
+        // everything again through the page cache.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            f.write_all_at(data, 0)?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Turn `O_DIRECT` on or off on `f` (Linux takes it in `F_SETFL`; a file
+/// system without direct I/O says EINVAL).
+fn set_direct(f: &std::fs::File, on: bool) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let now = fcntl(f.as_raw_fd(), FcntlArg::F_GETFL).map_err(nix_io)?;
+    let mut flags = OFlag::from_bits_truncate(now);
+    flags.set(OFlag::O_DIRECT, on);
+    fcntl(f.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(nix_io)?;
+    Ok(())
 }
 
 /// Link the staging file `tmp` as `leaf` in `parent`, never replacing:
@@ -836,5 +888,83 @@ mod tests {
             let m = std::fs::metadata(d.path().join(dir)).unwrap();
             assert_eq!((m.uid(), m.gid()), owner, "{dir}");
         }
+    }
+
+    /// Bytes of `path` in the page cache (util-linux `fincore`).
+    fn cached_bytes(path: &Path) -> u64 {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+            .arg(path)
+            .output()
+            .expect("fincore (util-linux) runs");
+        assert!(out.status.success(), "fincore: {out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// A large object whose bytes start on a page boundary (the shipper's
+    /// segment objects) is written with O_DIRECT: every byte is there and
+    /// none of its whole pages is left in the page cache (only the tail
+    /// went through it). The same bytes one byte off a page boundary, or a
+    /// small object, go through the page cache. /var/tmp: a disk file
+    /// system (tmpfs has no page cache to bypass).
+    #[test]
+    fn aligned_objects_are_written_around_the_page_cache() {
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let len = (4 << 20) + 123;
+        let mut v = vec![0u8; len + 2 * DIRECT_ALIGN];
+        let off = v.as_ptr().align_offset(DIRECT_ALIGN);
+        for (i, b) in v.iter_mut().enumerate() {
+            *b = (i * 31 % 251) as u8;
+        }
+        let cases = [
+            ("aligned", &v[off..off + len], true),
+            ("unaligned", &v[off + 1..off + 1 + len], false),
+            ("small", &v[off..off + 8192], false),
+        ];
+        for (name, data, direct) in cases {
+            let key = format!("cdp/v1/{name}.seg.zst");
+            assert!(matches!(
+                file_put(d.path(), &key, data, PutMode::Create).unwrap(),
+                Put::Done
+            ));
+            let path = d.path().join(&key);
+            // Before reading it back (which caches it).
+            let cached = cached_bytes(&path);
+            assert!(
+                std::fs::read(&path).unwrap() == data,
+                "{name}: bytes differ"
+            );
+            if direct {
+                assert!(
+                    cached <= DIRECT_ALIGN as u64,
+                    "{name}: {cached} bytes cached"
+                );
+            } else {
+                assert!(
+                    cached >= (data.len() / DIRECT_ALIGN * DIRECT_ALIGN) as u64,
+                    "{name}: {cached} bytes cached"
+                );
+            }
+        }
+    }
+
+    /// Without O_DIRECT (tmpfs, or refused) every object is written whole
+    /// all the same.
+    #[test]
+    fn objects_are_whole_where_o_direct_is_not_taken() {
+        let d = tempfile::tempdir_in("/dev/shm").unwrap();
+        let len = (2 << 20) + 5;
+        let mut v = vec![7u8; len + DIRECT_ALIGN];
+        let off = v.as_ptr().align_offset(DIRECT_ALIGN);
+        v[off + len - 1] = 9;
+        let data = &v[off..off + len];
+        let mut f = std::fs::File::create(d.path().join("x")).unwrap();
+        write_object(&mut f, data).unwrap();
+        drop(f);
+        assert!(std::fs::read(d.path().join("x")).unwrap() == data);
     }
 }
