@@ -5,20 +5,28 @@
 //! batch: one journal append, the image writes, the reads, one reply write.
 //! No allocation or lock per request; counters are updated per batch.
 //!
+//! A batch that writes at least [`PIPELINE_MIN_BYTES`] runs on the
+//! connection's second thread (the executor) while this one reads the next
+//! requests into its other buffer: a large WRITE's payload streams in while
+//! the one before it is journaled and applied. Batches still run one at a
+//! time, in order: the next one starts only once the executor is done, so
+//! a READ sees every write before it and replies keep their order.
+//!
 //! FLUSH and FUA requests are answered when the disk's sync thread reports
 //! the group commit they joined: the connection's [`Replier`] is the
 //! [`SyncWaiter`] and writes those replies, after the batch's others.
 //!
 //! Memory is bounded whatever the client sends: a connection reads into
-//! the first [`WINDOW`] bytes of its buffer; a WRITE that does not fit in
+//! the first [`WINDOW`] bytes of one of its two buffers (the second is
+//! made at the first hand-off to the executor); a WRITE that does not fit in
 //! the window is read alone, after taking what it needs beyond the window
 //! from the budget of all connections ([`crate::limits::BUDGET`]), and
 //! those pages go back to the kernel once it is applied; its payload must
 //! arrive within the payload timeout. A batch holds at most
 //! [`READ_BATCH_BYTES`] of READ data (or one READ, when larger), taken from
-//! the same budget per batch, not per request, and a connection reads no
-//! new requests while its replies are unwritten (each batch's reply is
-//! written before the next read). A client that leaves its replies unread
+//! the same budget per batch, not per request, and a connection reads at
+//! most one window ahead of its replies (a batch's replies are written
+//! before the next batch runs). A client that leaves its replies unread
 //! past the write timeout is dropped. Budget is taken at most once at a
 //! time per connection and given back on every path out (see
 //! [`crate::limits::Budget`]): no taker waits forever.
@@ -29,7 +37,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,12 +55,20 @@ const BUF_CAP: usize = proto::MAX_PAYLOAD as usize + 256 * 1024;
 
 /// The part of its buffer a connection reads into without taking from the
 /// shared budget: requests, and WRITEs that fit (most guests write at most
-/// 1 MiB at once). Every connection may keep this much resident.
+/// 1 MiB at once). Every connection may keep this much resident in each of
+/// its two buffers.
 pub const WINDOW: usize = 2 << 20;
 
 /// READ bytes answered in one batch, so held in its reply at once (a
 /// single larger READ is a batch of its own; none exceeds MAX_PAYLOAD).
 pub const READ_BATCH_BYTES: u64 = 4 << 20;
+
+/// WRITE bytes a batch must hold to be journaled on the connection's
+/// executor thread while this one reads the next batch: a 1 MiB WRITE's
+/// payload then streams in while the one before is journaled and applied.
+/// Smaller batches run on the reading thread (a hand-off costs a wake-up,
+/// as long as a 4 KiB write takes).
+const PIPELINE_MIN_BYTES: u64 = 256 * 1024;
 
 /// The reply buffer's capacity (not touched until used): a batch's reply
 /// fits, so steady reads allocate nothing; grown past it (by a READ larger
@@ -181,30 +197,94 @@ where
     let Some(sync) = disk.sync_sender() else {
         return Ok(());
     };
-    let mut t = Transmission {
-        vm,
-        disk,
-        rd,
-        replier: Arc::new(Replier::new(wr)),
-        sync,
-        buf: vec![0u8; BUF_CAP],
-        start: 0,
-        end: 0,
-        limit: WINDOW,
-        held: 0,
-        held_until: Instant::now(),
-        payload_timeout,
-        page: nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+    let replier = Arc::new(Replier::new(wr));
+    std::thread::scope(|scope| {
+        // The executor journals a large WRITE batch while this thread reads
+        // the next one (docs/DESIGN.md, "Write path"); without it (the
+        // thread could not be made) every batch runs here.
+        let (to_exec, jobs) = mpsc::sync_channel::<Work>(1);
+        let (done, from_exec) = mpsc::sync_channel::<Work>(1);
+        let (r, s) = (replier.clone(), sync.clone());
+        let exec = std::thread::Builder::new()
+            .name("cdpd-exec".into())
+            .spawn_scoped(scope, move || {
+                for mut w in jobs {
+                    w.execute(vm, disk, &r, &s);
+                    if done.send(w).is_err() {
+                        return;
+                    }
+                }
+            })
             .ok()
-            .flatten()
-            .map_or(4096, |p| p as usize),
-        held_back: false,
-        read_bytes: 0,
-        batch: Batch::with_capacity(256),
-        reply: Vec::with_capacity(REPLY_KEEP),
-        sync_cookies: Vec::new(),
-    };
-    t.run()
+            .map(|_| Executor {
+                to: to_exec,
+                from: from_exec,
+                spare: None,
+                busy: false,
+            });
+        let mut t = Transmission {
+            vm,
+            disk,
+            rd,
+            replier,
+            sync,
+            work: Work::new(),
+            start: 0,
+            end: 0,
+            limit: WINDOW,
+            held: 0,
+            held_until: Instant::now(),
+            payload_timeout,
+            page: nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                .ok()
+                .flatten()
+                .map_or(4096, |p| p as usize),
+            held_back: false,
+            exec,
+        };
+        // Dropping `t` ends the executor once its batch is done; the scope
+        // waits for it, so every reply is written before this returns.
+        t.run()
+    })
+}
+
+/// One batch and everything its execution uses: the buffer its requests
+/// were read into, its reply. Moved to the executor thread and back, so
+/// nothing is allocated per batch.
+struct Work {
+    /// What was read from the client; requests and payloads are parsed in place.
+    buf: Vec<u8>,
+    batch: Batch,
+    /// READ bytes of the batch: what its reply takes of the reply budget.
+    read_bytes: u64,
+    reply: Vec<u8>,
+    /// Handles of the batch's requests that wait for the sync thread.
+    sync_cookies: Vec<u64>,
+}
+
+/// The connection's second thread (see [`PIPELINE_MIN_BYTES`]).
+struct Executor {
+    to: SyncSender<Work>,
+    from: Receiver<Work>,
+    /// The second [`Work`], made at the first hand-off; `None` while the
+    /// executor has it.
+    spare: Option<Work>,
+    busy: bool,
+}
+
+impl Executor {
+    /// Wait for the batch handed off, if any: once this returns, every
+    /// batch read so far is journaled, applied and answered.
+    fn wait(&mut self) {
+        if self.busy {
+            self.busy = false;
+            // The executor gives every batch back, unless it panicked:
+            // then the connection's thread panics too (the scope does).
+            if let Ok(w) = self.from.recv() {
+                self.spare = Some(w);
+            }
+        }
+    }
 }
 
 /// Negotiate options. Returns true when the client entered transmission.
@@ -222,8 +302,8 @@ struct Transmission<'a, R, W> {
     rd: R,
     replier: Arc<Replier<W>>,
     sync: Sender<SyncJob>,
-    /// What was read from the client; requests and payloads are parsed in place.
-    buf: Vec<u8>,
+    /// The batch being read and parsed, in its buffer.
+    work: Work,
     start: usize,
     end: usize,
     /// Reads stop here: [`WINDOW`], or the end of the one WRITE read alone
@@ -239,12 +319,7 @@ struct Transmission<'a, R, W> {
     /// The last parse left complete requests in the buffer (the batch was
     /// full of READ data): answer them before reading more.
     held_back: bool,
-    /// READ bytes of the batch: what its reply takes of the reply budget.
-    read_bytes: u64,
-    batch: Batch,
-    reply: Vec<u8>,
-    /// Handles of the batch's requests that wait for the sync thread.
-    sync_cookies: Vec<u64>,
+    exec: Option<Executor>,
 }
 
 impl<R, W> Drop for Transmission<'_, R, W> {
@@ -259,7 +334,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
     fn run(&mut self) -> Result<(), ConnError> {
         loop {
             let close = self.parse_batch();
-            if !self.batch.is_empty() {
+            if !self.work.batch.is_empty() {
                 self.execute();
             }
             if close || self.replier.is_dead() {
@@ -275,7 +350,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
             if self.held > 0 && Instant::now() >= self.held_until {
                 return Err(io::Error::from(io::ErrorKind::TimedOut).into());
             }
-            let n = match self.rd.read(&mut self.buf[self.end..self.limit]) {
+            let n = match self.rd.read(&mut self.work.buf[self.end..self.limit]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
@@ -290,13 +365,14 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
     /// Parse every complete request in the buffer. Returns true when the
     /// connection must close after this batch.
     fn parse_batch(&mut self) -> bool {
-        self.batch.clear();
+        let w = &mut self.work;
+        w.batch.clear();
         self.held_back = false;
         let mut pos = self.start;
         let mut close = false;
         let mut read_bytes = 0u64;
         while self.end - pos >= proto::REQUEST_LEN {
-            let req = match proto::parse_request(&self.buf[pos..pos + proto::REQUEST_LEN]) {
+            let req = match proto::parse_request(&w.buf[pos..pos + proto::REQUEST_LEN]) {
                 Ok(r) => r,
                 Err(_) => {
                     // The stream is out of step: nothing after this can be trusted.
@@ -324,7 +400,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
                 }
                 read_bytes += len;
             }
-            self.batch
+            w.batch
                 .reqs
                 .push(Req::new(&req, verdict, pos + proto::REQUEST_LEN));
             pos += proto::REQUEST_LEN + plen;
@@ -340,7 +416,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
             }
         }
         self.start = pos;
-        self.read_bytes = read_bytes;
+        w.read_bytes = read_bytes;
         close
     }
 
@@ -355,7 +431,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
         let need = if have >= proto::REQUEST_LEN {
             // Validated lengths: a write payload is at most MAX_PAYLOAD here
             // (a longer one closes the connection before we get here).
-            let r = proto::parse_request(&self.buf[self.start..self.start + proto::REQUEST_LEN])
+            let r = proto::parse_request(&self.work.buf[self.start..][..proto::REQUEST_LEN])
                 .map(|r| r.payload_len())
                 .unwrap_or(0);
             proto::REQUEST_LEN + r
@@ -363,7 +439,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
             proto::REQUEST_LEN
         };
         if self.start + need > self.limit || self.end == self.limit {
-            self.buf.copy_within(self.start..self.end, 0);
+            self.work.buf.copy_within(self.start..self.end, 0);
             self.end = have;
             self.start = 0;
         }
@@ -390,7 +466,7 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
             return Ok(());
         }
         // (The WRITE ended past the window; `max` keeps the range valid.)
-        drop_pages(&mut self.buf[WINDOW..self.end.max(WINDOW)], self.page);
+        drop_pages(&mut self.work.buf[WINDOW..self.end.max(WINDOW)], self.page);
         self.vm.budget.give(self.held);
         self.held = 0;
         self.limit = WINDOW;
@@ -399,37 +475,85 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
         self.rd.set_timeout(None)
     }
 
-    /// Journal and apply the batch, answer what can be answered now, and
-    /// hand FLUSH and FUA requests to the sync thread.
+    /// Run the batch once the one before it is done: on the executor when
+    /// it writes enough to be worth the hand-off (this thread goes on
+    /// reading), else here.
     fn execute(&mut self) {
-        let n = self.batch.reqs.len() as u64;
-        self.disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
-        self.vm
-            .journal_and_apply(self.disk, &mut self.batch, &self.buf);
-        let budget = &self.vm.budget;
-        if self.read_bytes > 0 {
-            budget.take(self.read_bytes);
+        let Some(ex) = self.exec.as_mut() else {
+            self.work
+                .execute(self.vm, self.disk, &self.replier, &self.sync);
+            return;
+        };
+        ex.wait();
+        // A held WRITE's buffer pages are given back right after it is
+        // applied (`release`): it runs here.
+        if self.held > 0 || self.work.batch.write_bytes() < PIPELINE_MIN_BYTES {
+            self.work
+                .execute(self.vm, self.disk, &self.replier, &self.sync);
+            return;
         }
-        let replied = self.answer();
+        // The partly read request after the batch moves to the other
+        // buffer, which this thread reads into next.
+        let mut next = ex.spare.take().unwrap_or_else(Work::new);
+        let tail = self.end - self.start;
+        next.buf[..tail].copy_from_slice(&self.work.buf[self.start..self.end]);
+        self.start = 0;
+        self.end = tail;
+        let w = std::mem::replace(&mut self.work, next);
         self.disk
             .stats
-            .in_flight
-            .fetch_sub(replied, Ordering::Relaxed);
-        self.replier.send(&self.reply);
+            .pipelined_batches
+            .fetch_add(1, Ordering::Relaxed);
+        match ex.to.send(w) {
+            Ok(()) => ex.busy = true,
+            // The executor is gone (it panicked): so does this connection.
+            Err(_) => panic!("the connection's executor thread ended"),
+        }
+    }
+}
+
+impl Work {
+    fn new() -> Work {
+        Work {
+            buf: vec![0u8; BUF_CAP],
+            batch: Batch::with_capacity(256),
+            read_bytes: 0,
+            reply: Vec::with_capacity(REPLY_KEEP),
+            sync_cookies: Vec::new(),
+        }
+    }
+
+    /// Journal and apply the batch, answer what can be answered now, and
+    /// hand FLUSH and FUA requests to the sync thread.
+    fn execute<W: Write + Send + 'static>(
+        &mut self,
+        vm: &Vm,
+        disk: &Disk,
+        replier: &Arc<Replier<W>>,
+        sync: &Sender<SyncJob>,
+    ) {
+        let n = self.batch.reqs.len() as u64;
+        disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
+        vm.journal_and_apply(disk, &mut self.batch, &self.buf);
+        if self.read_bytes > 0 {
+            vm.budget.take(self.read_bytes);
+        }
+        let replied = self.answer(disk);
+        disk.stats.in_flight.fetch_sub(replied, Ordering::Relaxed);
+        replier.send(&self.reply);
         if self.reply.capacity() > REPLY_KEEP {
             self.reply = Vec::with_capacity(REPLY_KEEP);
         }
         if self.read_bytes > 0 {
-            budget.give(self.read_bytes);
+            vm.budget.give(self.read_bytes);
         }
-        self.defer_durable();
+        self.defer_durable(disk, replier, sync);
     }
 
     /// Replies in request order into `self.reply`, except for the requests
     /// that wait for the sync thread (into `self.sync_cookies`). Returns how
     /// many requests are done.
-    fn answer(&mut self) -> u64 {
-        let disk = self.disk;
+    fn answer(&mut self, disk: &Disk) -> u64 {
         self.reply.clear();
         self.sync_cookies.clear();
         let (mut wbytes, mut wreqs, mut rbytes, mut rreqs) = (0u64, 0u64, 0u64, 0u64);
@@ -474,20 +598,24 @@ impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
 
     /// Hand the requests waiting for durability to the sync thread; its
     /// result comes back to the [`Replier`].
-    fn defer_durable(&mut self) {
+    fn defer_durable<W: Write + Send + 'static>(
+        &mut self,
+        disk: &Disk,
+        replier: &Arc<Replier<W>>,
+        sync: &Sender<SyncJob>,
+    ) {
         if self.sync_cookies.is_empty() {
             return;
         }
         let job = SyncJob {
-            waiter: self.replier.clone(),
+            waiter: replier.clone(),
             cookies: std::mem::take(&mut self.sync_cookies),
         };
-        if let Err(e) = self.sync.send(job) {
+        if let Err(e) = sync.send(job) {
             // The sync thread is gone (stopping): answer with an error
             // rather than leave the client waiting.
             let job = e.0;
-            self.disk
-                .stats
+            disk.stats
                 .in_flight
                 .fetch_sub(job.cookies.len() as u64, Ordering::Relaxed);
             job.waiter.synced(&job.cookies, Err(errno::ESHUTDOWN));

@@ -71,6 +71,9 @@ pub struct DiskStats {
     pub resync_bytes_read: AtomicU64,
     pub resync_bytes_journaled: AtomicU64,
     pub resyncs_done: AtomicU64,
+    /// Batches journaled on a connection's executor thread while the next
+    /// one was read (see `conn::PIPELINE_MIN_BYTES`).
+    pub pipelined_batches: AtomicU64,
 }
 
 /// Journal state of one disk, behind the disk lock.
