@@ -291,34 +291,21 @@ impl OpenSegment {
         Ok(taken == H)
     }
 
-    /// Start the device writing what was appended since the last call, once
-    /// at least `window` bytes wait (`sync_file_range(SYNC_FILE_RANGE_WRITE)`:
-    /// it queues the pages' writeback and returns; it waits only when the
-    /// device's queue is full, which paces an appender that outruns the
-    /// disk). The journal then streams to the device as it is appended,
-    /// instead of in bursts at each seal's `fdatasync` with the device idle
-    /// in between, and its dirty pages stay few (docs/DESIGN.md, "Write
-    /// path"; issue 13). Durability is unchanged: only FLUSH and seal make
-    /// anything durable. Best effort: a failure is the seal's to report.
-    pub fn start_writeback(&mut self, window: u64) {
-        use std::os::fd::AsRawFd;
+    /// The range appended since the last call whose writeback is due, once
+    /// at least `window` bytes wait: `(file, offset, length)`, for
+    /// [`start_writeback`] (on a thread other than the appender's: it waits
+    /// when the device's queue is full). The journal then streams to the
+    /// device as it is appended, instead of in bursts at each seal's
+    /// `fdatasync`, and its dirty pages stay few (docs/DESIGN.md, "Write
+    /// path"; issue 13).
+    pub fn writeback_due(&mut self, window: u64) -> Option<(Arc<File>, u64, u64)> {
         let len = self.pos.saturating_sub(self.started);
         if len < window {
-            return;
+            return None;
         }
-        let (Ok(off), Ok(n)) = (
-            libc::off64_t::try_from(self.started),
-            libc::off64_t::try_from(len),
-        ) else {
-            return;
-        };
-        // SAFETY: sync_file_range(2) takes a descriptor (open for the whole
-        // call: `self.file` is borrowed) and plain integers; it touches no
-        // memory of this process.
-        unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        let at = self.started;
         self.started = self.pos;
+        Some((self.file.clone(), at, len))
     }
 
     /// Write the INDEX record and trailer, and make the segment durable.
@@ -440,6 +427,27 @@ fn pwritev_all(f: &File, iov: &mut [IoSlice<'_>], mut pos: u64) -> io::Result<()
     Ok(())
 }
 
+/// Start the device writing `len` bytes of `file` at `offset`
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it queues the pages'
+/// writeback and returns, waiting only while the device's queue is full).
+/// Durability is unchanged: only FLUSH and seal make anything durable. Best
+/// effort: a failure is the seal's to report.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) takes a descriptor (open for the whole
+    // call: `file` is borrowed) and plain integers; it touches no memory of
+    // this process.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,15 +553,20 @@ mod tests {
         let h = SEGMENT_HEADER_LEN as u64;
         seg.append(1, 10, (0..3).map(|i| write(i << 16, &p)))
             .unwrap();
-        seg.start_writeback(256 << 10);
-        assert_eq!(seg.started, h, "under the window: not started");
+        assert!(seg.writeback_due(256 << 10).is_none(), "under the window");
+        assert_eq!(seg.started, h);
         seg.append(4, 11, (3..5).map(|i| write(i << 16, &p)))
             .unwrap();
-        seg.start_writeback(256 << 10);
-        assert_eq!(seg.started, seg.pos, "past the window: started to the end");
+        let (f, at, len) = seg.writeback_due(256 << 10).expect("past the window");
+        assert_eq!(
+            (at, at + len),
+            (h, seg.pos),
+            "from the last start to the end"
+        );
+        start_writeback(&f, at, len);
         let at = seg.pos;
         seg.append(6, 12, [write(0, &p)]).unwrap();
-        seg.start_writeback(256 << 10);
+        assert!(seg.writeback_due(256 << 10).is_none());
         assert_eq!(seg.started, at);
         seg.seal(20).unwrap();
         let bytes = std::fs::read(&seg.path).unwrap();
