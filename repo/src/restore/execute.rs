@@ -13,7 +13,7 @@ use futures::StreamExt;
 use super::aligned::{AlignedBuf, POOL_LEN};
 use super::history::SegRef;
 use super::plan::Plan;
-use super::read::{check_record, decompress_chunk_into, read_raw};
+use super::read::{check_record, decompress_chunk_into, read_chunk_file, read_raw};
 use super::sink::Sink;
 use super::{io_err, RestoreError};
 use crate::format as rf;
@@ -312,10 +312,18 @@ async fn restore_chunk(
         why: "baseline chunks are in the repository, and no repository was given".into(),
     })?;
     let key = rf::chunk_key(hash);
-    let retry = RetryPolicy::default();
-    let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
-        .await
-        .map_err(ReadError::from)?;
+    // A local object (file://) is read straight into the buffer written
+    // from; if it cannot be opened, `get` (with retries) says why.
+    let obj = match store.open_local(&key).await {
+        Ok(Some(file)) => Chunk::File(file),
+        _ => {
+            let retry = RetryPolicy::default();
+            let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
+                .await
+                .map_err(ReadError::from)?;
+            Chunk::Bytes(obj)
+        }
+    };
     // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
     let namer = store.chunk_namer().await.map_err(ReadError::from)?;
     // Decompressing, hashing and writing run on the blocking pool: in
@@ -323,8 +331,10 @@ async fn restore_chunk(
     let (hash, disk) = (hash.clone(), plan.disk.clone());
     tokio::task::spawn_blocking(move || {
         let mut data = AlignedBuf::take((end - start) as usize);
-        decompress_chunk_into(&namer, &hash, &obj, &mut data)?;
-        drop(obj);
+        match obj {
+            Chunk::File(f) => read_chunk_file(&namer, &hash, &f, &mut data)?,
+            Chunk::Bytes(b) => decompress_chunk_into(&namer, &hash, &b, &mut data)?,
+        }
         for (s, e) in gaps {
             sink.write(s, &data[(s - start) as usize..(e - start) as usize])
                 .map_err(io_err(Path::new(&disk)))?;
@@ -334,6 +344,12 @@ async fn restore_chunk(
     })
     .await
     .expect("restore worker panicked")
+}
+
+/// A chunk object as fetched: a local file to read in place, or bytes.
+enum Chunk {
+    File(std::fs::File),
+    Bytes(Bytes),
 }
 
 #[cfg(test)]

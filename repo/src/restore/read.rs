@@ -199,6 +199,140 @@ pub fn decompress_chunk_into(
     Ok(())
 }
 
+/// Read chunk object `file` (named `hash` by `namer`) into `out`, which
+/// must be exactly the chunk's length, and check `out` against the name.
+/// An object that is one zstd frame of stored (raw) blocks only, as an
+/// incompressible chunk is, is read with one `preadv` straight into `out`
+/// around its 3-byte block headers (then checked to be what they must be):
+/// one copy from the page cache, no second copy by the decoder. Any other
+/// object, or one that does not hold what its size promised, is read whole
+/// and decompressed ([`decompress_chunk_into`]), which then decides. The
+/// frame's own checksum is not computed on the direct read: the BLAKE3
+/// name, computed over `out` (the very bytes then written), is the check.
+pub fn read_chunk_file(
+    namer: &rf::ChunkNamer,
+    hash: &str,
+    file: &std::fs::File,
+    out: &mut [u8],
+) -> Result<(), RestoreError> {
+    use std::io::Read;
+    let key = rf::chunk_key(hash);
+    let read_err = |e: std::io::Error| RestoreError::Corrupt {
+        what: key.clone(),
+        why: format!("reading: {e}"),
+    };
+    let size = file.metadata().map_err(read_err)?.len();
+    let max = rf::object_cap(&key);
+    if size > max {
+        return Err(RestoreError::Corrupt {
+            what: key.clone(),
+            why: format!("{size} bytes, more than a chunk object may have ({max})"),
+        });
+    }
+    if read_stored_blocks(file, size, out).map_err(read_err)? && namer.name(out) == hash {
+        return Ok(());
+    }
+    let mut obj = Vec::with_capacity(size as usize);
+    (&mut &*file)
+        .take(max + 1)
+        .read_to_end(&mut obj)
+        .map_err(read_err)?;
+    decompress_chunk_into(namer, hash, &obj, out)
+}
+
+/// The largest block of a zstd frame (and the size of every stored block
+/// but the last that zstd writes for incompressible data).
+const ZSTD_BLOCK_MAX: usize = 128 << 10;
+
+/// If the `size`-byte zstd object in `file` is one frame of stored blocks
+/// holding exactly `out.len()` bytes (blocks of [`ZSTD_BLOCK_MAX`], the
+/// last one shorter or an empty one after them), read their bytes into `out` and say true; false
+/// (and `out` in any state) if the object is anything else.
+fn read_stored_blocks(file: &std::fs::File, size: u64, out: &mut [u8]) -> std::io::Result<bool> {
+    use std::io::IoSliceMut;
+    let mut head = [0u8; 18];
+    let got = file.read_at(&mut head, 0)?;
+    let Some((hdr, checksum)) = frame_header(&head[..got], out.len() as u64) else {
+        return Ok(false);
+    };
+    if out.is_empty() {
+        return Ok(false);
+    }
+    // Each block's bytes, and its 3-byte header; a chunk that ends on a
+    // block boundary may have an empty last block after them.
+    let blocks = out.len().div_ceil(ZSTD_BLOCK_MAX);
+    let full = (hdr + 3 * blocks + out.len() + 4 * checksum as usize) as u64;
+    let empty_last = match size {
+        s if s == full => false,
+        s if s == full + 3 => true,
+        _ => return Ok(false),
+    };
+    let mut heads = vec![[0u8; 3]; blocks + empty_last as usize];
+    let mut tail = [0u8; 4];
+    let mut iov: Vec<IoSliceMut> = Vec::with_capacity(2 * blocks + 2);
+    let mut rest = &mut *out;
+    for (i, h) in heads.iter_mut().enumerate() {
+        iov.push(IoSliceMut::new(h));
+        if i < blocks {
+            let (block, more) = rest.split_at_mut(rest.len().min(ZSTD_BLOCK_MAX));
+            iov.push(IoSliceMut::new(block));
+            rest = more;
+        }
+    }
+    if checksum {
+        iov.push(IoSliceMut::new(&mut tail));
+    }
+    let want = size as usize - hdr;
+    let n = nix::sys::uio::preadv(file, &mut iov, hdr as i64).map_err(std::io::Error::from)?;
+    if n != want {
+        return Ok(false);
+    }
+    let len = out.len();
+    Ok(heads.iter().enumerate().all(|(i, h)| {
+        let h = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+        let last = i + 1 == heads.len();
+        let block = len.saturating_sub(i * ZSTD_BLOCK_MAX).min(ZSTD_BLOCK_MAX);
+        // Bit 0: last block; bits 1-2: type (0 = stored); then the size.
+        h & 1 == last as u32 && (h >> 1) & 3 == 0 && (h >> 3) as usize == block
+    }))
+}
+
+/// The length of a zstd frame header at the start of `b`, and whether the
+/// frame ends in a content checksum, if it is a frame of this format
+/// without a dictionary whose declared size (if any) is `len`.
+fn frame_header(b: &[u8], len: u64) -> Option<(usize, bool)> {
+    if b.len() < 6 || b[..4] != 0xFD2F_B528u32.to_le_bytes() {
+        return None;
+    }
+    let fhd = b[4];
+    let (fcs_flag, single, checksum, dict) =
+        (fhd >> 6, fhd >> 5 & 1 == 1, fhd >> 2 & 1 == 1, fhd & 3);
+    // Reserved bit set, or a dictionary: not ours.
+    if fhd & 8 != 0 || dict != 0 {
+        return None;
+    }
+    let fcs_len = match fcs_flag {
+        0 => single as usize,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let at = 5 + !single as usize;
+    let hdr = at + fcs_len;
+    if b.len() < hdr {
+        return None;
+    }
+    if fcs_len > 0 {
+        let mut v = [0u8; 8];
+        v[..fcs_len].copy_from_slice(&b[at..hdr]);
+        let declared = u64::from_le_bytes(v) + if fcs_len == 2 { 256 } else { 0 };
+        if declared != len {
+            return None;
+        }
+    }
+    Some((hdr, checksum))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +362,104 @@ mod tests {
         assert!(decompress_chunk_into(&keyed, &hash, &obj, &mut out).is_err());
         let mut huge = vec![0u8; rf::CHUNK_SIZE as usize + 1];
         assert!(decompress_chunk_into(&plain, &hash, &obj, &mut huge).is_err());
+    }
+
+    /// `data` as a chunk object in a file of a temporary directory.
+    fn chunk_file(d: &tempfile::TempDir, obj: &[u8]) -> std::fs::File {
+        let path = d.path().join("chunk");
+        std::fs::write(&path, obj).unwrap();
+        std::fs::File::open(&path).unwrap()
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// An incompressible chunk, as the shipper writes it, is read by the
+    /// direct path (stored blocks read into the buffer), at every length
+    /// around the block size; what it reads is the chunk.
+    #[test]
+    fn stored_blocks_are_read_straight_into_the_buffer() {
+        let d = tempfile::tempdir().unwrap();
+        let k = ZSTD_BLOCK_MAX;
+        for len in [
+            1,
+            4096,
+            k - 1,
+            k,
+            k + 1,
+            3 * k + 17,
+            rf::CHUNK_SIZE as usize,
+        ] {
+            let data = random(len, len as u64);
+            let obj = rf::compress_chunk(&data).unwrap();
+            let f = chunk_file(&d, &obj);
+            let mut out = vec![0u8; len];
+            assert!(
+                read_stored_blocks(&f, obj.len() as u64, &mut out).unwrap(),
+                "{len} bytes: not read directly"
+            );
+            assert_eq!(out, data, "{len} bytes");
+            let hash = rf::ChunkNamer::Plain.name(&data);
+            out.fill(0);
+            read_chunk_file(&rf::ChunkNamer::Plain, &hash, &f, &mut out).unwrap();
+            assert_eq!(out, data);
+        }
+    }
+
+    /// Anything else goes the general way and is restored or refused as
+    /// before: a compressible chunk, a damaged block header, a damaged
+    /// byte of a stored block, the wrong name, the wrong length.
+    #[test]
+    fn other_chunk_objects_are_decompressed_and_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let plain = rf::ChunkNamer::Plain;
+        let len = 3 * ZSTD_BLOCK_MAX + 100;
+        // Compressible: not stored blocks, decompressed.
+        let text: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let obj = rf::compress_chunk(&text).unwrap();
+        let f = chunk_file(&d, &obj);
+        let mut out = vec![0u8; len];
+        assert!(!read_stored_blocks(&f, obj.len() as u64, &mut out).unwrap());
+        read_chunk_file(&plain, &plain.name(&text), &f, &mut out).unwrap();
+        assert_eq!(out, text);
+        // Incompressible, then damaged.
+        let data = random(len, 7);
+        let hash = plain.name(&data);
+        let obj = rf::compress_chunk(&data).unwrap();
+        let (hdr, _) = frame_header(&obj, len as u64).unwrap();
+        // The second block's header says "compressed".
+        let mut bad = obj.clone();
+        bad[hdr + 3 + ZSTD_BLOCK_MAX] |= 4;
+        let f = chunk_file(&d, &bad);
+        assert!(!read_stored_blocks(&f, bad.len() as u64, &mut out).unwrap());
+        assert!(read_chunk_file(&plain, &hash, &f, &mut out).is_err());
+        // A byte of a stored block changed: read directly, refused by name.
+        let mut bad = obj.clone();
+        bad[hdr + 3 + 5] ^= 1;
+        let f = chunk_file(&d, &bad);
+        assert!(read_stored_blocks(&f, bad.len() as u64, &mut out).unwrap());
+        assert!(read_chunk_file(&plain, &hash, &f, &mut out).is_err());
+        // The right object under another name, or into a buffer of
+        // another length, or with a byte more at its end: refused.
+        let f = chunk_file(&d, &obj);
+        assert!(read_chunk_file(&plain, &plain.name(b"x"), &f, &mut out).is_err());
+        let mut short = vec![0u8; len - 1];
+        assert!(read_chunk_file(&plain, &hash, &f, &mut short).is_err());
+        let mut longer = obj.clone();
+        longer.push(0);
+        let f = chunk_file(&d, &longer);
+        assert!(!read_stored_blocks(&f, longer.len() as u64, &mut out).unwrap());
+        assert!(read_chunk_file(&plain, &hash, &f, &mut out).is_err());
+        read_chunk_file(&plain, &hash, &chunk_file(&d, &obj), &mut out).unwrap();
+        assert_eq!(out, data);
     }
 }

@@ -576,8 +576,9 @@ enum Got {
     TooLarge(u64),
 }
 
-fn file_get(root_path: &Path, key: &str, range: Option<Range<u64>>, max: u64) -> io::Result<Got> {
-    use std::io::{Read, Seek, SeekFrom};
+/// Open object `key` for reading: beneath the root, never through a
+/// symbolic link, a regular file only. The file and its size.
+fn file_open(root_path: &Path, key: &str) -> io::Result<(std::fs::File, u64)> {
     let root = open_root(root_path)?;
     let (dir, leaf) = split_key(key);
     let parent = open_dir_beneath(root_path, &root, dir, None)?;
@@ -591,7 +592,7 @@ fn file_get(root_path: &Path, key: &str, range: Option<Range<u64>>, max: u64) ->
         Some(libc::ELOOP) => refused(root_path, key, "a symbolic link"),
         _ => e,
     })?;
-    let mut f = std::fs::File::from(fd);
+    let f = std::fs::File::from(fd);
     let meta = f.metadata()?;
     if meta.is_dir() {
         return Err(io::Error::from(io::ErrorKind::NotFound));
@@ -599,7 +600,12 @@ fn file_get(root_path: &Path, key: &str, range: Option<Range<u64>>, max: u64) ->
     if !meta.is_file() {
         return Err(refused(root_path, key, "not a regular file"));
     }
-    let size = meta.len();
+    Ok((f, meta.len()))
+}
+
+fn file_get(root_path: &Path, key: &str, range: Option<Range<u64>>, max: u64) -> io::Result<Got> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (mut f, size) = file_open(root_path, key)?;
     let range = range.unwrap_or(0..size);
     if range.end > size {
         return Ok(Got::Range(format!(
@@ -808,6 +814,19 @@ impl Backend for FileBackend {
         })
     }
 
+    fn open_local<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> Option<BoxFuture<'a, Result<std::fs::File, StoreError>>> {
+        Some(Box::pin(async move {
+            let (root, k) = (self.root.clone(), key.to_string());
+            let r = self
+                .blocking("open", key, move || Ok(file_open(&root, &k)))
+                .await?;
+            r.map(|(f, _)| f).map_err(|e| self.err("open", key, e))
+        }))
+    }
+
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectMeta>, StoreError>> {
         Box::pin(async move {
             let dir = prefix.rfind('/').map_or("", |i| &prefix[..i]).to_string();
@@ -888,6 +907,47 @@ mod tests {
             let m = std::fs::metadata(d.path().join(dir)).unwrap();
             assert_eq!((m.uid(), m.gid()), owner, "{dir}");
         }
+    }
+
+    /// `open_local` (restore reads chunks in place) opens an object as
+    /// `get` does: the object's bytes, never through a symbolic link
+    /// (the key or a directory of it), nothing for a missing key, and
+    /// None in an encrypted repository (its objects are sealed).
+    #[tokio::test]
+    async fn objects_are_opened_in_place_as_get_opens_them() {
+        use std::io::Read;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        let store = Store::open(&format!("file://{}", root.display()), None).unwrap();
+        let key = "cdp/v1/chunks/ab/abcd";
+        store.put(key, Bytes::from_static(b"chunk")).await.unwrap();
+        let mut f = store.open_local(key).await.unwrap().expect("a file");
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"chunk");
+        assert!(store.open_local("cdp/v1/chunks/ab/none").await.is_err());
+        let victim = d.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("x"), b"secret").unwrap();
+        std::os::unix::fs::symlink(victim.join("x"), root.join("cdp/v1/chunks/ab/link")).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("cdp/v1/chunks/cd")).unwrap();
+        for k in ["cdp/v1/chunks/ab/link", "cdp/v1/chunks/cd/x"] {
+            assert!(store.open_local(k).await.is_err(), "{k} followed");
+        }
+        let enc = tempfile::tempdir().unwrap();
+        let pass = d.path().join("pass");
+        std::fs::write(&pass, b"correct horse battery\n").unwrap();
+        std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let src = crate::crypto::KeySource::PassphraseFile(pass);
+        let store = Store::open(&format!("file://{}", enc.path().display()), None)
+            .unwrap()
+            .with_key_source(Some(src.clone()));
+        store.init_encryption(&src).await.unwrap();
+        store.put(key, Bytes::from_static(b"chunk")).await.unwrap();
+        assert!(store.open_local(key).await.unwrap().is_none());
+        assert_eq!(&store.get(key).await.unwrap()[..], b"chunk");
     }
 
     /// Bytes of `path` in the page cache (util-linux `fincore`).
