@@ -233,7 +233,7 @@ fn uninstall_removes_ours_and_keeps_the_operators() {
     let conf = s.at("/etc/cdp/cdp.toml");
     let edited = fs::read_to_string(&conf)
         .unwrap()
-        .replace("#segment_age = \"500ms\"", "segment_age = \"2s\"");
+        .replace("#segment_age = \"250ms\"", "segment_age = \"2s\"");
     fs::write(&conf, &edited).unwrap();
     fs::write(s.at("/var/lib/cdp/catalog.sqlite"), "state").unwrap();
 
