@@ -36,40 +36,26 @@ impl Sink for FreshFile {
     }
 }
 
-/// The file is written back in windows of this many bytes.
-const WRITEBACK_WINDOW: u64 = 8 << 20;
-
-/// A buffered write; writeback of a window of the file is started when a
-/// large write ends in or past the window's end.
+/// A buffered write; a large one is written back at once.
 fn write_back_soon(file: &File, offset: u64, data: &[u8]) -> std::io::Result<()> {
     file.write_all_at(data, offset)?;
-    if let Some(start) = window_filled(offset, data.len() as u64) {
-        // Start writing the window just filled back now, in one piece (the
-        // disk serves large requests much better than 1 MiB ones), so the
-        // disk works while the rest is fetched and the final sync has
-        // little left to do. Pages of it not written yet (another worker's)
-        // are left to the flusher and the final fsync. nix has no
-        // sync_file_range. The result is ignored: this is a hint, and the
-        // final fsync reports any write error.
+    if data.len() >= 1 << 18 {
+        // Start writing large pieces back now, so the disk works while
+        // the rest is fetched and the final sync has little left to do.
+        // nix has no sync_file_range. The result is ignored: this is a
+        // hint, and the final fsync reports any write error.
         // SAFETY: the fd is owned by `file` and open for the whole
         // call; sync_file_range takes no pointers, only integers.
         unsafe {
             libc::sync_file_range(
                 file.as_raw_fd(),
-                start as libc::off64_t,
-                WRITEBACK_WINDOW as libc::off64_t,
+                offset as libc::off64_t,
+                data.len() as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
             )
         };
     }
     Ok(())
-}
-
-/// The start of the writeback window that a large write of `len` bytes at
-/// `offset` ends in or past the end of (the window just filled), if any.
-fn window_filled(offset: u64, len: u64) -> Option<u64> {
-    let end = (offset + len) / WRITEBACK_WINDOW * WRITEBACK_WINDOW;
-    (len >= 1 << 18 && end > offset && end >= WRITEBACK_WINDOW).then(|| end - WRITEBACK_WINDOW)
 }
 
 /// An existing disk: only ranges that differ are written.
@@ -205,24 +191,6 @@ mod tests {
             .unwrap();
         f.sync_all().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), disk);
-    }
-
-    /// Writeback starts per filled 8 MiB window, once, from the large
-    /// write that reaches the window's end; small writes and writes inside
-    /// a window start none.
-    #[test]
-    fn writeback_starts_per_filled_window() {
-        let (w, mb) = (WRITEBACK_WINDOW, 1 << 20);
-        assert_eq!(window_filled(w - mb, mb), Some(0));
-        assert_eq!(window_filled(w - mb, 2 * mb), Some(0));
-        assert_eq!(window_filled(3 * w - 4 * mb, 4 * mb), Some(2 * w));
-        assert_eq!(window_filled(0, mb), None);
-        assert_eq!(window_filled(w, mb), None);
-        assert_eq!(window_filled(w - 4096, 4096), None);
-        let starts: Vec<u64> = (0..3 * w / mb)
-            .filter_map(|i| window_filled(i * mb, mb))
-            .collect();
-        assert_eq!(starts, vec![0, w, 2 * w]);
     }
 
     proptest! {
