@@ -30,7 +30,6 @@ pub(crate) mod control;
 pub(crate) mod degraded;
 #[cfg(test)]
 mod tests;
-pub(crate) mod writeback;
 
 use std::fs::File;
 use std::io;
@@ -142,8 +141,6 @@ pub struct Disk {
     /// Writes a large batch to the image while the journal append runs,
     /// and syncs the image while a FLUSH syncs the journal.
     applier: applier::Applier,
-    /// Starts the journal's writeback off the data path.
-    writeback: writeback::Writeback,
 }
 
 /// Sequence numbers and timestamps, one sequence per VM.
@@ -204,11 +201,6 @@ impl Disk {
         self.journal.lock().unwrap()
     }
 }
-
-/// Journal bytes appended before their writeback is started: the device
-/// writes the journal as it grows, started on the disk's writeback thread
-/// (see [`writeback`]).
-const WRITEBACK_WINDOW: u64 = 4 << 20;
 
 impl Vm {
     /// Reserve `n` sequence numbers and one timestamp for them. The clock
@@ -321,13 +313,6 @@ impl Vm {
             }
         }
         st.last_seq = seq0 + n - 1;
-        if let Some(w) = st
-            .open
-            .as_mut()
-            .and_then(|s| s.writeback_due(WRITEBACK_WINDOW))
-        {
-            disk.writeback.start(&disk.name, w);
-        }
         if !applied.unwrap_or_else(|| apply(disk, batch, buf)) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.resync_failed(disk, st, batch);
@@ -735,7 +720,6 @@ impl Vm {
                     stats: DiskStats::default(),
                     sync_tx: Mutex::new(Some(tx)),
                     applier: applier::Applier::default(),
-                    writeback: writeback::Writeback::default(),
                 })
             })
             .collect();

@@ -215,7 +215,6 @@ pub fn recover_disk_skipping(
             last_ts_ns: seg.scan.records.last().unwrap().header.ts_ns,
             last_seq: seg.scan.records.last().unwrap().header.seq,
             opened: std::time::Instant::now(),
-            started: valid_len,
         };
         r.sealed
             .push(open.seal(crate::time::now_ns()).map_err(io_err(path))?);

@@ -45,8 +45,6 @@ pub struct OpenSegment {
     pub last_ts_ns: u64,
     pub last_seq: u64,
     pub opened: Instant,
-    /// Writeback was started up to here ([`OpenSegment::start_writeback`]).
-    pub(crate) started: u64,
 }
 
 /// What a sealed segment holds, for the catalog.
@@ -168,7 +166,6 @@ impl OpenSegment {
             last_ts_ns: 0,
             last_seq: 0,
             opened: Instant::now(),
-            started: SEGMENT_HEADER_LEN as u64,
         })
     }
 
@@ -291,23 +288,6 @@ impl OpenSegment {
         Ok(taken == H)
     }
 
-    /// The range appended since the last call whose writeback is due, once
-    /// at least `window` bytes wait: `(file, offset, length)`, for
-    /// [`start_writeback`] (on a thread other than the appender's: it waits
-    /// when the device's queue is full). The journal then streams to the
-    /// device as it is appended, instead of in bursts at each seal's
-    /// `fdatasync`, and its dirty pages stay few (docs/DESIGN.md, "Write
-    /// path"; issue 13).
-    pub fn writeback_due(&mut self, window: u64) -> Option<(Arc<File>, u64, u64)> {
-        let len = self.pos.saturating_sub(self.started);
-        if len < window {
-            return None;
-        }
-        let at = self.started;
-        self.started = self.pos;
-        Some((self.file.clone(), at, len))
-    }
-
     /// Write the INDEX record and trailer, and make the segment durable.
     pub fn seal(&self, now_ns: u64) -> io::Result<SealedSegment> {
         let seal = format::encode_seal(&self.index, self.pos, self.last_seq, now_ns);
@@ -427,27 +407,6 @@ fn pwritev_all(f: &File, iov: &mut [IoSlice<'_>], mut pos: u64) -> io::Result<()
     Ok(())
 }
 
-/// Start the device writing `len` bytes of `file` at `offset`
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it queues the pages'
-/// writeback and returns, waiting only while the device's queue is full).
-/// Durability is unchanged: only FLUSH and seal make anything durable. Best
-/// effort: a failure is the seal's to report.
-pub fn start_writeback(file: &File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(n)) = (
-        libc::off64_t::try_from(offset),
-        libc::off64_t::try_from(len),
-    ) else {
-        return;
-    };
-    // SAFETY: sync_file_range(2) takes a descriptor (open for the whole
-    // call: `file` is borrowed) and plain integers; it touches no memory of
-    // this process.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,39 +500,6 @@ mod tests {
         for (i, (r, p)) in scan.records.iter().zip(&want).enumerate() {
             assert_eq!((r.header.seq, r.payload(&bytes)), (i as u64 + 1, &p[..]));
         }
-    }
-
-    /// Writeback is started once a window's worth waits, from where the
-    /// last one ended, and changes no byte of the segment.
-    #[test]
-    fn writeback_starts_per_window_and_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut seg = OpenSegment::create(dir.path(), [3; 16], 1, 0, 1).unwrap();
-        let p = vec![7u8; 64 << 10];
-        let h = SEGMENT_HEADER_LEN as u64;
-        seg.append(1, 10, (0..3).map(|i| write(i << 16, &p)))
-            .unwrap();
-        assert!(seg.writeback_due(256 << 10).is_none(), "under the window");
-        assert_eq!(seg.started, h);
-        seg.append(4, 11, (3..5).map(|i| write(i << 16, &p)))
-            .unwrap();
-        let (f, at, len) = seg.writeback_due(256 << 10).expect("past the window");
-        assert_eq!(
-            (at, at + len),
-            (h, seg.pos),
-            "from the last start to the end"
-        );
-        start_writeback(&f, at, len);
-        let at = seg.pos;
-        seg.append(6, 12, [write(0, &p)]).unwrap();
-        assert!(seg.writeback_due(256 << 10).is_none());
-        assert_eq!(seg.started, at);
-        seg.seal(20).unwrap();
-        let bytes = std::fs::read(&seg.path).unwrap();
-        let scan = format::scan_segment(&bytes).unwrap();
-        assert!(matches!(scan.tail, format::Tail::Sealed(_)));
-        assert_eq!(scan.records.len(), 6);
-        assert!(scan.records.iter().all(|r| r.payload(&bytes) == &p[..]));
     }
 
     /// A create that fails after its file was made (here: the name is
