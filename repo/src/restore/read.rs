@@ -226,7 +226,10 @@ pub fn read_chunk_file(
     if size > max {
         return Err(RestoreError::Corrupt {
             what: key.clone(),
-            why: format!("{size} bytes, more than a chunk object may have ({max})"),
+            why: format!(
+                "{size} bytes, more than the {max} a chunk object may have: \
+                 the repository is damaged or hostile"
+            ),
         });
     }
     if read_stored_blocks(file, size, out).map_err(read_err)? && namer.name(out) == hash {
