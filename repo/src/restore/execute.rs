@@ -315,7 +315,7 @@ async fn restore_chunk(
     // A local object (file://) is read straight into the buffer written
     // from; if it cannot be opened, `get` (with retries) says why.
     let obj = match store.open_local(&key).await {
-        Ok(Some(file)) => Chunk::File(file),
+        Ok(Some((file, size))) => Chunk::File(file, size),
         _ => {
             let retry = RetryPolicy::default();
             let obj: Bytes = with_retry(&key, &retry, || store.get(&key))
@@ -332,7 +332,7 @@ async fn restore_chunk(
     tokio::task::spawn_blocking(move || {
         let mut data = AlignedBuf::take((end - start) as usize);
         match obj {
-            Chunk::File(f) => read_chunk_file(&namer, &hash, &f, &mut data)?,
+            Chunk::File(f, size) => read_chunk_file(&namer, &hash, &f, size, &mut data)?,
             Chunk::Bytes(b) => decompress_chunk_into(&namer, &hash, &b, &mut data)?,
         }
         for (s, e) in gaps {
@@ -348,7 +348,7 @@ async fn restore_chunk(
 
 /// A chunk object as fetched: a local file to read in place, or bytes.
 enum Chunk {
-    File(std::fs::File),
+    File(std::fs::File, u64),
     Bytes(Bytes),
 }
 

@@ -199,7 +199,8 @@ pub fn decompress_chunk_into(
     Ok(())
 }
 
-/// Read chunk object `file` (named `hash` by `namer`) into `out`, which
+/// Read chunk object `file` of `size` bytes (named `hash` by `namer`; the
+/// size bounded by [`crate::store::Store::open_local`]) into `out`, which
 /// must be exactly the chunk's length, and check `out` against the name.
 /// An object that is one zstd frame of stored (raw) blocks only, as an
 /// incompressible chunk is, is read with one `preadv` straight into `out`
@@ -213,31 +214,22 @@ pub fn read_chunk_file(
     namer: &rf::ChunkNamer,
     hash: &str,
     file: &std::fs::File,
+    size: u64,
     out: &mut [u8],
 ) -> Result<(), RestoreError> {
     use std::io::Read;
-    let key = rf::chunk_key(hash);
     let read_err = |e: std::io::Error| RestoreError::Corrupt {
-        what: key.clone(),
+        what: rf::chunk_key(hash),
         why: format!("reading: {e}"),
     };
-    let size = file.metadata().map_err(read_err)?.len();
-    let max = rf::object_cap(&key);
-    if size > max {
-        return Err(RestoreError::Corrupt {
-            what: key.clone(),
-            why: format!(
-                "{size} bytes, more than the {max} a chunk object may have: \
-                 the repository is damaged or hostile"
-            ),
-        });
-    }
     if read_stored_blocks(file, size, out).map_err(read_err)? && namer.name(out) == hash {
         return Ok(());
     }
+    // A file that grew since it was opened: what is past `size` makes
+    // the object longer than its frame, which decompression refuses.
     let mut obj = Vec::with_capacity(size as usize);
     (&mut &*file)
-        .take(max + 1)
+        .take(size + 1)
         .read_to_end(&mut obj)
         .map_err(read_err)?;
     decompress_chunk_into(namer, hash, &obj, out)
@@ -367,6 +359,17 @@ mod tests {
         assert!(decompress_chunk_into(&plain, &hash, &obj, &mut huge).is_err());
     }
 
+    /// [`read_chunk_file`] with the file's size, as `Store::open_local`
+    /// gives it.
+    fn read_chunk(
+        namer: &rf::ChunkNamer,
+        hash: &str,
+        f: &std::fs::File,
+        out: &mut [u8],
+    ) -> Result<(), RestoreError> {
+        read_chunk_file(namer, hash, f, f.metadata().unwrap().len(), out)
+    }
+
     /// `data` as a chunk object in a file of a temporary directory.
     fn chunk_file(d: &tempfile::TempDir, obj: &[u8]) -> std::fs::File {
         let path = d.path().join("chunk");
@@ -413,7 +416,7 @@ mod tests {
             assert_eq!(out, data, "{len} bytes");
             let hash = rf::ChunkNamer::Plain.name(&data);
             out.fill(0);
-            read_chunk_file(&rf::ChunkNamer::Plain, &hash, &f, &mut out).unwrap();
+            read_chunk(&rf::ChunkNamer::Plain, &hash, &f, &mut out).unwrap();
             assert_eq!(out, data);
         }
     }
@@ -432,7 +435,7 @@ mod tests {
         let f = chunk_file(&d, &obj);
         let mut out = vec![0u8; len];
         assert!(!read_stored_blocks(&f, obj.len() as u64, &mut out).unwrap());
-        read_chunk_file(&plain, &plain.name(&text), &f, &mut out).unwrap();
+        read_chunk(&plain, &plain.name(&text), &f, &mut out).unwrap();
         assert_eq!(out, text);
         // Incompressible, then damaged.
         let data = random(len, 7);
@@ -444,25 +447,25 @@ mod tests {
         bad[hdr + 3 + ZSTD_BLOCK_MAX] |= 4;
         let f = chunk_file(&d, &bad);
         assert!(!read_stored_blocks(&f, bad.len() as u64, &mut out).unwrap());
-        assert!(read_chunk_file(&plain, &hash, &f, &mut out).is_err());
+        assert!(read_chunk(&plain, &hash, &f, &mut out).is_err());
         // A byte of a stored block changed: read directly, refused by name.
         let mut bad = obj.clone();
         bad[hdr + 3 + 5] ^= 1;
         let f = chunk_file(&d, &bad);
         assert!(read_stored_blocks(&f, bad.len() as u64, &mut out).unwrap());
-        assert!(read_chunk_file(&plain, &hash, &f, &mut out).is_err());
+        assert!(read_chunk(&plain, &hash, &f, &mut out).is_err());
         // The right object under another name, or into a buffer of
         // another length, or with a byte more at its end: refused.
         let f = chunk_file(&d, &obj);
-        assert!(read_chunk_file(&plain, &plain.name(b"x"), &f, &mut out).is_err());
+        assert!(read_chunk(&plain, &plain.name(b"x"), &f, &mut out).is_err());
         let mut short = vec![0u8; len - 1];
-        assert!(read_chunk_file(&plain, &hash, &f, &mut short).is_err());
+        assert!(read_chunk(&plain, &hash, &f, &mut short).is_err());
         let mut longer = obj.clone();
         longer.push(0);
         let f = chunk_file(&d, &longer);
         assert!(!read_stored_blocks(&f, longer.len() as u64, &mut out).unwrap());
-        assert!(read_chunk_file(&plain, &hash, &f, &mut out).is_err());
-        read_chunk_file(&plain, &hash, &chunk_file(&d, &obj), &mut out).unwrap();
+        assert!(read_chunk(&plain, &hash, &f, &mut out).is_err());
+        read_chunk(&plain, &hash, &chunk_file(&d, &obj), &mut out).unwrap();
         assert_eq!(out, data);
     }
 }

@@ -817,13 +817,13 @@ impl Backend for FileBackend {
     fn open_local<'a>(
         &'a self,
         key: &'a str,
-    ) -> Option<BoxFuture<'a, Result<std::fs::File, StoreError>>> {
+    ) -> Option<BoxFuture<'a, Result<(std::fs::File, u64), StoreError>>> {
         Some(Box::pin(async move {
             let (root, k) = (self.root.clone(), key.to_string());
             let r = self
                 .blocking("open", key, move || Ok(file_open(&root, &k)))
                 .await?;
-            r.map(|(f, _)| f).map_err(|e| self.err("open", key, e))
+            r.map_err(|e| self.err("open", key, e))
         }))
     }
 
@@ -922,11 +922,22 @@ mod tests {
         let store = Store::open(&format!("file://{}", root.display()), None).unwrap();
         let key = "cdp/v1/chunks/ab/abcd";
         store.put(key, Bytes::from_static(b"chunk")).await.unwrap();
-        let mut f = store.open_local(key).await.unwrap().expect("a file");
+        let (mut f, size) = store.open_local(key).await.unwrap().expect("a file");
+        assert_eq!(size, 5);
         let mut got = Vec::new();
         f.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"chunk");
         assert!(store.open_local("cdp/v1/chunks/ab/none").await.is_err());
+        // Bounded as get bounds it: past a chunk's cap, not opened.
+        let big = "cdp/v1/chunks/ab/big";
+        std::fs::File::create(root.join(big))
+            .unwrap()
+            .set_len(crate::format::object_cap(big) + 1)
+            .unwrap();
+        assert!(matches!(
+            store.open_local(big).await,
+            Err(StoreError::TooLarge { .. })
+        ));
         let victim = d.path().join("victim");
         std::fs::create_dir(&victim).unwrap();
         std::fs::write(victim.join("x"), b"secret").unwrap();

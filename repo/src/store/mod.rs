@@ -216,13 +216,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         range: Option<Range<u64>>,
         max: u64,
     ) -> BoxFuture<'a, Result<Bytes, StoreError>>;
-    /// The object opened for reading in place, where the backend keeps
-    /// objects as local files (`file://`); None for the others. Nothing is
-    /// bounded: the caller checks the size.
+    /// The object opened for reading in place, and its size, where the
+    /// backend keeps objects as local files (`file://`); None for the
+    /// others. Nothing is bounded: [`Store::open_local`] checks the size.
     fn open_local<'a>(
         &'a self,
         _key: &'a str,
-    ) -> Option<BoxFuture<'a, Result<std::fs::File, StoreError>>> {
+    ) -> Option<BoxFuture<'a, Result<(std::fs::File, u64), StoreError>>> {
         None
     }
     /// Every object whose key starts with `prefix`, in any order.
@@ -354,22 +354,33 @@ impl Store {
         self.get_open(key, crate::format::object_cap(key)).await
     }
 
-    /// The object `key` opened for reading in place, where it is a local
-    /// file holding the object's plain bytes (a `file://` target; for a
-    /// sealed object of an encrypted repository, never); else None: use
-    /// [`Store::get`]. Opened as `get` opens it (beneath the root, never
-    /// through a symbolic link, a regular file); the caller bounds what it
-    /// reads and checks what it read (restore reads a chunk straight into
-    /// the buffer it hashes and writes from).
-    pub async fn open_local(&self, key: &str) -> Result<Option<std::fs::File>, StoreError> {
+    /// The object `key` opened for reading in place, and its size, where it
+    /// is a local file holding the object's plain bytes (a `file://` target;
+    /// for a sealed object of an encrypted repository, never); else None:
+    /// use [`Store::get`]. Opened as `get` opens it (beneath the root, never
+    /// through a symbolic link, a regular file) and bounded as `get` bounds
+    /// it: more than its kind's cap is [`StoreError::TooLarge`]. The caller
+    /// reads at most the size and checks what it read (restore reads a
+    /// chunk straight into the buffer it hashes and writes from).
+    pub async fn open_local(&self, key: &str) -> Result<Option<(std::fs::File, u64)>, StoreError> {
         self.valid_key(key)?;
         if !crate::crypto::is_clear_key(key) && self.is_encrypted().await? {
             return Ok(None);
         }
-        match self.backend.open_local(key) {
-            Some(open) => open.await.map(Some),
-            None => Ok(None),
+        let Some(open) = self.backend.open_local(key) else {
+            return Ok(None);
+        };
+        let (file, size) = open.await?;
+        let max = crate::format::object_cap(key);
+        if size > max {
+            return Err(StoreError::TooLarge {
+                url: self.url.to_string(),
+                key: key.to_string(),
+                size,
+                max,
+            });
         }
+        Ok(Some((file, size)))
     }
 
     /// Bytes `range` of the object; the range must lie inside the object.
