@@ -21,11 +21,12 @@ pub const DEFAULT_SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 pub const MAX_SEGMENT_SIZE: u64 = 4 << 30;
 /// The default `segment_age`: a quarter of a second, so that a busy disk's
 /// record waits at most that long before its segment is sealed and shipped
-/// (the RPO's floor). Issue 13 asks for an RPO p99 <= 1 s at 50 MB/s: at
-/// 500 ms the open segment's wait plus seal-to-shipped (p99 0.5-0.7 s here)
-/// passed it (BENCHMARKS.md, "Shipper: throughput and RPO"). A disk written
-/// without a pause makes four segments (objects) a second; a policy that
-/// would rather pay fewer object PUTs sets a longer age.
+/// (the RPO's floor). Measured at 50 MB/s (BENCHMARKS.md, "Shipper:
+/// throughput and RPO"): the typical RPO halves against 500 ms (p50 234 vs
+/// 432 ms on a quiet machine); the p99 is set by seal-to-shipped syncs and
+/// was not better (1184 vs 1046 ms quiet; 878 vs 1873 ms in a loaded run).
+/// A disk written without a pause makes four segments (objects) a second;
+/// a policy that would rather pay fewer object PUTs sets a longer age.
 pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_millis(250);
 /// Bounds of `segment_age`: at least 1 ms (the sealer would spin below it),
 /// at most 1 h (the age bounds how long a write stays out of the repository).
