@@ -46,7 +46,14 @@ trap cleanup EXIT
 
 U=8a3c1f0e-2b4d-4c6e-9f80-1a2b3c4d5e6f
 IMG="$W/disk.raw"
-truncate -s 4G "$IMG"
+# IMAGE=sparse (default: a 4 GiB sparse file, as `qemu-img create -f raw`
+# makes) or IMAGE=written (every block written first: the guest's writes
+# are overwrites, no block allocation in the image while it runs).
+if [ "${IMAGE:-sparse}" = written ]; then
+    dd if=/dev/zero of="$IMG" bs=4M count=1024 conv=fsync status=none
+else
+    truncate -s 4G "$IMG"
+fi
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 if [ -n "${MOTO:-}" ]; then

@@ -249,6 +249,7 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use std::fs::File;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -404,9 +405,47 @@ mod tests {
         );
         assert!(std::fs::read(&disk.path).unwrap().iter().all(|&x| x == 7));
         // The new segment's name waits for the next FLUSH (or seal).
-        assert!(disk.lock_journal().names_unsynced);
+        assert!(disk.lock_journal().names_unsynced());
         super::super::make_durable(disk).unwrap();
-        assert!(!disk.lock_journal().names_unsynced);
+        assert!(!disk.lock_journal().names_unsynced());
+    }
+
+    /// A new segment's name is made durable by the sealer's next pass while
+    /// the segment is open, not at its seal: the seal of a segment whose
+    /// name is durable syncs the directory no more, even when its successor
+    /// (created after the switch) is not synced yet.
+    #[test]
+    fn a_segment_name_is_synced_while_open_and_its_seal_does_not_sync_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = vm_with(dir.path(), true, 64 << 10);
+        let disk = &vm.disks[0];
+        let write = |i: u64| {
+            let mut buf = Vec::new();
+            let mut b = batch(&[(proto::CMD_WRITE, i * (40 << 10), 40 << 10)], &mut buf);
+            vm.journal_and_apply(disk, &mut b, &buf);
+            assert_eq!(b.reqs[0].result, 0);
+        };
+        let syncs = || disk.stats.name_syncs.load(Ordering::Relaxed);
+        write(0);
+        assert!(disk.lock_journal().names_unsynced());
+        vm.seal_pass(false);
+        assert!(!disk.lock_journal().names_unsynced(), "synced while open");
+        assert_eq!(syncs(), 1);
+        // The second write fills the segment, the third opens the next one:
+        // the first one's seal needs no sync, the successor's name gets one.
+        write(1);
+        write(2);
+        assert!(disk.lock_journal().names_unsynced());
+        vm.seal_pass(false);
+        assert_eq!(
+            vm.catalog.lock().unwrap().segments(UUID).unwrap().len(),
+            1,
+            "the full segment is sealed"
+        );
+        assert_eq!(syncs(), 2, "one sync for the successor, none for the seal");
+        assert!(!disk.lock_journal().names_unsynced());
+        vm.seal_pass(true);
+        assert_eq!(syncs(), 2, "every name was durable already");
     }
 
     /// Once a segment fills up while the disk is busy, the sealer prepares

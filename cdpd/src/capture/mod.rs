@@ -74,6 +74,8 @@ pub struct DiskStats {
     /// Batches journaled on a connection's executor thread while the next
     /// one was read (see `conn::PIPELINE_MIN_BYTES`).
     pub pipelined_batches: AtomicU64,
+    /// Syncs of the journal directory that made new segment names durable.
+    pub name_syncs: AtomicU64,
 }
 
 /// Journal state of one disk, behind the disk lock.
@@ -86,10 +88,16 @@ pub struct JournalState {
     pub to_seal: Vec<OpenSegment>,
     /// Files of segments not yet made durable by the sealer; a FLUSH syncs them.
     pub unsynced: Vec<Arc<File>>,
-    /// A segment was created (renamed into place) since the journal
-    /// directory was last synced: a FLUSH or a seal syncs it first
-    /// ([`OpenSegment::create_unsynced`]).
-    pub names_unsynced: bool,
+    /// Segments created (renamed into place) in the journal directory, and
+    /// how many of those names the last directory sync made durable
+    /// ([`OpenSegment::create_unsynced`]). The sealer syncs a new name while
+    /// its segment is open, so the seal finds it durable; a FLUSH or a seal
+    /// that finds it not yet synced syncs it first ([`sync_names`]).
+    pub names_created: u64,
+    pub names_synced: u64,
+    /// `names_created` when the newest segment in `to_seal` was switched
+    /// out: the names its seal needs durable.
+    pub seal_names: u64,
     /// A file the sealer prepared for the next segment (off the data path).
     pub spare: Option<SpareSegment>,
     pub last_seq: u64,
@@ -249,14 +257,13 @@ impl Vm {
                     .or_else(|_| OpenSegment::create_unsynced(&disk.journal_dir, header)),
                 None => OpenSegment::create_unsynced(&disk.journal_dir, header),
             };
-            if !st.to_seal.is_empty() {
-                // A segment that filled up is sealed once its successor
-                // exists: the new header's sync does not queue behind the
-                // seal's writeback of the full segment.
-                self.wake_sealer();
-            }
             st.open = Some(seg?);
-            st.names_unsynced = true;
+            st.names_created += 1;
+            // The sealer syncs the new name while the segment is open (so
+            // its seal waits for one sync less), and seals a segment that
+            // filled up once its successor exists: the new header's sync
+            // does not queue behind the seal's writeback of the full one.
+            self.wake_sealer();
         }
         Ok(st.open.as_mut().unwrap())
     }
@@ -472,7 +479,7 @@ impl Vm {
             next = next.min(Duration::from_secs(1));
         }
         for disk in &self.disks {
-            let (to_seal, want_spare) = {
+            let (to_seal, want_spare, need_names) = {
                 let mut st = disk.lock_journal();
                 if let Some(seg) = &st.open {
                     let elapsed = seg.opened.elapsed();
@@ -494,13 +501,13 @@ impl Vm {
                     && st.open.is_some()
                     && !st.to_seal.is_empty()
                     && st.deg.mode == degraded::Mode::Normal;
-                (std::mem::take(&mut st.to_seal), want_spare)
+                (std::mem::take(&mut st.to_seal), want_spare, st.seal_names)
             };
             if want_spare {
                 self.prepare_spare(disk);
             }
             if !to_seal.is_empty() {
-                if let Err(e) = sync_names(disk) {
+                if let Err(e) = sync_names(disk, need_names) {
                     // Sealed only once named durably: try again soon.
                     if disk.stats.seal_errors.fetch_add(1, Ordering::Relaxed) == 0 {
                         eprintln!(
@@ -541,6 +548,13 @@ impl Vm {
                 let mut st = disk.lock_journal();
                 failed.append(&mut st.to_seal);
                 st.to_seal = failed;
+            }
+            // The open segment's name, made durable while it is open rather
+            // than at its seal: the seal then waits for one sync less (each
+            // may wait for the filesystem's journal commit). Best effort:
+            // its seal or a FLUSH syncs it if this fails.
+            if disk.lock_journal().names_unsynced() {
+                let _ = sync_names(disk, u64::MAX);
             }
         }
         next
@@ -711,7 +725,9 @@ impl Vm {
                         next_base: d.next_base,
                         to_seal: Vec::new(),
                         unsynced: Vec::new(),
-                        names_unsynced: false,
+                        names_created: 0,
+                        names_synced: 0,
+                        seal_names: 0,
                         spare: None,
                         last_seq: d.last_seq,
                         deg,
@@ -758,7 +774,7 @@ impl Vm {
     /// Make every open segment durable (used at start, after SESSION_START).
     pub fn sync_open_segments(&self) -> io::Result<()> {
         for d in &self.disks {
-            sync_names(d)?;
+            sync_names(d, u64::MAX)?;
             let st = d.lock_journal();
             if let Some(s) = &st.open {
                 s.file.sync_data()?;
@@ -768,17 +784,29 @@ impl Vm {
     }
 }
 
-/// Make the segment names of a disk's journal directory durable, if a
-/// segment was created since they last were.
-fn sync_names(disk: &Disk) -> io::Result<()> {
-    if !std::mem::take(&mut disk.lock_journal().names_unsynced) {
-        return Ok(());
+impl JournalState {
+    /// A segment name is not durable yet.
+    pub fn names_unsynced(&self) -> bool {
+        self.names_synced < self.names_created
     }
-    let r = cdp_core::journal::writer::sync_dir(&disk.journal_dir);
-    if r.is_err() {
-        disk.lock_journal().names_unsynced = true;
-    }
-    r
+}
+
+/// Make the first `need` segment names of a disk's journal directory
+/// durable, if they are not yet (every name created so far with `need` =
+/// `u64::MAX`).
+fn sync_names(disk: &Disk, need: u64) -> io::Result<()> {
+    let created = {
+        let st = disk.lock_journal();
+        if st.names_synced >= need.min(st.names_created) {
+            return Ok(());
+        }
+        st.names_created
+    };
+    cdp_core::journal::writer::sync_dir(&disk.journal_dir)?;
+    disk.stats.name_syncs.fetch_add(1, Ordering::Relaxed);
+    let mut st = disk.lock_journal();
+    st.names_synced = st.names_synced.max(created);
+    Ok(())
 }
 
 /// Switch out the open segment for the sealer (which the caller wakes, or
@@ -787,6 +815,7 @@ fn switch_out(st: &mut JournalState) -> bool {
     let Some(seg) = st.open.take() else {
         return false;
     };
+    st.seal_names = st.names_created;
     st.next_base += seg.records() as u64;
     st.unsynced.push(seg.file.clone());
     st.to_seal.push(seg);
@@ -863,7 +892,7 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
             result = Err(nbd_errno(&e));
         }
     }
-    if let Err(e) = sync_names(disk) {
+    if let Err(e) = sync_names(disk, u64::MAX) {
         result = result.and(Err(nbd_errno(&e)));
     }
     for f in files.iter() {
