@@ -272,8 +272,28 @@ mod tests {
     }
 
     fn vm_with(dir: &std::path::Path, writable: bool, segment_size: u64) -> Arc<Vm> {
+        let settings = JournalSettings {
+            segment_size,
+            segment_age: Duration::from_secs(3600),
+            ..JournalSettings::default()
+        };
+        vm_opts(dir, writable, settings, false)
+    }
+
+    /// A VM of one disk whose image is written whole (7s) or `sparse` (no
+    /// block allocated).
+    fn vm_opts(
+        dir: &std::path::Path,
+        writable: bool,
+        settings: JournalSettings,
+        sparse: bool,
+    ) -> Arc<Vm> {
         let img = dir.join("disk.raw");
-        std::fs::write(&img, vec![7u8; SIZE as usize]).unwrap();
+        if sparse {
+            File::create(&img).unwrap().set_len(SIZE).unwrap();
+        } else {
+            std::fs::write(&img, vec![7u8; SIZE as usize]).unwrap();
+        }
         let file = File::options()
             .read(true)
             .write(writable)
@@ -300,11 +320,7 @@ mod tests {
                 next_base: 0,
                 last_seq: 0,
             }],
-            settings: JournalSettings {
-                segment_size,
-                segment_age: Duration::from_secs(3600),
-                ..JournalSettings::default()
-            },
+            settings,
             catalog,
             state_dir,
             run_dir: dir.join("run"),
@@ -446,6 +462,40 @@ mod tests {
         assert!(!disk.lock_journal().names_unsynced());
         vm.seal_pass(true);
         assert_eq!(syncs(), 2, "every name was durable already");
+    }
+
+    /// A segment sealed by age starts the image's writeback when the image
+    /// is sparse (its writeback may allocate blocks, which every sync on
+    /// the file system would wait for), not when every block is allocated.
+    #[test]
+    fn a_seal_by_age_starts_the_writeback_of_a_sparse_image_only() {
+        for sparse in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let settings = JournalSettings {
+                segment_size: 64 << 10,
+                segment_age: Duration::from_millis(1),
+                ..JournalSettings::default()
+            };
+            let vm = vm_opts(dir.path(), true, settings, sparse);
+            let disk = &vm.disks[0];
+            let write = |i: u64, len: usize| {
+                let mut buf = Vec::new();
+                let mut b = batch(&[(proto::CMD_WRITE, i * (40 << 10), len)], &mut buf);
+                vm.journal_and_apply(disk, &mut b, &buf);
+                assert_eq!(b.reqs[0].result, 0);
+            };
+            let kicks = || disk.stats.image_writebacks.load(Ordering::Relaxed);
+            // The second write switches the first segment out full; the
+            // third joins it in the next, which ages.
+            write(0, 40 << 10);
+            write(1, 40 << 10);
+            write(2, 4096);
+            std::thread::sleep(Duration::from_millis(5));
+            let sealed = || vm.catalog.lock().unwrap().segments(UUID).unwrap().len();
+            vm.seal_pass(false);
+            assert_eq!(sealed(), 2, "the full one and the aged one");
+            assert_eq!(kicks(), u64::from(sparse), "sparse: {sparse}");
+        }
     }
 
     /// Once a segment fills up while the disk is busy, the sealer prepares

@@ -76,6 +76,8 @@ pub struct DiskStats {
     pub pipelined_batches: AtomicU64,
     /// Syncs of the journal directory that made new segment names durable.
     pub name_syncs: AtomicU64,
+    /// Image writebacks started after a seal by age ([`image_writeback`]).
+    pub image_writebacks: AtomicU64,
 }
 
 /// Journal state of one disk, behind the disk lock.
@@ -479,11 +481,13 @@ impl Vm {
             next = next.min(Duration::from_secs(1));
         }
         for disk in &self.disks {
+            let mut by_age = false;
             let (to_seal, want_spare, need_names) = {
                 let mut st = disk.lock_journal();
                 if let Some(seg) = &st.open {
                     let elapsed = seg.opened.elapsed();
                     if force_all || (seg.records() > 0 && elapsed >= age) {
+                        by_age = !force_all;
                         self.switch(&mut st);
                     } else if seg.records() > 0 {
                         next = next.min(age - elapsed);
@@ -548,6 +552,8 @@ impl Vm {
                 let mut st = disk.lock_journal();
                 failed.append(&mut st.to_seal);
                 st.to_seal = failed;
+            } else if by_age {
+                image_writeback(disk);
             }
             // The open segment's name, made durable while it is open rather
             // than at its seal: the seal then waits for one sync less (each
@@ -781,6 +787,28 @@ impl Vm {
             }
         }
         Ok(())
+    }
+}
+
+/// A segment sealed by age (the disk writes less than a segment per age)
+/// on a sparse image: start the image's writeback of what was written since
+/// (docs/DESIGN.md, "Write path"). The page cache would otherwise hold it
+/// until the kernel's flusher writes it all at once, and that writeback
+/// allocates blocks, which every sync on the file system then waits for
+/// (ext4's ordered mode): the next seal's, a FLUSH's, the shipper's. A disk
+/// that fills its segments is left to the page cache (a burst stays
+/// absorbed), and so is an image with every block allocated.
+fn image_writeback(disk: &Disk) {
+    use std::os::unix::fs::MetadataExt;
+    // A block device (size 0 here) or an image with every block allocated
+    // has nothing to allocate: its writeback is left to the kernel.
+    let sparse = disk
+        .image
+        .metadata()
+        .is_ok_and(|m| m.blocks().saturating_mul(512) < m.len());
+    if sparse {
+        cdp_core::journal::writer::start_writeback(&disk.image, 0, 0);
+        disk.stats.image_writebacks.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -351,6 +351,27 @@ impl SpareSegment {
     }
 }
 
+/// Start the device writing `file`'s dirty pages from `offset` on, `len`
+/// bytes (0: to the end) (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it
+/// queues the pages' writeback and returns, waiting only while the
+/// device's queue is full). Durability is unchanged: only a sync makes
+/// anything durable. Best effort: a failure is the next sync's to report.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) takes a descriptor (open for the whole
+    // call: `file` is borrowed) and plain integers; it touches no memory of
+    // this process.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Make the names in a journal directory durable (after
 /// [`OpenSegment::create_unsynced`]).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
