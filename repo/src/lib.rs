@@ -13,3 +13,4 @@ pub mod restore;
 pub mod retention;
 pub mod store;
 pub mod verify;
+pub mod zframe;
