@@ -740,10 +740,13 @@ pub(crate) async fn to_file(
     f.set_len(plan.size)
         .with_context(|| format!("sizing {}", raw_path.display()))?;
     let meter = progress(json, plan.size);
-    // One writer thread, the chunks in disk order (restore::writer).
-    let sink = restore::OrderedFile::new(f.try_clone()?)
-        .with_context(|| format!("starting the writer of {}", raw_path.display()))?;
-    let r = restore::execute(plan, Some(store), Arc::new(sink), Some(meter.progress())).await;
+    let r = restore::execute(
+        plan,
+        Some(store),
+        Arc::new(restore::FreshFile(f.try_clone()?)),
+        Some(meter.progress()),
+    )
+    .await;
     meter.clear();
     let stats = r.with_context(|| {
         format!(

@@ -63,14 +63,6 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
-/// So that a buffer can be handed over as `Bytes` (`Bytes::from_owner`):
-/// it goes back to the pool when the last slice of it is dropped.
-impl AsRef<[u8]> for AlignedBuf {
-    fn as_ref(&self) -> &[u8] {
-        self
-    }
-}
-
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.mem.len() == POOL_LEN + align() {

@@ -61,45 +61,8 @@ fn tick(progress: &Option<Progress>, n: u64) {
 /// Journal extents of one segment: (start, end, payload position).
 type SegExtents = Vec<(u64, u64, u64)>;
 
-/// Run a plan: every byte of the disk once, to `sink`; returns once the
-/// sink has written all it was given ([`Sink::finish`]).
+/// Run a plan: every byte of the disk once, to `sink`.
 pub async fn execute(
-    plan: &Plan,
-    store: Option<&Store>,
-    sink: Arc<dyn Sink>,
-    progress: Option<Progress>,
-) -> Result<RestoreStats, RestoreError> {
-    let r = execute_all(plan, store, sink.clone(), progress).await;
-    // Waiting for the writer blocks: off the runtime's threads.
-    let finished = tokio::task::spawn_blocking(move || sink.finish())
-        .await
-        .expect("restore writer's finish panicked");
-    settle(r, finished, &plan.disk)
-}
-
-/// The outcome of a restore from its work's and its writer's: a write
-/// error of the writer wins over what it caused (hand-overs refused once
-/// it had stopped); a job never handed over is the consequence of the
-/// work's own error, or else an error of its own: never success.
-fn settle(
-    r: Result<RestoreStats, RestoreError>,
-    finished: std::io::Result<()>,
-    disk: &str,
-) -> Result<RestoreStats, RestoreError> {
-    use super::writer::WriterError;
-    let Err(e) = finished else { return r };
-    let stopped = |x: &RestoreError| {
-        matches!(x, RestoreError::Io { source, .. }
-            if matches!(WriterError::of(source), Some(WriterError::Stopped)))
-    };
-    match (&r, WriterError::of(&e)) {
-        (Err(x), Some(WriterError::Write { .. })) if stopped(x) => Err(io_err(Path::new(disk))(e)),
-        (Err(_), _) => r,
-        (Ok(_), _) => Err(io_err(Path::new(disk))(e)),
-    }
-}
-
-async fn execute_all(
     plan: &Plan,
     store: Option<&Store>,
     sink: Arc<dyn Sink>,
@@ -131,8 +94,7 @@ async fn execute_all(
 }
 
 /// Every chunk of the baseline the plan needs, fetched, decoded and
-/// checked 8 at a time, and handed to the sink as ordered job `i` (chunk
-/// `i`, so in disk order). Returns (chunks fetched, bytes).
+/// written 8 at a time. Returns (chunks fetched, bytes).
 async fn restore_chunks(
     plan: &Plan,
     store: Option<&Store>,
@@ -218,10 +180,10 @@ async fn restore_segment(
 
 /// Write a segment's extents (sorted by disk offset, disjoint), `piece`
 /// giving each one's bytes. Extents that follow on on the disk are copied
-/// together into runs of pooled buffers of up to [`RUN_LEN`] bytes, each
-/// buffer handed over with [`Sink::write_owned`]: a journal of small
-/// records costs a few large writes, not one write per record. Returns the
-/// bytes written.
+/// together into runs of aligned buffers of up to [`RUN_LEN`] bytes and
+/// written with one [`Sink::write_gathered`]: a journal of small records
+/// costs a few large writes, not one write (and one wait on the file's
+/// lock) per record. Returns the bytes written.
 fn write_extents<'a>(
     sink: &dyn Sink,
     extents: &'a [(u64, u64, u64)],
@@ -240,27 +202,26 @@ fn write_extents<'a>(
             j += 1;
         }
         let end = extents[j - 1].1;
-        let mut bufs: Vec<AlignedBuf> = Vec::new();
-        let mut filled = 0;
-        let mut at = start;
-        for x in &extents[i..j] {
-            let mut src = piece(x);
-            while !src.is_empty() {
-                if bufs.is_empty() || filled == POOL_LEN {
-                    bufs.push(AlignedBuf::take(POOL_LEN.min((end - at) as usize)));
-                    filled = 0;
+        if j == i + 1 {
+            sink.write(start, piece(&extents[i]))?;
+        } else {
+            let mut bufs: Vec<AlignedBuf> = Vec::new();
+            let mut filled = 0;
+            let mut at = start;
+            for x in &extents[i..j] {
+                let mut src = piece(x);
+                while !src.is_empty() {
+                    if bufs.is_empty() || filled == POOL_LEN {
+                        bufs.push(AlignedBuf::take(POOL_LEN.min((end - at) as usize)));
+                        filled = 0;
+                    }
+                    let buf = bufs.last_mut().expect("just pushed");
+                    let n = src.len().min(buf.len() - filled);
+                    buf[filled..filled + n].copy_from_slice(&src[..n]);
+                    (filled, at, src) = (filled + n, at + n as u64, &src[n..]);
                 }
-                let buf = bufs.last_mut().expect("just pushed");
-                let n = src.len().min(buf.len() - filled);
-                buf[filled..filled + n].copy_from_slice(&src[..n]);
-                (filled, at, src) = (filled + n, at + n as u64, &src[n..]);
             }
-        }
-        let mut at = start;
-        for b in bufs {
-            let n = b.len() as u64;
-            sink.write_owned(at, Bytes::from_owner(b))?;
-            at += n;
+            sink.write_gathered(start, &bufs)?;
         }
         bytes += end - start;
         tick(progress, end - start);
@@ -320,9 +281,7 @@ async fn read_runs(
 
 /// Chunk `i` of the baseline, for the ranges no journal extent covers: zeros
 /// for a chunk that is all zeros, else fetched, checked against its name and
-/// handed to the sink as ordered job `i` (with no pieces when there is
-/// nothing to write: every job is handed over once, unless this fails).
-/// Returns (chunks fetched, bytes).
+/// written. Returns (chunks fetched, bytes).
 async fn restore_chunk(
     plan: &Plan,
     store: Option<&Store>,
@@ -334,33 +293,25 @@ async fn restore_chunk(
     let start = i as u64 * b.chunk_size;
     let end = (start + b.chunk_size).min(b.size);
     // Of a disk shrunk since the baseline, only what is left of it.
-    let gaps = if start >= plan.size {
-        Vec::new()
-    } else {
-        plan.extents.uncovered(start, end.min(plan.size))
-    };
-    let hash = match &b.chunks[i] {
-        Some(hash) if !gaps.is_empty() => hash.clone(),
-        _ => {
-            for &(s, e) in &gaps {
-                sink.zero(s, e - s).map_err(io_err(Path::new(&plan.disk)))?;
-                tick(&progress, e - s);
-            }
-            let disk = plan.disk.clone();
-            return tokio::task::spawn_blocking(move || {
-                sink.write_ordered(i as u64, Vec::new())
-                    .map_err(io_err(Path::new(&disk)))
-                    .map(|()| (0, 0))
-            })
-            .await
-            .expect("restore worker panicked");
+    if start >= plan.size {
+        return Ok((0, 0));
+    }
+    let gaps = plan.extents.uncovered(start, end.min(plan.size));
+    if gaps.is_empty() {
+        return Ok((0, 0));
+    }
+    let Some(hash) = &b.chunks[i] else {
+        for (s, e) in gaps {
+            sink.zero(s, e - s).map_err(io_err(Path::new(&plan.disk)))?;
+            tick(&progress, e - s);
         }
+        return Ok((0, 0));
     };
     let store = store.ok_or_else(|| RestoreError::Corrupt {
-        what: rf::chunk_key(&hash),
+        what: rf::chunk_key(hash),
         why: "baseline chunks are in the repository, and no repository was given".into(),
     })?;
-    let key = rf::chunk_key(&hash);
+    let key = rf::chunk_key(hash);
     // A local object (file://) is read straight into the buffer written
     // from; if it cannot be opened, `get` (with retries) says why.
     let obj = match store.open_local(&key).await {
@@ -375,24 +326,20 @@ async fn restore_chunk(
     };
     // Keyed names in an encrypted repository (docs/REPOSITORY_FORMAT.md, "Encryption").
     let namer = store.chunk_namer().await.map_err(ReadError::from)?;
-    // Decompressing and hashing run on the blocking pool: in parallel, off
-    // the thread that fetches, into a pooled buffer that is then handed
-    // over, only once its name is checked.
-    let disk = plan.disk.clone();
+    // Decompressing, hashing and writing run on the blocking pool: in
+    // parallel, off the thread that fetches, into a pooled buffer.
+    let (hash, disk) = (hash.clone(), plan.disk.clone());
     tokio::task::spawn_blocking(move || {
         let mut data = AlignedBuf::take((end - start) as usize);
         match obj {
             Chunk::File(f, size) => read_chunk_file(&namer, &hash, &f, size, &mut data)?,
             Chunk::Bytes(b) => decompress_chunk_into(&namer, &hash, &b, &mut data)?,
         }
-        let data = Bytes::from_owner(data);
-        let pieces = gaps
-            .iter()
-            .map(|&(s, e)| (s, data.slice((s - start) as usize..(e - start) as usize)))
-            .collect();
-        sink.write_ordered(i as u64, pieces)
-            .map_err(io_err(Path::new(&disk)))?;
-        tick(&progress, gaps.iter().map(|(s, e)| e - s).sum());
+        for (s, e) in gaps {
+            sink.write(s, &data[(s - start) as usize..(e - start) as usize])
+                .map_err(io_err(Path::new(&disk)))?;
+            tick(&progress, e - s);
+        }
         Ok((1, end - start))
     })
     .await
@@ -410,21 +357,21 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// Records every write it is given; an owned one's bytes are marked
-    /// by `true`.
+    /// Records every write and gathered write it is given.
     #[derive(Default)]
-    struct Log(Mutex<Vec<(u64, Vec<u8>, bool)>>);
+    struct Log(Mutex<Vec<(u64, Vec<u8>, usize)>>);
 
     impl Sink for Log {
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((offset, data.to_vec(), false));
+            self.0.lock().unwrap().push((offset, data.to_vec(), 1));
             Ok(())
         }
         fn zero(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
             Ok(())
         }
-        fn write_owned(&self, offset: u64, data: Bytes) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((offset, data.to_vec(), true));
+        fn write_gathered(&self, offset: u64, bufs: &[AlignedBuf]) -> std::io::Result<()> {
+            let data: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.0.lock().unwrap().push((offset, data, bufs.len()));
             Ok(())
         }
     }
@@ -452,17 +399,13 @@ mod tests {
         let bytes = write_extents(&log, &extents, piece, &None).unwrap();
         assert_eq!(bytes, extents.iter().map(|x| x.1 - x.0).sum::<u64>());
         let writes = log.0.into_inner().unwrap();
-        assert!(writes.iter().all(|w| w.2), "every buffer is handed over");
         let starts: Vec<u64> = writes.iter().map(|w| w.0).collect();
-        let mb = POOL_LEN as u64;
-        let mut want = vec![0, 10 * k];
-        want.extend((0..RUN_LEN / mb).map(|i| base + i * mb));
-        want.push(base + RUN_LEN);
-        assert_eq!(starts, want, "runs of whole buffers, a new run after a gap");
-        assert_eq!(writes[0].1.len() as u64, 3 * k, "3 blocks in one buffer");
-        assert_eq!(writes[1].1.len() as u64, k);
-        assert!(writes[2..10].iter().all(|w| w.1.len() as u64 == mb));
-        assert_eq!(writes[10].1.len() as u64, 2 * k);
+        let run2 = base + RUN_LEN;
+        assert_eq!(starts, vec![0, 10 * k, base, run2]);
+        assert_eq!(writes[0].2, 1, "3 blocks fit one buffer");
+        assert_eq!(writes[1].2, 1);
+        assert_eq!(writes[2].1.len() as u64, RUN_LEN);
+        assert_eq!(writes[3].1.len() as u64, 2 * k);
         // Every byte where it belongs.
         for (at, data, _) in &writes {
             for (x, p) in extents.iter().zip(&pieces) {
@@ -472,119 +415,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// A writer target that records (offset, bytes) of every write.
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Writes>>);
-    type Writes = Vec<(u64, Vec<u8>)>;
-
-    impl crate::restore::writer::Target for Recorder {
-        fn write_at(&mut self, offset: u64, bufs: &[&[u8]]) -> std::io::Result<()> {
-            self.0.lock().unwrap().push((offset, bufs.concat()));
-            Ok(())
-        }
-    }
-
-    /// A plan of `n` baseline chunks of 64 KiB, no journal; chunk 3 is
-    /// zeros, chunk `bad` (if any) is named for other bytes than its
-    /// object holds. Returns the plan and the disk's bytes.
-    async fn chunk_plan(store: &Store, n: usize, bad: Option<usize>) -> (Plan, Vec<u8>) {
-        let cs = 64 << 10;
-        let mut disk = vec![0u8; n * cs];
-        let mut chunks = Vec::new();
-        for (i, c) in disk.chunks_mut(cs).enumerate() {
-            if i == 3 {
-                chunks.push(None);
-                continue;
-            }
-            let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            for b in c.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = (x >> 24) as u8;
-            }
-            let obj = rf::compress_chunk(c).unwrap();
-            let mut name = rf::ChunkNamer::Plain.name(c);
-            if bad == Some(i) {
-                name = rf::ChunkNamer::Plain.name(b"other bytes");
-            }
-            let _ = store.put(&rf::chunk_key(&name), Bytes::from(obj)).await;
-            chunks.push(Some(name));
-        }
-        let baseline = rf::Baseline {
-            vm_uuid: "vm".into(),
-            disk: "vda".into(),
-            size: disk.len() as u64,
-            chunk_size: cs as u64,
-            s0: 0,
-            s1: 0,
-            started_ns: 0,
-            finished_ns: 0,
-            chunks,
-        };
-        let plan = Plan {
-            vm: "vm".into(),
-            disk: "vda".into(),
-            size: disk.len() as u64,
-            point_seq: 0,
-            baseline_key: "baseline".into(),
-            baseline,
-            extents: cdp_core::journal::extents::ExtentMap::new(),
-            segments: Vec::new(),
-            records: 0,
-        };
-        (plan, disk)
-    }
-
-    /// Through [`OrderedFile`](crate::restore::OrderedFile), the chunks
-    /// reach the file in disk order (the offsets of the writes ascend), and
-    /// the file gets exactly the disk (zeros left as holes). A chunk whose
-    /// object is not what its name says fails the restore with that error,
-    /// and nothing from it onwards is written.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn chunks_are_written_in_disk_order_and_stop_at_a_bad_one() {
-        let d = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("file://{}", d.path().display()), None).unwrap();
-        let n = 40;
-        let (plan, disk) = chunk_plan(&store, n, None).await;
-        let rec = Recorder::default();
-        let sink = crate::restore::OrderedFile::with_target(rec.clone()).unwrap();
-        let stats = execute(&plan, Some(&store), Arc::new(sink), None)
-            .await
-            .unwrap();
-        assert_eq!(stats.chunks_fetched, n as u64 - 1);
-        let writes = std::mem::take(&mut *rec.0.lock().unwrap());
-        let offsets: Vec<u64> = writes.iter().map(|w| w.0).collect();
-        assert!(
-            offsets.windows(2).all(|w| w[0] < w[1]),
-            "writes out of disk order: {offsets:?}"
-        );
-        let mut file = vec![0u8; disk.len()];
-        for (at, data) in &writes {
-            file[*at as usize..*at as usize + data.len()].copy_from_slice(data);
-        }
-        assert!(file == disk, "the restored bytes differ");
-
-        let d = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("file://{}", d.path().display()), None).unwrap();
-        let bad = 9;
-        let (plan, _) = chunk_plan(&store, n, Some(bad)).await;
-        let rec = Recorder::default();
-        let sink = crate::restore::OrderedFile::with_target(rec.clone()).unwrap();
-        let e = execute(&plan, Some(&store), Arc::new(sink), None)
-            .await
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("does not match its hash"),
-            "the chunk's error, not the writer's: {e}"
-        );
-        let writes = rec.0.lock().unwrap();
-        let end = writes.iter().map(|w| w.0 + w.1.len() as u64).max();
-        assert!(
-            end <= Some(bad as u64 * (64 << 10)),
-            "written past the bad chunk: up to {end:?}"
-        );
     }
 }

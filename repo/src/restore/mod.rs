@@ -16,8 +16,7 @@
 //!    disk exactly once, as data or as zeros, to a [`Sink`] ([`sink`]: a
 //!    fresh sparse file, the disk in place, …), fetching only the chunks and
 //!    record payloads the map names ([`read`]), in parallel, checking every
-//!    checksum on the way; a fresh file is written by one thread
-//!    ([`writer`]), the baseline's chunks in disk order.
+//!    checksum on the way.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +32,6 @@ pub mod plan;
 pub mod point;
 pub mod read;
 pub mod sink;
-pub mod writer;
 
 pub use execute::{execute, tick_with, Progress, RestoreStats, Tick, Ticker};
 pub use history::{
@@ -44,7 +42,6 @@ pub use plan::{plan, restorable_ranges, Plan};
 pub use point::{resolve, Point};
 pub use read::{check_record, fetch_chunk, read_raw, read_record};
 pub use sink::{FreshFile, InPlace, Sink};
-pub use writer::{OrderedFile, WriterError};
 
 #[derive(Debug, Error)]
 pub enum RestoreError {

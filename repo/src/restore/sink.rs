@@ -6,31 +6,20 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use bytes::Bytes;
+use super::aligned::AlignedBuf;
 
 /// Where restored bytes go. Every byte of the disk is given exactly once.
 pub trait Sink: Send + Sync {
     fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
     fn zero(&self, offset: u64, len: u64) -> std::io::Result<()>;
-    /// Write `data`, handed over: a sink with its own writer
-    /// ([`super::writer::OrderedFile`]) may queue it and write it later.
-    /// By default written now with [`Sink::write`].
-    fn write_owned(&self, offset: u64, data: Bytes) -> std::io::Result<()> {
-        self.write(offset, &data)
-    }
-    /// The pieces (offset, bytes) of ordered job `job`: jobs are numbered
-    /// 0, 1, 2, … in disk order and each is given once, maybe with no
-    /// pieces, in any order; a sink may write them in job order. By default
-    /// written now.
-    fn write_ordered(&self, job: u64, pieces: Vec<(u64, Bytes)>) -> std::io::Result<()> {
-        let _ = job;
-        pieces
-            .iter()
-            .try_for_each(|(at, data)| self.write(*at, data))
-    }
-    /// Wait until everything handed over is written; the first error of a
-    /// write that was queued. Called once, at the end of a restore.
-    fn finish(&self) -> std::io::Result<()> {
+    /// Write `bufs` one after the other from `offset` (consecutive ranges
+    /// of the disk, each given once). By default one [`Sink::write`] each.
+    fn write_gathered(&self, offset: u64, bufs: &[AlignedBuf]) -> std::io::Result<()> {
+        let mut at = offset;
+        for b in bufs {
+            self.write(at, b)?;
+            at += b.len() as u64;
+        }
         Ok(())
     }
 }
@@ -105,7 +94,6 @@ impl Sink for InPlace {
 
 #[cfg(test)]
 mod tests {
-    use super::super::aligned::AlignedBuf;
     use super::*;
     use proptest::prelude::*;
 
@@ -164,8 +152,7 @@ mod tests {
         );
     }
 
-    /// Runs of pooled buffers given to `write_owned`, aligned or not, with
-    /// a short tail:
+    /// Runs given to `write_gathered`, aligned or not, with a short tail:
     /// the file holds exactly the bytes given, once.
     #[test]
     fn gathered_runs_give_the_disk() {
@@ -196,12 +183,7 @@ mod tests {
                     b
                 })
                 .collect();
-            let mut off = at as u64;
-            for b in bufs {
-                let n = b.len() as u64;
-                sink.write_owned(off, Bytes::from_owner(b)).unwrap();
-                off += n;
-            }
+            sink.write_gathered(at as u64, &bufs).unwrap();
             written = pos;
         }
         assert_eq!(written, size - 4096);
