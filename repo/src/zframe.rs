@@ -3,12 +3,14 @@
 //! (docs/REPOSITORY_FORMAT.md, "Segment object"). Every zstd decoder reads
 //! them like any other frame, content checksum included; writing one costs a
 //! copy and an XXH64 instead of a compression pass that saves nothing.
-//! Pure code.
+//! Restore reads such frames (and zstd's own frames of raw blocks) straight
+//! into its buffer (`restore::read::read_stored_blocks`), with the same
+//! constants and block header. Pure code.
 
 /// zstd's frame magic number.
-const MAGIC: u32 = 0xFD2F_B528;
+pub const MAGIC: u32 = 0xFD2F_B528;
 /// The largest block of a frame (`Block_Maximum_Size`).
-const MAX_BLOCK: usize = 128 << 10;
+pub const MAX_BLOCK: usize = 128 << 10;
 /// Frame header descriptor: `Frame_Content_Size_flag` 2 (a 4-byte content
 /// size), `Single_Segment_flag` (no window descriptor: the window is the
 /// content), `Content_Checksum_flag`, no dictionary.
@@ -16,6 +18,15 @@ const DESCRIPTOR: u8 = 0b1010_0100;
 
 /// The largest piece a raw frame holds here (its content size is 4 bytes).
 pub const MAX_RAW: usize = u32::MAX as usize;
+
+/// The 3-byte header of a raw block of `len` bytes (`Block_Header`:
+/// `Last_Block` in bit 0, `Block_Type` 0 = Raw in bits 1-2, `Block_Size`
+/// from bit 3).
+pub fn raw_block_header(last: bool, len: usize) -> [u8; 3] {
+    let h = u32::from(last) | ((len as u32) << 3);
+    let b = h.to_le_bytes();
+    [b[0], b[1], b[2]]
+}
 
 /// The length of the raw frame of `n` bytes.
 pub fn raw_frame_len(n: usize) -> usize {
@@ -35,10 +46,7 @@ pub fn raw_frame(data: &[u8], out: &mut Vec<u8>) {
     let blocks = data.len().div_ceil(MAX_BLOCK).max(1);
     for i in 0..blocks {
         let block = &data[(i * MAX_BLOCK).min(data.len())..((i + 1) * MAX_BLOCK).min(data.len())];
-        // Block_Header: Last_Block (bit 0), Block_Type 0 = Raw (bits 1-2),
-        // Block_Size (bits 3-23).
-        let header = u32::from(i + 1 == blocks) | ((block.len() as u32) << 3);
-        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(&raw_block_header(i + 1 == blocks, block.len()));
         out.extend_from_slice(block);
     }
     let sum = xxhash_rust::xxh64::xxh64(data, 0) as u32;

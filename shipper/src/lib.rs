@@ -98,29 +98,28 @@ pub const USAGE_REFRESH: Duration = Duration::from_secs(300);
 const TRIM_THREADS: usize = 4;
 
 /// Remove `paths`, [`TRIM_THREADS`] at a time; each one's result, in order.
-fn remove_files<'a>(
-    paths: impl ExactSizeIterator<Item = &'a std::path::Path>,
-) -> Vec<std::io::Result<()>> {
-    let paths: Vec<&std::path::Path> = paths.collect();
-    if paths.len() < 2 {
-        return paths.iter().map(std::fs::remove_file).collect();
-    }
+fn remove_files(paths: &[&std::path::Path]) -> Vec<std::io::Result<()>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<std::io::Result<()>>>> =
-        paths.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|sc| {
-        for _ in 0..TRIM_THREADS.min(paths.len()) {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(p) = paths.get(i) else { break };
-                *results[i].lock().unwrap() = Some(std::fs::remove_file(p));
-            });
-        }
+    let mut done: Vec<(usize, std::io::Result<()>)> = std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..TRIM_THREADS.min(paths.len()))
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(p) = paths.get(i) else { break mine };
+                        mine.push((i, std::fs::remove_file(p)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("an unlink does not panic"))
+            .collect()
     });
-    results
-        .into_iter()
-        .map(|r| r.into_inner().unwrap().expect("every path was taken"))
-        .collect()
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// The first wait after a failed baseline, doubled after each failure.
@@ -706,7 +705,9 @@ impl Shipper {
     fn trim(&self) -> Result<u64> {
         let names: Vec<String> = self.targets.iter().map(|t| t.name.clone()).collect();
         let done = self.cat().fully_shipped(&self.opts.vm_uuid, &names)?;
-        let removed = remove_files(done.iter().map(|s| std::path::Path::new(&s.path)));
+        let paths: Vec<&std::path::Path> =
+            done.iter().map(|s| std::path::Path::new(&s.path)).collect();
+        let removed = remove_files(&paths);
         let cat = self.cat();
         for (s, r) in done.iter().zip(removed) {
             match r {
@@ -1166,7 +1167,8 @@ mod backoff_tests {
                 std::fs::write(p, b"x").unwrap();
             }
         }
-        let r = super::remove_files(paths.iter().map(|p| p.as_path()));
+        let refs: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+        let r = super::remove_files(&refs);
         assert_eq!(r.len(), 9);
         for (i, r) in r.iter().enumerate() {
             match (i, r) {
@@ -1177,7 +1179,7 @@ mod backoff_tests {
         }
         let one = dir.path().join("one");
         std::fs::write(&one, b"x").unwrap();
-        assert!(super::remove_files([one.as_path()].into_iter())[0].is_ok());
+        assert!(super::remove_files(&[one.as_path()])[0].is_ok());
         assert!(!one.exists());
     }
 

@@ -161,7 +161,6 @@ fn compress_frame(
     };
     if incompressible(c, piece)? {
         let mut out = pool::FRAMES.take(cdp_repo::zframe::raw_frame_len(piece.len()));
-        out.clear();
         cdp_repo::zframe::raw_frame(piece, &mut out);
         return Ok(out);
     }

@@ -237,7 +237,7 @@ pub fn read_chunk_file(
 
 /// The largest block of a zstd frame (and the size of every stored block
 /// but the last that zstd writes for incompressible data).
-const ZSTD_BLOCK_MAX: usize = 128 << 10;
+const ZSTD_BLOCK_MAX: usize = crate::zframe::MAX_BLOCK;
 
 /// If the `size`-byte zstd object in `file` is one frame of stored blocks
 /// holding exactly `out.len()` bytes (blocks of [`ZSTD_BLOCK_MAX`], the
@@ -284,11 +284,8 @@ fn read_stored_blocks(file: &std::fs::File, size: u64, out: &mut [u8]) -> std::i
     }
     let len = out.len();
     Ok(heads.iter().enumerate().all(|(i, h)| {
-        let h = u32::from_le_bytes([h[0], h[1], h[2], 0]);
-        let last = i + 1 == heads.len();
         let block = len.saturating_sub(i * ZSTD_BLOCK_MAX).min(ZSTD_BLOCK_MAX);
-        // Bit 0: last block; bits 1-2: type (0 = stored); then the size.
-        h & 1 == last as u32 && (h >> 1) & 3 == 0 && (h >> 3) as usize == block
+        *h == crate::zframe::raw_block_header(i + 1 == heads.len(), block)
     }))
 }
 
@@ -296,7 +293,7 @@ fn read_stored_blocks(file: &std::fs::File, size: u64, out: &mut [u8]) -> std::i
 /// frame ends in a content checksum, if it is a frame of this format
 /// without a dictionary whose declared size (if any) is `len`.
 fn frame_header(b: &[u8], len: u64) -> Option<(usize, bool)> {
-    if b.len() < 6 || b[..4] != 0xFD2F_B528u32.to_le_bytes() {
+    if b.len() < 6 || b[..4] != crate::zframe::MAGIC.to_le_bytes() {
         return None;
     }
     let fhd = b[4];
@@ -414,6 +411,17 @@ mod tests {
                 "{len} bytes: not read directly"
             );
             assert_eq!(out, data, "{len} bytes");
+            // The shipper's raw frames ([`crate::zframe`]) read the same way.
+            let mut raw = Vec::new();
+            crate::zframe::raw_frame(&data, &mut raw);
+            let g = chunk_file(&d, &raw);
+            out.fill(0);
+            assert!(
+                read_stored_blocks(&g, raw.len() as u64, &mut out).unwrap(),
+                "{len} bytes: a raw frame not read directly"
+            );
+            assert_eq!(out, data, "{len} bytes of a raw frame");
+            let f = chunk_file(&d, &obj);
             let hash = rf::ChunkNamer::Plain.name(&data);
             out.fill(0);
             read_chunk(&rf::ChunkNamer::Plain, &hash, &f, &mut out).unwrap();
