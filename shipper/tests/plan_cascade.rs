@@ -135,18 +135,28 @@ fn target<'a>(disk: &'a serde_json::Value, name: &str) -> Option<&'a serde_json:
         .find(|t| t["target"] == name)
 }
 
-/// Poll the VM's status until every named target has no backlog.
+/// Poll the VM's status until every record written is sealed and every
+/// named target has no backlog.
 fn wait_shipped(d: &Daemon, names: &[&str], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
+        // Right after the writes their segment may still be open (it is
+        // sealed by age), and the backlog counts sealed segments only: so
+        // what was sealed is read first, and the status must show no record
+        // beyond it (and then no backlog).
+        let sealed_to = Catalog::open(&d.state_dir, &d.vm_uuid)
+            .and_then(|c| c.segments(&d.vm_uuid))
+            .map(|segs| {
+                segs.iter()
+                    .filter(|s| s.sealed)
+                    .map(|s| s.last_seq)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
         let st = d.status_json();
         let disk = &st["disks"][0];
-        // Right after the writes their segment may still be open (sealed
-        // by age): an empty backlog means nothing before the first seal.
-        let sealed = Catalog::open(&d.state_dir, &d.vm_uuid)
-            .and_then(|c| c.segments(&d.vm_uuid))
-            .is_ok_and(|s| !s.is_empty());
-        if sealed
+        if disk["last_seq"].as_u64().is_some_and(|l| l <= sealed_to)
             && names
                 .iter()
                 .all(|n| target(disk, n).is_some_and(|t| t["backlog_segments"] == 0))
