@@ -694,6 +694,8 @@ targets = ["primary", "offsite"]
             resync_bytes_read: 7 << 20,
             resync_bytes_journaled: 7 << 20,
             resyncs_done: 1,
+            checkpoints: 0,
+            checkpoint_seq: 0,
         };
         Status {
             vm_uuid: VM.into(),

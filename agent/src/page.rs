@@ -750,6 +750,7 @@ mod tests {
             since_ns: 77,
             gap_seq: 5,
             bitmap_crc: 0,
+            synced_seq: 0,
         };
         std::fs::write(&map, h.encode()).unwrap();
         assert_eq!(unjournaled_since(t.path(), VM, "vda"), Some(77));

@@ -195,6 +195,11 @@ impl Daemon {
             .append_to_all(Kind::SessionEnd, &serde_json::json!({ "reason": reason }))
             .map_err(&jerr)?;
         vm.seal_pass(true);
+        // The image durable too: a power loss after a clean stop finds
+        // every record in it (FLUSHes made the journal durable only).
+        if let Err(e) = vm.checkpoint_all() {
+            eprintln!("cdpd: the checkpoint at stop failed (NBD error {e}): the next start redoes the journal after the last one");
+        }
         {
             let cat = vm.catalog.lock().unwrap();
             cat.set_last_seq(&vm.uuid_str, seq, ts)?;
@@ -470,6 +475,11 @@ fn record_session(
         vm.resync_after_power_loss(seq);
     }
     vm.reset_activity_logs();
+    // Recovery synced the images: the first checkpoint, so that trimming
+    // and a power loss's redo start from here.
+    if let Err(e) = vm.checkpoint_all() {
+        eprintln!("cdpd: the checkpoint at start failed (NBD error {e}): the next one is tried in a sealer pass");
+    }
     {
         let cat = vm.catalog.lock().unwrap();
         let id = cat.start_session(

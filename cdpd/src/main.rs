@@ -55,6 +55,10 @@ struct RunArgs {
     /// Seal journal segments at this age (overrides the policy), e.g. 1s.
     #[arg(long)]
     segment_age: Option<String>,
+    /// Make a written disk's image durable at least this often (overrides
+    /// the policy's `checkpoint_interval`), e.g. 30s.
+    #[arg(long)]
+    checkpoint_interval: Option<String>,
     /// Stop cleanly (as on SIGTERM) when the parent process exits: cdp-qemu
     /// forks cdpd and then becomes QEMU, so this ends capture when QEMU ends.
     #[arg(long)]
@@ -107,6 +111,11 @@ fn run(a: RunArgs) -> Result<()> {
         settings.segment_age = cdp_core::config::parse_duration(s)
             .map_err(anyhow::Error::msg)
             .context("--segment-age")?;
+    }
+    if let Some(s) = &a.checkpoint_interval {
+        settings.checkpoint_interval = cdp_core::config::parse_duration(s)
+            .map_err(anyhow::Error::msg)
+            .context("--checkpoint-interval")?;
     }
     let disks = a
         .disks

@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS disks(
     disk TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
+    -- cdpd's checkpoint: every record up to this seq is durable in the
+    -- image. Segments after it are not trimmed: a FLUSH made their records
+    -- durable in the journal only (NULL: a cdpd that synced the image on
+    -- every FLUSH, nothing to wait for).
+    image_synced_seq INTEGER,
     PRIMARY KEY(vm_uuid, disk)
 );
 CREATE TABLE IF NOT EXISTS segments(
@@ -355,36 +360,26 @@ impl Catalog {
     fn migrate(&mut self) -> Result<()> {
         // The chain of indexes: a nullable column older builds never
         // select (they insert segments by column), so no version change.
-        let has_index_hash = self
-            .conn
-            .prepare("SELECT 1 FROM pragma_table_info('segments') WHERE name = 'index_blake3'")
-            .and_then(|mut st| st.exists([]))
-            .map_err(self.err())?;
-        if !has_index_hash {
-            self.conn
-                .execute_batch("ALTER TABLE segments ADD COLUMN index_blake3 TEXT")
-                .map_err(self.err())?;
-        }
-        let has_policy = self
-            .conn
-            .prepare("SELECT 1 FROM pragma_table_info('vms') WHERE name = 'policy'")
-            .and_then(|mut st| st.exists([]))
-            .map_err(self.err())?;
-        if !has_policy {
-            self.conn
-                .execute_batch("ALTER TABLE vms ADD COLUMN policy TEXT")
-                .map_err(self.err())?;
-        }
+        self.add_column("segments", "index_blake3", "TEXT")?;
+        self.add_column("vms", "policy", "TEXT")?;
+        // The image's checkpoint (issue 13): NULL for rows of older
+        // versions (their cdpd synced the image on every FLUSH).
+        self.add_column("disks", "image_synced_seq", "INTEGER")?;
         // Quiesced marks (issue 14): a column an older cdpd leaves at its
         // default (0, crash-consistent) when it inserts by column.
-        let has_quiesced = self
+        self.add_column("marks", "quiesced", "INTEGER NOT NULL DEFAULT 0")
+    }
+
+    /// Add `column` (of type `ddl`) to `table` unless it has it.
+    fn add_column(&self, table: &str, column: &str, ddl: &str) -> Result<()> {
+        let has = self
             .conn
-            .prepare("SELECT 1 FROM pragma_table_info('marks') WHERE name = 'quiesced'")
-            .and_then(|mut st| st.exists([]))
+            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+            .and_then(|mut st| st.exists(params![table, column]))
             .map_err(self.err())?;
-        if !has_quiesced {
+        if !has {
             self.conn
-                .execute_batch("ALTER TABLE marks ADD COLUMN quiesced INTEGER NOT NULL DEFAULT 0")
+                .execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
                 .map_err(self.err())?;
         }
         Ok(())
@@ -448,6 +443,32 @@ impl Catalog {
             )
             .map_err(self.err())?;
         Ok(())
+    }
+
+    /// Record a disk's checkpoint (cdpd, once it is durable in the
+    /// activity log): its segments up to `seq` may be trimmed.
+    pub fn set_image_synced(&self, vm: &str, disk: &str, seq: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE disks SET image_synced_seq = ?3 WHERE vm_uuid = ?1 AND disk = ?2",
+                params![vm, disk, seq as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// A disk's checkpoint as cdpd recorded it (None: none recorded).
+    pub fn image_synced(&self, vm: &str, disk: &str) -> Result<Option<u64>> {
+        let v: Option<Option<i64>> = self
+            .conn
+            .query_row(
+                "SELECT image_synced_seq FROM disks WHERE vm_uuid = ?1 AND disk = ?2",
+                params![vm, disk],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        Ok(v.flatten().map(|s| s as u64))
     }
 
     /// Resolve a VM given by name or UUID to its UUID.
@@ -799,7 +820,11 @@ impl Catalog {
         let all = self.segment_query(
             "SELECT disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base,
                     size_bytes, sealed, path FROM segments
-             WHERE vm_uuid = ?1 AND sealed = 1 AND local = 1 ORDER BY disk, first_seq",
+             WHERE vm_uuid = ?1 AND sealed = 1 AND local = 1
+               AND last_seq <= coalesce((SELECT image_synced_seq FROM disks d
+                                         WHERE d.vm_uuid = ?1 AND d.disk = segments.disk),
+                                        last_seq)
+             ORDER BY disk, first_seq",
             params![vm],
         )?;
         let mut st = self
@@ -1454,7 +1479,22 @@ mod tests {
         let ab = ["a".to_string(), "b".to_string()];
         assert!(c.fully_shipped("u1", &ab).unwrap().is_empty());
         c.record_shipment("u1", &ship("b", 1)).unwrap();
+        // Not before the image is durable past it (seqs 1..=10).
+        c.upsert_disk("u1", "vda", Path::new("/i"), 1 << 20)
+            .unwrap();
+        assert_eq!(c.image_synced("u1", "vda").unwrap(), None);
+        c.set_image_synced("u1", "vda", 9).unwrap();
+        assert_eq!(c.image_synced("u1", "vda").unwrap(), Some(9));
+        assert!(c.fully_shipped("u1", &ab).unwrap().is_empty());
+        c.set_image_synced("u1", "vda", 10).unwrap();
         assert_eq!(firsts(c.fully_shipped("u1", &ab).unwrap()), [1]);
+        c.upsert_disk("u1", "vda", Path::new("/i"), 1 << 20)
+            .unwrap();
+        assert_eq!(
+            firsts(c.fully_shipped("u1", &ab).unwrap()),
+            [1],
+            "kept by an upsert"
+        );
         assert_eq!(
             c.shipped_bytes("u1").unwrap(),
             [("a".to_string(), 500), ("b".to_string(), 1000)]

@@ -32,6 +32,15 @@ pub const DEFAULT_SEGMENT_AGE: Duration = Duration::from_millis(250);
 /// at most 1 h (the age bounds how long a write stays out of the repository).
 pub const MIN_SEGMENT_AGE: Duration = Duration::from_millis(1);
 pub const MAX_SEGMENT_AGE: Duration = Duration::from_secs(3600);
+/// The default `checkpoint_interval`: the longest time between two syncs of
+/// a written disk's image (docs/DESIGN.md, "Write path", step 5): what a
+/// power loss makes recovery redo from sealed segments, and how long a
+/// shipped segment waits for its trim. The kernel writes back dirty pages
+/// after 30 s anyway.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// Bounds of `checkpoint_interval`.
+pub const MIN_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
+pub const MAX_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
 /// The least `journal_max` that makes sense (a few records).
 pub const MIN_JOURNAL_MAX: u64 = 1 << 20;
 
@@ -113,6 +122,11 @@ pub struct Policy {
     /// Seal a journal segment at this age, e.g. "1s" (bounds the RPO).
     #[serde(default, deserialize_with = "opt_duration")]
     pub segment_age: Option<Duration>,
+    /// Make a written disk's image durable at least this often, e.g. "30s"
+    /// (the default): a FLUSH makes the journal durable, a checkpoint the
+    /// image (docs/DESIGN.md, "Write path").
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub checkpoint_interval: Option<Duration>,
     /// The most a disk's local journal may hold, e.g. "20GiB", or
     /// "unlimited" (the default). Past it cdpd runs degraded
     /// (docs/RELIABILITY.md, "A full journal").
@@ -224,6 +238,8 @@ pub struct Config {
 pub struct JournalSettings {
     pub segment_size: u64,
     pub segment_age: Duration,
+    /// The longest time between checkpoints of a written disk.
+    pub checkpoint_interval: Duration,
     /// The most a disk's journal may hold ([`UNLIMITED`]: no bound).
     pub journal_max: u64,
     /// Free space kept on the journal's filesystem.
@@ -300,6 +316,7 @@ impl Default for JournalSettings {
         JournalSettings {
             segment_size: DEFAULT_SEGMENT_SIZE,
             segment_age: DEFAULT_SEGMENT_AGE,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             journal_max: UNLIMITED,
             journal_min_free: DEFAULT_MIN_FREE,
         }
@@ -469,6 +486,7 @@ impl Config {
         };
         s.segment_size = p.segment_size.unwrap_or(s.segment_size);
         s.segment_age = p.segment_age.unwrap_or(s.segment_age);
+        s.checkpoint_interval = p.checkpoint_interval.unwrap_or(s.checkpoint_interval);
         s.journal_max = p.journal_max.unwrap_or(s.journal_max);
         s.journal_min_free = p.journal_min_free.unwrap_or(s.journal_min_free);
         if s.journal_max < MIN_JOURNAL_MAX {
@@ -489,6 +507,12 @@ impl Config {
                 "policy.{policy}.segment_age = {:?}: use at least 1ms and at most 1h \
                  (the age bounds how long a write stays unsealed and unshipped)",
                 s.segment_age
+            )));
+        }
+        if !(MIN_CHECKPOINT_INTERVAL..=MAX_CHECKPOINT_INTERVAL).contains(&s.checkpoint_interval) {
+            return Err(self.invalid(format!(
+                "policy.{policy}.checkpoint_interval = {:?}: use at least 10ms and at most 1h                  (it bounds what recovery redoes after a power loss)",
+                s.checkpoint_interval
             )));
         }
         Ok(s)
@@ -684,6 +708,24 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
             assert_eq!(r.is_ok(), ok, "{age}: {r:?}");
             if !ok {
                 assert!(r.unwrap_err().to_string().contains("at most 1h"));
+            }
+        }
+    }
+
+    /// A checkpoint interval under 10 ms or over 1 h is refused; the policy's
+    /// is used.
+    #[test]
+    fn checkpoint_interval_is_bounded() {
+        for (every, ok) in [("1ms", false), ("10ms", true), ("1h", true), ("2h", false)] {
+            let c = Config::parse(&format!(
+                "[policy.default]\ncheckpoint_interval = \"{every}\"\n"
+            ))
+            .unwrap();
+            let r = c.journal_settings("default");
+            assert_eq!(r.is_ok(), ok, "{every}: {r:?}");
+            match r {
+                Ok(s) => assert_eq!(s.checkpoint_interval, parse_duration(every).unwrap()),
+                Err(e) => assert!(e.to_string().contains("checkpoint_interval"), "{e}"),
             }
         }
     }

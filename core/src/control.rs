@@ -76,6 +76,13 @@ pub struct DiskStatus {
     /// Resyncs finished (a RESYNCED journaled).
     #[serde(default)]
     pub resyncs_done: u64,
+    /// Checkpoints made since cdpd started (syncs of the image; a FLUSH
+    /// syncs the journal only), and the last one's seq: every record up to
+    /// it is durable in the image (docs/DESIGN.md, "Write path").
+    #[serde(default)]
+    pub checkpoints: u64,
+    #[serde(default)]
+    pub checkpoint_seq: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

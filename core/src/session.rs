@@ -137,6 +137,11 @@ impl VmRecovery {
 /// catalog's last session ran on another boot (or there is none), the host
 /// may have lost power since the journals were written
 /// ([`recovery::recover_disk_skipping`]'s `rebooted`).
+/// How the reason of the catalog gap `cdpctl restore --in-place` records
+/// begins: the image was replaced while the VM was stopped, so the next start
+/// redoes no sealed segment onto it (docs/RELIABILITY.md, "A power loss").
+pub const RESTORED_IN_PLACE: &str = "disk restored in place";
+
 pub fn recover_journals(
     cat: &Catalog,
     state: &StateDir,
@@ -146,6 +151,14 @@ pub fn recover_journals(
 ) -> Result<VmRecovery, SessionError> {
     let vm = vm_uuid.hyphenated().to_string();
     let rebooted = cat.last_session(&vm)?.is_none_or(|s| s.boot_id != boot_id);
+    // Disks a tool replaced while the VM was stopped: the journal after the
+    // checkpoint is not theirs to redo.
+    let replaced: Vec<String> = cat
+        .gaps_after(&vm, cat.last_seq(&vm)?.0)?
+        .into_iter()
+        .filter(|(_, reason)| reason.starts_with(RESTORED_IN_PLACE))
+        .map(|(disk, _)| disk)
+        .collect();
     let mut out = VmRecovery::default();
     for d in disks {
         let dir = state.journal(&vm, d.disk);
@@ -158,8 +171,19 @@ pub fn recover_journals(
             .ok()
             .flatten()
             .filter(|m| m.count() > 0);
-        let rec =
-            recovery::recover_disk_skipping(&dir, vm_uuid, d.file, d.path, map.as_ref(), rebooted)?;
+        // The checkpoint: records after it may be durable in the journal
+        // only (docs/RELIABILITY.md, "A power loss").
+        let synced = DirtyMap::read_synced_seq(&state.vm(&vm).activity_log(d.disk))
+            .filter(|_| !replaced.iter().any(|r| r == d.disk));
+        let rec = recovery::recover_disk_skipping(
+            &dir,
+            vm_uuid,
+            d.file,
+            d.path,
+            map.as_ref(),
+            rebooted,
+            synced,
+        )?;
         for s in &rec.sealed {
             cat.put_segment(&vm, d.disk, s, true)?;
         }

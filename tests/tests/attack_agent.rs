@@ -285,7 +285,7 @@ fn dot_dot_and_absolute_names_in_the_catalog_reach_nothing() {
         sql(
             &h.d,
             &format!(
-                "INSERT INTO disks VALUES('{u}', '{disk}', '{img}', 4096);
+                "INSERT INTO disks(vm_uuid, disk, path, size) VALUES('{u}', '{disk}', '{img}', 4096);
                  INSERT INTO segments(vm_uuid, disk, first_seq, last_seq, first_ts_ns, last_ts_ns, records, record_base, size_bytes, sealed, path, local) VALUES('{u}', '{disk}', 900000, 900009, 1, 2, 10, 900000, 100, 1, '{p}', 1);
                  INSERT INTO shipments VALUES('{u}', '{disk}', 900000, 'primary', 'k', 1, 100);",
                 u = h.d.vm_uuid,
@@ -318,7 +318,7 @@ fn a_baseline_never_reads_a_file_the_catalog_names() {
     sql(
         &h.d,
         &format!(
-            "INSERT INTO disks VALUES('{u}', 'vdz', '{p}', {n})",
+            "INSERT INTO disks(vm_uuid, disk, path, size) VALUES('{u}', 'vdz', '{p}', {n})",
             u = h.d.vm_uuid,
             p = v.display(),
             n = secret.len()

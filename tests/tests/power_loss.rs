@@ -118,6 +118,27 @@ fn catalog_gaps(d: &Daemon) -> Vec<String> {
     rows.map(|r| r.unwrap()).collect()
 }
 
+/// Mark "after", keep a copy of the image as it is then, stop cdpd
+/// cleanly; the copy's path.
+fn mark_after_and_stop(d: &mut Daemon, cfg: &Path, img: &Path) -> PathBuf {
+    cdpctl(d, cfg, &["mark", &d.vm_uuid, "after"]);
+    let after = d.work_dir().join("after.img");
+    std::fs::copy(img, &after).unwrap();
+    d.term();
+    after
+}
+
+/// Ship, then restore "mark:after" from the repository: it must equal
+/// `after`. The restored file's path.
+fn restores_at_after(d: &Daemon, cfg: &Path, repo: &Path, after: &Path) -> PathBuf {
+    run_ok(&mut shipper_once_cmd(d, cfg));
+    let out = d.work_dir().join("restored.img");
+    let r = restore_from_repo(d, cfg, repo, "vda", "mark:after", &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    cdp_tests::assert_files_equal(&out, after);
+    out
+}
+
 #[test]
 fn a_power_loss_resyncs_only_the_activity_log_extents() {
     let size = 256 * MIB;
@@ -182,10 +203,7 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
         "vda",
         &[format!("write -P 0x55 {} 4k", 100 * MIB), "flush".into()],
     );
-    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "after"]);
-    let after = d.work_dir().join("after.img");
-    std::fs::copy(&img, &after).unwrap();
-    d.term();
+    let after = mark_after_and_stop(&mut d, &cfg, &img);
 
     let recs = d.journal_records();
     let starts = records_of_kind(&recs, "SESSION_START");
@@ -215,11 +233,7 @@ fn a_power_loss_resyncs_only_the_activity_log_extents() {
 
     // From the repository: after the RESYNCED, the image; inside the
     // window, refused.
-    run_ok(&mut shipper_once_cmd(&d, &cfg));
-    let out = d.work_dir().join("restored.img");
-    let r = restore_from_repo(&d, &cfg, &repo, "vda", "mark:after", &out);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    cdp_tests::assert_files_equal(&out, &after);
+    let out = restores_at_after(&d, &cfg, &repo, &after);
     let r = restore_from_repo(&d, &cfg, &repo, "vda", &format!("seq:{gap_seq}"), &out);
     assert!(
         !r.status.success(),
@@ -310,19 +324,96 @@ fn a_segment_created_after_the_last_flush_and_lost_is_removed_and_resynced() {
         "vda",
         &[format!("write -P 0x55 {} 4k", 20 * MIB), "flush".into()],
     );
-    cdpctl(&d, &cfg, &["mark", &d.vm_uuid, "after"]);
-    let after = d.work_dir().join("after.img");
-    std::fs::copy(&img, &after).unwrap();
-    d.term();
+    let after = mark_after_and_stop(&mut d, &cfg, &img);
 
     let recs = d.journal_records();
     let starts = records_of_kind(&recs, "SESSION_START");
     assert_eq!(starts.last().unwrap()["info"]["previous_end"], "power-loss");
     assert_eq!(records_of_kind(&recs, "RESYNCED").len(), 1);
     d.check_replay_invariant("vda");
+    restores_at_after(&d, &cfg, &repo, &after);
+}
+
+/// The highest last seq among vda's sealed segments in the catalog, and
+/// whether the segment that holds `seq` is still local (not trimmed).
+fn sealed_upto(d: &Daemon, seq: u64) -> (u64, bool) {
+    let conn = rusqlite::Connection::open_with_flags(
+        d.catalog_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let last = conn
+        .query_row(
+            "SELECT coalesce(max(last_seq), 0) FROM segments WHERE disk = 'vda' AND sealed = 1",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64;
+    let local = conn
+        .query_row(
+            "SELECT coalesce(max(local), 0) FROM segments
+             WHERE disk = 'vda' AND first_seq <= ?1 AND last_seq >= ?1",
+            [seq as i64],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap();
+    (last, local == 1)
+}
+
+/// A FLUSH makes the journal durable, not the image (issue 13: the image is
+/// made durable by a checkpoint, every 30 s). A flushed write whose segment
+/// is sealed and shipped is not trimmed before a checkpoint covers it, and
+/// after a power loss that lost it from the image, recovery redoes it from
+/// that sealed segment: the guest keeps what it flushed, and the replay
+/// equals the image.
+#[test]
+fn a_flushed_write_the_image_lost_is_redone_from_its_sealed_segment() {
+    let (mut d, repo, cfg, boot2) = start_on_boot_1(64 * MIB, 53, &["--segment-age", "50ms"]);
+    let at = 6 * EXTENT + 8192;
+    qemu_io_ok(
+        &d,
+        "vda",
+        &[format!("write -P 0x61 {at} 64k"), "flush".into()],
+    );
+    let flushed = d.status_json()["last_seq"].as_u64().unwrap();
+    let t0 = Instant::now();
+    while sealed_upto(&d, flushed).0 < flushed {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not sealed\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Shipped, but kept: no checkpoint covers it yet.
     run_ok(&mut shipper_once_cmd(&d, &cfg));
-    let out = d.work_dir().join("restored.img");
-    let r = restore_from_repo(&d, &cfg, &repo, "vda", "mark:after", &out);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    cdp_tests::assert_files_equal(&out, &after);
+    assert!(
+        sealed_upto(&d, flushed).1,
+        "a segment past the checkpoint was trimmed"
+    );
+    d.kill9();
+
+    // The power loss: the image's pages never reached the disk.
+    let img = d.image("vda");
+    write_image(&img, at, &[0x13; 65536]);
+
+    d.extra = vec!["--boot-id-file".into(), boot2.into()];
+    d.start();
+    resynced(&d);
+    let mut got = vec![0u8; 65536];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut got, at)
+        .unwrap();
+    assert!(got.iter().all(|&b| b == 0x61), "the flushed write is lost");
+    let after = mark_after_and_stop(&mut d, &cfg, &img);
+    let recs = d.journal_records();
+    let starts = records_of_kind(&recs, "SESSION_START");
+    let start = &starts.last().unwrap()["info"];
+    assert_eq!(start["previous_end"], "power-loss");
+    assert!(start["redone_records"].as_u64() >= Some(1), "{start}");
+    // The history agrees (the first segments are trimmed: the repository
+    // is where it is whole).
+    restores_at_after(&d, &cfg, &repo, &after);
 }

@@ -963,7 +963,10 @@ async fn in_place(
     // The disk no longer equals baseline + journal: the next capture
     // session records a GAP and the shipper takes a new baseline.
     if ctx.has_catalog(vm) {
-        let reason = format!("disk restored in place to {point}: a new baseline is needed");
+        let reason = format!(
+            "{} to {point}: a new baseline is needed",
+            cdp_core::session::RESTORED_IN_PLACE
+        );
         ctx.with_catalog(vm, |cat| {
             let (last, _) = cat.last_seq(vm)?;
             cat.add_gap(vm, &target.disk, last + 1, now_ns(), &reason)

@@ -201,6 +201,20 @@ impl ActivityLog {
         }
     }
 
+    /// A checkpoint made every record up to `seq` durable in the image:
+    /// recorded in the log's header (under the disk lock); the file to sync
+    /// (outside it) is returned. None without a log, or when it was lost.
+    pub fn set_synced(&mut self, disk: &str, seq: u64) -> Option<Arc<File>> {
+        let m = self.log.as_mut()?;
+        match m.set_synced_seq(seq) {
+            Ok(()) => Some(m.file.clone()),
+            Err(e) => {
+                self.lose(disk, &e);
+                None
+            }
+        }
+    }
+
     /// Before a power loss's resync GAP is journaled: the lowest seq that GAP
     /// can have, made durable in the log's header (the first one given is
     /// kept until [`ActivityLog::reset`]). Should the host lose power again

@@ -391,8 +391,8 @@ mod tests {
         let stats = journal::replay_disk(&state, UUID, "vda", &f, &copy, Upto::All).unwrap();
         assert_eq!(stats.records_applied, 4);
         assert!(std::fs::read(&copy).unwrap() == image);
-        // A FLUSH round syncs the image on the helper.
-        super::super::make_durable(disk).unwrap();
+        // A checkpoint syncs the image on the helper.
+        super::super::make_durable(disk, true).unwrap();
     }
 
     /// On a read-only image every change of a large batch fails on the
@@ -422,7 +422,7 @@ mod tests {
         assert!(std::fs::read(&disk.path).unwrap().iter().all(|&x| x == 7));
         // The new segment's name waits for the next FLUSH (or seal).
         assert!(disk.lock_journal().names_unsynced());
-        super::super::make_durable(disk).unwrap();
+        super::super::make_durable(disk, false).unwrap();
         assert!(!disk.lock_journal().names_unsynced());
     }
 

@@ -610,6 +610,7 @@ impl Work {
         let job = SyncJob {
             waiter: replier.clone(),
             cookies: std::mem::take(&mut self.sync_cookies),
+            full: false,
         };
         if let Err(e) = sync.send(job) {
             // The sync thread is gone (stopping): answer with an error

@@ -91,6 +91,8 @@ impl Vm {
                     resync_bytes_read: l(&s.resync_bytes_read),
                     resync_bytes_journaled: l(&s.resync_bytes_journaled),
                     resyncs_done: l(&s.resyncs_done),
+                    checkpoints: l(&s.checkpoints),
+                    checkpoint_seq: d.synced_seq.load(Ordering::Acquire),
                 }
             })
             .collect();

@@ -25,6 +25,7 @@
 pub(crate) mod activity;
 pub(crate) mod applier;
 pub(crate) mod batch;
+pub(crate) mod checkpoint;
 pub(crate) mod conn;
 pub(crate) mod control;
 pub(crate) mod degraded;
@@ -78,6 +79,9 @@ pub struct DiskStats {
     pub name_syncs: AtomicU64,
     /// Image writebacks started after a seal by age ([`image_writeback`]).
     pub image_writebacks: AtomicU64,
+    /// Checkpoints made: sync rounds that made the image durable too
+    /// ([`checkpoint`]).
+    pub checkpoints: AtomicU64,
 }
 
 /// Journal state of one disk, behind the disk lock.
@@ -109,6 +113,8 @@ pub struct JournalState {
     /// The extents that may hold writes not yet durable (docs/RELIABILITY.md,
     /// "A power loss").
     pub al: activity::ActivityLog,
+    /// When the image was last made durable ([`checkpoint`]).
+    pub ck: checkpoint::State,
 }
 
 /// Who waits for a group commit: told once journal and image are durable
@@ -123,6 +129,9 @@ pub trait SyncWaiter: Send + Sync {
 pub struct SyncJob {
     pub waiter: Arc<dyn SyncWaiter>,
     pub cookies: Vec<u64>,
+    /// A checkpoint: the image too ([`checkpoint`]); a FLUSH or FUA needs
+    /// the journal only.
+    pub full: bool,
 }
 
 /// Why `cdpctl mark` failed.
@@ -148,6 +157,10 @@ pub struct Disk {
     pub journal: Mutex<JournalState>,
     pub stats: DiskStats,
     sync_tx: Mutex<Option<Sender<SyncJob>>>,
+    /// The last checkpoint made durable: every record up to this seq is
+    /// durable in the image ([`checkpoint`]); and the one the catalog has.
+    pub synced_seq: AtomicU64,
+    published_seq: AtomicU64,
     /// Writes a large batch to the image while the journal append runs,
     /// and syncs the image while a FLUSH syncs the journal.
     applier: applier::Applier,
@@ -312,7 +325,15 @@ impl Vm {
         let failed = overlapped.map(applier::Pending::wait_apply);
         let applied = failed.map(|errors| set_results(batch, &errors));
         match appended {
-            Ok(bytes) => st.deg.appended += bytes,
+            Ok(bytes) => {
+                st.deg.appended += bytes;
+                let limit = self.checkpoint_bytes();
+                if st.ck.bytes < limit && st.ck.bytes + bytes >= limit {
+                    // A checkpoint is due: the sealer asks for it.
+                    self.wake_sealer();
+                }
+                st.ck.bytes += bytes;
+            }
             Err(e) => {
                 // Nothing was journaled: the guest's write is not failed
                 // for it, the disk runs degraded.
@@ -562,6 +583,9 @@ impl Vm {
             if disk.lock_journal().names_unsynced() {
                 let _ = sync_names(disk, u64::MAX);
             }
+            if !force_all {
+                next = next.min(self.checkpoint_pass(disk));
+            }
         }
         next
     }
@@ -654,7 +678,7 @@ impl Vm {
             while let Ok(j) = rx.try_recv() {
                 jobs.push(j);
             }
-            let result = make_durable(disk);
+            let result = make_durable(disk, jobs.iter().any(|j| j.full));
             for job in jobs.drain(..) {
                 disk.stats
                     .in_flight
@@ -738,9 +762,12 @@ impl Vm {
                         last_seq: d.last_seq,
                         deg,
                         al,
+                        ck: checkpoint::State::default(),
                     }),
                     stats: DiskStats::default(),
                     sync_tx: Mutex::new(Some(tx)),
+                    synced_seq: AtomicU64::new(0),
+                    published_seq: AtomicU64::new(0),
                     applier: applier::Applier::default(),
                 })
             })
@@ -886,34 +913,42 @@ fn apply_reqs(disk: &Disk, reqs: &[Req], buf: &[u8], errors: &mut Vec<(usize, u3
     }
 }
 
-/// Make the journal and the image of a disk durable: the journal
-/// directory's names, every segment file not yet synced by the sealer, and,
-/// at the same time on the disk's helper thread when it is free, the image.
-/// The NBD error of the first failure.
+/// Make the journal of a disk durable: the journal directory's names and
+/// every segment file not yet synced by the sealer; and, for a checkpoint
+/// (`full`, or whenever the disk is degraded or resyncing or keeps no
+/// activity log), at the same time on the disk's helper thread when it is
+/// free, the image ([`checkpoint`]). The NBD error of the first failure.
 ///
 /// While degraded or resyncing, the dirty map is synced first. A journal
 /// file that fails to sync poisons the journal ([`degraded::poison`]), and
 /// so does the image ([`degraded::poison_image`]): the FLUSH or FUA that
-/// saw it gets the error. A round that succeeds lets the activity log
-/// forget the extents written before it began.
-fn make_durable(disk: &Disk) -> Result<(), u32> {
-    let (map, files): (Option<Arc<File>>, Vec<Arc<File>>) = {
+/// saw it gets the error. A checkpoint that succeeds lets the activity log
+/// forget the extents written before it began, and records its seq.
+fn make_durable(disk: &Disk, full: bool) -> Result<(), u32> {
+    let (map, files, full, flush_needs_image, seq) = {
         let mut st = disk.lock_journal();
-        st.al.begin_round();
+        // Writes not journaled (degraded), or no log whose checkpoint
+        // recovery would redo from: a FLUSH needs the image durable.
+        let flush_needs_image = st.deg.mode != degraded::Mode::Normal || !st.al.is_kept();
+        let full = full || flush_needs_image;
+        if full {
+            st.al.begin_round();
+            st.ck.begin();
+        }
         let map = match st.deg.mode {
             degraded::Mode::Normal => None,
             _ => st.deg.map.as_ref().map(|m| m.file.clone()),
         };
-        let files = st
+        let files: Vec<Arc<File>> = st
             .open
             .iter()
             .map(|s| s.file.clone())
             .chain(st.unsynced.iter().cloned())
             .collect();
-        (map, files)
+        (map, files, full, flush_needs_image, st.last_seq)
     };
     // The image syncs on the helper while the journal syncs here.
-    let image_sync = disk.applier.start_sync(disk);
+    let image_sync = full.then(|| disk.applier.start_sync(disk));
     let mut result = Ok(());
     for f in map.iter() {
         if let Err(e) = f.sync_data() {
@@ -930,22 +965,37 @@ fn make_durable(disk: &Disk) -> Result<(), u32> {
         }
     }
     let image = match image_sync {
-        Some(p) => p.wait_sync(),
-        None => disk.image.sync_data(),
+        None => Ok(()),
+        Some(Some(p)) => p.wait_sync(),
+        Some(None) => disk.image.sync_data(),
     };
+    let image_ok = image.is_ok();
     if let Err(e) = image {
-        result = result.and(Err(nbd_errno(&e)));
+        // What a FLUSH covered is durable in the journal: a checkpoint's
+        // failure is the disk's (poisoned, resynced), not the FLUSH's.
+        if flush_needs_image {
+            result = result.and(Err(nbd_errno(&e)));
+        }
         degraded::poison_image(disk, &e);
     }
     disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
-    if result.is_err() {
+    if result.is_err() || !image_ok {
         disk.stats.errors.fetch_add(1, Ordering::Relaxed);
-    } else {
-        let rewritten = disk.lock_journal().al.round_done(&disk.name);
-        // A superset of the rewrite is on disk already: only to shorten the
-        // window in which a torn rewrite would not check out.
-        if let Some(f) = rewritten {
-            let _ = f.sync_data();
+    } else if full {
+        disk.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        let log = {
+            let mut st = disk.lock_journal();
+            let rewritten = st.al.round_done(&disk.name);
+            st.al.set_synced(&disk.name, seq).or(rewritten)
+        };
+        // The checkpoint counts once durable in the log (a superset of a
+        // rewrite is on disk already). Without a log, the image is durable
+        // all the same: the shipper may trim.
+        match log.map(|f| f.sync_data()) {
+            Some(Err(_)) => {}
+            _ => {
+                disk.synced_seq.fetch_max(seq, Ordering::AcqRel);
+            }
         }
     }
     result

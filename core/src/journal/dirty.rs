@@ -15,7 +15,9 @@
 //! | 24 | 8    | `since_ns`: when the first unjournaled write was taken   |
 //! | 32 | 8    | `gap_seq`: seq of the GAP journaled for it, or 0         |
 //! | 40 | 4    | CRC-32 of the bitmap                                     |
-//! | 44 | 16   | zero                                                     |
+//! | 44 | 8    | activity log: `synced_seq`, every record of the disk's   |
+//! |    |      | journal up to it is durable in the image (0: unknown)    |
+//! | 52 | 8    | zero                                                     |
 //! | 60 | 4    | CRC-32 of bytes 0..60                                    |
 //!
 //! Integers are little-endian. The file is preallocated to its full length
@@ -97,6 +99,10 @@ pub struct Header {
     pub since_ns: u64,
     pub gap_seq: u64,
     pub bitmap_crc: u32,
+    /// An activity log's checkpoint: every record of the disk's journal
+    /// with a seq up to this one is durable in the image (0: none known;
+    /// zero in a dirty map, and in files of versions before it was kept).
+    pub synced_seq: u64,
 }
 
 /// The largest bitmap read from a map made for another disk size (to see
@@ -131,6 +137,7 @@ impl Header {
         b[24..32].copy_from_slice(&self.since_ns.to_le_bytes());
         b[32..40].copy_from_slice(&self.gap_seq.to_le_bytes());
         b[40..44].copy_from_slice(&self.bitmap_crc.to_le_bytes());
+        b[44..52].copy_from_slice(&self.synced_seq.to_le_bytes());
         let crc = crc32fast::hash(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -157,6 +164,7 @@ impl Header {
             since_ns: le64(&b[24..32]),
             gap_seq: le64(&b[32..40]),
             bitmap_crc: le32(&b[40..44]),
+            synced_seq: le64(&b[44..52]),
         })
     }
 }
@@ -226,6 +234,7 @@ impl DirtyMap {
                     map.count = 0;
                     map.header.since_ns = 0;
                     map.header.gap_seq = 0;
+                    map.header.synced_seq = 0;
                     map.header.bitmap_crc = crc32fast::hash(&map.bits);
                     Found::Corrupt(why)
                 }
@@ -252,6 +261,7 @@ impl DirtyMap {
                 since_ns: 0,
                 gap_seq: 0,
                 bitmap_crc: crc32fast::hash(&bits),
+                synced_seq: 0,
             },
             bits,
             count: 0,
@@ -276,6 +286,18 @@ impl DirtyMap {
         let mut map = DirtyMap::empty(file, path, kind, disk_size);
         map.load(len)?;
         Ok(Some(map))
+    }
+
+    /// The checkpoint ([`Header::synced_seq`]) of the activity log at
+    /// `path`, read from its header alone (recovery, before the capture
+    /// opens the log; the bitmap may be torn, the header checks on its
+    /// own). None: no file, a header that does not check out, or none
+    /// recorded.
+    pub fn read_synced_seq(path: &Path) -> Option<u64> {
+        let mut head = [0u8; HEADER_LEN];
+        File::open(path).ok()?.read_exact_at(&mut head, 0).ok()?;
+        let h = Header::decode(MapKind::Activity, &head).ok()?;
+        (h.synced_seq > 0).then_some(h.synced_seq)
     }
 
     /// Read and check the file into `self` (whose size is the disk's).
@@ -546,7 +568,18 @@ impl DirtyMap {
         Ok(())
     }
 
-    /// Every bit clear, no window: written and made durable.
+    /// Record the checkpoint ([`Header::synced_seq`]); durable with the
+    /// next [`DirtyMap::sync`].
+    pub fn set_synced_seq(&mut self, seq: u64) -> io::Result<()> {
+        if self.header.synced_seq != seq {
+            self.header.synced_seq = seq;
+            self.write_header()?;
+        }
+        Ok(())
+    }
+
+    /// Every bit clear, no window (the checkpoint is kept): written and
+    /// made durable.
     pub fn reset(&mut self) -> io::Result<()> {
         self.bits.fill(0);
         self.count = 0;
@@ -581,6 +614,7 @@ mod tests {
             since_ns: 7,
             gap_seq: 9,
             bitmap_crc: 0xdead,
+            synced_seq: 11,
         };
         let mut b = h.encode();
         assert_eq!(Header::decode(MapKind::Dirty, &b).unwrap(), h);
@@ -735,5 +769,38 @@ mod tests {
             .err()
             .unwrap()
             .contains("CRC"));
+    }
+
+    /// An activity log's checkpoint survives a reopen, a reset and a torn
+    /// bitmap (its header checks on its own), and is lost with a header
+    /// that does not check out or a log found corrupt.
+    #[test]
+    fn the_checkpoint_is_kept_in_the_activity_logs_header() {
+        let (_d, p) = tmp();
+        assert_eq!(DirtyMap::read_synced_seq(&p), None, "no file");
+        let (mut m, _) = DirtyMap::open_kind(&p, MapKind::Activity, 64 * MIB).unwrap();
+        assert_eq!(DirtyMap::read_synced_seq(&p), None, "none recorded");
+        m.set(5 * MIB, 1).unwrap();
+        m.set_synced_seq(42).unwrap();
+        m.sync().unwrap();
+        assert_eq!(DirtyMap::read_synced_seq(&p), Some(42));
+        drop(m);
+        let (mut m, found) = DirtyMap::open_kind(&p, MapKind::Activity, 64 * MIB).unwrap();
+        assert_eq!((found, m.header().synced_seq), (Found::Dirty, 42));
+        m.reset().unwrap();
+        assert_eq!(DirtyMap::read_synced_seq(&p), Some(42), "kept by a reset");
+        drop(m);
+        let (m, found) = DirtyMap::open_kind(&p, MapKind::Activity, 64 * MIB).unwrap();
+        assert_eq!((found, m.header().synced_seq), (Found::Clean, 42));
+        drop(m);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], HEADER_LEN as u64).unwrap();
+        assert_eq!(DirtyMap::read_synced_seq(&p), Some(42), "a torn bitmap");
+        let (m, found) = DirtyMap::open_kind(&p, MapKind::Activity, 64 * MIB).unwrap();
+        assert!(matches!(found, Found::Corrupt(_)));
+        assert_eq!(m.header().synced_seq, 0, "not trusted once the log is not");
+        drop(m);
+        f.write_all_at(&[0xff], 45).unwrap();
+        assert_eq!(DirtyMap::read_synced_seq(&p), None, "a bad header");
     }
 }

@@ -55,6 +55,9 @@ pub struct Recovered {
     pub redone: u64,
     /// Records not redone: their range is in the dirty map (resynced).
     pub skipped: u64,
+    /// Sealed segments with records redone (after a reboot, past the
+    /// checkpoint).
+    pub redone_sealed: u64,
     /// Segments sealed by recovery (for the catalog).
     pub sealed: Vec<SealedSegment>,
     /// Empty unsealed segments removed (including aborted creates).
@@ -119,7 +122,7 @@ pub fn recover_disk(
     image: &File,
     image_path: &Path,
 ) -> Result<Recovered, RecoveryError> {
-    recover_disk_skipping(dir, vm_uuid, image, image_path, None, false)
+    recover_disk_skipping(dir, vm_uuid, image, image_path, None, false, None)
 }
 
 /// [`recover_disk`], redoing no record whose range touches a set bit of
@@ -129,6 +132,14 @@ pub fn recover_disk(
 /// that no FLUSH or seal made durable ([`OpenSegment::create_unsynced`]):
 /// it is removed, and the journal counts as not ended cleanly, so the
 /// power-loss resync covers what its records wrote.
+///
+/// `synced`: the disk's checkpoint (the activity log's
+/// [`crate::journal::dirty::Header::synced_seq`]): every record up to it is
+/// durable in the image, and a FLUSH made the later ones durable in the
+/// journal only (docs/RELIABILITY.md, "A power loss"). After a reboot, the
+/// records after it are redone from the sealed segments too, in order;
+/// without one (a log of an earlier version, or none), only the unsealed
+/// segments are.
 pub fn recover_disk_skipping(
     dir: &Path,
     vm_uuid: &uuid::Uuid,
@@ -136,6 +147,7 @@ pub fn recover_disk_skipping(
     image_path: &Path,
     dirty: Option<&DirtyMap>,
     rebooted: bool,
+    synced: Option<u64>,
 ) -> Result<Recovered, RecoveryError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let segs = journal::list_segments(dir)?;
@@ -171,6 +183,13 @@ pub fn recover_disk_skipping(
                 last_sealed = Some(path.clone());
                 last_kind = None;
             }
+            if let Some(after) = synced.filter(|&s| rebooted && t.last_seq > s) {
+                // Records a FLUSH made durable in the journal only: the
+                // image may have lost them with the page cache.
+                let seg = LoadedSegment::load(path)?;
+                redo(&seg, after, (image, image_path), dirty, &mut r)?;
+                r.redone_sealed += 1;
+            }
             let _ = len;
             continue;
         }
@@ -194,7 +213,7 @@ pub fn recover_disk_skipping(
             seg.scan.header.record_base,
             seg.scan.records.len() as u64,
         );
-        last_kind = redo(&seg, (image, image_path), dirty, &mut r)?.or(last_kind);
+        last_kind = redo(&seg, 0, (image, image_path), dirty, &mut r)?.or(last_kind);
         last_sealed = None;
         r.had_records = true;
         // Seal it where the valid records end.
@@ -236,11 +255,12 @@ pub fn recover_disk_skipping(
     Ok(r)
 }
 
-/// Redo the data records of an unsealed segment onto the image (skipping
-/// those a dirty map covers), counting them into `r`. The kind of its last
-/// record.
+/// Redo the data records of a segment with a seq after `after` onto the
+/// image (skipping those a dirty map covers), counting them into `r`. The
+/// kind of its last record.
 fn redo(
     seg: &LoadedSegment,
+    after: u64,
     (image, image_path): (&File, &Path),
     dirty: Option<&DirtyMap>,
     r: &mut Recovered,
@@ -248,6 +268,9 @@ fn redo(
     let mut last_kind = None;
     for rec in &seg.scan.records {
         let h = &rec.header;
+        if h.seq <= after {
+            continue;
+        }
         if h.kind.changes_data() && dirty.is_some_and(|m| m.intersects(h.offset, h.length)) {
             r.skipped += 1;
         } else if h.kind.changes_data() {
@@ -496,6 +519,47 @@ mod tests {
         );
     }
 
+    /// After a reboot, the records of sealed segments after the checkpoint
+    /// are redone in order (a FLUSH made them durable in the journal only),
+    /// none before it (the image has them, and a later overwrite of theirs
+    /// may be in a segment trimmed already); on the same boot, or without a
+    /// checkpoint, sealed segments are not redone.
+    #[test]
+    fn sealed_segments_past_the_checkpoint_are_redone_after_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("journal");
+        std::fs::create_dir(&jdir).unwrap();
+        let (img, img_path) = image(dir.path());
+        let uuid = uuid::Uuid::from_bytes(VM);
+        let mut a = OpenSegment::create(&jdir, VM, 1, 0, 1).unwrap();
+        a.append(1, 10, [write(0, &[1; 512]), write(4096, &[2; 512])])
+            .unwrap();
+        a.seal(11).unwrap();
+        let mut b = OpenSegment::create(&jdir, VM, 3, 2, 20).unwrap();
+        b.append(3, 20, [write(8192, &[3; 512]), meta(Kind::SessionEnd)])
+            .unwrap();
+        b.seal(21).unwrap();
+        // The image has seq 1 as a later overwrite left it (its record was
+        // trimmed), and lost seqs 2 and 3 with the page cache.
+        img.write_all_at(&[9; 512], 0).unwrap();
+        let run = |rebooted, synced| {
+            recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, rebooted, synced).unwrap()
+        };
+        let r = run(false, Some(1));
+        assert_eq!((r.redone, r.redone_sealed), (0, 0), "same boot");
+        let r = run(true, None);
+        assert_eq!((r.redone, r.redone_sealed), (0, 0), "no checkpoint");
+        assert_eq!(read(&img, 4096, 512), vec![0; 512]);
+        let r = run(true, Some(1));
+        assert_eq!((r.redone, r.redone_sealed), (2, 2));
+        assert!(r.ended_clean, "a clean end stays clean");
+        assert_eq!(read(&img, 0, 512), vec![9; 512], "seq 1 not redone");
+        assert_eq!(read(&img, 4096, 512), vec![2; 512]);
+        assert_eq!(read(&img, 8192, 512), vec![3; 512]);
+        let r = run(true, Some(4));
+        assert_eq!((r.redone, r.redone_sealed), (0, 0), "all synced");
+    }
+
     #[test]
     fn a_missing_segment_is_a_chain_break() {
         let dir = tempfile::tempdir().unwrap();
@@ -621,12 +685,13 @@ mod tests {
         let (jdir, b, c) = setup(d.path(), &zeros, false);
         let (img, img_path) = image(d.path());
         let uuid = uuid::Uuid::from_bytes(VM);
-        let err = recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, false).unwrap_err();
+        let err =
+            recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, false, None).unwrap_err();
         assert!(
             err.to_string().contains("magic"),
             "same boot: refused: {err}"
         );
-        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true).unwrap();
+        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true, None).unwrap();
         assert!(!b.exists() && !c.exists());
         assert_eq!(r.removed, vec![3, 4]);
         assert_eq!(r.aborted_creates, vec![b, c]);
@@ -639,13 +704,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (jdir, b, _) = setup(d.path(), &zeros, true);
         let (img, img_path) = image(d.path());
-        assert!(recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true).is_err());
+        assert!(recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true, None).is_err());
         assert!(b.exists(), "a sealed segment after it: corruption, refused");
 
         let d = tempfile::tempdir().unwrap();
         let (jdir, b, _) = setup(d.path(), b"XXXX", false);
         let (img, img_path) = image(d.path());
-        assert!(recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true).is_err());
+        assert!(recover_disk_skipping(&jdir, &uuid, &img, &img_path, None, true, None).is_err());
         assert!(b.exists(), "a garbage header: refused");
     }
 
@@ -710,7 +775,8 @@ mod tests {
             .unwrap()
             .unwrap();
         let uuid = uuid::Uuid::from_bytes(VM);
-        let r = recover_disk_skipping(&jdir, &uuid, &img, &img_path, Some(&map), false).unwrap();
+        let r =
+            recover_disk_skipping(&jdir, &uuid, &img, &img_path, Some(&map), false, None).unwrap();
         assert_eq!((r.redone, r.skipped), (1, 1));
         assert_eq!(read(&img, 0, 4096), vec![0xdd; 4096], "newer data kept");
         assert_eq!(read(&img, 2 * g, 512), vec![0xbb; 512], "redone");
