@@ -187,6 +187,8 @@ pub fn recover_journals(
         for s in &rec.sealed {
             cat.put_segment(&vm, d.disk, s, true)?;
         }
+        let log = state.vm(&vm).activity_log(d.disk);
+        checkpoint_recovered(cat, &log, &vm, d.disk, rec.last_seq)?;
         for first in &rec.removed {
             cat.delete_segment(&vm, d.disk, *first)?;
         }
@@ -194,6 +196,38 @@ pub fn recover_journals(
         out.disks.push(rec);
     }
     Ok(out)
+}
+
+/// Recovery synced the image with every record of the journal redone: a
+/// checkpoint at its last seq, durable in the activity log's header, then
+/// in the catalog (the shipper may trim up to it; cdp-agent's recovery of
+/// a stopped VM so lets its shipped journal go). The catalog is not told
+/// when the log holds an older checkpoint it could not replace: a reboot's
+/// redo starts there, and must find every record after it.
+fn checkpoint_recovered(
+    cat: &Catalog,
+    log: &Path,
+    vm: &str,
+    disk: &str,
+    seq: u64,
+) -> Result<(), SessionError> {
+    if seq == 0 {
+        return Ok(());
+    }
+    match DirtyMap::write_synced_seq(log, seq) {
+        // No log, or one never trusted: no redo starts from it.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            eprintln!(
+                "cdp: recovery: recording the checkpoint in {}: {e}",
+                log.display()
+            );
+            return Ok(());
+        }
+    }
+    cat.set_image_synced(vm, disk, seq)?;
+    Ok(())
 }
 
 /// The journal directory is the source of truth (issue 12): a sealed

@@ -472,6 +472,16 @@ fn adopts_a_stopped_vm_and_a_killed_one_and_restores_byte_exact() {
     let sealed = catalog_segments(&k, "vda");
     assert_eq!(repo_segments(&repo, &k.vm_uuid, "vda"), sealed);
     restore_equals_image(&k, &cfg, &repo, "vda");
+    // Recovery synced the image with the journal redone (a checkpoint at
+    // its last seq): every shipped segment is trimmed.
+    let local: i64 = catalog(&k)
+        .query_row(
+            "SELECT count(*) FROM segments WHERE vm_uuid = ?1 AND local = 1",
+            [&k.vm_uuid],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(local, 0, "shipped segments kept after the agent's recovery");
 
     // cdpd starts again on the adopted journal and the chain goes on.
     k.start();

@@ -300,6 +300,23 @@ impl DirtyMap {
         (h.synced_seq > 0).then_some(h.synced_seq)
     }
 
+    /// Record `seq` as the checkpoint in the header of the activity log at
+    /// `path`, its bitmap left alone, and sync it (recovery, once the
+    /// journal is redone onto the synced image). Ok(false): a header that
+    /// does not check out, left as it is (it is never trusted).
+    pub fn write_synced_seq(path: &Path, seq: u64) -> io::Result<bool> {
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut head = [0u8; HEADER_LEN];
+        f.read_exact_at(&mut head, 0)?;
+        let Ok(mut h) = Header::decode(MapKind::Activity, &head) else {
+            return Ok(false);
+        };
+        h.synced_seq = seq;
+        f.write_all_at(&h.encode(), 0)?;
+        f.sync_data()?;
+        Ok(true)
+    }
+
     /// Read and check the file into `self` (whose size is the disk's).
     fn load(&mut self, len: u64) -> Result<(), String> {
         let mut head = [0u8; HEADER_LEN];
@@ -796,11 +813,15 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], HEADER_LEN as u64).unwrap();
         assert_eq!(DirtyMap::read_synced_seq(&p), Some(42), "a torn bitmap");
+        assert!(DirtyMap::write_synced_seq(&p, 43).unwrap());
+        assert_eq!(DirtyMap::read_synced_seq(&p), Some(43), "the header alone");
         let (m, found) = DirtyMap::open_kind(&p, MapKind::Activity, 64 * MIB).unwrap();
         assert!(matches!(found, Found::Corrupt(_)));
         assert_eq!(m.header().synced_seq, 0, "not trusted once the log is not");
         drop(m);
         f.write_all_at(&[0xff], 45).unwrap();
         assert_eq!(DirtyMap::read_synced_seq(&p), None, "a bad header");
+        assert!(!DirtyMap::write_synced_seq(&p, 44).unwrap(), "left alone");
+        assert_eq!(DirtyMap::read_synced_seq(&p), None);
     }
 }
