@@ -108,7 +108,9 @@ impl Vm {
             if due {
                 st.ck.asked = true;
             }
-            let wait = if written {
+            // Asked: the sync thread's round resets the clock; no pass is
+            // needed before then.
+            let wait = if written && !st.ck.asked {
                 interval.saturating_sub(elapsed)
             } else {
                 interval
@@ -116,15 +118,14 @@ impl Vm {
             (due, wait)
         };
         if due {
-            if let Some(tx) = disk.sync_sender() {
-                let job = SyncJob {
-                    waiter: Arc::new(NoWaiter),
-                    cookies: Vec::new(),
-                    full: true,
-                };
-                if tx.send(job).is_err() {
-                    disk.lock_journal().ck.asked = false;
-                }
+            let job = SyncJob {
+                waiter: Arc::new(NoWaiter),
+                cookies: Vec::new(),
+                full: true,
+            };
+            // No sync thread (stopping): the stop makes the checkpoint.
+            if disk.sync_sender().is_none_or(|tx| tx.send(job).is_err()) {
+                disk.lock_journal().ck.asked = false;
             }
         }
         self.publish_checkpoint(disk);
