@@ -132,16 +132,17 @@ impl VmRecovery {
     }
 }
 
-/// Recover each disk's journal onto its image and record in the catalog the
-/// segments recovery sealed or removed. `boot_id`: this boot's; when the
-/// catalog's last session ran on another boot (or there is none), the host
-/// may have lost power since the journals were written
-/// ([`recovery::recover_disk_skipping`]'s `rebooted`).
 /// How the reason of the catalog gap `cdpctl restore --in-place` records
 /// begins: the image was replaced while the VM was stopped, so the next start
 /// redoes no sealed segment onto it (docs/RELIABILITY.md, "A power loss").
 pub const RESTORED_IN_PLACE: &str = "disk restored in place";
 
+/// Recover each disk's journal onto its image and record in the catalog the
+/// segments recovery sealed or removed, and a checkpoint at each journal's
+/// last seq. `boot_id`: this boot's; when the
+/// catalog's last session ran on another boot (or there is none), the host
+/// may have lost power since the journals were written
+/// ([`recovery::recover_disk_skipping`]'s `rebooted`).
 pub fn recover_journals(
     cat: &Catalog,
     state: &StateDir,

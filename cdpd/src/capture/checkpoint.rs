@@ -25,11 +25,13 @@
 //!   the log, so the shipper trims no segment with a record after it (its
 //!   records may be durable nowhere else).
 //!
-//! Why: a FLUSH that syncs the image as well writes every guest byte to the
-//! device twice before it answers; at 1 MiB with a FLUSH every 16 writes
-//! that held cdpd at 0.47–0.71× of nbdkit (BENCHMARKS.md). Between
-//! checkpoints the image's page cache absorbs overwrites, as the peers'
-//! does.
+//! Why: a FLUSH that syncs the image as well waits for a second sync and
+//! writes every guest byte to the device twice before it answers. Measured
+//! (BENCHMARKS.md, "Issue 13: FLUSH syncs the journal only"): 4 KiB random
+//! writes with a FLUSH every 16 went 1.17–1.39× faster; at 1 MiB the device
+//! bytes halved but the throughput did not move (the journal's own syncs
+//! bound it). Between checkpoints the image's page cache absorbs
+//! overwrites, as the peers' does.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
