@@ -9,8 +9,9 @@
 //! already in the log costs a bit test under the disk lock the batch holds
 //! anyway; only a cold extent costs a log sync.
 //!
-//! Bits are cleared only after a sync round (journal, image and dirty map
-//! synced) covered every write to them: the extents written since the round
+//! Bits are cleared only after a checkpoint (a sync round with journal,
+//! image and dirty map synced; a FLUSH's round syncs the journal only)
+//! covered every write to them: the extents written since the round
 //! began are tracked in memory, and after a successful round, if the log
 //! holds more than [`CAP`] extents, it is rewritten as just those (each of
 //! them is in the durable log already, so whatever part of the rewrite

@@ -5,9 +5,10 @@
 //! reserves sequence numbers, appends every record with one `pwritev`
 //! (write-ahead), applies the writes to the image in sequence order, and
 //! replies. FLUSH and FUA replies wait for the disk's sync thread, which
-//! makes journal and image durable for every waiting request at once (group
+//! makes the journal durable for every waiting request at once (group
 //! commit) and hands the result back to each connection, which replies:
-//! replies may come out of order.
+//! replies may come out of order. The image is made durable by checkpoints
+//! ([`checkpoint`]).
 //!
 //! - [`batch`]: one batch of requests (handle, op, range, payload, result).
 //! - [`conn`]: one NBD connection: handshake, reading batches, replies.
@@ -117,7 +118,7 @@ pub struct JournalState {
     pub ck: checkpoint::State,
 }
 
-/// Who waits for a group commit: told once journal and image are durable
+/// Who waits for a group commit: told once what it covers is durable
 /// (`Ok`) or could not be made so (the NBD error), for the requests it
 /// named. A connection's reply writer is one; the sync thread formats
 /// nothing.
