@@ -121,8 +121,9 @@ fn in_flight_uploads_rise_with_the_backlog_over_several_vms_and_fall_back() {
     std::fs::create_dir_all(&repo).unwrap();
     let port = free_port();
     let cfg = host.path().join("cdp.toml");
-    // Baselines unthrottled; the agent ships at 512 KiB/s, slowly enough to
-    // see its uploads in flight.
+    // Baselines unthrottled; the agent ships at 256 KiB/s, slowly enough to
+    // see its uploads in flight (at 512 KiB/s a loaded CI run once took only
+    // 9 scrapes before everything was shipped).
     write_config(&cfg, &repo, "", port);
     let phases = |seed: u64| (seed..seed + 30).flat_map(phase).collect::<Vec<_>>();
     let a = lagging_vm("vm-a", 51, &phases(51), host.path(), &cfg);
@@ -130,7 +131,7 @@ fn in_flight_uploads_rise_with_the_backlog_over_several_vms_and_fall_back() {
     // One 4 KiB write: one segment.
     let one = ["write -P 7 0 4k".to_string(), "flush".to_string()];
     let small = lagging_vm("vm-small", 53, &one, host.path(), &cfg);
-    write_config(&cfg, &repo, "rate = \"512KiB\"\n", port);
+    write_config(&cfg, &repo, "rate = \"256KiB\"\n", port);
 
     let log = host.path().join("agent.log");
     let f = std::fs::File::create(&log).unwrap();
