@@ -148,6 +148,7 @@ struct Families {
     degraded: IntGaugeVec,
     dirty_bytes: IntGaugeVec,
     resync_bytes_read: IntCounterVec,
+    checkpoints: IntCounterVec,
     uploads_in_flight: IntGaugeVec,
 }
 
@@ -230,6 +231,12 @@ impl Families {
                 &r,
                 "cdp_disk_resync_bytes_read_total",
                 "Bytes the resyncs read from the image since cdpd started (only the dirty ranges)",
+                &["vm", "vm_uuid", "disk"],
+            )?,
+            checkpoints: counter(
+                &r,
+                "cdp_disk_checkpoints_total",
+                "Checkpoints since cdpd started: syncs that made the image durable (a FLUSH makes the journal durable; shipped segments are trimmed once a checkpoint covers them; docs/DESIGN.md, \"Write path\")",
                 &["vm", "vm_uuid", "disk"],
             )?,
             uploads_in_flight: int_gauge(
@@ -319,6 +326,7 @@ impl Families {
             self.resync_bytes_read
                 .with_label_values(&l)
                 .inc_by(d.resync_bytes_read);
+            self.checkpoints.with_label_values(&l).inc_by(d.checkpoints);
         }
         for (t, n) in &snap.in_flight {
             self.uploads_in_flight
@@ -694,7 +702,7 @@ targets = ["primary", "offsite"]
             resync_bytes_read: 7 << 20,
             resync_bytes_journaled: 7 << 20,
             resyncs_done: 1,
-            checkpoints: 0,
+            checkpoints: 4,
             checkpoint_seq: 0,
         };
         Status {
@@ -743,6 +751,7 @@ targets = ["primary", "offsite"]
         assert_eq!(at("cdp_disk_dirty_bytes", "vdb"), Some(0.0), "{t}");
         let read = at("cdp_disk_resync_bytes_read_total", "vda");
         assert_eq!(read, Some(7340032.0), "{t}");
+        assert_eq!(at("cdp_disk_checkpoints_total", "vda"), Some(4.0), "{t}");
     }
 
     /// A VM's user links its control socket to a socket only root can

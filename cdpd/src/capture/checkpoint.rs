@@ -29,8 +29,8 @@
 //! writes every guest byte to the device twice before it answers. Measured
 //! (BENCHMARKS.md, "Issue 13: FLUSH syncs the journal only"): 4 KiB random
 //! writes with a FLUSH every 16 went 1.17–1.39× faster; at 1 MiB the device
-//! bytes halved but the throughput did not move (the journal's own syncs
-//! bound it). Between checkpoints the image's page cache absorbs
+//! bytes halved but the throughput did not move (not the image's sync,
+//! then). Between checkpoints the image's page cache absorbs
 //! overwrites, as the peers' does.
 
 use std::sync::atomic::Ordering;
