@@ -67,6 +67,8 @@ pub struct DiskStats {
     pub connections: AtomicU64,
     pub errors: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Sync rounds that answered FLUSH or FUA requests (a checkpoint asked
+    /// by the sealer alone is counted in `checkpoints` only).
     pub flushes: AtomicU64,
     pub seal_errors: AtomicU64,
     pub times_degraded: AtomicU64,
@@ -680,6 +682,9 @@ impl Vm {
                 jobs.push(j);
             }
             let result = make_durable(disk, jobs.iter().any(|j| j.full));
+            if jobs.iter().any(|j| !j.cookies.is_empty()) {
+                disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            }
             for job in jobs.drain(..) {
                 disk.stats
                     .in_flight
@@ -979,7 +984,6 @@ fn make_durable(disk: &Disk, full: bool) -> Result<(), u32> {
         }
         degraded::poison_image(disk, &e);
     }
-    disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
     if result.is_err() || !image_ok {
         disk.stats.errors.fetch_add(1, Ordering::Relaxed);
     } else if full {

@@ -645,6 +645,11 @@ fn a_flush_syncs_the_journal_and_a_checkpoint_the_image() {
     }
     assert_eq!(disk.stats.checkpoints.load(Relaxed), 1);
     assert_eq!(
+        disk.stats.flushes.load(Relaxed),
+        1,
+        "a checkpoint is no FLUSH"
+    );
+    assert_eq!(
         cdp_core::journal::dirty::DirtyMap::read_synced_seq(&log),
         Some(last)
     );
