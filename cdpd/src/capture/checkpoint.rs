@@ -67,18 +67,18 @@ impl Default for State {
     }
 }
 
-/// Nobody waits for a checkpoint the sealer asked for.
-struct NoWaiter;
-
-impl SyncWaiter for NoWaiter {
-    fn synced(&self, _: &[u64], _: Result<(), u32>) {}
-}
-
 impl State {
     /// A full round begins (under the disk lock).
     pub fn begin(&mut self) {
         *self = State::default();
     }
+}
+
+/// Nobody waits for a checkpoint the sealer asked for.
+struct NoWaiter;
+
+impl SyncWaiter for NoWaiter {
+    fn synced(&self, _: &[u64], _: Result<(), u32>) {}
 }
 
 impl Vm {
