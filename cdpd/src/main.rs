@@ -59,6 +59,10 @@ struct RunArgs {
     /// the policy's `checkpoint_interval`), e.g. 30s.
     #[arg(long)]
     checkpoint_interval: Option<String>,
+    /// How much of each disk's newest journal to leave in the page cache
+    /// (overrides the policy's `journal_cache`), e.g. 256MiB.
+    #[arg(long)]
+    journal_cache: Option<String>,
     /// Stop cleanly (as on SIGTERM) when the parent process exits: cdp-qemu
     /// forks cdpd and then becomes QEMU, so this ends capture when QEMU ends.
     #[arg(long)]
@@ -116,6 +120,11 @@ fn run(a: RunArgs) -> Result<()> {
         settings.checkpoint_interval = cdp_core::config::parse_duration(s)
             .map_err(anyhow::Error::msg)
             .context("--checkpoint-interval")?;
+    }
+    if let Some(s) = &a.journal_cache {
+        settings.journal_cache = cdp_core::config::parse_size(s)
+            .map_err(anyhow::Error::msg)
+            .context("--journal-cache")?;
     }
     let disks = a
         .disks

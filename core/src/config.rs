@@ -41,6 +41,12 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
 /// Bounds of `checkpoint_interval`.
 pub const MIN_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
+/// The default `journal_cache`: how much of a disk's newest journal cdpd
+/// leaves in the page cache for the shipper to read (docs/DESIGN.md, "Write
+/// path", step 6). Four default segments: at the 250 ms `segment_age` a
+/// shipper that keeps up reads a segment within a second of its seal, from
+/// memory, at up to 1 GB/s of writes.
+pub const DEFAULT_JOURNAL_CACHE: u64 = 256 << 20;
 /// The least `journal_max` that makes sense (a few records).
 pub const MIN_JOURNAL_MAX: u64 = 1 << 20;
 
@@ -127,6 +133,11 @@ pub struct Policy {
     /// image (docs/DESIGN.md, "Write path").
     #[serde(default, deserialize_with = "opt_duration")]
     pub checkpoint_interval: Option<Duration>,
+    /// How much of a disk's newest journal stays in the page cache, e.g.
+    /// "256MiB" (the default); the pages of older sealed segments are
+    /// dropped once they are durable (docs/DESIGN.md, "Write path").
+    #[serde(default, deserialize_with = "opt_size")]
+    pub journal_cache: Option<u64>,
     /// The most a disk's local journal may hold, e.g. "20GiB", or
     /// "unlimited" (the default). Past it cdpd runs degraded
     /// (docs/RELIABILITY.md, "A full journal").
@@ -240,6 +251,9 @@ pub struct JournalSettings {
     pub segment_age: Duration,
     /// The longest time between checkpoints of a written disk.
     pub checkpoint_interval: Duration,
+    /// How many bytes of a disk's newest sealed segments may stay in the
+    /// page cache.
+    pub journal_cache: u64,
     /// The most a disk's journal may hold ([`UNLIMITED`]: no bound).
     pub journal_max: u64,
     /// Free space kept on the journal's filesystem.
@@ -317,6 +331,7 @@ impl Default for JournalSettings {
             segment_size: DEFAULT_SEGMENT_SIZE,
             segment_age: DEFAULT_SEGMENT_AGE,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            journal_cache: DEFAULT_JOURNAL_CACHE,
             journal_max: UNLIMITED,
             journal_min_free: DEFAULT_MIN_FREE,
         }
@@ -487,6 +502,7 @@ impl Config {
         s.segment_size = p.segment_size.unwrap_or(s.segment_size);
         s.segment_age = p.segment_age.unwrap_or(s.segment_age);
         s.checkpoint_interval = p.checkpoint_interval.unwrap_or(s.checkpoint_interval);
+        s.journal_cache = p.journal_cache.unwrap_or(s.journal_cache);
         s.journal_max = p.journal_max.unwrap_or(s.journal_max);
         s.journal_min_free = p.journal_min_free.unwrap_or(s.journal_min_free);
         if s.journal_max < MIN_JOURNAL_MAX {
@@ -511,7 +527,8 @@ impl Config {
         }
         if !(MIN_CHECKPOINT_INTERVAL..=MAX_CHECKPOINT_INTERVAL).contains(&s.checkpoint_interval) {
             return Err(self.invalid(format!(
-                "policy.{policy}.checkpoint_interval = {:?}: use at least 10ms and at most 1h                  (it bounds what recovery redoes after a power loss)",
+                "policy.{policy}.checkpoint_interval = {:?}: use at least 10ms and at most 1h \
+                 (it bounds what recovery redoes after a power loss)",
                 s.checkpoint_interval
             )));
         }
@@ -714,6 +731,24 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
 
     /// A checkpoint interval under 10 ms or over 1 h is refused; the policy's
     /// is used.
+    #[test]
+    fn journal_cache_is_a_size_with_a_default() {
+        let c = Config::parse("[policy.default]\njournal_cache = \"0\"\n").unwrap();
+        assert_eq!(c.journal_settings("default").unwrap().journal_cache, 0);
+        let c = Config::parse("[policy.default]\njournal_cache = \"1GiB\"\n").unwrap();
+        assert_eq!(
+            c.journal_settings("default").unwrap().journal_cache,
+            1 << 30
+        );
+        let c = Config::parse("").unwrap();
+        assert_eq!(
+            c.journal_settings("default").unwrap().journal_cache,
+            DEFAULT_JOURNAL_CACHE
+        );
+        let e = Config::parse("[policy.default]\njournal_cache = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().contains("not a size"), "{e}");
+    }
+
     #[test]
     fn checkpoint_interval_is_bounded() {
         for (every, ok) in [("1ms", false), ("10ms", true), ("1h", true), ("2h", false)] {

@@ -498,6 +498,91 @@ mod tests {
         }
     }
 
+    /// Pages of `path` in the page cache (`mincore` of a mapping, which
+    /// faults nothing in).
+    fn resident_pages(path: &std::path::Path) -> usize {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a read-only shared mapping of a file open for the call,
+        // never read through; mincore fills `vec`, one byte per page of the
+        // mapping (sized above); the mapping is removed before returning.
+        unsafe {
+            let addr = nix::libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                nix::libc::PROT_READ,
+                nix::libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, nix::libc::MAP_FAILED);
+            assert_eq!(nix::libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+            nix::libc::munmap(addr, len);
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// The sealer leaves at most `journal_cache` bytes of the newest sealed
+    /// segments in the page cache and drops the pages of older ones; the
+    /// journal replays the same either way.
+    #[test]
+    fn sealed_segments_past_the_journal_cache_leave_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = JournalSettings {
+            segment_size: 256 << 10,
+            segment_age: Duration::from_secs(3600),
+            journal_cache: 400 << 10,
+            ..JournalSettings::default()
+        };
+        let vm = vm_opts(dir.path(), true, settings, false);
+        let disk = &vm.disks[0];
+        // Each write fills a segment, which is switched out after it.
+        for i in 0..4u64 {
+            let mut buf = Vec::new();
+            let mut b = batch(&[(proto::CMD_WRITE, i * (300 << 10), 300 << 10)], &mut buf);
+            vm.journal_and_apply(disk, &mut b, &buf);
+            assert_eq!(b.reqs[0].result, 0);
+        }
+        vm.seal_pass(false);
+        let segs = vm.catalog.lock().unwrap().segments(UUID).unwrap();
+        assert_eq!(segs.len(), 4);
+        assert_eq!(disk.stats.segments_uncached.load(Ordering::Relaxed), 3);
+        let paths: Vec<_> = segs
+            .iter()
+            .map(|s| {
+                disk.journal_dir
+                    .join(journal::segment_file_name(s.first_seq))
+            })
+            .collect();
+        let resident: Vec<_> = paths.iter().map(|p| resident_pages(p)).collect();
+        let tmpfs = nix::sys::statfs::statfs(dir.path())
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if tmpfs {
+            eprintln!(
+                "{}: tmpfs keeps its pages; residency not checked",
+                dir.path().display()
+            );
+        } else {
+            assert_eq!(
+                &resident[..3],
+                &[0, 0, 0],
+                "older ones dropped: {resident:?}"
+            );
+            assert!(resident[3] > 70, "the newest stays cached: {resident:?}");
+        }
+        let copy = dir.path().join("copy.raw");
+        let f = File::create(&copy).unwrap();
+        f.set_len(SIZE).unwrap();
+        let state = dir.path().join("state");
+        journal::replay_disk(&state, UUID, "vda", &f, &copy, Upto::All).unwrap();
+        let img = std::fs::read(&disk.path).unwrap();
+        let got = std::fs::read(&copy).unwrap();
+        assert!(got[..1200 << 10] == img[..1200 << 10]);
+    }
+
     /// Once a segment fills up while the disk is busy, the sealer prepares
     /// the file of the one after; the next switch takes it (the segment
     /// names follow the records, no temporary file is seen as a segment),

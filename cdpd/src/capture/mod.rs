@@ -85,6 +85,9 @@ pub struct DiskStats {
     /// Checkpoints made: sync rounds that made the image durable too
     /// ([`checkpoint`]).
     pub checkpoints: AtomicU64,
+    /// Sealed segments whose pages were dropped from the page cache
+    /// ([`Vm::uncache_sealed`]).
+    pub segments_uncached: AtomicU64,
 }
 
 /// Journal state of one disk, behind the disk lock.
@@ -159,6 +162,9 @@ pub struct Disk {
     pub journal_dir: PathBuf,
     pub journal: Mutex<JournalState>,
     pub stats: DiskStats,
+    /// The newest sealed segments, oldest first, with their sizes: those
+    /// left in the page cache (`journal_cache`). The sealer's alone.
+    cached: Mutex<std::collections::VecDeque<(PathBuf, u64)>>,
     sync_tx: Mutex<Option<Sender<SyncJob>>>,
     /// The last checkpoint made durable: every record up to this seq is
     /// durable in the image ([`checkpoint`]); and the one the catalog has.
@@ -556,6 +562,7 @@ impl Vm {
                 match seg.seal(now_ns()) {
                     Ok(sealed) => {
                         self.record_sealed(disk, &sealed);
+                        self.uncache_sealed(disk, &sealed);
                         disk.lock_journal()
                             .unsynced
                             .retain(|f| !Arc::ptr_eq(f, &seg.file));
@@ -591,6 +598,26 @@ impl Vm {
             }
         }
         next
+    }
+
+    /// Leave at most `journal_cache` bytes of a disk's newest sealed
+    /// segments in the page cache, `sealed` included: drop the pages of
+    /// older ones (docs/DESIGN.md, "Write path", step 6). A shipper that
+    /// keeps up reads and trims a segment long before; one that lags, or a
+    /// disk without one, would otherwise fill the host's memory with
+    /// journal and make every new record take a page never used before.
+    fn uncache_sealed(&self, disk: &Disk, sealed: &SealedSegment) {
+        let mut cached = disk.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached.push_back((sealed.path.clone(), sealed.size_bytes));
+        let mut total: u64 = cached.iter().map(|(_, n)| n).sum();
+        while total > self.settings.journal_cache {
+            let Some((path, n)) = cached.pop_front() else {
+                break;
+            };
+            total -= n;
+            cdp_core::journal::writer::drop_cached(&path);
+            disk.stats.segments_uncached.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Prepare the file of a disk's next segment off the data path (best
@@ -771,6 +798,7 @@ impl Vm {
                         ck: checkpoint::State::default(),
                     }),
                     stats: DiskStats::default(),
+                    cached: Mutex::default(),
                     sync_tx: Mutex::new(Some(tx)),
                     synced_seq: AtomicU64::new(0),
                     published_seq: AtomicU64::new(0),

@@ -372,6 +372,31 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Drop the pages of the sealed segment at `path` from the page cache
+/// (`posix_fadvise(POSIX_FADV_DONTNEED)`; its seal made them clean, so they
+/// are freed at once). Best effort: a segment trimmed meanwhile, or anything
+/// but a regular file at `path` (never followed if a symlink), is left alone.
+/// The pages are freed for the next records to reuse (docs/DESIGN.md, "Write
+/// path", step 6).
+pub fn drop_cached(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return;
+    };
+    if file.metadata().is_ok_and(|m| m.is_file()) {
+        let _ = nix::fcntl::posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
 /// Make the names in a journal directory durable (after
 /// [`OpenSegment::create_unsynced`]).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
