@@ -90,6 +90,11 @@ pub struct DiskStats {
     pub segments_uncached: AtomicU64,
 }
 
+/// The most sealed segments a disk leaves in the page cache, whatever their
+/// size: a disk written slowly seals a small segment every `segment_age`,
+/// and the list of those left cached stays short (16 s of them at 250 ms).
+const MAX_CACHED_SEGMENTS: usize = 64;
+
 /// Journal state of one disk, behind the disk lock.
 pub struct JournalState {
     /// The segment being appended to; created on the first record after a seal.
@@ -601,8 +606,8 @@ impl Vm {
     }
 
     /// Leave at most `journal_cache` bytes of a disk's newest sealed
-    /// segments in the page cache, `sealed` included: drop the pages of
-    /// older ones (docs/DESIGN.md, "Write path", step 6). A shipper that
+    /// segments in the page cache, `sealed` included, and at most
+    /// [`MAX_CACHED_SEGMENTS`] of them: drop the pages of older ones (docs/DESIGN.md, "Write path", step 6). A shipper that
     /// keeps up reads and trims a segment long before; one that lags, or a
     /// disk without one, would otherwise fill the host's memory with
     /// journal and make every new record take a page never used before.
@@ -610,7 +615,7 @@ impl Vm {
         let mut cached = disk.cached.lock().unwrap_or_else(|p| p.into_inner());
         cached.push_back((sealed.path.clone(), sealed.size_bytes));
         let mut total: u64 = cached.iter().map(|(_, n)| n).sum();
-        while total > self.settings.journal_cache {
+        while total > self.settings.journal_cache || cached.len() > MAX_CACHED_SEGMENTS {
             let Some((path, n)) = cached.pop_front() else {
                 break;
             };
