@@ -729,8 +729,8 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
         }
     }
 
-    /// A checkpoint interval under 10 ms or over 1 h is refused; the policy's
-    /// is used.
+    /// `journal_cache` is a size (0 drops every sealed segment's pages), 256 MiB
+    /// when not given.
     #[test]
     fn journal_cache_is_a_size_with_a_default() {
         let c = Config::parse("[policy.default]\njournal_cache = \"0\"\n").unwrap();
@@ -749,6 +749,8 @@ thin = [{ every = "1h", keep = "7d" }, { every = "1d", keep = "30d" }]
         assert!(e.to_string().contains("not a size"), "{e}");
     }
 
+    /// A checkpoint interval under 10 ms or over 1 h is refused; the policy's
+    /// is used.
     #[test]
     fn checkpoint_interval_is_bounded() {
         for (every, ok) in [("1ms", false), ("10ms", true), ("1h", true), ("2h", false)] {

@@ -607,10 +607,11 @@ impl Vm {
 
     /// Leave at most `journal_cache` bytes of a disk's newest sealed
     /// segments in the page cache, `sealed` included, and at most
-    /// [`MAX_CACHED_SEGMENTS`] of them: drop the pages of older ones (docs/DESIGN.md, "Write path", step 6). A shipper that
-    /// keeps up reads and trims a segment long before; one that lags, or a
-    /// disk without one, would otherwise fill the host's memory with
-    /// journal and make every new record take a page never used before.
+    /// [`MAX_CACHED_SEGMENTS`] of them: drop the pages of older ones
+    /// (docs/DESIGN.md, "Write path", step 6). A shipper that keeps up
+    /// reads and trims a segment long before; one that lags, or a disk
+    /// without one, would otherwise fill the host's memory with journal and
+    /// make every new record take a page never used before.
     fn uncache_sealed(&self, disk: &Disk, sealed: &SealedSegment) {
         let mut cached = disk.cached.lock().unwrap_or_else(|p| p.into_inner());
         cached.push_back((sealed.path.clone(), sealed.size_bytes));
