@@ -581,6 +581,13 @@ mod tests {
         let img = std::fs::read(&disk.path).unwrap();
         let got = std::fs::read(&copy).unwrap();
         assert!(got[..1200 << 10] == img[..1200 << 10]);
+        // A segment trimmed (by a shipper) before its turn is not counted.
+        std::fs::remove_file(&paths[3]).unwrap();
+        let mut buf = Vec::new();
+        let mut b = batch(&[(proto::CMD_WRITE, 0, 300 << 10)], &mut buf);
+        vm.journal_and_apply(disk, &mut b, &buf);
+        vm.seal_pass(true);
+        assert_eq!(disk.stats.segments_uncached.load(Ordering::Relaxed), 3);
     }
 
     /// Once a segment fills up while the disk is busy, the sealer prepares

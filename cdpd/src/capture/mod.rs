@@ -86,7 +86,7 @@ pub struct DiskStats {
     /// ([`checkpoint`]).
     pub checkpoints: AtomicU64,
     /// Sealed segments whose pages were dropped from the page cache
-    /// ([`Vm::uncache_sealed`]).
+    /// ([`Vm::uncache_sealed`]); not those trimmed before their turn.
     pub segments_uncached: AtomicU64,
 }
 
@@ -621,8 +621,9 @@ impl Vm {
                 break;
             };
             total -= n;
-            cdp_core::journal::writer::drop_cached(&path);
-            disk.stats.segments_uncached.fetch_add(1, Ordering::Relaxed);
+            if cdp_core::journal::writer::drop_cached(&path) {
+                disk.stats.segments_uncached.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

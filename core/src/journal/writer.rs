@@ -377,24 +377,24 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 /// are freed at once). Best effort: a segment trimmed meanwhile, or anything
 /// but a regular file at `path` (never followed if a symlink), is left alone.
 /// The pages are freed for the next records to reuse (docs/DESIGN.md, "Write
-/// path", step 6).
-pub fn drop_cached(path: &Path) {
+/// path", step 6). True when the segment was there to drop.
+pub fn drop_cached(path: &Path) -> bool {
     use std::os::fd::AsRawFd;
     let Ok(file) = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
     else {
-        return;
+        return false;
     };
-    if file.metadata().is_ok_and(|m| m.is_file()) {
-        let _ = nix::fcntl::posix_fadvise(
+    file.metadata().is_ok_and(|m| m.is_file())
+        && nix::fcntl::posix_fadvise(
             file.as_raw_fd(),
             0,
             0,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
-    }
+        )
+        .is_ok()
 }
 
 /// Make the names in a journal directory durable (after
