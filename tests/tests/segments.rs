@@ -11,7 +11,7 @@ use cdp_core::journal::format::{
     self, INDEX_ENTRY_LEN, MAX_RECORD_PAYLOAD, MAX_SEGMENT_RECORDS, SEGMENT_HEADER_LEN,
 };
 use cdp_core::journal::{is_temp_segment_file_name, parse_segment_file_name};
-use cdp_tests::fixture::{cdpctl, config, shipper_once_cmd, Tmpfs};
+use cdp_tests::fixture::{cdpctl, config, qemu_io, shipper_once_cmd, Tmpfs};
 use cdp_tests::nbd::{self, Client};
 use cdp_tests::{require_tool, run_ok, Daemon};
 
@@ -245,4 +245,89 @@ fn enospc_while_creating_a_segment_leaves_no_segment_and_cdpd_restarts() {
         d.log()
     );
     d.check_replay_invariant("vda");
+}
+
+/// Pages of `path` in the page cache (`mincore` of a mapping, which faults
+/// nothing in).
+fn resident_pages(path: &Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: a read-only shared mapping of a file open for the call, never
+    // read through; mincore fills `vec`, one byte per page of the mapping
+    // (sized above); the mapping is removed before returning.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+/// S-152: `cdpd --journal-cache` bounds how much of a disk's sealed journal
+/// stays in the page cache. 8 MiB written through qemu-io into 1 MiB
+/// segments with a 2 MiB cache: after a clean stop (which seals the last
+/// segment), the older segments have no page cached, the newest ones do,
+/// and nothing was lost (the export reads back what was written).
+#[test]
+fn journal_cache_drops_older_sealed_segments_from_the_page_cache() {
+    let mut d = Daemon::builder()
+        .disk("vda", 16 * MIB)
+        .args([
+            "--segment-size",
+            "1MiB",
+            "--segment-age",
+            "1h",
+            "--journal-cache",
+            "2MiB",
+        ])
+        .start();
+    if nix::sys::statfs::statfs(&d.state_dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    {
+        eprintln!("state on tmpfs, which keeps its pages: nothing to check");
+        return;
+    }
+    let cmds: Vec<String> = (0..16u64)
+        .map(|i| format!("write -P {} {} 512k", i + 1, i * 512 * 1024))
+        .collect();
+    qemu_io(&d, "vda", &cmds);
+    d.term();
+    let segs: Vec<_> = journal_files(&d, "vda")
+        .into_iter()
+        .filter_map(|(seq, p, len)| seq.map(|_| (p, len)))
+        .collect();
+    assert!(segs.len() >= 6, "8 MiB in 1 MiB segments: {segs:?}");
+    let resident: Vec<usize> = segs.iter().map(|(p, _)| resident_pages(p)).collect();
+    // The newest segments holding at most 2 MiB keep their pages; every
+    // older one has none.
+    let mut newer = 0u64;
+    let mut kept = 0;
+    for ((p, len), &r) in segs.iter().zip(&resident).rev() {
+        newer += len;
+        if newer <= 2 * MIB {
+            kept += 1;
+            continue;
+        }
+        assert_eq!(r, 0, "{}: {r} pages cached ({resident:?})", p.display());
+    }
+    assert!(kept >= 1, "{resident:?}");
+    assert!(
+        resident[resident.len() - 1] > 0,
+        "the newest stays cached: {resident:?}"
+    );
+    d.start();
+    let cmds: Vec<String> = (0..16u64)
+        .map(|i| format!("read -P {} {} 512k", i + 1, i * 512 * 1024))
+        .collect();
+    qemu_io(&d, "vda", &cmds);
 }

@@ -374,27 +374,25 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 
 /// Drop the pages of the sealed segment at `path` from the page cache
 /// (`posix_fadvise(POSIX_FADV_DONTNEED)`; its seal made them clean, so they
-/// are freed at once). Best effort: a segment trimmed meanwhile, or anything
-/// but a regular file at `path` (never followed if a symlink), is left alone.
-/// The pages are freed for the next records to reuse (docs/DESIGN.md, "Write
-/// path", step 6). True when the segment was there to drop.
+/// are freed at once) for the next records to reuse (docs/DESIGN.md, "Write
+/// path", step 6). Opened as [`crate::fsat::DirFd::open_file`] does: never
+/// through a link, a regular file only. Best effort; true when the segment
+/// was there to drop (not trimmed meanwhile).
 pub fn drop_cached(path: &Path) -> bool {
     use std::os::fd::AsRawFd;
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    else {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return false;
     };
-    file.metadata().is_ok_and(|m| m.is_file())
-        && nix::fcntl::posix_fadvise(
-            file.as_raw_fd(),
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        )
-        .is_ok()
+    let Ok(file) = crate::fsat::DirFd::open(dir).and_then(|d| d.open_file(name)) else {
+        return false;
+    };
+    nix::fcntl::posix_fadvise(
+        file.as_raw_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .is_ok()
 }
 
 /// Make the names in a journal directory durable (after
