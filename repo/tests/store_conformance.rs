@@ -406,16 +406,18 @@ async fn readers_never_see_partial_objects(s: &Store) {
         })
     };
     let mut reads = 0;
-    // moto answers a GET racing a PUT of the same key with a 500 now and
-    // then: a transient server error, retried as the shipper would.
-    let retry = cdp_repo::store::RetryPolicy::default();
+    // moto answers a GET or a LIST racing a PUT of the same key with a 500
+    // now and then: a transient server error, retried as the shipper would.
+    let retry = RetryPolicy::default();
     while !writer.is_finished() {
-        let b = cdp_repo::store::with_retry("get", &retry, || s.get("atomic/obj"))
+        let b = with_retry("get", &retry, || s.get("atomic/obj"))
             .await
             .unwrap();
         assert_eq!(b.len(), LEN, "a partial object was visible");
         assert!(b.iter().all(|&x| x == b[0]), "a mixed object was visible");
-        let l = s.list("atomic/").await.unwrap();
+        let l = with_retry("list", &retry, || s.list("atomic/"))
+            .await
+            .unwrap();
         assert_eq!(keys(&l), ["atomic/obj"], "staging files are visible");
         reads += 1;
     }
