@@ -146,6 +146,7 @@ struct Families {
     adoptions: prometheus::IntCounter,
     adoption_target_down: IntGaugeVec,
     degraded: IntGaugeVec,
+    image_failed: IntGaugeVec,
     dirty_bytes: IntGaugeVec,
     resync_bytes_read: IntCounterVec,
     checkpoints: IntCounterVec,
@@ -225,6 +226,12 @@ impl Families {
                 &r,
                 "cdp_disk_dirty_bytes",
                 "Bytes of disk written but not journaled yet (marked in the dirty map: degraded, or left to resync)",
+                &["vm", "vm_uuid", "disk"],
+            )?,
+            image_failed: int_gauge(
+                &r,
+                "cdp_disk_image_failed",
+                "1 once an image write failed after the guest was told it succeeded: every request on the disk fails with EIO until cdpd restarts (docs/RELIABILITY.md, \"A failed image write\")",
                 &["vm", "vm_uuid", "disk"],
             )?,
             resync_bytes_read: counter(
@@ -320,6 +327,9 @@ impl Families {
         for d in status.iter().flat_map(|s| &s.disks) {
             let l = [vm.name.as_str(), vm.uuid.as_str(), d.disk.as_str()];
             self.degraded.with_label_values(&l).set(d.degraded as i64);
+            self.image_failed
+                .with_label_values(&l)
+                .set(d.image_failed as i64);
             self.dirty_bytes
                 .with_label_values(&l)
                 .set(d.dirty_bytes as i64);
@@ -704,6 +714,9 @@ targets = ["primary", "offsite"]
             resyncs_done: 1,
             checkpoints: 4,
             checkpoint_seq: 0,
+            writes_in_place: !degraded,
+            early_acks: 0,
+            image_failed: degraded,
         };
         Status {
             vm_uuid: VM.into(),
@@ -752,6 +765,8 @@ targets = ["primary", "offsite"]
         let read = at("cdp_disk_resync_bytes_read_total", "vda");
         assert_eq!(read, Some(7340032.0), "{t}");
         assert_eq!(at("cdp_disk_checkpoints_total", "vda"), Some(4.0), "{t}");
+        assert_eq!(at("cdp_disk_image_failed", "vda"), Some(1.0), "{t}");
+        assert_eq!(at("cdp_disk_image_failed", "vdb"), Some(0.0), "{t}");
     }
 
     /// A VM's user links its control socket to a socket only root can

@@ -83,6 +83,18 @@ pub struct DiskStatus {
     pub checkpoints: u64,
     #[serde(default)]
     pub checkpoint_seq: u64,
+    /// The image takes writes in place (a block device, or a file on ext4
+    /// with no hole): a WRITE is answered once journaled, before its image
+    /// write (docs/DESIGN.md, "Write path", step 5); and how many were.
+    #[serde(default)]
+    pub writes_in_place: bool,
+    #[serde(default)]
+    pub early_acks: u64,
+    /// An image write failed after its WRITE was answered: every request
+    /// fails with EIO until cdpd restarts (docs/RELIABILITY.md, "A failed
+    /// image write").
+    #[serde(default)]
+    pub image_failed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

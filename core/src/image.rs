@@ -86,6 +86,40 @@ pub fn from_file(file: File, path: &Path) -> Result<Image, ImageError> {
     })
 }
 
+/// Does every write to `file` land on blocks the image already has, so that
+/// it cannot fail for want of space? cdpd then answers a WRITE once it is
+/// journaled and writes the image after the reply (docs/DESIGN.md, "Write
+/// path", step 5). True for a block device open for writing, and for a
+/// regular file open for writing on ext2/3/4 (which overwrites in place)
+/// with no hole: `SEEK_HOLE` from 0 finds only the end (unwritten extents
+/// count as holes: conservative). False for a file system that may copy on
+/// write (btrfs, XFS with reflinks, ...), for holes, and on any error. Off
+/// the data path: an `fcntl`, an `fstat`, an `fstatfs` and an `lseek`.
+pub fn writes_in_place(file: &File) -> bool {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let writable = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)
+        .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
+    let Ok(md) = file.metadata() else {
+        return false;
+    };
+    if !writable {
+        return false;
+    }
+    if md.file_type().is_block_device() {
+        return true;
+    }
+    let ext4 = nix::sys::statfs::fstatfs(file)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
+    if !md.is_file() || !ext4 || md.len() == 0 {
+        return false;
+    }
+    // SAFETY: lseek(2) on a descriptor `file` keeps open for the call; the
+    // image is only ever read and written at explicit offsets, so moving
+    // its file offset changes nothing.
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    u64::try_from(hole).is_ok_and(|h| h >= md.len())
+}
+
 /// The most a `<uuid>.images` file may hold.
 const MAX_IMAGES_FILE: u64 = 64 * 1024;
 
@@ -181,6 +215,59 @@ fn lock(file: &File) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an image whose every block is written, open for writing, on
+    /// ext4, takes its writes in place.
+    #[test]
+    fn writes_in_place_only_without_holes_on_ext4_and_writable() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = nix::sys::statfs::statfs(d.path()).unwrap();
+        assert_eq!(
+            s.filesystem_type(),
+            nix::sys::statfs::EXT4_SUPER_MAGIC,
+            "this test needs its temporary directory on ext4"
+        );
+        let p = d.path().join("img");
+        let rw = |p: &Path| File::options().read(true).write(true).open(p).unwrap();
+        std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
+        assert!(writes_in_place(&rw(&p)), "every block written");
+        assert!(!writes_in_place(&File::open(&p).unwrap()), "read-only");
+        // A hole in the middle (punched), at the end (grown), unwritten
+        // extents (fallocated), an empty file: no.
+        let f = rw(&p);
+        nix::fcntl::fallocate(
+            f.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            64 << 10,
+            64 << 10,
+        )
+        .unwrap();
+        assert!(!writes_in_place(&f), "punched");
+        f.write_all_at(&[1u8; 64 << 10], 64 << 10).unwrap();
+        f.sync_all().unwrap();
+        assert!(writes_in_place(&f), "the hole written again");
+        f.set_len(2 << 20).unwrap();
+        assert!(!writes_in_place(&f), "grown");
+        let q = d.path().join("falloc");
+        let g = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&q)
+            .unwrap();
+        nix::fcntl::fallocate(
+            g.as_raw_fd(),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            1 << 20,
+        )
+        .unwrap();
+        assert!(!writes_in_place(&g), "unwritten extents");
+        g.set_len(0).unwrap();
+        assert!(!writes_in_place(&g), "empty");
+    }
 
     /// `<uuid>.images` is trusted only as root's own regular file, reached
     /// through no link, with disk names and absolute paths.

@@ -278,3 +278,39 @@ fn status_shows_a_degraded_disk_and_restore_refuses_its_window() {
     assert_files_equal(&out, &before);
     d.term();
 }
+
+/// A WRITE is answered once journaled, before its image write, when the
+/// image takes writes in place (every block written, on ext4), and after
+/// its image write when the image is sparse (docs/DESIGN.md, "Write path",
+/// step 5). Either way what was written reads back on a new connection;
+/// status says which disk does which.
+#[test]
+fn writes_are_answered_once_journaled_only_where_the_image_takes_them_in_place() {
+    let d = Daemon::builder()
+        .disk_random("vda", 8 << 20, 7)
+        .disk("vdb", 8 << 20)
+        .start();
+    assert_eq!(
+        nix::sys::statfs::statfs(&d.image("vda"))
+            .unwrap()
+            .filesystem_type(),
+        nix::sys::statfs::EXT4_SUPER_MAGIC,
+        "this test needs its images on ext4 (CDP_TEST_TMPDIR)"
+    );
+    let writes: Vec<String> = (0..8u64)
+        .map(|i| format!("write -P {} {} 64k", i + 1, i * 256 * 1024))
+        .chain(["write -P 9 4M 1M".to_string()])
+        .collect();
+    let reads: Vec<String> = writes.iter().map(|w| w.replace("write", "read")).collect();
+    for disk in ["vda", "vdb"] {
+        cdp_tests::fixture::qemu_io(&d, disk, &writes);
+        cdp_tests::fixture::qemu_io(&d, disk, &reads);
+    }
+    let st = d.status_json();
+    let (a, b) = (disk_status(&st, "vda"), disk_status(&st, "vdb"));
+    assert_eq!(a["writes_in_place"], true, "{a:#}");
+    assert_eq!(u(a, "early_acks"), 9, "{a:#}");
+    assert_eq!(b["writes_in_place"], false, "{b:#}");
+    assert_eq!(u(b, "early_acks"), 0, "{b:#}");
+    assert_eq!(a["image_failed"], false, "{a:#}");
+}

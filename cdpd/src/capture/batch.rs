@@ -40,6 +40,9 @@ pub(crate) struct Req {
     pub payload_at: usize,
     /// The result slot: 0, or the NBD error the request is answered with.
     pub result: u32,
+    /// Answered once journaled, before its image write (docs/DESIGN.md,
+    /// "Write path", step 5): its reply is sent.
+    pub early: bool,
 }
 
 impl Req {
@@ -71,7 +74,14 @@ impl Req {
             length: req.len as u64,
             payload_at,
             result,
+            early: false,
         }
+    }
+
+    /// May it be answered once journaled, before its image write? A plain
+    /// WRITE (no FUA), journaled without error.
+    pub fn acks_early(&self) -> bool {
+        self.op == Op::Journal(Kind::Write) && self.flags & FLAG_FUA == 0 && self.result == 0
     }
 
     /// Is the reply due only once journal and image are durable (FLUSH, or
@@ -142,6 +152,31 @@ impl Batch {
     }
 
     /// WRITE payload bytes of the batch.
+    /// Mark the requests answered once journaled ([`Req::acks_early`]).
+    pub fn mark_early(&mut self) {
+        for r in self.reqs.iter_mut().filter(|r| r.acks_early()) {
+            r.early = true;
+        }
+    }
+
+    /// Does it zero or trim a range (which may punch holes in the image)?
+    pub fn punches(&self) -> bool {
+        self.reqs
+            .iter()
+            .any(|r| matches!(r.op, Op::Journal(Kind::Zero | Kind::Trim)))
+    }
+
+    /// Fail every request with `errno` (a disk that failed,
+    /// [`super::Disk::image_failed`]): nothing is journaled, applied or read.
+    pub fn fail_all(&mut self, errno: u32) {
+        for r in &mut self.reqs {
+            if r.op != Op::Disconnect {
+                r.op = Op::Reject;
+                r.result = errno;
+            }
+        }
+    }
+
     pub fn write_bytes(&self) -> u64 {
         self.reqs
             .iter()

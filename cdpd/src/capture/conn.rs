@@ -10,7 +10,10 @@
 //! requests into its other buffer: a large WRITE's payload streams in while
 //! the one before it is journaled and applied. Batches still run one at a
 //! time, in order: the next one starts only once the executor is done, so
-//! a READ sees every write before it and replies keep their order.
+//! a READ sees every write before it and replies keep their order, except
+//! that where the image takes writes in place a batch's plain WRITEs are
+//! answered once journaled, ahead of its other replies
+//! ([`super::Vm::journal_and_apply_then`]).
 //!
 //! FLUSH and FUA requests are answered when the disk's sync thread reports
 //! the group commit they joined: the connection's [`Replier`] is the
@@ -93,7 +96,22 @@ pub struct Replier<W> {
     dead: AtomicBool,
 }
 
-impl<W: Write> Replier<W> {
+/// The writing half of a connection: writes that may be tried without
+/// waiting (a reply sent while the disk's lock is held).
+pub trait Sink: Write {
+    /// Write what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize>;
+}
+
+impl Sink for UnixStream {
+    fn try_write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        send(self.as_raw_fd(), bytes, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+    }
+}
+
+impl<W: Sink> Replier<W> {
     pub fn new(stream: W) -> Self {
         Replier {
             stream: Mutex::new(stream),
@@ -113,12 +131,37 @@ impl<W: Write> Replier<W> {
         }
     }
 
+    /// Send replies if that takes no wait: the stream is free (the sync
+    /// thread is not writing) and the socket takes them at once. False
+    /// when nothing was sent (the caller sends them later); a socket that
+    /// took a part gets the rest as [`Replier::send`] sends it.
+    pub fn send_now(&self, bytes: &[u8]) -> bool {
+        if self.is_dead() {
+            return true;
+        }
+        let Ok(mut s) = self.stream.try_lock() else {
+            return false;
+        };
+        match s.try_write(bytes) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(n) => {
+                if s.write_all(&bytes[n..]).is_err() {
+                    self.dead.store(true, Ordering::Release);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return false,
+            Err(_) => self.dead.store(true, Ordering::Release),
+        }
+        true
+    }
+
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
     }
 }
 
-impl<W: Write + Send> SyncWaiter for Replier<W> {
+impl<W: Sink + Send> SyncWaiter for Replier<W> {
     /// The replies of requests that waited for a group commit.
     fn synced(&self, cookies: &[u64], result: Result<(), u32>) {
         let err = result.err().unwrap_or(0);
@@ -192,7 +235,7 @@ pub fn transmit<R, W>(
 ) -> Result<(), ConnError>
 where
     R: Source,
-    W: Write + Send + 'static,
+    W: Sink + Send + 'static,
 {
     let Some(sync) = disk.sync_sender() else {
         return Ok(());
@@ -330,7 +373,7 @@ impl<R, W> Drop for Transmission<'_, R, W> {
     }
 }
 
-impl<R: Source, W: Write + Send + 'static> Transmission<'_, R, W> {
+impl<R: Source, W: Sink + Send + 'static> Transmission<'_, R, W> {
     fn run(&mut self) -> Result<(), ConnError> {
         loop {
             let close = self.parse_batch();
@@ -525,7 +568,7 @@ impl Work {
 
     /// Journal and apply the batch, answer what can be answered now, and
     /// hand FLUSH and FUA requests to the sync thread.
-    fn execute<W: Write + Send + 'static>(
+    fn execute<W: Sink + Send + 'static>(
         &mut self,
         vm: &Vm,
         disk: &Disk,
@@ -534,7 +577,28 @@ impl Work {
     ) {
         let n = self.batch.reqs.len() as u64;
         disk.stats.in_flight.fetch_add(n, Ordering::Relaxed);
-        vm.journal_and_apply(disk, &mut self.batch, &self.buf);
+        if disk.image_failed.load(Ordering::Acquire) {
+            self.batch.fail_all(errno::EIO);
+        }
+        // Plain WRITEs are answered once journaled, before their image
+        // writes, when the image takes writes in place (docs/DESIGN.md,
+        // "Write path", step 5). The reply buffer is free until `answer`.
+        let early = &mut self.reply;
+        let mut ack = |b: &Batch| {
+            early.clear();
+            for r in b.reqs.iter().filter(|r| r.acks_early()) {
+                proto::put_simple_reply(early, 0, r.cookie);
+            }
+            if early.is_empty() || !replier.send_now(early) {
+                return false;
+            }
+            disk.stats.early_acks.fetch_add(
+                (early.len() / proto::SIMPLE_REPLY_LEN) as u64,
+                Ordering::Relaxed,
+            );
+            true
+        };
+        vm.journal_and_apply_then(disk, &mut self.batch, &self.buf, &mut ack);
         if self.read_bytes > 0 {
             vm.budget.take(self.read_bytes);
         }
@@ -575,11 +639,15 @@ impl Work {
                         wbytes += r.length;
                         wreqs += 1;
                     }
-                    if r.result == 0 && r.durable() {
+                    if r.early {
+                        // Answered already; a failed image write after it
+                        // failed the disk (`Disk::image_failed`).
+                    } else if r.result == 0 && r.durable() {
                         self.sync_cookies.push(r.cookie);
                         continue;
+                    } else {
+                        proto::put_simple_reply(&mut self.reply, r.result, r.cookie);
                     }
-                    proto::put_simple_reply(&mut self.reply, r.result, r.cookie);
                 }
             }
             replied += 1;
@@ -598,7 +666,7 @@ impl Work {
 
     /// Hand the requests waiting for durability to the sync thread; its
     /// result comes back to the [`Replier`].
-    fn defer_durable<W: Write + Send + 'static>(
+    fn defer_durable<W: Sink + Send + 'static>(
         &mut self,
         disk: &Disk,
         replier: &Arc<Replier<W>>,

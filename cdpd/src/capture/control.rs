@@ -93,6 +93,9 @@ impl Vm {
                     resyncs_done: l(&s.resyncs_done),
                     checkpoints: l(&s.checkpoints),
                     checkpoint_seq: d.synced_seq.load(Ordering::Acquire),
+                    writes_in_place: d.early_ack.load(Ordering::Relaxed),
+                    early_acks: l(&s.early_acks),
+                    image_failed: d.image_failed.load(Ordering::Acquire),
                 }
             })
             .collect();

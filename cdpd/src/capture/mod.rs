@@ -88,6 +88,9 @@ pub struct DiskStats {
     /// Sealed segments whose pages were dropped from the page cache
     /// ([`Vm::uncache_sealed`]); not those trimmed before their turn.
     pub segments_uncached: AtomicU64,
+    /// WRITEs answered once journaled, before their image writes
+    /// ([`Disk::early_ack`]).
+    pub early_acks: AtomicU64,
 }
 
 /// The most sealed segments a disk leaves in the page cache, whatever their
@@ -178,6 +181,16 @@ pub struct Disk {
     /// Writes a large batch to the image while the journal append runs,
     /// and syncs the image while a FLUSH syncs the journal.
     applier: applier::Applier,
+    /// The image takes writes in place ([`cdp_core::image::writes_in_place`]):
+    /// a WRITE is answered once journaled, before its image write
+    /// (docs/DESIGN.md, "Write path", step 5). Cleared under the disk lock
+    /// by a batch that zeroes or trims (it may punch holes), set again by a
+    /// checkpoint that finds no hole.
+    pub early_ack: AtomicBool,
+    /// An image write failed after its WRITE had been answered: every
+    /// request fails with EIO until cdpd restarts (docs/RELIABILITY.md,
+    /// "A failed image write").
+    pub image_failed: AtomicBool,
 }
 
 /// Sequence numbers and timestamps, one sequence per VM.
@@ -308,13 +321,35 @@ impl Vm {
     /// changes to its image, in sequence order, under the disk lock. Each
     /// journaled request's result slot gets 0 or its NBD error. Payloads are
     /// in `buf`.
+    #[cfg(test)]
     pub(crate) fn journal_and_apply(&self, disk: &Disk, batch: &mut Batch, buf: &[u8]) {
+        self.journal_and_apply_then(disk, batch, buf, &mut |_| false);
+    }
+
+    /// [`Vm::journal_and_apply`], and when the image takes writes in place
+    /// ([`Disk::early_ack`]), `ack` once the batch is journaled, before its
+    /// image writes, under the disk lock: it answers what it can at once
+    /// (the batch's plain WRITEs, when the socket takes the replies without
+    /// waiting) and says whether it did; those requests are then marked
+    /// [`batch::Req::early`]. An image write that fails after its WRITE was answered fails
+    /// the disk ([`Disk::image_failed`]).
+    pub(crate) fn journal_and_apply_then(
+        &self,
+        disk: &Disk,
+        batch: &mut Batch,
+        buf: &[u8],
+        ack: &mut dyn FnMut(&Batch) -> bool,
+    ) {
         let n = batch.journaled() as u64;
         if n == 0 {
             return;
         }
         let mut guard = disk.lock_journal();
         let st = &mut *guard;
+        if batch.punches() {
+            // It may leave holes that a later write fills: not in place.
+            disk.early_ack.store(false, Ordering::Relaxed);
+        }
         // Before any of the batch's changes can reach the image.
         st.al.cover(&disk.name, batch);
         if st.deg.mode == degraded::Mode::Degraded {
@@ -336,7 +371,12 @@ impl Vm {
                 seg.append(seq0, ts, batch.records(buf))
                     .map(|()| seg.pos - at)
             });
+        let acked = appended.is_ok() && disk.early_ack.load(Ordering::Relaxed) && ack(batch);
         let failed = overlapped.map(applier::Pending::wait_apply);
+        if acked {
+            // Before any result is set: the requests `ack` answered.
+            batch.mark_early();
+        }
         let applied = failed.map(|errors| set_results(batch, &errors));
         match appended {
             Ok(bytes) => {
@@ -359,6 +399,9 @@ impl Vm {
         st.last_seq = seq0 + n - 1;
         if !applied.unwrap_or_else(|| apply(disk, batch, buf)) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if acked {
+                fail_answered(disk, batch);
+            }
             self.resync_failed(disk, st, batch);
         }
         if st
@@ -788,7 +831,6 @@ impl Vm {
                     name: d.name,
                     path: d.path,
                     size: d.image.size,
-                    image: d.image.file,
                     journal_dir: d.journal_dir,
                     journal: Mutex::new(JournalState {
                         open: None,
@@ -810,6 +852,9 @@ impl Vm {
                     synced_seq: AtomicU64::new(0),
                     published_seq: AtomicU64::new(0),
                     applier: applier::Applier::default(),
+                    early_ack: AtomicBool::new(cdp_core::image::writes_in_place(&d.image.file)),
+                    image_failed: AtomicBool::new(false),
+                    image: d.image.file,
                 })
             })
             .collect();
@@ -926,6 +971,23 @@ fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
     set_results(batch, &errors)
 }
 
+/// An image write failed after its WRITE was answered (the image was
+/// thought to take writes in place): the guest was told it succeeded, so
+/// no later request may see the image without it. The disk fails every
+/// request with EIO from now on, as a disk that died would; the journal
+/// holds the write, then what the image holds ([`Vm::resync_failed`]).
+fn fail_answered(disk: &Disk, batch: &Batch) {
+    let Some(r) = batch.reqs.iter().find(|r| r.early && r.result != 0) else {
+        return;
+    };
+    disk.image_failed.store(true, Ordering::Release);
+    disk.early_ack.store(false, Ordering::Relaxed);
+    eprintln!(
+        "cdpd: disk {}: the image write at offset {} ({} bytes) failed with NBD error {} after the guest was told it succeeded: every request on this disk fails with EIO until cdpd restarts; the journal holds the write; check the image's file system",
+        disk.name, r.offset, r.length, r.result
+    );
+}
+
 /// Give the requests that failed their NBD error; true when none did.
 fn set_results(batch: &mut Batch, errors: &[(usize, u32)]) -> bool {
     for &(i, e) in errors {
@@ -1025,6 +1087,14 @@ fn make_durable(disk: &Disk, full: bool) -> Result<(), u32> {
         disk.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         let log = {
             let mut st = disk.lock_journal();
+            // Holes filled since a trim: writes may be answered early again.
+            // Under the lock: no batch punches between the look and the store.
+            if !disk.image_failed.load(Ordering::Acquire) {
+                disk.early_ack.store(
+                    cdp_core::image::writes_in_place(&disk.image),
+                    Ordering::Relaxed,
+                );
+            }
             let rewritten = st.al.round_done(&disk.name);
             st.al.set_synced(&disk.name, seq).or(rewritten)
         };

@@ -260,10 +260,12 @@ fn flush_and_fua_wait_for_the_sync_thread_and_may_be_answered_out_of_order() {
     let (mut c, h) = rig.connect(&wire);
 
     // What needs no durability is answered at once, ahead of the FUA write
-    // and the FLUSH that came before it.
+    // and the FLUSH that came before it; the plain WRITE once journaled,
+    // ahead of the READ too (the rig's image, every block written, takes
+    // writes in place).
+    assert_eq!(reply(&mut c), (0, 4));
     assert_eq!(reply(&mut c), (0, 3));
     assert!(read_data(&mut c, 512) == [7; 512]);
-    assert_eq!(reply(&mut c), (0, 4));
     let disk = rig.vm.disks[0].clone();
     let in_flight = || {
         disk.stats
@@ -778,25 +780,31 @@ fn large_writes_are_journaled_while_the_next_are_read_in_order() {
             at += n;
         }
     });
+    // Every request is answered once; READs in order, each seeing every
+    // write sent before it. A plain WRITE may be answered ahead of a READ
+    // sent before it in the same batch (answered once journaled: the rig's
+    // image takes writes in place until the first WRITE_ZEROES).
     let mut flushed = Vec::new();
-    let mut next = expect.iter();
-    let mut want = next.next();
-    while want.is_some() || flushed.len() < flushes.len() {
+    let mut due: std::collections::HashMap<u64, Option<Vec<u8>>> = expect.into_iter().collect();
+    let mut last_read = None;
+    while !due.is_empty() || flushed.len() < flushes.len() {
         let (err, cookie) = reply(&mut c);
         assert_eq!(err, 0, "request {cookie} failed");
         if flushes.contains(&cookie) {
             flushed.push(cookie);
             continue;
         }
-        let (w, data) = want.expect("no reply is due");
-        assert_eq!(cookie, *w, "replies out of order");
+        let data = due
+            .remove(&cookie)
+            .unwrap_or_else(|| panic!("reply {cookie} not due"));
         if let Some(data) = data {
+            assert!(last_read < Some(cookie), "READs out of order");
+            last_read = Some(cookie);
             assert!(
                 read_data(&mut c, data.len()) == *data,
                 "READ {cookie} does not see the writes sent before it"
             );
         }
-        want = next.next();
     }
     sender.join().unwrap();
     disconnect(c, h);
@@ -808,4 +816,89 @@ fn large_writes_are_journaled_while_the_next_are_read_in_order() {
     assert!(handed >= 50, "only {handed} batches ran on the executor");
     let stats = rig.check_invariant();
     assert!(stats.segments >= 3, "{stats:?}");
+}
+
+fn early_acks(rig: &Rig) -> u64 {
+    rig.vm.disks[0]
+        .stats
+        .early_acks
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A plain WRITE is answered once journaled while the image takes writes
+/// in place (every block written); a TRIM, which may punch a hole that a
+/// later write would fill, stops that until a checkpoint finds no hole
+/// (docs/DESIGN.md, "Write path", step 5).
+#[test]
+fn writes_are_answered_early_until_a_trim_and_again_after_a_checkpoint() {
+    let rig = Rig::new(64 << 20, false);
+    let disk = rig.vm.disks[0].clone();
+    let in_place = || disk.early_ack.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(in_place(), "the rig's image has every block written");
+    let (mut c, h) = rig.connect(&write_req(1, 0, 0, &[1; 4096]));
+    assert_eq!(reply(&mut c), (0, 1));
+    assert_eq!(early_acks(&rig), 1);
+    c.write_all(&request(proto::CMD_TRIM, 0, 2, 64 << 10, 64 << 10))
+        .unwrap();
+    assert_eq!(reply(&mut c), (0, 2));
+    assert!(!in_place(), "a trim may punch a hole");
+    c.write_all(&write_req(3, 0, 4096, &[3; 4096])).unwrap();
+    assert_eq!(reply(&mut c), (0, 3));
+    assert_eq!(early_acks(&rig), 1, "answered after its image write");
+    // The hole written again and a checkpoint: early again.
+    c.write_all(&write_req(4, 0, 64 << 10, &[4; 64 << 10]))
+        .unwrap();
+    assert_eq!(reply(&mut c), (0, 4));
+    assert_eq!(rig.vm.checkpoint_all(), Ok(()));
+    assert!(in_place(), "no hole left");
+    c.write_all(&write_req(5, 0, 8192, &[5; 4096])).unwrap();
+    assert_eq!(reply(&mut c), (0, 5));
+    assert_eq!(early_acks(&rig), 2);
+    // Every write is read back.
+    c.write_all(&request(proto::CMD_READ, 0, 6, 0, 12288))
+        .unwrap();
+    assert_eq!(reply(&mut c), (0, 6));
+    let back = read_data(&mut c, 12288);
+    assert!(back[..4096] == [1; 4096] && back[4096..8192] == [3; 4096]);
+    assert!(back[8192..] == [5; 4096]);
+    disconnect(c, h);
+    let st = rig.vm.status();
+    assert!(st.disks[0].writes_in_place);
+    assert_eq!(st.disks[0].early_acks, 2);
+    assert!(!st.disks[0].image_failed);
+    rig.check_invariant();
+}
+
+/// An image write that fails after its WRITE was answered: the guest was
+/// told it succeeded, so no later request may see the image without it.
+/// Every request fails with EIO from then on, the journal holds the write
+/// and then what the image holds, and status says so (docs/RELIABILITY.md,
+/// "A failed image write").
+#[test]
+fn an_image_write_failing_after_its_answer_fails_every_later_request() {
+    // Opened read-only, the image fails every write; told it takes writes
+    // in place, cdpd answers before it finds out.
+    let mut rig = Rig::new(64 << 20, true);
+    rig.start_sync();
+    let disk = rig.vm.disks[0].clone();
+    assert!(!disk.early_ack.load(std::sync::atomic::Ordering::Relaxed));
+    disk.early_ack
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut c, h) = rig.connect(&write_req(1, 0, 0, &[9; 4096]));
+    assert_eq!(reply(&mut c), (0, 1), "answered once journaled");
+    c.write_all(&request(proto::CMD_READ, 0, 2, 0, 4096))
+        .unwrap();
+    assert_eq!(reply(&mut c).0, proto::errno::EIO, "no stale read");
+    c.write_all(&write_req(3, 0, 8192, &[3; 512])).unwrap();
+    assert_eq!(reply(&mut c), (proto::errno::EIO, 3));
+    c.write_all(&request(proto::CMD_FLUSH, 0, 4, 0, 0)).unwrap();
+    assert_eq!(reply(&mut c), (proto::errno::EIO, 4));
+    disconnect(c, h);
+    let st = rig.vm.status();
+    assert!(st.disks[0].image_failed && !st.disks[0].writes_in_place);
+    // The journal: the answered WRITE, then the image's bytes there.
+    let recs = rig.records();
+    let kinds: Vec<(Kind, u64)> = recs.iter().map(|r| (r.2, r.3)).collect();
+    assert_eq!(kinds, [(Kind::Write, 0), (Kind::Write, 0)]);
+    rig.check_invariant();
 }
