@@ -84,8 +84,9 @@ pub struct DiskStatus {
     #[serde(default)]
     pub checkpoint_seq: u64,
     /// The image takes writes in place (a block device, or a file on ext4
-    /// with no hole): a WRITE is answered once journaled, before its image
-    /// write (docs/DESIGN.md, "Write path", step 5); and how many were.
+    /// where its blocks are allocated): a WRITE there is answered once
+    /// journaled, before its image write (docs/DESIGN.md, "Write path",
+    /// step 5); and how many were.
     #[serde(default)]
     pub writes_in_place: bool,
     #[serde(default)]

@@ -86,38 +86,80 @@ pub fn from_file(file: File, path: &Path) -> Result<Image, ImageError> {
     })
 }
 
-/// Does every write to `file` land on blocks the image already has, so that
-/// it cannot fail for want of space? cdpd then answers a WRITE once it is
-/// journaled and writes the image after the reply (docs/DESIGN.md, "Write
-/// path", step 5). True for a block device open for writing, and for a
-/// regular file open for writing on ext2/3/4 (which overwrites in place)
-/// with no hole: `SEEK_HOLE` from 0 finds only the end (unwritten extents
-/// count as holes: conservative). False for a file system that may copy on
-/// write (btrfs, XFS with reflinks, ...), for holes, and on any error. Off
-/// the data path: an `fcntl`, an `fstat`, an `fstatfs` and an `lseek`.
-pub fn writes_in_place(file: &File) -> bool {
+/// Where a write to the image can allocate nothing, so cannot fail for
+/// want of space (cdpd then answers a WRITE once it is journaled, before
+/// its image write: docs/DESIGN.md, "Write path", step 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overwrite {
+    /// Everywhere: a block device open for writing.
+    Always,
+    /// Over allocated blocks: a regular file open for writing on ext2/3/4,
+    /// which overwrites in place ([`data_runs`] says where).
+    WhereAllocated,
+    /// Nowhere known: read-only, or a file system that may copy on write
+    /// (btrfs, XFS with reflinks, ...), or an error.
+    Never,
+}
+
+/// How writes to `file` allocate ([`Overwrite`]). An `fcntl`, an `fstat`
+/// and an `fstatfs`.
+pub fn overwrites(file: &File) -> Overwrite {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let writable = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)
         .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
     let Ok(md) = file.metadata() else {
-        return false;
+        return Overwrite::Never;
     };
     if !writable {
-        return false;
+        return Overwrite::Never;
     }
     if md.file_type().is_block_device() {
-        return true;
+        return Overwrite::Always;
     }
     let ext4 = nix::sys::statfs::fstatfs(file)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
-    if !md.is_file() || !ext4 || md.len() == 0 {
-        return false;
+    if md.is_file() && ext4 {
+        Overwrite::WhereAllocated
+    } else {
+        Overwrite::Never
     }
-    // SAFETY: lseek(2) on a descriptor `file` keeps open for the call; the
-    // image is only ever read and written at explicit offsets, so moving
-    // its file offset changes nothing.
-    let hole = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_HOLE) };
-    u64::try_from(hole).is_ok_and(|h| h >= md.len())
+}
+
+/// Call `f(start, end)` for each run of data in the first `size` bytes of
+/// `file`, in order (`SEEK_DATA` and `SEEK_HOLE`: blocks allocated and
+/// written, or written in the page cache; unwritten extents read as holes
+/// and are left out, which errs on the safe side). At most `max_runs`
+/// runs; false when there were more (the rest is left out) or on an error
+/// (what was called stays true).
+pub fn data_runs(file: &File, size: u64, max_runs: usize, mut f: impl FnMut(u64, u64)) -> bool {
+    let fd = file.as_raw_fd();
+    let seek = |pos: u64, whence| -> Option<u64> {
+        let pos = libc::off_t::try_from(pos).ok()?;
+        // SAFETY: lseek(2) on a descriptor `file` keeps open for the call;
+        // the image is only ever read and written at explicit offsets, so
+        // moving its file offset changes nothing.
+        u64::try_from(unsafe { libc::lseek(fd, pos, whence) }).ok()
+    };
+    let mut pos = 0;
+    for _ in 0..max_runs {
+        if pos >= size {
+            return true;
+        }
+        // ENXIO: no data from here on.
+        let Some(start) = seek(pos, libc::SEEK_DATA) else {
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        };
+        if start >= size {
+            return true;
+        }
+        let Some(end) = seek(start, libc::SEEK_HOLE) else {
+            return false;
+        };
+        let end = end.min(size);
+        f(start, end);
+        pos = end;
+    }
+    pos >= size
 }
 
 /// The most a `<uuid>.images` file may hold.
@@ -216,10 +258,11 @@ fn lock(file: &File) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// Only an image whose every block is written, open for writing, on
-    /// ext4, takes its writes in place.
+    /// A file on ext4 open for writing overwrites where allocated; read-only
+    /// never. Its data runs leave out holes (punched, grown, never written)
+    /// and unwritten extents.
     #[test]
-    fn writes_in_place_only_without_holes_on_ext4_and_writable() {
+    fn overwrites_and_data_runs() {
         use std::os::unix::fs::FileExt;
         let d = tempfile::tempdir().unwrap();
         let s = nix::sys::statfs::statfs(d.path()).unwrap();
@@ -231,11 +274,15 @@ mod tests {
         let p = d.path().join("img");
         let rw = |p: &Path| File::options().read(true).write(true).open(p).unwrap();
         std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
-        assert!(writes_in_place(&rw(&p)), "every block written");
-        assert!(!writes_in_place(&File::open(&p).unwrap()), "read-only");
-        // A hole in the middle (punched), at the end (grown), unwritten
-        // extents (fallocated), an empty file: no.
         let f = rw(&p);
+        assert_eq!(overwrites(&f), Overwrite::WhereAllocated);
+        assert_eq!(overwrites(&File::open(&p).unwrap()), Overwrite::Never);
+        let runs = |f: &File, size: u64| {
+            let mut v = Vec::new();
+            assert!(data_runs(f, size, 100, |a, b| v.push((a, b))));
+            v
+        };
+        assert_eq!(runs(&f, 1 << 20), [(0, 1 << 20)]);
         nix::fcntl::fallocate(
             f.as_raw_fd(),
             nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
@@ -244,12 +291,14 @@ mod tests {
             64 << 10,
         )
         .unwrap();
-        assert!(!writes_in_place(&f), "punched");
-        f.write_all_at(&[1u8; 64 << 10], 64 << 10).unwrap();
-        f.sync_all().unwrap();
-        assert!(writes_in_place(&f), "the hole written again");
         f.set_len(2 << 20).unwrap();
-        assert!(!writes_in_place(&f), "grown");
+        assert_eq!(runs(&f, 2 << 20), [(0, 64 << 10), (128 << 10, 1 << 20)]);
+        // A run cut at the size asked for; too many runs: false.
+        assert_eq!(runs(&f, 96 << 10), [(0, 64 << 10)]);
+        assert!(!data_runs(&f, 2 << 20, 1, |_, _| {}));
+        // The hole written again (in the page cache, then synced).
+        f.write_all_at(&[1u8; 64 << 10], 64 << 10).unwrap();
+        assert_eq!(runs(&f, 2 << 20), [(0, 1 << 20)]);
         let q = d.path().join("falloc");
         let g = File::options()
             .read(true)
@@ -264,9 +313,8 @@ mod tests {
             1 << 20,
         )
         .unwrap();
-        assert!(!writes_in_place(&g), "unwritten extents");
-        g.set_len(0).unwrap();
-        assert!(!writes_in_place(&g), "empty");
+        assert_eq!(runs(&g, 1 << 20), [], "unwritten extents");
+        assert_eq!(runs(&g, 0), []);
     }
 
     /// `<uuid>.images` is trusted only as root's own regular file, reached

@@ -152,10 +152,21 @@ impl Batch {
     }
 
     /// WRITE payload bytes of the batch.
-    /// Mark the requests answered once journaled ([`Req::acks_early`]).
-    pub fn mark_early(&mut self) {
-        for r in self.reqs.iter_mut().filter(|r| r.acks_early()) {
-            r.early = true;
+    /// Mark [`Req::early`] the plain WRITEs ([`Req::acks_early`]) for
+    /// which `in_place` holds; true when there is one.
+    pub fn mark_early(&mut self, in_place: impl Fn(&Req) -> bool) -> bool {
+        let mut any = false;
+        for r in self.reqs.iter_mut() {
+            r.early = r.acks_early() && in_place(r);
+            any |= r.early;
+        }
+        any
+    }
+
+    /// Unmark them: they are answered with the others.
+    pub fn clear_early(&mut self) {
+        for r in self.reqs.iter_mut() {
+            r.early = false;
         }
     }
 

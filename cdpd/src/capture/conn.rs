@@ -580,22 +580,26 @@ impl Work {
         if disk.image_failed.load(Ordering::Acquire) {
             self.batch.fail_all(errno::EIO);
         }
-        // Plain WRITEs are answered once journaled, before their image
-        // writes, when the image takes writes in place (docs/DESIGN.md,
-        // "Write path", step 5). The reply buffer is free until `answer`.
+        // Plain WRITEs where the image takes writes in place are answered
+        // once journaled, before their image writes (docs/DESIGN.md, "Write
+        // path", step 5). The reply buffer is free until `answer`. Counted
+        // before they are sent: a client that reads the counter after its
+        // reply finds it counted.
         let early = &mut self.reply;
         let mut ack = |b: &Batch| {
             early.clear();
-            for r in b.reqs.iter().filter(|r| r.acks_early()) {
+            for r in b.reqs.iter().filter(|r| r.early) {
                 proto::put_simple_reply(early, 0, r.cookie);
             }
-            if early.is_empty() || !replier.send_now(early) {
+            let n = (early.len() / proto::SIMPLE_REPLY_LEN) as u64;
+            if n == 0 {
                 return false;
             }
-            disk.stats.early_acks.fetch_add(
-                (early.len() / proto::SIMPLE_REPLY_LEN) as u64,
-                Ordering::Relaxed,
-            );
+            disk.stats.early_acks.fetch_add(n, Ordering::Relaxed);
+            if !replier.send_now(early) {
+                disk.stats.early_acks.fetch_sub(n, Ordering::Relaxed);
+                return false;
+            }
             true
         };
         vm.journal_and_apply_then(disk, &mut self.batch, &self.buf, &mut ack);

@@ -33,7 +33,7 @@ impl Vm {
             .disks
             .iter()
             .map(|d| {
-                let (open, open_records, waiting, last_seq, unsealed_ts, deg) = {
+                let (open, open_records, waiting, last_seq, unsealed_ts, deg, writes_in_place) = {
                     let st = d.lock_journal();
                     let deg = (st.deg.mode, st.deg.since_ns(), st.deg.dirty_bytes());
                     let unsealed_ts = st
@@ -53,6 +53,7 @@ impl Vm {
                         st.last_seq,
                         unsealed_ts,
                         deg,
+                        st.inplace.enabled(),
                     )
                 };
                 let ship = self.shipping_status(&d.name, unsealed_ts);
@@ -93,7 +94,7 @@ impl Vm {
                     resyncs_done: l(&s.resyncs_done),
                     checkpoints: l(&s.checkpoints),
                     checkpoint_seq: d.synced_seq.load(Ordering::Acquire),
-                    writes_in_place: d.early_ack.load(Ordering::Relaxed),
+                    writes_in_place,
                     early_acks: l(&s.early_acks),
                     image_failed: d.image_failed.load(Ordering::Acquire),
                 }

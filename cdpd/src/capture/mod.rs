@@ -30,6 +30,7 @@ pub(crate) mod checkpoint;
 pub(crate) mod conn;
 pub(crate) mod control;
 pub(crate) mod degraded;
+pub(crate) mod inplace;
 #[cfg(test)]
 mod tests;
 
@@ -89,7 +90,7 @@ pub struct DiskStats {
     /// ([`Vm::uncache_sealed`]); not those trimmed before their turn.
     pub segments_uncached: AtomicU64,
     /// WRITEs answered once journaled, before their image writes
-    /// ([`Disk::early_ack`]).
+    /// ([`JournalState::inplace`]).
     pub early_acks: AtomicU64,
 }
 
@@ -129,6 +130,10 @@ pub struct JournalState {
     pub al: activity::ActivityLog,
     /// When the image was last made durable ([`checkpoint`]).
     pub ck: checkpoint::State,
+    /// Where the image takes writes in place: a WRITE there is answered
+    /// once journaled, before its image write (docs/DESIGN.md, "Write
+    /// path", step 5).
+    pub inplace: inplace::InPlace,
 }
 
 /// Who waits for a group commit: told once what it covers is durable
@@ -181,12 +186,6 @@ pub struct Disk {
     /// Writes a large batch to the image while the journal append runs,
     /// and syncs the image while a FLUSH syncs the journal.
     applier: applier::Applier,
-    /// The image takes writes in place ([`cdp_core::image::writes_in_place`]):
-    /// a WRITE is answered once journaled, before its image write
-    /// (docs/DESIGN.md, "Write path", step 5). Cleared under the disk lock
-    /// by a batch that zeroes or trims (it may punch holes), set again by a
-    /// checkpoint that finds no hole.
-    pub early_ack: AtomicBool,
     /// An image write failed after its WRITE had been answered: every
     /// request fails with EIO until cdpd restarts (docs/RELIABILITY.md,
     /// "A failed image write").
@@ -326,12 +325,12 @@ impl Vm {
         self.journal_and_apply_then(disk, batch, buf, &mut |_| false);
     }
 
-    /// [`Vm::journal_and_apply`], and when the image takes writes in place
-    /// ([`Disk::early_ack`]), `ack` once the batch is journaled, before its
-    /// image writes, under the disk lock: it answers what it can at once
-    /// (the batch's plain WRITEs, when the socket takes the replies without
-    /// waiting) and says whether it did; those requests are then marked
-    /// [`batch::Req::early`]. An image write that fails after its WRITE was answered fails
+    /// [`Vm::journal_and_apply`], and `ack` once the batch is journaled,
+    /// before its image writes, under the disk lock, when some of its plain
+    /// WRITEs land where the image takes writes in place
+    /// ([`JournalState::inplace`]; marked [`batch::Req::early`]): it answers
+    /// those at once if the socket takes the replies without waiting, and
+    /// says whether it did (if not, they are answered with the others). An image write that fails after its WRITE was answered fails
     /// the disk ([`Disk::image_failed`]).
     pub(crate) fn journal_and_apply_then(
         &self,
@@ -347,8 +346,12 @@ impl Vm {
         let mut guard = disk.lock_journal();
         let st = &mut *guard;
         if batch.punches() {
-            // It may leave holes that a later write fills: not in place.
-            disk.early_ack.store(false, Ordering::Relaxed);
+            // Each may leave holes that a later write would fill.
+            for r in &batch.reqs {
+                if matches!(r.op, Op::Journal(Kind::Zero | Kind::Trim)) {
+                    st.inplace.punched(r.offset, r.length);
+                }
+            }
         }
         // Before any of the batch's changes can reach the image.
         st.al.cover(&disk.name, batch);
@@ -357,6 +360,8 @@ impl Vm {
             return;
         }
         let (seq0, ts) = self.reserve(n);
+        // Before the helper may see the batch.
+        let candidates = batch.mark_early(|r| st.inplace.covers(r.offset, r.length));
         // A large batch goes to the image on the helper while it is
         // appended here (see [`applier`]); waited for before anything else.
         let overlapped = if batch.write_bytes() >= applier::OVERLAP_MIN_BYTES {
@@ -371,11 +376,11 @@ impl Vm {
                 seg.append(seq0, ts, batch.records(buf))
                     .map(|()| seg.pos - at)
             });
-        let acked = appended.is_ok() && disk.early_ack.load(Ordering::Relaxed) && ack(batch);
+        let acked = candidates && appended.is_ok() && ack(batch);
         let failed = overlapped.map(applier::Pending::wait_apply);
-        if acked {
-            // Before any result is set: the requests `ack` answered.
-            batch.mark_early();
+        if candidates && !acked {
+            // Answered with the others, after the image writes.
+            batch.clear_early();
         }
         let applied = failed.map(|errors| set_results(batch, &errors));
         match appended {
@@ -403,6 +408,11 @@ impl Vm {
                 fail_answered(disk, batch);
             }
             self.resync_failed(disk, st, batch);
+        }
+        for r in &batch.reqs {
+            if r.op == Op::Journal(Kind::Write) && r.result == 0 {
+                st.inplace.written(r.offset, r.length);
+            }
         }
         if st
             .open
@@ -845,6 +855,7 @@ impl Vm {
                         deg,
                         al,
                         ck: checkpoint::State::default(),
+                        inplace: inplace::InPlace::open(&d.image.file, d.image.size),
                     }),
                     stats: DiskStats::default(),
                     cached: Mutex::default(),
@@ -852,7 +863,6 @@ impl Vm {
                     synced_seq: AtomicU64::new(0),
                     published_seq: AtomicU64::new(0),
                     applier: applier::Applier::default(),
-                    early_ack: AtomicBool::new(cdp_core::image::writes_in_place(&d.image.file)),
                     image_failed: AtomicBool::new(false),
                     image: d.image.file,
                 })
@@ -981,7 +991,6 @@ fn fail_answered(disk: &Disk, batch: &Batch) {
         return;
     };
     disk.image_failed.store(true, Ordering::Release);
-    disk.early_ack.store(false, Ordering::Relaxed);
     eprintln!(
         "cdpd: disk {}: the image write at offset {} ({} bytes) failed with NBD error {} after the guest was told it succeeded: every request on this disk fails with EIO until cdpd restarts; the journal holds the write; check the image's file system",
         disk.name, r.offset, r.length, r.result
@@ -1087,14 +1096,6 @@ fn make_durable(disk: &Disk, full: bool) -> Result<(), u32> {
         disk.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         let log = {
             let mut st = disk.lock_journal();
-            // Holes filled since a trim: writes may be answered early again.
-            // Under the lock: no batch punches between the look and the store.
-            if !disk.image_failed.load(Ordering::Acquire) {
-                disk.early_ack.store(
-                    cdp_core::image::writes_in_place(&disk.image),
-                    Ordering::Relaxed,
-                );
-            }
             let rewritten = st.al.round_done(&disk.name);
             st.al.set_synced(&disk.name, seq).or(rewritten)
         };
