@@ -319,4 +319,15 @@ fn writes_are_answered_once_journaled_only_where_the_image_takes_them_in_place()
     cdp_tests::fixture::qemu_io(&d, "vdb", &writes);
     cdp_tests::fixture::qemu_io(&d, "vdb", &reads);
     assert_eq!(early("vdb"), 9, "the same ranges, written now");
+    // 4 KiB writes fill a granule of the sparse image, none of them whole:
+    // a rescan on the sealer's pass finds it (the first one at once).
+    let fill: Vec<String> = (0..16u64)
+        .map(|i| format!("write -P 3 {} 4k", (6 << 20) + i * 4096))
+        .collect();
+    cdp_tests::fixture::qemu_io(&d, "vdb", &fill);
+    cdp_tests::guest::wait_until("the filled granule to be found", 20, || {
+        cdp_tests::fixture::qemu_io(&d, "vdb", &["write -P 4 6M 4k".to_string()]);
+        early("vdb") > 9
+    });
+    cdp_tests::fixture::qemu_io(&d, "vdb", &["read -P 4 6M 4k".to_string()]);
 }

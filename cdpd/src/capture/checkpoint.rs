@@ -91,6 +91,13 @@ impl Vm {
     /// when one is due, and publish the last one made durable in the
     /// catalog. Returns how long until one is due at the latest.
     pub(super) fn checkpoint_pass(&self, disk: &Disk) -> Duration {
+        // Granules filled by small writes, found off the data path
+        // ([`super::inplace`]).
+        let rescan = disk.lock_journal().inplace.rescan_due(Instant::now());
+        if let Some(mut found) = rescan {
+            found.fill(&disk.image);
+            disk.lock_journal().inplace.merge(found);
+        }
         let (due, wait) = {
             let mut st = disk.lock_journal();
             let written = st.last_seq > disk.synced_seq.load(Ordering::Acquire);

@@ -9,10 +9,16 @@
 //! image's data runs at start, then from each WRITE applied, for the
 //! granules it covered whole. A ZERO or TRIM (which may punch holes) clears
 //! every granule it touches. Anything else (read-only, btrfs, XFS, ...):
-//! nowhere. The map errs only on the side of "not known": a granule partly
-//! written after start stays unmarked until cdpd starts again.
+//! nowhere. The map errs only on the side of "not known".
+//!
+//! A granule filled by writes smaller than it (4 KiB writes into a sparse
+//! image) is found by a rescan of the image's data runs, made on the
+//! sealer's pass (off the data path, without the disk lock) at most every
+//! [`RESCAN_EVERY`] once such a write came, and merged only if no ZERO or
+//! TRIM came meanwhile.
 
 use std::fs::File;
+use std::time::{Duration, Instant};
 
 use cdp_core::image::{data_runs, overwrites, Overwrite};
 
@@ -23,12 +29,23 @@ const MAX_GRANULES: u64 = 1 << 26;
 /// The most data runs read at start (an image fragmented further is
 /// mapped up to there: the rest counts as not allocated).
 const MAX_RUNS: usize = 1 << 20;
+/// The most data runs a rescan reads (two `lseek`s each: tens of ms).
+const MAX_RESCAN_RUNS: usize = 1 << 16;
+/// The least time between two rescans.
+pub const RESCAN_EVERY: Duration = Duration::from_secs(60);
 
 pub struct InPlace {
     mode: Overwrite,
     size: u64,
     shift: u32,
     bits: Vec<u64>,
+    /// A WRITE touched a granule not known allocated without covering it
+    /// whole since the last rescan began.
+    partial: bool,
+    /// ZERO and TRIM requests so far: a rescan counts only if none came
+    /// while it ran.
+    punches: u64,
+    rescanned: Option<Instant>,
 }
 
 impl InPlace {
@@ -36,10 +53,14 @@ impl InPlace {
     /// start, off the data path).
     pub fn open(file: &File, size: u64) -> InPlace {
         let mut m = InPlace::with(overwrites(file), size);
-        if m.mode == Overwrite::WhereAllocated {
-            data_runs(file, size, MAX_RUNS, |a, b| m.set_inside(a, b));
-        }
+        m.scan(file, MAX_RUNS);
         m
+    }
+
+    fn scan(&mut self, file: &File, max_runs: usize) {
+        if self.mode == Overwrite::WhereAllocated {
+            data_runs(file, self.size, max_runs, |a, b| self.set_inside(a, b));
+        }
     }
 
     fn with(mode: Overwrite, size: u64) -> InPlace {
@@ -56,6 +77,9 @@ impl InPlace {
             size,
             shift,
             bits,
+            partial: false,
+            punches: 0,
+            rescanned: None,
         }
     }
 
@@ -85,6 +109,7 @@ impl InPlace {
     pub fn written(&mut self, off: u64, len: u64) {
         if self.mode == Overwrite::WhereAllocated {
             self.set_inside(off, off.saturating_add(len));
+            self.partial |= !self.covers(off, len);
         }
     }
 
@@ -92,10 +117,43 @@ impl InPlace {
     /// hold a hole now.
     pub fn punched(&mut self, off: u64, len: u64) {
         if self.mode == Overwrite::WhereAllocated && len > 0 {
+            self.punches += 1;
             for g in self.granules(off, len) {
                 self.bits[(g / 64) as usize] &= !(1 << (g % 64));
             }
         }
+    }
+
+    /// Is a rescan due (a partial write since the last one, which was at
+    /// least [`RESCAN_EVERY`] ago)? Then the map to fill without the lock
+    /// ([`InPlace::fill`]), then [`InPlace::merge`] under it.
+    pub fn rescan_due(&mut self, now: Instant) -> Option<InPlace> {
+        if !self.partial || self.rescanned.is_some_and(|t| now < t + RESCAN_EVERY) {
+            return None;
+        }
+        self.partial = false;
+        self.rescanned = Some(now);
+        let mut m = InPlace::with(self.mode, self.size);
+        m.punches = self.punches;
+        Some(m)
+    }
+
+    /// Read the image's data runs into a map from [`InPlace::rescan_due`].
+    pub fn fill(&mut self, file: &File) {
+        self.scan(file, MAX_RESCAN_RUNS);
+    }
+
+    /// Take what a rescan found, unless a ZERO or TRIM came since it began
+    /// (it may have punched what the scan saw allocated). True if taken.
+    pub fn merge(&mut self, found: InPlace) -> bool {
+        if found.punches != self.punches || found.bits.len() != self.bits.len() {
+            self.partial = true;
+            return false;
+        }
+        for (w, f) in self.bits.iter_mut().zip(found.bits) {
+            *w |= f;
+        }
+        true
     }
 
     /// The granules a range touches (within the disk).
@@ -152,6 +210,44 @@ mod tests {
         assert!(m.covers(5, 0), "an empty write allocates nothing");
         assert!(InPlace::always(size).covers(0, size));
         assert!(!InPlace::with(Overwrite::Never, size).covers(0, 1));
+    }
+
+    /// A granule filled by small writes is found by a rescan, at most
+    /// every RESCAN_EVERY; a punch while the rescan ran voids it.
+    #[test]
+    fn a_rescan_finds_granules_filled_by_small_writes() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(d.path().join("img"))
+            .unwrap();
+        f.set_len(4 * G).unwrap();
+        let mut m = InPlace::open(&f, 4 * G);
+        assert_eq!(m.mode, Overwrite::WhereAllocated, "needs ext4");
+        let t0 = Instant::now();
+        assert!(m.rescan_due(t0).is_none(), "no partial write yet");
+        for i in 0..16 {
+            f.write_all_at(&[1; 4096], G + i * 4096).unwrap();
+            m.written(G + i * 4096, 4096);
+        }
+        assert!(!m.covers(G, 4096), "no write covered the granule whole");
+        let mut r = m.rescan_due(t0).expect("partial writes came");
+        r.fill(&f);
+        assert!(m.merge(r));
+        assert!(m.covers(G, G) && !m.covers(0, 1) && !m.covers(2 * G, 1));
+        // Another partial write: not before RESCAN_EVERY.
+        f.write_all_at(&[1; 4096], 2 * G).unwrap();
+        m.written(2 * G, 4096);
+        assert!(m.rescan_due(t0 + RESCAN_EVERY / 2).is_none());
+        let mut r = m.rescan_due(t0 + RESCAN_EVERY).expect("due again");
+        r.fill(&f);
+        m.punched(3 * G, 4096);
+        assert!(!m.merge(r), "a punch while it ran");
+        assert!(!m.covers(2 * G, 1));
+        assert!(m.rescan_due(t0 + 2 * RESCAN_EVERY).is_some(), "tried again");
     }
 
     #[test]
