@@ -94,7 +94,7 @@ pub enum Overwrite {
     /// Everywhere: a block device open for writing.
     Always,
     /// Over allocated blocks: a regular file open for writing on ext2/3/4,
-    /// which overwrites in place ([`data_runs`] says where).
+    /// which overwrites in place ([`allocated_runs`] says where).
     WhereAllocated,
     /// Nowhere known: read-only, or a file system that may copy on write
     /// (btrfs, XFS with reflinks, ...), or an error.
@@ -125,41 +125,136 @@ pub fn overwrites(file: &File) -> Overwrite {
     }
 }
 
-/// Call `f(start, end)` for each run of data in the first `size` bytes of
-/// `file`, in order (`SEEK_DATA` and `SEEK_HOLE`: blocks allocated and
-/// written, or written in the page cache; unwritten extents read as holes
-/// and are left out, which errs on the safe side). At most `max_runs`
-/// runs; false when there were more (the rest is left out) or on an error
-/// (what was called stays true).
-pub fn data_runs(file: &File, size: u64, max_runs: usize, mut f: impl FnMut(u64, u64)) -> bool {
-    let fd = file.as_raw_fd();
-    let seek = |pos: u64, whence| -> Option<u64> {
-        let pos = libc::off_t::try_from(pos).ok()?;
-        // SAFETY: lseek(2) on a descriptor `file` keeps open for the call;
-        // the image is only ever read and written at explicit offsets, so
-        // moving its file offset changes nothing.
-        u64::try_from(unsafe { libc::lseek(fd, pos, whence) }).ok()
+/// `struct fiemap` (linux/fiemap.h): the request's header.
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+}
+
+/// `struct fiemap_extent`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+/// Extents asked for per `FS_IOC_FIEMAP` call.
+const FIEMAP_BATCH: usize = 256;
+
+#[repr(C)]
+struct FiemapRequest {
+    head: Fiemap,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+/// `_IOWR('f', 11, struct fiemap)`.
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+
+/// Call `f(start, end)` for each run of allocated blocks in the first
+/// `size` bytes of `file`, in order, adjacent extents merged
+/// (`FS_IOC_FIEMAP`: written, unwritten (preallocated) and delayed
+/// allocation extents: a write into any of them allocates nothing; shared
+/// extents, which a write would copy, are left out). At most `max_runs`
+/// extents; false when there were more (the rest is left out) or on an
+/// error (what was called stays true).
+pub fn allocated_runs(
+    file: &File,
+    size: u64,
+    max_runs: usize,
+    mut f: impl FnMut(u64, u64),
+) -> bool {
+    let mut req = FiemapRequest {
+        head: Fiemap {
+            start: 0,
+            length: 0,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: 0,
+            reserved: 0,
+        },
+        extents: [FiemapExtent::default(); FIEMAP_BATCH],
     };
-    let mut pos = 0;
-    for _ in 0..max_runs {
+    let mut run: Option<(u64, u64)> = None;
+    let emit = |r: (u64, u64), f: &mut dyn FnMut(u64, u64)| {
+        if r.0 < r.1 {
+            f(r.0, r.1);
+        }
+    };
+    let mut pos = 0u64;
+    let mut seen = 0usize;
+    let done = loop {
         if pos >= size {
-            return true;
+            break true;
         }
-        // ENXIO: no data from here on.
-        let Some(start) = seek(pos, libc::SEEK_DATA) else {
-            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        };
-        if start >= size {
-            return true;
+        if seen >= max_runs {
+            break false;
         }
-        let Some(end) = seek(start, libc::SEEK_HOLE) else {
-            return false;
+        req.head = Fiemap {
+            start: pos,
+            length: size - pos,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: FIEMAP_BATCH.min(max_runs - seen) as u32,
+            reserved: 0,
         };
-        let end = end.min(size);
-        f(start, end);
-        pos = end;
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
+        // `extent_count` extents right after it, all within `req`, which
+        // lives across the call; `file` keeps the descriptor open.
+        let rc = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                FS_IOC_FIEMAP,
+                &mut req as *mut FiemapRequest,
+            )
+        };
+        if rc != 0 {
+            break false;
+        }
+        let n = (req.head.mapped_extents as usize).min(FIEMAP_BATCH);
+        if n == 0 {
+            break true;
+        }
+        let mut last = false;
+        for e in &req.extents[..n] {
+            seen += 1;
+            let (a, b) = (e.logical, e.logical.saturating_add(e.length).min(size));
+            pos = pos.max(b);
+            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
+            if e.flags & FIEMAP_EXTENT_SHARED != 0 {
+                if let Some(r) = run.take() {
+                    emit(r, &mut f);
+                }
+                continue;
+            }
+            run = match run {
+                Some((ra, rb)) if a <= rb => Some((ra, rb.max(b))),
+                Some(r) => {
+                    emit(r, &mut f);
+                    Some((a, b))
+                }
+                None => Some((a, b)),
+            };
+        }
+        if last {
+            break true;
+        }
+    };
+    if let Some(r) = run {
+        emit(r, &mut f);
     }
-    pos >= size
+    done
 }
 
 /// The most a `<uuid>.images` file may hold.
@@ -259,10 +354,10 @@ mod tests {
     use super::*;
 
     /// A file on ext4 open for writing overwrites where allocated; read-only
-    /// never. Its data runs leave out holes (punched, grown, never written)
-    /// and unwritten extents.
+    /// never. Its allocated runs leave out holes (punched, grown, never
+    /// written), and take in preallocated (unwritten) and delayed extents.
     #[test]
-    fn overwrites_and_data_runs() {
+    fn overwrites_and_allocated_runs() {
         use std::os::unix::fs::FileExt;
         let d = tempfile::tempdir().unwrap();
         let s = nix::sys::statfs::statfs(d.path()).unwrap();
@@ -279,7 +374,7 @@ mod tests {
         assert_eq!(overwrites(&File::open(&p).unwrap()), Overwrite::Never);
         let runs = |f: &File, size: u64| {
             let mut v = Vec::new();
-            assert!(data_runs(f, size, 100, |a, b| v.push((a, b))));
+            assert!(allocated_runs(f, size, 100, |a, b| v.push((a, b))));
             v
         };
         assert_eq!(runs(&f, 1 << 20), [(0, 1 << 20)]);
@@ -293,12 +388,16 @@ mod tests {
         .unwrap();
         f.set_len(2 << 20).unwrap();
         assert_eq!(runs(&f, 2 << 20), [(0, 64 << 10), (128 << 10, 1 << 20)]);
-        // A run cut at the size asked for; too many runs: false.
+        // A run cut at the size asked for; too many extents: false.
         assert_eq!(runs(&f, 96 << 10), [(0, 64 << 10)]);
-        assert!(!data_runs(&f, 2 << 20, 1, |_, _| {}));
-        // The hole written again (in the page cache, then synced).
+        assert!(!allocated_runs(&f, 2 << 20, 1, |_, _| {}));
+        // The hole written again: in the page cache (delayed allocation),
+        // then synced; either way one run with its neighbours.
         f.write_all_at(&[1u8; 64 << 10], 64 << 10).unwrap();
         assert_eq!(runs(&f, 2 << 20), [(0, 1 << 20)]);
+        f.sync_all().unwrap();
+        assert_eq!(runs(&f, 2 << 20), [(0, 1 << 20)]);
+        // Preallocated (unwritten extents): allocated.
         let q = d.path().join("falloc");
         let g = File::options()
             .read(true)
@@ -313,8 +412,32 @@ mod tests {
             1 << 20,
         )
         .unwrap();
-        assert_eq!(runs(&g, 1 << 20), [], "unwritten extents");
+        assert_eq!(runs(&g, 1 << 20), [(0, 1 << 20)], "unwritten extents");
         assert_eq!(runs(&g, 0), []);
+        // Many small extents (every other 4 KiB written, synced): each a
+        // run, in order.
+        let h = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(d.path().join("frag"))
+            .unwrap();
+        for i in 0..600u64 {
+            h.write_all_at(&[2u8; 4096], i * 8192).unwrap();
+        }
+        h.sync_all().unwrap();
+        let v = runs_many(&h, 600 * 8192);
+        assert_eq!(v.len(), 600, "one run per written block");
+        assert!(v
+            .iter()
+            .enumerate()
+            .all(|(i, &(a, b))| a == i as u64 * 8192 && b == a + 4096));
+    }
+
+    fn runs_many(f: &File, size: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        assert!(allocated_runs(f, size, 10_000, |a, b| v.push((a, b))));
+        v
     }
 
     /// `<uuid>.images` is trusted only as root's own regular file, reached

@@ -282,14 +282,31 @@ fn status_shows_a_degraded_disk_and_restore_refuses_its_window() {
 /// A WRITE is answered once journaled, before its image write, where the
 /// image takes writes in place (on ext4, over blocks allocated), and after
 /// its image write into a hole (docs/DESIGN.md, "Write path", step 5):
-/// on a written image at once, on a sparse one once written. Either way
+/// on a written or preallocated image at once, on a sparse one once
+/// written. Either way
 /// what was written reads back on a new connection.
 #[test]
 fn writes_are_answered_once_journaled_only_where_the_image_takes_them_in_place() {
-    let d = Daemon::builder()
+    let mut d = Daemon::builder()
         .disk_random("vda", 8 << 20, 7)
         .disk("vdb", 8 << 20)
-        .start();
+        .disk("vdc", 8 << 20)
+        .prepare();
+    // vdc preallocated, as `qemu-img create -o preallocation=falloc` does:
+    // unwritten extents, which a write fills without allocating.
+    let vdc = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.image("vdc"))
+        .unwrap();
+    nix::fcntl::fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(&vdc),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        8 << 20,
+    )
+    .unwrap();
+    drop(vdc);
+    d.start();
     assert_eq!(
         nix::sys::statfs::statfs(&d.image("vda"))
             .unwrap()
@@ -310,11 +327,12 @@ fn writes_are_answered_once_journaled_only_where_the_image_takes_them_in_place()
         assert_eq!(s["image_failed"], false, "{s:#}");
         u(s, "early_acks")
     };
-    for disk in ["vda", "vdb"] {
+    for disk in ["vda", "vdb", "vdc"] {
         cdp_tests::fixture::qemu_io(&d, disk, &writes);
         cdp_tests::fixture::qemu_io(&d, disk, &reads);
     }
     assert_eq!(early("vda"), 9, "a written image");
+    assert_eq!(early("vdc"), 9, "a preallocated image");
     assert_eq!(early("vdb"), 0, "holes");
     cdp_tests::fixture::qemu_io(&d, "vdb", &writes);
     cdp_tests::fixture::qemu_io(&d, "vdb", &reads);

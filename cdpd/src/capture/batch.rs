@@ -151,7 +151,6 @@ impl Batch {
             .count()
     }
 
-    /// WRITE payload bytes of the batch.
     /// Mark [`Req::early`] the plain WRITEs ([`Req::acks_early`]) for
     /// which `in_place` holds; true when there is one.
     pub fn mark_early(&mut self, in_place: impl Fn(&Req) -> bool) -> bool {
@@ -170,13 +169,6 @@ impl Batch {
         }
     }
 
-    /// Does it zero or trim a range (which may punch holes in the image)?
-    pub fn punches(&self) -> bool {
-        self.reqs
-            .iter()
-            .any(|r| matches!(r.op, Op::Journal(Kind::Zero | Kind::Trim)))
-    }
-
     /// Fail every request with `errno` (a disk that failed,
     /// [`super::Disk::image_failed`]): nothing is journaled, applied or read.
     pub fn fail_all(&mut self, errno: u32) {
@@ -188,6 +180,7 @@ impl Batch {
         }
     }
 
+    /// WRITE payload bytes of the batch.
     pub fn write_bytes(&self) -> u64 {
         self.reqs
             .iter()

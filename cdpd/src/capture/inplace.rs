@@ -6,13 +6,14 @@
 //! device everywhere; a regular file on ext2/3/4 ([`Overwrite::WhereAllocated`])
 //! where one bit per granule (64 KiB; larger for disks over 4 TiB, so that
 //! the map stays within 8 MiB) says every block of it is allocated: from the
-//! image's data runs at start, then from each WRITE applied, for the
+//! image's allocated runs at start (written, preallocated or delayed
+//! extents: [`allocated_runs`]), then from each WRITE applied, for the
 //! granules it covered whole. A ZERO or TRIM (which may punch holes) clears
 //! every granule it touches. Anything else (read-only, btrfs, XFS, ...):
 //! nowhere. The map errs only on the side of "not known".
 //!
 //! A granule filled by writes smaller than it (4 KiB writes into a sparse
-//! image) is found by a rescan of the image's data runs, made on the
+//! image) is found by a rescan of the image's allocated runs, made on the
 //! sealer's pass (off the data path, without the disk lock) at most every
 //! [`RESCAN_EVERY`] once such a write came, and merged only if no ZERO or
 //! TRIM came meanwhile.
@@ -20,16 +21,16 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use cdp_core::image::{data_runs, overwrites, Overwrite};
+use cdp_core::image::{allocated_runs, overwrites, Overwrite};
 
 /// The smallest granule: 64 KiB.
 const MIN_GRANULE_SHIFT: u32 = 16;
 /// The most granules a map holds (8 MiB of bits).
 const MAX_GRANULES: u64 = 1 << 26;
-/// The most data runs read at start (an image fragmented further is
+/// The most extents read at start (an image fragmented further is
 /// mapped up to there: the rest counts as not allocated).
 const MAX_RUNS: usize = 1 << 20;
-/// The most data runs a rescan reads (two `lseek`s each: tens of ms).
+/// The most extents a rescan reads (256 per `ioctl`: a few ms).
 const MAX_RESCAN_RUNS: usize = 1 << 16;
 /// The least time between two rescans.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(60);
@@ -49,7 +50,7 @@ pub struct InPlace {
 }
 
 impl InPlace {
-    /// The map of an image of `size` bytes (its data runs are read: at
+    /// The map of an image of `size` bytes (its extents are read: at
     /// start, off the data path).
     pub fn open(file: &File, size: u64) -> InPlace {
         let mut m = InPlace::with(overwrites(file), size);
@@ -59,7 +60,7 @@ impl InPlace {
 
     fn scan(&mut self, file: &File, max_runs: usize) {
         if self.mode == Overwrite::WhereAllocated {
-            data_runs(file, self.size, max_runs, |a, b| self.set_inside(a, b));
+            allocated_runs(file, self.size, max_runs, |a, b| self.set_inside(a, b));
         }
     }
 
@@ -138,7 +139,7 @@ impl InPlace {
         Some(m)
     }
 
-    /// Read the image's data runs into a map from [`InPlace::rescan_due`].
+    /// Read the image's extents into a map from [`InPlace::rescan_due`].
     pub fn fill(&mut self, file: &File) {
         self.scan(file, MAX_RESCAN_RUNS);
     }

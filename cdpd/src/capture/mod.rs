@@ -330,8 +330,9 @@ impl Vm {
     /// WRITEs land where the image takes writes in place
     /// ([`JournalState::inplace`]; marked [`batch::Req::early`]): it answers
     /// those at once if the socket takes the replies without waiting, and
-    /// says whether it did (if not, they are answered with the others). An image write that fails after its WRITE was answered fails
-    /// the disk ([`Disk::image_failed`]).
+    /// says whether it did (if not, they are answered with the others). An
+    /// image write that fails after its WRITE was answered fails the disk
+    /// ([`Disk::image_failed`]).
     pub(crate) fn journal_and_apply_then(
         &self,
         disk: &Disk,
@@ -345,12 +346,10 @@ impl Vm {
         }
         let mut guard = disk.lock_journal();
         let st = &mut *guard;
-        if batch.punches() {
-            // Each may leave holes that a later write would fill.
-            for r in &batch.reqs {
-                if matches!(r.op, Op::Journal(Kind::Zero | Kind::Trim)) {
-                    st.inplace.punched(r.offset, r.length);
-                }
+        for r in &batch.reqs {
+            if matches!(r.op, Op::Journal(Kind::Zero | Kind::Trim)) {
+                // It may leave holes that a later write would fill.
+                st.inplace.punched(r.offset, r.length);
             }
         }
         // Before any of the batch's changes can reach the image.
@@ -410,7 +409,8 @@ impl Vm {
             self.resync_failed(disk, st, batch);
         }
         for r in &batch.reqs {
-            if r.op == Op::Journal(Kind::Write) && r.result == 0 {
+            // (Those answered early were in place already.)
+            if r.op == Op::Journal(Kind::Write) && r.result == 0 && !r.early {
                 st.inplace.written(r.offset, r.length);
             }
         }
