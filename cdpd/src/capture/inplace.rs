@@ -120,7 +120,9 @@ impl InPlace {
         if self.mode == Overwrite::WhereAllocated && len > 0 {
             self.punches += 1;
             for g in self.granules(off, len) {
-                self.bits[(g / 64) as usize] &= !(1 << (g % 64));
+                if let Some(w) = self.bits.get_mut((g / 64) as usize) {
+                    *w &= !(1 << (g % 64));
+                }
             }
         }
     }
