@@ -299,6 +299,7 @@ fn disk_rows(
                         .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1e9),
                 },
                 degraded: live.is_some_and(|x| x.degraded),
+                image_failed: live.is_some_and(|x| x.image_failed),
                 backlog: d
                     .backlog
                     .iter()

@@ -72,7 +72,13 @@ fn disks(out: &mut String, vm: &VmStatus) {
             r#"<tr><td class="disk">{}</td><td class="num">{}</td><td>{}</td><td>{}</td></tr>"#,
             esc(&d.disk),
             secs(d.rpo_s),
-            if d.degraded { "degraded" } else { "normal" },
+            if d.image_failed {
+                "failed: image write error, I/O fails until cdpd restarts"
+            } else if d.degraded {
+                "degraded"
+            } else {
+                "normal"
+            },
             if backlog.is_empty() {
                 "none".to_string()
             } else {

@@ -141,6 +141,11 @@ pub struct DiskStatus {
     pub disk: String,
     pub rpo_s: f64,
     pub degraded: bool,
+    /// An image write failed after the guest was told it succeeded: every
+    /// request fails with EIO until cdpd restarts (docs/RELIABILITY.md,
+    /// "A failed image write").
+    #[serde(default)]
+    pub image_failed: bool,
     pub backlog: Vec<Backlog>,
 }
 

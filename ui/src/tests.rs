@@ -107,6 +107,7 @@ fn vm(name: &str, label: &str) -> VmStatus {
             disk: "vda".into(),
             rpo_s: 1.5,
             degraded: false,
+            image_failed: false,
             backlog: vec![Backlog {
                 target: "primary".into(),
                 segments: 2,
@@ -193,13 +194,18 @@ fn the_page_lists_vms_targets_and_inlines_timelines() {
     let mut stopped = vm("db", "nightly");
     stopped.running = false;
     stopped.uuid = "1b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d".into();
-    let page = status_page_html(&host(vec![vm("web", "x"), stopped]));
+    let mut failed = vm("mail", "y");
+    failed.uuid = "2b5c6a3e-1d2f-4a5b-8c9d-0e1f2a3b4c5d".into();
+    failed.disks[0].image_failed = true;
+    let page = status_page_html(&host(vec![vm("web", "x"), stopped, failed]));
     let (text, names) = parse(&page);
     assert!(page.starts_with("<!DOCTYPE html>"));
     assert!(page.contains(r#"<meta http-equiv="refresh" content="10"/>"#));
     for t in [
         "cdpd on kvm1",
-        "2 protected VMs",
+        "3 protected VMs",
+        "failed: image write error, I/O fails until cdpd restarts",
+        "normal",
         "web",
         "db",
         "running",
@@ -211,7 +217,7 @@ fn the_page_lists_vms_targets_and_inlines_timelines() {
     ] {
         assert!(text.contains(t), "{t:?} missing in {text}");
     }
-    assert_eq!(names.iter().filter(|n| *n == "svg").count(), 2);
+    assert_eq!(names.iter().filter(|n| *n == "svg").count(), 3);
     assert!(!names
         .iter()
         .any(|n| n == "script" || n == "link" || n == "img"));
@@ -372,6 +378,7 @@ fn any_vm() -> impl Strategy<Value = VmStatus> {
                         disk,
                         rpo_s,
                         degraded,
+                        image_failed: degraded && rpo_s > 1.0,
                         backlog: vec![Backlog {
                             target,
                             segments,
