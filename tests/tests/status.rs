@@ -281,10 +281,9 @@ fn status_shows_a_degraded_disk_and_restore_refuses_its_window() {
 
 /// A WRITE is answered once journaled, before its image write, where the
 /// image takes writes in place (on ext4, over blocks allocated), and after
-/// its image write into a hole (docs/DESIGN.md, "Write path", step 5):
-/// on a written or preallocated image at once, on a sparse one once
-/// written. Either way
-/// what was written reads back on a new connection.
+/// its image write into a hole (docs/DESIGN.md, "Write path", step 5): on
+/// a written or preallocated image at once, on a sparse one once written.
+/// Either way what was written reads back on a new connection.
 #[test]
 fn writes_are_answered_once_journaled_only_where_the_image_takes_them_in_place() {
     let mut d = Daemon::builder()
