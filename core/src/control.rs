@@ -23,7 +23,7 @@ pub const MAX_REQUEST: u64 = 64 * 1024;
 /// The longest reply line a client reads (a status of many disks and targets).
 pub const MAX_REPLY: u64 = 4 * 1024 * 1024;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DiskStatus {
     pub disk: String,
     pub path: String,

@@ -350,10 +350,17 @@ fn print_running(all: &[Status]) {
 
 /// A disk's journal mode for an operator (docs/RELIABILITY.md, "A full
 /// journal"): degraded (since when, how much is not journaled yet),
-/// resyncing (how much is left) or normal.
+/// resyncing (how much is left) or normal; a failed image first
+/// (docs/RELIABILITY.md, "A failed image write").
 fn journal_mode(d: &control::DiskStatus) -> String {
     let since = cdp_core::time::fmt_ns(d.degraded_since_ns);
-    let mut m = match d.journal_mode.as_str() {
+    let failed = if d.image_failed {
+        "FAILED: an image write failed after the guest was told it succeeded; every request fails with EIO until cdpd restarts (the journal holds the write; check the image's file system, then restart the VM); "
+    } else {
+        ""
+    };
+    let mut m = failed.to_string();
+    m += &match d.journal_mode.as_str() {
         "degraded" => format!(
             "degraded since {since}, {} not journaled yet (points from then on cannot be restored until the resync)",
             human(d.dirty_bytes)
@@ -515,5 +522,27 @@ pub fn human(n: u64) -> String {
         format!("{n}B")
     } else {
         format!("{v:.1}{}", U[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed image comes first, with what to do; the mode follows.
+    #[test]
+    fn a_failed_image_is_said_first() {
+        let mut d = control::DiskStatus {
+            journal_mode: "normal".into(),
+            ..Default::default()
+        };
+        assert_eq!(journal_mode(&d), "normal");
+        d.image_failed = true;
+        let m = journal_mode(&d);
+        assert!(m.starts_with("FAILED: an image write failed"), "{m}");
+        assert!(
+            m.contains("until cdpd restarts") && m.ends_with("; normal"),
+            "{m}"
+        );
     }
 }
