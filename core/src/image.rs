@@ -101,27 +101,23 @@ pub enum Overwrite {
     Never,
 }
 
-/// How writes to `file` allocate ([`Overwrite`]). An `fcntl`, an `fstat`
-/// and an `fstatfs`.
-pub fn overwrites(file: &File) -> Overwrite {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let writable = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)
-        .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
-    let Ok(md) = file.metadata() else {
-        return Overwrite::Never;
-    };
-    if !writable {
-        return Overwrite::Never;
-    }
-    if md.file_type().is_block_device() {
-        return Overwrite::Always;
-    }
-    let ext4 = nix::sys::statfs::fstatfs(file)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC);
-    if md.is_file() && ext4 {
-        Overwrite::WhereAllocated
-    } else {
-        Overwrite::Never
+impl Image {
+    /// How writes to the image allocate ([`Overwrite`]). An `fcntl` and an
+    /// `fstatfs`.
+    pub fn overwrites(&self) -> Overwrite {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let writable = fcntl(self.file.as_raw_fd(), FcntlArg::F_GETFL)
+            .is_ok_and(|f| OFlag::from_bits_truncate(f) & OFlag::O_ACCMODE != OFlag::O_RDONLY);
+        let ext4 = || {
+            nix::sys::statfs::fstatfs(&self.file)
+                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC)
+        };
+        match (writable, self.block_device) {
+            (false, _) => Overwrite::Never,
+            (true, true) => Overwrite::Always,
+            (true, false) if ext4() => Overwrite::WhereAllocated,
+            _ => Overwrite::Never,
+        }
     }
 }
 
@@ -166,13 +162,13 @@ const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
 /// `size` bytes of `file`, in order, adjacent extents merged
 /// (`FS_IOC_FIEMAP`: written, unwritten (preallocated) and delayed
 /// allocation extents: a write into any of them allocates nothing; shared
-/// extents, which a write would copy, are left out). At most `max_runs`
+/// extents, which a write would copy, are left out). At most `max_extents`
 /// extents; false when there were more (the rest is left out) or on an
 /// error (what was called stays true).
 pub fn allocated_runs(
     file: &File,
     size: u64,
-    max_runs: usize,
+    max_extents: usize,
     mut f: impl FnMut(u64, u64),
 ) -> bool {
     let mut req = FiemapRequest {
@@ -198,7 +194,7 @@ pub fn allocated_runs(
         if pos >= size {
             break true;
         }
-        if seen >= max_runs {
+        if seen >= max_extents {
             break false;
         }
         req.head = Fiemap {
@@ -206,7 +202,7 @@ pub fn allocated_runs(
             length: size - pos,
             flags: 0,
             mapped_extents: 0,
-            extent_count: FIEMAP_BATCH.min(max_runs - seen) as u32,
+            extent_count: FIEMAP_BATCH.min(max_extents - seen) as u32,
             reserved: 0,
         };
         // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
@@ -368,10 +364,24 @@ mod tests {
         );
         let p = d.path().join("img");
         let rw = |p: &Path| File::options().read(true).write(true).open(p).unwrap();
+        let new = |name: &str| {
+            File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(d.path().join(name))
+                .unwrap()
+        };
         std::fs::write(&p, vec![7u8; 1 << 20]).unwrap();
         let f = rw(&p);
-        assert_eq!(overwrites(&f), Overwrite::WhereAllocated);
-        assert_eq!(overwrites(&File::open(&p).unwrap()), Overwrite::Never);
+        let image = |file| Image {
+            file,
+            size: 1 << 20,
+            block_device: false,
+        };
+        assert_eq!(image(rw(&p)).overwrites(), Overwrite::WhereAllocated);
+        let ro = image(File::open(&p).unwrap());
+        assert_eq!(ro.overwrites(), Overwrite::Never);
         let runs = |f: &File, size: u64| {
             let mut v = Vec::new();
             assert!(allocated_runs(f, size, 100, |a, b| v.push((a, b))));
@@ -398,13 +408,7 @@ mod tests {
         f.sync_all().unwrap();
         assert_eq!(runs(&f, 2 << 20), [(0, 1 << 20)]);
         // Preallocated (unwritten extents): allocated.
-        let q = d.path().join("falloc");
-        let g = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&q)
-            .unwrap();
+        let g = new("falloc");
         nix::fcntl::fallocate(
             g.as_raw_fd(),
             nix::fcntl::FallocateFlags::empty(),
@@ -416,12 +420,7 @@ mod tests {
         assert_eq!(runs(&g, 0), []);
         // Many small extents (every other 4 KiB written, synced): each a
         // run, in order.
-        let h = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(d.path().join("frag"))
-            .unwrap();
+        let h = new("frag");
         for i in 0..600u64 {
             h.write_all_at(&[2u8; 4096], i * 8192).unwrap();
         }

@@ -21,7 +21,7 @@
 use std::fs::File;
 use std::time::{Duration, Instant};
 
-use cdp_core::image::{allocated_runs, overwrites, Overwrite};
+use cdp_core::image::{allocated_runs, Image, Overwrite};
 
 /// The smallest granule: 64 KiB.
 const MIN_GRANULE_SHIFT: u32 = 16;
@@ -29,9 +29,9 @@ const MIN_GRANULE_SHIFT: u32 = 16;
 const MAX_GRANULES: u64 = 1 << 26;
 /// The most extents read at start (an image fragmented further is
 /// mapped up to there: the rest counts as not allocated).
-const MAX_RUNS: usize = 1 << 20;
+const MAX_EXTENTS: usize = 1 << 20;
 /// The most extents a rescan reads (256 per `ioctl`: a few ms).
-const MAX_RESCAN_RUNS: usize = 1 << 16;
+const MAX_RESCAN_EXTENTS: usize = 1 << 16;
 /// The least time between two rescans.
 pub const RESCAN_EVERY: Duration = Duration::from_secs(60);
 
@@ -50,17 +50,17 @@ pub struct InPlace {
 }
 
 impl InPlace {
-    /// The map of an image of `size` bytes (its extents are read: at
-    /// start, off the data path).
-    pub fn open(file: &File, size: u64) -> InPlace {
-        let mut m = InPlace::with(overwrites(file), size);
-        m.scan(file, MAX_RUNS);
+    /// The map of an image (its extents are read: at start, off the data
+    /// path).
+    pub fn open(image: &Image) -> InPlace {
+        let mut m = InPlace::with(image.overwrites(), image.size);
+        m.scan(&image.file, MAX_EXTENTS);
         m
     }
 
-    fn scan(&mut self, file: &File, max_runs: usize) {
+    fn scan(&mut self, file: &File, max_extents: usize) {
         if self.mode == Overwrite::WhereAllocated {
-            allocated_runs(file, self.size, max_runs, |a, b| self.set_inside(a, b));
+            allocated_runs(file, self.size, max_extents, |a, b| self.set_inside(a, b));
         }
     }
 
@@ -143,7 +143,7 @@ impl InPlace {
 
     /// Read the image's extents into a map from [`InPlace::rescan_due`].
     pub fn fill(&mut self, file: &File) {
-        self.scan(file, MAX_RESCAN_RUNS);
+        self.scan(file, MAX_RESCAN_EXTENTS);
     }
 
     /// Take what a rescan found, unless a ZERO or TRIM came since it began
@@ -228,7 +228,13 @@ mod tests {
             .open(d.path().join("img"))
             .unwrap();
         f.set_len(4 * G).unwrap();
-        let mut m = InPlace::open(&f, 4 * G);
+        let image = Image {
+            file: f,
+            size: 4 * G,
+            block_device: false,
+        };
+        let f = &image.file;
+        let mut m = InPlace::open(&image);
         assert_eq!(m.mode, Overwrite::WhereAllocated, "needs ext4");
         let t0 = Instant::now();
         assert!(m.rescan_due(t0).is_none(), "no partial write yet");
@@ -238,7 +244,7 @@ mod tests {
         }
         assert!(!m.covers(G, 4096), "no write covered the granule whole");
         let mut r = m.rescan_due(t0).expect("partial writes came");
-        r.fill(&f);
+        r.fill(f);
         assert!(m.merge(r));
         assert!(m.covers(G, G) && !m.covers(0, 1) && !m.covers(2 * G, 1));
         // Another partial write: not before RESCAN_EVERY.
@@ -246,7 +252,7 @@ mod tests {
         m.written(2 * G, 4096);
         assert!(m.rescan_due(t0 + RESCAN_EVERY / 2).is_none());
         let mut r = m.rescan_due(t0 + RESCAN_EVERY).expect("due again");
-        r.fill(&f);
+        r.fill(f);
         m.punched(3 * G, 4096);
         assert!(!m.merge(r), "a punch while it ran");
         assert!(!m.covers(2 * G, 1));

@@ -855,7 +855,7 @@ impl Vm {
                         deg,
                         al,
                         ck: checkpoint::State::default(),
-                        inplace: inplace::InPlace::open(&d.image.file, d.image.size),
+                        inplace: inplace::InPlace::open(&d.image),
                     }),
                     stats: DiskStats::default(),
                     cached: Mutex::default(),
