@@ -716,6 +716,7 @@ targets = ["primary", "offsite"]
             checkpoint_seq: 0,
             writes_in_place: !degraded,
             early_acks: 0,
+            journal_writebacks: 0,
             image_failed: degraded,
         };
         Status {

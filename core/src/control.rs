@@ -91,6 +91,10 @@ pub struct DiskStatus {
     pub writes_in_place: bool,
     #[serde(default)]
     pub early_acks: u64,
+    /// Journal writebacks cdpd started as it appended, while the guest
+    /// flushes (docs/DESIGN.md, "Write path", step 3).
+    #[serde(default)]
+    pub journal_writebacks: u64,
     /// An image write failed after its WRITE was answered: every request
     /// fails with EIO until cdpd restarts (docs/RELIABILITY.md, "A failed
     /// image write").

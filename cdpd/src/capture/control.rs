@@ -96,6 +96,7 @@ impl Vm {
                     checkpoint_seq: d.synced_seq.load(Ordering::Acquire),
                     writes_in_place,
                     early_acks: l(&s.early_acks),
+                    journal_writebacks: l(&s.journal_writebacks),
                     image_failed: d.image_failed.load(Ordering::Acquire),
                 }
             })

@@ -92,7 +92,19 @@ pub struct DiskStats {
     /// WRITEs answered once journaled, before their image writes
     /// ([`JournalState::inplace`]).
     pub early_acks: AtomicU64,
+    /// Journal writebacks started by the writer while FLUSHes come
+    /// ([`journal_writeback`]).
+    pub journal_writebacks: AtomicU64,
 }
+
+/// While a FLUSH (or FUA) came within this much of an append, the writer
+/// starts the journal's writeback for every [`WRITEBACK_WINDOW`] appended
+/// ([`journal_writeback`]).
+const FLUSH_RECENT_NS: u64 = 1_000_000_000;
+
+/// How much journal is appended between two writebacks started by the
+/// writer.
+const WRITEBACK_WINDOW: u64 = 1 << 20;
 
 /// The most sealed segments a disk leaves in the page cache, whatever their
 /// size: a disk written slowly seals a small segment every `segment_age`,
@@ -190,6 +202,9 @@ pub struct Disk {
     /// request fails with EIO until cdpd restarts (docs/RELIABILITY.md,
     /// "A failed image write").
     pub image_failed: AtomicBool,
+    /// When the last FLUSH or FUA round began (wall clock, ns since the
+    /// Unix epoch; 0: none yet).
+    flush_ns: AtomicU64,
 }
 
 /// Sequence numbers and timestamps, one sequence per VM.
@@ -401,6 +416,10 @@ impl Vm {
             }
         }
         st.last_seq = seq0 + n - 1;
+        let writeback = st
+            .open
+            .as_mut()
+            .and_then(|seg| journal_writeback(disk, seg, ts));
         if !applied.unwrap_or_else(|| apply(disk, batch, buf)) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
             if acked {
@@ -429,6 +448,13 @@ impl Vm {
                 st,
                 "the journal reached journal_max or journal_min_free",
             );
+        }
+        drop(guard);
+        if let Some((file, from, len)) = writeback {
+            cdp_core::journal::writer::start_writeback(&file, from, len);
+            disk.stats
+                .journal_writebacks
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -768,6 +794,9 @@ impl Vm {
             while let Ok(j) = rx.try_recv() {
                 jobs.push(j);
             }
+            if jobs.iter().any(|j| !j.cookies.is_empty()) {
+                disk.flush_ns.store(now_ns(), Ordering::Relaxed);
+            }
             let result = make_durable(disk, jobs.iter().any(|j| j.full));
             if jobs.iter().any(|j| !j.cookies.is_empty()) {
                 disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -864,6 +893,7 @@ impl Vm {
                     published_seq: AtomicU64::new(0),
                     applier: applier::Applier::default(),
                     image_failed: AtomicBool::new(false),
+                    flush_ns: AtomicU64::new(0),
                     image: d.image.file,
                 })
             })
@@ -986,6 +1016,25 @@ fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
 /// no later request may see the image without it. The disk fails every
 /// request with EIO from now on, as a disk that died would; the journal
 /// holds the write, then what the image holds ([`Vm::resync_failed`]).
+/// The range of the open segment whose writeback the writer starts, if
+/// any (docs/DESIGN.md, "Write path", step 3): [`WRITEBACK_WINDOW`] more
+/// appended since the last, while a FLUSH or FUA came within
+/// [`FLUSH_RECENT_NS`] of this append (`ts`). A guest that flushes often
+/// then finds little left to write at its next FLUSH, whose `fdatasync`
+/// would otherwise start the writeback of everything appended since the
+/// last; a guest that does not flush leaves the journal's writeback to the
+/// kernel, and a burst is taken into the page cache. Started once the disk
+/// lock is released: `sync_file_range` waits while the device's queue is
+/// full.
+fn journal_writeback(disk: &Disk, seg: &mut OpenSegment, ts: u64) -> Option<(Arc<File>, u64, u64)> {
+    if seg.pos - seg.writeback_from < WRITEBACK_WINDOW {
+        return None;
+    }
+    let from = std::mem::replace(&mut seg.writeback_from, seg.pos);
+    let flushing = ts.saturating_sub(disk.flush_ns.load(Ordering::Relaxed)) <= FLUSH_RECENT_NS;
+    flushing.then(|| (seg.file.clone(), from, seg.pos - from))
+}
+
 fn fail_answered(disk: &Disk, batch: &Batch) {
     let Some(r) = batch.reqs.iter().find(|r| r.early && r.result != 0) else {
         return;

@@ -229,6 +229,7 @@ pub fn recover_disk_skipping(
             first_seq: seg.scan.header.first_seq,
             record_base: seg.scan.header.record_base,
             pos: valid_len,
+            writeback_from: valid_len,
             index: seg.scan.records.iter().map(|f| f.index_entry()).collect(),
             first_ts_ns: seg.scan.records[0].header.ts_ns,
             last_ts_ns: seg.scan.records.last().unwrap().header.ts_ns,

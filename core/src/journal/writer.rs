@@ -40,6 +40,9 @@ pub struct OpenSegment {
     pub record_base: u64,
     /// Where the next record goes.
     pub pos: u64,
+    /// Where the journal's writeback was last started up to
+    /// ([`start_writeback`], by the writer; `pos` when it never was).
+    pub writeback_from: u64,
     pub index: Vec<IndexEntry>,
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
@@ -161,6 +164,7 @@ impl OpenSegment {
             first_seq: header.first_seq,
             record_base: header.record_base,
             pos: SEGMENT_HEADER_LEN as u64,
+            writeback_from: SEGMENT_HEADER_LEN as u64,
             index: Vec::with_capacity(1024),
             first_ts_ns: 0,
             last_ts_ns: 0,
