@@ -92,7 +92,7 @@ pub struct DiskStatus {
     #[serde(default)]
     pub early_acks: u64,
     /// Journal writebacks cdpd started as it appended, while the guest
-    /// flushes (docs/DESIGN.md, "Write path", step 3).
+    /// flushes (docs/DESIGN.md, "Write path", step 6).
     #[serde(default)]
     pub journal_writebacks: u64,
     /// An image write failed after its WRITE was answered: every request

@@ -202,9 +202,11 @@ pub struct Disk {
     /// request fails with EIO until cdpd restarts (docs/RELIABILITY.md,
     /// "A failed image write").
     pub image_failed: AtomicBool,
-    /// When the last FLUSH or FUA round began (wall clock, ns since the
-    /// Unix epoch; 0: none yet).
-    flush_ns: AtomicU64,
+    /// When the last FLUSH or FUA round began ([`Disk::mono_ns`]; 0: none
+    /// yet).
+    flushed: AtomicU64,
+    /// The disk's own monotonic clock starts here ([`Disk::mono_ns`]).
+    epoch: std::time::Instant,
 }
 
 /// Sequence numbers and timestamps, one sequence per VM.
@@ -263,6 +265,12 @@ impl Disk {
 
     pub fn lock_journal(&self) -> MutexGuard<'_, JournalState> {
         self.journal.lock().unwrap()
+    }
+
+    /// Nanoseconds since the disk was set up, at least 1 (a monotonic
+    /// clock: a step of the wall clock changes nothing).
+    fn mono_ns(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() as u64).max(1)
     }
 }
 
@@ -419,7 +427,7 @@ impl Vm {
         let writeback = st
             .open
             .as_mut()
-            .and_then(|seg| journal_writeback(disk, seg, ts));
+            .and_then(|seg| journal_writeback(disk, seg));
         if !applied.unwrap_or_else(|| apply(disk, batch, buf)) {
             disk.stats.errors.fetch_add(1, Ordering::Relaxed);
             if acked {
@@ -794,11 +802,13 @@ impl Vm {
             while let Ok(j) = rx.try_recv() {
                 jobs.push(j);
             }
-            if jobs.iter().any(|j| !j.cookies.is_empty()) {
-                disk.flush_ns.store(now_ns(), Ordering::Relaxed);
+            // A FLUSH or FUA (a checkpoint alone names no request).
+            let flush = jobs.iter().any(|j| !j.cookies.is_empty());
+            if flush {
+                disk.flushed.store(disk.mono_ns(), Ordering::Relaxed);
             }
             let result = make_durable(disk, jobs.iter().any(|j| j.full));
-            if jobs.iter().any(|j| !j.cookies.is_empty()) {
+            if flush {
                 disk.stats.flushes.fetch_add(1, Ordering::Relaxed);
             }
             for job in jobs.drain(..) {
@@ -893,7 +903,8 @@ impl Vm {
                     published_seq: AtomicU64::new(0),
                     applier: applier::Applier::default(),
                     image_failed: AtomicBool::new(false),
-                    flush_ns: AtomicU64::new(0),
+                    flushed: AtomicU64::new(0),
+                    epoch: std::time::Instant::now(),
                     image: d.image.file,
                 })
             })
@@ -1011,30 +1022,30 @@ fn apply(disk: &Disk, batch: &mut Batch, buf: &[u8]) -> bool {
     set_results(batch, &errors)
 }
 
+/// The range of the open segment whose writeback the writer starts, if
+/// any (docs/DESIGN.md, "Write path", step 6): [`WRITEBACK_WINDOW`] more
+/// appended since the last, while a FLUSH or FUA round began within
+/// [`FLUSH_RECENT_NS`]. A guest that flushes often then finds little left
+/// to write at its next FLUSH, whose `fdatasync` would otherwise start the
+/// writeback of everything appended since the last; a guest that does not
+/// flush leaves the journal's writeback to the seal and the kernel, and a
+/// burst is taken into the page cache. Started once the disk lock is
+/// released: `sync_file_range` waits while the device's queue is full.
+fn journal_writeback(disk: &Disk, seg: &mut OpenSegment) -> Option<(Arc<File>, u64, u64)> {
+    if seg.pos - seg.writeback_from < WRITEBACK_WINDOW {
+        return None;
+    }
+    let from = std::mem::replace(&mut seg.writeback_from, seg.pos);
+    let last = disk.flushed.load(Ordering::Relaxed);
+    let flushing = last != 0 && disk.mono_ns().saturating_sub(last) <= FLUSH_RECENT_NS;
+    flushing.then(|| (seg.file.clone(), from, seg.pos - from))
+}
+
 /// An image write failed after its WRITE was answered (the image was
 /// thought to take writes in place): the guest was told it succeeded, so
 /// no later request may see the image without it. The disk fails every
 /// request with EIO from now on, as a disk that died would; the journal
 /// holds the write, then what the image holds ([`Vm::resync_failed`]).
-/// The range of the open segment whose writeback the writer starts, if
-/// any (docs/DESIGN.md, "Write path", step 3): [`WRITEBACK_WINDOW`] more
-/// appended since the last, while a FLUSH or FUA came within
-/// [`FLUSH_RECENT_NS`] of this append (`ts`). A guest that flushes often
-/// then finds little left to write at its next FLUSH, whose `fdatasync`
-/// would otherwise start the writeback of everything appended since the
-/// last; a guest that does not flush leaves the journal's writeback to the
-/// kernel, and a burst is taken into the page cache. Started once the disk
-/// lock is released: `sync_file_range` waits while the device's queue is
-/// full.
-fn journal_writeback(disk: &Disk, seg: &mut OpenSegment, ts: u64) -> Option<(Arc<File>, u64, u64)> {
-    if seg.pos - seg.writeback_from < WRITEBACK_WINDOW {
-        return None;
-    }
-    let from = std::mem::replace(&mut seg.writeback_from, seg.pos);
-    let flushing = ts.saturating_sub(disk.flush_ns.load(Ordering::Relaxed)) <= FLUSH_RECENT_NS;
-    flushing.then(|| (seg.file.clone(), from, seg.pos - from))
-}
-
 fn fail_answered(disk: &Disk, batch: &Batch) {
     let Some(r) = batch.reqs.iter().find(|r| r.early && r.result != 0) else {
         return;

@@ -40,8 +40,8 @@ pub struct OpenSegment {
     pub record_base: u64,
     /// Where the next record goes.
     pub pos: u64,
-    /// Where the journal's writeback was last started up to
-    /// ([`start_writeback`], by the writer; `pos` when it never was).
+    /// Up to where the writer started the segment's writeback
+    /// ([`start_writeback`]; where the records begin if it never did).
     pub writeback_from: u64,
     pub index: Vec<IndexEntry>,
     pub first_ts_ns: u64,
